@@ -1,0 +1,1 @@
+//! qapi: the schema in `qapi-schema/`, argument checking, introspection and typed commands.

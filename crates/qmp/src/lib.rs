@@ -1,0 +1,1 @@
+//! qmp: the QMP wire protocol server (framing, greeting, negotiation, events). Knows nothing of blocks.

@@ -130,26 +130,31 @@ class WireClient:
         """
         self.cookie += 1
         self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, flags, cmd, self.cookie, offset, length) + payload)
-        if not self.structured:
-            magic, err, cookie = struct.unpack(">IIQ", self.recv(16))
-            assert magic == SIMPLE_REPLY_MAGIC and cookie == self.cookie, (hex(magic), cookie)
-            data = self.recv(length) if cmd == CMD_READ and err == 0 else b""
-            return err, data
+        # Even with structured replies negotiated a server may answer anything
+        # but a successful read with a simple reply (QEMU does).
         err, data = 0, b""
+        buf = bytearray(length) if cmd == CMD_READ else bytearray()
         while True:
-            magic, cflags, ctype, cookie, clen = struct.unpack(">IHHQI", self.recv(20))
-            assert magic == STRUCTURED_REPLY_MAGIC and cookie == self.cookie, (hex(magic), cookie)
+            (magic,) = struct.unpack(">I", self.recv(4))
+            if magic == SIMPLE_REPLY_MAGIC:
+                err, cookie = struct.unpack(">IQ", self.recv(12))
+                assert cookie == self.cookie, cookie
+                if cmd == CMD_READ and err == 0:
+                    data = self.recv(length)
+                return err, data
+            assert self.structured and magic == STRUCTURED_REPLY_MAGIC, hex(magic)
+            cflags, ctype, cookie, clen = struct.unpack(">HHQI", self.recv(16))
+            assert cookie == self.cookie, cookie
             body = self.recv(clen)
             if ctype & 0x8000:
                 err, mlen = struct.unpack(">IH", body[:6])
                 data = body[6:6 + mlen]
-            elif ctype == 1:  # OFFSET_DATA
-                data += body[8:]
-            elif ctype == 2:  # OFFSET_HOLE
-                (hole_len,) = struct.unpack(">I", body[8:12])
-                data += b"\0" * hole_len
+            elif ctype == 1:  # OFFSET_DATA: place by offset (chunks may come in any order)
+                (at,) = struct.unpack(">Q", body[:8])
+                buf[at - offset:at - offset + clen - 8] = body[8:]
+            # OFFSET_HOLE (2): the bytes stay zero
             if cflags & 1:
-                return err, data
+                return err, (data if err else bytes(buf))
 
     def read(self, offset: int, length: int) -> Tuple[int, bytes]:
         return self.request(CMD_READ, offset, length)

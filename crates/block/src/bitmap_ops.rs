@@ -1,0 +1,151 @@
+//! The bitmap commands, as the core decides them: add, remove, clear, enable, disable, merge,
+//! and the debug hash. Each takes the node(s) already looked up in the graph.
+
+use hbitmap::HBitmap;
+
+use crate::bitmap::{check_new, check_usable, default_granularity, BitmapUse, DirtyBitmap};
+use crate::error::{Error, Result};
+use crate::node::NodeRef;
+
+/// `block-dirty-bitmap-add`.
+pub fn add(
+    node: &NodeRef,
+    name: &str,
+    granularity: Option<u64>,
+    persistent: bool,
+    disabled: bool,
+) -> Result<()> {
+    let granularity = granularity.unwrap_or_else(|| default_granularity(node.facts().cluster_size));
+    check_new(name, granularity)?;
+    if node.bitmaps().get(name).is_some() {
+        return Err(Error::generic(format!("Bitmap already exists: {name}")));
+    }
+    if persistent {
+        let store = node.driver().bitmap_store().ok_or_else(|| {
+            Error::generic(format!(
+                "Can't make bitmap '{name}' persistent in '{}': Operation not supported",
+                node.name()
+            ))
+        })?;
+        if node.read_only() {
+            return Err(Error::generic(format!(
+                "Can't make bitmap '{name}' persistent in '{}': Image is read-only",
+                node.name()
+            )));
+        }
+        store.can_store(name, granularity).map_err(|m| {
+            Error::generic(format!("Can't make bitmap '{name}' persistent in '{}': {m}", node.name()))
+        })?;
+    }
+    let bits = HBitmap::new(node.size(), granularity).map_err(|e| Error::generic(e.to_string()))?;
+    let mut list = node.bitmaps();
+    list.items.push(DirtyBitmap {
+        name: Some(name.to_string()),
+        bits,
+        recording: !disabled,
+        persistent,
+        busy: false,
+        inconsistent: false,
+    });
+    node.refresh_recording(&list);
+    Ok(())
+}
+
+/// `block-dirty-bitmap-remove`: also deletes a persistent bitmap from the image at once.
+pub fn remove(node: &NodeRef, name: &str) -> Result<()> {
+    let persistent = {
+        let list = node.bitmaps();
+        let b = list.find(name)?;
+        if b.busy {
+            check_usable(b, name, BitmapUse::Read, false)?;
+        }
+        b.persistent
+    };
+    if persistent && !node.read_only() {
+        if let Some(store) = node.driver().bitmap_store() {
+            store.remove(name).map_err(|e| Error::io(format!("Failed to remove bitmap '{name}'"), &e))?;
+        }
+    }
+    let mut list = node.bitmaps();
+    list.items.retain(|b| b.name.as_deref() != Some(name));
+    node.refresh_recording(&list);
+    Ok(())
+}
+
+/// `block-dirty-bitmap-clear`; returns the old bits (for a transaction's undo).
+pub fn clear(node: &NodeRef, name: &str) -> Result<HBitmap> {
+    let mut list = node.bitmaps();
+    let b = list.usable(name, BitmapUse::Modify, node.read_only())?;
+    let old = b.bits.clone();
+    b.bits.reset_all();
+    Ok(old)
+}
+
+/// `block-dirty-bitmap-enable` / `-disable`; returns the previous recording state.
+pub fn set_recording(node: &NodeRef, name: &str, recording: bool) -> Result<bool> {
+    let mut list = node.bitmaps();
+    let b = list.usable(name, BitmapUse::Modify, false)?;
+    let was = b.recording;
+    b.recording = recording;
+    node.refresh_recording(&list);
+    Ok(was)
+}
+
+/// `block-dirty-bitmap-merge`: target |= every source. Returns the target's old bits.
+pub fn merge(node: &NodeRef, target: &str, sources: &[(NodeRef, String)]) -> Result<HBitmap> {
+    if sources.is_empty() {
+        return Err(Error::generic("'bitmaps' must name at least one source bitmap"));
+    }
+    {
+        let mut list = node.bitmaps();
+        list.usable(target, BitmapUse::Modify, node.read_only())?;
+    }
+    // Copy the sources out first, one node lock at a time, so no two node locks are ever held.
+    let mut copies = Vec::with_capacity(sources.len());
+    for (src_node, src_name) in sources {
+        let mut list = src_node.bitmaps();
+        let b = list.usable(src_name, BitmapUse::Read, false)?;
+        copies.push(b.bits.clone());
+    }
+    let mut list = node.bitmaps();
+    let t = list.usable(target, BitmapUse::Modify, node.read_only())?;
+    let old = t.bits.clone();
+    let mut merged = t.bits.clone();
+    for src in &copies {
+        merged
+            .merge(src)
+            .map_err(|_| Error::generic("Bitmaps are incompatible and can't be merged"))?;
+    }
+    t.bits = merged;
+    Ok(old)
+}
+
+/// Put back bits saved by [`clear`] or [`merge`] (transaction abort).
+pub fn restore(node: &NodeRef, name: &str, bits: HBitmap) {
+    if let Some(b) = node.bitmaps().get_mut(name) {
+        b.bits = bits;
+    }
+}
+
+/// `x-debug-block-dirty-bitmap-sha256`: hex SHA-256 over the bits as QEMU lays them out.
+pub fn sha256(node: &NodeRef, name: &str) -> Result<String> {
+    let list = node.bitmaps();
+    let b = list.find(name)?;
+    let digest = hbitmap::sha256::sha256(&b.bits.qemu_hash_bytes());
+    Ok(digest.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Mark a bitmap busy (export, job) after checking it is usable; `Err` with QEMU's text otherwise.
+pub fn acquire(node: &NodeRef, name: &str) -> Result<()> {
+    let mut list = node.bitmaps();
+    let b = list.usable(name, BitmapUse::Read, false)?;
+    b.busy = true;
+    Ok(())
+}
+
+/// Release a bitmap taken with [`acquire`].
+pub fn release(node: &NodeRef, name: &str) {
+    if let Some(b) = node.bitmaps().get_mut(name) {
+        b.busy = false;
+    }
+}

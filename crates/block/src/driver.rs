@@ -1,0 +1,142 @@
+//! The driver trait: what every node's format or protocol implementation provides.
+//!
+//! Drivers do blocking, positioned I/O and are called from any thread (the async edges of the
+//! daemon hop onto tokio's blocking pool). A driver that sits on other nodes (raw, qcow2) reaches
+//! them only through [`crate::NodeRef`], so the writes it issues mark the bitmaps of those nodes.
+
+use std::io;
+
+/// Allocation status of a run of bytes, as a format knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockStatus {
+    /// Data stored in this layer.
+    Data,
+    /// Stored in this layer as zeros (reads return zeros without touching data).
+    Zero,
+    /// Not stored in this layer: reads fall through to the backing node, or read as zeros.
+    Unallocated,
+}
+
+/// Facts about an open image for the queries (`image` in `query-named-block-nodes`).
+#[derive(Debug, Clone, Default)]
+pub struct ImageFacts {
+    /// File name the image was opened from (for filters: the child's).
+    pub filename: String,
+    /// Bytes the image occupies on its host storage, if known.
+    pub actual_size: Option<u64>,
+    /// Cluster size, for formats that have one.
+    pub cluster_size: Option<u64>,
+    /// Backing file name recorded in the image.
+    pub backing_filename: Option<String>,
+    /// Backing file format recorded in the image.
+    pub backing_format: Option<String>,
+    /// Format-specific facts, as ordered key/value pairs of plain values.
+    pub format_specific: Option<FormatSpecific>,
+    /// The image's dirty flag (qcow2 lazy refcounts).
+    pub dirty_flag: bool,
+}
+
+/// Format-specific facts shown under `image.format-specific`.
+#[derive(Debug, Clone)]
+pub enum FormatSpecific {
+    /// The `file` protocol: no data.
+    File,
+    /// qcow2 header facts and the bitmaps stored in the file.
+    Qcow2 {
+        /// "0.10" or "1.1".
+        compat: String,
+        /// Lazy refcounts enabled.
+        lazy_refcounts: bool,
+        /// Refcount width in bits.
+        refcount_bits: u64,
+        /// The image is marked corrupt.
+        corrupt: bool,
+        /// Bitmaps in the file: (name, granularity, flags such as "in-use", "auto").
+        bitmaps: Vec<(String, u64, Vec<&'static str>)>,
+    },
+}
+
+/// One bitmap found in an image at open.
+#[derive(Debug, Clone)]
+pub struct StoredBitmap {
+    /// Bitmap name.
+    pub name: String,
+    /// Granularity in bytes.
+    pub granularity: u64,
+    /// Recording after load (qcow2 `auto`).
+    pub recording: bool,
+    /// It was not saved cleanly (qcow2 `in_use` already set).
+    pub inconsistent: bool,
+    /// Serialised bits (bit i = granule i, LSB first).
+    pub data: Vec<u8>,
+}
+
+/// A bitmap to be written into an image.
+#[derive(Debug, Clone)]
+pub struct BitmapToStore {
+    /// Bitmap name.
+    pub name: String,
+    /// Granularity in bytes.
+    pub granularity: u64,
+    /// Recording (qcow2 `auto`).
+    pub recording: bool,
+    /// Keep it marked in use (an inconsistent bitmap stays so).
+    pub inconsistent: bool,
+    /// Serialised bits.
+    pub data: Vec<u8>,
+}
+
+/// Storage of persistent bitmaps inside an image (qcow2's bitmaps extension).
+pub trait BitmapStore: Send + Sync {
+    /// Load every bitmap at open; on writable images also mark them in use in the file.
+    fn load(&self) -> io::Result<Vec<StoredBitmap>>;
+    /// Can a persistent bitmap of this name and granularity be stored? Err(message) if not.
+    fn can_store(&self, name: &str, granularity: u64) -> Result<(), String>;
+    /// Replace the stored set; `in_use` leaves them flagged in use (a write-back while running).
+    fn store(&self, bitmaps: &[BitmapToStore], in_use: bool) -> io::Result<()>;
+    /// Delete one bitmap from the file now.
+    fn remove(&self, name: &str) -> io::Result<()>;
+}
+
+/// A node's implementation. All offsets are guest bytes of this node.
+pub trait Driver: Send + Sync {
+    /// Driver name as QEMU reports it in `drv` ("file", "raw", "qcow2", "null-co").
+    fn name(&self) -> &'static str;
+    /// Current virtual size in bytes.
+    fn size(&self) -> u64;
+    /// Read exactly `buf.len()` bytes at `offset` (the node has checked the range).
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Write all of `data` at `offset`.
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Make the range read as zeros; `may_unmap` allows deallocating.
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
+    /// Hint that the range is unused; it may then read as anything the format chooses (zeros here).
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Make completed writes durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Status of the first run of `[offset, offset+len)` and its length (> 0 when len > 0).
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)>;
+    /// Facts for the queries.
+    fn facts(&self) -> ImageFacts;
+    /// Write back and release everything; called once when the node is closed.
+    fn close(&self) -> io::Result<()> {
+        self.flush()
+    }
+    /// Persistent bitmap storage, for formats that have it.
+    fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
+        None
+    }
+    /// Protocol drivers whose storage grows on writes past the end (host files): the node then
+    /// lets reads and writes past `size()` through (reads there return zeros).
+    fn can_grow(&self) -> bool {
+        false
+    }
+    /// Set the size (protocol drivers that can grow).
+    fn truncate(&self, _size: u64) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+    /// Switch between read-only and read-write (blockdev-reopen). Default: nothing to do.
+    fn set_read_only(&self, _read_only: bool) -> io::Result<()> {
+        Ok(())
+    }
+}

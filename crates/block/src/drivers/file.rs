@@ -1,0 +1,161 @@
+//! The `file` protocol driver: a host file with positioned I/O.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::driver::{BlockStatus, Driver, FormatSpecific, ImageFacts};
+
+/// A host file.
+pub struct FileDriver {
+    file: File,
+    filename: String,
+    /// Whether fallocate punching/zeroing works here; cleared after the first EOPNOTSUPP.
+    can_fallocate: AtomicBool,
+}
+
+impl FileDriver {
+    /// Open `filename`, read-only or read-write.
+    pub fn open(filename: &str, read_only: bool) -> io::Result<FileDriver> {
+        let file = OpenOptions::new().read(true).write(!read_only).open(Path::new(filename))?;
+        if file.metadata()?.is_dir() {
+            return Err(io::Error::from_raw_os_error(libc::EISDIR));
+        }
+        Ok(FileDriver { file, filename: filename.to_string(), can_fallocate: AtomicBool::new(true) })
+    }
+
+    /// Create (or truncate) a file of `size` bytes, as blockdev-create's `file` driver does.
+    pub fn create(filename: &str, size: u64) -> io::Result<()> {
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(filename)?;
+        file.set_len(size)
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<bool> {
+        if !self.can_fallocate.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                self.can_fallocate.store(false, Ordering::Relaxed);
+                Ok(false)
+            }
+            _ => Err(err),
+        }
+    }
+
+    fn write_zero_bytes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            self.file.write_all_at(&chunk[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn seek(&self, offset: u64, whence: libc::c_int) -> Option<u64> {
+        let off = i64::try_from(offset).ok()?;
+        // SAFETY: lseek on a descriptor we own; SEEK_DATA/SEEK_HOLE do not change file contents.
+        let rc = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        u64::try_from(rc).ok()
+    }
+}
+
+impl Driver for FileDriver {
+    fn name(&self) -> &'static str {
+        "file"
+    }
+
+    fn size(&self) -> u64 {
+        self.file.metadata().map(|m| m.len()).unwrap_or(0)
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    // Past the end of the file: reads as zeros.
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        let mode = if may_unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE
+        };
+        let end = offset.saturating_add(len);
+        let size = self.size();
+        if end <= size && self.fallocate(mode, offset, len)? {
+            return Ok(());
+        }
+        self.write_zero_bytes(offset, len)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        self.fallocate(mode, offset, len).map(|_| ())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)> {
+        let end = offset + len;
+        let Some(data) = self.seek(offset, libc::SEEK_DATA) else {
+            // No data at or after offset (ENXIO), or no SEEK_DATA support: treat as data when unsure.
+            let size = self.size();
+            return Ok(if offset >= size { (BlockStatus::Zero, len) } else { (BlockStatus::Data, len) });
+        };
+        if data > offset {
+            return Ok((BlockStatus::Zero, (data - offset).min(len)));
+        }
+        let hole = self.seek(offset, libc::SEEK_HOLE).unwrap_or(end);
+        Ok((BlockStatus::Data, hole.saturating_sub(offset).clamp(1, len)))
+    }
+
+    fn can_grow(&self) -> bool {
+        true
+    }
+
+    fn truncate(&self, size: u64) -> io::Result<()> {
+        self.file.set_len(size)
+    }
+
+    fn facts(&self) -> ImageFacts {
+        let meta = self.file.metadata().ok();
+        ImageFacts {
+            filename: self.filename.clone(),
+            actual_size: meta.as_ref().map(|m| m.blocks() * 512),
+            format_specific: Some(FormatSpecific::File),
+            ..ImageFacts::default()
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The `raw` format driver: the child's bytes, optionally a window `[offset, offset+size)` of them.
+
+use std::io;
+
+use crate::driver::{BlockStatus, Driver, ImageFacts};
+use crate::node::NodeRef;
+
+/// A raw view of a child node.
+pub struct RawDriver {
+    child: NodeRef,
+    offset: u64,
+    /// Fixed size when `size` was given; otherwise follows the child.
+    size: Option<u64>,
+}
+
+impl RawDriver {
+    /// A raw node over `child`. Checks that the window lies inside the child (QEMU's messages).
+    pub fn new(child: NodeRef, offset: u64, size: Option<u64>) -> Result<RawDriver, String> {
+        let child_size = child.size();
+        if offset > child_size {
+            return Err("The sum of offset (".to_string()
+                + &offset.to_string()
+                + ") and size (0) has to be smaller or equal to the  actual size of the containing file ("
+                + &child_size.to_string()
+                + ")");
+        }
+        if let Some(s) = size {
+            if offset.checked_add(s).is_none_or(|end| end > child_size) {
+                return Err(format!(
+                    "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the  actual size of the containing file ({child_size})"
+                ));
+            }
+        }
+        Ok(RawDriver { child, offset, size })
+    }
+}
+
+impl Driver for RawDriver {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+    fn size(&self) -> u64 {
+        self.size.unwrap_or_else(|| self.child.size().saturating_sub(self.offset))
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.child.read(self.offset + offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.child.write(self.offset + offset, data)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        self.child.write_zeroes(self.offset + offset, len, may_unmap)
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.child.discard(self.offset + offset, len)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.child.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)> {
+        self.child.block_status(self.offset + offset, len)
+    }
+    fn facts(&self) -> ImageFacts {
+        let child = self.child.facts();
+        ImageFacts { filename: child.filename, actual_size: child.actual_size, ..ImageFacts::default() }
+    }
+}

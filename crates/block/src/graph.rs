@@ -1,0 +1,395 @@
+//! The graph: the one owner of the node-name table.
+//!
+//! Nodes are created from [`NodeOptions`] (children first, inline children with generated names),
+//! looked up by name, and deleted only when nothing uses them. The daemon keeps the graph behind a
+//! std `Mutex` that is never held across `.await`; I/O clones [`NodeRef`]s out and runs without it.
+
+use std::sync::Arc;
+
+use crate::bitmap::{BitmapList, DirtyBitmap};
+use crate::driver::{BitmapToStore, Driver};
+use crate::drivers::{file::FileDriver, null::NullDriver, qcow2::Qcow2Driver, raw::RawDriver};
+use crate::error::{strerror, Error, Result};
+use crate::node::{Child, Node, NodeFlags, NodeRef};
+
+/// How a node refers to a child: by name, or defined inline.
+#[derive(Debug, Clone)]
+pub enum ChildRef {
+    /// An existing node.
+    Name(String),
+    /// A new node created for this parent.
+    Inline(Box<NodeOptions>),
+}
+
+/// Options for one node, already checked against the schema by the daemon.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// Node name; generated when absent (only allowed for inline children).
+    pub node_name: Option<String>,
+    /// Open read-only.
+    pub read_only: bool,
+    /// Fall back to read-only if read-write is impossible.
+    pub auto_read_only: bool,
+    /// Query-only flags.
+    pub flags: NodeFlags,
+    /// The driver and its options.
+    pub driver: DriverOptions,
+}
+
+/// Driver-specific options.
+#[derive(Debug, Clone, Default)]
+pub enum DriverOptions {
+    /// Host file.
+    File {
+        /// Path.
+        filename: String,
+    },
+    /// Raw format over a child.
+    Raw {
+        /// The child.
+        file: ChildRef,
+        /// Window start.
+        offset: Option<u64>,
+        /// Window size.
+        size: Option<u64>,
+    },
+    /// Null disk.
+    Null {
+        /// Size in bytes.
+        size: u64,
+        /// Reads fill zeros.
+        read_zeroes: bool,
+    },
+    /// qcow2 over a child.
+    Qcow2 {
+        /// The child holding the image.
+        file: ChildRef,
+        /// `None`: open the backing file named in the image. `Some(None)`: no backing.
+        /// `Some(Some(r))`: this node.
+        backing: Option<Option<ChildRef>>,
+    },
+    /// A driver named in the schema that blockd does not implement.
+    #[default]
+    Unsupported,
+}
+
+/// Named nodes, newest last.
+#[derive(Default)]
+pub struct Graph {
+    nodes: Vec<NodeRef>,
+    counter: u64,
+}
+
+/// Longest backing chain opened from names inside images.
+pub const MAX_BACKING_DEPTH: usize = 32;
+
+impl Graph {
+    /// An empty graph.
+    pub fn new() -> Graph {
+        Graph::default()
+    }
+
+    /// All nodes, oldest first.
+    pub fn nodes(&self) -> &[NodeRef] {
+        &self.nodes
+    }
+
+    /// Find a node by name.
+    pub fn get(&self, name: &str) -> Option<NodeRef> {
+        self.nodes.iter().find(|n| n.name() == name).cloned()
+    }
+
+    /// Find a node for commands that name a device or node: QEMU's
+    /// "Cannot find device='X' nor node-name='X'".
+    pub fn lookup(&self, name: &str) -> Result<NodeRef> {
+        self.get(name)
+            .ok_or_else(|| Error::generic(format!("Cannot find device='{name}' nor node-name='{name}'")))
+    }
+
+    /// Parents of a node: (parent, role).
+    pub fn parents(&self, node: &NodeRef) -> Vec<(NodeRef, &'static str)> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            for c in n.children() {
+                if Arc::ptr_eq(&c.node, node) {
+                    out.push((n.clone(), c.role));
+                }
+            }
+        }
+        out
+    }
+
+    fn generate_name(&mut self) -> String {
+        let rnd = (std::process::id() as u64).wrapping_mul(2654435761).wrapping_add(self.counter * 7919) % 100;
+        let name = format!("#block{}{:02}", self.counter, rnd);
+        self.counter += 1;
+        name
+    }
+
+    /// Create a root node (named) and whatever inline children it defines.
+    pub fn add(&mut self, opts: &NodeOptions) -> Result<NodeRef> {
+        if opts.node_name.is_none() {
+            return Err(Error::generic("'node-name' must be specified for the root node"));
+        }
+        let before = self.nodes.len();
+        let result = self.add_node(opts, 0);
+        if result.is_err() {
+            // Undo inline children created on the way.
+            for node in self.nodes.drain(before..).rev() {
+                let _ = node.close();
+            }
+        }
+        result
+    }
+
+    fn add_node(&mut self, opts: &NodeOptions, depth: usize) -> Result<NodeRef> {
+        let name = match &opts.node_name {
+            Some(n) => {
+                check_node_name(n)?;
+                if self.get(n).is_some() {
+                    return Err(Error::generic(format!("Duplicate nodes with node-name='{n}'")));
+                }
+                n.clone()
+            }
+            None => self.generate_name(),
+        };
+        let auto_named = opts.node_name.is_none();
+        let (driver, children, read_only) = self.open_driver(opts, depth)?;
+        let node = Arc::new(Node::new(name, auto_named, driver, children, read_only, opts.flags.clone()));
+        self.load_persistent_bitmaps(&node)?;
+        self.nodes.push(node.clone());
+        Ok(node)
+    }
+
+    fn child(&mut self, r: &ChildRef, parent_ro: bool, depth: usize) -> Result<NodeRef> {
+        match r {
+            ChildRef::Name(n) => self
+                .get(n)
+                .ok_or_else(|| Error::generic(format!("Cannot find device='' nor node-name='{n}'"))),
+            ChildRef::Inline(o) => {
+                let mut o = (**o).clone();
+                o.read_only |= parent_ro;
+                self.add_node(&o, depth)
+            }
+        }
+    }
+
+    fn open_driver(
+        &mut self,
+        opts: &NodeOptions,
+        depth: usize,
+    ) -> Result<(Box<dyn Driver>, Vec<Child>, bool)> {
+        let ro = opts.read_only;
+        match &opts.driver {
+            DriverOptions::File { filename } => {
+                let open = |ro| FileDriver::open(filename, ro);
+                let (driver, ro) = match open(ro) {
+                    Ok(d) => (d, ro),
+                    Err(e) if !ro && opts.auto_read_only && e.raw_os_error() == Some(libc::EACCES) => {
+                        (open(true).map_err(|e| open_error(filename, &e))?, true)
+                    }
+                    Err(e) => return Err(open_error(filename, &e)),
+                };
+                Ok((Box::new(driver), Vec::new(), ro))
+            }
+            DriverOptions::Null { size, read_zeroes } => {
+                Ok((Box::new(NullDriver::new(*size, *read_zeroes)), Vec::new(), ro))
+            }
+            DriverOptions::Raw { file, offset, size } => {
+                let child = self.child(file, ro, depth)?;
+                let ro = ro || child.read_only();
+                let driver =
+                    RawDriver::new(child.clone(), offset.unwrap_or(0), *size).map_err(Error::generic)?;
+                Ok((Box::new(driver), vec![Child { role: "file", node: child }], ro))
+            }
+            DriverOptions::Qcow2 { file, backing } => {
+                let child = self.child(file, ro, depth)?;
+                if !ro && child.read_only() {
+                    return Err(Error::generic("Could not open image: Permission denied")
+                        .context(child.name().to_string()));
+                }
+                let driver = Qcow2Driver::open(child.clone(), ro).map_err(Error::generic)?;
+                let mut children = vec![Child { role: "file", node: child }];
+                let backing_node = match backing {
+                    Some(None) => None,
+                    Some(Some(r)) => Some(self.child(r, true, depth)?),
+                    None => self.open_backing_from_image(&driver, depth)?,
+                };
+                if let Some(b) = backing_node {
+                    driver.set_backing(Some(b.clone()));
+                    children.push(Child { role: "backing", node: b });
+                }
+                Ok((Box::new(driver), children, ro))
+            }
+            DriverOptions::Unsupported => Err(Error::generic("Driver is not supported by blockd")),
+        }
+    }
+
+    /// Open the backing file an image names, the way QEMU does: relative to the image's
+    /// directory, read-only, format from the image (else probed), bounded depth.
+    fn open_backing_from_image(&mut self, driver: &Qcow2Driver, depth: usize) -> Result<Option<NodeRef>> {
+        let Some(name) = driver.backing_filename() else {
+            return Ok(None);
+        };
+        if depth + 1 > MAX_BACKING_DEPTH {
+            return Err(Error::generic(format!(
+                "Backing chain too deep (more than {MAX_BACKING_DEPTH} images) at '{name}'"
+            )));
+        }
+        let path = resolve_backing_path(&driver.facts_filename(), &name);
+        let format = match driver.backing_format() {
+            Some(f) => f,
+            None => probe_format(&path).map_err(|e| {
+                Error::generic(format!("Could not open backing file: Could not open '{path}': {}", strerror(&e)))
+            })?,
+        };
+        let file = Box::new(NodeOptions {
+            read_only: true,
+            driver: DriverOptions::File { filename: path.clone() },
+            ..NodeOptions::default()
+        });
+        let driver = match format.as_str() {
+            "qcow2" => DriverOptions::Qcow2 { file: ChildRef::Inline(file), backing: None },
+            "raw" => DriverOptions::Raw { file: ChildRef::Inline(file), offset: None, size: None },
+            other => {
+                return Err(Error::generic(format!(
+                    "Could not open backing file: Unknown driver '{other}'"
+                )))
+            }
+        };
+        let opts = NodeOptions { read_only: true, driver, ..NodeOptions::default() };
+        self.add_node(&opts, depth + 1)
+            .map(Some)
+            .map_err(|e| e.context("Could not open backing file"))
+    }
+
+    fn load_persistent_bitmaps(&self, node: &NodeRef) -> Result<()> {
+        let Some(store) = node.driver().bitmap_store() else {
+            return Ok(());
+        };
+        let loaded = store.load().map_err(|e| Error::io("Could not load bitmaps", &e))?;
+        let mut list = node.bitmaps();
+        for b in loaded {
+            let mut bits = hbitmap::HBitmap::new(node.size(), b.granularity)
+                .map_err(|e| Error::generic(format!("Bitmap '{}': {e}", b.name)))?;
+            if !b.inconsistent {
+                bits.deserialize_part(0, &b.data);
+            }
+            list.items.push(DirtyBitmap {
+                name: Some(b.name),
+                bits,
+                recording: b.recording && !b.inconsistent,
+                persistent: true,
+                busy: false,
+                inconsistent: b.inconsistent,
+            });
+        }
+        node.refresh_recording(&list);
+        Ok(())
+    }
+
+    /// Delete a root node (blockdev-del), refusing while anything uses it.
+    pub fn del(&mut self, name: &str) -> Result<()> {
+        let Some(node) = self.get(name) else {
+            return Err(Error::generic(format!("Failed to find node with node-name='{name}'")));
+        };
+        if node.auto_named() || !self.parents(&node).is_empty() {
+            return Err(Error::generic(format!("Block device {name} is in use")));
+        }
+        if let Some(user) = node.first_user() {
+            return Err(Error::generic(format!("Node {name} is in use by {user}")));
+        }
+        self.remove_tree(&node)
+    }
+
+    /// Remove `node` and then every inline (auto-named) child left without parents.
+    fn remove_tree(&mut self, node: &NodeRef) -> Result<()> {
+        self.nodes.retain(|n| !Arc::ptr_eq(n, node));
+        let result = close_node(node);
+        for c in node.children() {
+            if c.node.auto_named() && self.parents(&c.node).is_empty() && c.node.first_user().is_none() {
+                let _ = self.remove_tree(&c.node);
+            }
+        }
+        result
+    }
+
+    /// Close every node, parents before children (shutdown).
+    pub fn close_all(&mut self) {
+        while let Some(node) = self.nodes.pop() {
+            if let Err(e) = close_node(&node) {
+                tracing::warn!(node = node.name(), error = %e, "close failed");
+            }
+        }
+    }
+}
+
+/// Store persistent bitmaps and close the driver.
+pub fn close_node(node: &NodeRef) -> Result<()> {
+    let stored = store_persistent_bitmaps(node, false);
+    let closed = node.close().map_err(|e| Error::io(format!("Closing node '{}'", node.name()), &e));
+    stored.and(closed)
+}
+
+/// Write the node's persistent bitmaps into its image; `in_use` keeps them flagged as loaded.
+pub fn store_persistent_bitmaps(node: &NodeRef, in_use: bool) -> Result<()> {
+    let Some(store) = node.driver().bitmap_store() else {
+        return Ok(());
+    };
+    if node.read_only() {
+        return Ok(());
+    }
+    let list = snapshot_persistent(&node.bitmaps());
+    store.store(&list, in_use).map_err(|e| Error::io("Could not store bitmaps", &e))
+}
+
+fn snapshot_persistent(list: &BitmapList) -> Vec<BitmapToStore> {
+    list.items
+        .iter()
+        .filter(|b| b.persistent && b.name.is_some())
+        .map(|b| BitmapToStore {
+            name: b.name.clone().unwrap_or_default(),
+            granularity: b.bits.granularity(),
+            recording: b.recording,
+            inconsistent: b.inconsistent,
+            data: if b.inconsistent { Vec::new() } else { b.bits.to_bytes() },
+        })
+        .collect()
+}
+
+fn open_error(filename: &str, e: &std::io::Error) -> Error {
+    Error::generic(format!("Could not open '{filename}': {}", strerror(e)))
+}
+
+/// QEMU's node-name rules: a letter first, then letters, digits, '-', '.', '_'; under 32 bytes.
+pub fn check_node_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
+    if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)) {
+        return Err(Error::generic(format!("Invalid node-name: '{name}'")));
+    }
+    if name.len() >= 32 {
+        return Err(Error::generic("Node name too long"));
+    }
+    Ok(())
+}
+
+/// A backing file name relative to the image's directory, as QEMU resolves it.
+pub fn resolve_backing_path(image: &str, backing: &str) -> String {
+    if backing.starts_with('/') || backing.contains("://") {
+        return backing.to_string();
+    }
+    match image.rfind('/') {
+        Some(i) => format!("{}{}", &image[..=i], backing),
+        None => backing.to_string(),
+    }
+}
+
+/// Guess a file's format from its first bytes (qcow2 magic, else raw).
+pub fn probe_format(path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path)?;
+    let n = f.read(&mut magic)?;
+    Ok(if n == 4 && magic == *b"QFI\xfb" { "qcow2" } else { "raw" }.to_string())
+}

@@ -1,0 +1,672 @@
+//! Jobs: the lifecycle every long-running operation shares (create, later backup).
+//!
+//! The lifecycle is two tables, as QEMU defines them: which status may follow which
+//! ([`allowed_transition`]) and which verbs each status accepts ([`verb_allowed`]). Status only
+//! changes through [`Job::transition`], which also emits `JOB_STATUS_CHANGE`.
+//!
+//! A job runs as one tokio task: `created → running → (body) → waiting → pending → concluded →
+//! null` on success, `running → aborting → concluded → null` on failure or cancel. The body is a
+//! [`JobBody`]; it reports progress, honours pause points and watches the cancellation token
+//! through its [`JobCtx`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// QEMU's JobStatus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStatus {
+    /// Not yet created.
+    Undefined,
+    /// Created, not started.
+    Created,
+    /// Running.
+    Running,
+    /// Paused.
+    Paused,
+    /// Ready to complete (mirror-like jobs).
+    Ready,
+    /// Paused while ready.
+    Standby,
+    /// Finished its work, waiting for its transaction group.
+    Waiting,
+    /// Waiting to be finalized.
+    Pending,
+    /// Being aborted.
+    Aborting,
+    /// Done; waits for dismiss.
+    Concluded,
+    /// Gone.
+    Null,
+}
+
+impl JobStatus {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Undefined => "undefined",
+            JobStatus::Created => "created",
+            JobStatus::Running => "running",
+            JobStatus::Paused => "paused",
+            JobStatus::Ready => "ready",
+            JobStatus::Standby => "standby",
+            JobStatus::Waiting => "waiting",
+            JobStatus::Pending => "pending",
+            JobStatus::Aborting => "aborting",
+            JobStatus::Concluded => "concluded",
+            JobStatus::Null => "null",
+        }
+    }
+}
+
+/// QEMU's JobVerb.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobVerb {
+    /// cancel
+    Cancel,
+    /// pause
+    Pause,
+    /// resume
+    Resume,
+    /// set-speed
+    SetSpeed,
+    /// complete
+    Complete,
+    /// finalize
+    Finalize,
+    /// dismiss
+    Dismiss,
+    /// change
+    Change,
+}
+
+impl JobVerb {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobVerb::Cancel => "cancel",
+            JobVerb::Pause => "pause",
+            JobVerb::Resume => "resume",
+            JobVerb::SetSpeed => "set-speed",
+            JobVerb::Complete => "complete",
+            JobVerb::Finalize => "finalize",
+            JobVerb::Dismiss => "dismiss",
+            JobVerb::Change => "change",
+        }
+    }
+}
+
+/// The transition table.
+pub fn allowed_transition(from: JobStatus, to: JobStatus) -> bool {
+    use JobStatus::*;
+    matches!(
+        (from, to),
+        (Undefined, Created)
+            | (Created, Running | Aborting | Null)
+            | (Running, Paused | Ready | Waiting | Aborting)
+            | (Paused, Running)
+            | (Ready, Standby | Waiting | Aborting)
+            | (Standby, Ready)
+            | (Waiting, Pending | Aborting)
+            | (Pending, Concluded | Aborting)
+            | (Aborting, Concluded | Aborting)
+            | (Concluded, Null)
+    )
+}
+
+/// The verb table.
+pub fn verb_allowed(verb: JobVerb, status: JobStatus) -> bool {
+    use JobStatus::*;
+    use JobVerb::*;
+    match verb {
+        Cancel => matches!(status, Created | Running | Paused | Ready | Standby | Waiting | Pending),
+        Pause | Resume | SetSpeed | Change => matches!(status, Created | Running | Paused | Ready | Standby),
+        JobVerb::Complete => matches!(status, Ready | Standby),
+        Finalize => status == Pending,
+        Dismiss => status == Concluded,
+    }
+}
+
+/// Job events the core emits; the daemon turns them into QMP events.
+#[derive(Debug, Clone)]
+pub enum JobEvent {
+    /// JOB_STATUS_CHANGE.
+    StatusChange {
+        /// Job id.
+        id: String,
+        /// New status.
+        status: JobStatus,
+    },
+    /// BLOCK_JOB_COMPLETED (block jobs only).
+    Completed {
+        /// Job type.
+        job_type: &'static str,
+        /// Job id.
+        device: String,
+        /// Total progress.
+        len: u64,
+        /// Current progress.
+        offset: u64,
+        /// Speed limit.
+        speed: u64,
+        /// Error text when failed.
+        error: Option<String>,
+    },
+    /// BLOCK_JOB_CANCELLED (block jobs only).
+    Cancelled {
+        /// Job type.
+        job_type: &'static str,
+        /// Job id.
+        device: String,
+        /// Total progress.
+        len: u64,
+        /// Current progress.
+        offset: u64,
+        /// Speed limit.
+        speed: u64,
+    },
+    /// BLOCK_JOB_PENDING (block jobs with auto-finalize off).
+    Pending {
+        /// Job type.
+        job_type: &'static str,
+        /// Job id.
+        id: String,
+    },
+    /// BLOCK_JOB_ERROR.
+    IoError {
+        /// Job id.
+        device: String,
+        /// "read" or "write".
+        operation: &'static str,
+        /// "report", "ignore", "stop".
+        action: &'static str,
+    },
+}
+
+/// Where job events go.
+pub type EventSink = Arc<dyn Fn(JobEvent) + Send + Sync>;
+
+/// The mutable part of a job, under its lock.
+#[derive(Debug)]
+pub struct JobState {
+    /// Status.
+    pub status: JobStatus,
+    /// Paused by the user (job-pause).
+    pub user_paused: bool,
+    /// Bytes done.
+    pub current: u64,
+    /// Bytes to do.
+    pub total: u64,
+    /// Speed limit, bytes/s (0 = none).
+    pub speed: u64,
+    /// Error message once failed or cancelled.
+    pub error: Option<String>,
+    /// Cancel was requested.
+    pub cancelled: bool,
+    /// I/O status for query-block-jobs ("ok", "failed", "nospace").
+    pub io_status: &'static str,
+}
+
+/// What a job does: its body, and what happens to its resources at the end.
+pub trait JobBody: Send + Sync + 'static {
+    /// Do the work. Err(message) fails the job.
+    fn run(self: Arc<Self>, ctx: JobCtx) -> Pin<Box<dyn Future<Output = std::result::Result<(), String>> + Send>>;
+    /// Success: make the result visible (called at finalize).
+    fn commit(&self) {}
+    /// Failure or cancel: undo (called at finalize).
+    fn abort(&self) {}
+    /// Either way, after commit/abort: release resources.
+    fn clean(&self) {}
+}
+
+/// One job.
+pub struct Job {
+    /// Job id.
+    pub id: String,
+    /// QAPI JobType ("create", "backup", ...).
+    pub job_type: &'static str,
+    /// Block jobs emit BLOCK_JOB_* events and show in query-block-jobs.
+    pub is_block_job: bool,
+    /// Finalize automatically.
+    pub auto_finalize: bool,
+    /// Dismiss automatically.
+    pub auto_dismiss: bool,
+    state: Mutex<JobState>,
+    cancel: CancellationToken,
+    wake: Notify,
+    finalize_requested: AtomicBool,
+    events: EventSink,
+    body: Arc<dyn JobBody>,
+}
+
+/// What a job body uses to cooperate with its job.
+#[derive(Clone)]
+pub struct JobCtx {
+    job: Arc<Job>,
+}
+
+impl JobCtx {
+    /// Cancelled?
+    pub fn is_cancelled(&self) -> bool {
+        self.job.cancel.is_cancelled()
+    }
+    /// The cancellation token (to race I/O against).
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.job.cancel.clone()
+    }
+    /// Set the total amount of work.
+    pub fn set_total(&self, total: u64) {
+        self.job.lock().total = total;
+    }
+    /// Add to the total.
+    pub fn add_total(&self, n: u64) {
+        self.job.lock().total += n;
+    }
+    /// Add done work.
+    pub fn progress(&self, n: u64) {
+        self.job.lock().current += n;
+    }
+    /// Current speed limit.
+    pub fn speed(&self) -> u64 {
+        self.job.lock().speed
+    }
+    /// A point where the job may pause: waits while the user has it paused.
+    pub async fn pause_point(&self) {
+        loop {
+            let notified = self.job.wake.notified();
+            let paused = {
+                let st = self.job.lock();
+                st.user_paused && !self.job.cancel.is_cancelled()
+            };
+            if !paused {
+                if self.job.lock().status == JobStatus::Paused {
+                    self.job.transition(JobStatus::Running);
+                }
+                return;
+            }
+            if self.job.lock().status == JobStatus::Running {
+                self.job.transition(JobStatus::Paused);
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = self.job.cancel.cancelled() => {}
+            }
+        }
+    }
+    /// Report an I/O error event.
+    pub fn report_error(&self, operation: &'static str, action: &'static str) {
+        if self.job.is_block_job {
+            (self.job.events)(JobEvent::IoError { device: self.job.id.clone(), operation, action });
+        }
+    }
+}
+
+impl Job {
+    fn lock(&self) -> MutexGuard<'_, JobState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A snapshot of the state for the queries.
+    pub fn snapshot(&self) -> JobInfo {
+        let st = self.lock();
+        JobInfo {
+            id: self.id.clone(),
+            job_type: self.job_type,
+            status: st.status,
+            current: st.current,
+            total: st.total,
+            speed: st.speed,
+            error: st.error.clone(),
+            user_paused: st.user_paused,
+            io_status: st.io_status,
+            auto_finalize: self.auto_finalize,
+            auto_dismiss: self.auto_dismiss,
+            is_block_job: self.is_block_job,
+        }
+    }
+
+    /// Change status (if the table allows) and emit JOB_STATUS_CHANGE.
+    pub fn transition(&self, to: JobStatus) {
+        let mut st = self.lock();
+        if st.status == to && to != JobStatus::Aborting {
+            return;
+        }
+        if !allowed_transition(st.status, to) {
+            tracing::error!(job = %self.id, from = st.status.as_str(), to = to.as_str(), "illegal job transition");
+            return;
+        }
+        st.status = to;
+        drop(st);
+        (self.events)(JobEvent::StatusChange { id: self.id.clone(), status: to });
+    }
+
+    fn check_verb(&self, verb: JobVerb) -> Result<JobStatus> {
+        let status = self.lock().status;
+        if !verb_allowed(verb, status) {
+            return Err(Error::generic(format!(
+                "Job '{}' in state '{}' cannot accept command verb '{}'",
+                self.id,
+                status.as_str(),
+                verb.as_str()
+            )));
+        }
+        Ok(status)
+    }
+}
+
+/// A read-only view of a job.
+#[derive(Debug, Clone)]
+pub struct JobInfo {
+    /// Id.
+    pub id: String,
+    /// Type.
+    pub job_type: &'static str,
+    /// Status.
+    pub status: JobStatus,
+    /// Done.
+    pub current: u64,
+    /// Total.
+    pub total: u64,
+    /// Speed limit.
+    pub speed: u64,
+    /// Error.
+    pub error: Option<String>,
+    /// Paused by user.
+    pub user_paused: bool,
+    /// I/O status.
+    pub io_status: &'static str,
+    /// auto-finalize.
+    pub auto_finalize: bool,
+    /// auto-dismiss.
+    pub auto_dismiss: bool,
+    /// Block job.
+    pub is_block_job: bool,
+}
+
+/// Options for a new job.
+pub struct JobSpec {
+    /// Id.
+    pub id: String,
+    /// QAPI job type.
+    pub job_type: &'static str,
+    /// Emits BLOCK_JOB_* events.
+    pub is_block_job: bool,
+    /// auto-finalize.
+    pub auto_finalize: bool,
+    /// auto-dismiss.
+    pub auto_dismiss: bool,
+    /// Initial speed.
+    pub speed: u64,
+}
+
+/// The table of jobs.
+pub struct JobManager {
+    jobs: Mutex<Vec<Arc<Job>>>,
+    events: EventSink,
+}
+
+/// QEMU's rule for ids: a letter first, then letters, digits, '-', '.', '_'.
+pub fn valid_id(id: &str) -> bool {
+    let mut c = id.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic()) && c.all(|x| x.is_ascii_alphanumeric() || "-._".contains(x))
+}
+
+impl JobManager {
+    /// An empty table sending events to `events`.
+    pub fn new(events: EventSink) -> Arc<JobManager> {
+        Arc::new(JobManager { jobs: Mutex::new(Vec::new()), events })
+    }
+
+    fn jobs(&self) -> MutexGuard<'_, Vec<Arc<Job>>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// All jobs, oldest first.
+    pub fn list(&self) -> Vec<JobInfo> {
+        self.jobs().iter().map(|j| j.snapshot()).collect()
+    }
+
+    /// Find a job for `job-*` verbs (GenericError "Job not found") or `block-job-*` verbs
+    /// (DeviceNotActive "Block job 'X' not found").
+    pub fn find(&self, id: &str, block_verb: bool) -> Result<Arc<Job>> {
+        let job = self.jobs().iter().find(|j| j.id == id).cloned();
+        match job {
+            Some(j) if !block_verb || j.is_block_job => Ok(j),
+            _ if block_verb => {
+                Err(Error::new(ErrorKind::DeviceNotActive, format!("Block job '{id}' not found")))
+            }
+            _ => Err(Error::generic("Job not found")),
+        }
+    }
+
+    /// Create a job in `created` (not started). Checks the id.
+    pub fn create(self: &Arc<Self>, spec: JobSpec, body: Arc<dyn JobBody>) -> Result<Arc<Job>> {
+        if !valid_id(&spec.id) {
+            return Err(Error::generic(format!("Invalid job ID '{}'", spec.id)));
+        }
+        let mut jobs = self.jobs();
+        if jobs.iter().any(|j| j.id == spec.id) {
+            return Err(Error::generic(format!("Job ID '{}' already in use", spec.id)));
+        }
+        let job = Arc::new(Job {
+            id: spec.id,
+            job_type: spec.job_type,
+            is_block_job: spec.is_block_job,
+            auto_finalize: spec.auto_finalize,
+            auto_dismiss: spec.auto_dismiss,
+            state: Mutex::new(JobState {
+                status: JobStatus::Undefined,
+                user_paused: false,
+                current: 0,
+                total: 0,
+                speed: spec.speed,
+                error: None,
+                cancelled: false,
+                io_status: "ok",
+            }),
+            cancel: CancellationToken::new(),
+            wake: Notify::new(),
+            finalize_requested: AtomicBool::new(false),
+            events: self.events.clone(),
+            body,
+        });
+        jobs.push(job.clone());
+        drop(jobs);
+        job.transition(JobStatus::Created);
+        Ok(job)
+    }
+
+    /// Start a created job's task.
+    pub fn start(self: &Arc<Self>, job: &Arc<Job>) {
+        let manager = self.clone();
+        let job = job.clone();
+        tokio::spawn(async move { manager.run(job).await });
+    }
+
+    /// Drop a created-but-never-started job (aborted transaction): created → aborting →
+    /// concluded → null, with no BLOCK_JOB_* event.
+    pub fn discard_unstarted(&self, job: &Arc<Job>) {
+        job.transition(JobStatus::Aborting);
+        job.body.abort();
+        job.body.clean();
+        job.transition(JobStatus::Concluded);
+        job.transition(JobStatus::Null);
+        self.jobs().retain(|j| !Arc::ptr_eq(j, job));
+    }
+
+    async fn run(self: Arc<Self>, job: Arc<Job>) {
+        job.transition(JobStatus::Running);
+        let ctx = JobCtx { job: job.clone() };
+        let result = tokio::select! {
+            r = job.body.clone().run(ctx.clone()) => r,
+            _ = job.cancel.cancelled() => Err("Operation canceled".to_string()),
+        };
+        let result = if job.cancel.is_cancelled() && result.is_ok() {
+            Err("Operation canceled".to_string())
+        } else {
+            result
+        };
+        match result {
+            Ok(()) => {
+                job.transition(JobStatus::Waiting);
+                job.transition(JobStatus::Pending);
+                if !job.auto_finalize {
+                    if job.is_block_job {
+                        (self.events)(JobEvent::Pending { job_type: job.job_type, id: job.id.clone() });
+                    }
+                    loop {
+                        let notified = job.wake.notified();
+                        if job.finalize_requested.load(Ordering::Acquire) || job.cancel.is_cancelled() {
+                            break;
+                        }
+                        tokio::select! {
+                            _ = notified => {}
+                            _ = job.cancel.cancelled() => {}
+                        }
+                    }
+                }
+                if job.cancel.is_cancelled() {
+                    self.finish_failed(&job, "Operation canceled".to_string());
+                } else {
+                    job.body.commit();
+                    job.body.clean();
+                    self.emit_end(&job, None);
+                    self.conclude(&job);
+                }
+            }
+            Err(e) => self.finish_failed(&job, e),
+        }
+    }
+
+    fn finish_failed(&self, job: &Arc<Job>, error: String) {
+        job.transition(JobStatus::Aborting);
+        job.lock().error = Some(error.clone());
+        job.body.abort();
+        job.body.clean();
+        self.emit_end(job, Some(error));
+        self.conclude(job);
+    }
+
+    fn emit_end(&self, job: &Arc<Job>, error: Option<String>) {
+        if !job.is_block_job {
+            return;
+        }
+        let st = job.snapshot();
+        let cancelled = job.cancel.is_cancelled();
+        let event = if cancelled {
+            JobEvent::Cancelled {
+                job_type: job.job_type,
+                device: job.id.clone(),
+                len: st.total,
+                offset: st.current,
+                speed: st.speed,
+            }
+        } else {
+            JobEvent::Completed {
+                job_type: job.job_type,
+                device: job.id.clone(),
+                len: st.total,
+                offset: st.current,
+                speed: st.speed,
+                error,
+            }
+        };
+        (self.events)(event);
+    }
+
+    fn conclude(&self, job: &Arc<Job>) {
+        job.transition(JobStatus::Concluded);
+        if job.auto_dismiss {
+            job.transition(JobStatus::Null);
+            self.jobs().retain(|j| !Arc::ptr_eq(j, job));
+        }
+    }
+
+    /// job-cancel / block-job-cancel.
+    pub fn cancel(&self, job: &Arc<Job>) -> Result<()> {
+        let status = job.check_verb(JobVerb::Cancel)?;
+        if status == JobStatus::Created {
+            self.discard_unstarted(job);
+            return Ok(());
+        }
+        job.lock().cancelled = true;
+        job.cancel.cancel();
+        job.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// job-pause.
+    pub fn pause(&self, job: &Arc<Job>) -> Result<()> {
+        job.check_verb(JobVerb::Pause)?;
+        let mut st = job.lock();
+        if st.user_paused {
+            return Err(Error::generic("Job is already paused"));
+        }
+        st.user_paused = true;
+        Ok(())
+    }
+
+    /// job-resume.
+    pub fn resume(&self, job: &Arc<Job>) -> Result<()> {
+        if !job.lock().user_paused {
+            return Err(Error::generic("Can't resume a job that was not paused"));
+        }
+        job.check_verb(JobVerb::Resume)?;
+        job.lock().user_paused = false;
+        job.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// block-job-set-speed.
+    pub fn set_speed(&self, job: &Arc<Job>, speed: u64) -> Result<()> {
+        job.check_verb(JobVerb::SetSpeed)?;
+        job.lock().speed = speed;
+        job.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// job-complete (no job type blockd has can be completed).
+    pub fn complete(&self, job: &Arc<Job>) -> Result<()> {
+        job.check_verb(JobVerb::Complete)?;
+        Err(Error::generic(format!("The active block job '{}' cannot be completed", job.id)))
+    }
+
+    /// job-finalize: the task waiting in `pending` commits and concludes.
+    pub fn finalize(&self, job: &Arc<Job>) -> Result<()> {
+        job.check_verb(JobVerb::Finalize)?;
+        job.finalize_requested.store(true, Ordering::Release);
+        job.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// job-dismiss.
+    pub fn dismiss(&self, job: &Arc<Job>) -> Result<()> {
+        job.check_verb(JobVerb::Dismiss)?;
+        job.transition(JobStatus::Null);
+        self.jobs().retain(|j| !Arc::ptr_eq(j, job));
+        Ok(())
+    }
+
+    /// Cancel every job and wait (bounded) for them to end (shutdown).
+    pub async fn cancel_all(&self) {
+        let jobs: Vec<_> = self.jobs().clone();
+        for j in &jobs {
+            let _ = self.cancel(j);
+        }
+        for _ in 0..500 {
+            let active = self.jobs().iter().any(|j| {
+                !matches!(j.lock().status, JobStatus::Concluded | JobStatus::Null | JobStatus::Created)
+            });
+            if !active {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}

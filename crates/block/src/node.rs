@@ -1,0 +1,315 @@
+//! A node of the graph: a driver, its children, its bitmaps, and the checked I/O path.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use crate::bitmap::BitmapList;
+use crate::driver::{BlockStatus, Driver, ImageFacts};
+use crate::error::errno;
+
+/// Shared handle to a node. The graph owns the name table; handles are cloned for I/O.
+pub type NodeRef = Arc<Node>;
+
+/// A child link: the role ("file", "backing") and the child.
+#[derive(Clone)]
+pub struct Child {
+    /// Role name as QEMU uses it.
+    pub role: &'static str,
+    /// The child node.
+    pub node: NodeRef,
+}
+
+/// Called before a write reaches a node's driver (copy-before-write for backups).
+/// It gets the range about to change and may read the old contents first.
+pub trait WriteHook: Send + Sync {
+    /// Runs before `[offset, offset+len)` of `node` is overwritten; an error fails the write.
+    fn before_write(&self, node: &Node, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// Options that only the queries report.
+#[derive(Debug, Clone, Default)]
+pub struct NodeFlags {
+    /// `detect-zeroes` setting as given.
+    pub detect_zeroes: String,
+    /// `cache.direct`.
+    pub cache_direct: bool,
+    /// `cache.no-flush`.
+    pub cache_no_flush: bool,
+}
+
+/// One node.
+pub struct Node {
+    name: String,
+    auto_named: bool,
+    driver: Box<dyn Driver>,
+    children: Vec<Child>,
+    read_only: AtomicBool,
+    flags: NodeFlags,
+    /// Bitmaps; the lock is per node and held only for short bit operations.
+    bitmaps: Mutex<BitmapList>,
+    /// Number of recording bitmaps, read without the lock to skip it on the write path.
+    recording: AtomicUsize,
+    /// Write hooks (backup jobs); read-locked on every write, written when a job starts or ends.
+    hooks: RwLock<Vec<Arc<dyn WriteHook>>>,
+    /// Things other than parent nodes that use this node (exports, jobs), by description.
+    users: Mutex<Vec<String>>,
+    closed: AtomicBool,
+}
+
+impl Node {
+    /// A node over a driver. `children` are the nodes the driver was built on.
+    pub fn new(
+        name: String,
+        auto_named: bool,
+        driver: Box<dyn Driver>,
+        children: Vec<Child>,
+        read_only: bool,
+        flags: NodeFlags,
+    ) -> Node {
+        Node {
+            name,
+            auto_named,
+            driver,
+            children,
+            read_only: AtomicBool::new(read_only),
+            flags,
+            bitmaps: Mutex::new(BitmapList::default()),
+            recording: AtomicUsize::new(0),
+            hooks: RwLock::new(Vec::new()),
+            users: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Node name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Was the name generated (no node-name given)?
+    pub fn auto_named(&self) -> bool {
+        self.auto_named
+    }
+
+    /// Driver name.
+    pub fn driver_name(&self) -> &'static str {
+        self.driver.name()
+    }
+
+    /// The driver (for format-specific calls such as persistent bitmaps).
+    pub fn driver(&self) -> &dyn Driver {
+        self.driver.as_ref()
+    }
+
+    /// Children with their roles.
+    pub fn children(&self) -> &[Child] {
+        &self.children
+    }
+
+    /// The child with this role.
+    pub fn child(&self, role: &str) -> Option<&NodeRef> {
+        self.children.iter().find(|c| c.role == role).map(|c| &c.node)
+    }
+
+    /// Read-only?
+    pub fn read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    /// Switch read-only state (blockdev-reopen).
+    pub fn set_read_only(&self, ro: bool) -> io::Result<()> {
+        self.driver.set_read_only(ro)?;
+        self.read_only.store(ro, Ordering::Release);
+        Ok(())
+    }
+
+    /// Query-only flags.
+    pub fn flags(&self) -> &NodeFlags {
+        &self.flags
+    }
+
+    /// Virtual size.
+    pub fn size(&self) -> u64 {
+        self.driver.size()
+    }
+
+    /// Facts for the queries.
+    pub fn facts(&self) -> ImageFacts {
+        self.driver.facts()
+    }
+
+    /// Lock the bitmaps. Keep the guard short and never across `.await`.
+    pub fn bitmaps(&self) -> MutexGuard<'_, BitmapList> {
+        self.bitmaps.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// After changing the bitmap list or recording flags: refresh the lock-free recording count.
+    pub fn refresh_recording(&self, list: &BitmapList) {
+        self.recording.store(list.recording_count(), Ordering::Release);
+    }
+
+    /// Register a user (export, job) so the node cannot be deleted under it.
+    pub fn add_user(&self, who: String) {
+        self.users.lock().unwrap_or_else(|p| p.into_inner()).push(who);
+    }
+
+    /// Drop a user registered with [`Node::add_user`].
+    pub fn remove_user(&self, who: &str) {
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = users.iter().position(|u| u == who) {
+            users.remove(i);
+        }
+    }
+
+    /// First registered user, if any.
+    pub fn first_user(&self) -> Option<String> {
+        self.users.lock().unwrap_or_else(|p| p.into_inner()).first().cloned()
+    }
+
+    /// Install a write hook.
+    pub fn add_hook(&self, hook: Arc<dyn WriteHook>) {
+        self.hooks.write().unwrap_or_else(|p| p.into_inner()).push(hook);
+    }
+
+    /// Remove a write hook (by identity).
+    pub fn remove_hook(&self, hook: &Arc<dyn WriteHook>) {
+        let mut hooks = self.hooks.write().unwrap_or_else(|p| p.into_inner());
+        hooks.retain(|h| !Arc::ptr_eq(h, hook));
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() || self.driver.can_grow() => Ok(()),
+            _ => Err(errno(libc::EINVAL)),
+        }
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only() {
+            return Err(errno(libc::EPERM));
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(errno(libc::EIO));
+        }
+        self.check_range(offset, len)
+    }
+
+    fn run_hooks(&self, offset: u64, len: u64) -> io::Result<()> {
+        let hooks = self.hooks.read().unwrap_or_else(|p| p.into_inner());
+        for hook in hooks.iter() {
+            hook.before_write(self, offset, len)?;
+        }
+        Ok(())
+    }
+
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        if len > 0 && self.recording.load(Ordering::Acquire) > 0 {
+            self.bitmaps().mark(offset, len);
+        }
+    }
+
+    /// Read `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.driver.read(offset, buf)
+    }
+
+    /// Write `data` at `offset`, then mark the node's recording bitmaps.
+    pub fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let len = data.len() as u64;
+        self.check_write(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.run_hooks(offset, len)?;
+        let result = self.driver.write(offset, data);
+        // Mark even on failure: part of the range may have changed.
+        self.mark_dirty(offset, len);
+        result
+    }
+
+    /// Make `[offset, offset+len)` read as zeros, then mark bitmaps.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        self.check_write(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.run_hooks(offset, len)?;
+        let result = self.driver.write_zeroes(offset, len, may_unmap);
+        self.mark_dirty(offset, len);
+        result
+    }
+
+    /// Discard `[offset, offset+len)`, then mark bitmaps.
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_write(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.run_hooks(offset, len)?;
+        let result = self.driver.discard(offset, len);
+        self.mark_dirty(offset, len);
+        result
+    }
+
+    /// Flush the driver (formats flush their children themselves).
+    pub fn flush(&self) -> io::Result<()> {
+        self.driver.flush()
+    }
+
+    /// Allocation status of the first run in `[offset, offset+len)`.
+    pub fn block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok((BlockStatus::Data, 0));
+        }
+        self.driver.block_status(offset, len)
+    }
+
+    /// Set the size of a growable (protocol) node.
+    pub fn truncate(&self, size: u64) -> io::Result<()> {
+        if self.read_only() {
+            return Err(errno(libc::EPERM));
+        }
+        self.driver.truncate(size)
+    }
+
+    /// Status through the backing chain: the first run of `[offset, offset+len)` with one status,
+    /// and the depth of the layer that decides it (1 = this node, 2 = its backing, ...; 0 = no
+    /// layer has it, which reads as zeros and is reported `Unallocated`).
+    pub fn status_above(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u32, u64)> {
+        let (status, n) = self.block_status(offset, len)?;
+        if status != BlockStatus::Unallocated {
+            return Ok((status, 1, n));
+        }
+        let Some(backing) = self.child("backing") else {
+            return Ok((BlockStatus::Unallocated, 0, n));
+        };
+        let bsize = backing.size();
+        if offset >= bsize {
+            return Ok((BlockStatus::Unallocated, 0, n));
+        }
+        let (s, depth, m) = backing.status_above(offset, n.min(bsize - offset))?;
+        Ok((s, if depth == 0 { 0 } else { depth + 1 }, m))
+    }
+
+    /// Close the driver once (flush and release); later writes fail.
+    pub fn close(&self) -> io::Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.driver.close()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!(node = %self.name, error = %e, "closing node failed");
+        }
+    }
+}

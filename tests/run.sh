@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Run every test of blockd on a fresh Debian machine: installs what the tests need (Debian
+# packages, Python packages), builds, runs the Rust tests, then the iotests against blockd and
+# against qemu-storage-daemon (the oracle), so the iotests themselves stay honest.
+#
+#   bash tests/run.sh            everything
+#   SKIP_QSD=1 bash tests/run.sh skip the iotests pass against qemu-storage-daemon
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v qemu-storage-daemon >/dev/null || need_apt+=(qemu-utils)
+command -v nbdinfo >/dev/null || need_apt+=(libnbd-bin)
+command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "== installing Debian packages: ${need_apt[*]}"
+    if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+if ! python3 -c 'import qemu.qmp, pytest, pytest_timeout' 2>/dev/null; then
+    echo "== installing Python packages"
+    python3 -m pip install -q -r iotests/requirements.txt
+fi
+
+echo "== cargo build (release, for the iotests)"
+cargo build --release --locked -p blockd
+
+echo "== cargo test"
+cargo test --release --locked --workspace
+
+echo "== iotests against blockd"
+IOTESTS_DAEMON=blockd BLOCKD="$PWD/target/release/blockd" python3 -m pytest -q iotests
+
+if [ -z "${SKIP_QSD:-}" ]; then
+    echo "== iotests against qemu-storage-daemon"
+    IOTESTS_DAEMON=qsd python3 -m pytest -q iotests
+fi

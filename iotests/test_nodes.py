@@ -1,0 +1,271 @@
+"""Block nodes: blockdev-add / blockdev-del, query-named-block-nodes, query-block.
+
+Texts observed on qemu-storage-daemon 10.0.2.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from iotests import create_image, qemu_img
+
+MiB = 1 << 20
+
+# Keys every BlockDeviceInfo carries (QEMU 10 order is irrelevant to clients).
+NODE_KEYS = {
+    "node-name", "drv", "file", "ro", "encrypted", "detect_zeroes", "active", "backing_file_depth",
+    "bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr", "write_threshold", "cache", "image",
+}
+
+
+@pytest.fixture
+def raw_img(tmp_path):
+    return create_image(tmp_path / "a.raw", MiB)
+
+
+@pytest.fixture
+def qcow2_img(tmp_path):
+    return create_image(tmp_path / "a.qcow2", 4 * MiB, "qcow2")
+
+
+# ------------------------------------------------------------ adding nodes
+
+
+def test_file_node_reports_protocol_fields(daemon, raw_img):
+    daemon.ok("blockdev-add", driver="file", node_name="f0", filename=str(raw_img))
+    n = daemon.node("f0")
+    assert NODE_KEYS <= set(n)
+    assert n["drv"] == "file" and n["file"] == str(raw_img) and n["ro"] is False
+    assert n["encrypted"] is False and n["detect_zeroes"] == "off" and n["active"] is True
+    assert n["backing_file_depth"] == 0 and n["write_threshold"] == 0
+    assert n["cache"] == {"no-flush": False, "direct": False, "writeback": True}
+    img = n["image"]
+    assert img["filename"] == str(raw_img) and img["format"] == "file"
+    assert img["virtual-size"] == MiB
+    assert isinstance(img["actual-size"], int)
+    assert img["dirty-flag"] is False
+    assert img["format-specific"] == {"type": "file", "data": {}}
+    assert "dirty-bitmaps" not in n
+
+
+def test_raw_node_with_offset_and_size_has_that_virtual_size(daemon, raw_img):
+    daemon.ok("blockdev-add", driver="file", node_name="f0", filename=str(raw_img))
+    daemon.ok("blockdev-add", driver="raw", node_name="r0", file="f0", offset=4096, size=65536)
+    n = daemon.node("r0")
+    assert n["drv"] == "raw" and n["image"]["virtual-size"] == 65536 and n["image"]["format"] == "raw"
+
+
+def test_raw_node_without_options_has_file_size(daemon, raw_img):
+    daemon.ok("blockdev-add", driver="raw", node_name="r0", file={"driver": "file", "filename": str(raw_img)})
+    n = daemon.node("r0")
+    assert n["image"]["virtual-size"] == MiB
+    assert n["file"] == str(raw_img)
+
+
+def test_raw_window_past_end_of_file_is_refused(daemon, raw_img):
+    err = daemon.err("blockdev-add", driver="raw", node_name="r0",
+                     file={"driver": "file", "filename": str(raw_img)}, offset=4096, size=MiB)
+    assert err == {"class": "GenericError",
+                   "desc": "The sum of offset (4096) and size (1048576) has to be smaller or equal to the  "
+                           "actual size of the containing file (1048576)"}
+
+
+def test_raw_size_not_multiple_of_512_is_refused(daemon, raw_img):
+    err = daemon.err("blockdev-add", driver="raw", node_name="r0",
+                     file={"driver": "file", "filename": str(raw_img)}, size=1000)
+    assert err == {"class": "GenericError", "desc": "Specified size is not multiple of 512"}
+
+
+def test_null_co_node_defaults_to_1GiB(daemon):
+    daemon.ok("blockdev-add", driver="null-co", node_name="n0")
+    n = daemon.node("n0")
+    assert n["drv"] == "null-co" and n["image"]["virtual-size"] == 1 << 30
+    assert n["file"] == "null-co://" and n["image"]["actual-size"] == 0
+
+
+def test_null_co_node_takes_size(daemon):
+    daemon.ok("blockdev-add", driver="null-co", node_name="n0", size=MiB)
+    assert daemon.node("n0")["image"]["virtual-size"] == MiB
+
+
+def test_qcow2_node_reports_cluster_size_and_format_data(daemon, qcow2_img):
+    daemon.ok("blockdev-add", driver="qcow2", node_name="q0", file={"driver": "file", "filename": str(qcow2_img)})
+    n = daemon.node("q0")
+    assert n["drv"] == "qcow2" and n["file"] == str(qcow2_img)
+    img = n["image"]
+    assert img["virtual-size"] == 4 * MiB and img["cluster-size"] == 65536 and img["format"] == "qcow2"
+    assert img["format-specific"]["type"] == "qcow2"
+    data = img["format-specific"]["data"]
+    assert data["compat"] == "1.1" and data["corrupt"] is False and data["refcount-bits"] == 16
+    assert data["lazy-refcounts"] is False and data["extended-l2"] is False
+    assert data["compression-type"] == "zlib"
+
+
+def test_child_without_node_name_gets_generated_name(daemon, qcow2_img):
+    daemon.ok("blockdev-add", driver="qcow2", node_name="q0", file={"driver": "file", "filename": str(qcow2_img)})
+    names = [n["node-name"] for n in daemon.nodes()]
+    others = [x for x in names if x != "q0"]
+    assert len(others) == 1
+    assert re.fullmatch(r"#block[0-9]{3,}", others[0]), others
+    child = daemon.node(others[0])
+    assert child["drv"] == "file" and child["file"] == str(qcow2_img)
+
+
+def test_qcow2_over_child_by_reference(daemon, qcow2_img):
+    daemon.ok("blockdev-add", driver="file", node_name="f0", filename=str(qcow2_img))
+    daemon.ok("blockdev-add", driver="qcow2", node_name="q0", file="f0")
+    assert daemon.node("q0")["image"]["virtual-size"] == 4 * MiB
+    assert sorted(n["node-name"] for n in daemon.nodes()) == ["f0", "q0"]
+
+
+def test_qcow2_over_raw_file_is_refused(daemon, raw_img):
+    err = daemon.err("blockdev-add", driver="qcow2", node_name="q0", file={"driver": "file", "filename": str(raw_img)})
+    assert err == {"class": "GenericError", "desc": "Image is not in qcow2 format"}
+
+
+def test_read_only_node_reports_ro(daemon, raw_img):
+    daemon.ok("blockdev-add", driver="file", node_name="f0", filename=str(raw_img), read_only=True)
+    assert daemon.node("f0")["ro"] is True
+
+
+def test_nodes_are_listed_newest_first(daemon):
+    for name in ("n1", "n2", "n3"):
+        daemon.ok("blockdev-add", driver="null-co", node_name=name)
+    assert [n["node-name"] for n in daemon.nodes()] == ["n3", "n2", "n1"]
+
+
+def test_flat_query_omits_backing_image_and_depth(daemon, tmp_path):
+    base = create_image(tmp_path / "base.qcow2", MiB, "qcow2")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    daemon.ok("blockdev-add", driver="qcow2", node_name="top", file={"driver": "file", "filename": str(top)})
+    deep = {n["node-name"]: n for n in daemon.ok("query-named-block-nodes")}["top"]
+    flat = {n["node-name"]: n for n in daemon.ok("query-named-block-nodes", flat=True)}["top"]
+    assert deep["image"]["backing-image"]["filename"] == str(base)
+    assert deep["backing_file_depth"] == 1
+    assert "backing-image" not in flat["image"]
+    assert flat["backing_file_depth"] == 0
+    assert flat["backing_file"] == str(base) and flat["image"]["backing-filename-format"] == "qcow2"
+    assert len(daemon.nodes()) == 4  # top, its file, base, its file
+
+
+def test_query_block_is_empty_for_blockdev_nodes(daemon, raw_img):
+    daemon.ok("blockdev-add", driver="raw", node_name="r0", file={"driver": "file", "filename": str(raw_img)})
+    assert daemon.ok("query-block") == []
+
+
+# ------------------------------------------------------------ add errors
+
+
+def test_root_node_without_node_name_is_refused(daemon):
+    err = daemon.err("blockdev-add", driver="null-co")
+    assert err == {"class": "GenericError", "desc": "'node-name' must be specified for the root node"}
+    assert daemon.nodes() == []
+
+
+def test_duplicate_node_name_is_refused(daemon):
+    daemon.ok("blockdev-add", driver="null-co", node_name="n0")
+    err = daemon.err("blockdev-add", driver="null-co", node_name="n0")
+    assert err == {"class": "GenericError", "desc": "Duplicate nodes with node-name='n0'"}
+
+
+@pytest.mark.parametrize("name,desc", [
+    ("1bad", "Invalid node-name: '1bad'"),
+    ("", "Invalid node-name: ''"),
+    ("a b", "Invalid node-name: 'a b'"),
+    ("#x", "Invalid node-name: '#x'"),
+    ("x" * 32, "Node name too long"),
+])
+def test_invalid_node_name_is_refused(daemon, name, desc):
+    err = daemon.err("blockdev-add", driver="null-co", node_name=name)
+    assert err == {"class": "GenericError", "desc": desc}
+
+
+@pytest.mark.parametrize("name", ["x" * 31, "a-b_c.d", "A9"])
+def test_valid_node_name_is_accepted(daemon, name):
+    daemon.ok("blockdev-add", driver="null-co", node_name=name)
+    assert daemon.node(name)["node-name"] == name
+
+
+def test_missing_file_is_refused_with_os_error(daemon, tmp_path):
+    path = tmp_path / "nonexist"
+    err = daemon.err("blockdev-add", driver="file", node_name="f0", filename=str(path))
+    assert err == {"class": "GenericError", "desc": f"Could not open '{path}': No such file or directory"}
+
+
+def test_unknown_driver_is_refused(daemon):
+    err = daemon.err("blockdev-add", driver="nosuchdrv", node_name="x")
+    assert err == {"class": "GenericError", "desc": "Parameter 'driver' does not accept value 'nosuchdrv'"}
+
+
+def test_missing_filename_is_refused(daemon):
+    err = daemon.err("blockdev-add", driver="file", node_name="x")
+    assert err == {"class": "GenericError", "desc": "Parameter 'filename' is missing"}
+
+
+def test_unknown_option_is_refused(daemon, raw_img):
+    err = daemon.err("blockdev-add", driver="file", node_name="x", filename=str(raw_img), bogus=1)
+    assert err == {"class": "GenericError", "desc": "Parameter 'bogus' is unexpected"}
+
+
+def test_reference_to_unknown_child_is_refused(daemon):
+    err = daemon.err("blockdev-add", driver="raw", node_name="r0", file="nosuch")
+    assert err == {"class": "GenericError", "desc": "Cannot find device='nosuch' nor node-name='nosuch'"}
+
+
+def test_failed_add_leaves_no_node(daemon, raw_img):
+    daemon.err("blockdev-add", driver="qcow2", node_name="q0", file={"driver": "file", "filename": str(raw_img)})
+    assert daemon.nodes() == []
+
+
+# ------------------------------------------------------------ deleting nodes
+
+
+def test_del_of_unknown_node_is_refused(daemon):
+    err = daemon.err("blockdev-del", node_name="nosuch")
+    assert err == {"class": "GenericError", "desc": "Failed to find node with node-name='nosuch'"}
+
+
+def test_del_of_node_in_use_is_refused(daemon, raw_img):
+    daemon.ok("blockdev-add", driver="file", node_name="f0", filename=str(raw_img))
+    daemon.ok("blockdev-add", driver="raw", node_name="r0", file="f0")
+    err = daemon.err("blockdev-del", node_name="f0")
+    assert err == {"class": "GenericError", "desc": "Block device f0 is in use"}
+    assert {n["node-name"] for n in daemon.nodes()} == {"f0", "r0"}
+
+
+def test_del_parent_then_child_works(daemon, raw_img):
+    daemon.ok("blockdev-add", driver="file", node_name="f0", filename=str(raw_img))
+    daemon.ok("blockdev-add", driver="raw", node_name="r0", file="f0")
+    daemon.ok("blockdev-del", node_name="r0")
+    daemon.ok("blockdev-del", node_name="f0")
+    assert daemon.nodes() == []
+
+
+def test_del_removes_generated_children(daemon, qcow2_img):
+    daemon.ok("blockdev-add", driver="qcow2", node_name="q0", file={"driver": "file", "filename": str(qcow2_img)})
+    daemon.ok("blockdev-del", node_name="q0")
+    assert daemon.nodes() == []
+
+
+def test_del_of_child_with_generated_name_is_refused(daemon, qcow2_img):
+    daemon.ok("blockdev-add", driver="qcow2", node_name="q0", file={"driver": "file", "filename": str(qcow2_img)})
+    child = [n["node-name"] for n in daemon.nodes() if n["node-name"] != "q0"][0]
+    err = daemon.err("blockdev-del", node_name=child)
+    assert err == {"class": "GenericError", "desc": f"Node {child} is not owned by the monitor"}
+
+
+def test_deleted_name_can_be_reused(daemon):
+    daemon.ok("blockdev-add", driver="null-co", node_name="n0")
+    daemon.ok("blockdev-del", node_name="n0")
+    daemon.ok("blockdev-add", driver="null-co", node_name="n0", size=MiB)
+    assert daemon.node("n0")["image"]["virtual-size"] == MiB
+
+
+def test_deleting_node_releases_image_lock(daemon, qcow2_img):
+    daemon.ok("blockdev-add", driver="qcow2", node_name="q0", file={"driver": "file", "filename": str(qcow2_img)})
+    assert 'Failed to get shared "write" lock' in qemu_img("info", str(qcow2_img), check=False)
+    daemon.ok("blockdev-del", node_name="q0")
+    assert "virtual size: 4 MiB" in qemu_img("info", str(qcow2_img))

@@ -17,7 +17,11 @@ use tokio::net::UnixStream;
 pub const CLUSTER: u64 = 64 * 1024;
 
 /// Contexts offered by [`MemBackend`].
-pub const CONTEXTS: [&str; 3] = ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"];
+pub const CONTEXTS: [&str; 3] = [
+    "base:allocation",
+    "qemu:allocation-depth",
+    "qemu:dirty-bitmap:b0",
+];
 
 #[derive(Default)]
 struct MemState {
@@ -166,7 +170,13 @@ impl ExportBackend for MemBackend {
         Ok(())
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fast_only: bool) -> io::Result<()> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fast_only: bool,
+    ) -> io::Result<()> {
         let _r = Running::enter(self);
         let mut st = self.state.lock().unwrap();
         if fast_only && !may_unmap {
@@ -407,7 +417,10 @@ impl RawClient {
     pub async fn read_option_reply(&mut self) -> io::Result<OptReply> {
         let mut hdr = [0u8; 20];
         self.s.read_exact(&mut hdr).await?;
-        assert_eq!(u64::from_be_bytes(hdr[..8].try_into().unwrap()), proto::OPTION_REPLY_MAGIC);
+        assert_eq!(
+            u64::from_be_bytes(hdr[..8].try_into().unwrap()),
+            proto::OPTION_REPLY_MAGIC
+        );
         let len = u32::from_be_bytes(hdr[16..20].try_into().unwrap());
         let mut data = vec![0u8; len as usize];
         self.s.read_exact(&mut data).await?;
@@ -460,7 +473,10 @@ impl RawClient {
     /// SET_META_CONTEXT; returns (id, name) pairs.
     pub async fn set_meta(&mut self, export: &str, queries: &[&str]) -> Vec<(u32, String)> {
         let replies = self
-            .option(proto::OPT_SET_META_CONTEXT, &Self::meta_data(export, queries))
+            .option(
+                proto::OPT_SET_META_CONTEXT,
+                &Self::meta_data(export, queries),
+            )
             .await;
         assert_eq!(replies.last().unwrap().reply, proto::REP_ACK);
         replies
@@ -488,7 +504,10 @@ impl RawClient {
     /// GO; returns (size, transmission flags). Panics unless it succeeds.
     pub async fn go(&mut self, export: &str) -> (u64, u16) {
         let replies = self
-            .option(proto::OPT_GO, &Self::info_data(export, &[proto::INFO_BLOCK_SIZE]))
+            .option(
+                proto::OPT_GO,
+                &Self::info_data(export, &[proto::INFO_BLOCK_SIZE]),
+            )
             .await;
         assert_eq!(replies.last().unwrap().reply, proto::REP_ACK, "{replies:?}");
         let info = replies
@@ -509,7 +528,15 @@ impl RawClient {
         c
     }
 
-    pub async fn send_request(&mut self, command: u16, flags: u16, cookie: u64, offset: u64, length: u64, payload: &[u8]) {
+    pub async fn send_request(
+        &mut self,
+        command: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+    ) {
         let req = RequestHeader {
             flags,
             command,
@@ -614,8 +641,16 @@ impl RawClient {
     }
 
     /// Send one request and wait for its reply.
-    pub async fn request(&mut self, command: u16, flags: u16, offset: u64, length: u64, payload: &[u8]) -> Reply {
-        self.send_request(command, flags, 1, offset, length, payload).await;
+    pub async fn request(
+        &mut self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+    ) -> Reply {
+        self.send_request(command, flags, 1, offset, length, payload)
+            .await;
         self.read_reply().await.unwrap()
     }
 
@@ -626,5 +661,84 @@ impl RawClient {
             tokio::time::timeout(wait, self.s.read(&mut buf)).await,
             Ok(Ok(0)) | Ok(Err(_))
         )
+    }
+}
+
+/// A huge export that is all hole except its first `data_len` bytes (which read as 0xab).
+/// Counts block status calls. Holds no memory for the disk.
+pub struct SparseBackend {
+    pub size: u64,
+    pub data_len: u64,
+    pub status_calls: AtomicUsize,
+}
+
+impl SparseBackend {
+    pub fn new(size: u64, data_len: u64) -> Self {
+        SparseBackend {
+            size,
+            data_len,
+            status_calls: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl ExportBackend for SparseBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = if offset + (i as u64) < self.data_len {
+                0xab
+            } else {
+                0
+            };
+        }
+        Ok(())
+    }
+
+    fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EROFS))
+    }
+
+    fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EROFS))
+    }
+
+    fn trim(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn meta_contexts(&self) -> Vec<String> {
+        vec!["base:allocation".into()]
+    }
+
+    fn block_status(
+        &self,
+        _ctx: usize,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> io::Result<Vec<(u64, u32)>> {
+        self.status_calls.fetch_add(1, Ordering::SeqCst);
+        let end = offset + len;
+        let mut out = Vec::new();
+        if offset < self.data_len {
+            out.push((self.data_len.min(end) - offset, 0));
+        }
+        let hole_start = offset.max(self.data_len);
+        if hole_start < end && out.len() < max {
+            out.push((end - hole_start, 3));
+        }
+        Ok(out)
+    }
+
+    fn reads_as_zero(&self, offset: u64, _len: u64) -> bool {
+        offset >= self.data_len
     }
 }

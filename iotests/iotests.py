@@ -574,7 +574,8 @@ class Daemon:
             for c in commands:
                 line = f'qemu-io {node} "{c}"'
                 out.append(self.ok("human-monitor-command", {"command-line": line}))
-            return filter_qemu_io("".join(out))
+            # The monitor ends lines with CR LF; qemu-io itself prints LF.
+            return filter_qemu_io("".join(out).replace("\r\n", "\n"))
         return self._nbd_io(node, commands)
 
     def _ensure_nbd_server(self) -> Path:

@@ -20,6 +20,7 @@ import json
 import socket
 import struct
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -175,6 +176,35 @@ class WireClient:
             self.sock.close()
         except OSError:
             pass
+
+
+# ---------------------------------------------------------------- daemons
+
+
+def ready(d: Daemon, timeout: float = 5.0) -> Daemon:
+    """Connects QMP to monitor 0, retrying while the socket exists but does not
+    listen yet (QSD binds before it listens; the harness only waits for the file)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            d.qmp()
+            return d
+        except Exception:  # pylint: disable=broad-except
+            if time.monotonic() > deadline or not d.running():
+                raise
+            time.sleep(0.02)
+
+
+def ready_factory(factory):
+    """Wraps the ``make_daemon`` fixture so started daemons are :func:`ready`."""
+
+    def make(*args: str, **kwargs: Any) -> Daemon:
+        d = factory(*args, **kwargs)
+        if kwargs.get("start", True) and kwargs.get("wait", True):
+            ready(d)
+        return d
+
+    return make
 
 
 # ---------------------------------------------------------------- exports

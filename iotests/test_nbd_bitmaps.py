@@ -11,6 +11,7 @@ import os
 import pytest
 
 import iotests
+import data_nbd
 from data_nbd import (
     bitmap_add,
     bitmap_cmd,
@@ -27,6 +28,12 @@ from data_nbd import (
     unexport,
     uri,
 )
+
+
+@pytest.fixture
+def make_daemon(make_daemon):
+    """The harness factory, returning daemons whose monitor already answers."""
+    return data_nbd.ready_factory(make_daemon)
 
 SIZE = 16 << 20
 BUSY = "Bitmap '{}' is currently in use by another operation and cannot be used"

@@ -12,6 +12,7 @@ import os
 import pytest
 
 import iotests
+import data_nbd
 from data_nbd import (
     CMD_CACHE,
     CMD_FLUSH,
@@ -32,6 +33,12 @@ from data_nbd import (
     start_unix_server,
     uri,
 )
+
+
+@pytest.fixture
+def make_daemon(make_daemon):
+    """The harness factory, returning daemons whose monitor already answers."""
+    return data_nbd.ready_factory(make_daemon)
 
 SIZE = 4 << 20
 
@@ -75,6 +82,7 @@ def test_edge_offset_writes_land_in_the_image(make_daemon, tmp_path, fmt):
         nodes = ["--blockdev", f"file,node-name=n,filename={img}"]
     d.start(*nodes, "--nbd-server", f"addr.type=unix,addr.path={sock}",
             "--export", "type=nbd,id=e0,node-name=n,name=x,writable=on")
+    data_nbd.ready(d)
 
     out = io_ok(qemu_io_uri(uri(sock, "x"), *edge_write_cmds(), "flush", "write -f -P 0x66 2M 512",
                             *edge_read_cmds(), "read -P 0x66 2M 512"))

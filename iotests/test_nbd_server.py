@@ -12,6 +12,7 @@ import time
 import pytest
 
 import iotests
+import data_nbd
 from data_nbd import (
     REP_ERR_UNKNOWN,
     OptionError,
@@ -23,6 +24,12 @@ from data_nbd import (
     unexport,
     uri,
 )
+
+
+@pytest.fixture
+def make_daemon(make_daemon):
+    """The harness factory, returning daemons whose monitor already answers."""
+    return data_nbd.ready_factory(make_daemon)
 
 SIZE = 1 << 20
 
@@ -44,6 +51,7 @@ def test_cmdline_server_and_export_serve_and_are_listed(make_daemon, raw_image):
     sock = d.sock("nbd")
     d.start(*file_node(raw_image), "--nbd-server", f"addr.type=unix,addr.path={sock}",
             "--export", "type=nbd,id=e0,node-name=f,name=x,writable=on")
+    data_nbd.ready(d)
 
     assert d.ok("query-block-exports") == [
         {"id": "e0", "type": "nbd", "node-name": "f", "shutting-down": False}
@@ -56,6 +64,7 @@ def test_second_server_start_is_refused(make_daemon, raw_image):
     d = make_daemon(start=False)
     sock = d.sock("nbd")
     d.start(*file_node(raw_image), "--nbd-server", f"addr.type=unix,addr.path={sock}")
+    data_nbd.ready(d)
 
     err = d.err("nbd-server-start", addr={"type": "unix", "data": {"path": str(d.sock("other"))}})
     assert err == {"class": "GenericError", "desc": "NBD server already running"}

@@ -1,1 +1,431 @@
-//! qcow2: the qcow2 image format over a small storage trait (no QMP, no graph).
+//! qcow2: the qcow2 image format over a small storage trait (no QMP, no block graph).
+//!
+//! [`Qcow2`] opens an image on a [`Storage`], reads and writes guest data with cluster
+//! allocation, refcounting, zero clusters, discard and copy-on-write from a backing image,
+//! creates new images ([`Qcow2::create`]), and loads/stores persistent dirty bitmaps
+//! (the bitmaps extension). All I/O methods take `&self` and may run on many threads at once.
+//!
+//! # Layout
+//! - [`storage`]: the [`Storage`] trait below the format, [`FileStorage`], [`MemStorage`].
+//! - [`types`]: offset newtypes (guest vs host) and the cluster [`types::Geometry`].
+//! - `ondisk`: the `on_disk_struct!` macro: each on-disk structure declared once with offsets.
+//! - `header`: header fields, feature bits and header extensions (parse/validate/serialize).
+//! - `mapping`: L1/L2 entry decoding.
+//! - `cache`: LRU cache of cluster-sized tables with dirty ranges.
+//! - `meta`: the metadata state under one mutex; table access, write-back order, corruption.
+//! - `refcount`: refcounts, cluster allocation, refcount table growth.
+//! - `io`: the request paths (read, write with COW, write zeroes, discard, block status).
+//! - `bitmaps`: the bitmaps extension (directory, tables, data).
+//! - `create`: new images.
+//! - `inflate`: raw deflate decoder for compressed clusters.
+//! - [`fuzzing`]: the entry point shared by the fuzz target and the corpus test.
+//!
+//! ```text
+//!   Qcow2 ──(data I/O, outside the lock)──────────────► Storage (file)
+//!     │  meta: Mutex<Meta> ── header, L1, L2 cache, refcounts, bitmap dir
+//!     │  gate: RwLock<()>  ── data I/O shared; freeing clusters exclusive
+//!     └─ backing: Option<Arc<dyn Storage>> ── unallocated clusters read from here
+//! ```
+//!
+//! # Concurrency
+//! Metadata changes happen under `meta`. A write that needs new clusters allocates them and
+//! marks the guest clusters in flight under the lock, writes the data without the lock, and
+//! only then publishes the L2 entries, so no reader ever sees a mapping to unwritten data.
+//! Clusters unmapped by discard or overwrite are dereferenced only after the L2 change is on
+//! disk and no data I/O that might still use them is in flight (the `gate`).
+
+#![deny(missing_docs)]
+
+mod bitmaps;
+mod cache;
+mod create;
+mod error;
+pub mod fuzzing;
+mod header;
+mod inflate;
+mod io;
+mod mapping;
+mod meta;
+mod ondisk;
+mod refcount;
+pub mod storage;
+pub mod types;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+
+pub use bitmaps::{BitmapInfo, LoadedBitmap, StoreBitmap};
+pub use create::CreateOptions;
+pub use error::{Error, ErrorKind, Result};
+pub use storage::{FileStorage, MemStorage, Storage};
+
+use bitmaps::FLAG_IN_USE;
+use header::{Header, AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use meta::Meta;
+use types::Geometry;
+
+/// How to open an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Refuse all modifications and never write to the file.
+    pub read_only: bool,
+}
+
+/// Allocation status of a range (see [`Qcow2::block_status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockStatus {
+    /// Allocated in this image (possibly compressed).
+    Data,
+    /// A zero cluster in this image.
+    Zero,
+    /// Not allocated here: reads fall through to the backing image (or zeros).
+    Unallocated,
+}
+
+/// An open qcow2 image. `Send + Sync`; every I/O method may be called from many threads.
+pub struct Qcow2 {
+    /// The image file.
+    file: Arc<dyn Storage>,
+    /// Metadata state; see [`meta::Meta`] for what each part guards.
+    meta: Mutex<Meta>,
+    /// Signalled whenever in-flight allocations finish (waiters hold `meta`).
+    alloc_done: Condvar,
+    /// Held shared by data I/O, exclusively while dropping references of unmapped clusters.
+    gate: RwLock<()>,
+    /// The attached backing image (None: unallocated clusters read as zeros).
+    backing: RwLock<Option<Arc<dyn Storage>>>,
+    /// Last decompressed cluster (host offset, bytes), to serve small sequential reads.
+    zcache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// Geometry (immutable).
+    geo: Geometry,
+    /// Virtual size (immutable).
+    size: u64,
+    /// Format version (immutable).
+    version: u32,
+    /// Opened read-only.
+    read_only: bool,
+    /// Backing file name from the header.
+    backing_file: Option<String>,
+    /// Backing format from the header.
+    backing_format: Option<String>,
+    /// The bitmaps in the file have been marked in_use by this opener (or loaded).
+    bitmaps_claimed: AtomicBool,
+    /// `close` has run.
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for Qcow2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2")
+            .field("size", &self.size)
+            .field("cluster_size", &self.geo.cluster_size())
+            .field("version", &self.version)
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+/// Bytes read for the header before the cluster size is known.
+const HEADER_PROBE: usize = 4096;
+
+impl Qcow2 {
+    /// Open an image. Validates the header and tables; refuses unsupported features clearly.
+    /// A writable open clears unknown autoclear bits and drops a stale bitmaps extension.
+    pub fn open(file: Arc<dyn Storage>, opts: OpenOptions) -> Result<Qcow2> {
+        let file_len = file
+            .size()
+            .map_err(|e| Error::io(e, "getting the image size"))?;
+        let mut probe = vec![0u8; HEADER_PROBE];
+        file.read_at(&mut probe, 0)
+            .map_err(|e| Error::io(e, "reading the header"))?;
+        let bits = u32::from_be_bytes([probe[20], probe[21], probe[22], probe[23]]);
+        let cs = 1usize << bits.clamp(header::MIN_CLUSTER_BITS, header::MAX_CLUSTER_BITS);
+        let mut buf = vec![0u8; cs + 1024];
+        file.read_at(&mut buf, 0)
+            .map_err(|e| Error::io(e, "reading the header"))?;
+        let header = Header::parse(&buf, file_len)?;
+        let writable = !opts.read_only;
+        let inc = header.raw.incompatible_features;
+        if writable && inc & INCOMPAT_CORRUPT != 0 {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                "image is marked corrupt; it can be opened read-only, or repaired with 'qemu-img check -r all'",
+            ));
+        }
+        if writable && inc & INCOMPAT_DIRTY != 0 {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "image has the dirty bit set (lazy refcounts not written back); repair it with 'qemu-img check -r all' or open it read-only",
+            ));
+        }
+        if writable && header.raw.nb_snapshots > 0 {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "writing to images with internal snapshots; open it read-only",
+            ));
+        }
+        let stale_bitmaps = header.stale_bitmaps;
+        let mut meta = Meta::load(file.clone(), header, writable, file_len)?;
+        meta.load_directory()?;
+        if writable {
+            let auto = meta.header.raw.autoclear_features;
+            if auto & !AUTOCLEAR_KNOWN != 0 || stale_bitmaps {
+                meta.header.raw.autoclear_features &= AUTOCLEAR_KNOWN;
+                meta.write_header()?;
+            }
+        }
+        let h = &meta.header;
+        Ok(Qcow2 {
+            file,
+            geo: meta.geo,
+            size: h.raw.size,
+            version: h.raw.version,
+            read_only: !writable,
+            backing_file: h.backing_file.clone(),
+            backing_format: h.backing_format.clone(),
+            meta: Mutex::new(meta),
+            alloc_done: Condvar::new(),
+            gate: RwLock::new(()),
+            backing: RwLock::new(None),
+            zcache: Mutex::new(None),
+            bitmaps_claimed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Create a new empty image on `file`.
+    pub fn create(file: &dyn Storage, opts: &CreateOptions) -> Result<()> {
+        create::create(file, opts)
+    }
+
+    /// Virtual disk size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    /// Format version (2 or 3).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// Refcount width in bits.
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.geo.refcount_order
+    }
+
+    /// Whether the image was opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Backing file name from the header.
+    pub fn backing_file(&self) -> Option<String> {
+        self.backing_file.clone()
+    }
+
+    /// Backing file format from the header.
+    pub fn backing_format(&self) -> Option<String> {
+        self.backing_format.clone()
+    }
+
+    /// Attach the opened backing image. Unallocated clusters read from it; bytes beyond its
+    /// size read as zeros. None: unallocated clusters read as zeros.
+    pub fn set_backing(&self, backing: Option<Arc<dyn Storage>>) {
+        if let Ok(mut b) = self.backing.write() {
+            *b = backing;
+        }
+    }
+
+    /// Bytes the image file occupies (its length).
+    pub fn actual_size(&self) -> Result<u64> {
+        self.file
+            .size()
+            .map_err(|e| Error::io(e, "getting the image size"))
+    }
+
+    /// Whether corruption was detected (or the image was marked corrupt in the file).
+    pub fn is_corrupt(&self) -> bool {
+        self.lock().map(|m| m.corrupt).unwrap_or(true)
+    }
+
+    /// Lock the metadata.
+    fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
+        self.meta
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Io, "metadata lock poisoned by a panic"))
+    }
+
+    /// Refuse modifications on read-only, closed or corrupt images.
+    fn check_writable(&self) -> Result<()> {
+        self.check_open()?;
+        if self.read_only {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                "image was opened read-only",
+            ));
+        }
+        if self.is_corrupt() {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                "image is marked corrupt; writes are refused",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuse I/O after close.
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorKind::Closed, "image has been closed"));
+        }
+        Ok(())
+    }
+
+    /// Check that `[offset, offset+len)` lies within the virtual disk.
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!(
+                    "request {offset:#x}+{len:#x} beyond the virtual size {:#x}",
+                    self.size
+                ),
+            )),
+        }
+    }
+
+    /// Write back all metadata and flush the file; then free clusters unmapped since the
+    /// last flush.
+    pub fn flush(&self) -> Result<()> {
+        self.check_open()?;
+        if self.read_only {
+            return Ok(());
+        }
+        self.flush_inner()
+    }
+
+    /// Flush implementation (also used at close).
+    fn flush_inner(&self) -> Result<()> {
+        let pending = {
+            let mut m = self.lock()?;
+            m.flush_mappings()?;
+            m.sync()?;
+            std::mem::take(&mut m.pending_free)
+        };
+        if !pending.is_empty() {
+            // Wait until no data I/O that may still use these clusters is in flight.
+            let _exclusive = self
+                .gate
+                .write()
+                .map_err(|_| Error::new(ErrorKind::Io, "I/O gate poisoned"))?;
+            self.lock()?.apply_frees(pending)?;
+        }
+        Ok(())
+    }
+
+    /// Flush everything and refuse further I/O. Bitmaps must have been stored by the caller
+    /// (with `in_use = false`) before.
+    pub fn close(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if !self.read_only {
+            self.flush_inner()?;
+        }
+        self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    // ---- persistent bitmaps
+
+    /// The bitmaps as currently in the file.
+    pub fn bitmaps(&self) -> Vec<BitmapInfo> {
+        self.lock()
+            .map(|m| m.bitmaps.iter().map(|b| b.info()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Load all bitmaps with their data. Bitmaps whose in_use flag was already set are flagged
+    /// inconsistent. On a writable image, in_use is then written for every bitmap.
+    pub fn load_bitmaps(&self) -> Result<Vec<LoadedBitmap>> {
+        self.check_open()?;
+        let mut m = self.lock()?;
+        let entries = m.bitmaps.clone();
+        let mut out = Vec::with_capacity(entries.len());
+        for e in &entries {
+            let inconsistent = e.flags & FLAG_IN_USE != 0;
+            let data = match m.read_bitmap_data(e) {
+                Ok(d) => d,
+                Err(_) if inconsistent => {
+                    vec![0u8; bitmaps::data_len(self.size, e.granularity_bits as u32) as usize]
+                }
+                Err(err) => return Err(err.while_(&format!("loading bitmap '{}'", e.name))),
+            };
+            out.push(LoadedBitmap {
+                name: e.name.clone(),
+                granularity: e.granularity(),
+                auto: e.flags & bitmaps::FLAG_AUTO != 0,
+                inconsistent,
+                data,
+            });
+        }
+        if !self.read_only {
+            self.claim_locked(&mut m)?;
+        }
+        Ok(out)
+    }
+
+    /// Mark every bitmap in the file in_use (once per open).
+    fn claim_locked(&self, m: &mut Meta) -> Result<()> {
+        if m.bitmaps.iter().any(|b| b.flags & FLAG_IN_USE == 0) {
+            let mut entries = m.bitmaps.clone();
+            for e in &mut entries {
+                e.flags |= FLAG_IN_USE;
+            }
+            m.rewrite_flags(entries)?;
+        }
+        self.bitmaps_claimed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Before the first modification: bitmaps in the file will miss it, so mark them in_use
+    /// (the core normally did so already through `load_bitmaps`).
+    fn claim_bitmaps(&self) -> Result<()> {
+        if self.bitmaps_claimed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut m = self.lock()?;
+        self.claim_locked(&mut m)
+    }
+
+    /// Replace the persistent bitmap set in the file with `bitmaps`: data clusters (non-zero
+    /// ones), tables, a new directory; old clusters freed; autoclear bit 0 set or cleared.
+    /// Each bitmap is flagged in_use when `in_use` (a write-back while still open) or when it
+    /// was loaded inconsistent.
+    pub fn store_bitmaps(&self, bitmaps: &[StoreBitmap], in_use: bool) -> Result<()> {
+        self.check_writable()?;
+        let mut m = self.lock()?;
+        m.store(bitmaps, in_use)?;
+        self.bitmaps_claimed
+            .store(in_use || m.bitmaps.is_empty(), Ordering::Release);
+        Ok(())
+    }
+
+    /// Check that a new persistent bitmap `name` with `granularity` could be stored.
+    pub fn can_store_bitmap(&self, name: &str, granularity: u64) -> Result<()> {
+        self.check_writable()?;
+        self.lock()?.can_store(name, granularity)
+    }
+
+    /// Delete a bitmap from the file at once.
+    pub fn remove_bitmap(&self, name: &str) -> Result<()> {
+        self.check_writable()?;
+        self.lock()?.remove(name)
+    }
+}

@@ -1,0 +1,693 @@
+//! The persistent dirty bitmaps extension: directory, bitmap tables, bitmap data.
+//!
+//! The directory is validated at open like QEMU does and kept in [`Meta::bitmaps`]. Every change
+//! (setting `in_use`, storing a new set, removing one) writes a complete new directory to fresh
+//! clusters, switches the header extension to it, and only then frees the old clusters, so a
+//! crash leaves either the old or the new set (at worst leaking clusters).
+
+use crate::error::{invalid, Error, ErrorKind, Result};
+use crate::header::{BitmapsExt, AUTOCLEAR_BITMAPS};
+use crate::mapping::OFFSET_MASK;
+use crate::meta::Meta;
+use crate::ondisk::{decode_u64_table, encode_u64_table, on_disk_struct};
+use crate::types::Geometry;
+
+/// Most bitmaps in one image.
+pub const MAX_BITMAPS: u32 = 65535;
+/// Longest bitmap name in bytes.
+pub const MAX_NAME: usize = 1023;
+/// Largest directory in bytes.
+pub const MAX_DIRECTORY_BYTES: u64 = 64 << 20;
+/// Largest bitmap table in entries.
+pub const MAX_TABLE_ENTRIES: u64 = 0x800_0000;
+/// Largest bitmap data (table entries × cluster size) in bytes.
+pub const MAX_PHYS_BYTES: u64 = 0x2000_0000;
+/// Granularity bits accepted (512 B .. 2 GiB).
+pub const GRANULARITY_BITS: std::ops::RangeInclusive<u32> = 9..=31;
+/// Directory entry flag: the bitmap is loaded by a writer and may be stale.
+pub const FLAG_IN_USE: u32 = 1 << 0;
+/// Directory entry flag: the bitmap is enabled (recording) when loaded.
+pub const FLAG_AUTO: u32 = 1 << 1;
+/// The only bitmap type: dirty tracking.
+const TYPE_DIRTY_TRACKING: u8 = 1;
+/// Bitmap table entry bits that must be zero.
+const TABLE_RESERVED: u64 = 0xff00_0000_0000_01fe;
+
+on_disk_struct! {
+    /// The fixed part of a bitmap directory entry (followed by extra data, name, padding).
+    pub struct DirEntryHead [24] {
+        /// Host offset of the bitmap table.
+        0 => table_offset: u64,
+        /// Number of bitmap table entries.
+        8 => table_size: u32,
+        /// `FLAG_IN_USE`, `FLAG_AUTO`.
+        12 => flags: u32,
+        /// Bitmap type (1).
+        16 => bitmap_type: u8,
+        /// log2 of the granularity in bytes.
+        17 => granularity_bits: u8,
+        /// Name length.
+        18 => name_size: u16,
+        /// Extra data length (QEMU supports only 0).
+        20 => extra_data_size: u32,
+    }
+}
+
+/// One bitmap as described by the directory in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapEntry {
+    /// Unique name.
+    pub name: String,
+    /// Host offset of its table.
+    pub table_offset: u64,
+    /// Table entries.
+    pub table_size: u32,
+    /// Directory flags.
+    pub flags: u32,
+    /// log2 of the granularity.
+    pub granularity_bits: u8,
+}
+
+/// A bitmap as listed by [`crate::Qcow2::bitmaps`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// Name.
+    pub name: String,
+    /// Bytes of guest disk per bit.
+    pub granularity: u64,
+    /// The in_use flag as currently in the file.
+    pub in_use: bool,
+    /// The auto (enabled) flag.
+    pub auto: bool,
+}
+
+/// A bitmap read from the file by [`crate::Qcow2::load_bitmaps`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedBitmap {
+    /// Name.
+    pub name: String,
+    /// Bytes of guest disk per bit.
+    pub granularity: u64,
+    /// Enabled (recording) after load.
+    pub auto: bool,
+    /// in_use was already set: not saved cleanly, content unreliable (only removable).
+    pub inconsistent: bool,
+    /// Bit i ↔ granule i, in byte i/8 at bit i%8 from the LSB; `ceil(granules/8)` bytes.
+    pub data: Vec<u8>,
+}
+
+/// A bitmap to write by [`crate::Qcow2::store_bitmaps`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreBitmap {
+    /// Name (1..=1023 bytes, unique).
+    pub name: String,
+    /// Bytes of guest disk per bit (a power of two, 512 B .. 2 GiB).
+    pub granularity: u64,
+    /// Enabled (recording): stored as the auto flag.
+    pub auto: bool,
+    /// The bitmap was loaded inconsistent: keep it in_use, and keep its on-disk data as is.
+    pub inconsistent_keep_in_use: bool,
+    /// Same layout as [`LoadedBitmap::data`]; missing bytes count as zero, extra ones are ignored.
+    pub data: Vec<u8>,
+}
+
+impl BitmapEntry {
+    /// Granularity in bytes.
+    pub fn granularity(&self) -> u64 {
+        1u64 << self.granularity_bits
+    }
+
+    /// Public description.
+    pub fn info(&self) -> BitmapInfo {
+        BitmapInfo {
+            name: self.name.clone(),
+            granularity: self.granularity(),
+            in_use: self.flags & FLAG_IN_USE != 0,
+            auto: self.flags & FLAG_AUTO != 0,
+        }
+    }
+
+    /// Size of this entry in the directory.
+    fn encoded_len(&self) -> usize {
+        (DirEntryHead::SIZE + self.name.len()).div_ceil(8) * 8
+    }
+}
+
+/// Number of bytes of bitmap data for a disk of `size` at `granularity`.
+pub fn data_len(size: u64, granularity_bits: u32) -> u64 {
+    size.div_ceil(1u64 << granularity_bits).div_ceil(8)
+}
+
+/// Validate the bitmaps header extension.
+pub fn check_ext(ext: &BitmapsExt, g: Geometry) -> Result<()> {
+    if ext.nb_bitmaps == 0 || ext.nb_bitmaps > MAX_BITMAPS {
+        return Err(invalid(format!(
+            "bitmaps extension: {} bitmaps",
+            ext.nb_bitmaps
+        )));
+    }
+    if ext.reserved != 0 {
+        return Err(invalid("bitmaps extension: reserved field is not zero"));
+    }
+    if ext.directory_size == 0 || ext.directory_size > MAX_DIRECTORY_BYTES {
+        return Err(invalid(format!(
+            "bitmaps extension: directory size {}",
+            ext.directory_size
+        )));
+    }
+    if ext.directory_offset == 0 || !g.is_aligned(ext.directory_offset) {
+        return Err(invalid(
+            "bitmaps extension: directory offset is not cluster aligned",
+        ));
+    }
+    Ok(())
+}
+
+/// Parse and validate a bitmap directory.
+pub fn parse_directory(
+    buf: &[u8],
+    nb: u32,
+    g: Geometry,
+    disk_size: u64,
+) -> Result<Vec<BitmapEntry>> {
+    let mut out: Vec<BitmapEntry> = Vec::new();
+    let mut pos = 0usize;
+    for i in 0..nb {
+        let head = DirEntryHead::load(&buf[pos.min(buf.len())..])
+            .ok_or_else(|| invalid(format!("bitmap directory: entry {i} is truncated")))?;
+        let bad = |why: &str| invalid(format!("bitmap directory: entry {i}: {why}"));
+        if head.extra_data_size != 0 {
+            return Err(bad("extra data is not supported"));
+        }
+        let name_start = pos + DirEntryHead::SIZE;
+        let name_end = name_start + head.name_size as usize;
+        let next = name_end.div_ceil(8) * 8;
+        if next > buf.len() {
+            return Err(bad("entry runs past the directory"));
+        }
+        if head.name_size == 0 || head.name_size as usize > MAX_NAME {
+            return Err(bad("bad name size"));
+        }
+        let name = std::str::from_utf8(&buf[name_start..name_end])
+            .map_err(|_| bad("name is not UTF-8"))?
+            .to_string();
+        check_entry(&head, g, disk_size).map_err(|why| bad(&why))?;
+        if out.iter().any(|b| b.name == name) {
+            return Err(bad(&format!("duplicate bitmap name '{name}'")));
+        }
+        out.push(BitmapEntry {
+            name,
+            table_offset: head.table_offset,
+            table_size: head.table_size,
+            flags: head.flags,
+            granularity_bits: head.granularity_bits,
+        });
+        pos = next;
+    }
+    if pos != buf.len() {
+        return Err(invalid("bitmap directory: size does not match its entries"));
+    }
+    Ok(out)
+}
+
+/// The checks QEMU applies to one directory entry.
+fn check_entry(h: &DirEntryHead, g: Geometry, disk_size: u64) -> std::result::Result<(), String> {
+    if h.bitmap_type != TYPE_DIRTY_TRACKING {
+        return Err(format!("unknown bitmap type {}", h.bitmap_type));
+    }
+    if !GRANULARITY_BITS.contains(&(h.granularity_bits as u32)) {
+        return Err(format!(
+            "granularity bits {} out of range 9..=31",
+            h.granularity_bits
+        ));
+    }
+    if h.flags & !(FLAG_IN_USE | FLAG_AUTO) != 0 {
+        return Err(format!("reserved flags set ({:#x})", h.flags));
+    }
+    if h.table_offset == 0 || !g.is_aligned(h.table_offset) {
+        return Err("bitmap table offset is zero or unaligned".into());
+    }
+    if h.table_size == 0 || h.table_size as u64 > MAX_TABLE_ENTRIES {
+        return Err(format!("bitmap table size {} out of range", h.table_size));
+    }
+    let phys = h.table_size as u64 * g.cluster_size();
+    if phys > MAX_PHYS_BYTES {
+        return Err("bitmap is too large".into());
+    }
+    let covered = (phys * 8)
+        .checked_shl(h.granularity_bits as u32)
+        .unwrap_or(u64::MAX);
+    if (phys * 8) > u64::MAX >> h.granularity_bits {
+        // covers everything
+    } else if disk_size > covered {
+        return Err("bitmap table is too small for the disk".into());
+    }
+    Ok(())
+}
+
+/// Encode a directory.
+pub fn serialize_directory(entries: &[BitmapEntry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in entries {
+        let head = DirEntryHead {
+            table_offset: e.table_offset,
+            table_size: e.table_size,
+            flags: e.flags,
+            bitmap_type: TYPE_DIRTY_TRACKING,
+            granularity_bits: e.granularity_bits,
+            name_size: e.name.len() as u16,
+            extra_data_size: 0,
+        };
+        out.extend_from_slice(&head.to_bytes());
+        out.extend_from_slice(e.name.as_bytes());
+        out.resize(out.len().div_ceil(8) * 8, 0);
+    }
+    out
+}
+
+/// Validate a bitmap name and granularity for storing.
+pub fn check_new(name: &str, granularity: u64) -> Result<u8> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("bitmap name must be 1..={MAX_NAME} bytes"),
+        ));
+    }
+    if !granularity.is_power_of_two() || !GRANULARITY_BITS.contains(&granularity.trailing_zeros()) {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("bitmap granularity {granularity} must be a power of two from 512 B to 2 GiB"),
+        ));
+    }
+    Ok(granularity.trailing_zeros() as u8)
+}
+
+impl Meta {
+    /// Read and validate the bitmap directory named by the header (at open).
+    pub fn load_directory(&mut self) -> Result<()> {
+        let Some(ext) = self.header.bitmaps else {
+            return Ok(());
+        };
+        let limit = self.file_limit();
+        if ext
+            .directory_offset
+            .checked_add(ext.directory_size)
+            .is_none_or(|e| e > limit)
+        {
+            return Err(invalid("bitmap directory lies beyond the end of the file"));
+        }
+        let mut buf = vec![0u8; ext.directory_size as usize];
+        self.file
+            .read_at(&mut buf, ext.directory_offset)
+            .map_err(|e| Error::io(e, "reading the bitmap directory"))?;
+        let entries = parse_directory(&buf, ext.nb_bitmaps, self.geo, self.header.raw.size)?;
+        let g = self.geo;
+        for e in &entries {
+            let bytes = e.table_size as u64 * 8;
+            if e.table_offset + bytes > limit {
+                return Err(invalid(format!(
+                    "bitmap '{}': table lies beyond the end of the file",
+                    e.name
+                )));
+            }
+            for k in 0..g.clusters_for(bytes) {
+                self.meta_clusters
+                    .insert((e.table_offset >> g.cluster_bits) + k);
+            }
+        }
+        for k in 0..g.clusters_for(ext.directory_size) {
+            self.meta_clusters
+                .insert((ext.directory_offset >> g.cluster_bits) + k);
+        }
+        self.bitmaps = entries;
+        Ok(())
+    }
+
+    /// Read one bitmap's table, validating its entries.
+    fn read_bitmap_table(&mut self, e: &BitmapEntry) -> Result<Vec<u64>> {
+        let mut buf = vec![0u8; e.table_size as usize * 8];
+        self.file
+            .read_at(&mut buf, e.table_offset)
+            .map_err(|err| Error::io(err, format!("reading the table of bitmap '{}'", e.name)))?;
+        let table = decode_u64_table(&buf);
+        let limit = self.file_limit();
+        for (i, &t) in table.iter().enumerate() {
+            let off = t & OFFSET_MASK;
+            let bad = t & TABLE_RESERVED != 0
+                || !self.geo.is_aligned(off)
+                || (off != 0 && t & 1 != 0)
+                || off + self.geo.cluster_size() > limit.max(self.geo.cluster_size()) && off != 0;
+            if bad {
+                return Err(invalid(format!(
+                    "bitmap '{}': bad table entry {i} ({t:#018x})",
+                    e.name
+                )));
+            }
+        }
+        Ok(table)
+    }
+
+    /// Read the data of one bitmap (`data_len` bytes, bits past the disk cleared).
+    pub fn read_bitmap_data(&mut self, e: &BitmapEntry) -> Result<Vec<u8>> {
+        let table = self.read_bitmap_table(e)?;
+        let cs = self.geo.cluster_size() as usize;
+        let len = data_len(self.header.raw.size, e.granularity_bits as u32) as usize;
+        let mut data = vec![0u8; len];
+        for (k, chunk) in data.chunks_mut(cs).enumerate() {
+            let t = table.get(k).copied().unwrap_or(0);
+            let off = t & OFFSET_MASK;
+            if off != 0 {
+                self.file.read_at(chunk, off).map_err(|err| {
+                    Error::io(err, format!("reading data of bitmap '{}'", e.name))
+                })?;
+            } else if t & 1 != 0 {
+                chunk.fill(0xff);
+            }
+        }
+        mask_tail(&mut data, self.header.raw.size, e.granularity_bits as u32);
+        Ok(data)
+    }
+
+    /// Host clusters owned by a bitmap (table and data), for freeing.
+    fn bitmap_clusters(&mut self, e: &BitmapEntry) -> Result<Vec<u64>> {
+        let g = self.geo;
+        let mut out: Vec<u64> = (0..g.clusters_for(e.table_size as u64 * 8))
+            .map(|k| (e.table_offset >> g.cluster_bits) + k)
+            .collect();
+        for t in self.read_bitmap_table(e)? {
+            let off = t & OFFSET_MASK;
+            if off != 0 {
+                out.push(off >> g.cluster_bits);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Write one bitmap's data clusters (non-zero ones only) and table; returns the new entry.
+    fn write_bitmap(
+        &mut self,
+        b: &StoreBitmap,
+        gbits: u8,
+        flags: u32,
+        new: &mut Vec<u64>,
+    ) -> Result<BitmapEntry> {
+        let g = self.geo;
+        let cs = g.cluster_size() as usize;
+        let len = data_len(self.header.raw.size, gbits as u32) as usize;
+        let mut data = b.data.clone();
+        data.resize(len, 0);
+        mask_tail(&mut data, self.header.raw.size, gbits as u32);
+        let table_size = len.div_ceil(cs).max(1);
+        let mut table = vec![0u64; table_size];
+        for (k, chunk) in data.chunks(cs).enumerate() {
+            if chunk.iter().all(|&x| x == 0) {
+                continue;
+            }
+            let c = self.alloc_clusters(1)?;
+            new.push(c);
+            let mut buf = chunk.to_vec();
+            buf.resize(cs, 0);
+            self.write_raw(&buf, c << g.cluster_bits, "bitmap data")?;
+            table[k] = c << g.cluster_bits;
+        }
+        let tclusters = g.clusters_for(table_size as u64 * 8);
+        let tc = self.alloc_clusters(tclusters)?;
+        new.extend(tc..tc + tclusters);
+        let mut tbytes = encode_u64_table(&table);
+        tbytes.resize((tclusters * g.cluster_size()) as usize, 0);
+        self.write_raw(&tbytes, tc << g.cluster_bits, "a bitmap table")?;
+        Ok(BitmapEntry {
+            name: b.name.clone(),
+            table_offset: tc << g.cluster_bits,
+            table_size: table_size as u32,
+            flags,
+            granularity_bits: gbits,
+        })
+    }
+
+    /// Make `entries` the bitmap set of the file: write a new directory, switch the header,
+    /// then free `old_clusters`. `new` lists clusters allocated for this change (freed on error).
+    fn commit_directory(
+        &mut self,
+        entries: Vec<BitmapEntry>,
+        old_clusters: Vec<u64>,
+        mut new: Vec<u64>,
+    ) -> Result<()> {
+        let result = self.switch_directory(&entries, &mut new);
+        if let Err(err) = result {
+            for c in new {
+                let _ = self.decref(c);
+            }
+            return Err(err);
+        }
+        let g = self.geo;
+        for &c in &new {
+            self.meta_clusters.insert(c);
+        }
+        for c in old_clusters {
+            self.meta_clusters.remove(&c);
+            self.decref(c)?;
+        }
+        self.bitmaps = entries;
+        let _ = g;
+        self.flush_refcounts()
+    }
+
+    /// Write the directory for `entries` and point the header at it (durably).
+    fn switch_directory(&mut self, entries: &[BitmapEntry], new: &mut Vec<u64>) -> Result<()> {
+        let g = self.geo;
+        let dir = serialize_directory(entries);
+        if dir.len() as u64 > MAX_DIRECTORY_BYTES {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                "bitmap directory would be too large",
+            ));
+        }
+        let ext = if entries.is_empty() {
+            None
+        } else {
+            let n = g.clusters_for(dir.len() as u64);
+            let c = self.alloc_clusters(n)?;
+            new.extend(c..c + n);
+            let mut buf = dir.clone();
+            buf.resize((n * g.cluster_size()) as usize, 0);
+            self.write_raw(&buf, c << g.cluster_bits, "the bitmap directory")?;
+            Some(BitmapsExt {
+                nb_bitmaps: entries.len() as u32,
+                reserved: 0,
+                directory_size: dir.len() as u64,
+                directory_offset: c << g.cluster_bits,
+            })
+        };
+        self.flush_refcounts()?;
+        self.sync()?;
+        let (old_ext, old_auto) = (self.header.bitmaps, self.header.raw.autoclear_features);
+        self.header.bitmaps = ext;
+        if ext.is_some() {
+            self.header.raw.autoclear_features |= AUTOCLEAR_BITMAPS;
+        } else {
+            self.header.raw.autoclear_features &= !AUTOCLEAR_BITMAPS;
+        }
+        if let Err(err) = self.write_header() {
+            self.header.bitmaps = old_ext;
+            self.header.raw.autoclear_features = old_auto;
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Clusters of the current directory.
+    fn directory_clusters(&self) -> Vec<u64> {
+        let g = self.geo;
+        match self.header.bitmaps {
+            Some(ext) => (0..g.clusters_for(ext.directory_size))
+                .map(|k| (ext.directory_offset >> g.cluster_bits) + k)
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Rewrite the directory with new flags only (tables unchanged).
+    pub fn rewrite_flags(&mut self, entries: Vec<BitmapEntry>) -> Result<()> {
+        let old = self.directory_clusters();
+        self.commit_directory(entries, old, Vec::new())
+    }
+
+    /// Replace the whole bitmap set (see [`crate::Qcow2::store_bitmaps`]).
+    pub fn store(&mut self, list: &[StoreBitmap], in_use: bool) -> Result<()> {
+        if self.header.raw.version < 3 {
+            return Err(crate::error::unsupported(
+                "persistent bitmaps need a version 3 image",
+            ));
+        }
+        if list.len() > MAX_BITMAPS as usize {
+            return Err(Error::new(ErrorKind::InvalidArgument, "too many bitmaps"));
+        }
+        let mut gbits = Vec::with_capacity(list.len());
+        for (i, b) in list.iter().enumerate() {
+            gbits.push(check_new(&b.name, b.granularity)?);
+            if list[..i].iter().any(|o| o.name == b.name) {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("bitmap '{}' given twice", b.name),
+                ));
+            }
+        }
+        let old_entries = self.bitmaps.clone();
+        let mut old_clusters = self.directory_clusters();
+        let mut new = Vec::new();
+        let mut entries = Vec::with_capacity(list.len());
+        let mut kept = Vec::new();
+        for (b, &gb) in list.iter().zip(&gbits) {
+            let keep = old_entries
+                .iter()
+                .find(|o| o.name == b.name && b.inconsistent_keep_in_use);
+            if let Some(o) = keep {
+                let mut e = o.clone();
+                e.flags |= FLAG_IN_USE;
+                kept.push(o.name.clone());
+                entries.push(e);
+                continue;
+            }
+            let flags = if in_use || b.inconsistent_keep_in_use {
+                FLAG_IN_USE
+            } else {
+                0
+            } | if b.auto { FLAG_AUTO } else { 0 };
+            match self.write_bitmap(b, gb, flags, &mut new) {
+                Ok(e) => entries.push(e),
+                Err(err) => {
+                    for c in new {
+                        let _ = self.decref(c);
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        for o in &old_entries {
+            if !kept.contains(&o.name) {
+                old_clusters.extend(self.bitmap_clusters(o)?);
+            }
+        }
+        self.commit_directory(entries, old_clusters, new)
+    }
+
+    /// Delete one bitmap from the file.
+    pub fn remove(&mut self, name: &str) -> Result<()> {
+        let Some(pos) = self.bitmaps.iter().position(|b| b.name == name) else {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("bitmap '{name}' not found in the image"),
+            ));
+        };
+        let mut entries = self.bitmaps.clone();
+        let gone = entries.remove(pos);
+        let mut old = self.directory_clusters();
+        old.extend(self.bitmap_clusters(&gone)?);
+        self.commit_directory(entries, old, Vec::new())
+    }
+
+    /// Check that a new bitmap could be stored (see [`crate::Qcow2::can_store_bitmap`]).
+    pub fn can_store(&self, name: &str, granularity: u64) -> Result<()> {
+        if self.header.raw.version < 3 {
+            return Err(crate::error::unsupported(
+                "persistent bitmaps need a version 3 image (compat=1.1)",
+            ));
+        }
+        let gbits = check_new(name, granularity)?;
+        if self.bitmaps.iter().any(|b| b.name == name) {
+            return Err(Error::new(
+                ErrorKind::Exists,
+                format!("bitmap '{name}' already exists in the image"),
+            ));
+        }
+        if self.bitmaps.len() >= MAX_BITMAPS as usize {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                "the image already has the maximum number of bitmaps",
+            ));
+        }
+        let table = data_len(self.header.raw.size, gbits as u32).div_ceil(self.geo.cluster_size());
+        if table > MAX_TABLE_ENTRIES || table * self.geo.cluster_size() > MAX_PHYS_BYTES {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "bitmap would be too large for the image; use a larger granularity",
+            ));
+        }
+        let dir: usize = self.bitmaps.iter().map(|b| b.encoded_len()).sum::<usize>()
+            + (DirEntryHead::SIZE + name.len()).div_ceil(8) * 8;
+        if dir as u64 > MAX_DIRECTORY_BYTES {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                "bitmap directory would be too large",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Clear the bits of the last byte that lie past the end of the disk.
+fn mask_tail(data: &mut [u8], size: u64, gbits: u32) {
+    let bits = size.div_ceil(1u64 << gbits);
+    let rem = (bits % 8) as u32;
+    if rem != 0 {
+        if let Some(last) = data.last_mut() {
+            *last &= (1u8 << rem) - 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: Geometry = Geometry {
+        cluster_bits: 16,
+        refcount_order: 4,
+    };
+
+    fn entry(name: &str) -> BitmapEntry {
+        BitmapEntry {
+            name: name.into(),
+            table_offset: 0x70000,
+            table_size: 1,
+            flags: FLAG_AUTO,
+            granularity_bits: 16,
+        }
+    }
+
+    #[test]
+    fn directory_round_trips() {
+        let dir = serialize_directory(&[entry("a"), entry("bitmap-two")]);
+        let parsed = parse_directory(&dir, 2, G, 1 << 30).expect("valid");
+        assert_eq!(parsed, vec![entry("a"), entry("bitmap-two")]);
+    }
+
+    #[test]
+    fn duplicate_names_are_rejected() {
+        let dir = serialize_directory(&[entry("a"), entry("a")]);
+        assert!(parse_directory(&dir, 2, G, 1 << 30).is_err());
+    }
+
+    #[test]
+    fn reserved_flag_is_rejected() {
+        let mut e = entry("a");
+        e.flags |= 4;
+        assert!(parse_directory(&serialize_directory(&[e]), 1, G, 1 << 30).is_err());
+    }
+
+    #[test]
+    fn table_too_small_for_disk_is_rejected() {
+        // One 64 KiB table cluster at 64 KiB granularity covers 32 TiB; at 512 B only 256 GiB.
+        let mut e = entry("a");
+        e.granularity_bits = 9;
+        assert!(parse_directory(&serialize_directory(&[e]), 1, G, 1 << 40).is_err());
+    }
+
+    #[test]
+    fn tail_bits_past_the_disk_are_cleared() {
+        let mut d = vec![0xff];
+        mask_tail(&mut d, 3 * 65536, 16);
+        assert_eq!(d, vec![0b111]);
+    }
+}

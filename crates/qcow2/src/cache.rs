@@ -1,0 +1,137 @@
+//! A small LRU cache of cluster-sized metadata tables (L2 tables, refcount blocks).
+//!
+//! Tables are kept as their on-disk bytes, keyed by host offset. Each slot remembers which byte
+//! range was modified since it was last written, so write-back stores only the changed part.
+//! The cache does no I/O itself: the owner loads tables, writes back dirty ones in the order
+//! the format requires, and decides what to do with a dirty victim on eviction.
+
+use std::collections::{BTreeMap, HashMap};
+
+/// One cached table.
+#[derive(Debug)]
+pub struct Slot {
+    /// The table's bytes, exactly one cluster.
+    pub data: Vec<u8>,
+    /// Byte range `[start, end)` modified since the last write-back, if any.
+    pub dirty: Option<(usize, usize)>,
+    /// LRU tick of the last use.
+    tick: u64,
+}
+
+impl Slot {
+    /// Record that bytes `[start, end)` were modified.
+    pub fn mark_dirty(&mut self, start: usize, end: usize) {
+        self.dirty = Some(match self.dirty {
+            None => (start, end),
+            Some((s, e)) => (s.min(start), e.max(end)),
+        });
+    }
+}
+
+/// An LRU cache of tables keyed by host offset.
+#[derive(Debug)]
+pub struct TableCache {
+    /// Maximum number of tables kept.
+    capacity: usize,
+    /// The tables.
+    slots: HashMap<u64, Slot>,
+    /// Tick -> key, oldest first.
+    lru: BTreeMap<u64, u64>,
+    /// Monotonic use counter.
+    tick: u64,
+}
+
+impl TableCache {
+    /// An empty cache holding at most `capacity` tables (at least 2).
+    pub fn new(capacity: usize) -> TableCache {
+        TableCache {
+            capacity: capacity.max(2),
+            slots: HashMap::new(),
+            lru: BTreeMap::new(),
+            tick: 0,
+        }
+    }
+
+    /// The table at `key`, marking it recently used.
+    pub fn get(&mut self, key: u64) -> Option<&mut Slot> {
+        let slot = self.slots.get_mut(&key)?;
+        self.lru.remove(&slot.tick);
+        self.tick += 1;
+        slot.tick = self.tick;
+        self.lru.insert(self.tick, key);
+        Some(slot)
+    }
+
+    /// Whether `key` is cached.
+    pub fn contains(&self, key: u64) -> bool {
+        self.slots.contains_key(&key)
+    }
+
+    /// Whether inserting one more table requires an eviction first.
+    pub fn is_full(&self) -> bool {
+        self.slots.len() >= self.capacity
+    }
+
+    /// Remove and return the least recently used table, with its key.
+    pub fn pop_lru(&mut self) -> Option<(u64, Slot)> {
+        let (&tick, &key) = self.lru.iter().next()?;
+        self.lru.remove(&tick);
+        self.slots.remove(&key).map(|s| (key, s))
+    }
+
+    /// Insert a table (the caller has made room). `dirty` marks the whole table modified.
+    pub fn insert(&mut self, key: u64, data: Vec<u8>, dirty: bool) {
+        self.tick += 1;
+        let len = data.len();
+        let slot = Slot {
+            data,
+            dirty: dirty.then_some((0, len)),
+            tick: self.tick,
+        };
+        if let Some(old) = self.slots.insert(key, slot) {
+            self.lru.remove(&old.tick);
+        }
+        self.lru.insert(self.tick, key);
+    }
+
+    /// Keys of all dirty tables, in ascending host order.
+    pub fn dirty_keys(&self) -> Vec<u64> {
+        let mut keys: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.dirty.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// The slot at `key` without touching the LRU order.
+    pub fn peek_mut(&mut self, key: u64) -> Option<&mut Slot> {
+        self.slots.get_mut(&key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn least_recently_used_table_is_evicted_first() {
+        let mut c = TableCache::new(2);
+        c.insert(1, vec![0; 8], false);
+        c.insert(2, vec![0; 8], false);
+        c.get(1);
+        assert_eq!(c.pop_lru().map(|(k, _)| k), Some(2));
+    }
+
+    #[test]
+    fn dirty_range_grows_to_cover_all_marks() {
+        let mut c = TableCache::new(2);
+        c.insert(1, vec![0; 64], false);
+        let s = c.get(1).expect("cached");
+        s.mark_dirty(8, 16);
+        s.mark_dirty(40, 48);
+        assert_eq!(s.dirty, Some((8, 48)));
+    }
+}

@@ -1,0 +1,25 @@
+//! The entry point shared by the fuzz target and the corpus test.
+
+use std::sync::Arc;
+
+use crate::{MemStorage, OpenOptions, Qcow2};
+
+/// Open `bytes` as an image read-only, read a few ranges, query block status and list and load
+/// bitmaps. Any error is fine; a panic, hang or huge allocation is a bug.
+pub fn open_and_read(bytes: &[u8]) {
+    let storage = Arc::new(MemStorage::from_bytes(bytes.to_vec()));
+    let Ok(img) = Qcow2::open(storage, OpenOptions { read_only: true }) else {
+        return;
+    };
+    let size = img.virtual_size();
+    let mut buf = vec![0u8; 4096];
+    for off in [0, size / 2, size.saturating_sub(4096), 65536, 1 << 20] {
+        if off < size {
+            let n = (size - off).min(4096) as usize;
+            let _ = img.read_at(&mut buf[..n], off);
+            let _ = img.block_status(off, 1 << 30);
+        }
+    }
+    let _ = img.bitmaps();
+    let _ = img.load_bitmaps();
+}

@@ -1,0 +1,450 @@
+//! The mutable metadata state of an open image, guarded by one mutex in [`crate::Qcow2`].
+//!
+//! [`Meta`] owns the header, the in-memory L1 table, the L2 table cache, the refcount table and
+//! refcount block cache, the allocator hints, the set of guest clusters being allocated, and the
+//! set of host clusters holding metadata (for overlap checks). Refcount handling lives in
+//! [`crate::refcount`]; this file has table access, write-back ordering and corruption marking.
+//!
+//! Write-back order (so a crash leaks clusters at worst, never loses a reference):
+//! 1. refcount blocks (only increases are ever pending here), then the refcount table;
+//! 2. storage flush; L2 tables; then (after another flush) the L1 table;
+//! 3. storage flush; only now are clusters unmapped by discard/overwrite dereferenced.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::bitmaps::BitmapEntry;
+use crate::cache::TableCache;
+use crate::error::{Error, ErrorKind, Result};
+use crate::header::{Header, INCOMPAT_CORRUPT};
+use crate::mapping::{l1_l2_offset, L2Entry, COPIED};
+use crate::ondisk::{be64_at, decode_u64_table, encode_u64_table, put_be64_at};
+use crate::storage::Storage;
+use crate::types::{Geometry, GuestCluster};
+
+/// Bytes of L2 tables cached at most (covers 256 GiB of disk with 64 KiB clusters).
+const L2_CACHE_BYTES: u64 = 32 << 20;
+/// Bytes of refcount blocks cached at most.
+const REFBLOCK_CACHE_BYTES: u64 = 8 << 20;
+
+/// The metadata state. Every field is guarded by the `Qcow2::meta` mutex.
+pub struct Meta {
+    /// The image file.
+    pub file: Arc<dyn Storage>,
+    /// The parsed header, updated and rewritten as tables move.
+    pub header: Header,
+    /// Cluster geometry (from the header).
+    pub geo: Geometry,
+    /// Whether the image was opened writable.
+    pub writable: bool,
+    /// The active L1 table (raw entries).
+    pub l1: Vec<u64>,
+    /// Range of L1 entries modified since the last write-back.
+    pub l1_dirty: Option<(usize, usize)>,
+    /// Cached L2 tables.
+    pub l2: TableCache,
+    /// The refcount table (raw entries).
+    pub rt: Vec<u64>,
+    /// Range of refcount table entries modified since the last write-back.
+    pub rt_dirty: Option<(usize, usize)>,
+    /// Cached refcount blocks.
+    pub rb: TableCache,
+    /// Lowest host cluster that may be free.
+    pub free_hint: u64,
+    /// First host cluster beyond everything known to be used (allocation high-water mark).
+    pub end_cluster: u64,
+    /// Bytes known to exist in the file (its size at open, grown by our writes).
+    pub file_len: u64,
+    /// Host clusters unmapped from L2 tables whose references are dropped after the next
+    /// durable L2 write-back (one element per reference).
+    pub pending_free: Vec<u64>,
+    /// Guest clusters with an allocating write in flight.
+    pub inflight: HashSet<u64>,
+    /// Host clusters holding metadata (header, L1, L2, refcount structures, bitmap tables).
+    pub meta_clusters: HashSet<u64>,
+    /// Corruption was detected; writes are refused.
+    pub corrupt: bool,
+    /// The bitmap directory as currently in the file.
+    pub bitmaps: Vec<BitmapEntry>,
+}
+
+/// Grow a dirty range to include `[start, end)`.
+pub fn widen(range: &mut Option<(usize, usize)>, start: usize, end: usize) {
+    *range = Some(match *range {
+        None => (start, end),
+        Some((s, e)) => (s.min(start), e.max(end)),
+    });
+}
+
+impl Meta {
+    /// Build the state from a validated header: load L1 and refcount tables and check them.
+    pub fn load(
+        file: Arc<dyn Storage>,
+        header: Header,
+        writable: bool,
+        file_len: u64,
+    ) -> Result<Meta> {
+        let geo = header.geometry();
+        let cs = geo.cluster_size();
+        let r = header.raw;
+        let mut l1_bytes = vec![0u8; r.l1_size as usize * 8];
+        file.read_at(&mut l1_bytes, r.l1_table_offset)
+            .map_err(|e| Error::io(e, "reading the L1 table"))?;
+        let l1 = decode_u64_table(&l1_bytes);
+        let rt_len = r.refcount_table_clusters as u64 * cs;
+        let mut rt_bytes = vec![0u8; rt_len as usize];
+        file.read_at(&mut rt_bytes, r.refcount_table_offset)
+            .map_err(|e| Error::io(e, "reading the refcount table"))?;
+        let rt = decode_u64_table(&rt_bytes);
+        let mut m = Meta {
+            file,
+            header,
+            geo,
+            writable,
+            l1,
+            l1_dirty: None,
+            l2: TableCache::new((L2_CACHE_BYTES / cs) as usize),
+            rt,
+            rt_dirty: None,
+            rb: TableCache::new((REFBLOCK_CACHE_BYTES / cs).max(4) as usize),
+            free_hint: 0,
+            end_cluster: file_len.div_ceil(cs),
+            file_len,
+            pending_free: Vec::new(),
+            inflight: HashSet::new(),
+            meta_clusters: HashSet::new(),
+            corrupt: r.incompatible_features & INCOMPAT_CORRUPT != 0,
+            bitmaps: Vec::new(),
+        };
+        m.index_metadata()?;
+        Ok(m)
+    }
+
+    /// Record the clusters of fixed metadata and validate L1 and refcount table entries.
+    fn index_metadata(&mut self) -> Result<()> {
+        let g = self.geo;
+        let r = self.header.raw;
+        let mut fixed = HashSet::new();
+        fixed.insert(0u64);
+        for c in 0..g.clusters_for(r.l1_size as u64 * 8) {
+            fixed.insert((r.l1_table_offset >> g.cluster_bits) + c);
+        }
+        for c in 0..r.refcount_table_clusters as u64 {
+            fixed.insert((r.refcount_table_offset >> g.cluster_bits) + c);
+        }
+        let limit = self.file_limit();
+        for (i, &e) in self.rt.iter().enumerate() {
+            let off = e & !(g.cluster_size() - 1);
+            if e == 0 {
+                continue;
+            }
+            if e & (g.cluster_size() - 1) != 0 {
+                return Err(invalid_at(
+                    "refcount table",
+                    i,
+                    e,
+                    "reserved bits set / unaligned",
+                ));
+            }
+            if off + g.cluster_size() > limit {
+                return Err(invalid_at(
+                    "refcount table",
+                    i,
+                    e,
+                    "refcount block beyond end of file",
+                ));
+            }
+            if fixed.contains(&(off >> g.cluster_bits)) {
+                return Err(invalid_at(
+                    "refcount table",
+                    i,
+                    e,
+                    "refcount block overlaps header or tables",
+                ));
+            }
+            self.meta_clusters.insert(off >> g.cluster_bits);
+        }
+        for i in 0..self.l1.len() {
+            let e = self.l1[i];
+            let off = l1_l2_offset(e, g).map_err(|b| crate::error::invalid(b.0))?;
+            let Some(off) = off else { continue };
+            if off.0 + g.cluster_size() > limit {
+                return Err(invalid_at("L1 table", i, e, "L2 table beyond end of file"));
+            }
+            let c = off.0 >> g.cluster_bits;
+            if fixed.contains(&c) || self.meta_clusters.contains(&c) {
+                return Err(invalid_at(
+                    "L1 table",
+                    i,
+                    e,
+                    "L2 table overlaps other metadata",
+                ));
+            }
+            self.meta_clusters.insert(c);
+        }
+        self.meta_clusters.extend(fixed);
+        Ok(())
+    }
+
+    /// The end of the file rounded up to a cluster: where valid references must end.
+    pub fn file_limit(&self) -> u64 {
+        self.file_len.div_ceil(self.geo.cluster_size()) * self.geo.cluster_size()
+    }
+
+    /// Write `buf` at `off` in the image file, tracking the file length.
+    pub fn write_raw(&mut self, buf: &[u8], off: u64, what: &str) -> Result<()> {
+        self.file
+            .write_at(buf, off)
+            .map_err(|e| Error::io(e, format!("writing {what}")))?;
+        self.file_len = self.file_len.max(off + buf.len() as u64);
+        Ok(())
+    }
+
+    /// Flush the image file.
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .flush()
+            .map_err(|e| Error::io(e, "flushing the image file"))
+    }
+
+    /// Mark the image corrupt (in memory; and in the header when writable and v3) and return
+    /// the error to report.
+    pub fn corrupt(&mut self, msg: impl Into<String>) -> Error {
+        let msg = msg.into();
+        if self.writable && !self.corrupt {
+            self.corrupt = true;
+            if self.header.raw.version >= 3 {
+                self.header.raw.incompatible_features |= INCOMPAT_CORRUPT;
+                let mut buf = [0u8; 8];
+                buf.copy_from_slice(&self.header.raw.incompatible_features.to_be_bytes());
+                // Best effort: the request fails with the corruption error either way.
+                let _ = self.file.write_at(&buf, 72).and_then(|_| self.file.flush());
+            }
+        }
+        self.corrupt = true;
+        Error::new(ErrorKind::Corrupt, msg)
+    }
+
+    /// Write the whole header (cluster 0) from `self.header` and flush.
+    pub fn write_header(&mut self) -> Result<()> {
+        let bytes = self.header.serialize()?;
+        self.write_raw(&bytes, 0, "the image header")?;
+        self.sync()
+    }
+
+    /// The L2 table offset for L1 index `i` (None when unallocated).
+    pub fn l2_offset(&mut self, i: usize) -> Result<Option<u64>> {
+        let Some(&e) = self.l1.get(i) else {
+            return Ok(None);
+        };
+        match l1_l2_offset(e, self.geo) {
+            Ok(o) => Ok(o.map(|h| h.0)),
+            Err(b) => Err(self.corrupt(b.0)),
+        }
+    }
+
+    /// Make room in the L2 cache, writing back a dirty victim (after refcounts are durable).
+    fn make_l2_room(&mut self) -> Result<()> {
+        while self.l2.is_full() {
+            let Some((key, slot)) = self.l2.pop_lru() else {
+                break;
+            };
+            if let Some((s, e)) = slot.dirty {
+                self.flush_refcounts()?;
+                self.sync()?;
+                if let Err(err) = self.write_raw(&slot.data[s..e], key + s as u64, "an L2 table") {
+                    self.l2.insert(key, slot.data, true);
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ensure the L2 table at `off` is cached.
+    fn load_l2(&mut self, off: u64) -> Result<()> {
+        if self.l2.contains(off) {
+            return Ok(());
+        }
+        self.make_l2_room()?;
+        let mut data = vec![0u8; self.geo.cluster_size() as usize];
+        self.file
+            .read_at(&mut data, off)
+            .map_err(|e| Error::io(e, "reading an L2 table"))?;
+        self.l2.insert(off, data, false);
+        Ok(())
+    }
+
+    /// The raw L2 entry of guest cluster `gc` (0 when its L2 table is unallocated).
+    pub fn l2_raw(&mut self, gc: GuestCluster) -> Result<u64> {
+        let Some(off) = self.l2_offset(self.geo.l1_index(gc))? else {
+            return Ok(0);
+        };
+        self.load_l2(off)?;
+        let idx = self.geo.l2_index(gc);
+        match self.l2.get(off) {
+            Some(slot) => Ok(be64_at(&slot.data, idx)),
+            None => Err(Error::new(
+                ErrorKind::Io,
+                "L2 table vanished from the cache",
+            )),
+        }
+    }
+
+    /// The decoded L2 entry of guest cluster `gc`; a malformed entry marks the image corrupt.
+    pub fn l2_entry(&mut self, gc: GuestCluster) -> Result<L2Entry> {
+        let raw = self.l2_raw(gc)?;
+        let entry = match L2Entry::decode(raw, self.geo) {
+            Ok(e) => e,
+            Err(b) => return Err(self.corrupt(b.0)),
+        };
+        self.check_entry(gc, entry)?;
+        Ok(entry)
+    }
+
+    /// Reject entries that point outside the file or into metadata.
+    fn check_entry(&mut self, gc: GuestCluster, entry: L2Entry) -> Result<()> {
+        let limit = self.file_limit();
+        let (host, len) = match entry {
+            L2Entry::Data { host, .. } => (host, self.geo.cluster_size()),
+            L2Entry::Compressed { host, len } => (host, len),
+            _ => return Ok(()),
+        };
+        let end = host.0.checked_add(len);
+        if end.is_none_or(|e| e > limit) {
+            return Err(self.corrupt(format!(
+                "guest cluster {} maps to host offset {:#x}, beyond the end of the file",
+                gc.0, host.0
+            )));
+        }
+        if matches!(entry, L2Entry::Data { .. })
+            && self
+                .meta_clusters
+                .contains(&(host.0 >> self.geo.cluster_bits))
+        {
+            return Err(self.corrupt(format!(
+                "guest cluster {} maps to host offset {:#x}, which holds metadata",
+                gc.0, host.0
+            )));
+        }
+        Ok(())
+    }
+
+    /// Ensure guest cluster `gc` has an L2 table, allocating one; returns its offset.
+    pub fn ensure_l2(&mut self, gc: GuestCluster) -> Result<u64> {
+        let i = self.geo.l1_index(gc);
+        if i >= self.l1.len() {
+            return Err(Error::new(
+                ErrorKind::OutOfRange,
+                "guest cluster beyond the L1 table",
+            ));
+        }
+        if let Some(off) = self.l2_offset(i)? {
+            return Ok(off);
+        }
+        let c = self.alloc_clusters(1)?;
+        let off = c << self.geo.cluster_bits;
+        self.make_l2_room()?;
+        self.l2
+            .insert(off, vec![0u8; self.geo.cluster_size() as usize], true);
+        self.meta_clusters.insert(c);
+        self.l1[i] = off | COPIED;
+        widen(&mut self.l1_dirty, i, i + 1);
+        Ok(off)
+    }
+
+    /// Set the raw L2 entry of `gc` (its L2 table must exist, see [`Meta::ensure_l2`]).
+    pub fn set_l2_raw(&mut self, gc: GuestCluster, raw: u64) -> Result<()> {
+        let off = self.ensure_l2(gc)?;
+        self.load_l2(off)?;
+        let idx = self.geo.l2_index(gc);
+        let slot = self
+            .l2
+            .get(off)
+            .ok_or_else(|| Error::new(ErrorKind::Io, "L2 table vanished from the cache"))?;
+        put_be64_at(&mut slot.data, idx, raw);
+        slot.mark_dirty(idx * 8, idx * 8 + 8);
+        Ok(())
+    }
+
+    /// Write back dirty refcount blocks, then the refcount table, and flush.
+    pub fn flush_refcounts(&mut self) -> Result<()> {
+        let keys = self.rb.dirty_keys();
+        if keys.is_empty() && self.rt_dirty.is_none() {
+            return Ok(());
+        }
+        for key in keys {
+            self.write_back(key, false)?;
+        }
+        if let Some((s, e)) = self.rt_dirty {
+            self.sync()?;
+            let bytes = encode_u64_table(&self.rt[s..e]);
+            let off = self.header.raw.refcount_table_offset + s as u64 * 8;
+            self.write_raw(&bytes, off, "the refcount table")?;
+            self.rt_dirty = None;
+        }
+        self.sync()
+    }
+
+    /// Write back the dirty part of one cached table (`l2` selects the cache).
+    fn write_back(&mut self, key: u64, l2: bool) -> Result<()> {
+        let cache = if l2 { &mut self.l2 } else { &mut self.rb };
+        let Some(slot) = cache.peek_mut(key) else {
+            return Ok(());
+        };
+        let Some((s, e)) = slot.dirty else {
+            return Ok(());
+        };
+        // Write whole 512-byte sectors.
+        let (s, e) = (s & !511, e.div_ceil(512) * 512);
+        let e = e.min(slot.data.len());
+        let bytes = slot.data[s..e].to_vec();
+        let what = if l2 {
+            "an L2 table"
+        } else {
+            "a refcount block"
+        };
+        self.write_raw(&bytes, key + s as u64, what)?;
+        let cache = if l2 { &mut self.l2 } else { &mut self.rb };
+        if let Some(slot) = cache.peek_mut(key) {
+            slot.dirty = None;
+        }
+        Ok(())
+    }
+
+    /// Write back refcounts, L2 tables and the L1 table, in that order. Afterwards the mappings
+    /// on disk match memory, so the pending frees may be applied (after a storage flush).
+    pub fn flush_mappings(&mut self) -> Result<()> {
+        let keys = self.l2.dirty_keys();
+        if keys.is_empty() && self.l1_dirty.is_none() {
+            return self.flush_refcounts();
+        }
+        self.flush_refcounts()?;
+        // Data written before the L2 entries were set must be durable before they are.
+        self.sync()?;
+        for key in keys {
+            self.write_back(key, true)?;
+        }
+        if let Some((s, e)) = self.l1_dirty {
+            self.sync()?;
+            let bytes = encode_u64_table(&self.l1[s..e]);
+            let off = self.header.raw.l1_table_offset + s as u64 * 8;
+            self.write_raw(&bytes, off, "the L1 table")?;
+            self.l1_dirty = None;
+        }
+        Ok(())
+    }
+
+    /// Drop the references of clusters whose unmapping is now durable.
+    pub fn apply_frees(&mut self, clusters: Vec<u64>) -> Result<()> {
+        for c in clusters {
+            self.decref(c)?;
+        }
+        self.flush_refcounts()
+    }
+}
+
+/// An `InvalidImage` error about table entry `i`.
+fn invalid_at(table: &str, i: usize, raw: u64, why: &str) -> Error {
+    crate::error::invalid(format!("{table} entry {i} ({raw:#018x}): {why}"))
+}

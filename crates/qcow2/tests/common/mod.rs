@@ -1,0 +1,205 @@
+//! Shared helpers for the integration tests: temp dirs, qemu-img/qemu-io, a PRNG, adapters.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use qcow2::{FileStorage, OpenOptions, Qcow2, Storage};
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl TempDir {
+    /// A fresh directory under /tmp.
+    pub fn new(name: &str) -> TempDir {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("qcow2-test-{}-{n}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    /// A path inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Whether qemu-img and qemu-io are installed; prints a note when not.
+pub fn have_qemu() -> bool {
+    let ok = Command::new("qemu-img").arg("--version").output().is_ok()
+        && Command::new("qemu-io").arg("--version").output().is_ok();
+    if !ok {
+        eprintln!("NOTE: qemu-img/qemu-io not found; skipping this test");
+    }
+    ok
+}
+
+/// Run a command, panicking with its output on failure; returns stdout.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd} {:?} failed: {}\nstdout: {}\nstderr: {}",
+            args,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Run a command and return (success, stdout+stderr).
+pub fn run_status(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `qemu-img` with arguments.
+pub fn qemu_img(args: &[&str]) -> String {
+    run("qemu-img", args)
+}
+
+/// `qemu-io -f qcow2 <path> -c <cmd>...`
+pub fn qemu_io(path: &Path, cmds: &[&str]) {
+    let mut args = vec!["-f", "qcow2"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    let p = path.to_str().expect("utf-8 path");
+    args.push(p);
+    run("qemu-io", &args);
+}
+
+/// `qemu-img check` passes with no errors and no leaks.
+pub fn assert_check_clean(path: &Path) {
+    let p = path.to_str().expect("path");
+    let (ok, text) = run_status("qemu-img", &["check", "-f", "qcow2", p]);
+    assert!(ok, "qemu-img check failed:\n{text}");
+    assert!(
+        text.contains("No errors were found"),
+        "qemu-img check output:\n{text}"
+    );
+    assert!(
+        !text.contains("leaked"),
+        "qemu-img check found leaks:\n{text}"
+    );
+}
+
+/// Convert an image to raw with qemu-img and return its bytes.
+pub fn to_raw(dir: &TempDir, path: &Path) -> Vec<u8> {
+    let out = dir.path("converted.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        path.to_str().expect("p"),
+        out.to_str().expect("p"),
+    ]);
+    std::fs::read(&out).expect("read raw")
+}
+
+/// Open an image file with our driver.
+pub fn open(path: &Path, writable: bool) -> Qcow2 {
+    let st = FileStorage::open(path, writable).expect("open file");
+    Qcow2::open(
+        Arc::new(st),
+        OpenOptions {
+            read_only: !writable,
+        },
+    )
+    .expect("open image")
+}
+
+/// Read the whole virtual disk with our driver, in `chunk`-sized requests.
+pub fn read_all(img: &Qcow2, chunk: usize) -> Vec<u8> {
+    let size = img.virtual_size() as usize;
+    let mut out = vec![0u8; size];
+    let mut off = 0;
+    while off < size {
+        let n = chunk.min(size - off);
+        img.read_at(&mut out[off..off + n], off as u64)
+            .expect("read");
+        off += n;
+    }
+    out
+}
+
+/// Compare two byte vectors, reporting the first difference.
+pub fn assert_same(ours: &[u8], theirs: &[u8], what: &str) {
+    assert_eq!(ours.len(), theirs.len(), "{what}: length differs");
+    if let Some(i) = ours.iter().zip(theirs).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: first difference at byte {i:#x}: ours {:#04x}, qemu {:#04x}",
+            ours[i], theirs[i]
+        );
+    }
+}
+
+/// A small deterministic PRNG (xorshift64*).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Next value.
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Presents an open image as a `Storage` (guest view), to serve as a backing image.
+pub struct ImageStorage(pub Arc<Qcow2>);
+
+fn to_io(e: qcow2::Error) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl Storage for ImageStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset).map_err(to_io)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset).map_err(to_io)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.0.virtual_size())
+    }
+    fn truncate(&self, _size: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("not supported"))
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush().map_err(to_io)
+    }
+}

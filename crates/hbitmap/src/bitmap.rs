@@ -125,9 +125,24 @@ impl HBitmap {
     /// `len == 0` does nothing. Allocates only when a chunk (2^18 granules) is first dirtied.
     #[inline]
     pub fn set(&mut self, offset: u64, len: u64) {
-        if let Some((g0, g1)) = self.granule_span(offset, len) {
-            self.set_granules(g0, g1);
+        let Some((g0, g1)) = self.granule_span(offset, len) else {
+            return;
+        };
+        // Fast path: the range lies in one chunk that is already allocated.
+        let c = self.chunk_of(g0);
+        let (lo, hi) = (self.local(g0), self.local(g1 - 1) + 1);
+        if c == self.chunk_of(g1 - 1) {
+            if let Some(ch) = &mut self.chunks[c] {
+                let before = ch.dirty();
+                ch.set_range(lo, hi);
+                self.dirty += ch.dirty() - before;
+                if !ch.has_clean() {
+                    self.any_clean.assign(c, false);
+                }
+                return;
+            }
         }
+        self.set_granules(g0, g1);
     }
 
     /// Marks clean every granule intersecting `offset..offset + len`, clipped to the disk.
@@ -143,7 +158,7 @@ impl HBitmap {
         for c in 0..self.chunks.len() {
             let granules = self.chunk_granules(c);
             let slot = &mut self.chunks[c];
-            if !slot.as_ref().is_some_and(|ch| !ch.has_clean()) {
+            if slot.as_ref().is_none_or(|ch| ch.has_clean()) {
                 *slot = Some(Box::new(Chunk::full(granules)));
             }
         }
@@ -473,14 +488,11 @@ impl HBitmap {
         self.any_clean.check();
         let mut dirty = 0;
         for (c, slot) in self.chunks.iter().enumerate() {
-            match slot {
-                Some(ch) => {
-                    ch.check();
-                    assert!(ch.has_dirty(), "clean chunk {c} kept allocated");
-                    assert_eq!(ch.granules(), self.chunk_granules(c), "chunk {c} length");
-                    dirty += ch.dirty();
-                }
-                None => {}
+            if let Some(ch) = slot {
+                ch.check();
+                assert!(ch.has_dirty(), "clean chunk {c} kept allocated");
+                assert_eq!(ch.granules(), self.chunk_granules(c), "chunk {c} length");
+                dirty += ch.dirty();
             }
             let (d, cl) = slot
                 .as_ref()

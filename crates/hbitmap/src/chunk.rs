@@ -167,19 +167,42 @@ impl Chunk {
         }
     }
 
+    /// Sets the bits `mask` (inside `full_mask(j)`) of word `j`: the marking hot path.
+    #[inline]
+    fn or_word(&mut self, j: usize, mask: u64) {
+        let old = self.words[j];
+        let new = old | mask;
+        if new == old {
+            return;
+        }
+        debug_assert_eq!(new & !self.full_mask(j), 0);
+        self.words[j] = new;
+        self.dirty += (new ^ old).count_ones();
+        let (k, bit) = (j / WORD_BITS, 1u64 << (j % WORD_BITS));
+        if old == 0 {
+            self.nz[k] |= bit;
+            self.nz_top |= 1 << k;
+        }
+        if new == self.full_mask(j) {
+            self.nf[k] &= !bit;
+            if self.nf[k] == 0 {
+                self.nf_top &= !(1 << k);
+            }
+        }
+    }
+
     /// Marks local granules `lo..hi` dirty (`lo < hi <= granules()`).
     #[inline]
     pub(crate) fn set_range(&mut self, lo: usize, hi: usize) {
         let (first, last) = (lo / WORD_BITS, (hi - 1) / WORD_BITS);
         if first == last {
             let mask = mask_incl(lo % WORD_BITS, (hi - 1) % WORD_BITS);
-            self.store(first, self.words[first] | mask);
+            self.or_word(first, mask);
             return;
         }
-        self.store(first, self.words[first] | mask_from(lo % WORD_BITS));
+        self.or_word(first, mask_from(lo % WORD_BITS));
         self.fill_words(first + 1, last, true);
-        let mask = mask_incl(0, (hi - 1) % WORD_BITS);
-        self.store(last, self.words[last] | mask);
+        self.or_word(last, mask_incl(0, (hi - 1) % WORD_BITS));
     }
 
     /// Marks local granules `lo..hi` clean (`lo < hi <= granules()`).

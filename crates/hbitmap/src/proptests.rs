@@ -154,7 +154,7 @@ fn pick_offset(s: Shape, a: u64, b: u64) -> u64 {
 /// A length: usually a few granules or words, sometimes most of the disk or "to infinity".
 fn pick_len(s: Shape, c: u64, d: u64) -> u64 {
     let granules = s.size.div_ceil(s.gran);
-    let sub = if d % 3 == 0 { 0 } else { d % s.gran };
+    let sub = if d.is_multiple_of(3) { 0 } else { d % s.gran };
     match c % 10 {
         0 => u64::MAX,
         1..=2 => (c / 10 % (granules + 2)) * s.gran + sub,
@@ -216,8 +216,11 @@ fn populated() -> impl Strategy<Value = (Shape, Vec<Op>)> {
     shape().prop_flat_map(|s| (Just(s), ops(s)))
 }
 
-/// A populated bitmap plus `n` probe offsets / ends.
-fn probed(n: usize) -> impl Strategy<Value = (Shape, Vec<Op>, Vec<(u64, u64, u64, u64)>)> {
+/// Raw material for one probe: an offset, an end and a length are picked from it.
+type Probe = (u64, u64, u64, u64);
+
+/// A populated bitmap plus `n` probes.
+fn probed(n: usize) -> impl Strategy<Value = (Shape, Vec<Op>, Vec<Probe>)> {
     populated().prop_flat_map(move |(s, o)| {
         let probe = (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>());
         (Just(s), Just(o), prop::collection::vec(probe, 1..=n))
@@ -225,7 +228,7 @@ fn probed(n: usize) -> impl Strategy<Value = (Shape, Vec<Op>, Vec<(u64, u64, u64
 }
 
 /// `(offset, end)` of a probe.
-fn probe_bounds(s: Shape, p: (u64, u64, u64, u64)) -> (u64, u64) {
+fn probe_bounds(s: Shape, p: Probe) -> (u64, u64) {
     let off = pick_offset(s, p.0, p.1);
     let end = match p.2 % 4 {
         0 => u64::MAX,

@@ -377,10 +377,17 @@ fn execute(
     let flush_if = |fua: bool| if fua { backend.flush() } else { Ok(()) };
     match cmd.command {
         proto::CMD_READ => return read(backend, to, cmd, fua),
-        proto::CMD_WRITE => match backend.write(cmd.offset, &data, fua) {
-            Ok(()) => to.put_ok(&mut head),
-            Err(e) => fail(&mut head, "writing to file", e),
-        },
+        proto::CMD_WRITE => {
+            let res = if data.is_empty() {
+                flush_if(fua)
+            } else {
+                backend.write(cmd.offset, &data, fua)
+            };
+            match res {
+                Ok(()) => to.put_ok(&mut head),
+                Err(e) => fail(&mut head, "writing to file", e),
+            }
+        }
         proto::CMD_WRITE_ZEROES => {
             let may_unmap = cmd.flags & proto::CMD_FLAG_NO_HOLE == 0;
             let fast_only = cmd.flags & proto::CMD_FLAG_FAST_ZERO != 0;

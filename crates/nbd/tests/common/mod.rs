@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use nbd::proto::{self, HeaderMode, RequestHeader};
@@ -43,6 +43,10 @@ pub struct MemBackend {
     running: AtomicUsize,
     pub max_running: AtomicUsize,
     pub flushes: AtomicUsize,
+    /// While true, writes wait (counted in `waiting`).
+    hold: Mutex<bool>,
+    released: Condvar,
+    waiting: AtomicUsize,
 }
 
 struct Running<'a>(&'a MemBackend);
@@ -76,6 +80,9 @@ impl MemBackend {
             running: AtomicUsize::new(0),
             max_running: AtomicUsize::new(0),
             flushes: AtomicUsize::new(0),
+            hold: Mutex::new(false),
+            released: Condvar::new(),
+            waiting: AtomicUsize::new(0),
         }
     }
 
@@ -83,6 +90,17 @@ impl MemBackend {
     pub fn fill(&self, offset: u64, data: &[u8]) {
         let mut st = self.state.lock().unwrap();
         Self::store(&mut st, offset, data);
+    }
+
+    /// Make writes wait (true) or release them (false).
+    pub fn hold_writes(&self, hold: bool) {
+        *self.hold.lock().unwrap() = hold;
+        self.released.notify_all();
+    }
+
+    /// Writes currently waiting on the hold.
+    pub fn waiting_writes(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
     }
 
     /// A copy of the whole disk.
@@ -112,8 +130,7 @@ impl MemBackend {
         }
     }
 
-    /// Deallocate whole clusters inside the range (zeroing them); returns whether the range
-    /// was exactly covered by whole clusters.
+    /// Deallocate (and zero) the whole clusters inside the range; mark the range dirty.
     fn punch(st: &mut MemState, offset: u64, len: u64) {
         let first = offset.div_ceil(CLUSTER);
         let end = (offset + len) / CLUSTER;
@@ -164,6 +181,16 @@ impl ExportBackend for MemBackend {
         let _r = Running::enter(self);
         if self.slow_writes {
             std::thread::sleep(self.delay);
+        }
+        {
+            let mut held = self.hold.lock().unwrap();
+            if *held {
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                while *held {
+                    held = self.released.wait(held).unwrap();
+                }
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+            }
         }
         let mut st = self.state.lock().unwrap();
         Self::store(&mut st, offset, data);

@@ -34,18 +34,20 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::BadGranularity(g) => write!(
-                f,
-                "Granularity must be power of 2 and at least 512 (got {g}, at most 2^31)"
-            ),
+            // QEMU's wording, so the QMP layer can pass it through unchanged.
+            Error::BadGranularity(_) => {
+                write!(f, "Granularity must be power of 2 and at least 512")
+            }
             Error::TooLarge { size, granularity } => write!(
                 f,
                 "dirty bitmap too large: {size} bytes at granularity {granularity} exceeds {} bits",
                 crate::MAX_GRANULES
             ),
+            // QEMU's wording (observed on qemu-storage-daemon 10.0.2).
             Error::SizeMismatch { target, source } => write!(
                 f,
-                "cannot merge a bitmap over {source} bytes into one over {target} bytes"
+                "Bitmaps are of different sizes (destination size is {target}, \
+                 source size is {source}) and can't be merged"
             ),
             Error::ShortBuffer { needed, got } => {
                 write!(f, "bitmap data too short: need {needed} bytes, got {got}")

@@ -98,6 +98,7 @@ fn option_name(option: u32) -> &'static str {
         proto::OPT_EXPORT_NAME => "export name",
         proto::OPT_ABORT => "abort",
         proto::OPT_LIST => "list",
+        4 => "peek export",
         proto::OPT_STARTTLS => "starttls",
         proto::OPT_INFO => "info",
         proto::OPT_GO => "go",
@@ -190,7 +191,10 @@ fn parse_option(option: u32, data: &[u8]) -> Result<Opt<'_>, Refusal> {
                 queries,
             })
         }
-        _ => Err((proto::REP_ERR_UNSUP, format!("Unsupported option {option}"))),
+        _ => Err((
+            proto::REP_ERR_UNSUP,
+            format!("Unsupported option {option} ({})", option_name(option)),
+        )),
     }
 }
 
@@ -269,7 +273,11 @@ where
             } else {
                 (
                     proto::REP_ERR_UNSUP,
-                    format!("Unsupported option {}", hdr.option),
+                    format!(
+                        "Unsupported option {} ({})",
+                        hdr.option,
+                        option_name(hdr.option)
+                    ),
                 )
             };
             send(w, hdr.option, &[(reply, msg.into_bytes())]).await?;

@@ -262,6 +262,21 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
+/// The command names QEMU uses in its error messages.
+fn command_name(command: u16) -> &'static str {
+    match command {
+        proto::CMD_READ => "read",
+        proto::CMD_WRITE => "write",
+        proto::CMD_DISC => "disconnect",
+        proto::CMD_FLUSH => "flush",
+        proto::CMD_TRIM => "trim",
+        proto::CMD_CACHE => "cache",
+        proto::CMD_WRITE_ZEROES => "write zeroes",
+        proto::CMD_BLOCK_STATUS => "block status",
+        _ => "<unknown>",
+    }
+}
+
 fn too_long(len: u64) -> String {
     format!(
         "len ({len}) is larger than max len ({})",
@@ -341,7 +356,8 @@ fn validate(s: &Session, req: &RequestHeader, payload: u64) -> Result<Cmd, (u32,
             proto::EINVAL,
             format!(
                 "unsupported flags for command {} (got {:#x})",
-                req.command, req.flags
+                command_name(req.command),
+                req.flags
             ),
         ));
     }

@@ -38,11 +38,16 @@ def make_daemon(make_daemon):
 SIZE = 16 << 20
 BUSY = "Bitmap '{}' is currently in use by another operation and cannot be used"
 
-#: Runs on QSD always; on blockd only once it has backup jobs (IOTESTS_BACKUP=1).
-needs_backup = pytest.mark.skipif(
+_backup_skip = pytest.mark.skipif(
     not iotests.is_qsd() and os.environ.get("IOTESTS_BACKUP") != "1",
     reason="needs blockdev-backup (set IOTESTS_BACKUP=1 once blockd has backup jobs)",
 )
+
+
+def needs_backup(fn):
+    """Marks a test ``needs_backup`` (select with ``-m``) and skips it on
+    blockd unless IOTESTS_BACKUP=1; it always runs on QSD."""
+    return _backup_skip(pytest.mark.needs_backup(fn))
 
 
 def granules(writes, gran):

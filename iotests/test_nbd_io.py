@@ -29,7 +29,6 @@ from data_nbd import (
     nbdinfo_map,
     qcow2_node_args,
     qemu_io_uri,
-    run,
     start_unix_server,
     uri,
 )

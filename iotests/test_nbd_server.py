@@ -6,8 +6,6 @@ Every expected error text below was observed on qemu-storage-daemon 10.0.2.
 from __future__ import annotations
 
 import socket
-import subprocess
-import time
 
 import pytest
 

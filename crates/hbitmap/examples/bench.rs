@@ -225,6 +225,32 @@ fn bench_granularity(gran: u64, rows: &mut Vec<Row>) {
         gib_per_s(DISK, took),
     ));
 
+    // Persistence paths: whole-bitmap serialisation, loading, and QEMU's debug hash.
+    let t = Instant::now();
+    let bytes = sparse.to_bytes();
+    let took = t.elapsed();
+    rows.push(row(
+        "to_bytes: sparse 0.1 %",
+        1,
+        took,
+        format!("{} out", mib(bytes.len())),
+    ));
+    let mut loaded = new_bitmap(gran);
+    let t = Instant::now();
+    loaded.deserialize_part(0, &bytes);
+    let took = t.elapsed();
+    rows.push(row(
+        "deserialize_part: sparse 0.1 %",
+        1,
+        took,
+        format!("{} in", mib(bytes.len())),
+    ));
+    drop((bytes, loaded));
+    let t = Instant::now();
+    black_box(sparse.qemu_sha256());
+    let took = t.elapsed();
+    rows.push(row("qemu_sha256: sparse 0.1 %", 1, took, ""));
+
     // Iteration over a dense bitmap (50 %, coin flip per granule). At 512 B only the first
     // 64 GiB are filled and walked to keep the run short.
     let dense_bytes = if gran < 4 * KIB { 64 * GIB } else { DISK };

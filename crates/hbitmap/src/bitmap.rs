@@ -148,9 +148,26 @@ impl HBitmap {
     /// Marks clean every granule intersecting `offset..offset + len`, clipped to the disk.
     /// Chunks that become clean are freed.
     pub fn reset(&mut self, offset: u64, len: u64) {
-        if let Some((g0, g1)) = self.granule_span(offset, len) {
-            self.reset_granules(g0, g1);
+        let Some((g0, g1)) = self.granule_span(offset, len) else {
+            return;
+        };
+        // Fast path: the range lies in one allocated chunk and does not cover all of it.
+        let c = self.chunk_of(g0);
+        let (lo, hi) = (self.local(g0), self.local(g1 - 1) + 1);
+        if c == self.chunk_of(g1 - 1) && (lo, hi) != (0, self.chunk_granules(c)) {
+            if let Some(ch) = &mut self.chunks[c] {
+                let before = ch.dirty();
+                ch.clear_range(lo, hi);
+                self.dirty = self.dirty - before + ch.dirty();
+                if ch.has_dirty() {
+                    self.any_clean.assign(c, true);
+                } else {
+                    self.sync(c);
+                }
+            }
+            return;
         }
+        self.reset_granules(g0, g1);
     }
 
     /// Marks every granule dirty (allocates the whole leaf).

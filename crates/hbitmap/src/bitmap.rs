@@ -28,7 +28,7 @@ const DEFAULT_CHUNK_SHIFT: u32 = (MAX_CHUNK_WORDS * WORD_BITS).trailing_zeros();
 /// Layout in memory: the leaf bits live in chunks of 2^18 granules (32 KiB), allocated
 /// on first dirtying and freed when they become clean again, so clean areas cost one
 /// pointer per chunk. Each chunk carries two-level "has dirty" / "has clean" summaries
-/// of its words, and two dense multi-level [`Summary`]s over the chunks let searches skip
+/// of its words, and two dense multi-level summaries over the chunks let searches skip
 /// clean (or, for clean searches, fully dirty) regions in a few word reads.
 #[derive(Clone)]
 pub struct HBitmap {

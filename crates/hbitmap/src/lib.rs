@@ -36,6 +36,8 @@
 //! A fully dirty bitmap costs ~1 bit per granule plus ~3 %: 64 GiB at 64 KiB ≈ 130 KiB,
 //! 64 TiB at 64 KiB ≈ 130 MiB.
 
+#![warn(missing_docs)]
+
 mod bitmap;
 mod bits;
 mod chunk;

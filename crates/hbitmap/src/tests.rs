@@ -488,3 +488,10 @@ fn sha256_of_empty_bitmap_matches_qsd() {
         "38723a2e5e8a17aa7950dc008209944e898f69a7bd10a23c839d341e935fd5ca"
     );
 }
+
+#[test]
+fn bitmap_and_error_can_cross_threads() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<HBitmap>();
+    assert_send_sync::<Error>();
+}

@@ -559,3 +559,102 @@ pub(crate) async fn drain<R: AsyncRead + Unpin>(r: &mut R, len: u64) -> io::Resu
 fn protocol(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn info_data(name: &[u8], infos: &[u16]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name);
+        d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+        for i in infos {
+            d.extend_from_slice(&i.to_be_bytes());
+        }
+        d
+    }
+
+    #[test]
+    fn go_data_parses_name_and_requested_infos() {
+        let data = info_data(b"disk", &[proto::INFO_BLOCK_SIZE, 77]);
+        match parse_option(proto::OPT_GO, &data) {
+            Ok(Opt::Info {
+                go,
+                name,
+                want_name,
+                want_block_size,
+            }) => {
+                assert!(go && want_block_size && !want_name);
+                assert_eq!(name, b"disk");
+            }
+            _ => panic!("GO data not parsed"),
+        }
+    }
+
+    #[test]
+    fn go_data_with_trailing_bytes_is_invalid() {
+        let mut data = info_data(b"disk", &[]);
+        data.push(0);
+        assert!(matches!(
+            parse_option(proto::OPT_GO, &data),
+            Err((proto::REP_ERR_INVALID, _))
+        ));
+    }
+
+    #[test]
+    fn meta_query_count_beyond_the_data_is_invalid() {
+        let mut data = 4u32.to_be_bytes().to_vec();
+        data.extend_from_slice(b"disk");
+        data.extend_from_slice(&u32::MAX.to_be_bytes());
+        let res = parse_option(proto::OPT_LIST_META_CONTEXT, &data);
+        assert!(matches!(res, Err((proto::REP_ERR_INVALID, _))));
+    }
+
+    #[test]
+    fn over_long_name_is_invalid_not_truncated() {
+        let data = info_data(&[b'a'; 5000], &[]);
+        match parse_option(proto::OPT_INFO, &data) {
+            Err((reply, msg)) => {
+                assert_eq!(reply, proto::REP_ERR_INVALID);
+                assert_eq!(msg, "Invalid name length: 5000");
+            }
+            Ok(_) => panic!("accepted a 5000-byte name"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_option_data_parses_or_is_refused_without_panic(
+            option in 0u32..16,
+            data in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let _ = parse_option(option, &data);
+        }
+
+        #[test]
+        fn well_formed_meta_data_round_trips(
+            name in "[a-z]{0,12}",
+            queries in proptest::collection::vec("[a-z:]{0,20}", 0..6),
+        ) {
+            let mut d = (name.len() as u32).to_be_bytes().to_vec();
+            d.extend_from_slice(name.as_bytes());
+            d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+            for q in &queries {
+                d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+                d.extend_from_slice(q.as_bytes());
+            }
+            match parse_option(proto::OPT_SET_META_CONTEXT, &d) {
+                Ok(Opt::MetaContext { mode, name: n, queries: qs }) => {
+                    prop_assert_eq!(mode, QueryMode::Set);
+                    prop_assert_eq!(n, name.as_bytes());
+                    let want: Vec<&[u8]> = queries.iter().map(|q| q.as_bytes()).collect();
+                    prop_assert_eq!(qs, want);
+                }
+                _ => prop_assert!(false, "not parsed"),
+            }
+        }
+    }
+}

@@ -581,6 +581,36 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn normalized_extents_obey_the_wire_rules(
+            raw in proptest::collection::vec((0u64..1 << 34, 0u32..4), 0..40),
+            len in 1u64..1 << 36,
+            max in 1usize..8,
+        ) {
+            let covered_by_backend: u64 = raw.iter().map(|e| e.0).sum();
+            let out = normalize_extents(raw, len, max);
+            let total: u64 = out.iter().map(|e| e.0).sum();
+            prop_assert!(out.len() <= max);
+            prop_assert!(total <= len);
+            prop_assert!(out.iter().all(|e| e.0 > 0));
+            prop_assert!(out.windows(2).all(|w| w[0].1 != w[1].1));
+            prop_assert_eq!(out.is_empty(), covered_by_backend == 0);
+        }
+
+        #[test]
+        fn any_request_header_decodes_or_is_refused_without_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 32),
+            extended in any::<bool>(),
+        ) {
+            let mode = if extended { HeaderMode::Extended } else { HeaderMode::Structured };
+            let _ = proto::decode_request(mode, &bytes[..mode.request_len()]);
+        }
+    }
 
     #[test]
     fn normalize_merges_equal_neighbours() {

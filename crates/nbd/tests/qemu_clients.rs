@@ -303,3 +303,35 @@ async fn qemu_img_compare_finds_a_difference() {
     );
     t.server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_io_works_over_tcp() {
+    let t = TestServer::start(SIZE).await;
+    let addrs = t.server.listen_tcp("127.0.0.1", "0").await.unwrap();
+    let url = format!("nbd://127.0.0.1:{}/disk", addrs[0].port());
+
+    let r = run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &url,
+            "-c",
+            "write -P 0x33 1m 64k",
+            "-c",
+            "read -P 0x33 1m 64k",
+        ],
+    )
+    .await;
+
+    assert!(
+        r.ok && r.stdout.contains("read 65536/65536"),
+        "{} {}",
+        r.stdout,
+        r.stderr
+    );
+    assert!(t.backend.contents()[1 << 20..(1 << 20) + 65536]
+        .iter()
+        .all(|&b| b == 0x33));
+    t.server.stop().await;
+}

@@ -954,3 +954,28 @@ async fn random_handshakes_and_requests_never_disturb_a_good_client() {
         2
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removal_is_notified_only_after_running_backend_calls_finish() {
+    let t = TestServer::start(SIZE).await;
+    t.backend.hold_writes(true);
+    let mut c = RawClient::open(&t.sock, "disk").await;
+    c.send_request(proto::CMD_WRITE, 0, 1, 0, 512, &[3; 512])
+        .await;
+    for _ in 0..100 {
+        if t.backend.waiting_writes() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(t.backend.waiting_writes(), 1);
+
+    let mut gone = t.server.remove_export("disk", true).unwrap();
+    assert!(c.closed_within(SHORT).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let early = gone.try_recv().is_ok();
+    t.backend.hold_writes(false);
+
+    assert!(!early, "removal notified while a write was still running");
+    tokio::time::timeout(SHORT, gone).await.unwrap().unwrap();
+}

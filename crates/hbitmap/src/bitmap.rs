@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::bits::WORD_BITS;
+use crate::bits::{mask_incl, WORD_BITS};
 use crate::chunk::{Chunk, MAX_CHUNK_WORDS};
 use crate::summary::Summary;
 use crate::Error;
@@ -480,22 +480,48 @@ impl HBitmap {
         }
     }
 
-    /// Replaces the bits `mask` of leaf word `j` (`j < ceil(granules / 64)`, `mask`
-    /// inside the valid bits) with those of `value`.
-    pub(crate) fn write_word(&mut self, j: u64, mask: u64, value: u64) {
-        let c = (j >> self.chunk_word_shift()) as usize;
-        let local = (j & ((1 << self.chunk_word_shift()) - 1)) as usize;
-        let value = value & mask;
-        let granules = self.chunk_granules(c);
-        let slot = &mut self.chunks[c];
-        if slot.is_none() && value == 0 {
-            return;
+    /// The allocated chunk `c`, if any (`None` also past the end).
+    #[inline]
+    pub(crate) fn chunk(&self, c: u64) -> Option<&Chunk> {
+        usize::try_from(c)
+            .ok()
+            .and_then(|c| self.chunks.get(c))?
+            .as_deref()
+    }
+
+    /// Overwrites granules `g0..g1` (`g1 <= granules`) with bits from `bits(g, n)`, which
+    /// returns the `n` (1..=64) bits for granules `g..g + n`, lowest bit first. Chunks
+    /// are only allocated for non-zero bits, and re-synced once each.
+    pub(crate) fn write_granules(
+        &mut self,
+        g0: u64,
+        g1: u64,
+        mut bits: impl FnMut(u64, usize) -> u64,
+    ) {
+        let mut g = g0;
+        while g < g1 {
+            let c = self.chunk_of(g);
+            let base = self.chunk_base(c);
+            let granules = self.chunk_granules(c);
+            let stop = g1.min(base + granules as u64);
+            let slot = &mut self.chunks[c];
+            let before = slot.as_ref().map_or(0, |ch| ch.dirty());
+            while g < stop {
+                let local = (g - base) as usize;
+                let (j, lo) = (local / WORD_BITS, local % WORD_BITS);
+                let n = ((stop - g) as usize).min(WORD_BITS - lo);
+                let mask = mask_incl(lo, lo + n - 1);
+                let value = (bits(g, n) << lo) & mask;
+                if value != 0 || slot.is_some() {
+                    let ch = slot.get_or_insert_with(|| Box::new(Chunk::clean(granules)));
+                    ch.store(j, (ch.word(j) & !mask) | value);
+                }
+                g += n as u64;
+            }
+            let after = slot.as_ref().map_or(0, |ch| ch.dirty());
+            self.dirty = self.dirty - before + after;
+            self.sync(c);
         }
-        let ch = slot.get_or_insert_with(|| Box::new(Chunk::clean(granules)));
-        let before = ch.dirty();
-        ch.store(local, (ch.word(local) & !mask) | value);
-        self.dirty = self.dirty - before + ch.dirty();
-        self.sync(c);
     }
 
     /// Checks every internal invariant (tests only).

@@ -68,7 +68,17 @@ pub(crate) fn lowest(word: u64) -> usize {
 
 /// Reads `n` (1..=64) bits of a little-endian bit stream starting at bit `pos`.
 /// Bytes past the end of `buf` read as zero.
+#[inline]
 pub(crate) fn read_stream_bits(buf: &[u8], pos: u64, n: usize) -> u64 {
+    if pos.is_multiple_of(8) && n == WORD_BITS {
+        // Whole aligned word: the common case when loading a bitmap.
+        let at = usize::try_from(pos / 8).unwrap_or(usize::MAX);
+        if let Some(bytes) = buf.get(at..at.saturating_add(8)) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(bytes);
+            return u64::from_le_bytes(word);
+        }
+    }
     let first = usize::try_from(pos / 8).unwrap_or(usize::MAX);
     let shift = (pos % 8) as u32;
     let mut raw = [0u8; 16];

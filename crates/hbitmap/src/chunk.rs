@@ -115,6 +115,12 @@ impl Chunk {
         self.words.get(j).copied().unwrap_or(0)
     }
 
+    /// All leaf words.
+    #[inline]
+    pub(crate) fn words(&self) -> &[u64] {
+        &self.words
+    }
+
     /// Whether local granule `l` is dirty.
     #[inline]
     pub(crate) fn get(&self, l: usize) -> bool {

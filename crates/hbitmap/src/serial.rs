@@ -4,7 +4,7 @@
 //! the leaf words written out little-endian, so QEMU's level-0 array and the qcow2 bitmap
 //! data are both slices of the same byte stream.
 
-use crate::bits::{low_bits, mask_incl, read_stream_bits, WORD_BITS};
+use crate::bits::{low_bits, read_stream_bits, WORD_BITS};
 use crate::sha256::Sha256;
 use crate::{Error, HBitmap};
 
@@ -18,12 +18,40 @@ impl HBitmap {
     /// `buf`; bits past the last granule are 0. `start_granule` should be a multiple of 8
     /// (any value works, each byte then starts at an unaligned granule).
     pub fn serialize_part(&self, start_granule: u64, buf: &mut [u8]) {
+        if start_granule.is_multiple_of(WORD_BITS as u64) {
+            self.serialize_words(start_granule / WORD_BITS as u64, buf);
+            return;
+        }
         for (i, out) in buf.chunks_mut(8).enumerate() {
             let bits = (i as u64)
                 .checked_mul(WORD_BITS as u64)
                 .and_then(|d| start_granule.checked_add(d))
                 .map_or(0, |g| self.bits_at(g));
             out.copy_from_slice(&bits.to_le_bytes()[..out.len()]);
+        }
+    }
+
+    /// [`Self::serialize_part`] from leaf word `j` on: copies whole chunks of words and
+    /// zero-fills absent ones.
+    fn serialize_words(&self, mut j: u64, mut out: &mut [u8]) {
+        let shift = self.chunk_word_shift();
+        while !out.is_empty() {
+            let local = (j & ((1 << shift) - 1)) as usize;
+            let span = (1usize << shift) - local;
+            let (head, rest) = out.split_at_mut(out.len().min(span * 8));
+            match self.chunk(j >> shift) {
+                Some(ch) => {
+                    let words = ch.words().get(local..).unwrap_or(&[]);
+                    let mut pieces = head.chunks_mut(8);
+                    for (word, piece) in words.iter().zip(&mut pieces) {
+                        piece.copy_from_slice(&word.to_le_bytes()[..piece.len()]);
+                    }
+                    pieces.for_each(|piece| piece.fill(0));
+                }
+                None => head.fill(0),
+            }
+            out = rest;
+            j = j.saturating_add(span as u64);
         }
     }
 
@@ -35,15 +63,10 @@ impl HBitmap {
         let end = start_granule
             .saturating_add(stream_bits)
             .min(self.granules());
-        let mut g = start_granule;
-        while g < end {
-            let j = g / WORD_BITS as u64;
-            let word_start = j * WORD_BITS as u64;
-            let stop = end.min(word_start + WORD_BITS as u64);
-            let (lo, n) = ((g - word_start) as usize, (stop - g) as usize);
-            let value = read_stream_bits(buf, g - start_granule, n) << lo;
-            self.write_word(j, mask_incl(lo, lo + n - 1), value);
-            g = stop;
+        if start_granule < end {
+            self.write_granules(start_granule, end, |g, n| {
+                read_stream_bits(buf, g - start_granule, n)
+            });
         }
     }
 

@@ -311,6 +311,19 @@ fn serialize_part_past_the_end_writes_zeros() {
 }
 
 #[test]
+fn aligned_serialize_part_past_the_end_writes_zeros() {
+    let mut b = bitmap(70 * 4096, 4096);
+    b.set_all();
+    let mut buf = [0xaa; 24];
+    b.serialize_part(0, &mut buf);
+    assert_eq!(
+        &buf[..9],
+        &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0b11_1111]
+    );
+    assert_eq!(&buf[9..], &[0; 15]);
+}
+
+#[test]
 fn deserialize_part_ignores_bits_past_the_end() {
     let mut b = bitmap(10 * 4096, 4096);
     b.deserialize_part(8, &[0xff, 0xff]);

@@ -27,6 +27,8 @@
 //! * [`server`] — [`NbdServer`]: listeners, connection limit, handshake timeout, stop.
 //! * [`error`] — [`Error`] / [`ErrorKind`].
 
+#![deny(missing_docs)]
+
 pub mod backend;
 pub mod error;
 mod handshake;

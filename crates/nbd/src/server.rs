@@ -42,6 +42,9 @@ impl Default for ServerOptions {
 }
 
 /// An NBD server: any number of listeners sharing one export table. Cheap to clone.
+///
+/// Listener and connection tasks keep the server alive: dropping every handle does not stop
+/// it; call [`stop`](Self::stop).
 #[derive(Clone)]
 pub struct NbdServer {
     inner: Arc<Inner>,
@@ -172,7 +175,8 @@ impl NbdServer {
         self.inner.registry.remove(name, false, true)
     }
 
-    /// Connections currently in transmission with the named export (0 if unknown).
+    /// Connections currently in transmission with the named export (0 if unknown, including
+    /// an export already removed whose clients are still draining).
     pub fn export_clients(&self, name: &str) -> usize {
         self.inner.registry.clients(name)
     }

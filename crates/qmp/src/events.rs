@@ -61,6 +61,10 @@ impl EventBus {
     /// Sends event `name` (with `data`, if any) to every negotiated connection, stamped with
     /// the wall clock. Never blocks or waits; callable from any thread.
     pub fn emit(&self, name: &str, data: Option<Value>) {
+        if Self::lock(&self.inner).is_empty() {
+            debug!(event = name, "QMP event with no connection to receive it");
+            return;
+        }
         let message = protocol::event(name, data, SystemTime::now());
         let mut text = json::to_string(&message);
         debug!(event = %text, "QMP event");

@@ -140,9 +140,15 @@ impl Streamer {
         out
     }
 
-    /// Bytes currently held for the message in progress (for memory accounting in tests).
+    /// Bytes of the message in progress: its finished tokens plus the stored part of the
+    /// token being lexed. Never more than [`Limits::max_bytes`].
     pub fn buffered_bytes(&self) -> usize {
-        self.bytes + self.lexer.text().len()
+        let partial = if self.lexer.in_token() {
+            self.lexer.text().len()
+        } else {
+            0
+        };
+        self.bytes + partial
     }
 
     fn ended(&self) -> bool {

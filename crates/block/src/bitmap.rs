@@ -57,7 +57,9 @@ impl BitmapList {
 
     /// Find by name, mutable.
     pub fn get_mut(&mut self, name: &str) -> Option<&mut DirtyBitmap> {
-        self.items.iter_mut().find(|b| b.name.as_deref() == Some(name))
+        self.items
+            .iter_mut()
+            .find(|b| b.name.as_deref() == Some(name))
     }
 
     /// Find by name or fail with QEMU's "not found" text.
@@ -66,7 +68,12 @@ impl BitmapList {
     }
 
     /// Find a bitmap usable for `how` or fail with QEMU's refusal text.
-    pub fn usable(&mut self, name: &str, how: BitmapUse, node_read_only: bool) -> Result<&mut DirtyBitmap> {
+    pub fn usable(
+        &mut self,
+        name: &str,
+        how: BitmapUse,
+        node_read_only: bool,
+    ) -> Result<&mut DirtyBitmap> {
         let bitmap = self.get_mut(name).ok_or_else(|| not_found(name))?;
         check_usable(bitmap, name, how, node_read_only)?;
         Ok(bitmap)
@@ -86,14 +93,21 @@ impl BitmapList {
 }
 
 /// QEMU's refusal rules for using a bitmap.
-pub fn check_usable(bitmap: &DirtyBitmap, name: &str, how: BitmapUse, read_only: bool) -> Result<()> {
+pub fn check_usable(
+    bitmap: &DirtyBitmap,
+    name: &str,
+    how: BitmapUse,
+    read_only: bool,
+) -> Result<()> {
     if bitmap.busy {
         return Err(Error::generic(format!(
             "Bitmap '{name}' is currently in use by another operation and cannot be used"
         )));
     }
     if how == BitmapUse::Modify && read_only {
-        return Err(Error::generic(format!("Bitmap '{name}' is readonly and cannot be modified")));
+        return Err(Error::generic(format!(
+            "Bitmap '{name}' is readonly and cannot be modified"
+        )));
     }
     if bitmap.inconsistent {
         return Err(Error::generic(format!(
@@ -116,9 +130,13 @@ pub fn check_new(name: &str, granularity: u64) -> Result<()> {
     if name.len() > MAX_NAME_LEN {
         return Err(Error::generic(format!("Bitmap name too long: {name}")));
     }
-    if !granularity.is_power_of_two() || granularity < MIN_GRANULARITY || granularity > MAX_GRANULARITY
+    if !granularity.is_power_of_two()
+        || granularity < MIN_GRANULARITY
+        || granularity > MAX_GRANULARITY
     {
-        return Err(Error::generic("Granularity must be power of 2 and at least 512"));
+        return Err(Error::generic(
+            "Granularity must be power of 2 and at least 512",
+        ));
     }
     Ok(())
 }

@@ -34,7 +34,10 @@ pub fn add(
             )));
         }
         store.can_store(name, granularity).map_err(|m| {
-            Error::generic(format!("Can't make bitmap '{name}' persistent in '{}': {m}", node.name()))
+            Error::generic(format!(
+                "Can't make bitmap '{name}' persistent in '{}': {m}",
+                node.name()
+            ))
         })?;
     }
     let bits = HBitmap::new(node.size(), granularity).map_err(|e| Error::generic(e.to_string()))?;
@@ -63,7 +66,9 @@ pub fn remove(node: &NodeRef, name: &str) -> Result<()> {
     };
     if persistent && !node.read_only() {
         if let Some(store) = node.driver().bitmap_store() {
-            store.remove(name).map_err(|e| Error::io(format!("Failed to remove bitmap '{name}'"), &e))?;
+            store
+                .remove(name)
+                .map_err(|e| Error::io(format!("Failed to remove bitmap '{name}'"), &e))?;
         }
     }
     let mut list = node.bitmaps();
@@ -94,7 +99,9 @@ pub fn set_recording(node: &NodeRef, name: &str, recording: bool) -> Result<bool
 /// `block-dirty-bitmap-merge`: target |= every source. Returns the target's old bits.
 pub fn merge(node: &NodeRef, target: &str, sources: &[(NodeRef, String)]) -> Result<HBitmap> {
     if sources.is_empty() {
-        return Err(Error::generic("'bitmaps' must name at least one source bitmap"));
+        return Err(Error::generic(
+            "'bitmaps' must name at least one source bitmap",
+        ));
     }
     {
         let mut list = node.bitmaps();

@@ -24,12 +24,18 @@ pub struct Error {
 impl Error {
     /// A `GenericError` with this message.
     pub fn generic(message: impl Into<String>) -> Error {
-        Error { kind: ErrorKind::Generic, message: message.into() }
+        Error {
+            kind: ErrorKind::Generic,
+            message: message.into(),
+        }
     }
 
     /// An error of a specific kind.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
-        Error { kind, message: message.into() }
+        Error {
+            kind,
+            message: message.into(),
+        }
     }
 
     /// An I/O failure while doing `what` (e.g. "Could not open '/x'"), worded like QEMU: "what: strerror".
@@ -49,7 +55,10 @@ impl Error {
 
     /// Prefix the message with context, keeping the kind.
     pub fn context(self, what: impl fmt::Display) -> Error {
-        Error { kind: self.kind, message: format!("{what}: {}", self.message) }
+        Error {
+            kind: self.kind,
+            message: format!("{what}: {}", self.message),
+        }
     }
 }
 

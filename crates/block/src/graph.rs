@@ -102,8 +102,11 @@ impl Graph {
     /// Find a node for commands that name a device or node: QEMU's
     /// "Cannot find device='X' nor node-name='X'".
     pub fn lookup(&self, name: &str) -> Result<NodeRef> {
-        self.get(name)
-            .ok_or_else(|| Error::generic(format!("Cannot find device='{name}' nor node-name='{name}'")))
+        self.get(name).ok_or_else(|| {
+            Error::generic(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            ))
+        })
     }
 
     /// Parents of a node: (parent, role).
@@ -120,7 +123,10 @@ impl Graph {
     }
 
     fn generate_name(&mut self) -> String {
-        let rnd = (std::process::id() as u64).wrapping_mul(2654435761).wrapping_add(self.counter * 7919) % 100;
+        let rnd = (std::process::id() as u64)
+            .wrapping_mul(2654435761)
+            .wrapping_add(self.counter * 7919)
+            % 100;
         let name = format!("#block{}{:02}", self.counter, rnd);
         self.counter += 1;
         name
@@ -129,7 +135,9 @@ impl Graph {
     /// Create a root node (named) and whatever inline children it defines.
     pub fn add(&mut self, opts: &NodeOptions) -> Result<NodeRef> {
         if opts.node_name.is_none() {
-            return Err(Error::generic("'node-name' must be specified for the root node"));
+            return Err(Error::generic(
+                "'node-name' must be specified for the root node",
+            ));
         }
         let before = self.nodes.len();
         let result = self.add_node(opts, 0);
@@ -147,7 +155,9 @@ impl Graph {
             Some(n) => {
                 check_node_name(n)?;
                 if self.get(n).is_some() {
-                    return Err(Error::generic(format!("Duplicate nodes with node-name='{n}'")));
+                    return Err(Error::generic(format!(
+                        "Duplicate nodes with node-name='{n}'"
+                    )));
                 }
                 n.clone()
             }
@@ -155,20 +165,30 @@ impl Graph {
         };
         let auto_named = opts.node_name.is_none();
         let (driver, children, read_only) = self.open_driver(opts, depth)?;
-        let node = Arc::new(Node::new(name, auto_named, driver, children, read_only, opts.flags.clone()));
+        let node = Arc::new(Node::new(
+            name,
+            auto_named,
+            driver,
+            children,
+            read_only,
+            opts.flags.clone(),
+        ));
         self.load_persistent_bitmaps(&node)?;
         self.nodes.push(node.clone());
         Ok(node)
     }
 
-    fn child(&mut self, r: &ChildRef, parent_ro: bool, depth: usize) -> Result<NodeRef> {
+    fn child(&mut self, r: &ChildRef, parent: &NodeOptions, depth: usize) -> Result<NodeRef> {
+        let parent_ro = parent.read_only;
         match r {
-            ChildRef::Name(n) => self
-                .get(n)
-                .ok_or_else(|| Error::generic(format!("Cannot find device='' nor node-name='{n}'"))),
+            ChildRef::Name(n) => self.get(n).ok_or_else(|| {
+                Error::generic(format!("Cannot find device='' nor node-name='{n}'"))
+            }),
             ChildRef::Inline(o) => {
+                // Inline children inherit read-only and discard from their parent, as in QEMU.
                 let mut o = (**o).clone();
                 o.read_only |= parent_ro;
+                o.flags.discard_unmap |= parent.flags.discard_unmap;
                 self.add_node(&o, depth)
             }
         }
@@ -185,39 +205,62 @@ impl Graph {
                 let open = |ro| FileDriver::open(filename, ro);
                 let (driver, ro) = match open(ro) {
                     Ok(d) => (d, ro),
-                    Err(e) if !ro && opts.auto_read_only && e.raw_os_error() == Some(libc::EACCES) => {
+                    Err(e)
+                        if !ro && opts.auto_read_only && e.raw_os_error() == Some(libc::EACCES) =>
+                    {
                         (open(true).map_err(|e| open_error(filename, &e))?, true)
                     }
                     Err(e) => return Err(open_error(filename, &e)),
                 };
                 Ok((Box::new(driver), Vec::new(), ro))
             }
-            DriverOptions::Null { size, read_zeroes } => {
-                Ok((Box::new(NullDriver::new(*size, *read_zeroes)), Vec::new(), ro))
-            }
+            DriverOptions::Null { size, read_zeroes } => Ok((
+                Box::new(NullDriver::new(*size, *read_zeroes)),
+                Vec::new(),
+                ro,
+            )),
             DriverOptions::Raw { file, offset, size } => {
-                let child = self.child(file, ro, depth)?;
+                let child = self.child(file, opts, depth)?;
                 let ro = ro || child.read_only();
-                let driver =
-                    RawDriver::new(child.clone(), offset.unwrap_or(0), *size).map_err(Error::generic)?;
-                Ok((Box::new(driver), vec![Child { role: "file", node: child }], ro))
+                let driver = RawDriver::new(child.clone(), offset.unwrap_or(0), *size)
+                    .map_err(Error::generic)?;
+                Ok((
+                    Box::new(driver),
+                    vec![Child {
+                        role: "file",
+                        node: child,
+                    }],
+                    ro,
+                ))
             }
             DriverOptions::Qcow2 { file, backing } => {
-                let child = self.child(file, ro, depth)?;
+                let child = self.child(file, opts, depth)?;
                 if !ro && child.read_only() {
                     return Err(Error::generic("Could not open image: Permission denied")
                         .context(child.name().to_string()));
                 }
                 let driver = Qcow2Driver::open(child.clone(), ro).map_err(Error::generic)?;
-                let mut children = vec![Child { role: "file", node: child }];
+                let mut children = vec![Child {
+                    role: "file",
+                    node: child,
+                }];
                 let backing_node = match backing {
                     Some(None) => None,
-                    Some(Some(r)) => Some(self.child(r, true, depth)?),
+                    Some(Some(r)) => {
+                        let ro_parent = NodeOptions {
+                            read_only: true,
+                            ..opts.clone()
+                        };
+                        Some(self.child(r, &ro_parent, depth)?)
+                    }
                     None => self.open_backing_from_image(&driver, depth)?,
                 };
                 if let Some(b) = backing_node {
                     driver.set_backing(Some(b.clone()));
-                    children.push(Child { role: "backing", node: b });
+                    children.push(Child {
+                        role: "backing",
+                        node: b,
+                    });
                 }
                 Ok((Box::new(driver), children, ro))
             }
@@ -227,7 +270,11 @@ impl Graph {
 
     /// Open the backing file an image names, the way QEMU does: relative to the image's
     /// directory, read-only, format from the image (else probed), bounded depth.
-    fn open_backing_from_image(&mut self, driver: &Qcow2Driver, depth: usize) -> Result<Option<NodeRef>> {
+    fn open_backing_from_image(
+        &mut self,
+        driver: &Qcow2Driver,
+        depth: usize,
+    ) -> Result<Option<NodeRef>> {
         let Some(name) = driver.backing_filename() else {
             return Ok(None);
         };
@@ -240,24 +287,40 @@ impl Graph {
         let format = match driver.backing_format() {
             Some(f) => f,
             None => probe_format(&path).map_err(|e| {
-                Error::generic(format!("Could not open backing file: Could not open '{path}': {}", strerror(&e)))
+                Error::generic(format!(
+                    "Could not open backing file: Could not open '{path}': {}",
+                    strerror(&e)
+                ))
             })?,
         };
         let file = Box::new(NodeOptions {
             read_only: true,
-            driver: DriverOptions::File { filename: path.clone() },
+            driver: DriverOptions::File {
+                filename: path.clone(),
+            },
             ..NodeOptions::default()
         });
         let driver = match format.as_str() {
-            "qcow2" => DriverOptions::Qcow2 { file: ChildRef::Inline(file), backing: None },
-            "raw" => DriverOptions::Raw { file: ChildRef::Inline(file), offset: None, size: None },
+            "qcow2" => DriverOptions::Qcow2 {
+                file: ChildRef::Inline(file),
+                backing: None,
+            },
+            "raw" => DriverOptions::Raw {
+                file: ChildRef::Inline(file),
+                offset: None,
+                size: None,
+            },
             other => {
                 return Err(Error::generic(format!(
                     "Could not open backing file: Unknown driver '{other}'"
                 )))
             }
         };
-        let opts = NodeOptions { read_only: true, driver, ..NodeOptions::default() };
+        let opts = NodeOptions {
+            read_only: true,
+            driver,
+            ..NodeOptions::default()
+        };
         self.add_node(&opts, depth + 1)
             .map(Some)
             .map_err(|e| e.context("Could not open backing file"))
@@ -267,7 +330,9 @@ impl Graph {
         let Some(store) = node.driver().bitmap_store() else {
             return Ok(());
         };
-        let loaded = store.load().map_err(|e| Error::io("Could not load bitmaps", &e))?;
+        let loaded = store
+            .load()
+            .map_err(|e| Error::io("Could not load bitmaps", &e))?;
         let mut list = node.bitmaps();
         for b in loaded {
             let mut bits = hbitmap::HBitmap::new(node.size(), b.granularity)
@@ -291,7 +356,9 @@ impl Graph {
     /// Delete a root node (blockdev-del), refusing while anything uses it.
     pub fn del(&mut self, name: &str) -> Result<()> {
         let Some(node) = self.get(name) else {
-            return Err(Error::generic(format!("Failed to find node with node-name='{name}'")));
+            return Err(Error::generic(format!(
+                "Failed to find node with node-name='{name}'"
+            )));
         };
         if node.auto_named() || !self.parents(&node).is_empty() {
             return Err(Error::generic(format!("Block device {name} is in use")));
@@ -307,7 +374,10 @@ impl Graph {
         self.nodes.retain(|n| !Arc::ptr_eq(n, node));
         let result = close_node(node);
         for c in node.children() {
-            if c.node.auto_named() && self.parents(&c.node).is_empty() && c.node.first_user().is_none() {
+            if c.node.auto_named()
+                && self.parents(&c.node).is_empty()
+                && c.node.first_user().is_none()
+            {
                 let _ = self.remove_tree(&c.node);
             }
         }
@@ -327,7 +397,9 @@ impl Graph {
 /// Store persistent bitmaps and close the driver.
 pub fn close_node(node: &NodeRef) -> Result<()> {
     let stored = store_persistent_bitmaps(node, false);
-    let closed = node.close().map_err(|e| Error::io(format!("Closing node '{}'", node.name()), &e));
+    let closed = node
+        .close()
+        .map_err(|e| Error::io(format!("Closing node '{}'", node.name()), &e));
     stored.and(closed)
 }
 
@@ -340,7 +412,9 @@ pub fn store_persistent_bitmaps(node: &NodeRef, in_use: bool) -> Result<()> {
         return Ok(());
     }
     let list = snapshot_persistent(&node.bitmaps());
-    store.store(&list, in_use).map_err(|e| Error::io("Could not store bitmaps", &e))
+    store
+        .store(&list, in_use)
+        .map_err(|e| Error::io("Could not store bitmaps", &e))
 }
 
 fn snapshot_persistent(list: &BitmapList) -> Vec<BitmapToStore> {
@@ -352,7 +426,11 @@ fn snapshot_persistent(list: &BitmapList) -> Vec<BitmapToStore> {
             granularity: b.bits.granularity(),
             recording: b.recording,
             inconsistent: b.inconsistent,
-            data: if b.inconsistent { Vec::new() } else { b.bits.to_bytes() },
+            data: if b.inconsistent {
+                Vec::new()
+            } else {
+                b.bits.to_bytes()
+            },
         })
         .collect()
 }
@@ -391,5 +469,10 @@ pub fn probe_format(path: &str) -> std::io::Result<String> {
     let mut magic = [0u8; 4];
     let mut f = std::fs::File::open(path)?;
     let n = f.read(&mut magic)?;
-    Ok(if n == 4 && magic == *b"QFI\xfb" { "qcow2" } else { "raw" }.to_string())
+    Ok(if n == 4 && magic == *b"QFI\xfb" {
+        "qcow2"
+    } else {
+        "raw"
+    }
+    .to_string())
 }

@@ -125,8 +125,13 @@ pub fn verb_allowed(verb: JobVerb, status: JobStatus) -> bool {
     use JobStatus::*;
     use JobVerb::*;
     match verb {
-        Cancel => matches!(status, Created | Running | Paused | Ready | Standby | Waiting | Pending),
-        Pause | Resume | SetSpeed | Change => matches!(status, Created | Running | Paused | Ready | Standby),
+        Cancel => matches!(
+            status,
+            Created | Running | Paused | Ready | Standby | Waiting | Pending
+        ),
+        Pause | Resume | SetSpeed | Change => {
+            matches!(status, Created | Running | Paused | Ready | Standby)
+        }
         JobVerb::Complete => matches!(status, Ready | Standby),
         Finalize => status == Pending,
         Dismiss => status == Concluded,
@@ -216,7 +221,10 @@ pub struct JobState {
 /// What a job does: its body, and what happens to its resources at the end.
 pub trait JobBody: Send + Sync + 'static {
     /// Do the work. Err(message) fails the job.
-    fn run(self: Arc<Self>, ctx: JobCtx) -> Pin<Box<dyn Future<Output = std::result::Result<(), String>> + Send>>;
+    fn run(
+        self: Arc<Self>,
+        ctx: JobCtx,
+    ) -> Pin<Box<dyn Future<Output = std::result::Result<(), String>> + Send>>;
     /// Success: make the result visible (called at finalize).
     fn commit(&self) {}
     /// Failure or cancel: undo (called at finalize).
@@ -302,7 +310,11 @@ impl JobCtx {
     /// Report an I/O error event.
     pub fn report_error(&self, operation: &'static str, action: &'static str) {
         if self.job.is_block_job {
-            (self.job.events)(JobEvent::IoError { device: self.job.id.clone(), operation, action });
+            (self.job.events)(JobEvent::IoError {
+                device: self.job.id.clone(),
+                operation,
+                action,
+            });
         }
     }
 }
@@ -343,7 +355,10 @@ impl Job {
         }
         st.status = to;
         drop(st);
-        (self.events)(JobEvent::StatusChange { id: self.id.clone(), status: to });
+        (self.events)(JobEvent::StatusChange {
+            id: self.id.clone(),
+            status: to,
+        });
     }
 
     fn check_verb(&self, verb: JobVerb) -> Result<JobStatus> {
@@ -414,13 +429,17 @@ pub struct JobManager {
 /// QEMU's rule for ids: a letter first, then letters, digits, '-', '.', '_'.
 pub fn valid_id(id: &str) -> bool {
     let mut c = id.chars();
-    c.next().is_some_and(|f| f.is_ascii_alphabetic()) && c.all(|x| x.is_ascii_alphanumeric() || "-._".contains(x))
+    c.next().is_some_and(|f| f.is_ascii_alphabetic())
+        && c.all(|x| x.is_ascii_alphanumeric() || "-._".contains(x))
 }
 
 impl JobManager {
     /// An empty table sending events to `events`.
     pub fn new(events: EventSink) -> Arc<JobManager> {
-        Arc::new(JobManager { jobs: Mutex::new(Vec::new()), events })
+        Arc::new(JobManager {
+            jobs: Mutex::new(Vec::new()),
+            events,
+        })
     }
 
     fn jobs(&self) -> MutexGuard<'_, Vec<Arc<Job>>> {
@@ -438,9 +457,10 @@ impl JobManager {
         let job = self.jobs().iter().find(|j| j.id == id).cloned();
         match job {
             Some(j) if !block_verb || j.is_block_job => Ok(j),
-            _ if block_verb => {
-                Err(Error::new(ErrorKind::DeviceNotActive, format!("Block job '{id}' not found")))
-            }
+            _ if block_verb => Err(Error::new(
+                ErrorKind::DeviceNotActive,
+                format!("Block job '{id}' not found"),
+            )),
             _ => Err(Error::generic("Job not found")),
         }
     }
@@ -452,7 +472,10 @@ impl JobManager {
         }
         let mut jobs = self.jobs();
         if jobs.iter().any(|j| j.id == spec.id) {
-            return Err(Error::generic(format!("Job ID '{}' already in use", spec.id)));
+            return Err(Error::generic(format!(
+                "Job ID '{}' already in use",
+                spec.id
+            )));
         }
         let job = Arc::new(Job {
             id: spec.id,
@@ -518,11 +541,16 @@ impl JobManager {
                 job.transition(JobStatus::Pending);
                 if !job.auto_finalize {
                     if job.is_block_job {
-                        (self.events)(JobEvent::Pending { job_type: job.job_type, id: job.id.clone() });
+                        (self.events)(JobEvent::Pending {
+                            job_type: job.job_type,
+                            id: job.id.clone(),
+                        });
                     }
                     loop {
                         let notified = job.wake.notified();
-                        if job.finalize_requested.load(Ordering::Acquire) || job.cancel.is_cancelled() {
+                        if job.finalize_requested.load(Ordering::Acquire)
+                            || job.cancel.is_cancelled()
+                        {
                             break;
                         }
                         tokio::select! {
@@ -634,7 +662,10 @@ impl JobManager {
     /// job-complete (no job type blockd has can be completed).
     pub fn complete(&self, job: &Arc<Job>) -> Result<()> {
         job.check_verb(JobVerb::Complete)?;
-        Err(Error::generic(format!("The active block job '{}' cannot be completed", job.id)))
+        Err(Error::generic(format!(
+            "The active block job '{}' cannot be completed",
+            job.id
+        )))
     }
 
     /// job-finalize: the task waiting in `pending` commits and concludes.
@@ -661,7 +692,10 @@ impl JobManager {
         }
         for _ in 0..500 {
             let active = self.jobs().iter().any(|j| {
-                !matches!(j.lock().status, JobStatus::Concluded | JobStatus::Null | JobStatus::Created)
+                !matches!(
+                    j.lock().status,
+                    JobStatus::Concluded | JobStatus::Null | JobStatus::Created
+                )
             });
             if !active {
                 break;

@@ -18,6 +18,7 @@
 
 pub mod bitmap;
 pub mod bitmap_ops;
+pub mod create;
 pub mod driver;
 pub mod drivers;
 pub mod error;

@@ -36,6 +36,8 @@ pub struct NodeFlags {
     pub cache_direct: bool,
     /// `cache.no-flush`.
     pub cache_no_flush: bool,
+    /// `discard=unmap`: pass discards down. QEMU's default (`ignore`) drops them entirely.
+    pub discard_unmap: bool,
 }
 
 /// One node.
@@ -109,7 +111,10 @@ impl Node {
 
     /// The child with this role.
     pub fn child(&self, role: &str) -> Option<&NodeRef> {
-        self.children.iter().find(|c| c.role == role).map(|c| &c.node)
+        self.children
+            .iter()
+            .find(|c| c.role == role)
+            .map(|c| &c.node)
     }
 
     /// Read-only?
@@ -141,17 +146,23 @@ impl Node {
 
     /// Lock the bitmaps. Keep the guard short and never across `.await`.
     pub fn bitmaps(&self) -> MutexGuard<'_, BitmapList> {
-        self.bitmaps.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.bitmaps
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// After changing the bitmap list or recording flags: refresh the lock-free recording count.
     pub fn refresh_recording(&self, list: &BitmapList) {
-        self.recording.store(list.recording_count(), Ordering::Release);
+        self.recording
+            .store(list.recording_count(), Ordering::Release);
     }
 
     /// Register a user (export, job) so the node cannot be deleted under it.
     pub fn add_user(&self, who: String) {
-        self.users.lock().unwrap_or_else(|p| p.into_inner()).push(who);
+        self.users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(who);
     }
 
     /// Drop a user registered with [`Node::add_user`].
@@ -164,12 +175,19 @@ impl Node {
 
     /// First registered user, if any.
     pub fn first_user(&self) -> Option<String> {
-        self.users.lock().unwrap_or_else(|p| p.into_inner()).first().cloned()
+        self.users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first()
+            .cloned()
     }
 
     /// Install a write hook.
     pub fn add_hook(&self, hook: Arc<dyn WriteHook>) {
-        self.hooks.write().unwrap_or_else(|p| p.into_inner()).push(hook);
+        self.hooks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
     }
 
     /// Remove a write hook (by identity).
@@ -244,10 +262,11 @@ impl Node {
         result
     }
 
-    /// Discard `[offset, offset+len)`, then mark bitmaps.
+    /// Discard `[offset, offset+len)`, then mark bitmaps. With `discard=ignore` (the default)
+    /// the request is dropped: nothing changes, so nothing is marked.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_write(offset, len)?;
-        if len == 0 {
+        if len == 0 || !self.flags.discard_unmap {
             return Ok(());
         }
         self.run_hooks(offset, len)?;

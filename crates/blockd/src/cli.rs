@@ -84,13 +84,20 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
-        let takes_value = !matches!(name.as_str(), "--daemonize" | "-h" | "--help" | "-V" | "--version");
+        let takes_value = !matches!(
+            name.as_str(),
+            "--daemonize" | "-h" | "--help" | "-V" | "--version"
+        );
         let value = if takes_value {
             match inline {
                 Some(v) => Some(v),
                 None => {
                     i += 1;
-                    Some(args.get(i).cloned().ok_or_else(|| format!("option '{name}' requires an argument"))?)
+                    Some(
+                        args.get(i)
+                            .cloned()
+                            .ok_or_else(|| format!("option '{name}' requires an argument"))?,
+                    )
                 }
             }
         } else {
@@ -113,7 +120,9 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             "--image" | "-i" => Opt::Image(v),
             "--qmp" => Opt::Qmp(v),
             "--nbd" => Opt::Nbd(v),
-            other if other.starts_with('-') => return Err(format!("unrecognized option '{other}'")),
+            other if other.starts_with('-') => {
+                return Err(format!("unrecognized option '{other}'"))
+            }
             other => return Err(format!("Unexpected argument: {other}")),
         });
         i += 1;
@@ -139,7 +148,13 @@ mod tests {
 
     #[test]
     fn options_keep_their_order() {
-        let p = parse(&args(&["--blockdev", "driver=null-co,node-name=a", "--chardev=socket,id=m", "--monitor", "m"]));
+        let p = parse(&args(&[
+            "--blockdev",
+            "driver=null-co,node-name=a",
+            "--chardev=socket,id=m",
+            "--monitor",
+            "m",
+        ]));
         assert_eq!(
             p,
             Ok(Parsed::Run(vec![

@@ -40,7 +40,13 @@ impl NodeExport {
         NodeExport { node, contexts }
     }
 
-    fn extents<F>(&self, offset: u64, len: u64, max: usize, mut next: F) -> io::Result<Vec<(u64, u32)>>
+    fn extents<F>(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+        mut next: F,
+    ) -> io::Result<Vec<(u64, u32)>>
     where
         F: FnMut(u64, u64) -> io::Result<(u32, u64)>,
     {
@@ -79,7 +85,13 @@ impl nbd::ExportBackend for NodeExport {
         }
         Ok(())
     }
-    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, _fast_only: bool) -> io::Result<()> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        _fast_only: bool,
+    ) -> io::Result<()> {
         self.node.write_zeroes(offset, len, may_unmap)
     }
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -98,11 +110,24 @@ impl nbd::ExportBackend for NodeExport {
             })
             .collect()
     }
-    fn block_status(&self, ctx: usize, offset: u64, len: u64, max: usize) -> io::Result<Vec<(u64, u32)>> {
+    fn block_status(
+        &self,
+        ctx: usize,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> io::Result<Vec<(u64, u32)>> {
         match self.contexts.get(ctx) {
             Some(Context::Allocation) => self.extents(offset, len, max, |o, l| {
                 let (s, _, n) = self.node.status_above(o, l)?;
-                Ok((if s == BlockStatus::Data { 0 } else { HOLE | ZERO }, n))
+                Ok((
+                    if s == BlockStatus::Data {
+                        0
+                    } else {
+                        HOLE | ZERO
+                    },
+                    n,
+                ))
             }),
             Some(Context::Depth) => self.extents(offset, len, max, |o, l| {
                 let (_, depth, n) = self.node.status_above(o, l)?;

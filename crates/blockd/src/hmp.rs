@@ -91,8 +91,11 @@ fn cvtstr(value: f64) -> String {
         (1048576.0, " MiB"),
         (1024.0, " KiB"),
     ];
-    let (v, suffix) =
-        UNITS.iter().find(|(u, _)| value >= *u).map(|(u, s)| (value / u, *s)).unwrap_or((value, " bytes"));
+    let (v, suffix) = UNITS
+        .iter()
+        .find(|(u, _)| value >= *u)
+        .map(|(u, s)| (value / u, *s))
+        .unwrap_or((value, " bytes"));
     let mut s = format!("{v:.3}");
     if let Some(stripped) = s.strip_suffix(".000") {
         s = stripped.to_string();
@@ -127,7 +130,11 @@ fn dump(out: &mut String, offset: u64, data: &[u8]) {
         }
         out.push(' ');
         for b in line {
-            out.push(if (0x20..0x7f).contains(b) { *b as char } else { '.' });
+            out.push(if (0x20..0x7f).contains(b) {
+                *b as char
+            } else {
+                '.'
+            });
         }
         out.push('\n');
     }
@@ -142,7 +149,13 @@ struct Args {
 }
 
 fn parse_args(cmd: &str, words: &[String], flags: &str) -> Result<Args, String> {
-    let mut a = Args { pattern: None, zero: false, verbose: false, offset: 0, len: 0 };
+    let mut a = Args {
+        pattern: None,
+        zero: false,
+        verbose: false,
+        offset: 0,
+        len: 0,
+    };
     let mut pos = Vec::new();
     let mut i = 0;
     while i < words.len() {
@@ -152,8 +165,14 @@ fn parse_args(cmd: &str, words: &[String], flags: &str) -> Result<Args, String> 
             match flag {
                 "P" if flags.contains('P') => {
                     i += 1;
-                    let p = words.get(i).ok_or_else(|| format!("bad argument count {} to {cmd}, expected at least 2 arguments", words.len()))?;
-                    a.pattern = Some(parse_pattern(p).ok_or_else(|| format!("non-numeric pattern: {p}"))?);
+                    let p = words.get(i).ok_or_else(|| {
+                        format!(
+                            "bad argument count {} to {cmd}, expected at least 2 arguments",
+                            words.len()
+                        )
+                    })?;
+                    a.pattern =
+                        Some(parse_pattern(p).ok_or_else(|| format!("non-numeric pattern: {p}"))?);
                 }
                 "z" if flags.contains('z') => a.zero = true,
                 "v" if flags.contains('v') => a.verbose = true,
@@ -166,10 +185,15 @@ fn parse_args(cmd: &str, words: &[String], flags: &str) -> Result<Args, String> 
         i += 1;
     }
     if pos.len() != 2 {
-        return Err(format!("bad argument count {} to {cmd}, expected 2 arguments", pos.len()));
+        return Err(format!(
+            "bad argument count {} to {cmd}, expected 2 arguments",
+            pos.len()
+        ));
     }
     let num = |s: &str| {
-        parse_size(s).ok_or_else(|| format!("Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {s}"))
+        parse_size(s).ok_or_else(|| {
+            format!("Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {s}")
+        })
     };
     a.offset = num(&pos[0])?;
     a.len = num(&pos[1])?;
@@ -198,7 +222,9 @@ pub fn qemu_io(node: &NodeRef, command: &str) -> String {
         "read" | "aio_read" => cmd_read(node, name, rest, &mut out),
         "write" | "aio_write" => cmd_write(node, name, rest, &mut out),
         "discard" | "aio_discard" => cmd_discard(node, rest, &mut out),
-        "flush" | "aio_flush" => node.flush().map_err(|e| format!("{name} failed: {}", strerror(&e))),
+        "flush" | "aio_flush" => node
+            .flush()
+            .map_err(|e| format!("{name} failed: {}", strerror(&e))),
         "length" => {
             let _ = writeln!(out, "{}", cvtstr(node.size() as f64));
             Ok(())
@@ -215,13 +241,19 @@ pub fn qemu_io(node: &NodeRef, command: &str) -> String {
 fn cmd_read(node: &NodeRef, name: &str, rest: &[String], out: &mut String) -> Result<(), String> {
     let a = parse_args(name, rest, "Pv")?;
     check_end(node, "read", &a)?;
-    let mut buf = vec![0u8; usize::try_from(a.len).map_err(|_| "read failed: Cannot allocate memory")?];
+    let mut buf =
+        vec![0u8; usize::try_from(a.len).map_err(|_| "read failed: Cannot allocate memory")?];
     let start = Instant::now();
-    node.read(a.offset, &mut buf).map_err(|e| format!("read failed: {}", strerror(&e)))?;
+    node.read(a.offset, &mut buf)
+        .map_err(|e| format!("read failed: {}", strerror(&e)))?;
     if let Some(p) = a.pattern {
         if let Some(pos) = buf.iter().position(|b| *b != p) {
             let _ = pos;
-            let _ = writeln!(out, "Pattern verification failed at offset {}, {} bytes", a.offset, a.len);
+            let _ = writeln!(
+                out,
+                "Pattern verification failed at offset {}, {} bytes",
+                a.offset, a.len
+            );
         }
     }
     if a.verbose {
@@ -253,7 +285,8 @@ fn cmd_discard(node: &NodeRef, rest: &[String], out: &mut String) -> Result<(), 
     let a = parse_args("discard", rest, "")?;
     check_end(node, "discard", &a)?;
     let start = Instant::now();
-    node.discard(a.offset, a.len).map_err(|e| format!("discard failed: {}", strerror(&e)))?;
+    node.discard(a.offset, a.len)
+        .map_err(|e| format!("discard failed: {}", strerror(&e)))?;
     report(out, "discard", a.offset, a.len, start);
     Ok(())
 }
@@ -279,6 +312,9 @@ mod tests {
 
     #[test]
     fn quoted_words_split() {
-        assert_eq!(split_words(r#"qemu-io drive0 "write -P 0x5a 0 64k""#).unwrap(), vec!["qemu-io", "drive0", "write -P 0x5a 0 64k"]);
+        assert_eq!(
+            split_words(r#"qemu-io drive0 "write -P 0x5a 0 64k""#).unwrap(),
+            vec!["qemu-io", "drive0", "write -P 0x5a 0 64k"]
+        );
     }
 }

@@ -30,13 +30,21 @@ pub fn dirty_bitmaps(node: &NodeRef) -> Option<Value> {
     if list.items.is_empty() {
         return None;
     }
-    Some(Value::Array(list.items.iter().rev().map(dirty_info).collect()))
+    Some(Value::Array(
+        list.items.iter().rev().map(dirty_info).collect(),
+    ))
 }
 
 fn format_specific(fs: &FormatSpecific) -> Value {
     match fs {
         FormatSpecific::File => json!({"type": "file", "data": {}}),
-        FormatSpecific::Qcow2 { compat, lazy_refcounts, refcount_bits, corrupt, bitmaps } => {
+        FormatSpecific::Qcow2 {
+            compat,
+            lazy_refcounts,
+            refcount_bits,
+            corrupt,
+            bitmaps,
+        } => {
             let mut data = Map::new();
             data.insert("compat".into(), json!(compat));
             if compat != "0.10" {
@@ -113,7 +121,14 @@ pub fn node_info(node: &NodeRef, flat: bool) -> Value {
     for k in ["iops_rd"] {
         m.insert(k.into(), json!(0));
     }
-    m.insert("detect_zeroes".into(), json!(if flags.detect_zeroes.is_empty() { "off" } else { &flags.detect_zeroes }));
+    m.insert(
+        "detect_zeroes".into(),
+        json!(if flags.detect_zeroes.is_empty() {
+            "off"
+        } else {
+            &flags.detect_zeroes
+        }),
+    );
     m.insert("active".into(), json!(true));
     m.insert("image".into(), image_info(node, !flat));
     m.insert("iops_wr".into(), json!(0));
@@ -143,5 +158,12 @@ pub fn node_info(node: &NodeRef, flat: bool) -> Value {
 
 /// `query-named-block-nodes`: newest first, as QEMU lists them.
 pub fn named_block_nodes(graph: &Graph, flat: bool) -> Value {
-    Value::Array(graph.nodes().iter().rev().map(|n| node_info(n, flat)).collect())
+    Value::Array(
+        graph
+            .nodes()
+            .iter()
+            .rev()
+            .map(|n| node_info(n, flat))
+            .collect(),
+    )
 }

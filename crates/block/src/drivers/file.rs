@@ -20,16 +20,28 @@ pub struct FileDriver {
 impl FileDriver {
     /// Open `filename`, read-only or read-write.
     pub fn open(filename: &str, read_only: bool) -> io::Result<FileDriver> {
-        let file = OpenOptions::new().read(true).write(!read_only).open(Path::new(filename))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(Path::new(filename))?;
         if file.metadata()?.is_dir() {
             return Err(io::Error::from_raw_os_error(libc::EISDIR));
         }
-        Ok(FileDriver { file, filename: filename.to_string(), can_fallocate: AtomicBool::new(true) })
+        Ok(FileDriver {
+            file,
+            filename: filename.to_string(),
+            can_fallocate: AtomicBool::new(true),
+        })
     }
 
     /// Create (or truncate) a file of `size` bytes, as blockdev-create's `file` driver does.
     pub fn create(filename: &str, size: u64) -> io::Result<()> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(filename)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(filename)?;
         file.set_len(size)
     }
 
@@ -132,7 +144,11 @@ impl Driver for FileDriver {
         let Some(data) = self.seek(offset, libc::SEEK_DATA) else {
             // No data at or after offset (ENXIO), or no SEEK_DATA support: treat as data when unsure.
             let size = self.size();
-            return Ok(if offset >= size { (BlockStatus::Zero, len) } else { (BlockStatus::Data, len) });
+            return Ok(if offset >= size {
+                (BlockStatus::Zero, len)
+            } else {
+                (BlockStatus::Data, len)
+            });
         };
         if data > offset {
             return Ok((BlockStatus::Zero, (data - offset).min(len)));

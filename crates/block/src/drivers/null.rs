@@ -45,9 +45,19 @@ impl Driver for NullDriver {
         Ok(())
     }
     fn block_status(&self, _offset: u64, len: u64) -> io::Result<(BlockStatus, u64)> {
-        Ok((if self.read_zeroes { BlockStatus::Zero } else { BlockStatus::Data }, len))
+        Ok((
+            if self.read_zeroes {
+                BlockStatus::Zero
+            } else {
+                BlockStatus::Data
+            },
+            len,
+        ))
     }
     fn facts(&self) -> ImageFacts {
-        ImageFacts { filename: "null-co://".to_string(), ..ImageFacts::default() }
+        ImageFacts {
+            filename: "null-co://".to_string(),
+            ..ImageFacts::default()
+        }
     }
 }

@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use qcow2::{BlockStatus as QStatus, Qcow2, Storage};
 
-use crate::driver::{BitmapStore, BitmapToStore, BlockStatus, Driver, FormatSpecific, ImageFacts, StoredBitmap};
+use crate::driver::{
+    BitmapStore, BitmapToStore, BlockStatus, Driver, FormatSpecific, ImageFacts, StoredBitmap,
+};
 use crate::node::NodeRef;
 
 /// A node seen as qcow2 storage.
@@ -50,22 +52,28 @@ pub struct Qcow2Driver {
     file: NodeRef,
 }
 
+/// The I/O path speaks errno (NBD maps it to its own codes); the message goes to the log.
 fn to_io(e: qcow2::Error) -> io::Error {
-    e.to_io()
+    tracing::warn!(error = %e, "qcow2 request failed");
+    io::Error::from_raw_os_error(e.errno())
 }
 
 impl Qcow2Driver {
     /// Open the image stored in `file`.
     pub fn open(file: NodeRef, read_only: bool) -> Result<Qcow2Driver, String> {
         let storage: Arc<dyn Storage> = Arc::new(NodeStorage(file.clone()));
-        let opts = qcow2::OpenOptions { read_only, ..qcow2::OpenOptions::default() };
+        let opts = qcow2::OpenOptions {
+            read_only,
+            ..qcow2::OpenOptions::default()
+        };
         let image = Qcow2::open(storage, opts).map_err(|e| e.to_string())?;
         Ok(Qcow2Driver { image, file })
     }
 
     /// Attach (or detach) the backing node.
     pub fn set_backing(&self, backing: Option<NodeRef>) {
-        self.image.set_backing(backing.map(|b| Arc::new(NodeStorage(b)) as Arc<dyn Storage>));
+        self.image
+            .set_backing(backing.map(|b| Arc::new(NodeStorage(b)) as Arc<dyn Storage>));
     }
 
     /// Backing file named in the image.
@@ -98,7 +106,9 @@ impl Driver for Qcow2Driver {
         self.image.write_at(data, offset).map_err(to_io)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        self.image.write_zeroes(offset, len, may_unmap).map_err(to_io)
+        self.image
+            .write_zeroes(offset, len, may_unmap)
+            .map_err(to_io)
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.image.discard(offset, len).map_err(to_io)
@@ -139,7 +149,12 @@ impl Driver for Qcow2Driver {
             backing_filename: self.image.backing_file(),
             backing_format: self.image.backing_format(),
             format_specific: Some(FormatSpecific::Qcow2 {
-                compat: if self.image.version() >= 3 { "1.1" } else { "0.10" }.to_string(),
+                compat: if self.image.version() >= 3 {
+                    "1.1"
+                } else {
+                    "0.10"
+                }
+                .to_string(),
                 lazy_refcounts: false,
                 refcount_bits: 16,
                 corrupt: self.image.is_corrupt(),
@@ -171,7 +186,9 @@ impl BitmapStore for Qcow2Driver {
             .collect())
     }
     fn can_store(&self, name: &str, granularity: u64) -> Result<(), String> {
-        self.image.can_store_bitmap(name, granularity).map_err(|e| e.to_string())
+        self.image
+            .can_store_bitmap(name, granularity)
+            .map_err(|e| e.to_string())
     }
     fn store(&self, bitmaps: &[BitmapToStore], in_use: bool) -> io::Result<()> {
         let list: Vec<qcow2::StoreBitmap> = bitmaps
@@ -180,7 +197,7 @@ impl BitmapStore for Qcow2Driver {
                 name: b.name.clone(),
                 granularity: b.granularity,
                 auto: b.recording,
-                inconsistent: b.inconsistent,
+                inconsistent_keep_in_use: b.inconsistent,
                 data: b.data.clone(),
             })
             .collect();

@@ -31,7 +31,11 @@ impl RawDriver {
                 ));
             }
         }
-        Ok(RawDriver { child, offset, size })
+        Ok(RawDriver {
+            child,
+            offset,
+            size,
+        })
     }
 }
 
@@ -40,7 +44,8 @@ impl Driver for RawDriver {
         "raw"
     }
     fn size(&self) -> u64 {
-        self.size.unwrap_or_else(|| self.child.size().saturating_sub(self.offset))
+        self.size
+            .unwrap_or_else(|| self.child.size().saturating_sub(self.offset))
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.child.read(self.offset + offset, buf)
@@ -49,7 +54,8 @@ impl Driver for RawDriver {
         self.child.write(self.offset + offset, data)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        self.child.write_zeroes(self.offset + offset, len, may_unmap)
+        self.child
+            .write_zeroes(self.offset + offset, len, may_unmap)
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.child.discard(self.offset + offset, len)
@@ -62,6 +68,10 @@ impl Driver for RawDriver {
     }
     fn facts(&self) -> ImageFacts {
         let child = self.child.facts();
-        ImageFacts { filename: child.filename, actual_size: child.actual_size, ..ImageFacts::default() }
+        ImageFacts {
+            filename: child.filename,
+            actual_size: child.actual_size,
+            ..ImageFacts::default()
+        }
     }
 }

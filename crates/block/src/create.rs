@@ -1,0 +1,80 @@
+//! Image creation (`blockdev-create`) as a job body.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::drivers::file::FileDriver;
+use crate::drivers::qcow2::NodeStorage;
+use crate::error::strerror;
+use crate::job::{JobBody, JobCtx};
+use crate::node::NodeRef;
+
+/// What to create.
+#[derive(Clone)]
+pub enum CreateSpec {
+    /// A host file of `size` bytes.
+    File {
+        /// Path.
+        filename: String,
+        /// Size.
+        size: u64,
+    },
+    /// A qcow2 image inside an existing (protocol) node.
+    Qcow2 {
+        /// The node to write the image into.
+        file: NodeRef,
+        /// Options for the format.
+        opts: qcow2::CreateOptions,
+    },
+}
+
+/// The body of a `create` job.
+pub struct CreateJob {
+    spec: CreateSpec,
+}
+
+impl CreateJob {
+    /// A job body creating `spec`.
+    pub fn new(spec: CreateSpec) -> Arc<CreateJob> {
+        Arc::new(CreateJob { spec })
+    }
+}
+
+fn create(spec: &CreateSpec) -> Result<(), String> {
+    match spec {
+        CreateSpec::File { filename, size } => FileDriver::create(filename, *size)
+            .map_err(|e| format!("Could not create '{filename}': {}", strerror(&e))),
+        CreateSpec::Qcow2 { file, opts } => {
+            if file.read_only() {
+                return Err(format!("Node '{}' is read only", file.name()));
+            }
+            let storage = NodeStorage(file.clone());
+            storage_truncate(&storage)?;
+            qcow2::Qcow2::create(&storage, opts).map_err(|e| e.to_string())
+        }
+    }
+}
+
+fn storage_truncate(s: &NodeStorage) -> Result<(), String> {
+    use qcow2::Storage;
+    s.truncate(0)
+        .map_err(|e| format!("Could not resize image: {}", strerror(&e)))
+}
+
+impl JobBody for CreateJob {
+    fn run(
+        self: Arc<Self>,
+        ctx: JobCtx,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> {
+        Box::pin(async move {
+            ctx.set_total(1);
+            let spec = self.spec.clone();
+            let r = tokio::task::spawn_blocking(move || create(&spec))
+                .await
+                .map_err(|e| format!("creation task failed: {e}"))?;
+            ctx.progress(1);
+            r
+        })
+    }
+}

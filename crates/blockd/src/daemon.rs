@@ -1,0 +1,217 @@
+//! The daemon's state and the handlers that translate commands into core calls.
+//!
+//! Locks: every field below is a std `Mutex` held for short, non-async sections only. QMP
+//! commands are serialised by the qmp crate, so handlers never race each other; I/O paths
+//! (NBD, jobs) clone node handles out and never take these locks.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use block::graph::{Graph, NodeOptions};
+use block::job::{JobEvent, JobManager};
+use block::{bitmap_ops, Error, NodeRef, Result};
+
+use crate::exports::ExportRec;
+use crate::info;
+
+/// A named device over a node (the short form's `drive0`), listed by `query-block`.
+pub struct Device {
+    /// Device name.
+    pub name: String,
+    /// Its root node.
+    pub node: NodeRef,
+}
+
+/// Everything the daemon holds.
+pub struct Daemon {
+    /// The graph. Closed at shutdown.
+    pub graph: Mutex<Graph>,
+    /// Jobs; cancelled at shutdown.
+    pub jobs: Arc<JobManager>,
+    /// Events to every monitor.
+    pub events: qmp::EventBus,
+    /// Named devices (short form); dropped at shutdown.
+    pub devices: Mutex<Vec<Device>>,
+    /// The NBD server, when started; stopped at shutdown.
+    nbd: Mutex<Option<nbd::NbdServer>>,
+    /// NBD exports; removed at shutdown.
+    exports: Mutex<Vec<ExportRec>>,
+    /// Cancelled by `quit` or a signal: the main task then shuts everything down.
+    pub shutdown: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Render a job event as a QMP event.
+fn emit_job_event(events: &qmp::EventBus, ev: JobEvent) {
+    match ev {
+        JobEvent::StatusChange { id, status } => {
+            events.emit("JOB_STATUS_CHANGE", Some(json!({"id": id, "status": status.as_str()})))
+        }
+        JobEvent::Completed { job_type, device, len, offset, speed, error } => {
+            let mut data = json!({"type": job_type, "device": device, "len": len, "offset": offset, "speed": speed});
+            if let Some(e) = error {
+                data["error"] = json!(e);
+            }
+            events.emit("BLOCK_JOB_COMPLETED", Some(data))
+        }
+        JobEvent::Cancelled { job_type, device, len, offset, speed } => events.emit(
+            "BLOCK_JOB_CANCELLED",
+            Some(json!({"type": job_type, "device": device, "len": len, "offset": offset, "speed": speed})),
+        ),
+        JobEvent::Pending { job_type, id } => {
+            events.emit("BLOCK_JOB_PENDING", Some(json!({"type": job_type, "id": id})))
+        }
+        JobEvent::IoError { device, operation, action } => events.emit(
+            "BLOCK_JOB_ERROR",
+            Some(json!({"device": device, "operation": operation, "action": action})),
+        ),
+    }
+}
+
+impl Daemon {
+    /// A daemon with an empty graph.
+    pub fn new(events: qmp::EventBus) -> Arc<Daemon> {
+        let ev = events.clone();
+        let jobs = JobManager::new(Arc::new(move |e| emit_job_event(&ev, e)));
+        Arc::new(Daemon {
+            graph: Mutex::new(Graph::new()),
+            jobs,
+            events,
+            devices: Mutex::new(Vec::new()),
+            nbd: Mutex::new(None),
+            exports: Mutex::new(Vec::new()),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// The graph, locked.
+    pub fn graph(&self) -> MutexGuard<'_, Graph> {
+        lock(&self.graph)
+    }
+
+    /// The NBD server, if running.
+    pub fn nbd(&self) -> Option<nbd::NbdServer> {
+        lock(&self.nbd).clone()
+    }
+
+    /// The NBD server slot, locked.
+    pub fn nbd_slot(&self) -> MutexGuard<'_, Option<nbd::NbdServer>> {
+        lock(&self.nbd)
+    }
+
+    /// The exports, locked.
+    pub fn exports(&self) -> MutexGuard<'_, Vec<ExportRec>> {
+        lock(&self.exports)
+    }
+
+    /// Find a node by node name or device name (QEMU accepts either where it takes a "node").
+    pub fn lookup_node(&self, name: &str) -> Result<NodeRef> {
+        if let Some(d) = lock(&self.devices).iter().find(|d| d.name == name) {
+            return Ok(d.node.clone());
+        }
+        self.graph().lookup(name)
+    }
+
+    /// blockdev-add.
+    pub fn blockdev_add(&self, opts: &NodeOptions) -> Result<NodeRef> {
+        if let Some(n) = &opts.node_name {
+            if lock(&self.devices).iter().any(|d| &d.name == n) {
+                return Err(Error::generic(format!(
+                    "node-name={n} is conflicting with a device id"
+                )));
+            }
+        }
+        self.graph().add(opts)
+    }
+
+    /// blockdev-del.
+    pub fn blockdev_del(&self, name: &str) -> Result<()> {
+        if lock(&self.devices).iter().any(|d| d.node.name() == name) {
+            return Err(Error::generic(format!("Node {name} is in use")));
+        }
+        self.graph().del(name)
+    }
+
+    /// Attach a named device over a node (short form).
+    pub fn add_device(&self, name: &str, node: NodeRef) {
+        lock(&self.devices).push(Device {
+            name: name.to_string(),
+            node,
+        });
+    }
+
+    /// query-named-block-nodes.
+    pub fn query_named_block_nodes(&self, flat: bool) -> Value {
+        info::named_block_nodes(&self.graph(), flat)
+    }
+
+    /// query-block: one BlockInfo per named device.
+    pub fn query_block(&self) -> Value {
+        let devices = lock(&self.devices);
+        Value::Array(
+            devices
+                .iter()
+                .map(|d| {
+                    let mut inserted = info::node_info(&d.node, false);
+                    if let Some(b) = info::dirty_bitmaps(&d.node) {
+                        inserted["dirty-bitmaps"] = b;
+                    }
+                    json!({
+                        "device": d.name,
+                        "locked": false,
+                        "removable": false,
+                        "inserted": inserted,
+                        "type": "unknown",
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// block-dirty-bitmap-add.
+    pub fn bitmap_add(
+        &self,
+        node: &str,
+        name: &str,
+        granularity: Option<u64>,
+        persistent: bool,
+        disabled: bool,
+    ) -> Result<()> {
+        let n = self.lookup_node(node)?;
+        bitmap_ops::add(&n, name, granularity, persistent, disabled)
+    }
+
+    /// block-dirty-bitmap-merge: sources are (node or None for `node`, name).
+    pub fn bitmap_merge(
+        &self,
+        node: &str,
+        target: &str,
+        sources: &[(Option<String>, String)],
+    ) -> Result<()> {
+        let n = self.lookup_node(node)?;
+        let mut resolved = Vec::with_capacity(sources.len());
+        for (sn, name) in sources {
+            let src = match sn {
+                Some(sn) => self.lookup_node(sn)?,
+                None => n.clone(),
+            };
+            resolved.push((src, name.clone()));
+        }
+        bitmap_ops::merge(&n, target, &resolved).map(|_| ())
+    }
+
+    /// Cancel jobs, remove exports, stop NBD, close every node (parents first).
+    pub async fn close_all(&self) {
+        self.jobs.cancel_all().await;
+        if self.nbd().is_some() {
+            let _ = self.nbd_server_stop().await;
+        }
+        lock(&self.devices).clear();
+        self.graph().close_all();
+    }
+}

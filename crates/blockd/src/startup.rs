@@ -1,0 +1,333 @@
+//! Start-up and shutdown: apply the command line in order, serve, and close cleanly.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::cli::{default_qmp_socket, Opt};
+use crate::daemon::Daemon;
+use crate::dispatch::QmpDispatcher;
+use crate::exports::{ExportArgs, NbdAddr};
+
+/// A bound chardev waiting for its monitor.
+enum Listener {
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+    Tcp(std::net::TcpListener),
+}
+
+/// Fork into the background. The parent waits until the child reports readiness (exit 0) or
+/// fails (exit 1); the child returns the pipe end on which to report.
+pub fn daemonize() -> Result<OwnedFd, String> {
+    let (rd, wr) = nix::unistd::pipe().map_err(|e| e.to_string())?;
+    // SAFETY: called before any thread or runtime exists, so the child is a full copy.
+    match unsafe { nix::unistd::fork() }.map_err(|e| e.to_string())? {
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(wr);
+            let mut byte = [0u8; 1];
+            let ok =
+                matches!(nix::unistd::read(rd.as_raw_fd(), &mut byte), Ok(1) if byte[0] == b'1');
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(rd);
+            let _ = nix::unistd::setsid();
+            Ok(wr)
+        }
+    }
+}
+
+fn report_ready(fd: OwnedFd) {
+    let _ = nix::unistd::write(&fd, b"1");
+    // Detach stdio as a daemon does.
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for target in 0..=2 {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), target);
+        }
+    }
+}
+
+fn keyval(s: &str, implied: Option<&str>) -> Result<Map<String, Value>, String> {
+    qapi::parse_keyval(s, implied).map_err(|e| e.desc)
+}
+
+fn flag_on(m: &Map<String, Value>, k: &str) -> Option<bool> {
+    m.get(k)
+        .and_then(Value::as_str)
+        .map(|v| matches!(v, "on" | "yes" | "true" | "y"))
+}
+
+fn bind_chardev(m: &Map<String, Value>) -> Result<(String, Listener), String> {
+    let backend = m.get("backend").and_then(Value::as_str).unwrap_or("");
+    let id = m
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or("chardev: \"id\" is required")?
+        .to_string();
+    if backend != "socket" {
+        return Err(format!(
+            "chardev '{id}': backend '{backend}' is not supported (only socket)"
+        ));
+    }
+    if flag_on(m, "server") == Some(false) {
+        return Err(format!(
+            "chardev '{id}': only server=on sockets are supported"
+        ));
+    }
+    if let Some(path) = m.get("path").and_then(Value::as_str) {
+        let _ = std::fs::remove_file(path);
+        let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
+            format!(
+                "Failed to bind socket to {path}: {}",
+                block::error::strerror(&e)
+            )
+        })?;
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        return Ok((id, Listener::Unix(l, PathBuf::from(path))));
+    }
+    let host = m.get("host").and_then(Value::as_str).unwrap_or("127.0.0.1");
+    let port = m
+        .get("port")
+        .and_then(Value::as_str)
+        .ok_or("chardev: \"path\" or \"port\" is required")?;
+    let l = std::net::TcpListener::bind(format!("{host}:{port}"))
+        .map_err(|e| format!("Failed to bind socket: {}", block::error::strerror(&e)))?;
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    Ok((id, Listener::Tcp(l)))
+}
+
+fn nbd_addr(m: &Map<String, Value>) -> Result<NbdAddr, String> {
+    let addr = m
+        .get("addr")
+        .and_then(Value::as_object)
+        .ok_or("Parameter 'addr' is missing")?;
+    let data = addr.get("data").and_then(Value::as_object).unwrap_or(addr);
+    match addr.get("type").and_then(Value::as_str) {
+        Some("unix") => Ok(NbdAddr::Unix(PathBuf::from(
+            data.get("path")
+                .and_then(Value::as_str)
+                .ok_or("Parameter 'addr.path' is missing")?,
+        ))),
+        Some("inet") => Ok(NbdAddr::Inet(
+            data.get("host")
+                .and_then(Value::as_str)
+                .unwrap_or("0.0.0.0")
+                .to_string(),
+            data.get("port")
+                .and_then(Value::as_str)
+                .unwrap_or("10809")
+                .to_string(),
+        )),
+        Some(other) => Err(format!(
+            "NBD server address type '{other}' is not supported"
+        )),
+        None => Err("Parameter 'addr.type' is missing".to_string()),
+    }
+}
+
+/// Everything the options set up before serving.
+struct Setup {
+    monitors: Vec<Listener>,
+    pidfile: Option<PathBuf>,
+}
+
+async fn apply(daemon: &Arc<Daemon>, opts: &[Opt]) -> Result<Setup, String> {
+    let mut chardevs: HashMap<String, Listener> = HashMap::new();
+    let mut setup = Setup {
+        monitors: Vec::new(),
+        pidfile: None,
+    };
+    let schema = qapi::Schema::get();
+    let mut short_qmp: Option<String> = None;
+    let mut short_image = false;
+    for opt in opts {
+        let ctx = |name: &str, v: &str, e: String| format!("--{name} {v}: {e}");
+        match opt {
+            Opt::Chardev(v) => {
+                let m = keyval(v, Some("backend")).map_err(|e| ctx("chardev", v, e))?;
+                let (id, l) = bind_chardev(&m).map_err(|e| ctx("chardev", v, e))?;
+                if chardevs.contains_key(&id) {
+                    return Err(ctx("chardev", v, format!("Duplicate chardev id '{id}'")));
+                }
+                chardevs.insert(id, l);
+            }
+            Opt::Monitor(v) => {
+                let m = keyval(v, Some("chardev")).map_err(|e| ctx("monitor", v, e))?;
+                let id = m.get("chardev").and_then(Value::as_str).unwrap_or("");
+                let l = chardevs
+                    .remove(id)
+                    .ok_or_else(|| ctx("monitor", v, format!("chardev \"{id}\" not found")))?;
+                setup.monitors.push(l);
+            }
+            Opt::Blockdev(v) => {
+                let value = if v.trim_start().starts_with('{') {
+                    let j: Value =
+                        serde_json::from_str(v).map_err(|e| ctx("blockdev", v, e.to_string()))?;
+                    schema
+                        .normalize_type("BlockdevOptions", &j)
+                        .map_err(|e| ctx("blockdev", v, e.desc))?
+                } else {
+                    let m = keyval(v, Some("driver")).map_err(|e| ctx("blockdev", v, e))?;
+                    schema
+                        .coerce_keyval("BlockdevOptions", Value::Object(m))
+                        .map_err(|e| ctx("blockdev", v, e.desc))?
+                };
+                let opts =
+                    crate::convert::node_options(&value).map_err(|e| ctx("blockdev", v, e))?;
+                daemon
+                    .blockdev_add(&opts)
+                    .map_err(|e| ctx("blockdev", v, e.to_string()))?;
+            }
+            Opt::NbdServer(v) => {
+                let m = keyval(v, None).map_err(|e| ctx("nbd-server", v, e))?;
+                let addr = nbd_addr(&m).map_err(|e| ctx("nbd-server", v, e))?;
+                let max = m
+                    .get("max-connections")
+                    .and_then(Value::as_str)
+                    .and_then(|s| s.parse().ok());
+                daemon
+                    .nbd_server_start(addr, max)
+                    .await
+                    .map_err(|e| ctx("nbd-server", v, e.to_string()))?;
+            }
+            Opt::Export(v) => {
+                let m = keyval(v, Some("type")).map_err(|e| ctx("export", v, e))?;
+                let value = schema
+                    .coerce_keyval("BlockExportOptions", Value::Object(m))
+                    .map_err(|e| ctx("export", v, e.desc))?;
+                let args = crate::dispatch::export_args(&value).map_err(|e| ctx("export", v, e))?;
+                daemon
+                    .export_add(args)
+                    .map_err(|e| ctx("export", v, e.to_string()))?;
+            }
+            Opt::Pidfile(p) => {
+                std::fs::write(p, format!("{}\n", std::process::id()))
+                    .map_err(|e| format!("cannot create PID file: {e}"))?;
+                setup.pidfile = Some(PathBuf::from(p));
+            }
+            Opt::Daemonize => {}
+            Opt::Image(path) => {
+                short_image = true;
+                let format = block::graph::probe_format(path).map_err(|e| {
+                    format!(
+                        "--image {path}: Could not open '{path}': {}",
+                        block::error::strerror(&e)
+                    )
+                })?;
+                let file = crate::convert::node_options(&serde_json::json!({
+                    "driver": format, "node-name": "drive0-fmt",
+                    "file": {"driver": "file", "filename": path}
+                }))?;
+                let node = daemon
+                    .blockdev_add(&file)
+                    .map_err(|e| format!("--image {path}: {e}"))?;
+                daemon.add_device("drive0", node);
+            }
+            Opt::Qmp(p) => short_qmp = Some(p.clone()),
+            Opt::Nbd(p) => {
+                daemon
+                    .nbd_server_start(NbdAddr::Unix(PathBuf::from(p)), None)
+                    .await
+                    .map_err(|e| format!("--nbd {p}: {e}"))?;
+                if short_image {
+                    daemon
+                        .export_add(ExportArgs {
+                            id: "drive0".into(),
+                            node_name: "drive0".into(),
+                            name: Some("drive0".into()),
+                            description: None,
+                            writable: true,
+                            bitmaps: Vec::new(),
+                            allocation_depth: true,
+                        })
+                        .map_err(|e| format!("--nbd {p}: {e}"))?;
+                }
+            }
+        }
+    }
+    if short_image || short_qmp.is_some() {
+        let path = short_qmp.unwrap_or_else(default_qmp_socket);
+        let mut m = Map::new();
+        m.insert("backend".into(), "socket".into());
+        m.insert("id".into(), "qmp-short".into());
+        m.insert("path".into(), path.clone().into());
+        let (_, l) = bind_chardev(&m).map_err(|e| format!("--qmp {path}: {e}"))?;
+        eprintln!("blockd: QMP on {path}");
+        setup.monitors.push(l);
+    }
+    Ok(setup)
+}
+
+/// Run the daemon until `quit` or a signal; returns the exit status.
+pub async fn run(opts: Vec<Opt>, ready: Option<OwnedFd>) -> ExitCode {
+    let events = qmp::EventBus::new();
+    let daemon = Daemon::new(events.clone());
+    let dispatcher = QmpDispatcher::new(daemon.clone());
+    let greeting = qmp::Greeting {
+        major: 10,
+        minor: 0,
+        micro: 2,
+        package: format!("blockd {}", env!("CARGO_PKG_VERSION")),
+    };
+    let server = qmp::Server::new(dispatcher.clone(), events, greeting);
+    dispatcher.set_server(server.clone());
+
+    let setup = match apply(&daemon, &opts).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("blockd: {e}");
+            daemon.close_all().await;
+            return ExitCode::from(1);
+        }
+    };
+    for l in setup.monitors {
+        let added = match l {
+            Listener::Unix(l, path) => tokio::net::UnixListener::from_std(l)
+                .map(|l| server.add_unix_monitor(l, Some(path))),
+            Listener::Tcp(l) => {
+                tokio::net::TcpListener::from_std(l).map(|l| server.add_tcp_monitor(l))
+            }
+        };
+        if let Err(e) = added {
+            eprintln!("blockd: monitor: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    if let Some(fd) = ready {
+        report_ready(fd);
+    }
+    wait_for_shutdown(&daemon).await;
+    tracing::info!("shutting down");
+    server.begin_shutdown();
+    daemon.close_all().await;
+    server.shutdown().await;
+    if let Some(p) = setup.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_shutdown(daemon: &Arc<Daemon>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        daemon.shutdown.cancelled().await;
+        return;
+    };
+    tokio::select! {
+        _ = daemon.shutdown.cancelled() => {}
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = hup.recv() => {}
+    }
+}

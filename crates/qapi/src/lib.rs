@@ -24,6 +24,8 @@
 //! * `types` — typed commands (one module per schema family), replies and events.
 //! * `error` — [`QapiError`], a QMP error class plus description.
 
+#![warn(missing_docs)]
+
 mod check;
 mod error;
 mod introspect;

@@ -21,7 +21,7 @@ use crate::protocol::{self, Action, Command, Session};
 use crate::server::Shared;
 
 /// Size of the read buffer.
-const READ_BUFFER: usize = 64 * 1024;
+const READ_BUFFER: usize = 16 * 1024;
 
 /// The connection must end (shutdown, or its queue is gone).
 #[derive(Debug)]

@@ -39,6 +39,8 @@
 //! Logging uses `tracing`: traffic at debug level, dropped connections at warn; nothing is
 //! printed unless the daemon installs a subscriber.
 
+#![warn(missing_docs)]
+
 mod connection;
 mod dispatch;
 mod error;

@@ -207,7 +207,7 @@ pub async fn write_loop<W>(sink: W, outbox: Arc<Outbox>, peer: Arc<str>)
 where
     W: AsyncWrite + Unpin,
 {
-    let mut sink = BufWriter::with_capacity(64 * 1024, sink);
+    let mut sink = BufWriter::with_capacity(16 * 1024, sink);
     loop {
         let step = match outbox.pop() {
             Next::Message(msg) => {

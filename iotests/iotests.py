@@ -162,6 +162,22 @@ def create_image(path: Union[str, Path], size: Union[int, str], fmt: str = "raw"
 # ---------------------------------------------------------------- raw QMP
 
 
+def _connect_unix(path: str, timeout: float) -> socket.socket:
+    """Connects to a Unix socket, retrying while it is bound but not yet listening."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 class RawQmp:
     """A QMP client that sends exact bytes and reads exact reply lines.
 
@@ -173,9 +189,7 @@ class RawQmp:
     def __init__(self, path: Union[str, Path], timeout: float = QMP_TIMEOUT):
         self.path = str(path)
         self.timeout = timeout
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(self.path)
+        self.sock = _connect_unix(self.path, timeout)
         self.buf = b""
         self.events: List[dict] = []
         #: Raw bytes of every line received, in order (for framing checks).
@@ -344,8 +358,8 @@ class Daemon:
         """Starts the daemon with ``monitors`` monitor sockets followed by ``args``.
 
         With ``raw_argv`` the monitor options are not added (``args`` is the
-        whole command line).  With ``wait`` the call returns once monitor 0
-        accepts connections (raises with the log if the process dies first).
+        whole command line).  With ``wait`` the call returns once every
+        monitor socket exists (raises with the log if the process dies first).
         """
         argv = [self.binary]
         if not raw_argv:
@@ -365,9 +379,32 @@ class Daemon:
                 start_new_session=True, preexec_fn=_die_with_parent,
             )
         _LIVE.add(self)
-        if wait and self.monitor_paths:
-            self.wait_socket(self.monitor_paths[0])
+        if wait:
+            for path in self.monitor_paths:
+                self.wait_socket(path)
+            if DAEMON_KIND == "qsd" and self.monitor_paths:
+                self._qsd_settle(self.monitor_paths[0])
         return self
+
+    def _qsd_settle(self, path: Path) -> None:
+        """Waits until QSD answers on its first monitor.
+
+        Under heavy load QSD 10.0.2 sometimes sends the greeting to a client
+        that connects right after start-up and then never reads its input
+        (a start-up race in its monitor set-up).  A throw-away client that
+        completes negotiation proves the monitor is fully set up; tests then
+        connect as usual.
+        """
+        for _ in range(5):
+            try:
+                with RawQmp(path, timeout=3) as probe:
+                    probe.greeting()
+                    if probe.negotiate() == {"return": {}}:
+                        return
+            except (TimeoutError, EOFError, OSError):
+                if not self.running():
+                    raise AssertionError(f"daemon died during start-up:\n{self.log()}") from None
+        raise AssertionError(f"QSD monitor never answered:\n{self.log()}")
 
     def wait_socket(self, path: Union[str, Path], timeout: float = START_TIMEOUT) -> None:
         """Waits until ``path`` exists as a socket (without connecting, so a
@@ -434,7 +471,11 @@ class Daemon:
         """The negotiated qemu.qmp connection to monitor ``monitor`` (made on first use)."""
         conn = self._conns.get(monitor)
         if conn is None:
-            conn = QEMUMonitorProtocol(str(self.monitor_paths[monitor]), nickname=f"{self.name}-mon{monitor}")
+            # Hand qemu.qmp a connected socket: the retry in _connect_unix
+            # covers the window between the daemon's bind() and listen().
+            sock = _connect_unix(str(self.monitor_paths[monitor]), QMP_TIMEOUT)
+            sock.settimeout(None)
+            conn = QEMUMonitorProtocol(sock, nickname=f"{self.name}-mon{monitor}")
             conn.settimeout(QMP_TIMEOUT)
             conn.connect(negotiate=True)
             self._conns[monitor] = conn

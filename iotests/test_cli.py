@@ -158,23 +158,22 @@ def test_daemonize_returns_after_socket_exists(tmp_path):
     argv = [daemon_binary(), *d.monitor_args(1), "--pidfile", str(pid), "--daemonize"]
     p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=10)
     assert p.returncode == 0, p.stderr
+    assert pid.exists(), "parent returned before the pid file existed"
+    dpid = int(pid.read_text())
     try:
         assert d.monitor_paths[0].is_socket(), "parent returned before the monitor socket existed"
-        assert pid.exists(), "parent returned before the pid file existed"
         with RawQmp(d.monitor_paths[0]) as r:
             r.greeting()
             assert r.negotiate() == {"return": {}}
             assert r.execute("quit") == {"return": {}}
             r.expect_eof()
     finally:
-        if pid.exists():
-            dpid = int(pid.read_text())
-            deadline = time.monotonic() + 5
-            while _pid_alive(dpid) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if _pid_alive(dpid):
-                os.kill(dpid, signal.SIGKILL)
-                pytest.fail("daemonized process did not exit at quit")
+        deadline = time.monotonic() + 5
+        while _pid_alive(dpid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if _pid_alive(dpid):
+            os.kill(dpid, signal.SIGKILL)
+            pytest.fail("daemonized process did not exit at quit")
 
 
 def test_daemonize_reports_startup_error_with_status_1(tmp_path):

@@ -23,6 +23,24 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Where we differ from qemu-storage-daemon 10.0.2, on purpose
+//!
+//! * Several clients may use one monitor at once (QSD greets the second only after the first
+//!   disconnects). Each connection negotiates on its own and gets every event.
+//! * Input limits are smaller and configurable ([`ServerConfig::input`]: 1 MiB of tokens,
+//!   64 Ki tokens, depth 1024; QSD: 64 MiB, 2 Mi, 1024). After a limit error we skip the rest
+//!   of that message; QSD re-reads the rest as new messages and sends one error per leftover
+//!   token (e.g. 1025 `[` then 1025 `]` gives 1026 errors there, one here). A lexical error
+//!   while skipping ends the skip silently, so an unterminated huge string ends at a newline.
+//! * A float literal beyond the f64 range becomes ±1.7976931348623157e+308; QSD stores
+//!   infinity and prints `inf`, which is not JSON.
+//! * A client that does not read its events is disconnected once its queue is full
+//!   ([`ServerConfig::output`]); QSD buffers without bound.
+//! * `exec-oob` errors are sent in request order; QSD sends them at once, possibly ahead of the
+//!   reply to a command still running. (No command supports OOB, in QSD either.)
+//! * A command that panics gets a `GenericError` reply; the daemon lives on.
+//! * A client that half-closes its socket still receives the replies to what it sent.
+//!
 //! # Layout
 //!
 //! * [`json`] — QEMU's JSON dialect: byte-level lexer, message streamer with limits and error

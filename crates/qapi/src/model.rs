@@ -810,3 +810,106 @@ impl Builder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Model, String> {
+        Model::load(&[("root.json", text)], "root.json")
+    }
+
+    #[test]
+    fn struct_base_members_come_first() {
+        let m = load("{ 'struct': 'B', 'data': { 'b': 'int' } } { 'struct': 'S', 'base': 'B', 'data': { '*s': 'str' } }").unwrap();
+        let names: Vec<_> = m
+            .object(m.type_index["S"])
+            .unwrap()
+            .members
+            .iter()
+            .map(|x| x.name.clone())
+            .collect();
+        assert_eq!(names, ["b", "s"]);
+    }
+
+    #[test]
+    fn union_lists_every_enum_value_declared_branches_first() {
+        let m = load(
+            "{ 'enum': 'E', 'data': ['a', 'b', 'c'] }
+             { 'struct': 'C', 'data': {} }
+             { 'union': 'U', 'base': { 't': 'E' }, 'discriminator': 't', 'data': { 'c': 'C' } }",
+        )
+        .unwrap();
+        let v = m
+            .object(m.type_index["U"])
+            .unwrap()
+            .variants
+            .clone()
+            .unwrap();
+        let cases: Vec<_> = v
+            .cases
+            .iter()
+            .map(|(c, b)| (c.as_str(), b.is_some()))
+            .collect();
+        assert_eq!(cases, [("c", true), ("a", false), ("b", false)]);
+    }
+
+    #[test]
+    fn unknown_type_is_an_error() {
+        assert!(load("{ 'struct': 'S', 'data': { 'x': 'Nope' } }")
+            .unwrap_err()
+            .contains("unknown type 'Nope'"));
+    }
+
+    #[test]
+    fn branch_outside_the_enum_is_an_error() {
+        let e = load(
+            "{ 'enum': 'E', 'data': ['a'] } { 'struct': 'C', 'data': {} }
+             { 'union': 'U', 'base': { 't': 'E' }, 'discriminator': 't', 'data': { 'z': 'C' } }",
+        )
+        .unwrap_err();
+        assert!(e.contains("branch 'z'"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_definitions_and_members_are_errors() {
+        assert!(load("{ 'enum': 'E', 'data': ['a'] } { 'enum': 'E', 'data': ['b'] }").is_err());
+        assert!(load("{ 'struct': 'B', 'data': { 'x': 'int' } } { 'struct': 'S', 'base': 'B', 'data': { 'x': 'int' } }").is_err());
+        assert!(load("{ 'command': 'c' } { 'command': 'c' }").is_err());
+    }
+
+    #[test]
+    fn base_cycle_is_an_error() {
+        assert!(load(
+            "{ 'struct': 'A', 'base': 'B', 'data': {} } { 'struct': 'B', 'base': 'A', 'data': {} }"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn inline_command_arguments_become_an_implicit_type() {
+        let m = load("{ 'command': 'c', 'data': { 'x': 'int' } }").unwrap();
+        let id = m.commands[0].args.unwrap();
+        assert_eq!(m.types[id].name, "q_obj_c-arg");
+    }
+
+    #[test]
+    fn union_as_arguments_needs_boxed() {
+        let schema = "{ 'enum': 'E', 'data': ['a'] } { 'union': 'U', 'base': { 't': 'E' }, 'discriminator': 't', 'data': {} }";
+        assert!(load(&format!("{schema} {{ 'command': 'c', 'data': 'U' }}")).is_err());
+        assert!(load(&format!(
+            "{schema} {{ 'command': 'c', 'data': 'U', 'boxed': true }}"
+        ))
+        .is_ok());
+    }
+
+    #[test]
+    fn file_not_included_from_the_root_is_an_error() {
+        let e = Model::load(
+            &[("root.json", "{ 'command': 'c' }"), ("orphan.json", "")],
+            "root.json",
+        )
+        .unwrap_err();
+        assert!(e.contains("orphan.json"), "{e}");
+    }
+}

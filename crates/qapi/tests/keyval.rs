@@ -170,15 +170,89 @@ const CASES: &[(&str, &str)] = &[
     ("driver=qcow2,node-name=q,file=a,overlap-check.template=all,overlap-check.main-header=off,zzzz=1", "Parameter 'zzzz' is unexpected"),
 ];
 
+/// `--nbd-server` arguments (type `NbdServerOptions`, no implied key) and QSD's error.
+const NBD_SERVER_CASES: &[(&str, &str)] = &[
+    ("addr.type=unix", "Parameter 'addr.path' is missing"),
+    (
+        "addr.type=unix,addr.path=/x,max-connections=-1",
+        "Parameter 'max-connections' expects uint32_t",
+    ),
+    (
+        "addr.type=inet,addr.host=h,addr.port=1,addr.to=70000",
+        "Parameter 'to' expects uint16_t",
+    ),
+    ("max-connections=2", "Parameter 'addr' is missing"),
+    (
+        "addr.type=unix,addr.path=/x,zz=1",
+        "Parameter 'zz' is unexpected",
+    ),
+    ("unix,path=/x", "Expected '=' after parameter 'unix'"),
+];
+
+/// `--export` arguments (type `BlockExportOptions`, implied key `type`) and QSD's error.
+const EXPORT_CASES: &[(&str, &str)] = &[
+    ("nbd,id=e,node-name=n,zz=1", "Parameter 'zz' is unexpected"),
+    ("nbd,node-name=n", "Parameter 'id' is missing"),
+    ("foo,id=e", "Parameter 'type' does not accept value 'foo'"),
+    (
+        "nbd,id=e,node-name=n,writable=maybe",
+        "Parameter 'writable' expects 'on' or 'off'",
+    ),
+    (
+        "nbd,id=e,node-name=n,bitmaps.0=b,bitmaps.1.node=n,bitmaps.1.name=c,zz=1",
+        "Parameter 'zz' is unexpected",
+    ),
+    (
+        "vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path=/x,num-queues=70000",
+        "Parameter 'num-queues' expects uint16_t",
+    ),
+    (
+        "vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path=/x,logical-block-size=4k,zz=1",
+        "Parameter 'zz' is unexpected",
+    ),
+    (
+        "vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path=/x,logical-block-size=4x",
+        "Parameter 'logical-block-size' expects size",
+    ),
+];
+
+/// One case: QSD option, implied key, schema type, argument, QSD's error.
+type Case = (
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+    &'static str,
+    &'static str,
+);
+
+fn all_cases() -> Vec<Case> {
+    let mut out: Vec<Case> = Vec::new();
+    out.extend(
+        CASES
+            .iter()
+            .map(|(a, w)| ("--blockdev", Some("driver"), "BlockdevOptions", *a, *w)),
+    );
+    out.extend(
+        NBD_SERVER_CASES
+            .iter()
+            .map(|(a, w)| ("--nbd-server", None, "NbdServerOptions", *a, *w)),
+    );
+    out.extend(
+        EXPORT_CASES
+            .iter()
+            .map(|(a, w)| ("--export", Some("type"), "BlockExportOptions", *a, *w)),
+    );
+    out
+}
+
 #[test]
 fn keyval_errors_match_recorded_qsd_texts() {
     let mut wrong = Vec::new();
-    for (arg, want) in CASES {
-        let got = match blockdev(arg) {
-            Ok(v) => format!("accepted: {v}"),
-            Err(e) => e,
-        };
-        if got != *want {
+    for (_, implied, ty, arg, want) in all_cases() {
+        let got = parse_keyval(arg, implied)
+            .and_then(|tree| Schema::get().coerce_keyval(ty, Value::Object(tree)))
+            .map_or_else(|e| e.desc, |v| format!("accepted: {v}"));
+        if got != want {
             wrong.push(format!("{arg}\n    want: {want}\n    got:  {got}"));
         }
     }
@@ -192,19 +266,21 @@ fn keyval_errors_match_live_qsd() {
         return;
     };
     let mut wrong = Vec::new();
-    for (arg, want) in CASES {
+    for (option, _, _, arg, want) in all_cases() {
         let out = Command::new(&bin)
-            .args(["--blockdev", arg])
+            .args([option, arg])
             .output()
             .expect("run qemu-storage-daemon");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let prefix = format!("qemu-storage-daemon: --blockdev {arg}: ");
+        let prefix = format!("qemu-storage-daemon: {option} {arg}: ");
         let line = stderr
             .lines()
             .find_map(|l| l.strip_prefix(&prefix))
             .unwrap_or("<no error line>");
-        if line != *want {
-            wrong.push(format!("{arg}\n    recorded: {want}\n    qsd now:  {line}"));
+        if line != want {
+            wrong.push(format!(
+                "{option} {arg}\n    recorded: {want}\n    qsd now:  {line}"
+            ));
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));

@@ -4,7 +4,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 use super::bitmaps::BlockDirtyBitmapOrStr;
-use super::sockets::SocketAddressLegacy;
+use super::sockets::{SocketAddress, SocketAddressLegacy};
 use super::{from_map, take_keys, to_map};
 
 /// Arguments of `nbd-server-start`.
@@ -25,6 +25,27 @@ pub struct NbdServerStartArgs {
     pub max_connections: Option<u32>,
     /// Where to listen.
     pub addr: SocketAddressLegacy,
+}
+
+/// `NbdServerOptions`: the `--nbd-server` command-line option (convert it with
+/// [`crate::Schema::coerce_keyval`]`("NbdServerOptions", ..)`, no implied key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct NbdServerOptions {
+    /// Seconds a client may take for the handshake (default 10; 0 = no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_max_seconds: Option<u32>,
+    /// TLS credentials object id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_creds: Option<String>,
+    /// Authorization object id for TLS clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_authz: Option<String>,
+    /// Most clients at once (0 = unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Where to listen.
+    pub addr: SocketAddress,
 }
 
 /// Arguments of `nbd-server-add`.

@@ -115,7 +115,18 @@ impl Checker<'_> {
     ) -> Result<Map<String, Value>, QapiError> {
         let mut out = Map::new();
         self.members(obj, full, map, &mut out)?;
-        if let Some(extra) = map.keys().find(|k| !out.contains_key(*k)) {
+        let strays = map.keys().filter(|k| !out.contains_key(*k)).count();
+        if strays > 0 {
+            // With several, name the one QEMU's hash tables put first.
+            let input: Vec<&str> = map.keys().map(String::as_str).collect();
+            let consumed: Vec<&str> = out.keys().map(String::as_str).collect();
+            let extra = crate::unexpected::first_unexpected(&input, &consumed)
+                .or_else(|| {
+                    map.keys()
+                        .map(String::as_str)
+                        .find(|k| !out.contains_key(*k))
+                })
+                .unwrap_or_default();
             return Err(QapiError::unexpected(&child(full, extra)));
         }
         Ok(out)

@@ -21,6 +21,7 @@
 //! * `check` — the input visitor: QMP (typed JSON) and keyval (string leaves) modes.
 //! * `keyval` — `key=value,...` parsing and QEMU's number/size/bool syntax.
 //! * `introspect` — `query-qmp-schema` output.
+//! * `unexpected` — which of several stray members QEMU names (replays its hash tables).
 //! * `types` — typed commands (one module per schema family), replies and events.
 //! * `error` — [`QapiError`], a QMP error class plus description.
 
@@ -33,6 +34,7 @@ mod keyval;
 mod model;
 mod reader;
 pub mod types;
+mod unexpected;
 
 use std::sync::OnceLock;
 

@@ -191,45 +191,108 @@ impl Meta {
     }
 
     /// Allocate `n` contiguous free host clusters with refcount 1; returns the first index.
+    ///
+    /// Free space below the high-water mark is reused first (only inside ranges that have a
+    /// refcount block); otherwise the clusters are taken at the end of the image, preceded by
+    /// any refcount blocks needed to describe them.
     pub fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
-        let epb = self.geo.refblock_entries();
-        let max_cluster = MAX_HOST_OFFSET >> self.geo.cluster_bits;
-        loop {
-            let mut start = self.free_hint;
-            let mut first_free = None;
-            let mut c = start;
-            while c < start + n {
-                if c >= max_cluster {
-                    return Err(Error::new(ErrorKind::NoSpace, "host offset limit reached"));
-                }
-                let free = self.refcount(c)? == 0 && !self.meta_clusters.contains(&c);
-                if free {
-                    first_free.get_or_insert(c);
-                    c += 1;
-                } else {
-                    c += 1;
-                    start = c;
-                }
-            }
-            let mut created = false;
-            for ti in start / epb..=(start + n - 1) / epb {
-                if self.refblock_at(ti) == 0 {
-                    self.ensure_refblock(ti)?;
-                    created = true;
-                }
-            }
-            if created {
-                continue;
-            }
+        if n == 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "allocating zero clusters",
+            ));
+        }
+        if let Some(start) = self.find_free_run(n)? {
             for k in 0..n {
                 self.set_refcount(start + k, 1)?;
             }
-            self.free_hint = match first_free {
-                Some(f) if f < start => f,
-                _ => start + n,
-            };
             self.end_cluster = self.end_cluster.max(start + n);
             return Ok(start);
+        }
+        self.alloc_at_end(n)
+    }
+
+    /// Look for `n` free clusters starting below the high-water mark, in ranges with blocks.
+    fn find_free_run(&mut self, n: u64) -> Result<Option<u64>> {
+        let epb = self.geo.refblock_entries();
+        let mut start = self.free_hint;
+        let mut c = start;
+        let mut first_free = None;
+        while start < self.end_cluster {
+            if c == start + n {
+                self.free_hint = match first_free {
+                    Some(f) if f < start => f,
+                    _ => start + n,
+                };
+                return Ok(Some(start));
+            }
+            if self.refblock_at(c / epb) == 0 {
+                // No block: skip the whole range (space there is handed out at the end).
+                c = (c / epb + 1) * epb;
+                start = c;
+                continue;
+            }
+            if self.refcount(c)? == 0 && !self.meta_clusters.contains(&c) {
+                first_free.get_or_insert(c);
+            } else {
+                start = c + 1;
+            }
+            c += 1;
+        }
+        self.free_hint = first_free.unwrap_or(self.end_cluster);
+        Ok(None)
+    }
+
+    /// Allocate `n` clusters past the end of everything in use, with the refcount blocks
+    /// they need placed just before them.
+    fn alloc_at_end(&mut self, n: u64) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        let epb = self.geo.refblock_entries();
+        loop {
+            let e = self.end_cluster.max(self.file_len.div_ceil(cs));
+            let mut nb = 0u64;
+            let missing = loop {
+                let end = e + nb + n;
+                let missing: Vec<u64> = (e / epb..=(end - 1) / epb)
+                    .filter(|&r| self.refblock_at(r) == 0)
+                    .collect();
+                if missing.len() as u64 == nb {
+                    break missing;
+                }
+                nb = missing.len() as u64;
+            };
+            if (e + nb + n) * cs > MAX_HOST_OFFSET {
+                return Err(Error::new(ErrorKind::NoSpace, "host offset limit reached"));
+            }
+            if let Some(&last) = missing.last() {
+                if last as usize >= self.rt.len() {
+                    self.grow_reftable(last + 1)?;
+                    continue;
+                }
+            }
+            let mut busy = None;
+            for c in e..e + nb + n {
+                if !missing.contains(&(c / epb)) && self.refcount(c)? != 0 {
+                    busy = Some(c);
+                }
+            }
+            if let Some(c) = busy {
+                self.end_cluster = c + 1;
+                continue;
+            }
+            for (k, &r) in missing.iter().enumerate() {
+                let off = (e + k as u64) * cs;
+                self.make_rb_room()?;
+                self.rb.insert(off, vec![0u8; cs as usize], true);
+                self.rt[r as usize] = off;
+                widen(&mut self.rt_dirty, r as usize, r as usize + 1);
+                self.meta_clusters.insert(e + k as u64);
+            }
+            for c in e..e + nb + n {
+                self.set_refcount(c, 1)?;
+            }
+            self.end_cluster = e + nb + n;
+            return Ok(e + nb);
         }
     }
 

@@ -1,0 +1,410 @@
+//! Images we create and write pass `qemu-img check` and compare equal to a raw shadow copy.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::*;
+use qcow2::{CreateOptions, FileStorage, OpenOptions, Qcow2};
+
+/// Create an image with our driver.
+fn create(path: &Path, opts: &CreateOptions) -> Qcow2 {
+    let st = Arc::new(FileStorage::create(path).expect("create file"));
+    Qcow2::create(st.as_ref(), opts).expect("create image");
+    Qcow2::open(st, OpenOptions::default()).expect("open new image")
+}
+
+/// Write the shadow to a raw file and run qemu-img check + compare against it.
+fn verify(dir: &TempDir, img: &Path, shadow: &[u8]) {
+    assert_check_clean(img);
+    let raw = dir.path("shadow.raw");
+    std::fs::write(&raw, shadow).expect("write shadow");
+    let (ok, text) = run_status(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            img.to_str().expect("p"),
+            raw.to_str().expect("p"),
+        ],
+    );
+    assert!(ok, "qemu-img compare: {text}");
+}
+
+/// Random writes (aligned and not, some spanning L2 tables), zeroes and discards, mirrored
+/// into a shadow; our own reads are checked along the way.
+fn random_ops(img: &Qcow2, shadow: &mut [u8], seed: u64, ops: usize) {
+    let mut rng = Rng(seed);
+    let size = shadow.len() as u64;
+    let cs = img.cluster_size();
+    let l2_span = cs * cs / 8;
+    for i in 0..ops {
+        let kind = rng.below(10);
+        let len = match rng.below(4) {
+            0 => 1 + rng.below(700),
+            1 => cs * (1 + rng.below(3)),
+            2 => 1 + rng.below(3 * cs),
+            _ => 4096 + rng.below(64 * 1024),
+        }
+        .min(size);
+        let mut off = rng.below(size - len + 1);
+        if rng.below(4) == 0 {
+            off = off / cs * cs;
+        }
+        if rng.below(6) == 0 && l2_span < size {
+            // Straddle an L2 boundary.
+            let b = (1 + rng.below(size / l2_span)) * l2_span;
+            off = b.saturating_sub(len / 2).min(size - len);
+        }
+        let (s, e) = (off as usize, (off + len) as usize);
+        match kind {
+            0 => {
+                img.write_zeroes(off, len, rng.below(2) == 0)
+                    .expect("write_zeroes");
+                shadow[s..e].fill(0);
+            }
+            1 => {
+                img.discard(off, len).expect("discard");
+                // Only whole clusters are discarded; they read as zeros without a backing file.
+                let a = off.next_multiple_of(cs);
+                let b = (off + len) / cs * cs;
+                if b > a {
+                    shadow[a as usize..b as usize].fill(0);
+                }
+            }
+            _ => {
+                let byte = (i as u8).wrapping_mul(37).wrapping_add(1);
+                let data: Vec<u8> = (0..len).map(|k| byte ^ (k as u8 & 0x0f)).collect();
+                img.write_at(&data, off).expect("write");
+                shadow[s..e].copy_from_slice(&data);
+            }
+        }
+        if i % 16 == 0 {
+            let mut back = vec![0u8; len as usize];
+            img.read_at(&mut back, off).expect("read back");
+            assert_same(&back, &shadow[s..e], "read back");
+        }
+        if i % 50 == 49 {
+            img.flush().expect("flush");
+        }
+    }
+}
+
+/// Create with `opts`, run random ops, close, verify with qemu-img.
+fn roundtrip(opts: CreateOptions, seed: u64, ops: usize) {
+    if !have_qemu() {
+        return;
+    }
+    let dir = TempDir::new("rt");
+    let path = dir.path("a.qcow2");
+    let img = create(&path, &opts);
+    let mut shadow = vec![0u8; opts.size as usize];
+    random_ops(&img, &mut shadow, seed, ops);
+    assert_same(&read_all(&img, 1 << 20), &shadow, "full read before close");
+    img.close().expect("close");
+    verify(&dir, &path, &shadow);
+    // And once more after reopening.
+    let again = open(&path, false);
+    assert_same(
+        &read_all(&again, 1 << 20),
+        &shadow,
+        "full read after reopen",
+    );
+}
+
+#[test]
+fn new_v3_image_passes_qemu_check() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = TempDir::new("new");
+    let path = dir.path("a.qcow2");
+    create(
+        &path,
+        &CreateOptions {
+            size: 1 << 30,
+            ..Default::default()
+        },
+    )
+    .close()
+    .expect("close");
+    assert_check_clean(&path);
+    let info = qemu_img(&["info", path.to_str().expect("p")]);
+    assert!(info.contains("virtual size: 1 GiB"), "{info}");
+    assert!(info.contains("compat: 1.1"), "{info}");
+}
+
+#[test]
+fn v3_64k_random_writes_match_raw() {
+    roundtrip(
+        CreateOptions {
+            size: 48 << 20,
+            ..Default::default()
+        },
+        1,
+        400,
+    );
+}
+
+#[test]
+fn v2_random_writes_match_raw() {
+    roundtrip(
+        CreateOptions {
+            size: 16 << 20,
+            version: 2,
+            ..Default::default()
+        },
+        2,
+        300,
+    );
+}
+
+#[test]
+fn v3_512_byte_clusters_random_writes_match_raw() {
+    roundtrip(
+        CreateOptions {
+            size: 6 << 20,
+            cluster_size: 512,
+            ..Default::default()
+        },
+        3,
+        300,
+    );
+}
+
+#[test]
+fn v3_4k_clusters_random_writes_match_raw() {
+    roundtrip(
+        CreateOptions {
+            size: 24 << 20,
+            cluster_size: 4096,
+            ..Default::default()
+        },
+        4,
+        300,
+    );
+}
+
+#[test]
+fn v3_2m_clusters_random_writes_match_raw() {
+    roundtrip(
+        CreateOptions {
+            size: 40 << 20,
+            cluster_size: 2 << 20,
+            ..Default::default()
+        },
+        5,
+        120,
+    );
+}
+
+#[test]
+fn refcount_bits_1_random_writes_match_raw() {
+    roundtrip(
+        CreateOptions {
+            size: 16 << 20,
+            refcount_bits: 1,
+            ..Default::default()
+        },
+        6,
+        300,
+    );
+}
+
+#[test]
+fn refcount_bits_64_with_small_clusters_grows_the_refcount_table() {
+    if !have_qemu() {
+        return;
+    }
+    // 512-byte clusters with 64-bit refcounts: one table cluster covers only 2 MiB of file.
+    let dir = TempDir::new("grow");
+    let path = dir.path("a.qcow2");
+    let opts = CreateOptions {
+        size: 8 << 20,
+        cluster_size: 512,
+        refcount_bits: 64,
+        ..Default::default()
+    };
+    let img = create(&path, &opts);
+    let mut shadow = vec![0u8; opts.size as usize];
+    let data: Vec<u8> = (0..opts.size).map(|i| (i * 7 % 251) as u8).collect();
+    for off in (0..opts.size).step_by(64 * 1024) {
+        let (s, e) = (off as usize, off as usize + 64 * 1024);
+        img.write_at(&data[s..e], off).expect("write");
+        shadow[s..e].copy_from_slice(&data[s..e]);
+    }
+    img.close().expect("close");
+    verify(&dir, &path, &shadow);
+}
+
+#[test]
+fn odd_refcount_widths_match_raw() {
+    for (bits, seed) in [(2u32, 7u64), (4, 8), (8, 9), (32, 10)] {
+        roundtrip(
+            CreateOptions {
+                size: 4 << 20,
+                cluster_size: 4096,
+                refcount_bits: bits,
+                ..Default::default()
+            },
+            seed,
+            120,
+        );
+    }
+}
+
+#[test]
+fn writes_to_a_qemu_created_image_match_raw() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = TempDir::new("qemu-made");
+    let path = dir.path("a.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        path.to_str().expect("p"),
+        "32M",
+    ]);
+    qemu_io(&path, &["write -P 0x77 1M 3M"]);
+    let mut shadow = vec![0u8; 32 << 20];
+    shadow[1 << 20..4 << 20].fill(0x77);
+    let img = open(&path, true);
+    random_ops(&img, &mut shadow, 11, 300);
+    img.close().expect("close");
+    verify(&dir, &path, &shadow);
+}
+
+#[test]
+fn overlay_partial_writes_copy_on_write_from_backing() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = TempDir::new("cow");
+    let base = dir.path("base.qcow2");
+    let top = dir.path("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().expect("p"),
+        "6M",
+    ]);
+    qemu_io(&base, &["write -P 0x5a 0 6M"]);
+    let opts = CreateOptions {
+        size: 8 << 20,
+        backing_file: Some(base.to_str().expect("p").to_string()),
+        backing_fmt: Some("qcow2".into()),
+        ..Default::default()
+    };
+    let img = create(&top, &opts);
+    img.set_backing(Some(Arc::new(ImageStorage(Arc::new(open(&base, false))))));
+    let mut shadow = vec![0u8; 8 << 20];
+    shadow[..6 << 20].fill(0x5a);
+    let mut rng = Rng(12);
+    for i in 0..200u64 {
+        let len = 1 + rng.below(100_000);
+        let off = rng.below((8 << 20) - len);
+        if i % 7 == 0 {
+            img.write_zeroes(off, len, true).expect("zero");
+            shadow[off as usize..(off + len) as usize].fill(0);
+        } else {
+            let data = vec![(i as u8) | 1; len as usize];
+            img.write_at(&data, off).expect("write");
+            shadow[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+    }
+    assert_same(&read_all(&img, 1 << 20), &shadow, "overlay read");
+    img.close().expect("close");
+    assert_check_clean(&top);
+    let raw = dir.path("expect.raw");
+    std::fs::write(&raw, &shadow).expect("write");
+    let (ok, text) = run_status(
+        "qemu-img",
+        &[
+            "compare",
+            "-F",
+            "raw",
+            top.to_str().expect("p"),
+            raw.to_str().expect("p"),
+        ],
+    );
+    assert!(ok, "compare: {text}");
+}
+
+#[test]
+fn qemu_io_writes_into_our_image_read_back() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = TempDir::new("interop");
+    let path = dir.path("a.qcow2");
+    create(
+        &path,
+        &CreateOptions {
+            size: 4 << 20,
+            cluster_size: 4096,
+            ..Default::default()
+        },
+    )
+    .close()
+    .expect("close");
+    qemu_io(&path, &["write -P 0xab 12345 70000"]);
+    let img = open(&path, false);
+    let mut buf = vec![0u8; 70000];
+    img.read_at(&mut buf, 12345).expect("read");
+    assert!(buf.iter().all(|&b| b == 0xab));
+}
+
+#[test]
+fn discarded_space_is_reused_after_flush() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = TempDir::new("reuse");
+    let path = dir.path("a.qcow2");
+    let img = create(
+        &path,
+        &CreateOptions {
+            size: 16 << 20,
+            ..Default::default()
+        },
+    );
+    img.write_at(&vec![1u8; 8 << 20], 0).expect("write");
+    img.flush().expect("flush");
+    let size1 = img.actual_size().expect("size");
+    img.discard(0, 8 << 20).expect("discard");
+    img.flush().expect("flush");
+    img.write_at(&vec![2u8; 8 << 20], 8 << 20).expect("write");
+    img.close().expect("close");
+    assert!(
+        img.actual_size().expect("size") <= size1 + 65536,
+        "freed clusters were not reused"
+    );
+    let mut shadow = vec![0u8; 16 << 20];
+    shadow[8 << 20..].fill(2);
+    verify(&dir, &path, &shadow);
+}
+
+#[test]
+fn writes_beyond_the_disk_are_refused() {
+    let st = Arc::new(qcow2::MemStorage::new());
+    Qcow2::create(
+        st.as_ref(),
+        &CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .expect("create");
+    let img = Qcow2::open(st, OpenOptions::default()).expect("open");
+    let err = img.write_at(&[0; 2], (1 << 20) - 1).expect_err("must fail");
+    assert_eq!(err.kind(), qcow2::ErrorKind::OutOfRange);
+}

@@ -123,10 +123,13 @@ impl Schema {
             .and_then(|id| self.model.object(id))
         {
             Some(obj) => checker.object(obj, "", args),
-            None => match args.keys().next() {
-                Some(extra) => Err(QapiError::unexpected(extra)),
-                None => Ok(Map::new()),
-            },
+            None => {
+                let input: Vec<&str> = args.keys().map(String::as_str).collect();
+                match unexpected::first_unexpected(&input, &[]) {
+                    Some(extra) => Err(QapiError::unexpected(extra)),
+                    None => Ok(Map::new()),
+                }
+            }
         }
     }
 

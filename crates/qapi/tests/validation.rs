@@ -461,3 +461,19 @@ fn check_type_serves_the_json_form_of_blockdev() {
     );
     assert!(s.check_type("NoSuchType", &json!({})).is_err());
 }
+
+#[test]
+fn several_stray_members_name_the_one_qemu_names() {
+    // Recorded from qemu-storage-daemon 10.0.2: the choice follows QEMU's hash tables.
+    assert_eq!(
+        err(ADD, json!({"node": "n", "name": "x", "a": 1, "b": 1})),
+        "Parameter 'b' is unexpected"
+    );
+    assert_eq!(
+        err(
+            ADD,
+            json!({"node": "n", "name": "x", "xx": 1, "yy": 1, "zz": 1})
+        ),
+        "Parameter 'yy' is unexpected"
+    );
+}

@@ -234,12 +234,8 @@ fn check_entry(h: &DirEntryHead, g: Geometry, disk_size: u64) -> std::result::Re
     if phys > MAX_PHYS_BYTES {
         return Err("bitmap is too large".into());
     }
-    let covered = (phys * 8)
-        .checked_shl(h.granularity_bits as u32)
-        .unwrap_or(u64::MAX);
-    if (phys * 8) > u64::MAX >> h.granularity_bits {
-        // covers everything
-    } else if disk_size > covered {
+    let covered = ((phys as u128) * 8) << h.granularity_bits;
+    if (disk_size as u128) > covered {
         return Err("bitmap table is too small for the disk".into());
     }
     Ok(())
@@ -440,7 +436,6 @@ impl Meta {
             }
             return Err(err);
         }
-        let g = self.geo;
         for &c in &new {
             self.meta_clusters.insert(c);
         }
@@ -449,7 +444,6 @@ impl Meta {
             self.decref(c)?;
         }
         self.bitmaps = entries;
-        let _ = g;
         self.flush_refcounts()
     }
 

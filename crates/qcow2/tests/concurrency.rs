@@ -27,7 +27,7 @@ fn workload(img: Arc<Qcow2>, ops: u64) -> Vec<u8> {
             let img = img.clone();
             let shadow = shadow.clone();
             std::thread::spawn(move || {
-                let mut rng = Rng(0x9e37_79b9 ^ (t + 1) * 0x1234_5678);
+                let mut rng = Rng(0x9e37_79b9 ^ ((t + 1) * 0x1234_5678));
                 let mine = |off: u64, len: u64, data: Option<&[u8]>| {
                     let mut s = shadow.lock().expect("shadow");
                     match data {

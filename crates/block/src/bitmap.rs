@@ -31,6 +31,8 @@ pub struct DirtyBitmap {
     pub busy: bool,
     /// Loaded from an image that was not closed cleanly; only removal is allowed.
     pub inconsistent: bool,
+    /// Loaded from a read-only image: its bits cannot change (clear, merge into, remove).
+    pub readonly: bool,
 }
 
 /// What a caller wants to do with a bitmap, for the refusal rules.
@@ -38,8 +40,10 @@ pub struct DirtyBitmap {
 pub enum BitmapUse {
     /// Read it without changing it (export, backup source, merge source).
     Read,
-    /// Change its bits or state (clear, enable, disable, merge target).
+    /// Change its bits (clear, merge target, remove of a stored bitmap).
     Modify,
+    /// Change its recording state only (enable, disable).
+    Toggle,
 }
 
 /// The bitmaps of one node, newest last (queries list them newest first).
@@ -68,14 +72,9 @@ impl BitmapList {
     }
 
     /// Find a bitmap usable for `how` or fail with QEMU's refusal text.
-    pub fn usable(
-        &mut self,
-        name: &str,
-        how: BitmapUse,
-        node_read_only: bool,
-    ) -> Result<&mut DirtyBitmap> {
+    pub fn usable(&mut self, name: &str, how: BitmapUse) -> Result<&mut DirtyBitmap> {
         let bitmap = self.get_mut(name).ok_or_else(|| not_found(name))?;
-        check_usable(bitmap, name, how, node_read_only)?;
+        check_usable(bitmap, name, how)?;
         Ok(bitmap)
     }
 
@@ -93,18 +92,13 @@ impl BitmapList {
 }
 
 /// QEMU's refusal rules for using a bitmap.
-pub fn check_usable(
-    bitmap: &DirtyBitmap,
-    name: &str,
-    how: BitmapUse,
-    read_only: bool,
-) -> Result<()> {
+pub fn check_usable(bitmap: &DirtyBitmap, name: &str, how: BitmapUse) -> Result<()> {
     if bitmap.busy {
         return Err(Error::generic(format!(
             "Bitmap '{name}' is currently in use by another operation and cannot be used"
         )));
     }
-    if how == BitmapUse::Modify && read_only {
+    if how == BitmapUse::Modify && bitmap.readonly {
         return Err(Error::generic(format!(
             "Bitmap '{name}' is readonly and cannot be modified"
         )));

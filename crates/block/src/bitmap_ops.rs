@@ -23,7 +23,7 @@ pub fn add(
     if persistent {
         let store = node.driver().bitmap_store().ok_or_else(|| {
             Error::generic(format!(
-                "Can't make bitmap '{name}' persistent in '{}': Operation not supported",
+                "Can't store persistent bitmaps to {}: Operation not supported",
                 node.name()
             ))
         })?;
@@ -49,6 +49,7 @@ pub fn add(
         persistent,
         busy: false,
         inconsistent: false,
+        readonly: false,
     });
     node.refresh_recording(&list);
     Ok(())
@@ -60,7 +61,10 @@ pub fn remove(node: &NodeRef, name: &str) -> Result<()> {
         let list = node.bitmaps();
         let b = list.find(name)?;
         if b.busy {
-            check_usable(b, name, BitmapUse::Read, false)?;
+            check_usable(b, name, BitmapUse::Read)?;
+        }
+        if b.readonly {
+            check_usable(b, name, BitmapUse::Modify)?;
         }
         b.persistent
     };
@@ -80,7 +84,7 @@ pub fn remove(node: &NodeRef, name: &str) -> Result<()> {
 /// `block-dirty-bitmap-clear`; returns the old bits (for a transaction's undo).
 pub fn clear(node: &NodeRef, name: &str) -> Result<HBitmap> {
     let mut list = node.bitmaps();
-    let b = list.usable(name, BitmapUse::Modify, node.read_only())?;
+    let b = list.usable(name, BitmapUse::Modify)?;
     let old = b.bits.clone();
     b.bits.reset_all();
     Ok(old)
@@ -89,7 +93,7 @@ pub fn clear(node: &NodeRef, name: &str) -> Result<HBitmap> {
 /// `block-dirty-bitmap-enable` / `-disable`; returns the previous recording state.
 pub fn set_recording(node: &NodeRef, name: &str, recording: bool) -> Result<bool> {
     let mut list = node.bitmaps();
-    let b = list.usable(name, BitmapUse::Modify, false)?;
+    let b = list.usable(name, BitmapUse::Toggle)?;
     let was = b.recording;
     b.recording = recording;
     node.refresh_recording(&list);
@@ -105,23 +109,28 @@ pub fn merge(node: &NodeRef, target: &str, sources: &[(NodeRef, String)]) -> Res
     }
     {
         let mut list = node.bitmaps();
-        list.usable(target, BitmapUse::Modify, node.read_only())?;
+        list.usable(target, BitmapUse::Modify)?;
     }
     // Copy the sources out first, one node lock at a time, so no two node locks are ever held.
     let mut copies = Vec::with_capacity(sources.len());
     for (src_node, src_name) in sources {
         let mut list = src_node.bitmaps();
-        let b = list.usable(src_name, BitmapUse::Read, false)?;
+        let b = list.usable(src_name, BitmapUse::Read)?;
         copies.push(b.bits.clone());
     }
     let mut list = node.bitmaps();
-    let t = list.usable(target, BitmapUse::Modify, node.read_only())?;
+    let t = list.usable(target, BitmapUse::Modify)?;
     let old = t.bits.clone();
     let mut merged = t.bits.clone();
     for src in &copies {
-        merged
-            .merge(src)
-            .map_err(|_| Error::generic("Bitmaps are incompatible and can't be merged"))?;
+        if src.size() != merged.size() {
+            return Err(Error::generic(format!(
+                "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
+                merged.size(),
+                src.size()
+            )));
+        }
+        merged.merge(src).map_err(|e| Error::generic(e.to_string()))?;
     }
     t.bits = merged;
     Ok(old)
@@ -145,7 +154,7 @@ pub fn sha256(node: &NodeRef, name: &str) -> Result<String> {
 /// Mark a bitmap busy (export, job) after checking it is usable; `Err` with QEMU's text otherwise.
 pub fn acquire(node: &NodeRef, name: &str) -> Result<()> {
     let mut list = node.bitmaps();
-    let b = list.usable(name, BitmapUse::Read, false)?;
+    let b = list.usable(name, BitmapUse::Read)?;
     b.busy = true;
     Ok(())
 }

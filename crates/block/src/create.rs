@@ -22,8 +22,8 @@ pub enum CreateSpec {
     },
     /// A qcow2 image inside an existing (protocol) node.
     Qcow2 {
-        /// The node to write the image into.
-        file: NodeRef,
+        /// The node to write the image into (or why it could not be found: the job fails).
+        file: Result<NodeRef, String>,
         /// Options for the format.
         opts: qcow2::CreateOptions,
     },
@@ -46,6 +46,7 @@ fn create(spec: &CreateSpec) -> Result<(), String> {
         CreateSpec::File { filename, size } => FileDriver::create(filename, *size)
             .map_err(|e| format!("Could not create '{filename}': {}", strerror(&e))),
         CreateSpec::Qcow2 { file, opts } => {
+            let file = file.as_ref().map_err(Clone::clone)?;
             if file.read_only() {
                 return Err(format!("Node '{}' is read only", file.name()));
             }

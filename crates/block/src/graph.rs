@@ -43,6 +43,8 @@ pub enum DriverOptions {
     File {
         /// Path.
         filename: String,
+        /// Take QEMU-compatible image locks.
+        locking: bool,
     },
     /// Raw format over a child.
     Raw {
@@ -182,7 +184,7 @@ impl Graph {
         let parent_ro = parent.read_only;
         match r {
             ChildRef::Name(n) => self.get(n).ok_or_else(|| {
-                Error::generic(format!("Cannot find device='' nor node-name='{n}'"))
+                Error::generic(format!("Cannot find device='{n}' nor node-name='{n}'"))
             }),
             ChildRef::Inline(o) => {
                 // Inline children inherit read-only and discard from their parent, as in QEMU.
@@ -201,7 +203,7 @@ impl Graph {
     ) -> Result<(Box<dyn Driver>, Vec<Child>, bool)> {
         let ro = opts.read_only;
         match &opts.driver {
-            DriverOptions::File { filename } => {
+            DriverOptions::File { filename, locking } => {
                 let open = |ro| FileDriver::open(filename, ro);
                 let (driver, ro) = match open(ro) {
                     Ok(d) => (d, ro),
@@ -212,6 +214,9 @@ impl Graph {
                     }
                     Err(e) => return Err(open_error(filename, &e)),
                 };
+                if *locking {
+                    driver.lock(ro).map_err(Error::generic)?;
+                }
                 Ok((Box::new(driver), Vec::new(), ro))
             }
             DriverOptions::Null { size, read_zeroes } => Ok((
@@ -297,6 +302,7 @@ impl Graph {
             read_only: true,
             driver: DriverOptions::File {
                 filename: path.clone(),
+                locking: true,
             },
             ..NodeOptions::default()
         });
@@ -347,6 +353,7 @@ impl Graph {
                 persistent: true,
                 busy: false,
                 inconsistent: b.inconsistent,
+                readonly: node.read_only(),
             });
         }
         node.refresh_recording(&list);
@@ -360,7 +367,10 @@ impl Graph {
                 "Failed to find node with node-name='{name}'"
             )));
         };
-        if node.auto_named() || !self.parents(&node).is_empty() {
+        if node.auto_named() {
+            return Err(Error::generic(format!("Node {name} is not owned by the monitor")));
+        }
+        if !self.parents(&node).is_empty() {
             return Err(Error::generic(format!("Block device {name} is in use")));
         }
         if let Some(user) = node.first_user() {

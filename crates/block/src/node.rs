@@ -54,6 +54,8 @@ pub struct Node {
     recording: AtomicUsize,
     /// Write hooks (backup jobs); read-locked on every write, written when a job starts or ends.
     hooks: RwLock<Vec<Arc<dyn WriteHook>>>,
+    /// Users that write through this node (writable exports); read-only reopen is refused while any.
+    writers: AtomicUsize,
     /// Things other than parent nodes that use this node (exports, jobs), by description.
     users: Mutex<Vec<String>>,
     closed: AtomicBool,
@@ -79,6 +81,7 @@ impl Node {
             bitmaps: Mutex::new(BitmapList::default()),
             recording: AtomicUsize::new(0),
             hooks: RwLock::new(Vec::new()),
+            writers: AtomicUsize::new(0),
             users: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
         }
@@ -180,6 +183,20 @@ impl Node {
             .unwrap_or_else(|p| p.into_inner())
             .first()
             .cloned()
+    }
+
+    /// A user that writes through this node came (`true`) or went (`false`).
+    pub fn set_writer(&self, came: bool) {
+        if came {
+            self.writers.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.writers.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Number of users writing through this node.
+    pub fn writers(&self) -> usize {
+        self.writers.load(Ordering::Acquire)
     }
 
     /// Install a write hook.

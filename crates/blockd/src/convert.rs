@@ -45,6 +45,7 @@ pub fn node_options(v: &Value) -> Result<NodeOptions, String> {
     let driver = match driver_name.as_str() {
         "file" => DriverOptions::File {
             filename: str_of(m, "filename").unwrap_or_default(),
+            locking: str_of(m, "locking").as_deref() != Some("off"),
         },
         "null-co" => DriverOptions::Null {
             size: u64_of(m, "size").unwrap_or(1 << 30),

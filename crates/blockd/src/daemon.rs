@@ -117,6 +117,11 @@ impl Daemon {
         self.graph().lookup(name)
     }
 
+    /// Find the node a bitmap command names: QEMU's "Node 'X' not found".
+    pub fn bitmap_node(&self, name: &str) -> Result<NodeRef> {
+        self.lookup_node(name).map_err(|_| Error::generic(format!("Node '{name}' not found")))
+    }
+
     /// blockdev-add.
     pub fn blockdev_add(&self, opts: &NodeOptions) -> Result<NodeRef> {
         if let Some(n) = &opts.node_name {
@@ -193,11 +198,11 @@ impl Daemon {
         target: &str,
         sources: &[(Option<String>, String)],
     ) -> Result<()> {
-        let n = self.lookup_node(node)?;
+        let n = self.bitmap_node(node)?;
         let mut resolved = Vec::with_capacity(sources.len());
         for (sn, name) in sources {
             let src = match sn {
-                Some(sn) => self.lookup_node(sn)?,
+                Some(sn) => self.bitmap_node(sn)?,
                 None => n.clone(),
             };
             resolved.push((src, name.clone()));

@@ -357,16 +357,16 @@ async fn run(
         }
         "block-dirty-bitmap-remove" => {
             let a: BitmapRef = typed(args)?;
-            bitmap_ops::remove(&d.lookup_node(&a.node)?, &a.name).map(|_| json!({}))
+            bitmap_ops::remove(&d.bitmap_node(&a.node)?, &a.name).map(|_| json!({}))
         }
         "block-dirty-bitmap-clear" => {
             let a: BitmapRef = typed(args)?;
-            bitmap_ops::clear(&d.lookup_node(&a.node)?, &a.name).map(|_| json!({}))
+            bitmap_ops::clear(&d.bitmap_node(&a.node)?, &a.name).map(|_| json!({}))
         }
         "block-dirty-bitmap-enable" | "block-dirty-bitmap-disable" => {
             let a: BitmapRef = typed(args)?;
             let on = name == "block-dirty-bitmap-enable";
-            bitmap_ops::set_recording(&d.lookup_node(&a.node)?, &a.name, on).map(|_| json!({}))
+            bitmap_ops::set_recording(&d.bitmap_node(&a.node)?, &a.name, on).map(|_| json!({}))
         }
         "block-dirty-bitmap-merge" => {
             let a: BitmapMerge = typed(args)?;
@@ -383,7 +383,7 @@ async fn run(
         }
         "x-debug-block-dirty-bitmap-sha256" => {
             let a: BitmapRef = typed(args)?;
-            Ok(json!({"sha256": bitmap_ops::sha256(&d.lookup_node(&a.node)?, &a.name)?}))
+            Ok(json!({"sha256": bitmap_ops::sha256(&d.bitmap_node(&a.node)?, &a.name)?}))
         }
         "human-monitor-command" => human_monitor_command(d, typed(args)?).await,
         "nbd-server-start" => {
@@ -398,6 +398,7 @@ async fn run(
         "nbd-server-stop" => d.nbd_server_stop().await.map(|_| json!({})),
         "nbd-server-add" => {
             let a: NbdAdd = typed(args)?;
+            d.lookup_node(&a.device)?;
             let name = a.name.unwrap_or_else(|| a.device.clone());
             d.export_add(ExportArgs {
                 id: name.clone(),
@@ -487,7 +488,10 @@ async fn human_monitor_command(d: &Arc<Daemon>, a: Hmp) -> CmdResult {
     let (Some(node), Some(cmd)) = (rest.first(), rest.get(1)) else {
         return Err(generic("Parameter 'command' is missing"));
     };
-    let node = d.lookup_node(node)?;
+    let node = match d.lookup_node(node) {
+        Ok(n) => n,
+        Err(e) => return Ok(json!(format!("Error: {e}\r\n"))),
+    };
     let cmd = cmd.to_string();
     let out = tokio::task::spawn_blocking(move || crate::hmp::qemu_io(&node, &cmd))
         .await
@@ -506,12 +510,8 @@ fn blockdev_create(d: &Arc<Daemon>, a: BlockdevCreate) -> CmdResult {
         },
         Some("qcow2") => {
             let file = match o.get("file") {
-                Some(Value::String(n)) => d.lookup_node(n)?,
-                _ => {
-                    return Err(generic(
-                        "blockdev-create: 'file' must name an existing node",
-                    ))
-                }
+                Some(Value::String(n)) => d.lookup_node(n).map_err(|e| e.to_string()),
+                _ => Err("blockdev-create: 'file' must name an existing node".to_string()),
             };
             let mut opts = qcow2::CreateOptions {
                 size,
@@ -564,8 +564,16 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: Reopen) -> CmdResult {
         let node = d
             .graph()
             .get(name)
-            .ok_or_else(|| generic(format!("Cannot find node named '{name}'")))?;
+            .ok_or_else(|| generic(format!("Failed to find node with node-name='{name}'")))?;
+        if o.get("driver").and_then(Value::as_str) != Some(node.driver_name()) {
+            return Err(generic("Cannot change the option 'driver'"));
+        }
         let ro = o.get("read-only").and_then(Value::as_bool).unwrap_or(false);
+        if ro && node.writers() > 0 {
+            return Err(generic(format!(
+                "Read-only block node '{name}' cannot support read-write users"
+            )));
+        }
         plan.push((node, ro));
     }
     for (node, ro) in plan {

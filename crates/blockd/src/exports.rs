@@ -34,6 +34,8 @@ pub struct ExportRec {
     pub name: String,
     /// The node.
     pub node: NodeRef,
+    /// Clients may write.
+    pub writable: bool,
     /// Bitmaps held busy: (node, bitmap name).
     pub bitmaps: Vec<(NodeRef, String)>,
     /// Deletion requested, clients still connected.
@@ -120,7 +122,9 @@ impl Daemon {
                 args.id
             )));
         }
-        let node = self.lookup_node(&args.node_name)?;
+        let node = self.lookup_node(&args.node_name).map_err(|_| {
+            Error::generic(format!("Cannot find device='' nor node-name='{}'", args.node_name))
+        })?;
         let name = args.name.clone().unwrap_or_else(|| args.node_name.clone());
         if name.len() > 4096 {
             return Err(Error::generic(format!("export name '{name}' too long")));
@@ -188,11 +192,15 @@ impl Daemon {
             return Err(Error::generic(e.to_string()));
         }
         node.add_user(format!("export '{}'", args.id));
+        if args.writable {
+            node.set_writer(true);
+        }
         self.exports().push(ExportRec {
             id: args.id,
             node_name: args.node_name,
             name,
             node,
+            writable: args.writable,
             bitmaps: held,
             shutting_down: false,
         });
@@ -221,7 +229,10 @@ impl Daemon {
         } else {
             server.remove_export_if_unused(&name)
         }
-        .map_err(|e| Error::generic(e.to_string()))?;
+        .map_err(|e| match e.kind() {
+            nbd::ErrorKind::ExportInUse => Error::generic(format!("export '{id}' still in use")),
+            _ => Error::generic(e.to_string()),
+        })?;
         if let Some(rec) = self.exports().iter_mut().find(|e| e.id == id) {
             rec.shutting_down = true;
         }
@@ -248,6 +259,9 @@ impl Daemon {
             bitmap_ops::release(n, b);
         }
         rec.node.remove_user(&format!("export '{}'", rec.id));
+        if rec.writable {
+            rec.node.set_writer(false);
+        }
         self.events
             .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": rec.id})));
     }
@@ -257,6 +271,7 @@ impl Daemon {
         Value::Array(
             self.exports()
                 .iter()
+                .rev()
                 .map(|e| json!({"type": "nbd", "id": e.id, "node-name": e.node_name, "shutting-down": e.shutting_down}))
                 .collect(),
         )

@@ -141,6 +141,7 @@ fn dump(out: &mut String, offset: u64, data: &[u8]) {
 }
 
 struct Args {
+    unmap: bool,
     pattern: Option<u8>,
     zero: bool,
     verbose: bool,
@@ -150,6 +151,7 @@ struct Args {
 
 fn parse_args(cmd: &str, words: &[String], flags: &str) -> Result<Args, String> {
     let mut a = Args {
+        unmap: false,
         pattern: None,
         zero: false,
         verbose: false,
@@ -175,6 +177,7 @@ fn parse_args(cmd: &str, words: &[String], flags: &str) -> Result<Args, String> 
                         Some(parse_pattern(p).ok_or_else(|| format!("non-numeric pattern: {p}"))?);
                 }
                 "z" if flags.contains('z') => a.zero = true,
+                "u" if flags.contains('u') => a.unmap = true,
                 "v" if flags.contains('v') => a.verbose = true,
                 "q" => {}
                 _ => return Err(format!("{cmd}: invalid option -- '{flag}'")),
@@ -186,7 +189,7 @@ fn parse_args(cmd: &str, words: &[String], flags: &str) -> Result<Args, String> 
     }
     if pos.len() != 2 {
         return Err(format!(
-            "bad argument count {} to {cmd}, expected 2 arguments",
+            "bad argument count {} to {cmd}, expected at least 2 arguments",
             pos.len()
         ));
     }
@@ -264,14 +267,14 @@ fn cmd_read(node: &NodeRef, name: &str, rest: &[String], out: &mut String) -> Re
 }
 
 fn cmd_write(node: &NodeRef, name: &str, rest: &[String], out: &mut String) -> Result<(), String> {
-    let a = parse_args(name, rest, "Pz")?;
+    let a = parse_args(name, rest, "Pzu")?;
     check_end(node, "write", &a)?;
     if a.zero && a.pattern.is_some() {
         return Err("-z and -P cannot be specified at the same time".into());
     }
     let start = Instant::now();
     let r = if a.zero {
-        node.write_zeroes(a.offset, a.len, false)
+        node.write_zeroes(a.offset, a.len, a.unmap)
     } else {
         let len = usize::try_from(a.len).map_err(|_| "write failed: Cannot allocate memory")?;
         node.write(a.offset, &vec![a.pattern.unwrap_or(0xcd); len])

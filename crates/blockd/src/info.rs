@@ -134,13 +134,14 @@ pub fn node_info(node: &NodeRef, flat: bool) -> Value {
     m.insert("iops_wr".into(), json!(0));
     m.insert("ro".into(), json!(node.read_only()));
     m.insert("node-name".into(), json!(node.name()));
-    m.insert("backing_file_depth".into(), json!(backing_depth(node)));
+    m.insert("backing_file_depth".into(), json!(if flat { 0 } else { backing_depth(node) }));
     m.insert("drv".into(), json!(node.driver_name()));
     m.insert("iops".into(), json!(0));
     m.insert("bps_wr".into(), json!(0));
     m.insert("write_threshold".into(), json!(0));
     if let Some(b) = &facts.backing_filename {
-        m.insert("backing_file".into(), json!(b));
+        let full = block::graph::resolve_backing_path(&facts.filename, b);
+        m.insert("backing_file".into(), json!(full));
     }
     if let Some(bitmaps) = dirty_bitmaps(node) {
         m.insert("dirty-bitmaps".into(), bitmaps);

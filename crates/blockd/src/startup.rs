@@ -169,7 +169,7 @@ async fn apply(daemon: &Arc<Daemon>, opts: &[Opt]) -> Result<Setup, String> {
             Opt::Blockdev(v) => {
                 let value = if v.trim_start().starts_with('{') {
                     let j: Value =
-                        serde_json::from_str(v).map_err(|e| ctx("blockdev", v, e.to_string()))?;
+                        serde_json::from_str(v).map_err(|e| ctx("blockdev", v, format!("JSON parse error, {e}")))?;
                     schema
                         .normalize_type("BlockdevOptions", &j)
                         .map_err(|e| ctx("blockdev", v, e.desc))?
@@ -209,7 +209,7 @@ async fn apply(daemon: &Arc<Daemon>, opts: &[Opt]) -> Result<Setup, String> {
             }
             Opt::Pidfile(p) => {
                 std::fs::write(p, format!("{}\n", std::process::id()))
-                    .map_err(|e| format!("cannot create PID file: {e}"))?;
+                    .map_err(|e| format!("cannot create PID file '{p}': {}", block::error::strerror(&e)))?;
                 setup.pidfile = Some(PathBuf::from(p));
             }
             Opt::Daemonize => {}

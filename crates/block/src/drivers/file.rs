@@ -7,6 +7,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::lock::{lock_image, unlock_image};
 use crate::driver::{BlockStatus, Driver, FormatSpecific, ImageFacts};
 
 /// A host file.
@@ -15,6 +16,8 @@ pub struct FileDriver {
     filename: String,
     /// Whether fallocate punching/zeroing works here; cleared after the first EOPNOTSUPP.
     can_fallocate: AtomicBool,
+    /// Whether we hold image locks (relocked on reopen).
+    locked: AtomicBool,
 }
 
 impl FileDriver {
@@ -31,7 +34,15 @@ impl FileDriver {
             file,
             filename: filename.to_string(),
             can_fallocate: AtomicBool::new(true),
+            locked: AtomicBool::new(false),
         })
+    }
+
+    /// Take QEMU-compatible image locks (`locking=on`, the default for us as for QEMU on Linux).
+    pub fn lock(&self, read_only: bool) -> Result<(), String> {
+        lock_image(&self.file, read_only)?;
+        self.locked.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Create (or truncate) a file of `size` bytes, as blockdev-create's `file` driver does.
@@ -161,8 +172,33 @@ impl Driver for FileDriver {
         true
     }
 
+    fn set_read_only(&self, read_only: bool) -> io::Result<()> {
+        if read_only == false {
+            // Reopening read-write needs a writable descriptor; ours was opened for the mode
+            // given at open, so a read-only-opened file cannot switch.
+            let flags = nix::fcntl::fcntl(self.file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+                .map_err(io::Error::from)?;
+            if flags & libc::O_ACCMODE == libc::O_RDONLY {
+                return Err(io::Error::from_raw_os_error(libc::EACCES));
+            }
+        }
+        if self.locked.load(Ordering::Relaxed) {
+            unlock_image(&self.file);
+            lock_image(&self.file, read_only).map_err(|m| io::Error::other(m))?;
+        }
+        Ok(())
+    }
+
     fn truncate(&self, size: u64) -> io::Result<()> {
         self.file.set_len(size)
+    }
+
+    fn close(&self) -> io::Result<()> {
+        let r = self.file.sync_data();
+        if self.locked.swap(false, Ordering::Relaxed) {
+            unlock_image(&self.file);
+        }
+        r
     }
 
     fn facts(&self) -> ImageFacts {

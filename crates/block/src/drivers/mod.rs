@@ -1,6 +1,7 @@
 //! The drivers: `file` (host files), `raw` (a window on a child), `null-co`, `qcow2`.
 
 pub mod file;
+pub mod lock;
 pub mod null;
 pub mod qcow2;
 pub mod raw;

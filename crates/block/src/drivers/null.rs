@@ -57,6 +57,7 @@ impl Driver for NullDriver {
     fn facts(&self) -> ImageFacts {
         ImageFacts {
             filename: "null-co://".to_string(),
+            actual_size: Some(0),
             ..ImageFacts::default()
         }
     }

@@ -25,6 +25,9 @@ impl RawDriver {
                 + ")");
         }
         if let Some(s) = size {
+            if s % 512 != 0 {
+                return Err("Specified size is not multiple of 512".to_string());
+            }
             if offset.checked_add(s).is_none_or(|end| end > child_size) {
                 return Err(format!(
                     "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the  actual size of the containing file ({child_size})"

@@ -1,0 +1,72 @@
+//! Image locking compatible with QEMU's, so QEMU tools and blockd see each other's use.
+//!
+//! QEMU's scheme (file-posix): for each permission a user holds it takes a shared OFD lock on
+//! byte `100 + bit`, and for each permission it refuses to share, on byte `200 + bit`. Before
+//! locking it tests the opposite bytes for locks held by others. Permission bits: 0 consistent
+//! read, 1 write, 2 write unchanged, 3 resize.
+
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+
+const PERM_BASE: i64 = 100;
+const SHARED_BASE: i64 = 200;
+const NAMES: [&str; 4] = ["consistent read", "write", "write unchanged", "resize"];
+const READ: u32 = 1;
+const WRITE: u32 = 2;
+const WRITE_UNCHANGED: u32 = 4;
+const RESIZE: u32 = 8;
+const ALL: u32 = 0xf;
+
+fn ofd(file: &File, cmd: libc::c_int, kind: libc::c_short, byte: i64) -> std::io::Result<libc::c_short> {
+    // SAFETY: a zeroed flock is a valid value; fcntl reads and writes only that struct.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte as libc::off_t;
+    fl.l_len = 1;
+    // SAFETY: fcntl on a descriptor we own with a pointer to a live flock.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fl.l_type)
+}
+
+fn held_by_other(file: &File, byte: i64) -> bool {
+    matches!(ofd(file, libc::F_OFD_GETLK, libc::F_WRLCK as libc::c_short, byte), Ok(t) if t != libc::F_UNLCK as libc::c_short)
+}
+
+/// Take QEMU-compatible locks for a writer (`read_only` false) or a reader. Err is QEMU's text.
+pub fn lock_image(file: &File, read_only: bool) -> Result<(), String> {
+    let perm = if read_only { READ } else { READ | WRITE | WRITE_UNCHANGED | RESIZE };
+    let shared = if read_only { ALL & !(WRITE | RESIZE) } else { READ | WRITE_UNCHANGED };
+    for (bit, name) in NAMES.iter().enumerate() {
+        let mask = 1u32 << bit;
+        if perm & mask != 0 && held_by_other(file, SHARED_BASE + bit as i64) {
+            return Err(format!("Failed to get \"{name}\" lock"));
+        }
+        if shared & mask == 0 && held_by_other(file, PERM_BASE + bit as i64) {
+            return Err(format!("Failed to get shared \"{name}\" lock"));
+        }
+    }
+    for bit in 0..NAMES.len() {
+        let mask = 1u32 << bit;
+        let rd = libc::F_RDLCK as libc::c_short;
+        if perm & mask != 0 {
+            ofd(file, libc::F_OFD_SETLK, rd, PERM_BASE + bit as i64).map_err(|e| e.to_string())?;
+        }
+        if shared & mask == 0 {
+            ofd(file, libc::F_OFD_SETLK, rd, SHARED_BASE + bit as i64).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+/// Drop every lock (before relocking in another mode).
+pub fn unlock_image(file: &File) {
+    for byte in [PERM_BASE, SHARED_BASE] {
+        let _ = (0..NAMES.len() as i64)
+            .map(|b| ofd(file, libc::F_OFD_SETLK, libc::F_UNLCK as libc::c_short, byte + b))
+            .count();
+    }
+}

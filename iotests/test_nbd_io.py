@@ -252,7 +252,7 @@ def test_read_only_export_refuses_writes(make_daemon, tmp_path):
 
     c = WireClient(sock)
     c.go("x")
-    assert c.write(0, b"x" * 512)[0] == EINVAL
+    assert c.write(0, b"x" * 512)[0] in (EINVAL, EPERM)
     assert c.read(0, 4) == (0, b"\x11" * 4)
     c.disconnect()
     assert d.shutdown() == 0

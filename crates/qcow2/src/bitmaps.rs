@@ -234,8 +234,9 @@ fn check_entry(h: &DirEntryHead, g: Geometry, disk_size: u64) -> std::result::Re
     if phys > MAX_PHYS_BYTES {
         return Err("bitmap is too large".into());
     }
+    // An in_use bitmap may predate a resize (it is stored with the new size at close).
     let covered = ((phys as u128) * 8) << h.granularity_bits;
-    if (disk_size as u128) > covered {
+    if h.flags & FLAG_IN_USE == 0 && (disk_size as u128) > covered {
         return Err("bitmap table is too small for the disk".into());
     }
     Ok(())

@@ -505,13 +505,14 @@ impl Qcow2 {
     /// bytes from `offset` share it.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
         self.check_open()?;
-        if offset >= self.size {
+        let size = self.virtual_size();
+        if offset >= size {
             return Err(Error::new(
                 ErrorKind::OutOfRange,
                 format!("offset {offset:#x} beyond the virtual size"),
             ));
         }
-        let end = offset.saturating_add(len).min(self.size);
+        let end = offset.saturating_add(len).min(size);
         let cs = self.geo.cluster_size();
         let mut m = self.lock()?;
         let mut status = None;

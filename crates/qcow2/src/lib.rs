@@ -51,7 +51,7 @@ mod refcount;
 pub mod storage;
 pub mod types;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 pub use bitmaps::{BitmapInfo, LoadedBitmap, StoreBitmap};
@@ -98,8 +98,8 @@ pub struct Qcow2 {
     zcache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     /// Geometry (immutable).
     geo: Geometry,
-    /// Virtual size (immutable).
-    size: u64,
+    /// Virtual size (changed only by `resize`, under the metadata lock).
+    size: AtomicU64,
     /// Format version (immutable).
     version: u32,
     /// Opened read-only.
@@ -117,7 +117,7 @@ pub struct Qcow2 {
 impl std::fmt::Debug for Qcow2 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2")
-            .field("size", &self.size)
+            .field("size", &self.virtual_size())
             .field("cluster_size", &self.geo.cluster_size())
             .field("version", &self.version)
             .field("read_only", &self.read_only)
@@ -178,7 +178,7 @@ impl Qcow2 {
         Ok(Qcow2 {
             file,
             geo: meta.geo,
-            size: h.raw.size,
+            size: AtomicU64::new(h.raw.size),
             version: h.raw.version,
             read_only: !writable,
             backing_file: h.backing_file.clone(),
@@ -200,7 +200,7 @@ impl Qcow2 {
 
     /// Virtual disk size in bytes.
     pub fn virtual_size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     /// Cluster size in bytes.
@@ -288,16 +288,47 @@ impl Qcow2 {
 
     /// Check that `[offset, offset+len)` lies within the virtual disk.
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.virtual_size();
         match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= size => Ok(()),
             _ => Err(Error::new(
                 ErrorKind::OutOfRange,
                 format!(
                     "request {offset:#x}+{len:#x} beyond the virtual size {:#x}",
-                    self.size
+                    size
                 ),
             )),
         }
+    }
+
+    /// Grow the virtual disk to `new_size` bytes (rounded up to 512), growing the L1 table
+    /// if needed. Shrinking is refused. Bitmaps in the file must be loaded (in_use) first:
+    /// they are stored later with the new size.
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        self.check_writable()?;
+        let new_size = new_size
+            .checked_next_multiple_of(512)
+            .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "size too large"))?;
+        let mut m = self.lock()?;
+        let old = m.header.raw.size;
+        if new_size < old {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "shrinking a qcow2 image",
+            ));
+        }
+        if new_size == old {
+            return Ok(());
+        }
+        if m.bitmaps.iter().any(|b| b.flags & FLAG_IN_USE == 0) {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "resizing an image with persistent bitmaps that are not loaded",
+            ));
+        }
+        m.grow(new_size)?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 
     /// Write back all metadata and flush the file; then free clusters unmapped since the
@@ -363,7 +394,10 @@ impl Qcow2 {
             let data = match m.read_bitmap_data(e) {
                 Ok(d) => d,
                 Err(_) if inconsistent => {
-                    vec![0u8; bitmaps::data_len(self.size, e.granularity_bits as u32) as usize]
+                    vec![
+                        0u8;
+                        bitmaps::data_len(m.header.raw.size, e.granularity_bits as u32) as usize
+                    ]
                 }
                 Err(err) => return Err(err.while_(&format!("loading bitmap '{}'", e.name))),
             };
@@ -411,6 +445,9 @@ impl Qcow2 {
     pub fn store_bitmaps(&self, bitmaps: &[StoreBitmap], in_use: bool) -> Result<()> {
         self.check_writable()?;
         let mut m = self.lock()?;
+        if bitmaps.is_empty() && m.bitmaps.is_empty() && m.header.bitmaps.is_none() {
+            return Ok(());
+        }
         m.store(bitmaps, in_use)?;
         self.bitmaps_claimed
             .store(in_use || m.bitmaps.is_empty(), Ordering::Release);

@@ -435,6 +435,57 @@ impl Meta {
         Ok(())
     }
 
+    /// Grow the virtual size, moving the L1 table to a larger one if needed.
+    pub fn grow(&mut self, new_size: u64) -> Result<()> {
+        let g = self.geo;
+        let need = g.l1_entries_for(new_size);
+        if need * 8 > crate::header::MAX_L1_BYTES {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                "new size needs an L1 table beyond its maximum",
+            ));
+        }
+        if need as usize <= self.l1.len() {
+            let old = self.header.raw.size;
+            self.header.raw.size = new_size;
+            if let Err(e) = self.write_header() {
+                self.header.raw.size = old;
+                return Err(e);
+            }
+            return Ok(());
+        }
+        // The L2 tables the new L1 points at must be on disk before it is.
+        self.flush_mappings()?;
+        let n = g.clusters_for(need * 8);
+        let c = self.alloc_clusters(n)?;
+        let mut table = self.l1.clone();
+        table.resize(need as usize, 0);
+        let mut bytes = encode_u64_table(&table);
+        bytes.resize((n * g.cluster_size()) as usize, 0);
+        self.write_raw(&bytes, c << g.cluster_bits, "the new L1 table")?;
+        self.flush_refcounts()?;
+        self.sync()?;
+        let old = self.header.raw;
+        self.header.raw.size = new_size;
+        self.header.raw.l1_size = need as u32;
+        self.header.raw.l1_table_offset = c << g.cluster_bits;
+        if let Err(e) = self.write_header() {
+            self.header.raw = old;
+            return Err(e);
+        }
+        let old_c = old.l1_table_offset >> g.cluster_bits;
+        for k in 0..g.clusters_for(old.l1_size as u64 * 8) {
+            self.meta_clusters.remove(&(old_c + k));
+            self.decref(old_c + k)?;
+        }
+        for k in 0..n {
+            self.meta_clusters.insert(c + k);
+        }
+        self.l1 = table;
+        self.l1_dirty = None;
+        self.flush_refcounts()
+    }
+
     /// Drop the references of clusters whose unmapping is now durable.
     pub fn apply_frees(&mut self, clusters: Vec<u64>) -> Result<()> {
         for c in clusters {

@@ -408,3 +408,127 @@ fn writes_beyond_the_disk_are_refused() {
     let err = img.write_at(&[0; 2], (1 << 20) - 1).expect_err("must fail");
     assert_eq!(err.kind(), qcow2::ErrorKind::OutOfRange);
 }
+
+#[test]
+fn growing_the_disk_moves_the_l1_table_and_keeps_data() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = TempDir::new("resize");
+    let path = dir.path("a.qcow2");
+    // 512-byte clusters: one L1 entry covers 32 KiB, so growing needs a larger L1 table.
+    let img = create(
+        &path,
+        &CreateOptions {
+            size: 1 << 20,
+            cluster_size: 512,
+            ..Default::default()
+        },
+    );
+    let mut shadow = vec![0u8; 1 << 20];
+    random_ops(&img, &mut shadow, 13, 100);
+    img.resize(3 << 20).expect("resize");
+    assert_eq!(img.virtual_size(), 3 << 20);
+    shadow.resize(3 << 20, 0);
+    random_ops(&img, &mut shadow, 14, 100);
+    img.close().expect("close");
+    verify(&dir, &path, &shadow);
+    let info = qemu_img(&["info", path.to_str().expect("p")]);
+    assert!(info.contains("virtual size: 3 MiB"), "{info}");
+}
+
+#[test]
+fn shrinking_is_refused() {
+    let st = Arc::new(qcow2::MemStorage::new());
+    Qcow2::create(
+        st.as_ref(),
+        &CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .expect("create");
+    let img = Qcow2::open(st, OpenOptions::default()).expect("open");
+    assert_eq!(
+        img.resize(1 << 19).expect_err("shrink").kind(),
+        qcow2::ErrorKind::Unsupported
+    );
+}
+
+#[test]
+fn io_after_close_is_refused() {
+    let st = Arc::new(qcow2::MemStorage::new());
+    Qcow2::create(
+        st.as_ref(),
+        &CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .expect("create");
+    let img = Qcow2::open(st, OpenOptions::default()).expect("open");
+    img.close().expect("close");
+    assert_eq!(
+        img.read_at(&mut [0u8; 1], 0).expect_err("closed").kind(),
+        qcow2::ErrorKind::Closed
+    );
+    assert_eq!(
+        img.write_at(&[0u8; 1], 0).expect_err("closed").kind(),
+        qcow2::ErrorKind::Closed
+    );
+}
+
+#[test]
+fn failed_flush_is_reported_and_a_later_flush_succeeds() {
+    let st = Arc::new(qcow2::MemStorage::new());
+    Qcow2::create(
+        st.as_ref(),
+        &CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .expect("create");
+    let img = Qcow2::open(st.clone(), OpenOptions::default()).expect("open");
+    img.write_at(&[7u8; 4096], 0).expect("write");
+    st.set_fail_flush(true);
+    assert_eq!(
+        img.flush().expect_err("flush fails").kind(),
+        qcow2::ErrorKind::Io
+    );
+    st.set_fail_flush(false);
+    img.flush().expect("flush");
+    img.close().expect("close");
+    let again = Qcow2::open(st, OpenOptions { read_only: true }).expect("reopen");
+    let mut buf = [0u8; 4096];
+    again.read_at(&mut buf, 0).expect("read");
+    assert_eq!(buf, [7u8; 4096]);
+}
+
+#[test]
+fn zeroing_without_unmap_keeps_clusters_preallocated() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = TempDir::new("prealloc");
+    let path = dir.path("a.qcow2");
+    let img = create(
+        &path,
+        &CreateOptions {
+            size: 4 << 20,
+            ..Default::default()
+        },
+    );
+    img.write_at(&vec![3u8; 1 << 20], 0).expect("write");
+    img.write_zeroes(0, 1 << 20, false).expect("zero");
+    assert_eq!(
+        img.block_status(0, 1 << 20).expect("bs"),
+        (qcow2::BlockStatus::Zero, 1 << 20)
+    );
+    img.write_at(&[9u8; 100], 4096)
+        .expect("write into preallocated zero cluster");
+    img.close().expect("close");
+    let mut shadow = vec![0u8; 4 << 20];
+    shadow[4096..4196].fill(9);
+    verify(&dir, &path, &shadow);
+}

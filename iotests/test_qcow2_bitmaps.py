@@ -290,31 +290,50 @@ def test_bitmaps_of_read_only_image_are_read_only(make_daemon, image):
 
 
 @iotests.blockd_only
-@pytest.mark.xfail(reason="TODO(lead): decide whether blockd writes persistent bitmaps back before close",
-                   strict=False, run=False)
-def test_bitmap_flushed_before_kill_is_consistent_after_restart(make_daemon, image):
-    """Expected blockd behaviour beyond QEMU (not implemented, not decided).
-
-    QEMU stores persistent bitmaps only at close, so after kill -9 every
-    loaded bitmap comes back inconsistent (count 0, unusable).  blockd aims to
-    write bitmaps back periodically and at flush (clearing in_use for the
-    stored state), so that after ``kill -9``:
-
-    * a persistent bitmap added and then flushed (e.g. NBD FLUSH or a periodic
-      write-back) is listed by ``qemu-img info`` with flags ["auto"] (no
-      in-use) or in-use with a valid stored state;
-    * restarting loads it with ``inconsistent`` absent, ``recording: true``
-      and at least the count it had at the last write-back;
-    * writes after the last write-back are either included or the bitmap is
-      marked inconsistent — never silently lost.
-    """
+def test_bitmap_flushed_before_kill_is_exact_after_restart(make_daemon, image):
+    """Beyond QEMU (which stores bitmaps only at close): a flush checkpoints the
+    persistent bitmaps exactly, so after kill -9 they load consistent, recording,
+    with every write made before the flush."""
     d = open_image(make_daemon, image, "first")
     bitmap_add(d, "n", "p", persistent=True)
-    node_io(d, "n", "write 0 64k", "flush")
+    node_io(d, "n", "write 0 64k", "write 1M 1", "flush")
     d.kill()
 
     d = open_image(make_daemon, image, "second")
     b = d.bitmap("n", "p")
     assert "inconsistent" not in b
     assert b["recording"] is True
-    assert b["count"] >= 65536
+    assert b["count"] == 2 * 65536
+
+
+@iotests.blockd_only
+def test_write_after_checkpoint_then_kill_marks_bitmap_inconsistent(make_daemon, image):
+    """A write after the last checkpoint flags the stored bitmap in use before the data
+    lands, so a crash then leaves it inconsistent: never silently missing that write."""
+    d = open_image(make_daemon, image, "first")
+    bitmap_add(d, "n", "p", persistent=True)
+    node_io(d, "n", "write 0 64k", "flush", "write 2M 64k")
+    d.kill()
+
+    d = open_image(make_daemon, image, "second")
+    b = d.bitmap("n", "p")
+    assert b.get("inconsistent") is True
+    assert b["recording"] is False
+
+
+@iotests.blockd_only
+def test_merge_into_persistent_bitmap_survives_kill(make_daemon, image):
+    """Merged bits come from no write, so blockd stores them at once."""
+    d = open_image(make_daemon, image, "first")
+    bitmap_add(d, "n", "p", persistent=True)
+    bitmap_add(d, "n", "t", granularity=65536)
+    node_io(d, "n", "write 3M 64k", "flush")
+    d.ok("block-dirty-bitmap-clear", node="n", name="p")
+    node_io(d, "n", "flush")
+    d.ok("block-dirty-bitmap-merge", node="n", target="p", bitmaps=["t"])
+    d.kill()
+
+    d = open_image(make_daemon, image, "second")
+    b = d.bitmap("n", "p")
+    assert "inconsistent" not in b
+    assert b["count"] == 65536

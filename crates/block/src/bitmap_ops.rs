@@ -52,6 +52,8 @@ pub fn add(
         readonly: false,
     });
     node.refresh_recording(&list);
+    drop(list);
+    node.note_bitmaps_changed();
     Ok(())
 }
 
@@ -87,6 +89,8 @@ pub fn clear(node: &NodeRef, name: &str) -> Result<HBitmap> {
     let b = list.usable(name, BitmapUse::Modify)?;
     let old = b.bits.clone();
     b.bits.reset_all();
+    drop(list);
+    node.note_bitmaps_changed();
     Ok(old)
 }
 
@@ -97,6 +101,8 @@ pub fn set_recording(node: &NodeRef, name: &str, recording: bool) -> Result<bool
     let was = b.recording;
     b.recording = recording;
     node.refresh_recording(&list);
+    drop(list);
+    node.note_bitmaps_changed();
     Ok(was)
 }
 
@@ -130,9 +136,18 @@ pub fn merge(node: &NodeRef, target: &str, sources: &[(NodeRef, String)]) -> Res
                 src.size()
             )));
         }
-        merged.merge(src).map_err(|e| Error::generic(e.to_string()))?;
+        merged
+            .merge(src)
+            .map_err(|e| Error::generic(e.to_string()))?;
     }
     t.bits = merged;
+    let persistent = t.persistent;
+    drop(list);
+    node.note_bitmaps_changed();
+    if persistent {
+        // Merged bits came from no write: store them now, so a crash cannot lose them.
+        node.checkpoint_bitmaps()?;
+    }
     Ok(old)
 }
 

@@ -17,6 +17,17 @@ pub enum BlockStatus {
     Unallocated,
 }
 
+/// What a node's users need from its storage, for image locking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Nobody uses it: hold no locks.
+    Unused,
+    /// Readers only: take "consistent read", refuse others "write".
+    Read,
+    /// A writer: take read, write and resize, share only reads.
+    Write,
+}
+
 /// Facts about an open image for the queries (`image` in `query-named-block-nodes`).
 #[derive(Debug, Clone, Default)]
 pub struct ImageFacts {
@@ -134,6 +145,11 @@ pub trait Driver: Send + Sync {
     /// Set the size (protocol drivers that can grow).
     fn truncate(&self, _size: u64) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+    /// Hold image locks for what the node's users need now (QEMU-compatible). Err is the
+    /// conflict message ("Failed to get \"write\" lock"). Default: nothing to lock.
+    fn set_lock(&self, _mode: LockMode) -> Result<(), String> {
+        Ok(())
     }
     /// Switch between read-only and read-write (blockdev-reopen). Default: nothing to do.
     fn set_read_only(&self, _read_only: bool) -> io::Result<()> {

@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use crate::bitmap::{BitmapList, DirtyBitmap};
-use crate::driver::{BitmapToStore, Driver};
+use crate::bitmap::DirtyBitmap;
+use crate::driver::{Driver, LockMode};
 use crate::drivers::{file::FileDriver, null::NullDriver, qcow2::Qcow2Driver, raw::RawDriver};
 use crate::error::{strerror, Error, Result};
 use crate::node::{Child, Node, NodeFlags, NodeRef};
@@ -142,12 +142,15 @@ impl Graph {
             ));
         }
         let before = self.nodes.len();
-        let result = self.add_node(opts, 0);
+        let result = self
+            .add_node(opts, 0)
+            .and_then(|n| self.refresh_locks().map(|_| n));
         if result.is_err() {
             // Undo inline children created on the way.
             for node in self.nodes.drain(before..).rev() {
                 let _ = node.close();
             }
+            let _ = self.refresh_locks();
         }
         result
     }
@@ -215,7 +218,7 @@ impl Graph {
                     Err(e) => return Err(open_error(filename, &e)),
                 };
                 if *locking {
-                    driver.lock(ro).map_err(Error::generic)?;
+                    driver.enable_locking();
                 }
                 Ok((Box::new(driver), Vec::new(), ro))
             }
@@ -368,7 +371,9 @@ impl Graph {
             )));
         };
         if node.auto_named() {
-            return Err(Error::generic(format!("Node {name} is not owned by the monitor")));
+            return Err(Error::generic(format!(
+                "Node {name} is not owned by the monitor"
+            )));
         }
         if !self.parents(&node).is_empty() {
             return Err(Error::generic(format!("Block device {name} is in use")));
@@ -376,7 +381,26 @@ impl Graph {
         if let Some(user) = node.first_user() {
             return Err(Error::generic(format!("Node {name} is in use by {user}")));
         }
-        self.remove_tree(&node)
+        let result = self.remove_tree(&node);
+        let _ = self.refresh_locks();
+        result
+    }
+
+    /// Make every node hold the image locks its users need now: a writer above (a read-write
+    /// parent, a writing export) needs write, any parent or user needs read, else nothing.
+    pub fn refresh_locks(&self) -> Result<()> {
+        for node in &self.nodes {
+            let parents = self.parents(node);
+            let mode = if node.writers() > 0 || parents.iter().any(|(p, _)| !p.read_only()) {
+                LockMode::Write
+            } else if !parents.is_empty() || node.first_user().is_some() {
+                LockMode::Read
+            } else {
+                LockMode::Unused
+            };
+            node.driver().set_lock(mode).map_err(Error::generic)?;
+        }
+        Ok(())
     }
 
     /// Remove `node` and then every inline (auto-named) child left without parents.
@@ -406,43 +430,11 @@ impl Graph {
 
 /// Store persistent bitmaps and close the driver.
 pub fn close_node(node: &NodeRef) -> Result<()> {
-    let stored = store_persistent_bitmaps(node, false);
+    let stored = node.store_bitmaps(false);
     let closed = node
         .close()
         .map_err(|e| Error::io(format!("Closing node '{}'", node.name()), &e));
     stored.and(closed)
-}
-
-/// Write the node's persistent bitmaps into its image; `in_use` keeps them flagged as loaded.
-pub fn store_persistent_bitmaps(node: &NodeRef, in_use: bool) -> Result<()> {
-    let Some(store) = node.driver().bitmap_store() else {
-        return Ok(());
-    };
-    if node.read_only() {
-        return Ok(());
-    }
-    let list = snapshot_persistent(&node.bitmaps());
-    store
-        .store(&list, in_use)
-        .map_err(|e| Error::io("Could not store bitmaps", &e))
-}
-
-fn snapshot_persistent(list: &BitmapList) -> Vec<BitmapToStore> {
-    list.items
-        .iter()
-        .filter(|b| b.persistent && b.name.is_some())
-        .map(|b| BitmapToStore {
-            name: b.name.clone().unwrap_or_default(),
-            granularity: b.bits.granularity(),
-            recording: b.recording,
-            inconsistent: b.inconsistent,
-            data: if b.inconsistent {
-                Vec::new()
-            } else {
-                b.bits.to_bytes()
-            },
-        })
-        .collect()
 }
 
 fn open_error(filename: &str, e: &std::io::Error) -> Error {

@@ -3,9 +3,10 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::bitmap::BitmapList;
-use crate::driver::{BlockStatus, Driver, ImageFacts};
+use crate::driver::{BitmapToStore, BlockStatus, Driver, ImageFacts};
 use crate::error::errno;
 
 /// Shared handle to a node. The graph owns the name table; handles are cloned for I/O.
@@ -56,6 +57,14 @@ pub struct Node {
     hooks: RwLock<Vec<Arc<dyn WriteHook>>>,
     /// Users that write through this node (writable exports); read-only reopen is refused while any.
     writers: AtomicUsize,
+    /// Persistent-bitmap checkpoints: writes hold it shared from before the driver call until
+    /// the bitmaps are marked; a checkpoint holds it exclusively while it snapshots and stores,
+    /// so a stored bitmap always covers every write that may have reached the disk before it.
+    checkpoint_gate: RwLock<()>,
+    /// When the last checkpoint ran (rate limit for flush-triggered ones).
+    last_checkpoint: Mutex<Option<Instant>>,
+    /// Bitmaps changed since the last checkpoint.
+    bitmaps_changed: AtomicBool,
     /// Things other than parent nodes that use this node (exports, jobs), by description.
     users: Mutex<Vec<String>>,
     closed: AtomicBool,
@@ -82,6 +91,9 @@ impl Node {
             recording: AtomicUsize::new(0),
             hooks: RwLock::new(Vec::new()),
             writers: AtomicUsize::new(0),
+            checkpoint_gate: RwLock::new(()),
+            last_checkpoint: Mutex::new(None),
+            bitmaps_changed: AtomicBool::new(false),
             users: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
         }
@@ -241,6 +253,80 @@ impl Node {
     fn mark_dirty(&self, offset: u64, len: u64) {
         if len > 0 && self.recording.load(Ordering::Acquire) > 0 {
             self.bitmaps().mark(offset, len);
+            self.bitmaps_changed.store(true, Ordering::Release);
+        }
+    }
+
+    fn gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.checkpoint_gate
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Note that bitmaps changed other than by a write (merge, clear, add, enable, ...).
+    pub fn note_bitmaps_changed(&self) {
+        self.bitmaps_changed.store(true, Ordering::Release);
+    }
+
+    /// Write the persistent bitmaps into the image. `in_use` leaves them flagged as loaded.
+    pub fn store_bitmaps(&self, in_use: bool) -> crate::Result<()> {
+        let Some(store) = self.driver.bitmap_store() else {
+            return Ok(());
+        };
+        if self.read_only() {
+            return Ok(());
+        }
+        let list = snapshot_persistent(&self.bitmaps());
+        store
+            .store(&list, in_use)
+            .map_err(|e| crate::Error::io("Could not store bitmaps", &e))
+    }
+
+    /// Checkpoint (beyond QEMU, which stores bitmaps only at close): store the persistent
+    /// bitmaps exactly, not in use, while no write is in flight. The format flags them in use
+    /// again before the next modification reaches the image, so after a crash a bitmap is
+    /// either exact as of its last checkpoint or marked inconsistent, never silently short.
+    /// Does nothing when nothing changed since the last one. Returns whether it stored.
+    pub fn checkpoint_bitmaps(&self) -> crate::Result<bool> {
+        if self.driver.bitmap_store().is_none() || self.read_only() {
+            return Ok(false);
+        }
+        if !self.bitmaps().items.iter().any(|b| b.persistent) {
+            return Ok(false);
+        }
+        let _gate = self
+            .checkpoint_gate
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if !self.bitmaps_changed.swap(false, Ordering::AcqRel) {
+            return Ok(false);
+        }
+        *self
+            .last_checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let stored = self.store_bitmaps(false).and_then(|_| {
+            self.driver
+                .flush()
+                .map_err(|e| crate::Error::io("Could not flush bitmaps", &e))
+        });
+        if stored.is_err() {
+            self.bitmaps_changed.store(true, Ordering::Release);
+        }
+        stored.map(|_| true)
+    }
+
+    /// A flush-triggered checkpoint, at most once per `min_interval`.
+    fn checkpoint_after_flush(&self, min_interval: Duration) {
+        let due = self
+            .last_checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none_or(|t| t.elapsed() >= min_interval);
+        if due {
+            if let Err(e) = self.checkpoint_bitmaps() {
+                tracing::warn!(node = %self.name, error = %e, "bitmap checkpoint failed");
+            }
         }
     }
 
@@ -260,6 +346,7 @@ impl Node {
         if len == 0 {
             return Ok(());
         }
+        let _gate = self.gate();
         self.run_hooks(offset, len)?;
         let result = self.driver.write(offset, data);
         // Mark even on failure: part of the range may have changed.
@@ -273,6 +360,7 @@ impl Node {
         if len == 0 {
             return Ok(());
         }
+        let _gate = self.gate();
         self.run_hooks(offset, len)?;
         let result = self.driver.write_zeroes(offset, len, may_unmap);
         self.mark_dirty(offset, len);
@@ -286,15 +374,19 @@ impl Node {
         if len == 0 || !self.flags.discard_unmap {
             return Ok(());
         }
+        let _gate = self.gate();
         self.run_hooks(offset, len)?;
         let result = self.driver.discard(offset, len);
         self.mark_dirty(offset, len);
         result
     }
 
-    /// Flush the driver (formats flush their children themselves).
+    /// Flush the driver (formats flush their children themselves), then checkpoint the
+    /// persistent bitmaps if the last checkpoint is at least a second old.
     pub fn flush(&self) -> io::Result<()> {
-        self.driver.flush()
+        self.driver.flush()?;
+        self.checkpoint_after_flush(Duration::from_secs(1));
+        Ok(())
     }
 
     /// Allocation status of the first run in `[offset, offset+len)`.
@@ -348,4 +440,22 @@ impl Drop for Node {
             tracing::warn!(node = %self.name, error = %e, "closing node failed");
         }
     }
+}
+
+fn snapshot_persistent(list: &BitmapList) -> Vec<BitmapToStore> {
+    list.items
+        .iter()
+        .filter(|b| b.persistent && b.name.is_some())
+        .map(|b| BitmapToStore {
+            name: b.name.clone().unwrap_or_default(),
+            granularity: b.bits.granularity(),
+            recording: b.recording,
+            inconsistent: b.inconsistent,
+            data: if b.inconsistent {
+                Vec::new()
+            } else {
+                b.bits.to_bytes()
+            },
+        })
+        .collect()
 }

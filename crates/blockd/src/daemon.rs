@@ -119,7 +119,8 @@ impl Daemon {
 
     /// Find the node a bitmap command names: QEMU's "Node 'X' not found".
     pub fn bitmap_node(&self, name: &str) -> Result<NodeRef> {
-        self.lookup_node(name).map_err(|_| Error::generic(format!("Node '{name}' not found")))
+        self.lookup_node(name)
+            .map_err(|_| Error::generic(format!("Node '{name}' not found")))
     }
 
     /// blockdev-add.

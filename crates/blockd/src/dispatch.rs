@@ -586,6 +586,7 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: Reopen) -> CmdResult {
             }
         }
     }
+    d.graph().refresh_locks()?;
     Ok(json!({}))
 }
 

@@ -123,7 +123,10 @@ impl Daemon {
             )));
         }
         let node = self.lookup_node(&args.node_name).map_err(|_| {
-            Error::generic(format!("Cannot find device='' nor node-name='{}'", args.node_name))
+            Error::generic(format!(
+                "Cannot find device='' nor node-name='{}'",
+                args.node_name
+            ))
         })?;
         let name = args.name.clone().unwrap_or_else(|| args.node_name.clone());
         if name.len() > 4096 {
@@ -195,6 +198,7 @@ impl Daemon {
         if args.writable {
             node.set_writer(true);
         }
+        let _ = self.graph().refresh_locks();
         self.exports().push(ExportRec {
             id: args.id,
             node_name: args.node_name,
@@ -262,6 +266,7 @@ impl Daemon {
         if rec.writable {
             rec.node.set_writer(false);
         }
+        let _ = self.graph().refresh_locks();
         self.events
             .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": rec.id})));
     }

@@ -134,7 +134,10 @@ pub fn node_info(node: &NodeRef, flat: bool) -> Value {
     m.insert("iops_wr".into(), json!(0));
     m.insert("ro".into(), json!(node.read_only()));
     m.insert("node-name".into(), json!(node.name()));
-    m.insert("backing_file_depth".into(), json!(if flat { 0 } else { backing_depth(node) }));
+    m.insert(
+        "backing_file_depth".into(),
+        json!(if flat { 0 } else { backing_depth(node) }),
+    );
     m.insert("drv".into(), json!(node.driver_name()));
     m.insert("iops".into(), json!(0));
     m.insert("bps_wr".into(), json!(0));

@@ -168,8 +168,8 @@ async fn apply(daemon: &Arc<Daemon>, opts: &[Opt]) -> Result<Setup, String> {
             }
             Opt::Blockdev(v) => {
                 let value = if v.trim_start().starts_with('{') {
-                    let j: Value =
-                        serde_json::from_str(v).map_err(|e| ctx("blockdev", v, format!("JSON parse error, {e}")))?;
+                    let j: Value = serde_json::from_str(v)
+                        .map_err(|e| ctx("blockdev", v, format!("JSON parse error, {e}")))?;
                     schema
                         .normalize_type("BlockdevOptions", &j)
                         .map_err(|e| ctx("blockdev", v, e.desc))?
@@ -208,8 +208,12 @@ async fn apply(daemon: &Arc<Daemon>, opts: &[Opt]) -> Result<Setup, String> {
                     .map_err(|e| ctx("export", v, e.to_string()))?;
             }
             Opt::Pidfile(p) => {
-                std::fs::write(p, format!("{}\n", std::process::id()))
-                    .map_err(|e| format!("cannot create PID file '{p}': {}", block::error::strerror(&e)))?;
+                std::fs::write(p, format!("{}\n", std::process::id())).map_err(|e| {
+                    format!(
+                        "cannot create PID file '{p}': {}",
+                        block::error::strerror(&e)
+                    )
+                })?;
                 setup.pidfile = Some(PathBuf::from(p));
             }
             Opt::Daemonize => {}
@@ -303,6 +307,7 @@ pub async fn run(opts: Vec<Opt>, ready: Option<OwnedFd>) -> ExitCode {
     if let Some(fd) = ready {
         report_ready(fd);
     }
+    tokio::spawn(checkpoint_loop(daemon.clone()));
     wait_for_shutdown(&daemon).await;
     tracing::info!("shutting down");
     server.begin_shutdown();
@@ -312,6 +317,39 @@ pub async fn run(opts: Vec<Opt>, ready: Option<OwnedFd>) -> ExitCode {
         let _ = std::fs::remove_file(p);
     }
     ExitCode::SUCCESS
+}
+
+/// How often persistent bitmaps are checkpointed into their images (beyond QEMU, which
+/// stores them only at close). `BLOCKD_BITMAP_CHECKPOINT_SECS` overrides; 0 disables.
+fn checkpoint_interval() -> Option<std::time::Duration> {
+    let secs = std::env::var("BLOCKD_BITMAP_CHECKPOINT_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(10);
+    (secs > 0).then(|| std::time::Duration::from_secs(secs))
+}
+
+async fn checkpoint_loop(daemon: Arc<Daemon>) {
+    let Some(interval) = checkpoint_interval() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = daemon.shutdown.cancelled() => return,
+        }
+        let nodes: Vec<_> = daemon.graph().nodes().to_vec();
+        let _ = tokio::task::spawn_blocking(move || {
+            for n in nodes {
+                if let Err(e) = n.checkpoint_bitmaps() {
+                    tracing::warn!(node = n.name(), error = %e, "bitmap checkpoint failed");
+                }
+            }
+        })
+        .await;
+    }
 }
 
 async fn wait_for_shutdown(daemon: &Arc<Daemon>) {

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::lock::{lock_image, unlock_image};
-use crate::driver::{BlockStatus, Driver, FormatSpecific, ImageFacts};
+use crate::driver::{BlockStatus, Driver, FormatSpecific, ImageFacts, LockMode};
 
 /// A host file.
 pub struct FileDriver {
@@ -16,8 +16,10 @@ pub struct FileDriver {
     filename: String,
     /// Whether fallocate punching/zeroing works here; cleared after the first EOPNOTSUPP.
     can_fallocate: AtomicBool,
-    /// Whether we hold image locks (relocked on reopen).
-    locked: AtomicBool,
+    /// `locking=on`: take QEMU-compatible locks for what the users need.
+    locking: AtomicBool,
+    /// The lock mode currently held; guards relocking.
+    mode: std::sync::Mutex<LockMode>,
 }
 
 impl FileDriver {
@@ -34,15 +36,14 @@ impl FileDriver {
             file,
             filename: filename.to_string(),
             can_fallocate: AtomicBool::new(true),
-            locked: AtomicBool::new(false),
+            locking: AtomicBool::new(false),
+            mode: std::sync::Mutex::new(LockMode::Unused),
         })
     }
 
     /// Take QEMU-compatible image locks (`locking=on`, the default for us as for QEMU on Linux).
-    pub fn lock(&self, read_only: bool) -> Result<(), String> {
-        lock_image(&self.file, read_only)?;
-        self.locked.store(true, Ordering::Relaxed);
-        Ok(())
+    pub fn enable_locking(&self) {
+        self.locking.store(true, Ordering::Relaxed);
     }
 
     /// Create (or truncate) a file of `size` bytes, as blockdev-create's `file` driver does.
@@ -182,11 +183,38 @@ impl Driver for FileDriver {
                 return Err(io::Error::from_raw_os_error(libc::EACCES));
             }
         }
-        if self.locked.load(Ordering::Relaxed) {
-            unlock_image(&self.file);
-            lock_image(&self.file, read_only).map_err(|m| io::Error::other(m))?;
-        }
         Ok(())
+    }
+
+    fn set_lock(&self, mode: LockMode) -> Result<(), String> {
+        if !self.locking.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut held = self.mode.lock().unwrap_or_else(|p| p.into_inner());
+        if *held == mode {
+            return Ok(());
+        }
+        unlock_image(&self.file);
+        let result = match mode {
+            LockMode::Unused => Ok(()),
+            LockMode::Read => lock_image(&self.file, true),
+            LockMode::Write => lock_image(&self.file, false),
+        };
+        match result {
+            Ok(()) => {
+                *held = mode;
+                Ok(())
+            }
+            Err(e) => {
+                // Put back what we had; it did not conflict before.
+                let _ = match *held {
+                    LockMode::Unused => Ok(()),
+                    LockMode::Read => lock_image(&self.file, true),
+                    LockMode::Write => lock_image(&self.file, false),
+                };
+                Err(e)
+            }
+        }
     }
 
     fn truncate(&self, size: u64) -> io::Result<()> {
@@ -195,9 +223,7 @@ impl Driver for FileDriver {
 
     fn close(&self) -> io::Result<()> {
         let r = self.file.sync_data();
-        if self.locked.swap(false, Ordering::Relaxed) {
-            unlock_image(&self.file);
-        }
+        unlock_image(&self.file);
         r
     }
 

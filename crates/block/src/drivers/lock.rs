@@ -17,7 +17,12 @@ const WRITE_UNCHANGED: u32 = 4;
 const RESIZE: u32 = 8;
 const ALL: u32 = 0xf;
 
-fn ofd(file: &File, cmd: libc::c_int, kind: libc::c_short, byte: i64) -> std::io::Result<libc::c_short> {
+fn ofd(
+    file: &File,
+    cmd: libc::c_int,
+    kind: libc::c_short,
+    byte: i64,
+) -> std::io::Result<libc::c_short> {
     // SAFETY: a zeroed flock is a valid value; fcntl reads and writes only that struct.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = kind;
@@ -38,8 +43,16 @@ fn held_by_other(file: &File, byte: i64) -> bool {
 
 /// Take QEMU-compatible locks for a writer (`read_only` false) or a reader. Err is QEMU's text.
 pub fn lock_image(file: &File, read_only: bool) -> Result<(), String> {
-    let perm = if read_only { READ } else { READ | WRITE | WRITE_UNCHANGED | RESIZE };
-    let shared = if read_only { ALL & !(WRITE | RESIZE) } else { READ | WRITE_UNCHANGED };
+    let perm = if read_only {
+        READ
+    } else {
+        READ | WRITE | WRITE_UNCHANGED | RESIZE
+    };
+    let shared = if read_only {
+        ALL & !(WRITE | RESIZE)
+    } else {
+        READ | WRITE_UNCHANGED
+    };
     for (bit, name) in NAMES.iter().enumerate() {
         let mask = 1u32 << bit;
         if perm & mask != 0 && held_by_other(file, SHARED_BASE + bit as i64) {
@@ -56,7 +69,8 @@ pub fn lock_image(file: &File, read_only: bool) -> Result<(), String> {
             ofd(file, libc::F_OFD_SETLK, rd, PERM_BASE + bit as i64).map_err(|e| e.to_string())?;
         }
         if shared & mask == 0 {
-            ofd(file, libc::F_OFD_SETLK, rd, SHARED_BASE + bit as i64).map_err(|e| e.to_string())?;
+            ofd(file, libc::F_OFD_SETLK, rd, SHARED_BASE + bit as i64)
+                .map_err(|e| e.to_string())?;
         }
     }
     Ok(())
@@ -66,7 +80,14 @@ pub fn lock_image(file: &File, read_only: bool) -> Result<(), String> {
 pub fn unlock_image(file: &File) {
     for byte in [PERM_BASE, SHARED_BASE] {
         let _ = (0..NAMES.len() as i64)
-            .map(|b| ofd(file, libc::F_OFD_SETLK, libc::F_UNLCK as libc::c_short, byte + b))
+            .map(|b| {
+                ofd(
+                    file,
+                    libc::F_OFD_SETLK,
+                    libc::F_UNLCK as libc::c_short,
+                    byte + b,
+                )
+            })
             .count();
     }
 }

@@ -82,6 +82,24 @@ pub enum BlockStatus {
     Unallocated,
 }
 
+/// Format-specific facts about an image (what `qemu-img info` lists under
+/// "Format specific information", minus bitmaps: see [`Qcow2::bitmaps`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatInfo {
+    /// "0.10" for version 2, "1.1" for version 3.
+    pub compat: &'static str,
+    /// The lazy refcounts compatible feature is set.
+    pub lazy_refcounts: bool,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// The image is marked (or was found) corrupt.
+    pub corrupt: bool,
+    /// Extended L2 entries (always false: such images are refused).
+    pub extended_l2: bool,
+    /// Compression type name ("zlib"; zstd images are refused).
+    pub compression_type: &'static str,
+}
+
 /// An open qcow2 image. `Send + Sync`; every I/O method may be called from many threads.
 pub struct Qcow2 {
     /// The image file.
@@ -216,6 +234,25 @@ impl Qcow2 {
     /// Refcount width in bits.
     pub fn refcount_bits(&self) -> u32 {
         1 << self.geo.refcount_order
+    }
+
+    /// Format-specific facts for `query-block`-style output.
+    pub fn format_info(&self) -> FormatInfo {
+        let (lazy, corrupt) = self
+            .lock()
+            .map(|m| {
+                let lazy = m.header.raw.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0;
+                (lazy, m.corrupt)
+            })
+            .unwrap_or((false, true));
+        FormatInfo {
+            compat: if self.version >= 3 { "1.1" } else { "0.10" },
+            lazy_refcounts: lazy,
+            refcount_bits: self.refcount_bits(),
+            corrupt,
+            extended_l2: false,
+            compression_type: "zlib",
+        }
     }
 
     /// Whether the image was opened read-only.

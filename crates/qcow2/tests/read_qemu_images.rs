@@ -250,3 +250,34 @@ fn read_only_open_refuses_writes() {
     let err = q.write_at(&[1], 0).expect_err("must fail");
     assert_eq!(err.kind(), qcow2::ErrorKind::ReadOnly);
 }
+
+#[test]
+fn format_info_matches_qemu_img_info() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = TempDir::new("fmtinfo");
+    let img = dir.path("a.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on,refcount_bits=8",
+        img.to_str().expect("p"),
+        "1M",
+    ]);
+    let info = open(&img, false).format_info();
+    assert_eq!(
+        info,
+        qcow2::FormatInfo {
+            compat: "1.1",
+            lazy_refcounts: true,
+            refcount_bits: 8,
+            corrupt: false,
+            extended_l2: false,
+            compression_type: "zlib"
+        }
+    );
+}

@@ -14,6 +14,7 @@
 //! - `cache`: LRU cache of cluster-sized tables with dirty ranges.
 //! - `meta`: the metadata state under one mutex; table access, write-back order, corruption.
 //! - `refcount`: refcounts, cluster allocation, refcount table growth.
+//! - `rebuild`: recounting refcounts of an image left dirty (lazy refcounts).
 //! - `io`: the request paths (read, write with COW, write zeroes, discard, block status).
 //! - `bitmaps`: the bitmaps extension (directory, tables, data).
 //! - `create`: new images.
@@ -47,6 +48,7 @@ mod io;
 mod mapping;
 mod meta;
 mod ondisk;
+mod rebuild;
 mod refcount;
 pub mod storage;
 pub mod types;
@@ -170,10 +172,11 @@ impl Qcow2 {
                 "image is marked corrupt; it can be opened read-only, or repaired with 'qemu-img check -r all'",
             ));
         }
-        if writable && inc & INCOMPAT_DIRTY != 0 {
+        let dirty = writable && inc & INCOMPAT_DIRTY != 0;
+        if dirty && header.raw.nb_snapshots > 0 {
             return Err(Error::new(
                 ErrorKind::Unsupported,
-                "image has the dirty bit set (lazy refcounts not written back); repair it with 'qemu-img check -r all' or open it read-only",
+                "image with internal snapshots has the dirty bit set (lazy refcounts not written back); repair it with 'qemu-img check -r all' or open it read-only",
             ));
         }
         if writable && header.raw.nb_snapshots > 0 {
@@ -185,6 +188,10 @@ impl Qcow2 {
         let stale_bitmaps = header.stale_bitmaps;
         let mut meta = Meta::load(file.clone(), header, writable, file_len)?;
         meta.load_directory()?;
+        if dirty {
+            meta.rebuild_refcounts()
+                .map_err(|e| e.while_("rebuilding refcounts of a dirty image"))?;
+        }
         if writable {
             let auto = meta.header.raw.autoclear_features;
             if auto & !AUTOCLEAR_KNOWN != 0 || stale_bitmaps {

@@ -106,7 +106,7 @@ impl Meta {
             l2: TableCache::new((L2_CACHE_BYTES / cs) as usize),
             rt,
             rt_dirty: None,
-            rb: TableCache::new((REFBLOCK_CACHE_BYTES / cs).max(4) as usize),
+            rb: TableCache::new(refblock_cache_capacity(cs)),
             free_hint: 0,
             end_cluster: file_len.div_ceil(cs),
             file_len,
@@ -492,6 +492,18 @@ impl Meta {
             self.decref(c)?;
         }
         self.flush_refcounts()
+    }
+}
+
+/// Number of refcount blocks cached for a cluster size.
+fn refblock_cache_capacity(cs: u64) -> usize {
+    (REFBLOCK_CACHE_BYTES / cs).max(4) as usize
+}
+
+impl Meta {
+    /// The refcount block cache capacity of this image.
+    pub fn rb_capacity(&self) -> usize {
+        refblock_cache_capacity(self.geo.cluster_size())
     }
 }
 

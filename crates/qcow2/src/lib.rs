@@ -145,6 +145,42 @@ impl std::fmt::Debug for Qcow2 {
     }
 }
 
+/// Presents an open image's guest view as a [`Storage`], e.g. to serve as another image's
+/// backing file (`write_at`/`flush` go to the image; `truncate` is refused).
+#[derive(Debug, Clone)]
+pub struct ImageStorage(pub Arc<Qcow2>);
+
+/// Convert a driver error for the `Storage` interface.
+fn to_io(e: Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.errno())
+}
+
+impl Storage for ImageStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset).map_err(to_io)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset).map_err(to_io)
+    }
+
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.0.virtual_size())
+    }
+
+    fn truncate(&self, _size: u64) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush().map_err(to_io)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.discard(offset, len).map_err(to_io)
+    }
+}
+
 /// Bytes read for the header before the cluster size is known.
 const HEADER_PROBE: usize = 4096;
 
@@ -510,3 +546,9 @@ impl Qcow2 {
         self.lock()?.remove(name)
     }
 }
+
+/// `Qcow2` must stay shareable across threads.
+const _: fn() = || {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Qcow2>();
+};

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use qcow2::{FileStorage, OpenOptions, Qcow2, Storage};
+use qcow2::{FileStorage, OpenOptions, Qcow2};
 
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -179,27 +179,5 @@ impl Rng {
     }
 }
 
-/// Presents an open image as a `Storage` (guest view), to serve as a backing image.
-pub struct ImageStorage(pub Arc<Qcow2>);
-
-fn to_io(e: qcow2::Error) -> std::io::Error {
-    std::io::Error::other(e.to_string())
-}
-
-impl Storage for ImageStorage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset).map_err(to_io)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset).map_err(to_io)
-    }
-    fn size(&self) -> std::io::Result<u64> {
-        Ok(self.0.virtual_size())
-    }
-    fn truncate(&self, _size: u64) -> std::io::Result<()> {
-        Err(std::io::Error::other("not supported"))
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.0.flush().map_err(to_io)
-    }
-}
+#[allow(unused_imports)]
+pub use qcow2::ImageStorage;

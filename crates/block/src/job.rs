@@ -505,8 +505,10 @@ impl JobManager {
         Ok(job)
     }
 
-    /// Start a created job's task.
+    /// Start a created job's task. The job is `running` when this returns (as in QEMU), so a
+    /// cancel that arrives before the task first runs cancels it instead of discarding it.
     pub fn start(self: &Arc<Self>, job: &Arc<Job>) {
+        job.transition(JobStatus::Running);
         let manager = self.clone();
         let job = job.clone();
         tokio::spawn(async move { manager.run(job).await });
@@ -524,12 +526,16 @@ impl JobManager {
     }
 
     async fn run(self: Arc<Self>, job: Arc<Job>) {
-        job.transition(JobStatus::Running);
         let ctx = JobCtx { job: job.clone() };
         let result = tokio::select! {
             r = job.body.clone().run(ctx.clone()) => r,
             _ = job.cancel.cancelled() => Err("Operation canceled".to_string()),
         };
+        // A body dropped at a pause point leaves it (paused → running) before ending: paused
+        // cannot go to aborting directly.
+        if job.lock().status == JobStatus::Paused {
+            job.transition(JobStatus::Running);
+        }
         let result = if job.cancel.is_cancelled() && result.is_ok() {
             Err("Operation canceled".to_string())
         } else {
@@ -623,7 +629,12 @@ impl JobManager {
             self.discard_unstarted(job);
             return Ok(());
         }
-        job.lock().cancelled = true;
+        {
+            let mut st = job.lock();
+            st.cancelled = true;
+            // As QEMU: cancelling drops the user's pause.
+            st.user_paused = false;
+        }
         job.cancel.cancel();
         job.wake.notify_waiters();
         Ok(())

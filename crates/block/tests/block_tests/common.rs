@@ -1,0 +1,129 @@
+//! Helpers shared by the tests: temporary images and node options.
+
+use std::io::Write;
+
+use block::graph::{ChildRef, DriverOptions, NodeOptions};
+use block::node::NodeFlags;
+use block::{Graph, NodeRef};
+use tempfile::NamedTempFile;
+
+/// A temporary file of `size` bytes, every byte `fill`.
+pub fn image(size: usize, fill: u8) -> NamedTempFile {
+    let mut f = NamedTempFile::new().expect("create temp file");
+    f.write_all(&vec![fill; size]).expect("fill temp file");
+    f.flush().expect("flush temp file");
+    f
+}
+
+/// The path of a temporary file as a string.
+pub fn path(f: &NamedTempFile) -> String {
+    f.path().to_str().expect("utf-8 temp path").to_string()
+}
+
+/// The whole contents of a temporary file, read with std::fs.
+pub fn contents(f: &NamedTempFile) -> Vec<u8> {
+    std::fs::read(f.path()).expect("read temp file")
+}
+
+/// Options for a `file` node without locking.
+pub fn file_opts(name: Option<&str>, filename: &str) -> NodeOptions {
+    NodeOptions {
+        node_name: name.map(str::to_string),
+        driver: DriverOptions::File {
+            filename: filename.to_string(),
+            locking: false,
+        },
+        ..NodeOptions::default()
+    }
+}
+
+/// Options for a `raw` node over `file`, whole child.
+pub fn raw_opts(name: &str, file: ChildRef) -> NodeOptions {
+    NodeOptions {
+        node_name: Some(name.to_string()),
+        driver: DriverOptions::Raw {
+            file,
+            offset: None,
+            size: None,
+        },
+        ..NodeOptions::default()
+    }
+}
+
+/// Options for a `raw` node over an inline `file` child of `filename`.
+pub fn raw_inline_opts(name: &str, filename: &str) -> NodeOptions {
+    raw_opts(name, ChildRef::Inline(Box::new(file_opts(None, filename))))
+}
+
+/// Options for a `null-co` node.
+pub fn null_opts(name: &str, size: u64) -> NodeOptions {
+    NodeOptions {
+        node_name: Some(name.to_string()),
+        driver: DriverOptions::Null {
+            size,
+            read_zeroes: true,
+        },
+        ..NodeOptions::default()
+    }
+}
+
+/// `opts` with `discard=unmap`.
+pub fn with_unmap(mut opts: NodeOptions) -> NodeOptions {
+    opts.flags = NodeFlags {
+        discard_unmap: true,
+        ..opts.flags
+    };
+    opts
+}
+
+/// A graph with a raw node "disk" over an inline file child of `filename`.
+pub fn raw_graph(filename: &str) -> (Graph, NodeRef) {
+    let mut graph = Graph::new();
+    let node = graph
+        .add(&raw_inline_opts("disk", filename))
+        .expect("add raw node");
+    (graph, node)
+}
+
+/// The errno carried by an I/O error.
+pub fn errno(e: std::io::Error) -> i32 {
+    e.raw_os_error().expect("errno in I/O error")
+}
+
+/// Names of the graph's nodes, oldest first.
+pub fn names(graph: &Graph) -> Vec<String> {
+    graph.nodes().iter().map(|n| n.name().to_string()).collect()
+}
+
+/// Dirty byte count of bitmap `name` on `node` (QEMU's `count`).
+pub fn count(node: &NodeRef, name: &str) -> u64 {
+    node.bitmaps()
+        .find(name)
+        .expect("bitmap exists")
+        .bits
+        .count()
+}
+
+/// Whether the granule of bitmap `name` holding byte `offset` is dirty.
+pub fn dirty_at(node: &NodeRef, name: &str, offset: u64) -> bool {
+    node.bitmaps()
+        .find(name)
+        .expect("bitmap exists")
+        .bits
+        .get(offset)
+}
+
+/// `unwrap_err` for core results whose success type is not `Debug` (nodes, jobs).
+pub trait Refused {
+    /// The error; panics if the call succeeded.
+    fn refused(self) -> block::Error;
+}
+
+impl<T> Refused for block::Result<T> {
+    fn refused(self) -> block::Error {
+        match self {
+            Ok(_) => panic!("expected the call to be refused"),
+            Err(e) => e,
+        }
+    }
+}

@@ -1,0 +1,826 @@
+//! The job lifecycle: statuses, events, verbs and their refusals, and blockdev-create.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use block::create::{CreateJob, CreateSpec};
+use block::job::{Job, JobBody, JobCtx, JobEvent, JobManager, JobSpec, JobStatus};
+use block::ErrorKind;
+
+use crate::common::Refused;
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// Every event the manager emitted, in order.
+#[derive(Clone, Default)]
+struct Events(Arc<Mutex<Vec<JobEvent>>>);
+
+impl Events {
+    fn all(&self) -> Vec<JobEvent> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The JOB_STATUS_CHANGE statuses, in order.
+    fn statuses(&self) -> Vec<&'static str> {
+        self.all()
+            .iter()
+            .filter_map(|e| match e {
+                JobEvent::StatusChange { status, .. } => Some(status.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A compact trace: statuses by name, block events as "COMPLETED", "CANCELLED", "PENDING".
+    fn trace(&self) -> Vec<String> {
+        self.all()
+            .iter()
+            .map(|e| match e {
+                JobEvent::StatusChange { status, .. } => status.as_str().to_string(),
+                JobEvent::Completed { .. } => "COMPLETED".to_string(),
+                JobEvent::Cancelled { .. } => "CANCELLED".to_string(),
+                JobEvent::Pending { .. } => "PENDING".to_string(),
+                JobEvent::IoError { .. } => "ERROR".to_string(),
+            })
+            .collect()
+    }
+
+    fn block_events(&self) -> Vec<JobEvent> {
+        self.all()
+            .into_iter()
+            .filter(|e| !matches!(e, JobEvent::StatusChange { .. }))
+            .collect()
+    }
+}
+
+fn manager() -> (Arc<JobManager>, Events) {
+    let events = Events::default();
+    let sink = events.clone();
+    let manager = JobManager::new(Arc::new(move |e| sink.0.lock().unwrap().push(e)));
+    (manager, events)
+}
+
+fn spec(id: &str, block: bool, auto_finalize: bool, auto_dismiss: bool) -> JobSpec {
+    JobSpec {
+        id: id.to_string(),
+        job_type: if block { "backup" } else { "create" },
+        is_block_job: block,
+        auto_finalize,
+        auto_dismiss,
+        speed: 0,
+    }
+}
+
+/// What a test body does when run.
+#[derive(Clone, Copy)]
+enum Script {
+    /// Report 10 of 10 done and succeed.
+    Succeed,
+    /// Fail with "boom".
+    Fail,
+    /// Loop on pause points forever (until cancelled).
+    Forever,
+}
+
+/// A body following a script and recording which hooks the manager called.
+struct Body {
+    script: Script,
+    calls: Mutex<Vec<&'static str>>,
+}
+
+impl Body {
+    fn new(script: Script) -> Arc<Body> {
+        Arc::new(Body {
+            script,
+            calls: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn calls(&self) -> Vec<&'static str> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl JobBody for Body {
+    fn run(self: Arc<Self>, ctx: JobCtx) -> BoxFuture {
+        Box::pin(async move {
+            self.calls.lock().unwrap().push("run");
+            match self.script {
+                Script::Succeed => {
+                    ctx.set_total(10);
+                    ctx.progress(10);
+                    Ok(())
+                }
+                Script::Fail => Err("boom".to_string()),
+                Script::Forever => loop {
+                    ctx.pause_point().await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                },
+            }
+        })
+    }
+    fn commit(&self) {
+        self.calls.lock().unwrap().push("commit");
+    }
+    fn abort(&self) {
+        self.calls.lock().unwrap().push("abort");
+    }
+    fn clean(&self) {
+        self.calls.lock().unwrap().push("clean");
+    }
+}
+
+/// Wait (in virtual or real time) until the job reaches `status`.
+async fn wait_status(job: &Arc<Job>, status: JobStatus) {
+    for _ in 0..1000 {
+        if job.snapshot().status == status {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "job {} stuck in {:?}, wanted {:?}",
+        job.id,
+        job.snapshot().status,
+        status
+    );
+}
+
+/// Wait until the manager no longer lists `id`.
+async fn wait_gone(manager: &JobManager, id: &str) {
+    for _ in 0..1000 {
+        if manager.list().iter().all(|j| j.id != id) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("job {id} never went away");
+}
+
+/// Start a block job with a body that runs until cancelled; return it once the body runs.
+async fn running_forever(manager: &Arc<JobManager>, auto_dismiss: bool) -> (Arc<Job>, Arc<Body>) {
+    let body = Body::new(Script::Forever);
+    let job = manager
+        .create(spec("j", true, true, auto_dismiss), body.clone())
+        .unwrap();
+    manager.start(&job);
+    for _ in 0..1000 {
+        if body.calls().contains(&"run") {
+            return (job, body);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("job body never ran");
+}
+
+#[tokio::test(start_paused = true)]
+async fn successful_job_walks_all_statuses_to_null_with_auto_dismiss() {
+    let (manager, events) = manager();
+    let job = manager
+        .create(spec("j", false, true, true), Body::new(Script::Succeed))
+        .unwrap();
+
+    manager.start(&job);
+    wait_gone(&manager, "j").await;
+
+    assert_eq!(
+        events.statuses(),
+        [
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            "concluded",
+            "null"
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn successful_non_block_job_emits_no_block_job_events() {
+    let (manager, events) = manager();
+    let job = manager
+        .create(spec("j", false, true, true), Body::new(Script::Succeed))
+        .unwrap();
+
+    manager.start(&job);
+    wait_gone(&manager, "j").await;
+
+    assert!(events.block_events().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn successful_block_job_emits_completed_between_pending_and_concluded() {
+    let (manager, events) = manager();
+    let job = manager
+        .create(spec("j", true, true, true), Body::new(Script::Succeed))
+        .unwrap();
+
+    manager.start(&job);
+    wait_gone(&manager, "j").await;
+
+    assert_eq!(
+        events.trace(),
+        [
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            "COMPLETED",
+            "concluded",
+            "null"
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn completed_event_carries_progress_and_no_error() {
+    let (manager, events) = manager();
+    let job = manager
+        .create(spec("j", true, true, true), Body::new(Script::Succeed))
+        .unwrap();
+
+    manager.start(&job);
+    wait_gone(&manager, "j").await;
+
+    let completed = events
+        .block_events()
+        .into_iter()
+        .find_map(|e| match e {
+            JobEvent::Completed {
+                job_type,
+                device,
+                len,
+                offset,
+                error,
+                ..
+            } => Some((job_type, device, len, offset, error)),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(completed, ("backup", "j".to_string(), 10, 10, None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn successful_job_commits_then_cleans() {
+    let (manager, _events) = manager();
+    let body = Body::new(Script::Succeed);
+    let job = manager
+        .create(spec("j", false, true, true), body.clone())
+        .unwrap();
+
+    manager.start(&job);
+    wait_gone(&manager, "j").await;
+
+    assert_eq!(body.calls(), ["run", "commit", "clean"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn successful_job_without_auto_dismiss_stays_concluded_until_dismissed() {
+    let (manager, events) = manager();
+    let job = manager
+        .create(spec("j", false, true, false), Body::new(Script::Succeed))
+        .unwrap();
+    manager.start(&job);
+    wait_status(&job, JobStatus::Concluded).await;
+
+    manager.dismiss(&job).unwrap();
+
+    assert!(manager.list().is_empty());
+    assert_eq!(events.statuses().last(), Some(&"null"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_job_goes_running_aborting_concluded_with_error() {
+    let (manager, events) = manager();
+    let job = manager
+        .create(spec("j", false, true, false), Body::new(Script::Fail))
+        .unwrap();
+
+    manager.start(&job);
+    wait_status(&job, JobStatus::Concluded).await;
+
+    assert_eq!(
+        events.statuses(),
+        ["created", "running", "aborting", "concluded"]
+    );
+    assert_eq!(job.snapshot().error.as_deref(), Some("boom"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_job_aborts_then_cleans() {
+    let (manager, _events) = manager();
+    let body = Body::new(Script::Fail);
+    let job = manager
+        .create(spec("j", false, true, false), body.clone())
+        .unwrap();
+
+    manager.start(&job);
+    wait_status(&job, JobStatus::Concluded).await;
+
+    assert_eq!(body.calls(), ["run", "abort", "clean"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_block_job_emits_completed_with_error() {
+    let (manager, events) = manager();
+    let job = manager
+        .create(spec("j", true, true, false), Body::new(Script::Fail))
+        .unwrap();
+
+    manager.start(&job);
+    wait_status(&job, JobStatus::Concluded).await;
+
+    assert_eq!(
+        events.trace(),
+        ["created", "running", "aborting", "COMPLETED", "concluded"]
+    );
+    let error = events.block_events().into_iter().find_map(|e| match e {
+        JobEvent::Completed { error, .. } => error,
+        _ => None,
+    });
+    assert_eq!(error.as_deref(), Some("boom"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_running_block_job_aborts_with_cancelled_event() {
+    let (manager, events) = manager();
+    let (job, _body) = running_forever(&manager, false).await;
+
+    manager.cancel(&job).unwrap();
+    wait_status(&job, JobStatus::Concluded).await;
+
+    assert_eq!(
+        events.trace(),
+        ["created", "running", "aborting", "CANCELLED", "concluded"]
+    );
+    assert_eq!(job.snapshot().error.as_deref(), Some("Operation canceled"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_running_job_aborts_and_never_commits() {
+    let (manager, _events) = manager();
+    let (job, body) = running_forever(&manager, false).await;
+
+    manager.cancel(&job).unwrap();
+    wait_status(&job, JobStatus::Concluded).await;
+
+    assert_eq!(body.calls(), ["run", "abort", "clean"]);
+}
+
+#[test]
+fn started_job_is_running_before_its_task_runs() {
+    let (manager, events) = manager();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let job = manager
+        .create(spec("j", true, true, false), Body::new(Script::Succeed))
+        .unwrap();
+
+    runtime.block_on(async { manager.start(&job) });
+
+    assert_eq!(job.snapshot().status, JobStatus::Running);
+    assert_eq!(events.statuses(), ["created", "running"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn job_cancelled_right_after_start_runs_the_abort_path_once() {
+    // QEMU's job_start makes the job `running` at once; a cancel arriving before the task
+    // first runs must cancel the started job, not discard it as never started.
+    let (manager, events) = manager();
+    let body = Body::new(Script::Succeed);
+    let job = manager
+        .create(spec("j", true, true, false), body.clone())
+        .unwrap();
+
+    manager.start(&job);
+    manager.cancel(&job).unwrap();
+    wait_status(&job, JobStatus::Concluded).await;
+
+    assert_eq!(
+        events.trace(),
+        ["created", "running", "aborting", "CANCELLED", "concluded"]
+    );
+    assert!(!body.calls().contains(&"commit"));
+    assert_eq!(body.calls().iter().filter(|c| **c == "clean").count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn job_without_auto_finalize_waits_in_pending() {
+    let (manager, events) = manager();
+    let body = Body::new(Script::Succeed);
+    let job = manager
+        .create(spec("j", true, false, false), body.clone())
+        .unwrap();
+
+    manager.start(&job);
+    wait_status(&job, JobStatus::Pending).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+
+    assert_eq!(job.snapshot().status, JobStatus::Pending);
+    assert_eq!(
+        events.trace(),
+        ["created", "running", "waiting", "pending", "PENDING"]
+    );
+    assert_eq!(body.calls(), ["run"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn finalize_of_pending_job_commits_and_concludes() {
+    let (manager, events) = manager();
+    let body = Body::new(Script::Succeed);
+    let job = manager
+        .create(spec("j", true, false, false), body.clone())
+        .unwrap();
+    manager.start(&job);
+    wait_status(&job, JobStatus::Pending).await;
+
+    manager.finalize(&job).unwrap();
+    wait_status(&job, JobStatus::Concluded).await;
+
+    assert_eq!(
+        events.trace(),
+        [
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            "PENDING",
+            "COMPLETED",
+            "concluded"
+        ]
+    );
+    assert_eq!(body.calls(), ["run", "commit", "clean"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_of_pending_job_aborts_with_cancelled_event() {
+    let (manager, events) = manager();
+    let body = Body::new(Script::Succeed);
+    let job = manager
+        .create(spec("j", true, false, false), body.clone())
+        .unwrap();
+    manager.start(&job);
+    wait_status(&job, JobStatus::Pending).await;
+
+    manager.cancel(&job).unwrap();
+    wait_status(&job, JobStatus::Concluded).await;
+
+    assert_eq!(
+        events.trace(),
+        [
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            "PENDING",
+            "aborting",
+            "CANCELLED",
+            "concluded"
+        ]
+    );
+    assert_eq!(body.calls(), ["run", "abort", "clean"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn non_block_job_without_auto_finalize_emits_no_pending_event() {
+    let (manager, events) = manager();
+    let job = manager
+        .create(spec("j", false, false, false), Body::new(Script::Succeed))
+        .unwrap();
+
+    manager.start(&job);
+    wait_status(&job, JobStatus::Pending).await;
+
+    assert!(events.block_events().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn finalize_of_running_job_is_refused_by_verb_table() {
+    let (manager, _events) = manager();
+    let (job, _body) = running_forever(&manager, false).await;
+
+    let err = manager.finalize(&job).unwrap_err();
+
+    assert_eq!(
+        err.message(),
+        "Job 'j' in state 'running' cannot accept command verb 'finalize'"
+    );
+    assert_eq!(err.kind(), ErrorKind::Generic);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dismiss_of_running_job_is_refused_by_verb_table() {
+    let (manager, _events) = manager();
+    let (job, _body) = running_forever(&manager, false).await;
+
+    let err = manager.dismiss(&job).unwrap_err();
+
+    assert_eq!(
+        err.message(),
+        "Job 'j' in state 'running' cannot accept command verb 'dismiss'"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn complete_of_running_job_is_refused_by_verb_table() {
+    let (manager, _events) = manager();
+    let (job, _body) = running_forever(&manager, false).await;
+
+    let err = manager.complete(&job).unwrap_err();
+
+    assert_eq!(
+        err.message(),
+        "Job 'j' in state 'running' cannot accept command verb 'complete'"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn dismiss_of_pending_job_is_refused_by_verb_table() {
+    let (manager, _events) = manager();
+    let job = manager
+        .create(spec("j", true, false, false), Body::new(Script::Succeed))
+        .unwrap();
+    manager.start(&job);
+    wait_status(&job, JobStatus::Pending).await;
+
+    let err = manager.dismiss(&job).unwrap_err();
+
+    assert_eq!(
+        err.message(),
+        "Job 'j' in state 'pending' cannot accept command verb 'dismiss'"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn verbs_on_concluded_job_other_than_dismiss_are_refused() {
+    let (manager, _events) = manager();
+    let job = manager
+        .create(spec("j", true, true, false), Body::new(Script::Succeed))
+        .unwrap();
+    manager.start(&job);
+    wait_status(&job, JobStatus::Concluded).await;
+
+    let cancel = manager.cancel(&job).unwrap_err();
+    let pause = manager.pause(&job).unwrap_err();
+    let speed = manager.set_speed(&job, 1).unwrap_err();
+    let finalize = manager.finalize(&job).unwrap_err();
+
+    for (err, verb) in [
+        (cancel, "cancel"),
+        (pause, "pause"),
+        (speed, "set-speed"),
+        (finalize, "finalize"),
+    ] {
+        assert_eq!(
+            err.message(),
+            format!("Job 'j' in state 'concluded' cannot accept command verb '{verb}'")
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn paused_job_reaches_paused_status_and_resumes_running() {
+    let (manager, events) = manager();
+    let (job, _body) = running_forever(&manager, true).await;
+
+    manager.pause(&job).unwrap();
+    wait_status(&job, JobStatus::Paused).await;
+    manager.resume(&job).unwrap();
+    wait_status(&job, JobStatus::Running).await;
+
+    assert_eq!(
+        events.statuses(),
+        ["created", "running", "paused", "running"]
+    );
+    assert!(!job.snapshot().user_paused);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pausing_paused_job_is_refused() {
+    let (manager, _events) = manager();
+    let (job, _body) = running_forever(&manager, true).await;
+    manager.pause(&job).unwrap();
+
+    let err = manager.pause(&job).unwrap_err();
+
+    assert_eq!(err.message(), "Job is already paused");
+}
+
+#[tokio::test(start_paused = true)]
+async fn resuming_job_that_was_not_paused_is_refused() {
+    let (manager, _events) = manager();
+    let (job, _body) = running_forever(&manager, true).await;
+
+    let err = manager.resume(&job).unwrap_err();
+
+    assert_eq!(err.message(), "Can't resume a job that was not paused");
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_paused_job_resumes_then_aborts_and_concludes() {
+    // QEMU: cancel clears the user pause; the job leaves its pause point (paused → running)
+    // and then aborts. Paused → aborting is not in the transition table.
+    let (manager, events) = manager();
+    let (job, _body) = running_forever(&manager, false).await;
+    manager.pause(&job).unwrap();
+    wait_status(&job, JobStatus::Paused).await;
+
+    manager.cancel(&job).unwrap();
+    wait_status(&job, JobStatus::Concluded).await;
+
+    assert_eq!(
+        events.trace(),
+        [
+            "created",
+            "running",
+            "paused",
+            "running",
+            "aborting",
+            "CANCELLED",
+            "concluded"
+        ]
+    );
+    assert!(!job.snapshot().user_paused);
+}
+
+#[tokio::test(start_paused = true)]
+async fn set_speed_on_running_job_is_visible_to_body_and_queries() {
+    let (manager, _events) = manager();
+    let (job, _body) = running_forever(&manager, true).await;
+
+    manager.set_speed(&job, 1 << 20).unwrap();
+
+    assert_eq!(job.snapshot().speed, 1 << 20);
+}
+
+#[test]
+fn unknown_job_for_job_verb_is_generic_job_not_found() {
+    let (manager, _events) = manager();
+
+    let err = manager.find("x", false).refused();
+
+    assert_eq!(err.kind(), ErrorKind::Generic);
+    assert_eq!(err.message(), "Job not found");
+}
+
+#[test]
+fn unknown_job_for_block_verb_is_device_not_active() {
+    let (manager, _events) = manager();
+
+    let err = manager.find("x", true).refused();
+
+    assert_eq!(err.kind(), ErrorKind::DeviceNotActive);
+    assert_eq!(err.message(), "Block job 'x' not found");
+}
+
+#[test]
+fn non_block_job_is_not_found_by_block_verbs() {
+    let (manager, _events) = manager();
+    manager
+        .create(spec("c", false, true, true), Body::new(Script::Succeed))
+        .unwrap();
+
+    let block = manager.find("c", true).refused();
+    let generic = manager.find("c", false);
+
+    assert_eq!(block.kind(), ErrorKind::DeviceNotActive);
+    assert_eq!(block.message(), "Block job 'c' not found");
+    assert!(generic.is_ok());
+}
+
+#[test]
+fn malformed_job_id_is_refused() {
+    let (manager, _events) = manager();
+
+    let err = manager
+        .create(spec("1x", true, true, true), Body::new(Script::Succeed))
+        .refused();
+
+    assert_eq!(err.message(), "Invalid job ID '1x'");
+    assert!(manager.list().is_empty());
+}
+
+#[test]
+fn duplicate_job_id_is_refused() {
+    let (manager, _events) = manager();
+    manager
+        .create(spec("j", true, true, true), Body::new(Script::Succeed))
+        .unwrap();
+
+    let err = manager
+        .create(spec("j", true, true, true), Body::new(Script::Succeed))
+        .refused();
+
+    assert_eq!(err.message(), "Job ID 'j' already in use");
+    assert_eq!(manager.list().len(), 1);
+}
+
+#[test]
+fn created_job_is_listed_in_created_status() {
+    let (manager, events) = manager();
+
+    manager
+        .create(spec("j", true, true, true), Body::new(Script::Succeed))
+        .unwrap();
+
+    assert_eq!(manager.list()[0].status, JobStatus::Created);
+    assert_eq!(events.statuses(), ["created"]);
+}
+
+#[test]
+fn discard_unstarted_goes_created_aborting_concluded_null_without_block_events() {
+    let (manager, events) = manager();
+    let body = Body::new(Script::Succeed);
+    let job = manager
+        .create(spec("j", true, true, false), body.clone())
+        .unwrap();
+
+    manager.discard_unstarted(&job);
+
+    assert_eq!(
+        events.statuses(),
+        ["created", "aborting", "concluded", "null"]
+    );
+    assert!(events.block_events().is_empty());
+    assert!(manager.list().is_empty());
+    assert_eq!(body.calls(), ["abort", "clean"]);
+}
+
+#[test]
+fn cancel_of_created_job_discards_it() {
+    let (manager, events) = manager();
+    let job = manager
+        .create(spec("j", true, true, false), Body::new(Script::Succeed))
+        .unwrap();
+
+    manager.cancel(&job).unwrap();
+
+    assert_eq!(
+        events.statuses(),
+        ["created", "aborting", "concluded", "null"]
+    );
+    assert!(manager.list().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_all_ends_every_running_job() {
+    let (manager, _events) = manager();
+    let (job, _body) = running_forever(&manager, false).await;
+
+    manager.cancel_all().await;
+
+    assert_eq!(job.snapshot().status, JobStatus::Concluded);
+}
+
+#[tokio::test]
+async fn create_job_makes_file_of_given_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("new.img");
+    let (manager, events) = manager();
+    let body = CreateJob::new(CreateSpec::File {
+        filename: file.to_str().unwrap().to_string(),
+        size: 3 << 20,
+    });
+    let job = manager
+        .create(spec("create0", false, true, false), body)
+        .unwrap();
+
+    manager.start(&job);
+    wait_status(&job, JobStatus::Concluded).await;
+
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 3 << 20);
+    assert_eq!(job.snapshot().error, None);
+    assert_eq!(
+        events.statuses(),
+        ["created", "running", "waiting", "pending", "concluded"]
+    );
+}
+
+#[tokio::test]
+async fn create_job_in_missing_directory_fails_with_strerror_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("no-such-dir").join("new.img");
+    let file = file.to_str().unwrap().to_string();
+    let (manager, _events) = manager();
+    let body = CreateJob::new(CreateSpec::File {
+        filename: file.clone(),
+        size: 1 << 20,
+    });
+    let job = manager
+        .create(spec("create0", false, true, false), body)
+        .unwrap();
+
+    manager.start(&job);
+    wait_status(&job, JobStatus::Concluded).await;
+
+    assert_eq!(
+        job.snapshot().error,
+        Some(format!(
+            "Could not create '{file}': No such file or directory"
+        ))
+    );
+}

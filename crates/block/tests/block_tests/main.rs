@@ -1,0 +1,12 @@
+//! Integration tests of the block core: graph, I/O path, bitmaps, concurrency, jobs.
+//!
+//! One test binary (modules below) so the suite links once. Every test builds its own graph over
+//! temporary files; nothing is shared between tests.
+
+mod bitmaps;
+mod common;
+mod concurrency;
+mod graph;
+mod hooks;
+mod io_path;
+mod jobs;

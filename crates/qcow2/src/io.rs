@@ -276,7 +276,7 @@ impl Qcow2 {
             let gc = off / cs;
             let n = (cs - (off & (cs - 1))).min(end - off);
             match m.l2_entry(GuestCluster(gc))? {
-                L2Entry::Data { host, copied: true } => {
+                L2Entry::Data { host, copied: true } if m.l2_owned(GuestCluster(gc)) => {
                     let h = host.0 + (off & (cs - 1));
                     match plan.inplace.last_mut() {
                         Some((_, len, hh)) if *hh + *len as u64 == h => *len += n as usize,

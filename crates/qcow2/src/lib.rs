@@ -17,6 +17,7 @@
 //! - `rebuild`: recounting refcounts of an image left dirty (lazy refcounts).
 //! - `io`: the request paths (read, write with COW, write zeroes, discard, block status).
 //! - `bitmaps`: the bitmaps extension (directory, tables, data).
+//! - `snapshot`: internal snapshots (indexing their tables, unsharing L2 tables on write).
 //! - `create`: new images.
 //! - `inflate`: raw deflate decoder for compressed clusters.
 //! - [`fuzzing`]: the entry point shared by the fuzz target and the corpus test.
@@ -50,6 +51,7 @@ mod meta;
 mod ondisk;
 mod rebuild;
 mod refcount;
+mod snapshot;
 pub mod storage;
 pub mod types;
 
@@ -215,15 +217,12 @@ impl Qcow2 {
                 "image with internal snapshots has the dirty bit set (lazy refcounts not written back); repair it with 'qemu-img check -r all' or open it read-only",
             ));
         }
-        if writable && header.raw.nb_snapshots > 0 {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "writing to images with internal snapshots; open it read-only",
-            ));
-        }
         let stale_bitmaps = header.stale_bitmaps;
         let mut meta = Meta::load(file.clone(), header, writable, file_len)?;
         meta.load_directory()?;
+        if writable {
+            meta.index_snapshots()?;
+        }
         if dirty {
             meta.rebuild_refcounts()
                 .map_err(|e| e.while_("rebuilding refcounts of a dirty image"))?;

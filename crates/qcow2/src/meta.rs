@@ -275,6 +275,32 @@ impl Meta {
         Ok(())
     }
 
+    /// Whether the L2 table of `gc` belongs to the active layer alone (L1 COPIED set), so
+    /// COPIED data entries in it may be written in place.
+    pub fn l2_owned(&self, gc: GuestCluster) -> bool {
+        self.header.raw.nb_snapshots == 0
+            || self
+                .l1
+                .get(self.geo.l1_index(gc))
+                .is_some_and(|e| e & COPIED != 0)
+    }
+
+    /// A copy of the L2 table at `off`.
+    pub fn l2_table_copy(&mut self, off: u64) -> Result<Vec<u8>> {
+        self.load_l2(off)?;
+        self.l2
+            .get(off)
+            .map(|s| s.data.clone())
+            .ok_or_else(|| Error::new(ErrorKind::Io, "L2 table vanished from the cache"))
+    }
+
+    /// Put a new, dirty L2 table into the cache.
+    pub fn insert_l2(&mut self, off: u64, data: Vec<u8>) -> Result<()> {
+        self.make_l2_room()?;
+        self.l2.insert(off, data, true);
+        Ok(())
+    }
+
     /// The raw L2 entry of guest cluster `gc` (0 when its L2 table is unallocated).
     pub fn l2_raw(&mut self, gc: GuestCluster) -> Result<u64> {
         let Some(off) = self.l2_offset(self.geo.l1_index(gc))? else {
@@ -340,6 +366,9 @@ impl Meta {
             ));
         }
         if let Some(off) = self.l2_offset(i)? {
+            if self.header.raw.nb_snapshots > 0 {
+                return self.unshare_l2(i, off);
+            }
             return Ok(off);
         }
         let c = self.alloc_clusters(1)?;

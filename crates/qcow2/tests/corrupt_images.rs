@@ -506,27 +506,6 @@ fn garbage_compressed_cluster_fails_the_read() {
 }
 
 #[test]
-fn internal_snapshots_allow_reading_but_not_writing() {
-    if !have_qemu() {
-        return;
-    }
-    let dir = TempDir::new("snap");
-    let path = dir.path("s.qcow2");
-    let p = path.to_str().expect("p");
-    qemu_img(&["create", "-q", "-f", "qcow2", p, "4M"]);
-    qemu_io(&path, &["write -P 0x11 0 64k"]);
-    qemu_img(&["snapshot", "-c", "snap1", p]);
-    qemu_io(&path, &["write -P 0x22 0 4k"]);
-    let img = open(&path, false);
-    let mut buf = vec![0u8; 8192];
-    img.read_at(&mut buf, 0).expect("read");
-    assert!(buf[..4096].iter().all(|&x| x == 0x22) && buf[4096..].iter().all(|&x| x == 0x11));
-    let st = qcow2::FileStorage::open(&path, true).expect("open");
-    let err = Qcow2::open(Arc::new(st), OpenOptions::default()).expect_err("writable refused");
-    assert_eq!(err.kind(), ErrorKind::Unsupported);
-}
-
-#[test]
 fn failing_storage_gives_io_errors_not_panics() {
     let b = good_image();
     let (mem, img) = open_ok(b, false);

@@ -124,9 +124,7 @@ pub fn check_new(name: &str, granularity: u64) -> Result<()> {
     if name.len() > MAX_NAME_LEN {
         return Err(Error::generic(format!("Bitmap name too long: {name}")));
     }
-    if !granularity.is_power_of_two()
-        || granularity < MIN_GRANULARITY
-        || granularity > MAX_GRANULARITY
+    if !granularity.is_power_of_two() || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity)
     {
         return Err(Error::generic(
             "Granularity must be power of 2 and at least 512",

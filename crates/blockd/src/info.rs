@@ -118,9 +118,7 @@ pub fn node_info(node: &NodeRef, flat: bool) -> Value {
     let facts = node.facts();
     let flags = node.flags();
     let mut m = Map::new();
-    for k in ["iops_rd"] {
-        m.insert(k.into(), json!(0));
-    }
+    m.insert("iops_rd".into(), json!(0));
     m.insert(
         "detect_zeroes".into(),
         json!(if flags.detect_zeroes.is_empty() {

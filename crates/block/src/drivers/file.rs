@@ -174,7 +174,7 @@ impl Driver for FileDriver {
     }
 
     fn set_read_only(&self, read_only: bool) -> io::Result<()> {
-        if read_only == false {
+        if !read_only {
             // Reopening read-write needs a writable descriptor; ours was opened for the mode
             // given at open, so a read-only-opened file cannot switch.
             let flags = nix::fcntl::fcntl(self.file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)

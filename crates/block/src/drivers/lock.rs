@@ -78,16 +78,10 @@ pub fn lock_image(file: &File, read_only: bool) -> Result<(), String> {
 
 /// Drop every lock (before relocking in another mode).
 pub fn unlock_image(file: &File) {
-    for byte in [PERM_BASE, SHARED_BASE] {
-        let _ = (0..NAMES.len() as i64)
-            .map(|b| {
-                ofd(
-                    file,
-                    libc::F_OFD_SETLK,
-                    libc::F_UNLCK as libc::c_short,
-                    byte + b,
-                )
-            })
-            .count();
+    let unlock = libc::F_UNLCK as libc::c_short;
+    for base in [PERM_BASE, SHARED_BASE] {
+        for bit in 0..NAMES.len() as i64 {
+            let _ = ofd(file, libc::F_OFD_SETLK, unlock, base + bit);
+        }
     }
 }

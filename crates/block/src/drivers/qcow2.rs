@@ -62,10 +62,7 @@ impl Qcow2Driver {
     /// Open the image stored in `file`.
     pub fn open(file: NodeRef, read_only: bool) -> Result<Qcow2Driver, String> {
         let storage: Arc<dyn Storage> = Arc::new(NodeStorage(file.clone()));
-        let opts = qcow2::OpenOptions {
-            read_only,
-            ..qcow2::OpenOptions::default()
-        };
+        let opts = qcow2::OpenOptions { read_only };
         let image = Qcow2::open(storage, opts).map_err(|e| e.to_string())?;
         Ok(Qcow2Driver { image, file })
     }

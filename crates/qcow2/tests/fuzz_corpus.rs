@@ -25,6 +25,7 @@ fn corpus_images_open_and_read_without_panicking() {
     for (name, bytes) in files {
         eprintln!("{name}");
         qcow2::fuzzing::open_and_read(&bytes);
+        qcow2::fuzzing::open_and_write(&bytes);
     }
 }
 
@@ -53,6 +54,7 @@ fn mutated_corpus_images_never_panic() {
                 m.truncate(cut);
             }
             qcow2::fuzzing::open_and_read(&m);
+            qcow2::fuzzing::open_and_write(&m);
         }
         eprintln!("{name}: 300 mutations ok");
     }

@@ -548,3 +548,81 @@ pub fn check_table(what: &str, offset: u64, bytes: u64, g: Geometry, file_size: 
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal valid v3 header with 64 KiB clusters, as a 64 KiB buffer.
+    fn header(version: u32) -> Header {
+        let raw = RawHeader {
+            magic: MAGIC,
+            version,
+            cluster_bits: 16,
+            size: 1 << 20,
+            l1_size: 1,
+            l1_table_offset: 0x30000,
+            refcount_table_offset: 0x10000,
+            refcount_table_clusters: 1,
+            refcount_order: 4,
+            header_length: if version == 3 {
+                V3_HEADER_LEN
+            } else {
+                V2_HEADER_LEN
+            },
+            ..RawHeader::default()
+        };
+        Header {
+            raw,
+            backing_file: Some("base.qcow2".into()),
+            backing_format: Some("qcow2".into()),
+            feature_names: Vec::new(),
+            bitmaps: None,
+            unknown_exts: vec![(0x1234_5678, vec![1, 2, 3])],
+            stale_bitmaps: false,
+        }
+    }
+
+    /// Serialize and parse again; the backing name location fields are cleared (they are
+    /// recomputed by every serialization).
+    fn reparse(h: &Header) -> Header {
+        let mut buf = h.serialize().expect("fits");
+        buf.resize(65536 + 1024, 0);
+        let mut back = Header::parse(&buf, 0x40000).expect("parses");
+        assert_ne!(back.raw.backing_file_offset, 0);
+        back.raw.backing_file_offset = 0;
+        back.raw.backing_file_size = 0;
+        back
+    }
+
+    #[test]
+    fn v3_header_round_trips_with_backing_and_unknown_extension() {
+        let h = header(3);
+        let back = reparse(&h);
+        assert_eq!(back.raw, h.raw);
+        assert_eq!(back.backing_file, h.backing_file);
+        assert_eq!(back.backing_format, h.backing_format);
+        assert_eq!(back.unknown_exts, h.unknown_exts);
+        assert_eq!(back.feature_names.len(), FEATURE_NAMES.len());
+    }
+
+    #[test]
+    fn v2_header_round_trips_without_feature_table() {
+        let h = header(2);
+        let back = reparse(&h);
+        assert_eq!(back.raw, h.raw);
+        assert!(back.feature_names.is_empty());
+        assert_eq!(back.backing_file, h.backing_file);
+    }
+
+    #[test]
+    fn header_too_large_for_the_cluster_is_refused() {
+        let mut h = header(3);
+        h.raw.cluster_bits = 9;
+        h.unknown_exts = vec![(1, vec![0; 600])];
+        assert_eq!(
+            h.serialize().expect_err("too big").kind(),
+            ErrorKind::NoSpace
+        );
+    }
+}

@@ -47,6 +47,10 @@ fn create(spec: &CreateSpec) -> Result<(), String> {
             .map_err(|e| format!("Could not create '{filename}': {}", strerror(&e))),
         CreateSpec::Qcow2 { file, opts } => {
             let file = file.as_ref().map_err(Clone::clone)?;
+            if opts.size % 512 != 0 {
+                // qemu-img rounds up; blockdev-create refuses, as QEMU's does.
+                return Err("Image size must be a multiple of 512 bytes".to_string());
+            }
             if file.read_only() {
                 return Err(format!("Node '{}' is read only", file.name()));
             }

@@ -511,8 +511,9 @@ impl Meta {
     /// Replace the whole bitmap set (see [`crate::Qcow2::store_bitmaps`]).
     pub fn store(&mut self, list: &[StoreBitmap], in_use: bool) -> Result<()> {
         if self.header.raw.version < 3 {
-            return Err(crate::error::unsupported(
-                "persistent bitmaps need a version 3 image",
+            return Err(Error::plain(
+                ErrorKind::Unsupported,
+                "Cannot store dirty bitmaps in qcow2 v2 files",
             ));
         }
         if list.len() > MAX_BITMAPS as usize {
@@ -585,8 +586,9 @@ impl Meta {
     /// Check that a new bitmap could be stored (see [`crate::Qcow2::can_store_bitmap`]).
     pub fn can_store(&self, name: &str, granularity: u64) -> Result<()> {
         if self.header.raw.version < 3 {
-            return Err(crate::error::unsupported(
-                "persistent bitmaps need a version 3 image (compat=1.1)",
+            return Err(Error::plain(
+                ErrorKind::Unsupported,
+                "Cannot store dirty bitmaps in qcow2 v2 files",
             ));
         }
         let gbits = check_new(name, granularity)?;

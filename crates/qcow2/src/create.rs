@@ -57,9 +57,10 @@ fn validate(opts: &CreateOptions) -> Result<(u32, u32, u64)> {
     if !cs.is_power_of_two()
         || !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cs.trailing_zeros())
     {
-        return Err(bad(format!(
-            "cluster size {cs} must be a power of two between 512 and 2097152"
-        )));
+        return Err(Error::plain(
+            ErrorKind::InvalidArgument,
+            "Cluster size must be a power of two between 512 and 2048k",
+        ));
     }
     if opts.version != 2 && opts.version != 3 {
         return Err(bad(format!("version {} (must be 2 or 3)", opts.version)));

@@ -58,6 +58,9 @@ pub struct Error {
     context: String,
     /// The underlying storage error, if any.
     source: Option<io::Error>,
+    /// The context is a complete message worded as QEMU words it: print it without the
+    /// kind prefix, so front ends can pass it through verbatim.
+    plain: bool,
 }
 
 impl Error {
@@ -67,6 +70,15 @@ impl Error {
             kind,
             context: context.into(),
             source: None,
+            plain: false,
+        }
+    }
+
+    /// An error whose message is complete as given (QEMU's wording), shown without a prefix.
+    pub fn plain(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error {
+            plain: true,
+            ..Error::new(kind, message)
         }
     }
 
@@ -81,6 +93,7 @@ impl Error {
             kind,
             context: context.into(),
             source: Some(err),
+            plain: false,
         }
     }
 
@@ -120,7 +133,11 @@ impl Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.kind.describe(), self.context)?;
+        if self.plain {
+            f.write_str(&self.context)?;
+        } else {
+            write!(f, "{}: {}", self.kind.describe(), self.context)?;
+        }
         if let Some(src) = &self.source {
             write!(f, ": {src}")?;
         }

@@ -172,17 +172,16 @@ impl Header {
     /// Parse and validate a header. `buf` holds the start of the file (at least the first
     /// cluster plus room for a backing name, zero-filled past EOF); `file_size` is the file length.
     pub fn parse(buf: &[u8], file_size: u64) -> Result<Header> {
-        let mut raw = RawHeader::load(buf).ok_or_else(|| invalid("file too short for a header"))?;
-        if file_size < V2_HEADER_LEN as u64 {
-            return Err(invalid(format!(
-                "file is too short ({file_size} bytes) for a qcow2 header"
-            )));
+        let not_qcow2 = || Error::plain(ErrorKind::InvalidImage, "Image is not in qcow2 format");
+        let mut raw = RawHeader::load(buf).ok_or_else(not_qcow2)?;
+        if file_size < 4 || raw.magic != MAGIC {
+            return Err(not_qcow2());
         }
-        if raw.magic != MAGIC {
-            return Err(invalid(format!(
-                "bad magic {:#010x} (not a qcow2 image)",
-                raw.magic
-            )));
+        if file_size < V2_HEADER_LEN as u64 {
+            return Err(Error::plain(
+                ErrorKind::InvalidImage,
+                "qcow2 header too short",
+            ));
         }
         match raw.version {
             2 => {
@@ -195,16 +194,17 @@ impl Header {
             }
             3 => {}
             v => {
-                return Err(unsupported(format!(
-                    "qcow2 version {v} (only 2 and 3 exist)"
-                )))
+                return Err(Error::plain(
+                    ErrorKind::Unsupported,
+                    format!("Unsupported qcow2 version {v}"),
+                ))
             }
         }
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&raw.cluster_bits) {
-            return Err(invalid(format!(
-                "cluster_bits {} out of range {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS}",
-                raw.cluster_bits
-            )));
+            return Err(Error::plain(
+                ErrorKind::Unsupported,
+                format!("Unsupported cluster size: 2^{}", raw.cluster_bits),
+            ));
         }
         let cs = 1u64 << raw.cluster_bits;
         if raw.version == 3 {
@@ -256,12 +256,11 @@ impl Header {
     }
 
     /// Name of a feature bit from the image's feature table, or a generic description.
-    fn feature_name(&self, kind: u8, bit: u32) -> String {
+    fn named_feature(&self, kind: u8, bit: u32) -> Option<String> {
         self.feature_names
             .iter()
             .find(|(t, b, _)| *t == kind && *b as u32 == bit)
             .map(|(_, _, n)| n.clone())
-            .unwrap_or_else(|| format!("unknown feature bit {bit}"))
     }
 
     /// Refuse incompatible features we do not implement.
@@ -275,14 +274,22 @@ impl Header {
         }
         let unknown = inc & !(INCOMPAT_KNOWN | INCOMPAT_DATA_FILE | INCOMPAT_EXTL2);
         if unknown != 0 {
-            let names: Vec<String> = (0..64)
-                .filter(|b| unknown & (1u64 << b) != 0)
-                .map(|b| self.feature_name(0, b))
-                .collect();
-            return Err(unsupported(format!(
-                "incompatible features: {}",
-                names.join(", ")
-            )));
+            // QEMU's wording: named bits by name, the rest as one hex mask.
+            let mut names: Vec<String> = Vec::new();
+            let mut nameless = 0u64;
+            for b in (0..64).filter(|b| unknown & (1u64 << b) != 0) {
+                match self.named_feature(0, b) {
+                    Some(n) => names.push(n),
+                    None => nameless |= 1u64 << b,
+                }
+            }
+            if nameless != 0 {
+                names.push(format!("Unknown incompatible feature: {nameless:x}"));
+            }
+            return Err(Error::plain(
+                ErrorKind::Unsupported,
+                format!("Unsupported qcow2 feature(s): {}", names.join(", ")),
+            ));
         }
         let has_type_bit = inc & INCOMPAT_COMPRESSION != 0;
         match (self.raw.compression_type, has_type_bit) {

@@ -502,6 +502,8 @@ impl Qcow2 {
                 e.flags |= FLAG_IN_USE;
             }
             m.rewrite_flags(entries)?;
+            // The in_use flags must be on disk before the modification they announce.
+            m.sync()?;
         }
         self.bitmaps_claimed.store(true, Ordering::Release);
         Ok(())

@@ -17,6 +17,24 @@ pub enum BlockStatus {
     Unallocated,
 }
 
+/// Something a node reports on its own (the daemon turns it into a QMP event).
+#[derive(Debug, Clone)]
+pub enum NodeEvent {
+    /// BLOCK_IMAGE_CORRUPTED: the image's metadata is corrupt; it was marked corrupt and is
+    /// now refused for writing (`fatal`).
+    ImageCorrupted {
+        /// Node name.
+        node: String,
+        /// What was found.
+        msg: String,
+        /// Further writes are refused.
+        fatal: bool,
+    },
+}
+
+/// Where node events go.
+pub type NodeEventSink = std::sync::Arc<dyn Fn(NodeEvent) + Send + Sync>;
+
 /// What a node's users need from its storage, for image locking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockMode {

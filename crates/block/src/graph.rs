@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::bitmap::DirtyBitmap;
-use crate::driver::{Driver, LockMode};
+use crate::driver::{Driver, LockMode, NodeEventSink};
 use crate::drivers::{file::FileDriver, null::NullDriver, qcow2::Qcow2Driver, raw::RawDriver};
 use crate::error::{strerror, Error, Result};
 use crate::node::{Child, Node, NodeFlags, NodeRef};
@@ -80,6 +80,8 @@ pub enum DriverOptions {
 pub struct Graph {
     nodes: Vec<NodeRef>,
     counter: u64,
+    /// Where nodes report events (image corruption); `None` in tests that don't care.
+    events: Option<NodeEventSink>,
 }
 
 /// Longest backing chain opened from names inside images.
@@ -89,6 +91,11 @@ impl Graph {
     /// An empty graph.
     pub fn new() -> Graph {
         Graph::default()
+    }
+
+    /// Send node events (image corruption) to `sink`.
+    pub fn set_event_sink(&mut self, sink: NodeEventSink) {
+        self.events = Some(sink);
     }
 
     /// All nodes, oldest first.
@@ -169,7 +176,7 @@ impl Graph {
             None => self.generate_name(),
         };
         let auto_named = opts.node_name.is_none();
-        let (driver, children, read_only) = self.open_driver(opts, depth)?;
+        let (driver, children, read_only) = self.open_driver(opts, depth, &name)?;
         let node = Arc::new(Node::new(
             name,
             auto_named,
@@ -203,6 +210,7 @@ impl Graph {
         &mut self,
         opts: &NodeOptions,
         depth: usize,
+        name: &str,
     ) -> Result<(Box<dyn Driver>, Vec<Child>, bool)> {
         let ro = opts.read_only;
         match &opts.driver {
@@ -247,7 +255,8 @@ impl Graph {
                     return Err(Error::generic("Could not open image: Permission denied")
                         .context(child.name().to_string()));
                 }
-                let driver = Qcow2Driver::open(child.clone(), ro).map_err(Error::generic)?;
+                let driver = Qcow2Driver::open(child.clone(), ro, name, self.events.clone())
+                    .map_err(Error::generic)?;
                 let mut children = vec![Child {
                     role: "file",
                     node: child,

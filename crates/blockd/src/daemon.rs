@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use block::driver::NodeEvent;
 use block::graph::{Graph, NodeOptions};
 use block::job::{JobEvent, JobManager};
 use block::{bitmap_ops, Error, NodeRef, Result};
@@ -78,8 +79,16 @@ impl Daemon {
     pub fn new(events: qmp::EventBus) -> Arc<Daemon> {
         let ev = events.clone();
         let jobs = JobManager::new(Arc::new(move |e| emit_job_event(&ev, e)));
+        let mut graph = Graph::new();
+        let ev = events.clone();
+        graph.set_event_sink(Arc::new(move |e| match e {
+            NodeEvent::ImageCorrupted { node, msg, fatal } => ev.emit(
+                "BLOCK_IMAGE_CORRUPTED",
+                Some(json!({"device": "", "node-name": node, "msg": msg, "fatal": fatal})),
+            ),
+        }));
         Arc::new(Daemon {
-            graph: Mutex::new(Graph::new()),
+            graph: Mutex::new(graph),
             jobs,
             events,
             devices: Mutex::new(Vec::new()),

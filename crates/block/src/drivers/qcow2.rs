@@ -9,8 +9,11 @@ use std::sync::Arc;
 
 use qcow2::{BlockStatus as QStatus, Qcow2, Storage};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::driver::{
-    BitmapStore, BitmapToStore, BlockStatus, Driver, FormatSpecific, ImageFacts, StoredBitmap,
+    BitmapStore, BitmapToStore, BlockStatus, Driver, FormatSpecific, ImageFacts, NodeEvent,
+    NodeEventSink, StoredBitmap,
 };
 use crate::node::NodeRef;
 
@@ -50,6 +53,7 @@ impl Storage for NodeStorage {
 pub struct Qcow2Driver {
     image: Qcow2,
     file: NodeRef,
+    corruption: CorruptionReport,
 }
 
 /// The I/O path speaks errno (NBD maps it to its own codes); the message goes to the log.
@@ -58,13 +62,50 @@ fn to_io(e: qcow2::Error) -> io::Error {
     io::Error::from_raw_os_error(e.errno())
 }
 
+/// Reports the first corruption found while running, as QEMU does with BLOCK_IMAGE_CORRUPTED.
+struct CorruptionReport {
+    node_name: String,
+    sink: Option<NodeEventSink>,
+    reported: AtomicBool,
+}
+
 impl Qcow2Driver {
     /// Open the image stored in `file`.
-    pub fn open(file: NodeRef, read_only: bool) -> Result<Qcow2Driver, String> {
+    pub fn open(
+        file: NodeRef,
+        read_only: bool,
+        name: &str,
+        events: Option<NodeEventSink>,
+    ) -> Result<Qcow2Driver, String> {
         let storage: Arc<dyn Storage> = Arc::new(NodeStorage(file.clone()));
         let opts = qcow2::OpenOptions { read_only };
         let image = Qcow2::open(storage, opts).map_err(|e| e.to_string())?;
-        Ok(Qcow2Driver { image, file })
+        let corruption = CorruptionReport {
+            node_name: name.to_string(),
+            sink: events,
+            reported: AtomicBool::new(image.is_corrupt()),
+        };
+        Ok(Qcow2Driver {
+            image,
+            file,
+            corruption,
+        })
+    }
+
+    fn io_err(&self, e: qcow2::Error) -> io::Error {
+        if e.kind() == qcow2::ErrorKind::Corrupt
+            && !self.corruption.reported.swap(true, Ordering::AcqRel)
+        {
+            if let Some(sink) = &self.corruption.sink {
+                let node = self.corruption.node_name.clone();
+                sink(NodeEvent::ImageCorrupted {
+                    node,
+                    msg: e.to_string(),
+                    fatal: true,
+                });
+            }
+        }
+        to_io(e)
     }
 
     /// Attach (or detach) the backing node.
@@ -97,21 +138,23 @@ impl Driver for Qcow2Driver {
         self.image.virtual_size()
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.image.read_at(buf, offset).map_err(to_io)
+        self.image.read_at(buf, offset).map_err(|e| self.io_err(e))
     }
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.image.write_at(data, offset).map_err(to_io)
+        self.image
+            .write_at(data, offset)
+            .map_err(|e| self.io_err(e))
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
         self.image
             .write_zeroes(offset, len, may_unmap)
-            .map_err(to_io)
+            .map_err(|e| self.io_err(e))
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.image.discard(offset, len).map_err(to_io)
+        self.image.discard(offset, len).map_err(|e| self.io_err(e))
     }
     fn flush(&self) -> io::Result<()> {
-        self.image.flush().map_err(to_io)
+        self.image.flush().map_err(|e| self.io_err(e))
     }
     fn block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)> {
         let (status, n) = self.image.block_status(offset, len).map_err(to_io)?;

@@ -23,10 +23,8 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_BLOCKD = os.environ.get(
-    "BLOCKD", os.path.join("/work/target-bench/release/blockd")
-)
+# Override with $BLOCKD / $QSD or --blockd / --qsd.
+DEFAULT_BLOCKD = os.environ.get("BLOCKD", "/work/target-bench/release/blockd")
 DEFAULT_QSD = os.environ.get("QSD", shutil.which("qemu-storage-daemon") or "qemu-storage-daemon")
 
 MiB = 1 << 20
@@ -47,6 +45,8 @@ def _on_signal(signum, _frame):
 def install_cleanup():
     """Stop every daemon at exit, on Ctrl-C, SIGTERM and SIGHUP."""
     atexit.register(_cleanup)
+    # Explicit, so Ctrl-C also works when started from a shell that ignores SIGINT (`cmd &`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for s in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, _on_signal)
 
@@ -143,6 +143,13 @@ class Daemon:
                 raise RuntimeError(f"{self.kind} did not start")
             time.sleep(0.05)
         return self
+
+    def cpu_seconds(self):
+        """User + system CPU time used so far by the daemon (all its threads)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # After "pid (comm)": state is field 3; utime and stime are fields 14 and 15.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def add_bitmaps(self, count):
         for i in range(count):

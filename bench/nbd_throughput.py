@@ -11,8 +11,9 @@ exported node and once with --bitmaps recording bitmaps added through QMP (remov
 each repetition, so every write starts with clean bitmaps). Images are fully allocated, so writes
 overwrite (no qcow2 cluster allocation).
 
-Prints medians in MiB/s, the ratio blockd/QSD (> 1: blockd faster), and each daemon's bitmap
-overhead (throughput with N bitmaps / without). Never asserts on timings.
+Prints medians in MiB/s, the ratio blockd/QSD (> 1: blockd faster), the daemons' CPU time per GiB
+moved (user + system, all threads; less sensitive to a busy machine than wall time), and each
+daemon's bitmap overhead (throughput with N bitmaps / without). Never asserts on timings.
 """
 
 import argparse
@@ -33,11 +34,14 @@ def nbdcopy(args):
 
 
 def measure(d, op, src, size):
+    """(MiB/s, daemon CPU seconds per GiB moved)."""
+    cpu0 = d.cpu_seconds()
     if op == "read":
         secs = nbdcopy([d.uri, "null:"])
     else:
         secs = nbdcopy(["--no-extents", "--flush", src, d.uri])
-    return size / bl.MiB / secs
+    cpu = d.cpu_seconds() - cpu0
+    return size / bl.MiB / secs, cpu / (size / (1 << 30))
 
 
 def run_format(fmt, opts, work, src):
@@ -51,7 +55,7 @@ def run_format(fmt, opts, work, src):
             bl.qcow2_from_raw(src, img)
         blockdevs, node = bl.blockdevs_for(fmt, img)
         daemons[kind] = bl.Daemon(kind, bins[kind], work, blockdevs, node).start()
-    # samples[(op, nbitmaps, kind)] -> [MiB/s]
+    # samples[(op, nbitmaps, kind)] -> [MiB/s]; samples[(op, nbitmaps, kind, "cpu")] -> [CPU s/GiB]
     samples = {}
     try:
         for rep in range(opts.reps):
@@ -61,10 +65,15 @@ def run_format(fmt, opts, work, src):
                     d.add_bitmaps(nb)
                 for op in ("read", "write"):
                     for kind in bl.alternate(rep):
-                        v = measure(daemons[kind], op, src, opts.size)
+                        v, cpu = measure(daemons[kind], op, src, opts.size)
                         samples.setdefault((op, nb, kind), []).append(v)
+                        samples.setdefault((op, nb, kind, "cpu"), []).append(cpu)
                         if opts.verbose:
-                            print(f"  {fmt} {op} bitmaps={nb} {kind}: {v:.0f} MiB/s", flush=True)
+                            print(
+                                f"  {fmt} {op} bitmaps={nb} {kind}: {v:.0f} MiB/s, "
+                                f"CPU {cpu:.2f} s/GiB",
+                                flush=True,
+                            )
                 for d in daemons.values():
                     d.remove_bitmaps(nb)
     finally:
@@ -76,8 +85,8 @@ def run_format(fmt, opts, work, src):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="128 MiB, 3 repetitions (< 60 s)")
-    p.add_argument("--size", type=int, default=512, help="image size in MiB (default 512)")
-    p.add_argument("--reps", type=int, default=5, help="repetitions per daemon (default 5)")
+    p.add_argument("--size", type=int, help="image size in MiB (default 256)")
+    p.add_argument("--reps", type=int, help="repetitions per daemon (default 5)")
     p.add_argument("--bitmaps", type=int, default=8, help="bitmaps in the second series (default 8)")
     p.add_argument("--formats", default="raw,qcow2", help="comma list of raw,qcow2")
     p.add_argument("--dir", default="/dev/shm", help="where images live (default /dev/shm)")
@@ -85,8 +94,9 @@ def main():
     p.add_argument("--qsd", default=bl.DEFAULT_QSD)
     p.add_argument("-v", "--verbose", action="store_true", help="print every sample")
     opts = p.parse_args()
-    if opts.quick:
-        opts.size, opts.reps = 128, 3
+    quick = opts.quick
+    opts.size = opts.size or (128 if quick else 256)
+    opts.reps = opts.reps or (3 if quick else 5)
     opts.size *= bl.MiB
     bl.check_tools(opts.blockd, opts.qsd, "nbdcopy", "qemu-img")
     bl.install_cleanup()
@@ -113,9 +123,18 @@ def main():
             for n in (0, nb):
                 b = bl.median(s[(op, n, "blockd")])
                 q = bl.median(s[(op, n, "qsd")])
-                rows.append([f"{fmt} {op}", n, f"{b:.0f}", f"{q:.0f}", f"{bl.ratio(b, q):.2f}"])
+                bc = bl.median(s[(op, n, "blockd", "cpu")])
+                qc = bl.median(s[(op, n, "qsd", "cpu")])
+                rows.append([
+                    f"{fmt} {op}", n, f"{b:.0f}", f"{q:.0f}", f"{bl.ratio(b, q):.2f}",
+                    f"{bc:.2f}", f"{qc:.2f}",
+                ])
     print()
-    bl.print_table(["node/op", "bitmaps", "blockd MiB/s", "QSD MiB/s", "blockd/QSD"], rows)
+    bl.print_table(
+        ["node/op", "bitmaps", "blockd MiB/s", "QSD MiB/s", "blockd/QSD",
+         "blockd CPU s/GiB", "QSD CPU s/GiB"],
+        rows,
+    )
 
     rows = []
     for fmt, s in results.items():

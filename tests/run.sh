@@ -18,7 +18,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
 fi
-if ! python3 -c 'import qemu.qmp, pytest, pytest_timeout' 2>/dev/null; then
+if ! python3 -c 'import qemu.qmp, pytest, pytest_timeout, pytest_rerunfailures' 2>/dev/null; then
     echo "== installing Python packages"
     python3 -m pip install -q -r iotests/requirements.txt
 fi
@@ -33,6 +33,8 @@ echo "== iotests against blockd"
 IOTESTS_DAEMON=blockd BLOCKD="$PWD/target/release/blockd" python3 -m pytest -q iotests
 
 if [ -z "${SKIP_QSD:-}" ]; then
+    # The oracle run keeps the tests honest. QSD 10.0.2 has a rare start-up race under load
+    # (see iotests.py, _qsd_settle), so a failure there is retried before it counts.
     echo "== iotests against qemu-storage-daemon"
-    IOTESTS_DAEMON=qsd python3 -m pytest -q iotests
+    IOTESTS_DAEMON=qsd python3 -m pytest -q --reruns 2 iotests
 fi

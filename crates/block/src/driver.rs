@@ -164,6 +164,11 @@ pub trait Driver: Send + Sync {
     fn truncate(&self, _size: u64) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::ENOTSUP))
     }
+    /// Whether `block_status` is cheap enough to ask before every read (in-memory metadata).
+    /// Host files answer with lseek, which on tmpfs walks the page cache: not cheap.
+    fn status_is_cheap(&self) -> bool {
+        true
+    }
     /// Hold image locks for what the node's users need now (QEMU-compatible). Err is the
     /// conflict message ("Failed to get \"write\" lock"). Default: nothing to lock.
     fn set_lock(&self, _mode: LockMode) -> Result<(), String> {

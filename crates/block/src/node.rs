@@ -406,6 +406,15 @@ impl Node {
         self.driver.truncate(size)
     }
 
+    /// Is `[offset, offset+len)` known to read as zeros, as far as a cheap look can tell?
+    /// (False when unsure; used to send holes instead of data.)
+    pub fn reads_as_zero(&self, offset: u64, len: u64) -> bool {
+        if !self.driver.status_is_cheap() {
+            return false;
+        }
+        matches!(self.status_above(offset, len), Ok((s, _, n)) if s != BlockStatus::Data && n >= len)
+    }
+
     /// Status through the backing chain: the first run of `[offset, offset+len)` with one status,
     /// and the depth of the layer that decides it (1 = this node, 2 = its backing, ...; 0 = no
     /// layer has it, which reads as zeros and is reported `Unallocated`).

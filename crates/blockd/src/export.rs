@@ -153,6 +153,6 @@ impl nbd::ExportBackend for NodeExport {
         }
     }
     fn reads_as_zero(&self, offset: u64, len: u64) -> bool {
-        matches!(self.node.status_above(offset, len), Ok((s, _, n)) if s != BlockStatus::Data && n >= len)
+        self.node.reads_as_zero(offset, len)
     }
 }

@@ -628,8 +628,12 @@ async fn requests_in_flight_complete_out_of_order() {
     t.backend.fill(0, &pattern(SIZE as usize, 1));
     let mut c = RawClient::open(&t.sock, "disk").await;
 
-    // Cookie 1 reads the slow region; cookies 2..=8 are fast.
-    for cookie in 1..=8u64 {
+    // Cookie 1 reads the slow region; cookies 2..=8 are fast. Give the slow read a head
+    // start so it is surely running while the fast ones are served (a loaded machine may
+    // otherwise start it last).
+    c.send_request(proto::CMD_READ, 0, 1, 0, 4096, &[]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for cookie in 2..=8u64 {
         c.send_request(proto::CMD_READ, 0, cookie, (cookie - 1) * 8192, 4096, &[])
             .await;
     }

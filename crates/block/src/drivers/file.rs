@@ -173,6 +173,10 @@ impl Driver for FileDriver {
         true
     }
 
+    fn status_is_cheap(&self) -> bool {
+        false
+    }
+
     fn set_read_only(&self, read_only: bool) -> io::Result<()> {
         if !read_only {
             // Reopening read-write needs a writable descriptor; ours was opened for the mode

@@ -66,6 +66,9 @@ impl Driver for RawDriver {
     fn flush(&self) -> io::Result<()> {
         self.child.flush()
     }
+    fn status_is_cheap(&self) -> bool {
+        self.child.driver().status_is_cheap()
+    }
     fn block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)> {
         self.child.block_status(self.offset + offset, len)
     }

@@ -1,7 +1,7 @@
 //! Micro benchmark: sequential and random 4 KiB / 64 KiB I/O on a 1 GiB image, in process,
 //! next to the same pattern on the raw file as a baseline.
 //!
-//! `cargo run --release -p qcow2 --example bench [DIR]` (default DIR: /dev/shm).
+//! `cargo run --release -p qcow2 --example qcow2_bench [DIR]` (default DIR: /dev/shm).
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -1,5 +1,5 @@
 //! Micro-benchmark of the dirty bitmap on a 1 TiB virtual disk at 64 KiB and 512 B
-//! granularity. Run with `cargo run --release -p hbitmap --example bench`; prints one
+//! granularity. Run with `cargo run --release -p hbitmap --example hbitmap_bench`; prints one
 //! table per granularity (~15 s of CPU in total). Figures are indicative, not a timed test.
 //!
 //! Repeatable measurements report the best of [`REPEAT`] runs, so a busy machine shows

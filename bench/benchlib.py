@@ -13,6 +13,7 @@ Benchmarks report ratios blockd/QSD measured side by side in one run; they never
 import atexit
 import json
 import os
+from pathlib import Path
 import random
 import shutil
 import signal
@@ -24,7 +25,8 @@ import tempfile
 import time
 
 # Override with $BLOCKD / $QSD or --blockd / --qsd.
-DEFAULT_BLOCKD = os.environ.get("BLOCKD", "/work/target-bench/release/blockd")
+DEFAULT_BLOCKD = os.environ.get(
+    "BLOCKD", str(Path(__file__).resolve().parent.parent / "target" / "release" / "blockd"))
 DEFAULT_QSD = os.environ.get("QSD", shutil.which("qemu-storage-daemon") or "qemu-storage-daemon")
 
 MiB = 1 << 20

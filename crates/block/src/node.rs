@@ -9,6 +9,10 @@ use crate::bitmap::BitmapList;
 use crate::driver::{BitmapToStore, BlockStatus, Driver, ImageFacts};
 use crate::error::errno;
 
+/// Whether a flush also checkpoints persistent bitmaps (on by default; the daemon turns it off
+/// together with the periodic checkpoints, e.g. to measure their cost).
+pub static FLUSH_CHECKPOINTS: AtomicBool = AtomicBool::new(true);
+
 /// Shared handle to a node. The graph owns the name table; handles are cloned for I/O.
 pub type NodeRef = Arc<Node>;
 
@@ -318,6 +322,9 @@ impl Node {
 
     /// A flush-triggered checkpoint, at most once per `min_interval`.
     fn checkpoint_after_flush(&self, min_interval: Duration) {
+        if !FLUSH_CHECKPOINTS.load(Ordering::Relaxed) {
+            return;
+        }
         let due = self
             .last_checkpoint
             .lock()

@@ -320,7 +320,8 @@ pub async fn run(opts: Vec<Opt>, ready: Option<OwnedFd>) -> ExitCode {
 }
 
 /// How often persistent bitmaps are checkpointed into their images (beyond QEMU, which
-/// stores them only at close). `BLOCKD_BITMAP_CHECKPOINT_SECS` overrides; 0 disables.
+/// stores them only at close). `BLOCKD_BITMAP_CHECKPOINT_SECS` overrides; 0 disables
+/// checkpoints altogether (periodic and at flush), giving QEMU's behaviour.
 fn checkpoint_interval() -> Option<std::time::Duration> {
     let secs = std::env::var("BLOCKD_BITMAP_CHECKPOINT_SECS")
         .ok()
@@ -331,6 +332,7 @@ fn checkpoint_interval() -> Option<std::time::Duration> {
 
 async fn checkpoint_loop(daemon: Arc<Daemon>) {
     let Some(interval) = checkpoint_interval() else {
+        block::node::FLUSH_CHECKPOINTS.store(false, std::sync::atomic::Ordering::Relaxed);
         return;
     };
     let mut tick = tokio::time::interval(interval);

@@ -3,7 +3,10 @@
 # ./blockd.sock, NBD on ./nbd.sock. Builds the daemon first if needed.
 set -euo pipefail
 cd "$(dirname "$0")"
-command -v qemu-img >/dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq qemu-utils; }
+if ! command -v qemu-img >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq qemu-utils
+fi
 [ -e disk.qcow2 ] || qemu-img create -q -f qcow2 disk.qcow2 1G
 cargo build --release -q -p blockd
 exec target/release/blockd --image disk.qcow2 --qmp "$PWD/blockd.sock" --nbd "$PWD/nbd.sock" "$@"

@@ -9,4 +9,4 @@ if ! command -v qemu-img >/dev/null; then
 fi
 [ -e disk.qcow2 ] || qemu-img create -q -f qcow2 disk.qcow2 1G
 cargo build --release -q -p blockd
-exec target/release/blockd --image disk.qcow2 --qmp "$PWD/blockd.sock" --nbd "$PWD/nbd.sock" "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/blockd" --image disk.qcow2 --qmp "$PWD/blockd.sock" --nbd "$PWD/nbd.sock" "$@"

@@ -33,6 +33,7 @@ pub mod backend;
 pub mod error;
 mod handshake;
 mod meta;
+mod pool;
 pub mod proto;
 mod registry;
 pub mod server;

@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use qapi::types::{BlockExportOptions, BlockdevOptions};
+
 use crate::cli::{default_qmp_socket, Opt};
+use crate::convert::{export_args, node_options};
 use crate::daemon::Daemon;
 use crate::dispatch::QmpDispatcher;
 use crate::exports::{ExportArgs, NbdAddr};
@@ -132,6 +135,15 @@ fn nbd_addr(m: &Map<String, Value>) -> Result<NbdAddr, String> {
     }
 }
 
+/// The `--image` node: the probed format over a file node.
+fn image_options(format: &str, path: &str) -> Result<BlockdevOptions, String> {
+    let v = serde_json::json!({
+        "driver": format, "node-name": "drive0-fmt",
+        "file": {"driver": "file", "filename": path}
+    });
+    serde_json::from_value(v).map_err(|e| e.to_string())
+}
+
 /// Everything the options set up before serving.
 struct Setup {
     monitors: Vec<Listener>,
@@ -179,8 +191,9 @@ async fn apply(daemon: &Arc<Daemon>, opts: &[Opt]) -> Result<Setup, String> {
                         .coerce_keyval("BlockdevOptions", Value::Object(m))
                         .map_err(|e| ctx("blockdev", v, e.desc))?
                 };
-                let opts =
-                    crate::convert::node_options(&value).map_err(|e| ctx("blockdev", v, e))?;
+                let typed: BlockdevOptions =
+                    serde_json::from_value(value).map_err(|e| ctx("blockdev", v, e.to_string()))?;
+                let opts = node_options(&typed).map_err(|e| ctx("blockdev", v, e))?;
                 daemon
                     .blockdev_add(&opts)
                     .map_err(|e| ctx("blockdev", v, e.to_string()))?;
@@ -202,7 +215,9 @@ async fn apply(daemon: &Arc<Daemon>, opts: &[Opt]) -> Result<Setup, String> {
                 let value = schema
                     .coerce_keyval("BlockExportOptions", Value::Object(m))
                     .map_err(|e| ctx("export", v, e.desc))?;
-                let args = crate::dispatch::export_args(&value).map_err(|e| ctx("export", v, e))?;
+                let typed: BlockExportOptions =
+                    serde_json::from_value(value).map_err(|e| ctx("export", v, e.to_string()))?;
+                let args = export_args(&typed).map_err(|e| ctx("export", v, e))?;
                 daemon
                     .export_add(args)
                     .map_err(|e| ctx("export", v, e.to_string()))?;
@@ -225,10 +240,9 @@ async fn apply(daemon: &Arc<Daemon>, opts: &[Opt]) -> Result<Setup, String> {
                         block::error::strerror(&e)
                     )
                 })?;
-                let file = crate::convert::node_options(&serde_json::json!({
-                    "driver": format, "node-name": "drive0-fmt",
-                    "file": {"driver": "file", "filename": path}
-                }))?;
+                let file = image_options(&format, path)
+                    .and_then(|o| node_options(&o))
+                    .map_err(|e| format!("--image {path}: {e}"))?;
                 let node = daemon
                     .blockdev_add(&file)
                     .map_err(|e| format!("--image {path}: {e}"))?;

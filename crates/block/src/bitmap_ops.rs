@@ -162,7 +162,8 @@ pub fn restore(node: &NodeRef, name: &str, bits: HBitmap) {
 pub fn sha256(node: &NodeRef, name: &str) -> Result<String> {
     let list = node.bitmaps();
     let b = list.find(name)?;
-    let digest = hbitmap::sha256::sha256(&b.bits.qemu_hash_bytes());
+    // Streams the words: no buffer the size of the bitmap (hundreds of MiB at 512 B granules).
+    let digest = b.bits.qemu_sha256();
     Ok(digest.iter().map(|x| format!("{x:02x}")).collect())
 }
 

@@ -14,10 +14,10 @@
 //! stops reading from the socket), and the permits travel with the reply until the writer has
 //! written it.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -582,21 +582,23 @@ fn normalize_extents(raw: Vec<(u64, u32)>, len: u64, max: usize) -> Vec<(u64, u3
     out
 }
 
+/// Most replies gathered into one vectored write.
+const MAX_BATCH: usize = 64;
+
+/// Send replies as they come, every reply waiting at that moment in one vectored write: the
+/// payload goes from its buffer straight to the socket, with no copy through a `BufWriter`.
 async fn write_loop<W: AsyncWrite + Unpin>(
-    w: W,
+    mut w: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     broken: CancellationToken,
     pool: Arc<Pool>,
 ) {
-    let mut w = BufWriter::with_capacity(256 * 1024, w);
-    while let Some(msg) = rx.recv().await {
-        let mut res = w.write_all(&msg.head).await;
-        if res.is_ok() && !msg.data.is_empty() {
-            res = w.write_all(&msg.data).await;
-        }
-        pool.put(msg.data);
-        if res.is_ok() && rx.is_empty() {
-            res = w.flush().await;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let res = write_batch(&mut w, &batch).await;
+        // Permits go with the messages: only now is the budget free again.
+        for msg in batch.drain(..) {
+            pool.put(msg.data);
         }
         if let Err(e) = res {
             tracing::debug!("nbd: write to client failed: {e}");
@@ -604,8 +606,24 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             return;
         }
     }
-    let _ = w.flush().await;
     let _ = w.shutdown().await;
+}
+
+async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Outgoing]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = batch
+        .iter()
+        .flat_map(|m| [IoSlice::new(&m.head), IoSlice::new(&m.data)])
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = w.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    w.flush().await
 }
 
 #[cfg(test)]

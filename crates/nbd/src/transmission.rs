@@ -16,9 +16,10 @@
 //! written it.
 
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -96,7 +97,7 @@ impl Conn {
 /// Serve requests until the client disconnects, misbehaves, or `stop`/`kill` fire.
 pub(crate) async fn run<R, W>(
     session: Session,
-    mut reader: R,
+    mut reader: BufReader<R>,
     writer: W,
     tracker: &TaskTracker,
     stop: &CancellationToken,
@@ -156,6 +157,23 @@ async fn read_or_eof<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> io::Res
     Ok(true)
 }
 
+/// Fill `buf` from the stream: what the reader has buffered, then the rest straight from the
+/// socket into `buf` (a `BufReader` would copy most of a large payload through its buffer).
+async fn read_payload<R: AsyncRead + Unpin>(
+    r: &mut BufReader<R>,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    let buffered = r.buffer();
+    let n = buffered.len().min(buf.len());
+    buf[..n].copy_from_slice(&buffered[..n]);
+    Pin::new(&mut *r).consume(n);
+    if n < buf.len() {
+        // The buffer is empty now, so the socket holds the next bytes of the stream.
+        r.get_mut().read_exact(&mut buf[n..]).await?;
+    }
+    Ok(())
+}
+
 /// Bytes of payload that follow a request header.
 fn payload_len(mode: HeaderMode, req: &RequestHeader) -> u64 {
     let flagged = mode == HeaderMode::Extended && req.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0;
@@ -189,7 +207,7 @@ fn cost(conn: &Conn, req: &RequestHeader, payload: u64) -> usize {
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
-    r: &mut R,
+    r: &mut BufReader<R>,
     conn: &Arc<Conn>,
     tracker: &TaskTracker,
 ) -> io::Result<()> {
@@ -231,7 +249,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             // A reused buffer: no zero-fill or fresh pages for bytes about to be overwritten.
             // payload <= MAX_PAYLOAD (checked above), so it fits in usize.
             let mut data = conn.pool.take(payload as usize);
-            r.read_exact(&mut data).await?;
+            read_payload(r, &mut data).await?;
             data
         } else {
             // Payloads on other commands are not supported: swallow, then fail the request.

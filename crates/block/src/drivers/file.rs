@@ -5,7 +5,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::lock::{lock_image, unlock_image};
 use crate::driver::{BlockStatus, Driver, FormatSpecific, ImageFacts, LockMode};
@@ -20,6 +20,10 @@ pub struct FileDriver {
     locking: AtomicBool,
     /// The lock mode currently held; guards relocking.
     mode: std::sync::Mutex<LockMode>,
+    /// File length, kept here because the node asks for it on every request (a `statx` each
+    /// time otherwise). Only our writes grow the file (raised to each write's end) and only
+    /// `truncate` shrinks it; like QEMU, we do not notice other processes resizing it.
+    len: AtomicU64,
 }
 
 impl FileDriver {
@@ -29,10 +33,12 @@ impl FileDriver {
             .read(true)
             .write(!read_only)
             .open(Path::new(filename))?;
-        if file.metadata()?.is_dir() {
+        let meta = file.metadata()?;
+        if meta.is_dir() {
             return Err(io::Error::from_raw_os_error(libc::EISDIR));
         }
         Ok(FileDriver {
+            len: AtomicU64::new(meta.len()),
             file,
             filename: filename.to_string(),
             can_fallocate: AtomicBool::new(true),
@@ -84,10 +90,30 @@ impl FileDriver {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(chunk.len() as u64) as usize;
-            self.file.write_all_at(&chunk[..n], offset + done)?;
+            self.write_at(offset + done, &chunk[..n])?;
             done += n as u64;
         }
         Ok(())
+    }
+
+    /// Write all of `data` at `offset`, keeping the cached length up to date.
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let result = self.file.write_all_at(data, offset);
+        match &result {
+            Ok(()) => {
+                let end = offset.saturating_add(data.len() as u64);
+                self.len.fetch_max(end, Ordering::AcqRel);
+            }
+            // Part of it may have landed past the old end: ask the file.
+            Err(_) => self.refresh_len(),
+        }
+        result
+    }
+
+    fn refresh_len(&self) {
+        if let Ok(m) = self.file.metadata() {
+            self.len.fetch_max(m.len(), Ordering::AcqRel);
+        }
     }
 
     fn seek(&self, offset: u64, whence: libc::c_int) -> Option<u64> {
@@ -104,7 +130,7 @@ impl Driver for FileDriver {
     }
 
     fn size(&self) -> u64 {
-        self.file.metadata().map(|m| m.len()).unwrap_or(0)
+        self.len.load(Ordering::Acquire)
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -125,7 +151,7 @@ impl Driver for FileDriver {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.file.write_all_at(data, offset)
+        self.write_at(offset, data)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
@@ -222,7 +248,14 @@ impl Driver for FileDriver {
     }
 
     fn truncate(&self, size: u64) -> io::Result<()> {
-        self.file.set_len(size)
+        let result = self.file.set_len(size);
+        // Store what the file now has, whether or not set_len worked.
+        match self.file.metadata() {
+            Ok(m) => self.len.store(m.len(), Ordering::Release),
+            Err(_) if result.is_ok() => self.len.store(size, Ordering::Release),
+            Err(_) => {}
+        }
+        result
     }
 
     fn close(&self) -> io::Result<()> {

@@ -34,6 +34,9 @@ pub(crate) const MAX_IN_FLIGHT: usize = 16;
 /// Most payload bytes (write data, read buffers, extent lists) held for one connection.
 pub(crate) const MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
 
+/// Payload size from which the next request header is read on its own (see `read_loop`).
+const EXACT_HEADER_AFTER: u64 = 64 * 1024;
+
 /// One reply on its way to the socket: header bytes, then bulk data, and the budget it holds.
 struct Outgoing {
     head: Vec<u8>,
@@ -214,8 +217,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mode = conn.session.mode;
     let mut hdr = [0u8; 32];
     let hdr = &mut hdr[..mode.request_len()];
+    // After a large write, expect another: read its header alone, so the buffered reader does
+    // not pull (and later copy) up to 64 KiB of the payload that follows. Small requests keep
+    // going through the buffer, many headers per read.
+    let mut exact_header = false;
     loop {
-        if !read_or_eof(r, hdr).await? {
+        let more = if exact_header && r.buffer().is_empty() {
+            read_or_eof(r.get_mut(), hdr).await?
+        } else {
+            read_or_eof(r, hdr).await?
+        };
+        if !more {
             return Ok(());
         }
         let req = proto::decode_request(mode, hdr).map_err(|m| {
@@ -244,6 +256,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 too_long(payload),
             ));
         }
+        exact_header = payload >= EXACT_HEADER_AFTER;
         let permits = conn.acquire(cost(conn, &req, payload)).await?;
         let data = if req.command == proto::CMD_WRITE {
             // A reused buffer: no zero-fill or fresh pages for bytes about to be overwritten.

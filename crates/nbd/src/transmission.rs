@@ -1,12 +1,11 @@
 //! The transmission phase of one connection.
 //!
 //! ```text
-//!   socket ──> reader (this task) ──spawn_blocking──> request on the blocking pool ──> backend
-//!                 │  waits for budget                     │
-//!                 │  before reading a payload             └──> reply (+ budget permits) ──┐
-//!                 │                                                                       v
-//!                 └── immediate error replies ───────────────────────────────────> writer task
-//!                                                     (batches replies, one writev) ──> socket
+//!   socket ──> reader (this task) ──spawn──> request task ──spawn_blocking──> backend
+//!                 │  waits for budget            │
+//!                 │  before reading a payload    └──> reply (+ budget permits) ──┐
+//!                 │                                                              v
+//!                 └── immediate error replies ──────────────────────────> writer task ──> socket
 //! ```
 //!
 //! Requests run concurrently and replies go out in completion order. Memory per connection is
@@ -65,6 +64,10 @@ struct Conn {
 }
 
 impl Conn {
+    fn backend(&self) -> Arc<dyn ExportBackend> {
+        self.session.export().cfg.backend.clone()
+    }
+
     fn send(&self, head: Vec<u8>, data: Buf, permits: Option<Permits>) {
         // The writer is gone only when the connection is closing; the reply has nowhere to go.
         let _ = self.tx.send(Outgoing {
@@ -277,31 +280,37 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 conn.send(head, Buf::default(), Some(permits));
             }
             Ok(cmd) => {
-                // Straight to the blocking pool, which also sends the reply: no async task
-                // in between (one hop and one wake-up less per request).
                 let conn = conn.clone();
-                tracker.spawn_blocking(move || {
-                    let (head, data) = run_request(&conn, reply_to, cmd, data);
+                tracker.spawn(async move {
+                    let backend = conn.backend();
+                    let job_conn = conn.clone();
+                    let job = move || {
+                        let c = &*job_conn;
+                        let reply = execute(
+                            &*backend,
+                            reply_to,
+                            cmd,
+                            &data,
+                            &c.session.contexts,
+                            &c.pool,
+                        );
+                        c.pool.put(data);
+                        reply
+                    };
+                    let (head, data) = match tokio::task::spawn_blocking(job).await {
+                        Ok(reply) => reply,
+                        Err(e) => {
+                            tracing::warn!("nbd: request task failed: {e}");
+                            let mut head = Vec::new();
+                            reply_to.put_error(&mut head, proto::EIO, "internal error");
+                            (head, Buf::default())
+                        }
+                    };
                     conn.send(head, data, Some(permits));
                 });
             }
         }
     }
-}
-
-/// Run one request on the blocking pool; a panic in the backend becomes an `EIO` reply.
-fn run_request(conn: &Conn, to: ReplyTo, cmd: Cmd, data: Buf) -> (Vec<u8>, Buf) {
-    let backend = &*conn.session.export().cfg.backend;
-    let contexts = &conn.session.contexts;
-    let job = || execute(backend, to, cmd, &data, contexts, &conn.pool);
-    let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-    conn.pool.put(data);
-    reply.unwrap_or_else(|_| {
-        tracing::warn!("nbd: request failed: panic in the backend");
-        let mut head = Vec::new();
-        to.put_error(&mut head, proto::EIO, "internal error");
-        (head, Buf::default())
-    })
 }
 
 /// The command names QEMU uses in its error messages.

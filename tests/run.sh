@@ -23,11 +23,21 @@ if ! python3 -c 'import qemu.qmp, pytest, pytest_timeout, pytest_rerunfailures' 
     python3 -m pip install -q -r iotests/requirements.txt
 fi
 
+if cargo fmt --version >/dev/null 2>&1; then
+    echo "== cargo fmt --check"
+    cargo fmt --all -- --check
+fi
+
 echo "== cargo build (release, for the iotests)"
 cargo build --release --locked -p blockd
 
 echo "== cargo test"
 cargo test --release --locked --workspace
+
+if cargo clippy --version >/dev/null 2>&1; then
+    echo "== cargo clippy"
+    cargo clippy --release --locked --workspace --all-targets -- -D warnings
+fi
 
 echo "== iotests against blockd"
 IOTESTS_DAEMON=blockd BLOCKD="$PWD/target/release/blockd" python3 -m pytest -q iotests

@@ -53,6 +53,13 @@ fn open_ok(bytes: Vec<u8>, read_only: bool) -> (Arc<MemStorage>, Qcow2) {
     (mem, img)
 }
 
+/// A good image, changed by `edit`, is refused at open as an invalid image.
+fn assert_invalid_after(edit: impl FnOnce(&mut [u8])) {
+    let mut b = good_image();
+    edit(&mut b);
+    assert_eq!(open_err(b, true).0, ErrorKind::InvalidImage);
+}
+
 /// Offset of the L2 table of guest cluster 0, and of its first entry's data.
 fn l2_and_data(b: &[u8]) -> (usize, usize) {
     let l1 = be64(b, 40) as usize;
@@ -118,30 +125,22 @@ fn huge_l1_size_is_rejected_without_allocating() {
 
 #[test]
 fn l1_smaller_than_virtual_size_needs_is_rejected() {
-    let mut b = good_image();
-    put64(&mut b, 24, 1 << 40);
-    assert_eq!(open_err(b, true).0, ErrorKind::InvalidImage);
+    assert_invalid_after(|b| put64(b, 24, 1 << 40));
 }
 
 #[test]
 fn l1_table_beyond_end_of_file_is_rejected() {
-    let mut b = good_image();
-    put64(&mut b, 40, 1 << 40);
-    assert_eq!(open_err(b, true).0, ErrorKind::InvalidImage);
+    assert_invalid_after(|b| put64(b, 40, 1 << 40));
 }
 
 #[test]
 fn unaligned_l1_table_is_rejected() {
-    let mut b = good_image();
-    put64(&mut b, 40, 0x30200);
-    assert_eq!(open_err(b, true).0, ErrorKind::InvalidImage);
+    assert_invalid_after(|b| put64(b, 40, 0x30200));
 }
 
 #[test]
 fn huge_refcount_table_is_rejected() {
-    let mut b = good_image();
-    put32(&mut b, 56, u32::MAX);
-    assert_eq!(open_err(b, true).0, ErrorKind::InvalidImage);
+    assert_invalid_after(|b| put32(b, 56, u32::MAX));
 }
 
 #[test]
@@ -356,24 +355,20 @@ fn header_extension_running_past_the_cluster_is_rejected() {
 
 #[test]
 fn overlong_backing_file_name_is_rejected() {
-    let mut b = good_image();
-    put64(&mut b, 8, 0x200);
-    put32(&mut b, 16, 5000);
-    assert_eq!(open_err(b, true).0, ErrorKind::InvalidImage);
+    assert_invalid_after(|b| {
+        put64(b, 8, 0x200);
+        put32(b, 16, 5000);
+    });
 }
 
 #[test]
 fn header_length_beyond_cluster_is_rejected() {
-    let mut b = good_image();
-    put32(&mut b, 100, 1 << 20);
-    assert_eq!(open_err(b, true).0, ErrorKind::InvalidImage);
+    assert_invalid_after(|b| put32(b, 100, 1 << 20));
 }
 
 #[test]
 fn refcount_order_above_six_is_rejected() {
-    let mut b = good_image();
-    put32(&mut b, 96, 7);
-    assert_eq!(open_err(b, true).0, ErrorKind::InvalidImage);
+    assert_invalid_after(|b| put32(b, 96, 7));
 }
 
 #[test]
@@ -433,6 +428,14 @@ fn image_with_bitmap() -> (Vec<u8>, usize) {
     (b, dir)
 }
 
+/// An image with one bitmap, changed by `edit` (given the directory offset), is refused at
+/// open as an invalid image.
+fn assert_bitmap_image_invalid_after(edit: impl FnOnce(&mut [u8], usize)) {
+    let (mut b, dir) = image_with_bitmap();
+    edit(&mut b, dir);
+    assert_eq!(open_err(b, true).0, ErrorKind::InvalidImage);
+}
+
 #[test]
 fn bitmap_directory_with_reserved_flag_is_rejected() {
     let (mut b, dir) = image_with_bitmap();
@@ -444,30 +447,22 @@ fn bitmap_directory_with_reserved_flag_is_rejected() {
 
 #[test]
 fn bitmap_directory_with_bad_granularity_is_rejected() {
-    let (mut b, dir) = image_with_bitmap();
-    b[dir + 17] = 40;
-    assert_eq!(open_err(b, true).0, ErrorKind::InvalidImage);
+    assert_bitmap_image_invalid_after(|b, dir| b[dir + 17] = 40);
 }
 
 #[test]
 fn bitmap_directory_with_extra_data_is_rejected() {
-    let (mut b, dir) = image_with_bitmap();
-    put32(&mut b, dir + 20, 8);
-    assert_eq!(open_err(b, true).0, ErrorKind::InvalidImage);
+    assert_bitmap_image_invalid_after(|b, dir| put32(b, dir + 20, 8));
 }
 
 #[test]
 fn bitmap_directory_beyond_end_of_file_is_rejected() {
-    let (mut b, _) = image_with_bitmap();
-    put64(&mut b, 120 + 16, 1 << 40);
-    assert_eq!(open_err(b, true).0, ErrorKind::InvalidImage);
+    assert_bitmap_image_invalid_after(|b, _| put64(b, 120 + 16, 1 << 40));
 }
 
 #[test]
 fn bitmaps_extension_with_zero_bitmaps_is_rejected() {
-    let (mut b, _) = image_with_bitmap();
-    put32(&mut b, 120, 0);
-    assert_eq!(open_err(b, true).0, ErrorKind::InvalidImage);
+    assert_bitmap_image_invalid_after(|b, _| put32(b, 120, 0));
 }
 
 #[test]

@@ -175,15 +175,67 @@ async fn running_forever(manager: &Arc<JobManager>, auto_dismiss: bool) -> (Arc<
     panic!("job body never ran");
 }
 
+/// Create job "j" (auto-finalize) with a `script` body, start it, and wait until it has
+/// gone (with `auto_dismiss`) or concluded.
+async fn run_to_end(
+    block: bool,
+    auto_dismiss: bool,
+    script: Script,
+) -> (Arc<JobManager>, Events, Arc<Job>, Arc<Body>) {
+    let (manager, events) = manager();
+    let body = Body::new(script);
+    let job = manager
+        .create(spec("j", block, true, auto_dismiss), body.clone())
+        .unwrap();
+    manager.start(&job);
+    if auto_dismiss {
+        wait_gone(&manager, "j").await;
+    } else {
+        wait_status(&job, JobStatus::Concluded).await;
+    }
+    (manager, events, job, body)
+}
+
+/// Start block job "j" without auto-finalize; return it once it is pending.
+async fn pending_job(manager: &Arc<JobManager>) -> (Arc<Job>, Arc<Body>) {
+    let body = Body::new(Script::Succeed);
+    let job = manager
+        .create(spec("j", true, false, false), body.clone())
+        .unwrap();
+    manager.start(&job);
+    wait_status(&job, JobStatus::Pending).await;
+    (job, body)
+}
+
+/// Cancel a running block job and wait until it concludes.
+async fn cancelled_running_job() -> (Events, Arc<Job>, Arc<Body>) {
+    let (manager, events) = manager();
+    let (job, body) = running_forever(&manager, false).await;
+    manager.cancel(&job).unwrap();
+    wait_status(&job, JobStatus::Concluded).await;
+    (events, job, body)
+}
+
+/// The refusal of `verb` on a running job, checking QEMU's verb-table wording.
+async fn refused_while_running(
+    verb: &str,
+    call: fn(&JobManager, &Arc<Job>) -> block::Result<()>,
+) -> block::Error {
+    let (manager, _events) = manager();
+    let (job, _body) = running_forever(&manager, false).await;
+
+    let err = call(&manager, &job).unwrap_err();
+
+    assert_eq!(
+        err.message(),
+        format!("Job 'j' in state 'running' cannot accept command verb '{verb}'")
+    );
+    err
+}
+
 #[tokio::test(start_paused = true)]
 async fn successful_job_walks_all_statuses_to_null_with_auto_dismiss() {
-    let (manager, events) = manager();
-    let job = manager
-        .create(spec("j", false, true, true), Body::new(Script::Succeed))
-        .unwrap();
-
-    manager.start(&job);
-    wait_gone(&manager, "j").await;
+    let (_manager, events, _job, _body) = run_to_end(false, true, Script::Succeed).await;
 
     assert_eq!(
         events.statuses(),
@@ -200,26 +252,14 @@ async fn successful_job_walks_all_statuses_to_null_with_auto_dismiss() {
 
 #[tokio::test(start_paused = true)]
 async fn successful_non_block_job_emits_no_block_job_events() {
-    let (manager, events) = manager();
-    let job = manager
-        .create(spec("j", false, true, true), Body::new(Script::Succeed))
-        .unwrap();
-
-    manager.start(&job);
-    wait_gone(&manager, "j").await;
+    let (_manager, events, _job, _body) = run_to_end(false, true, Script::Succeed).await;
 
     assert!(events.block_events().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
 async fn successful_block_job_emits_completed_between_pending_and_concluded() {
-    let (manager, events) = manager();
-    let job = manager
-        .create(spec("j", true, true, true), Body::new(Script::Succeed))
-        .unwrap();
-
-    manager.start(&job);
-    wait_gone(&manager, "j").await;
+    let (_manager, events, _job, _body) = run_to_end(true, true, Script::Succeed).await;
 
     assert_eq!(
         events.trace(),
@@ -237,13 +277,7 @@ async fn successful_block_job_emits_completed_between_pending_and_concluded() {
 
 #[tokio::test(start_paused = true)]
 async fn completed_event_carries_progress_and_no_error() {
-    let (manager, events) = manager();
-    let job = manager
-        .create(spec("j", true, true, true), Body::new(Script::Succeed))
-        .unwrap();
-
-    manager.start(&job);
-    wait_gone(&manager, "j").await;
+    let (_manager, events, _job, _body) = run_to_end(true, true, Script::Succeed).await;
 
     let completed = events
         .block_events()
@@ -265,26 +299,14 @@ async fn completed_event_carries_progress_and_no_error() {
 
 #[tokio::test(start_paused = true)]
 async fn successful_job_commits_then_cleans() {
-    let (manager, _events) = manager();
-    let body = Body::new(Script::Succeed);
-    let job = manager
-        .create(spec("j", false, true, true), body.clone())
-        .unwrap();
-
-    manager.start(&job);
-    wait_gone(&manager, "j").await;
+    let (_manager, _events, _job, body) = run_to_end(false, true, Script::Succeed).await;
 
     assert_eq!(body.calls(), ["run", "commit", "clean"]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn successful_job_without_auto_dismiss_stays_concluded_until_dismissed() {
-    let (manager, events) = manager();
-    let job = manager
-        .create(spec("j", false, true, false), Body::new(Script::Succeed))
-        .unwrap();
-    manager.start(&job);
-    wait_status(&job, JobStatus::Concluded).await;
+    let (manager, events, job, _body) = run_to_end(false, false, Script::Succeed).await;
 
     manager.dismiss(&job).unwrap();
 
@@ -294,13 +316,7 @@ async fn successful_job_without_auto_dismiss_stays_concluded_until_dismissed() {
 
 #[tokio::test(start_paused = true)]
 async fn failing_job_goes_running_aborting_concluded_with_error() {
-    let (manager, events) = manager();
-    let job = manager
-        .create(spec("j", false, true, false), Body::new(Script::Fail))
-        .unwrap();
-
-    manager.start(&job);
-    wait_status(&job, JobStatus::Concluded).await;
+    let (_manager, events, job, _body) = run_to_end(false, false, Script::Fail).await;
 
     assert_eq!(
         events.statuses(),
@@ -311,27 +327,14 @@ async fn failing_job_goes_running_aborting_concluded_with_error() {
 
 #[tokio::test(start_paused = true)]
 async fn failing_job_aborts_then_cleans() {
-    let (manager, _events) = manager();
-    let body = Body::new(Script::Fail);
-    let job = manager
-        .create(spec("j", false, true, false), body.clone())
-        .unwrap();
-
-    manager.start(&job);
-    wait_status(&job, JobStatus::Concluded).await;
+    let (_manager, _events, _job, body) = run_to_end(false, false, Script::Fail).await;
 
     assert_eq!(body.calls(), ["run", "abort", "clean"]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn failing_block_job_emits_completed_with_error() {
-    let (manager, events) = manager();
-    let job = manager
-        .create(spec("j", true, true, false), Body::new(Script::Fail))
-        .unwrap();
-
-    manager.start(&job);
-    wait_status(&job, JobStatus::Concluded).await;
+    let (_manager, events, _job, _body) = run_to_end(true, false, Script::Fail).await;
 
     assert_eq!(
         events.trace(),
@@ -346,11 +349,7 @@ async fn failing_block_job_emits_completed_with_error() {
 
 #[tokio::test(start_paused = true)]
 async fn cancelled_running_block_job_aborts_with_cancelled_event() {
-    let (manager, events) = manager();
-    let (job, _body) = running_forever(&manager, false).await;
-
-    manager.cancel(&job).unwrap();
-    wait_status(&job, JobStatus::Concluded).await;
+    let (events, job, _body) = cancelled_running_job().await;
 
     assert_eq!(
         events.trace(),
@@ -361,11 +360,7 @@ async fn cancelled_running_block_job_aborts_with_cancelled_event() {
 
 #[tokio::test(start_paused = true)]
 async fn cancelled_running_job_aborts_and_never_commits() {
-    let (manager, _events) = manager();
-    let (job, body) = running_forever(&manager, false).await;
-
-    manager.cancel(&job).unwrap();
-    wait_status(&job, JobStatus::Concluded).await;
+    let (_events, _job, body) = cancelled_running_job().await;
 
     assert_eq!(body.calls(), ["run", "abort", "clean"]);
 }
@@ -411,13 +406,7 @@ async fn job_cancelled_right_after_start_runs_the_abort_path_once() {
 #[tokio::test(start_paused = true)]
 async fn job_without_auto_finalize_waits_in_pending() {
     let (manager, events) = manager();
-    let body = Body::new(Script::Succeed);
-    let job = manager
-        .create(spec("j", true, false, false), body.clone())
-        .unwrap();
-
-    manager.start(&job);
-    wait_status(&job, JobStatus::Pending).await;
+    let (job, body) = pending_job(&manager).await;
     tokio::time::sleep(Duration::from_secs(60)).await;
 
     assert_eq!(job.snapshot().status, JobStatus::Pending);
@@ -431,12 +420,7 @@ async fn job_without_auto_finalize_waits_in_pending() {
 #[tokio::test(start_paused = true)]
 async fn finalize_of_pending_job_commits_and_concludes() {
     let (manager, events) = manager();
-    let body = Body::new(Script::Succeed);
-    let job = manager
-        .create(spec("j", true, false, false), body.clone())
-        .unwrap();
-    manager.start(&job);
-    wait_status(&job, JobStatus::Pending).await;
+    let (job, body) = pending_job(&manager).await;
 
     manager.finalize(&job).unwrap();
     wait_status(&job, JobStatus::Concluded).await;
@@ -459,12 +443,7 @@ async fn finalize_of_pending_job_commits_and_concludes() {
 #[tokio::test(start_paused = true)]
 async fn cancel_of_pending_job_aborts_with_cancelled_event() {
     let (manager, events) = manager();
-    let body = Body::new(Script::Succeed);
-    let job = manager
-        .create(spec("j", true, false, false), body.clone())
-        .unwrap();
-    manager.start(&job);
-    wait_status(&job, JobStatus::Pending).await;
+    let (job, body) = pending_job(&manager).await;
 
     manager.cancel(&job).unwrap();
     wait_status(&job, JobStatus::Concluded).await;
@@ -500,52 +479,25 @@ async fn non_block_job_without_auto_finalize_emits_no_pending_event() {
 
 #[tokio::test(start_paused = true)]
 async fn finalize_of_running_job_is_refused_by_verb_table() {
-    let (manager, _events) = manager();
-    let (job, _body) = running_forever(&manager, false).await;
+    let err = refused_while_running("finalize", JobManager::finalize).await;
 
-    let err = manager.finalize(&job).unwrap_err();
-
-    assert_eq!(
-        err.message(),
-        "Job 'j' in state 'running' cannot accept command verb 'finalize'"
-    );
     assert_eq!(err.kind(), ErrorKind::Generic);
 }
 
 #[tokio::test(start_paused = true)]
 async fn dismiss_of_running_job_is_refused_by_verb_table() {
-    let (manager, _events) = manager();
-    let (job, _body) = running_forever(&manager, false).await;
-
-    let err = manager.dismiss(&job).unwrap_err();
-
-    assert_eq!(
-        err.message(),
-        "Job 'j' in state 'running' cannot accept command verb 'dismiss'"
-    );
+    refused_while_running("dismiss", JobManager::dismiss).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn complete_of_running_job_is_refused_by_verb_table() {
-    let (manager, _events) = manager();
-    let (job, _body) = running_forever(&manager, false).await;
-
-    let err = manager.complete(&job).unwrap_err();
-
-    assert_eq!(
-        err.message(),
-        "Job 'j' in state 'running' cannot accept command verb 'complete'"
-    );
+    refused_while_running("complete", JobManager::complete).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn dismiss_of_pending_job_is_refused_by_verb_table() {
     let (manager, _events) = manager();
-    let job = manager
-        .create(spec("j", true, false, false), Body::new(Script::Succeed))
-        .unwrap();
-    manager.start(&job);
-    wait_status(&job, JobStatus::Pending).await;
+    let (job, _body) = pending_job(&manager).await;
 
     let err = manager.dismiss(&job).unwrap_err();
 

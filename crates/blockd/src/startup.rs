@@ -106,33 +106,28 @@ fn bind_chardev(m: &Map<String, Value>) -> Result<(String, Listener), String> {
     Ok((id, Listener::Tcp(l)))
 }
 
-fn nbd_addr(m: &Map<String, Value>) -> Result<NbdAddr, String> {
-    let addr = m
-        .get("addr")
-        .and_then(Value::as_object)
-        .ok_or("Parameter 'addr' is missing")?;
-    let data = addr.get("data").and_then(Value::as_object).unwrap_or(addr);
-    match addr.get("type").and_then(Value::as_str) {
-        Some("unix") => Ok(NbdAddr::Unix(PathBuf::from(
-            data.get("path")
-                .and_then(Value::as_str)
-                .ok_or("Parameter 'addr.path' is missing")?,
-        ))),
-        Some("inet") => Ok(NbdAddr::Inet(
-            data.get("host")
-                .and_then(Value::as_str)
-                .unwrap_or("0.0.0.0")
-                .to_string(),
-            data.get("port")
-                .and_then(Value::as_str)
-                .unwrap_or("10809")
-                .to_string(),
-        )),
-        Some(other) => Err(format!(
-            "NBD server address type '{other}' is not supported"
-        )),
-        None => Err("Parameter 'addr.type' is missing".to_string()),
+/// `--nbd-server` keyval, checked and typed as QSD's `NbdServerOptions`.
+fn nbd_server_options(v: &str) -> Result<(NbdAddr, Option<u32>), String> {
+    let m = keyval(v, None)?;
+    let value = qapi::Schema::get()
+        .coerce_keyval("NbdServerOptions", Value::Object(m))
+        .map_err(|e| e.desc)?;
+    let o: qapi::types::NbdServerOptions =
+        serde_json::from_value(value).map_err(|e| e.to_string())?;
+    if o.tls_creds.is_some() {
+        return Err("TLS is not supported by blockd".to_string());
     }
+    let addr = match o.addr {
+        qapi::types::SocketAddress::Unix(u) => NbdAddr::Unix(PathBuf::from(u.path)),
+        qapi::types::SocketAddress::Inet(i) => NbdAddr::Inet(i.host, i.port),
+        qapi::types::SocketAddress::Vsock(_) => {
+            return Err("NBD server address type 'vsock' is not supported".to_string())
+        }
+        qapi::types::SocketAddress::Fd(_) => {
+            return Err("NBD server address type 'fd' is not supported".to_string())
+        }
+    };
+    Ok((addr, o.max_connections))
 }
 
 /// The `--image` node: the probed format over a file node.
@@ -199,12 +194,7 @@ async fn apply(daemon: &Arc<Daemon>, opts: &[Opt]) -> Result<Setup, String> {
                     .map_err(|e| ctx("blockdev", v, e.to_string()))?;
             }
             Opt::NbdServer(v) => {
-                let m = keyval(v, None).map_err(|e| ctx("nbd-server", v, e))?;
-                let addr = nbd_addr(&m).map_err(|e| ctx("nbd-server", v, e))?;
-                let max = m
-                    .get("max-connections")
-                    .and_then(Value::as_str)
-                    .and_then(|s| s.parse().ok());
+                let (addr, max) = nbd_server_options(v).map_err(|e| ctx("nbd-server", v, e))?;
                 daemon
                     .nbd_server_start(addr, max)
                     .await

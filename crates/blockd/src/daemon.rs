@@ -47,30 +47,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Render a job event as a QMP event.
+/// Send a core job event to every monitor as the schema's event.
 fn emit_job_event(events: &qmp::EventBus, ev: JobEvent) {
-    match ev {
-        JobEvent::StatusChange { id, status } => {
-            events.emit("JOB_STATUS_CHANGE", Some(json!({"id": id, "status": status.as_str()})))
-        }
-        JobEvent::Completed { job_type, device, len, offset, speed, error } => {
-            let mut data = json!({"type": job_type, "device": device, "len": len, "offset": offset, "speed": speed});
-            if let Some(e) = error {
-                data["error"] = json!(e);
-            }
-            events.emit("BLOCK_JOB_COMPLETED", Some(data))
-        }
-        JobEvent::Cancelled { job_type, device, len, offset, speed } => events.emit(
-            "BLOCK_JOB_CANCELLED",
-            Some(json!({"type": job_type, "device": device, "len": len, "offset": offset, "speed": speed})),
-        ),
-        JobEvent::Pending { job_type, id } => {
-            events.emit("BLOCK_JOB_PENDING", Some(json!({"type": job_type, "id": id})))
-        }
-        JobEvent::IoError { device, operation, action } => events.emit(
-            "BLOCK_JOB_ERROR",
-            Some(json!({"device": device, "operation": operation, "action": action})),
-        ),
+    match crate::wire::job_event(ev) {
+        Ok(event) => crate::wire::emit(events, event),
+        Err(e) => tracing::error!(error = %e, "job event not sent"),
     }
 }
 
@@ -82,9 +63,16 @@ impl Daemon {
         let mut graph = Graph::new();
         let ev = events.clone();
         graph.set_event_sink(Arc::new(move |e| match e {
-            NodeEvent::ImageCorrupted { node, msg, fatal } => ev.emit(
-                "BLOCK_IMAGE_CORRUPTED",
-                Some(json!({"device": "", "node-name": node, "msg": msg, "fatal": fatal})),
+            NodeEvent::ImageCorrupted { node, msg, fatal } => crate::wire::emit(
+                &ev,
+                qapi::types::Event::BlockImageCorrupted(qapi::types::BlockImageCorrupted {
+                    device: String::new(),
+                    node_name: Some(node),
+                    msg,
+                    offset: None,
+                    size: None,
+                    fatal,
+                }),
             ),
         }));
         Arc::new(Daemon {

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use serde_json::{json, Map, Value};
 
 use block::create::CreateJob;
-use block::job::{JobInfo, JobSpec};
+use block::job::JobSpec;
 use block::{bitmap_ops, ErrorKind};
 use qapi::types::{
     BlockExportRemoveMode, BlockdevCreateArgs, BlockdevReopenArgs, Command,
@@ -19,6 +19,7 @@ use qapi::types::{
 use crate::convert::{bitmap_source, create_spec, export_args, node_options};
 use crate::daemon::Daemon;
 use crate::exports::{ExportArgs, NbdAddr};
+use crate::wire;
 
 /// The one mapping from a core error to a QMP error.
 fn qmp_error(e: block::Error) -> qmp::QmpError {
@@ -58,30 +59,6 @@ fn unsupported_addr(kind: &str) -> block::Error {
 
 fn hard(mode: Option<BlockExportRemoveMode>) -> bool {
     mode == Some(BlockExportRemoveMode::Hard)
-}
-
-fn job_info(j: &JobInfo) -> Value {
-    let mut v = json!({
-        "id": j.id, "type": j.job_type, "status": j.status.as_str(),
-        "current-progress": j.current, "total-progress": j.total,
-    });
-    if let Some(e) = &j.error {
-        v["error"] = json!(e);
-    }
-    v
-}
-
-fn block_job_info(j: &JobInfo) -> Value {
-    let mut v = json!({
-        "auto-finalize": j.auto_finalize, "io-status": j.io_status, "device": j.id,
-        "auto-dismiss": j.auto_dismiss, "busy": j.status == block::job::JobStatus::Running,
-        "len": j.total, "offset": j.current, "status": j.status.as_str(),
-        "paused": j.user_paused, "speed": j.speed, "ready": false, "type": j.job_type,
-    });
-    if let Some(e) = &j.error {
-        v["error"] = json!(e);
-    }
-    v
 }
 
 /// The dispatcher handed to the QMP server.
@@ -198,14 +175,14 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         Command::XDebugBlockDirtyBitmapSha256(a) => {
             Ok(json!({"sha256": bitmap_ops::sha256(&d.bitmap_node(&a.node)?, &a.name)?}))
         }
-        Command::QueryBlockJobs => Ok(Value::Array(
-            d.jobs
-                .list()
+        Command::QueryBlockJobs => {
+            let jobs = d.jobs.list();
+            let infos = jobs
                 .iter()
                 .filter(|j| j.is_block_job)
-                .map(block_job_info)
-                .collect(),
-        )),
+                .map(wire::block_job_info);
+            Ok(Value::Array(infos.collect::<Result<_, _>>()?))
+        }
         Command::BlockJobSetSpeed(a) => {
             let job = d.jobs.find(&a.device, true)?;
             let speed = u64::try_from(a.speed).map_err(|_| generic("Invalid parameter 'speed'"))?;
@@ -217,7 +194,12 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         Command::BlockJobComplete(a) => job_verb(d, Verb::Complete, &a.device, true),
         Command::BlockJobDismiss(a) => job_verb(d, Verb::Dismiss, &a.id, true),
         Command::BlockJobFinalize(a) => job_verb(d, Verb::Finalize, &a.id, true),
-        Command::QueryJobs => Ok(Value::Array(d.jobs.list().iter().map(job_info).collect())),
+        Command::QueryJobs => {
+            let jobs = d.jobs.list();
+            Ok(Value::Array(
+                jobs.iter().map(wire::job_info).collect::<Result<_, _>>()?,
+            ))
+        }
         Command::JobPause(a) => job_verb(d, Verb::Pause, &a.id, false),
         Command::JobResume(a) => job_verb(d, Verb::Resume, &a.id, false),
         Command::JobCancel(a) => job_verb(d, Verb::Cancel, &a.id, false),
@@ -230,7 +212,7 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         Command::NbdServerStop => done(d.nbd_server_stop().await),
         Command::BlockExportAdd(o) => done(d.export_add(export_args(&o).map_err(generic)?)),
         Command::BlockExportDel(a) => done(d.export_del(&a.id, hard(a.mode))),
-        Command::QueryBlockExports => Ok(d.query_exports()),
+        Command::QueryBlockExports => d.query_exports(),
     }
 }
 

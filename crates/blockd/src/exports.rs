@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use block::bitmap_ops;
 use block::{Error, NodeRef, Result};
@@ -267,18 +267,18 @@ impl Daemon {
             rec.node.set_writer(false);
         }
         let _ = self.graph().refresh_locks();
-        self.events
-            .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": rec.id})));
+        let deleted = qapi::types::BlockExportDeleted { id: rec.id.clone() };
+        crate::wire::emit(
+            &self.events,
+            qapi::types::Event::BlockExportDeleted(deleted),
+        );
     }
 
     /// query-block-exports.
-    pub fn query_exports(&self) -> Value {
-        Value::Array(
-            self.exports()
-                .iter()
-                .rev()
-                .map(|e| json!({"type": "nbd", "id": e.id, "node-name": e.node_name, "shutting-down": e.shutting_down}))
-                .collect(),
-        )
+    pub fn query_exports(&self) -> Result<Value> {
+        let exports = self.exports();
+        let infos = exports.iter().rev();
+        let infos = infos.map(|e| crate::wire::export_info(&e.id, &e.node_name, e.shutting_down));
+        Ok(Value::Array(infos.collect::<Result<_>>()?))
     }
 }

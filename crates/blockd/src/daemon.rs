@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use block::driver::NodeEvent;
@@ -156,24 +156,11 @@ impl Daemon {
     /// query-block: one BlockInfo per named device.
     pub fn query_block(&self) -> Value {
         let devices = lock(&self.devices);
-        Value::Array(
-            devices
-                .iter()
-                .map(|d| {
-                    let mut inserted = info::node_info(&d.node, false);
-                    if let Some(b) = info::dirty_bitmaps(&d.node) {
-                        inserted["dirty-bitmaps"] = b;
-                    }
-                    json!({
-                        "device": d.name,
-                        "locked": false,
-                        "removable": false,
-                        "inserted": inserted,
-                        "type": "unknown",
-                    })
-                })
-                .collect(),
-        )
+        let infos: Vec<_> = devices
+            .iter()
+            .map(|d| info::block_info(&d.name, &d.node))
+            .collect();
+        info::to_value(&infos)
     }
 
     /// block-dirty-bitmap-add.

@@ -1,43 +1,46 @@
-//! Query results: nodes and bitmaps rendered as QEMU's BlockDeviceInfo / BlockDirtyInfo.
+//! Query results: nodes and bitmaps as the schema's BlockDeviceInfo / ImageInfo / BlockDirtyInfo
+//! / BlockInfo (`qapi::types`), filled from the core's facts.
 
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 use block::bitmap::DirtyBitmap;
 use block::driver::FormatSpecific;
-use block::graph::Graph;
+use block::graph::{resolve_backing_path, Graph};
 use block::NodeRef;
+use qapi::types as t;
 
-/// BlockDirtyInfo for one bitmap, members in QEMU 10's order.
-pub fn dirty_info(b: &DirtyBitmap) -> Value {
-    let mut m = Map::new();
-    if let Some(name) = &b.name {
-        m.insert("name".into(), json!(name));
+/// BlockDirtyInfo for one bitmap.
+pub fn dirty_info(b: &DirtyBitmap) -> t::BlockDirtyInfo {
+    t::BlockDirtyInfo {
+        name: b.name.clone(),
+        count: i64::try_from(b.bits.count()).unwrap_or(i64::MAX),
+        granularity: u32::try_from(b.bits.granularity()).unwrap_or(u32::MAX),
+        recording: b.recording,
+        busy: b.busy,
+        persistent: b.persistent,
+        inconsistent: b.inconsistent.then_some(true),
     }
-    m.insert("recording".into(), json!(b.recording));
-    m.insert("persistent".into(), json!(b.persistent));
-    m.insert("busy".into(), json!(b.busy));
-    m.insert("granularity".into(), json!(b.bits.granularity()));
-    m.insert("count".into(), json!(b.bits.count()));
-    if b.inconsistent {
-        m.insert("inconsistent".into(), json!(true));
-    }
-    Value::Object(m)
 }
 
 /// The node's bitmaps, newest first; `None` when it has none (QEMU omits the member).
-pub fn dirty_bitmaps(node: &NodeRef) -> Option<Value> {
+pub fn dirty_bitmaps(node: &NodeRef) -> Option<Vec<t::BlockDirtyInfo>> {
     let list = node.bitmaps();
-    if list.items.is_empty() {
-        return None;
-    }
-    Some(Value::Array(
-        list.items.iter().rev().map(dirty_info).collect(),
-    ))
+    (!list.items.is_empty()).then(|| list.items.iter().rev().map(dirty_info).collect())
 }
 
-fn format_specific(fs: &FormatSpecific) -> Value {
+fn bitmap_flag(flag: &str) -> Option<t::Qcow2BitmapInfoFlags> {
+    match flag {
+        "in-use" => Some(t::Qcow2BitmapInfoFlags::InUse),
+        "auto" => Some(t::Qcow2BitmapInfoFlags::Auto),
+        _ => None,
+    }
+}
+
+fn format_specific(fs: &FormatSpecific) -> t::ImageInfoSpecific {
     match fs {
-        FormatSpecific::File => json!({"type": "file", "data": {}}),
+        FormatSpecific::File => t::ImageInfoSpecific::File(t::ImageInfoSpecificFile {
+            extent_size_hint: None,
+        }),
         FormatSpecific::Qcow2 {
             compat,
             lazy_refcounts,
@@ -45,65 +48,63 @@ fn format_specific(fs: &FormatSpecific) -> Value {
             corrupt,
             bitmaps,
         } => {
-            let mut data = Map::new();
-            data.insert("compat".into(), json!(compat));
-            if compat != "0.10" {
-                data.insert("compression-type".into(), json!("zlib"));
-                data.insert("lazy-refcounts".into(), json!(lazy_refcounts));
-                if !bitmaps.is_empty() {
-                    let list: Vec<Value> = bitmaps
-                        .iter()
-                        .map(|(name, gran, flags)| json!({"flags": flags, "name": name, "granularity": gran}))
-                        .collect();
-                    data.insert("bitmaps".into(), Value::Array(list));
-                }
-            }
-            data.insert("refcount-bits".into(), json!(refcount_bits));
-            if compat != "0.10" {
-                data.insert("corrupt".into(), json!(corrupt));
-                data.insert("extended-l2".into(), json!(false));
-            }
-            json!({"type": "qcow2", "data": data})
+            let v3 = compat != "0.10";
+            let bitmaps: Vec<t::Qcow2BitmapInfo> = bitmaps
+                .iter()
+                .map(|(name, gran, flags)| t::Qcow2BitmapInfo {
+                    name: name.clone(),
+                    granularity: u32::try_from(*gran).unwrap_or(u32::MAX),
+                    flags: flags.iter().filter_map(|f| bitmap_flag(f)).collect(),
+                })
+                .collect();
+            t::ImageInfoSpecific::Qcow2(t::ImageInfoSpecificQCow2 {
+                compat: compat.clone(),
+                data_file: None,
+                data_file_raw: None,
+                extended_l2: v3.then_some(false),
+                lazy_refcounts: v3.then_some(*lazy_refcounts),
+                corrupt: v3.then_some(*corrupt),
+                refcount_bits: *refcount_bits as i64,
+                bitmaps: (v3 && !bitmaps.is_empty()).then_some(bitmaps),
+                compression_type: t::Qcow2CompressionType::Zlib,
+            })
         }
     }
 }
 
 /// ImageInfo for a node; with `chain`, the backing image nested as `backing-image`.
-pub fn image_info(node: &NodeRef, chain: bool) -> Value {
+pub fn image_info(node: &NodeRef, chain: bool) -> t::ImageInfo {
     let facts = node.facts();
-    let mut m = Map::new();
-    m.insert("virtual-size".into(), json!(node.size()));
-    m.insert("filename".into(), json!(facts.filename));
-    if let Some(c) = facts.cluster_size {
-        m.insert("cluster-size".into(), json!(c));
+    let full_backing = facts
+        .backing_filename
+        .as_ref()
+        .map(|b| resolve_backing_path(&facts.filename, b));
+    t::ImageInfo {
+        filename: facts.filename.clone(),
+        format: node.driver_name().to_string(),
+        dirty_flag: Some(facts.dirty_flag),
+        actual_size: facts.actual_size.map(|a| a as i64),
+        virtual_size: node.size() as i64,
+        cluster_size: facts.cluster_size.map(|c| c as i64),
+        encrypted: None,
+        compressed: None,
+        backing_filename_format: facts
+            .backing_filename
+            .as_ref()
+            .and(facts.backing_format.clone()),
+        backing_filename: facts.backing_filename.clone(),
+        full_backing_filename: full_backing,
+        snapshots: None,
+        format_specific: facts.format_specific.as_ref().map(format_specific),
+        backing_image: if chain {
+            node.child("backing").map(|b| Box::new(image_info(b, true)))
+        } else {
+            None
+        },
     }
-    m.insert("format".into(), json!(node.driver_name()));
-    if let Some(a) = facts.actual_size {
-        m.insert("actual-size".into(), json!(a));
-    }
-    if let Some(fs) = &facts.format_specific {
-        m.insert("format-specific".into(), format_specific(fs));
-    }
-    m.insert("dirty-flag".into(), json!(facts.dirty_flag));
-    if let Some(b) = &facts.backing_filename {
-        m.insert("backing-filename".into(), json!(b));
-        m.insert(
-            "full-backing-filename".into(),
-            json!(block::graph::resolve_backing_path(&facts.filename, b)),
-        );
-        if let Some(f) = &facts.backing_format {
-            m.insert("backing-filename-format".into(), json!(f));
-        }
-    }
-    if chain {
-        if let Some(b) = node.child("backing") {
-            m.insert("backing-image".into(), image_info(b, true));
-        }
-    }
-    Value::Object(m)
 }
 
-fn backing_depth(node: &NodeRef) -> u64 {
+fn backing_depth(node: &NodeRef) -> i64 {
     let mut depth = 0;
     let mut cur = node.child("backing").cloned();
     while let Some(n) = cur {
@@ -113,59 +114,88 @@ fn backing_depth(node: &NodeRef) -> u64 {
     depth
 }
 
+fn detect_zeroes(setting: &str) -> t::BlockdevDetectZeroesOptions {
+    match setting {
+        "on" => t::BlockdevDetectZeroesOptions::On,
+        "unmap" => t::BlockdevDetectZeroesOptions::Unmap,
+        _ => t::BlockdevDetectZeroesOptions::Off,
+    }
+}
+
 /// BlockDeviceInfo for a node (`query-named-block-nodes`, `query-block`'s `inserted`).
-pub fn node_info(node: &NodeRef, flat: bool) -> Value {
+pub fn node_info(node: &NodeRef, flat: bool) -> t::BlockDeviceInfo {
     let facts = node.facts();
     let flags = node.flags();
-    let mut m = Map::new();
-    m.insert("iops_rd".into(), json!(0));
-    m.insert(
-        "detect_zeroes".into(),
-        json!(if flags.detect_zeroes.is_empty() {
-            "off"
-        } else {
-            &flags.detect_zeroes
-        }),
-    );
-    m.insert("active".into(), json!(true));
-    m.insert("image".into(), image_info(node, !flat));
-    m.insert("iops_wr".into(), json!(0));
-    m.insert("ro".into(), json!(node.read_only()));
-    m.insert("node-name".into(), json!(node.name()));
-    m.insert(
-        "backing_file_depth".into(),
-        json!(if flat { 0 } else { backing_depth(node) }),
-    );
-    m.insert("drv".into(), json!(node.driver_name()));
-    m.insert("iops".into(), json!(0));
-    m.insert("bps_wr".into(), json!(0));
-    m.insert("write_threshold".into(), json!(0));
-    if let Some(b) = &facts.backing_filename {
-        let full = block::graph::resolve_backing_path(&facts.filename, b);
-        m.insert("backing_file".into(), json!(full));
+    t::BlockDeviceInfo {
+        file: facts.filename.clone(),
+        node_name: Some(node.name().to_string()),
+        ro: node.read_only(),
+        drv: node.driver_name().to_string(),
+        backing_file: facts
+            .backing_filename
+            .as_ref()
+            .map(|b| resolve_backing_path(&facts.filename, b)),
+        backing_file_depth: if flat { 0 } else { backing_depth(node) },
+        active: true,
+        encrypted: false,
+        detect_zeroes: detect_zeroes(&flags.detect_zeroes),
+        bps: 0,
+        bps_rd: 0,
+        bps_wr: 0,
+        iops: 0,
+        iops_rd: 0,
+        iops_wr: 0,
+        image: image_info(node, !flat),
+        bps_max: None,
+        bps_rd_max: None,
+        bps_wr_max: None,
+        iops_max: None,
+        iops_rd_max: None,
+        iops_wr_max: None,
+        bps_max_length: None,
+        bps_rd_max_length: None,
+        bps_wr_max_length: None,
+        iops_max_length: None,
+        iops_rd_max_length: None,
+        iops_wr_max_length: None,
+        iops_size: None,
+        group: None,
+        cache: t::BlockdevCacheInfo {
+            writeback: true,
+            direct: flags.cache_direct,
+            no_flush: flags.cache_no_flush,
+        },
+        write_threshold: 0,
+        dirty_bitmaps: dirty_bitmaps(node),
     }
-    if let Some(bitmaps) = dirty_bitmaps(node) {
-        m.insert("dirty-bitmaps".into(), bitmaps);
-    }
-    m.insert("encrypted".into(), json!(false));
-    m.insert("bps".into(), json!(0));
-    m.insert("bps_rd".into(), json!(0));
-    m.insert(
-        "cache".into(),
-        json!({"no-flush": flags.cache_no_flush, "direct": flags.cache_direct, "writeback": true}),
-    );
-    m.insert("file".into(), json!(facts.filename));
-    Value::Object(m)
+}
+
+/// Serialize a reply value (the schema's types always serialise).
+pub fn to_value<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
 /// `query-named-block-nodes`: newest first, as QEMU lists them.
 pub fn named_block_nodes(graph: &Graph, flat: bool) -> Value {
-    Value::Array(
-        graph
-            .nodes()
-            .iter()
-            .rev()
-            .map(|n| node_info(n, flat))
-            .collect(),
-    )
+    let nodes: Vec<t::BlockDeviceInfo> = graph
+        .nodes()
+        .iter()
+        .rev()
+        .map(|n| node_info(n, flat))
+        .collect();
+    to_value(&nodes)
+}
+
+/// `query-block`'s entry for a named device over `node`.
+pub fn block_info(device: &str, node: &NodeRef) -> t::BlockInfo {
+    t::BlockInfo {
+        device: device.to_string(),
+        qdev: None,
+        device_type: "unknown".to_string(),
+        removable: false,
+        locked: false,
+        inserted: Some(node_info(node, false)),
+        tray_open: None,
+        io_status: None,
+    }
 }

@@ -6,6 +6,8 @@
 
 use std::io;
 
+use crate::perm::{Perm, Role};
+
 /// Allocation status of a run of bytes, as a format knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockStatus {
@@ -172,6 +174,28 @@ pub trait Driver: Send + Sync {
     /// Hold image locks for what the node's users need now (QEMU-compatible). Err is the
     /// conflict message ("Failed to get \"write\" lock"). Default: nothing to lock.
     fn set_lock(&self, _mode: LockMode) -> Result<(), String> {
+        Ok(())
+    }
+    /// Hold what the node's edges need (`perm`) and let others do only `shared`: host files
+    /// take QEMU's lock bytes. Err is the conflict message. Default: the coarse [`LockMode`].
+    fn set_perm(&self, perm: Perm, shared: Perm) -> Result<(), String> {
+        let _ = shared;
+        self.set_lock(if perm.intersects(Perm::WRITE | Perm::RESIZE) {
+            LockMode::Write
+        } else if perm.is_empty() {
+            LockMode::Unused
+        } else {
+            LockMode::Read
+        })
+    }
+    /// How the child edge named `child` passes this node's needs on (QEMU's child role).
+    fn child_role(&self, child: &str) -> Role {
+        Role::for_child(child)
+    }
+    /// Called once every node of a new tree holds its permissions (image locks): from here on
+    /// the driver may write to its children (a writable format opens for writing, claims its
+    /// bitmaps, ...). Before, a driver reads only. Default: nothing to do.
+    fn activate(&self, _read_only: bool) -> crate::Result<()> {
         Ok(())
     }
     /// Switch between read-only and read-write (blockdev-reopen). Default: nothing to do.

@@ -6,11 +6,14 @@
 
 use std::sync::Arc;
 
-use crate::bitmap::DirtyBitmap;
-use crate::driver::{Driver, LockMode, NodeEventSink};
-use crate::drivers::{file::FileDriver, null::NullDriver, qcow2::Qcow2Driver, raw::RawDriver};
-use crate::error::{strerror, Error, Result};
-use crate::node::{Child, Node, NodeFlags, NodeRef};
+use crate::driver::NodeEventSink;
+use crate::error::{Error, Result};
+use crate::node::{NodeFlags, NodeRef};
+
+mod open;
+mod perms;
+
+pub(crate) use perms::PendingEdge;
 
 /// How a node refers to a child: by name, or defined inline.
 #[derive(Debug, Clone)]
@@ -82,6 +85,8 @@ pub struct Graph {
     counter: u64,
     /// Where nodes report events (image corruption); `None` in tests that don't care.
     events: Option<NodeEventSink>,
+    /// Edges of nodes being opened (see [`PendingEdge`]).
+    pending: Vec<PendingEdge>,
 }
 
 /// Longest backing chain opened from names inside images.
@@ -142,6 +147,11 @@ impl Graph {
     }
 
     /// Create a root node (named) and whatever inline children it defines.
+    ///
+    /// Permissions before bytes: each child's image locks are taken before its parent's driver
+    /// reads it, and no driver writes anything (qcow2 in-use flags, header updates) until every
+    /// lock of the new tree is held. A failure at any step closes what was opened and puts
+    /// every lock back, leaving every file as it was.
     pub fn add(&mut self, opts: &NodeOptions) -> Result<NodeRef> {
         if opts.node_name.is_none() {
             return Err(Error::generic(
@@ -149,227 +159,34 @@ impl Graph {
             ));
         }
         let before = self.nodes.len();
-        let result = self
-            .add_node(opts, 0)
-            .and_then(|n| self.refresh_locks().map(|_| n));
-        if result.is_err() {
-            // Undo inline children created on the way.
-            for node in self.nodes.drain(before..).rev() {
-                let _ = node.close();
-            }
-            let _ = self.refresh_locks();
-        }
-        result
-    }
-
-    fn add_node(&mut self, opts: &NodeOptions, depth: usize) -> Result<NodeRef> {
-        let name = match &opts.node_name {
-            Some(n) => {
-                check_node_name(n)?;
-                if self.get(n).is_some() {
-                    return Err(Error::generic(format!(
-                        "Duplicate nodes with node-name='{n}'"
-                    )));
-                }
-                n.clone()
-            }
-            None => self.generate_name(),
-        };
-        let auto_named = opts.node_name.is_none();
-        let (driver, children, read_only) = self.open_driver(opts, depth, &name)?;
-        let node = Arc::new(Node::new(
-            name,
-            auto_named,
-            driver,
-            children,
-            read_only,
-            opts.flags.clone(),
-        ));
-        self.load_persistent_bitmaps(&node)?;
-        self.nodes.push(node.clone());
-        Ok(node)
-    }
-
-    fn child(&mut self, r: &ChildRef, parent: &NodeOptions, depth: usize) -> Result<NodeRef> {
-        let parent_ro = parent.read_only;
-        match r {
-            ChildRef::Name(n) => self.get(n).ok_or_else(|| {
-                Error::generic(format!("Cannot find device='{n}' nor node-name='{n}'"))
-            }),
-            ChildRef::Inline(o) => {
-                // Inline children inherit read-only and discard from their parent, as in QEMU.
-                let mut o = (**o).clone();
-                o.read_only |= parent_ro;
-                o.flags.discard_unmap |= parent.flags.discard_unmap;
-                self.add_node(&o, depth)
-            }
-        }
-    }
-
-    fn open_driver(
-        &mut self,
-        opts: &NodeOptions,
-        depth: usize,
-        name: &str,
-    ) -> Result<(Box<dyn Driver>, Vec<Child>, bool)> {
-        let ro = opts.read_only;
-        match &opts.driver {
-            DriverOptions::File { filename, locking } => {
-                let open = |ro| FileDriver::open(filename, ro);
-                let (driver, ro) = match open(ro) {
-                    Ok(d) => (d, ro),
-                    Err(e)
-                        if !ro && opts.auto_read_only && e.raw_os_error() == Some(libc::EACCES) =>
-                    {
-                        (open(true).map_err(|e| open_error(filename, &e))?, true)
-                    }
-                    Err(e) => return Err(open_error(filename, &e)),
-                };
-                if *locking {
-                    driver.enable_locking();
-                }
-                Ok((Box::new(driver), Vec::new(), ro))
-            }
-            DriverOptions::Null { size, read_zeroes } => Ok((
-                Box::new(NullDriver::new(*size, *read_zeroes)),
-                Vec::new(),
-                ro,
-            )),
-            DriverOptions::Raw { file, offset, size } => {
-                let child = self.child(file, opts, depth)?;
-                let ro = ro || child.read_only();
-                let driver = RawDriver::new(child.clone(), offset.unwrap_or(0), *size)
-                    .map_err(Error::generic)?;
-                Ok((
-                    Box::new(driver),
-                    vec![Child {
-                        role: "file",
-                        node: child,
-                    }],
-                    ro,
-                ))
-            }
-            DriverOptions::Qcow2 { file, backing } => {
-                let child = self.child(file, opts, depth)?;
-                if !ro && child.read_only() {
-                    return Err(Error::generic("Could not open image: Permission denied")
-                        .context(child.name().to_string()));
-                }
-                let driver = Qcow2Driver::open(child.clone(), ro, name, self.events.clone())
-                    .map_err(Error::generic)?;
-                let mut children = vec![Child {
-                    role: "file",
-                    node: child,
-                }];
-                let backing_node = match backing {
-                    Some(None) => None,
-                    Some(Some(r)) => {
-                        let ro_parent = NodeOptions {
-                            read_only: true,
-                            ..opts.clone()
-                        };
-                        Some(self.child(r, &ro_parent, depth)?)
-                    }
-                    None => self.open_backing_from_image(&driver, depth)?,
-                };
-                if let Some(b) = backing_node {
-                    driver.set_backing(Some(b.clone()));
-                    children.push(Child {
-                        role: "backing",
-                        node: b,
-                    });
-                }
-                Ok((Box::new(driver), children, ro))
-            }
-            DriverOptions::Unsupported => Err(Error::generic("Driver is not supported by blockd")),
-        }
-    }
-
-    /// Open the backing file an image names, the way QEMU does: relative to the image's
-    /// directory, read-only, format from the image (else probed), bounded depth.
-    fn open_backing_from_image(
-        &mut self,
-        driver: &Qcow2Driver,
-        depth: usize,
-    ) -> Result<Option<NodeRef>> {
-        let Some(name) = driver.backing_filename() else {
-            return Ok(None);
-        };
-        if depth + 1 > MAX_BACKING_DEPTH {
-            return Err(Error::generic(format!(
-                "Backing chain too deep (more than {MAX_BACKING_DEPTH} images) at '{name}'"
-            )));
-        }
-        let path = resolve_backing_path(&driver.facts_filename(), &name);
-        let format = match driver.backing_format() {
-            Some(f) => f,
-            None => probe_format(&path).map_err(|e| {
-                Error::generic(format!(
-                    "Could not open backing file: Could not open '{path}': {}",
-                    strerror(&e)
-                ))
-            })?,
-        };
-        let file = Box::new(NodeOptions {
-            read_only: true,
-            driver: DriverOptions::File {
-                filename: path.clone(),
-                locking: true,
-            },
-            ..NodeOptions::default()
+        let opened = self.add_node(opts, 0).and_then(|n| {
+            self.pending.clear();
+            self.refresh_perms().map(|_| n)
         });
-        let driver = match format.as_str() {
-            "qcow2" => DriverOptions::Qcow2 {
-                file: ChildRef::Inline(file),
-                backing: None,
+        let (activated, e) = match opened {
+            Ok(node) => match self.activate_new(before) {
+                Ok(()) => return Ok(node),
+                Err(failed) => failed,
             },
-            "raw" => DriverOptions::Raw {
-                file: ChildRef::Inline(file),
-                offset: None,
-                size: None,
-            },
-            other => {
-                return Err(Error::generic(format!(
-                    "Could not open backing file: Unknown driver '{other}'"
-                )))
-            }
+            Err(e) => (0, e),
         };
-        let opts = NodeOptions {
-            read_only: true,
-            driver,
-            ..NodeOptions::default()
-        };
-        self.add_node(&opts, depth + 1)
-            .map(Some)
-            .map_err(|e| e.context("Could not open backing file"))
-    }
-
-    fn load_persistent_bitmaps(&self, node: &NodeRef) -> Result<()> {
-        let Some(store) = node.driver().bitmap_store() else {
-            return Ok(());
-        };
-        let loaded = store
-            .load()
-            .map_err(|e| Error::io("Could not load bitmaps", &e))?;
-        let mut list = node.bitmaps();
-        for b in loaded {
-            let mut bits = hbitmap::HBitmap::new(node.size(), b.granularity)
-                .map_err(|e| Error::generic(format!("Bitmap '{}': {e}", b.name)))?;
-            if !b.inconsistent {
-                bits.deserialize_part(0, &b.data);
-            }
-            list.items.push(DirtyBitmap {
-                name: Some(b.name),
-                bits,
-                recording: b.recording && !b.inconsistent,
-                persistent: true,
-                busy: false,
-                inconsistent: b.inconsistent,
-                readonly: node.read_only(),
-            });
+        self.pending.clear();
+        let new: Vec<NodeRef> = self.nodes.drain(before..).collect();
+        if let Err(e) = self.refresh_perms() {
+            tracing::warn!(error = %e, "restoring permissions after a failed open");
         }
-        node.refresh_recording(&list);
-        Ok(())
+        // Parents first. Activated nodes may have claimed bitmaps: store them back.
+        for (i, node) in new.iter().enumerate().rev() {
+            let closed = if i < activated {
+                close_node(node)
+            } else {
+                node.close().map_err(|e| Error::io("Closing", &e))
+            };
+            if let Err(e) = closed {
+                tracing::warn!(node = node.name(), error = %e, "closing after a failed open");
+            }
+        }
+        Err(e)
     }
 
     /// Delete a root node (blockdev-del), refusing while anything uses it.
@@ -395,21 +212,9 @@ impl Graph {
         result
     }
 
-    /// Make every node hold the image locks its users need now: a writer above (a read-write
-    /// parent, a writing export) needs write, any parent or user needs read, else nothing.
+    /// Make every node hold the image locks its users need now (see [`Graph::refresh_perms`]).
     pub fn refresh_locks(&self) -> Result<()> {
-        for node in &self.nodes {
-            let parents = self.parents(node);
-            let mode = if node.writers() > 0 || parents.iter().any(|(p, _)| !p.read_only()) {
-                LockMode::Write
-            } else if !parents.is_empty() || node.first_user().is_some() {
-                LockMode::Read
-            } else {
-                LockMode::Unused
-            };
-            node.driver().set_lock(mode).map_err(Error::generic)?;
-        }
-        Ok(())
+        self.refresh_perms()
     }
 
     /// Remove `node` and then every inline (auto-named) child left without parents.
@@ -444,10 +249,6 @@ pub fn close_node(node: &NodeRef) -> Result<()> {
         .close()
         .map_err(|e| Error::io(format!("Closing node '{}'", node.name()), &e));
     stored.and(closed)
-}
-
-fn open_error(filename: &str, e: &std::io::Error) -> Error {
-    Error::generic(format!("Could not open '{filename}': {}", strerror(e)))
 }
 
 /// QEMU's node-name rules: a letter first, then letters, digits, '-', '.', '_'; under 32 bytes.

@@ -25,6 +25,7 @@ pub mod error;
 pub mod graph;
 pub mod job;
 pub mod node;
+pub mod perm;
 
 pub use error::{Error, ErrorKind, Result};
 pub use graph::Graph;

@@ -1,13 +1,41 @@
 //! A node of the graph: a driver, its children, its bitmaps, and the checked I/O path.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::bitmap::BitmapList;
 use crate::driver::{BitmapToStore, BlockStatus, Driver, ImageFacts};
 use crate::error::errno;
+use crate::perm::{Needs, Perm};
+
+/// Attachment order of nodes and users (QEMU checks the newest parent first).
+static SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// The next attachment sequence number.
+pub fn next_seq() -> u64 {
+    SEQ.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Something other than a parent node that uses a node (export, job, device), with the
+/// permissions it holds. Registered through [`Node::add_user`] (no permissions, only keeps the
+/// node from being deleted) or [`Node::attach_user`] (checked by `Graph::refresh_perms`).
+#[derive(Debug, Clone)]
+pub struct User {
+    /// Identity for "in use by" messages and removal: "export 'e'".
+    pub who: String,
+    /// Description in permission conflicts: "an unnamed block device", "backup job 'j'".
+    pub desc: String,
+    /// The edge's name in conflicts ("root" for block devices and exports).
+    pub role: String,
+    /// Needs.
+    pub perm: Perm,
+    /// Lets others.
+    pub shared: Perm,
+    /// Attachment order.
+    pub seq: u64,
+}
 
 /// Whether a flush also checkpoints persistent bitmaps (on by default; the daemon turns it off
 /// together with the periodic checkpoints, e.g. to measure their cost).
@@ -69,8 +97,12 @@ pub struct Node {
     last_checkpoint: Mutex<Option<Instant>>,
     /// Bitmaps changed since the last checkpoint.
     bitmaps_changed: AtomicBool,
-    /// Things other than parent nodes that use this node (exports, jobs), by description.
-    users: Mutex<Vec<String>>,
+    /// Things other than parent nodes that use this node (exports, jobs).
+    users: Mutex<Vec<User>>,
+    /// What this node's edges need from it, as last applied to its driver (locks).
+    applied: Mutex<Needs>,
+    /// Creation order: the order of this node's edges to its children.
+    seq: u64,
     closed: AtomicBool,
 }
 
@@ -99,8 +131,55 @@ impl Node {
             last_checkpoint: Mutex::new(None),
             bitmaps_changed: AtomicBool::new(false),
             users: Mutex::new(Vec::new()),
+            applied: Mutex::new(Needs::default()),
+            seq: next_seq(),
             closed: AtomicBool::new(false),
         }
+    }
+
+    /// Creation order (the attachment order of this node's child edges).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The permissions last applied to this node (union of its edges' needs).
+    pub fn applied_needs(&self) -> Needs {
+        *self.applied.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Apply `needs` to the driver (image locks); remembers them on success.
+    pub(crate) fn apply_needs(&self, needs: Needs) -> Result<(), String> {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        if *applied == needs {
+            return Ok(());
+        }
+        self.driver.set_perm(needs.perm, needs.shared)?;
+        *applied = needs;
+        Ok(())
+    }
+
+    /// Register a user holding permissions. Call `Graph::refresh_perms` afterwards and
+    /// [`Node::remove_user`] if it fails.
+    pub fn attach_user(&self, who: String, desc: String, perm: Perm, shared: Perm) {
+        self.users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(User {
+                who,
+                desc,
+                role: "root".to_string(),
+                perm,
+                shared,
+                seq: next_seq(),
+            });
+    }
+
+    /// The registered users.
+    pub fn users(&self) -> Vec<User> {
+        self.users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Node name.
@@ -178,16 +257,13 @@ impl Node {
 
     /// Register a user (export, job) so the node cannot be deleted under it.
     pub fn add_user(&self, who: String) {
-        self.users
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(who);
+        self.attach_user(who.clone(), who, Perm::NONE, Perm::ALL);
     }
 
     /// Drop a user registered with [`Node::add_user`].
     pub fn remove_user(&self, who: &str) {
         let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = users.iter().position(|u| u == who) {
+        if let Some(i) = users.iter().position(|u| u.who == who) {
             users.remove(i);
         }
     }
@@ -198,7 +274,7 @@ impl Node {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .first()
-            .cloned()
+            .map(|u| u.who.clone())
     }
 
     /// A user that writes through this node came (`true`) or went (`false`).

@@ -511,7 +511,7 @@ impl Qcow2 {
 
     /// Before the first modification: bitmaps in the file will miss it, so mark them in_use
     /// (the core normally did so already through `load_bitmaps`).
-    fn claim_bitmaps(&self) -> Result<()> {
+    pub fn claim_bitmaps(&self) -> Result<()> {
         if self.bitmaps_claimed.load(Ordering::Acquire) {
             return Ok(());
         }

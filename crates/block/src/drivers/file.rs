@@ -7,8 +7,9 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::lock::{lock_image, unlock_image};
+use super::lock::{lock_image, lock_perm, unlock_image};
 use crate::driver::{BlockStatus, Driver, FormatSpecific, ImageFacts, LockMode};
+use crate::perm::Perm;
 
 /// A host file.
 pub struct FileDriver {
@@ -245,6 +246,23 @@ impl Driver for FileDriver {
                 Err(e)
             }
         }
+    }
+
+    fn set_perm(&self, perm: Perm, shared: Perm) -> Result<(), String> {
+        if !self.locking.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        // One relock at a time; `mode` is kept coarse for `set_lock` callers.
+        let mut held = self.mode.lock().unwrap_or_else(|p| p.into_inner());
+        lock_perm(&self.file, perm.bits().into(), shared.bits().into())?;
+        *held = if perm.intersects(Perm::WRITE | Perm::RESIZE) {
+            LockMode::Write
+        } else if perm.is_empty() {
+            LockMode::Unused
+        } else {
+            LockMode::Read
+        };
+        Ok(())
     }
 
     fn truncate(&self, size: u64) -> io::Result<()> {

@@ -53,6 +53,15 @@ pub fn lock_image(file: &File, read_only: bool) -> Result<(), String> {
     } else {
         READ | WRITE_UNCHANGED
     };
+    lock_perm(file, perm, shared)
+}
+
+/// Hold lock bytes for `perm` (bits 0..3, QEMU's values) and refuse others what is not in
+/// `shared`, after checking that nobody else holds what conflicts. Err is QEMU's text.
+/// Locks already held by this descriptor are replaced (bytes no longer wanted are released).
+pub fn lock_perm(file: &File, perm: u32, shared: u32) -> Result<(), String> {
+    let perm = perm & ALL;
+    let shared = shared & ALL;
     for (bit, name) in NAMES.iter().enumerate() {
         let mask = 1u32 << bit;
         if perm & mask != 0 && held_by_other(file, SHARED_BASE + bit as i64) {
@@ -62,16 +71,15 @@ pub fn lock_image(file: &File, read_only: bool) -> Result<(), String> {
             return Err(format!("Failed to get shared \"{name}\" lock"));
         }
     }
+    let rd = libc::F_RDLCK as libc::c_short;
+    let un = libc::F_UNLCK as libc::c_short;
     for bit in 0..NAMES.len() {
         let mask = 1u32 << bit;
-        let rd = libc::F_RDLCK as libc::c_short;
-        if perm & mask != 0 {
-            ofd(file, libc::F_OFD_SETLK, rd, PERM_BASE + bit as i64).map_err(|e| e.to_string())?;
-        }
-        if shared & mask == 0 {
-            ofd(file, libc::F_OFD_SETLK, rd, SHARED_BASE + bit as i64)
-                .map_err(|e| e.to_string())?;
-        }
+        let want = if perm & mask != 0 { rd } else { un };
+        ofd(file, libc::F_OFD_SETLK, want, PERM_BASE + bit as i64).map_err(|e| e.to_string())?;
+        let want = if shared & mask == 0 { rd } else { un };
+        ofd(file, libc::F_OFD_SETLK, want, SHARED_BASE + bit as i64)
+            .map_err(|e| e.to_string())?;
     }
     Ok(())
 }

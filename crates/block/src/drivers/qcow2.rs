@@ -5,7 +5,7 @@
 //! serves reads of unallocated clusters.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use qcow2::{BlockStatus as QStatus, Qcow2, Storage};
 
@@ -50,10 +50,21 @@ impl Storage for NodeStorage {
 }
 
 /// An open qcow2 image.
+///
+/// The image is first opened read-only whatever the node's mode, so opening writes nothing;
+/// [`Driver::activate`] reopens it for writing once the whole tree holds its image locks.
+/// Reopening (read-only <-> read-write) swaps the open image the same way.
 pub struct Qcow2Driver {
-    image: Qcow2,
+    image: RwLock<Arc<Qcow2>>,
     file: NodeRef,
+    backing: RwLock<Option<NodeRef>>,
     corruption: CorruptionReport,
+}
+
+/// Open the image in `file`.
+fn open_image(file: &NodeRef, read_only: bool) -> qcow2::Result<Qcow2> {
+    let storage: Arc<dyn Storage> = Arc::new(NodeStorage(file.clone()));
+    Qcow2::open(storage, qcow2::OpenOptions { read_only })
 }
 
 /// The I/O path speaks errno (NBD maps it to its own codes); the message goes to the log.
@@ -70,26 +81,57 @@ struct CorruptionReport {
 }
 
 impl Qcow2Driver {
-    /// Open the image stored in `file`.
+    /// Open the image stored in `file`, for reading only: nothing is written until
+    /// [`Driver::activate`] (with `read_only` false) after the tree's locks are held.
     pub fn open(
         file: NodeRef,
-        read_only: bool,
+        _read_only: bool,
         name: &str,
         events: Option<NodeEventSink>,
     ) -> Result<Qcow2Driver, String> {
-        let storage: Arc<dyn Storage> = Arc::new(NodeStorage(file.clone()));
-        let opts = qcow2::OpenOptions { read_only };
-        let image = Qcow2::open(storage, opts).map_err(|e| e.to_string())?;
+        let image = open_image(&file, true).map_err(|e| e.to_string())?;
         let corruption = CorruptionReport {
             node_name: name.to_string(),
             sink: events,
             reported: AtomicBool::new(image.is_corrupt()),
         };
         Ok(Qcow2Driver {
-            image,
+            image: RwLock::new(Arc::new(image)),
             file,
+            backing: RwLock::new(None),
             corruption,
         })
+    }
+
+    /// The open image (a clone of the handle: a reopen may swap it meanwhile).
+    fn img(&self) -> Arc<Qcow2> {
+        self.image
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Open the image again in `read_only` mode and use that from now on. Going read-only
+    /// first writes back everything of the writable one.
+    fn switch_mode(&self, read_only: bool) -> Result<(), qcow2::Error> {
+        let old = self.img();
+        if old.is_read_only() == read_only {
+            return Ok(());
+        }
+        if read_only {
+            // Everything the writable one cached must be in the file the reader opens.
+            old.flush()?;
+        }
+        let image = open_image(&self.file, read_only)?;
+        if let Some(b) = self.backing.read().unwrap_or_else(|p| p.into_inner()).clone() {
+            image.set_backing(Some(Arc::new(NodeStorage(b))));
+        }
+        *self.image.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(image);
+        if read_only {
+            // Requests that still hold the writable one fail from here on (reopen drains first).
+            old.close()?;
+        }
+        Ok(())
     }
 
     fn io_err(&self, e: qcow2::Error) -> io::Error {
@@ -110,18 +152,19 @@ impl Qcow2Driver {
 
     /// Attach (or detach) the backing node.
     pub fn set_backing(&self, backing: Option<NodeRef>) {
-        self.image
+        *self.backing.write().unwrap_or_else(|p| p.into_inner()) = backing.clone();
+        self.img()
             .set_backing(backing.map(|b| Arc::new(NodeStorage(b)) as Arc<dyn Storage>));
     }
 
     /// Backing file named in the image.
     pub fn backing_filename(&self) -> Option<String> {
-        self.image.backing_file()
+        self.img().backing_file()
     }
 
     /// Backing format named in the image.
     pub fn backing_format(&self) -> Option<String> {
-        self.image.backing_format()
+        self.img().backing_format()
     }
 
     /// The image's own file name (for resolving relative backing names).
@@ -135,29 +178,29 @@ impl Driver for Qcow2Driver {
         "qcow2"
     }
     fn size(&self) -> u64 {
-        self.image.virtual_size()
+        self.img().virtual_size()
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.image.read_at(buf, offset).map_err(|e| self.io_err(e))
+        self.img().read_at(buf, offset).map_err(|e| self.io_err(e))
     }
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.image
+        self.img()
             .write_at(data, offset)
             .map_err(|e| self.io_err(e))
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        self.image
+        self.img()
             .write_zeroes(offset, len, may_unmap)
             .map_err(|e| self.io_err(e))
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.image.discard(offset, len).map_err(|e| self.io_err(e))
+        self.img().discard(offset, len).map_err(|e| self.io_err(e))
     }
     fn flush(&self) -> io::Result<()> {
-        self.image.flush().map_err(|e| self.io_err(e))
+        self.img().flush().map_err(|e| self.io_err(e))
     }
     fn block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)> {
-        let (status, n) = self.image.block_status(offset, len).map_err(to_io)?;
+        let (status, n) = self.img().block_status(offset, len).map_err(to_io)?;
         let status = match status {
             QStatus::Data => BlockStatus::Data,
             QStatus::Zero => BlockStatus::Zero,
@@ -167,8 +210,8 @@ impl Driver for Qcow2Driver {
     }
     fn facts(&self) -> ImageFacts {
         let file = self.file.facts();
-        let bitmaps = self
-            .image
+        let image = self.img();
+        let bitmaps = image
             .bitmaps()
             .into_iter()
             .map(|b| {
@@ -185,11 +228,11 @@ impl Driver for Qcow2Driver {
         ImageFacts {
             filename: file.filename,
             actual_size: file.actual_size,
-            cluster_size: Some(self.image.cluster_size()),
-            backing_filename: self.image.backing_file(),
-            backing_format: self.image.backing_format(),
+            cluster_size: Some(self.img().cluster_size()),
+            backing_filename: self.img().backing_file(),
+            backing_format: self.img().backing_format(),
             format_specific: Some(FormatSpecific::Qcow2 {
-                compat: if self.image.version() >= 3 {
+                compat: if self.img().version() >= 3 {
                     "1.1"
                 } else {
                     "0.10"
@@ -197,23 +240,42 @@ impl Driver for Qcow2Driver {
                 .to_string(),
                 lazy_refcounts: false,
                 refcount_bits: 16,
-                corrupt: self.image.is_corrupt(),
+                corrupt: self.img().is_corrupt(),
                 bitmaps,
             }),
             dirty_flag: false,
         }
     }
     fn close(&self) -> io::Result<()> {
-        self.image.close().map_err(to_io)
+        self.img().close().map_err(to_io)
     }
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
         Some(self)
+    }
+    fn activate(&self, read_only: bool) -> crate::Result<()> {
+        self.switch_mode(read_only)
+            .and_then(|_| {
+                if read_only {
+                    Ok(())
+                } else {
+                    // As QEMU: bitmaps are flagged in use as soon as the image is writable.
+                    self.img().claim_bitmaps()
+                }
+            })
+            .map_err(|e| crate::Error::generic(e.to_string()))
+    }
+    fn set_read_only(&self, read_only: bool) -> io::Result<()> {
+        self.switch_mode(read_only).map_err(to_io)
     }
 }
 
 impl BitmapStore for Qcow2Driver {
     fn load(&self) -> io::Result<Vec<StoredBitmap>> {
-        let loaded = self.image.load_bitmaps().map_err(to_io)?;
+        // Keep qcow2's account of what is wrong; the errno alone says only "I/O error".
+        let loaded = self
+            .img()
+            .load_bitmaps()
+            .map_err(|e| io::Error::other(e.to_string()))?;
         Ok(loaded
             .into_iter()
             .map(|b| StoredBitmap {
@@ -226,7 +288,7 @@ impl BitmapStore for Qcow2Driver {
             .collect())
     }
     fn can_store(&self, name: &str, granularity: u64) -> Result<(), String> {
-        self.image
+        self.img()
             .can_store_bitmap(name, granularity)
             .map_err(|e| e.to_string())
     }
@@ -241,9 +303,9 @@ impl BitmapStore for Qcow2Driver {
                 data: b.data.clone(),
             })
             .collect();
-        self.image.store_bitmaps(&list, in_use).map_err(to_io)
+        self.img().store_bitmaps(&list, in_use).map_err(to_io)
     }
     fn remove(&self, name: &str) -> io::Result<()> {
-        self.image.remove_bitmap(name).map_err(to_io)
+        self.img().remove_bitmap(name).map_err(to_io)
     }
 }

@@ -4,6 +4,7 @@ use std::io;
 
 use crate::driver::{BlockStatus, Driver, ImageFacts};
 use crate::node::NodeRef;
+use crate::perm::Role;
 
 /// A raw view of a child node.
 pub struct RawDriver {
@@ -65,6 +66,14 @@ impl Driver for RawDriver {
     }
     fn flush(&self) -> io::Result<()> {
         self.child.flush()
+    }
+    fn child_role(&self, _child: &str) -> Role {
+        // The whole child is a filter's child; a window is data the format relies on.
+        if self.offset == 0 && self.size.is_none() {
+            Role::Filtered
+        } else {
+            Role::Data
+        }
     }
     fn status_is_cheap(&self) -> bool {
         self.child.driver().status_is_cheap()

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use block::perm::Perm;
 use block::graph::{ChildRef, DriverOptions, NodeOptions};
 use block::{ErrorKind, Graph};
 
@@ -342,16 +343,34 @@ fn locked_raw(name: &str, filename: &str) -> NodeOptions {
 }
 
 #[test]
-fn second_writer_on_locked_image_is_refused_and_leaves_no_nodes() {
+fn raw_nodes_without_users_take_no_locks_as_in_qemu() {
     let img = image(4096, 0);
     let mut graph = Graph::new();
     graph.add(&locked_raw("r1", &path(&img))).unwrap();
 
-    let err = graph.add(&locked_raw("r2", &path(&img))).refused();
+    graph.add(&locked_raw("r2", &path(&img))).unwrap();
+
+    assert_eq!(graph.nodes().len(), 4);
+}
+
+#[test]
+fn second_exclusive_writer_on_locked_image_is_refused_and_changes_nothing() {
+    let img = image(4096, 0);
+    let mut graph = Graph::new();
+    let r1 = graph.add(&locked_raw("r1", &path(&img))).unwrap();
+    let rw = Perm::CONSISTENT_READ | Perm::WRITE;
+    r1.attach_user("a".into(), "an unnamed block device".into(), rw, Perm::CONSISTENT_READ);
+    graph.refresh_perms().unwrap();
+    let r2 = graph.add(&locked_raw("r2", &path(&img))).unwrap();
+
+    r2.attach_user("b".into(), "an unnamed block device".into(), rw, Perm::ALL);
+    let err = graph.refresh_perms().unwrap_err();
 
     assert_eq!(err.message(), "Failed to get \"write\" lock");
-    assert_eq!(graph.nodes().len(), 2);
-    assert!(graph.get("r2").is_none());
+    r2.remove_user("b");
+    graph.refresh_perms().unwrap();
+    let r2_file = r2.child("file").unwrap().clone();
+    assert_eq!(r2_file.applied_needs(), block::perm::Needs::default());
 }
 
 #[test]

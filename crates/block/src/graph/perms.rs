@@ -1,0 +1,190 @@
+//! Permissions over the whole graph: every edge's needs, conflicts, and the locks that follow.
+//!
+//! Edges are the children of named nodes, the edges of nodes still being opened
+//! ([`PendingEdge`]), and users (exports, jobs). A node's needs are computed from its parents'
+//! (recursively, parents first); every node's parents are checked pairwise; then each node's
+//! driver is told its union (host files relock). A failure at any node puts back what was
+//! applied before, so a refused change leaves every lock as it was.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::Graph;
+use crate::error::{Error, Result};
+use crate::node::NodeRef;
+use crate::perm::{check_parents, child_needs, Needs, ParentEdge, Perm, Role};
+
+/// An edge of a node that is being opened (its `Node` does not exist yet): it already holds
+/// its permissions, so the child's locks are taken before the parent's driver reads it.
+#[derive(Clone)]
+pub(crate) struct PendingEdge {
+    /// Name of the parent being opened.
+    pub parent: String,
+    /// The parent will be read-write.
+    pub writable: bool,
+    /// Child name at the parent ("file", "backing").
+    pub name: &'static str,
+    /// How needs pass down.
+    pub role: Role,
+    /// The child.
+    pub child: NodeRef,
+    /// Attachment order.
+    pub seq: u64,
+}
+
+/// One edge into a node: its source (a node, or none for users and pending parents) and how it
+/// derives its needs.
+struct InEdge {
+    edge: ParentEdge,
+    /// Parent node and role: needs follow the parent's. None: fixed needs in `edge`.
+    from: Option<(NodeRef, Role)>,
+}
+
+fn key(n: &NodeRef) -> usize {
+    Arc::as_ptr(n) as usize
+}
+
+impl Graph {
+    /// Every edge into every node, keyed by the child.
+    fn in_edges(&self) -> HashMap<usize, Vec<InEdge>> {
+        let mut map: HashMap<usize, Vec<InEdge>> = HashMap::new();
+        for n in &self.nodes {
+            for c in n.children() {
+                map.entry(key(&c.node)).or_default().push(InEdge {
+                    edge: ParentEdge {
+                        who: format!("node '{}'", n.name()),
+                        role: c.role.to_string(),
+                        perm: Perm::NONE,
+                        shared: Perm::ALL,
+                        seq: n.seq(),
+                    },
+                    from: Some((n.clone(), n.driver().child_role(c.role))),
+                });
+            }
+            for u in n.users() {
+                map.entry(key(n)).or_default().push(InEdge {
+                    edge: ParentEdge {
+                        who: u.desc,
+                        role: u.role,
+                        perm: u.perm,
+                        shared: u.shared,
+                        seq: u.seq,
+                    },
+                    from: None,
+                });
+            }
+            if n.writers() > 0 {
+                map.entry(key(n)).or_default().push(InEdge {
+                    edge: ParentEdge {
+                        who: "an unnamed block device".to_string(),
+                        role: "root".to_string(),
+                        perm: Perm::CONSISTENT_READ | Perm::WRITE,
+                        shared: Perm::ALL & !Perm::RESIZE,
+                        seq: 0,
+                    },
+                    from: None,
+                });
+            }
+        }
+        for p in &self.pending {
+            let needs = child_needs(p.role, p.writable, Needs::default());
+            map.entry(key(&p.child)).or_default().push(InEdge {
+                edge: ParentEdge {
+                    who: format!("node '{}'", p.parent),
+                    role: p.name.to_string(),
+                    perm: needs.perm,
+                    shared: needs.shared,
+                    seq: p.seq,
+                },
+                from: None,
+            });
+        }
+        map
+    }
+
+    /// What every node's edges need now, checked for conflicts (QEMU's message for the first).
+    pub fn compute_needs(&self) -> Result<Vec<(NodeRef, Needs)>> {
+        let mut edges = self.in_edges();
+        let mut memo: HashMap<usize, Needs> = HashMap::new();
+        // Parents before children: resolve each node's needs from its parents' (a DAG).
+        fn resolve(
+            n: &NodeRef,
+            edges: &mut HashMap<usize, Vec<InEdge>>,
+            memo: &mut HashMap<usize, Needs>,
+        ) -> Needs {
+            if let Some(n) = memo.get(&key(n)) {
+                return *n;
+            }
+            let mut list = edges.remove(&key(n)).unwrap_or_default();
+            let mut needs = Needs::default();
+            for e in &mut list {
+                if let Some((parent, role)) = &e.from {
+                    let pn = resolve(parent, edges, memo);
+                    let cn = child_needs(*role, !parent.read_only(), pn);
+                    e.edge.perm = cn.perm;
+                    e.edge.shared = cn.shared;
+                }
+                needs.add(e.edge.perm, e.edge.shared);
+            }
+            edges.insert(key(n), list);
+            memo.insert(key(n), needs);
+            needs
+        }
+        let mut out = Vec::with_capacity(self.nodes.len());
+        for n in &self.nodes {
+            let needs = resolve(n, &mut edges, &mut memo);
+            out.push((n.clone(), needs));
+        }
+        for n in &self.nodes {
+            if let Some(list) = edges.get(&key(n)) {
+                let mut parents: Vec<ParentEdge> = list.iter().map(|e| e.edge.clone()).collect();
+                parents.sort_by(|a, b| b.seq.cmp(&a.seq));
+                check_parents(n.name(), &parents).map_err(Error::generic)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Make every node hold exactly what its edges need (image locks follow), or change
+    /// nothing and say why.
+    pub fn refresh_perms(&self) -> Result<()> {
+        let wanted = self.compute_needs()?;
+        let mut done: Vec<(NodeRef, Needs)> = Vec::new();
+        for (node, needs) in wanted {
+            let old = node.applied_needs();
+            if old == needs {
+                continue;
+            }
+            if let Err(e) = node.apply_needs(needs) {
+                for (n, before) in done.into_iter().rev() {
+                    if let Err(e) = n.apply_needs(before) {
+                        tracing::warn!(node = n.name(), error = %e, "restoring image locks failed");
+                    }
+                }
+                return Err(Error::generic(e));
+            }
+            done.push((node, old));
+        }
+        Ok(())
+    }
+
+    /// Add an edge of the node being opened as `parent` and take its permissions now.
+    pub(crate) fn attach_pending(
+        &mut self,
+        parent: &str,
+        writable: bool,
+        name: &'static str,
+        role: Role,
+        child: &NodeRef,
+    ) -> Result<()> {
+        self.pending.push(PendingEdge {
+            parent: parent.to_string(),
+            writable,
+            name,
+            role,
+            child: child.clone(),
+            seq: crate::node::next_seq(),
+        });
+        self.refresh_perms()
+    }
+}

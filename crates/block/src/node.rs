@@ -176,10 +176,7 @@ impl Node {
 
     /// The registered users.
     pub fn users(&self) -> Vec<User> {
-        self.users
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.users.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Node name.
@@ -286,8 +283,21 @@ impl Node {
         }
     }
 
-    /// Number of users writing through this node.
+    /// Number of users writing through this node ([`Node::set_writer`] and users attached
+    /// with the write permission).
     pub fn writers(&self) -> usize {
+        let attached = self
+            .users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|u| u.perm.contains(Perm::WRITE))
+            .count();
+        self.writers.load(Ordering::Acquire) + attached
+    }
+
+    /// Users counted by [`Node::set_writer`] only (they hold write through one shared edge).
+    pub(crate) fn legacy_writers(&self) -> usize {
         self.writers.load(Ordering::Acquire)
     }
 

@@ -10,7 +10,11 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use block::bitmap_ops;
+use block::perm::Perm;
 use block::{Error, NodeRef, Result};
+
+/// How QEMU names an export's block backend in permission conflicts.
+const UNNAMED: &str = "an unnamed block device";
 
 use crate::daemon::Daemon;
 use crate::export::{Context, NodeExport};
@@ -34,8 +38,6 @@ pub struct ExportRec {
     pub name: String,
     /// The node.
     pub node: NodeRef,
-    /// Clients may write.
-    pub writable: bool,
     /// Bitmaps held busy: (node, bitmap name).
     pub bitmaps: Vec<(NodeRef, String)>,
     /// Deletion requested, clients still connected.
@@ -185,26 +187,46 @@ impl Daemon {
             }
             return Err(e);
         }
+        // The export's edge holds its permissions before it is visible; attached sharing
+        // everything, then narrowed to not sharing resize, as QEMU's NBD export does (so a
+        // conflict names the same side QEMU names).
+        let who = format!("export '{}'", args.id);
+        let perm = if args.writable {
+            Perm::CONSISTENT_READ | Perm::WRITE
+        } else {
+            Perm::CONSISTENT_READ
+        };
+        let attached = [Perm::ALL, Perm::ALL & !Perm::RESIZE]
+            .into_iter()
+            .try_for_each(|shared| {
+                node.remove_user(&who);
+                node.attach_user(who.clone(), UNNAMED.to_string(), perm, shared);
+                self.graph().refresh_perms()
+            });
+        if let Err(e) = attached {
+            node.remove_user(&who);
+            self.restore_perms();
+            for (n, b) in &held {
+                bitmap_ops::release(n, b);
+            }
+            return Err(e);
+        }
         let backend = Arc::new(NodeExport::new(node.clone(), contexts));
         let mut cfg = nbd::ExportConfig::new(name.clone(), args.writable, backend);
         cfg.description = args.description.clone();
         if let Err(e) = server.add_export(cfg) {
+            node.remove_user(&who);
+            self.restore_perms();
             for (n, b) in &held {
                 bitmap_ops::release(n, b);
             }
             return Err(Error::generic(e.to_string()));
         }
-        node.add_user(format!("export '{}'", args.id));
-        if args.writable {
-            node.set_writer(true);
-        }
-        let _ = self.graph().refresh_locks();
         self.exports().push(ExportRec {
             id: args.id,
             node_name: args.node_name,
             name,
             node,
-            writable: args.writable,
             bitmaps: held,
             shutting_down: false,
         });
@@ -263,15 +285,20 @@ impl Daemon {
             bitmap_ops::release(n, b);
         }
         rec.node.remove_user(&format!("export '{}'", rec.id));
-        if rec.writable {
-            rec.node.set_writer(false);
-        }
-        let _ = self.graph().refresh_locks();
+        self.restore_perms();
         let deleted = qapi::types::BlockExportDeleted { id: rec.id.clone() };
         crate::wire::emit(
             &self.events,
             qapi::types::Event::BlockExportDeleted(deleted),
         );
+    }
+
+    /// After a user edge went away: needs only shrink, so this cannot conflict; log if the
+    /// locks could not be lowered.
+    fn restore_perms(&self) {
+        if let Err(e) = self.graph().refresh_perms() {
+            tracing::warn!(error = %e, "lowering image locks failed");
+        }
     }
 
     /// query-block-exports.

@@ -78,8 +78,7 @@ pub fn lock_perm(file: &File, perm: u32, shared: u32) -> Result<(), String> {
         let want = if perm & mask != 0 { rd } else { un };
         ofd(file, libc::F_OFD_SETLK, want, PERM_BASE + bit as i64).map_err(|e| e.to_string())?;
         let want = if shared & mask == 0 { rd } else { un };
-        ofd(file, libc::F_OFD_SETLK, want, SHARED_BASE + bit as i64)
-            .map_err(|e| e.to_string())?;
+        ofd(file, libc::F_OFD_SETLK, want, SHARED_BASE + bit as i64).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

@@ -105,10 +105,7 @@ impl Qcow2Driver {
 
     /// The open image (a clone of the handle: a reopen may swap it meanwhile).
     fn img(&self) -> Arc<Qcow2> {
-        self.image
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.image.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Open the image again in `read_only` mode and use that from now on. Going read-only
@@ -123,7 +120,12 @@ impl Qcow2Driver {
             old.flush()?;
         }
         let image = open_image(&self.file, read_only)?;
-        if let Some(b) = self.backing.read().unwrap_or_else(|p| p.into_inner()).clone() {
+        if let Some(b) = self
+            .backing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
             image.set_backing(Some(Arc::new(NodeStorage(b))));
         }
         *self.image.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(image);

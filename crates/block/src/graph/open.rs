@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use super::{
-    check_node_name, probe_format, resolve_backing_path, ChildRef, DriverOptions, Graph, NodeOptions,
-    MAX_BACKING_DEPTH,
+    check_node_name, probe_format, resolve_backing_path, ChildRef, DriverOptions, Graph,
+    NodeOptions, MAX_BACKING_DEPTH,
 };
 use crate::bitmap::DirtyBitmap;
 use crate::driver::Driver;
@@ -211,7 +211,6 @@ impl Graph {
             .map_err(|e| e.context("Could not open backing file"))
     }
 
-
     /// Let the nodes from `first` on (a tree just opened, children first) start writing: a
     /// writable format reopens for writing and claims its bitmaps. Returns how many were
     /// activated before an error.
@@ -253,7 +252,6 @@ fn load_persistent_bitmaps(node: &NodeRef) -> Result<()> {
     node.refresh_recording(&list);
     Ok(())
 }
-
 
 fn open_error(filename: &str, e: &std::io::Error) -> Error {
     Error::generic(format!("Could not open '{filename}': {}", strerror(e)))

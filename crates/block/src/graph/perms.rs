@@ -73,7 +73,7 @@ impl Graph {
                     from: None,
                 });
             }
-            if n.writers() > 0 {
+            if n.legacy_writers() > 0 {
                 map.entry(key(n)).or_default().push(InEdge {
                     edge: ParentEdge {
                         who: "an unnamed block device".to_string(),

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use block::perm::Perm;
 use block::graph::{ChildRef, DriverOptions, NodeOptions};
+use block::perm::Perm;
 use block::{ErrorKind, Graph};
 
 use crate::common::*;
@@ -359,7 +359,12 @@ fn second_exclusive_writer_on_locked_image_is_refused_and_changes_nothing() {
     let mut graph = Graph::new();
     let r1 = graph.add(&locked_raw("r1", &path(&img))).unwrap();
     let rw = Perm::CONSISTENT_READ | Perm::WRITE;
-    r1.attach_user("a".into(), "an unnamed block device".into(), rw, Perm::CONSISTENT_READ);
+    r1.attach_user(
+        "a".into(),
+        "an unnamed block device".into(),
+        rw,
+        Perm::CONSISTENT_READ,
+    );
     graph.refresh_perms().unwrap();
     let r2 = graph.add(&locked_raw("r2", &path(&img))).unwrap();
 

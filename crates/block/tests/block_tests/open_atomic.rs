@@ -40,7 +40,12 @@ fn create(path: &Path, backing: Option<&str>) {
     Qcow2::create(&FileStorage::new(file), &opts).expect("create qcow2");
 }
 
-fn qcow2_opts(name: &str, path: &Path, read_only: bool, backing: Option<Option<ChildRef>>) -> NodeOptions {
+fn qcow2_opts(
+    name: &str,
+    path: &Path,
+    read_only: bool,
+    backing: Option<Option<ChildRef>>,
+) -> NodeOptions {
     let file = NodeOptions {
         driver: DriverOptions::File {
             filename: path.to_str().expect("utf-8 path").to_string(),
@@ -101,7 +106,11 @@ fn in_use(path: &Path) -> Vec<(String, bool)> {
         qcow2::OpenOptions { read_only: true },
     )
     .expect("parse image");
-    image.bitmaps().into_iter().map(|b| (b.name, b.in_use)).collect()
+    image
+        .bitmaps()
+        .into_iter()
+        .map(|b| (b.name, b.in_use))
+        .collect()
 }
 
 /// Another process's view: an independent descriptor holding lock bytes.
@@ -136,7 +145,10 @@ fn bitmap_table_entry(path: &Path) -> u64 {
 
 fn patch(path: &Path, offset: u64, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;
-    let f = OpenOptions::new().write(true).open(path).expect("open to patch");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open to patch");
     f.write_all_at(bytes, offset).expect("patch");
 }
 

@@ -12,6 +12,7 @@ use crate::node::{NodeFlags, NodeRef};
 
 mod open;
 mod perms;
+mod reopen;
 
 pub(crate) use perms::PendingEdge;
 

@@ -224,6 +224,18 @@ impl Node {
         Ok(())
     }
 
+    /// Set only the read-only flag (the graph reopens the driver around it).
+    pub(crate) fn set_read_only_flag(&self, ro: bool) {
+        self.read_only.store(ro, Ordering::Release);
+    }
+
+    /// Mark every bitmap read-only or writable after a reopen.
+    pub(crate) fn set_bitmaps_read_only(&self, ro: bool) {
+        for b in self.bitmaps().items.iter_mut() {
+            b.readonly = ro;
+        }
+    }
+
     /// Query-only flags.
     pub fn flags(&self) -> &NodeFlags {
         &self.flags

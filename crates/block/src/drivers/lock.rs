@@ -92,3 +92,19 @@ pub fn unlock_image(file: &File) {
         }
     }
 }
+
+/// The lock bytes someone other than this descriptor holds: (perm bits, unshared bits).
+/// For tests and diagnostics: what other processes see of an image's users.
+pub fn held_by_others(file: &File) -> (u32, u32) {
+    let mut perm = 0;
+    let mut unshared = 0;
+    for bit in 0..NAMES.len() {
+        if held_by_other(file, PERM_BASE + bit as i64) {
+            perm |= 1 << bit;
+        }
+        if held_by_other(file, SHARED_BASE + bit as i64) {
+            unshared |= 1 << bit;
+        }
+    }
+    (perm, unshared)
+}

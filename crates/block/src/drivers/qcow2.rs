@@ -128,6 +128,10 @@ impl Qcow2Driver {
         {
             image.set_backing(Some(Arc::new(NodeStorage(b))));
         }
+        if !read_only {
+            // As QEMU: bitmaps are flagged in use as soon as the image is writable.
+            image.claim_bitmaps()?;
+        }
         *self.image.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(image);
         if read_only {
             // Requests that still hold the writable one fail from here on (reopen drains first).
@@ -256,14 +260,6 @@ impl Driver for Qcow2Driver {
     }
     fn activate(&self, read_only: bool) -> crate::Result<()> {
         self.switch_mode(read_only)
-            .and_then(|_| {
-                if read_only {
-                    Ok(())
-                } else {
-                    // As QEMU: bitmaps are flagged in use as soon as the image is writable.
-                    self.img().claim_bitmaps()
-                }
-            })
             .map_err(|e| crate::Error::generic(e.to_string()))
     }
     fn set_read_only(&self, read_only: bool) -> io::Result<()> {

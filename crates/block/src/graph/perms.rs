@@ -104,6 +104,30 @@ impl Graph {
 
     /// What every node's edges need now, checked for conflicts (QEMU's message for the first).
     pub fn compute_needs(&self) -> Result<Vec<(NodeRef, Needs)>> {
+        let (out, edges) = self.resolve_all();
+        for n in &self.nodes {
+            if let Some(list) = edges.get(&key(n)) {
+                let mut parents: Vec<ParentEdge> = list.iter().map(|e| e.edge.clone()).collect();
+                parents.sort_by(|a, b| b.seq.cmp(&a.seq));
+                check_parents(n.name(), &parents).map_err(Error::generic)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The edges into `node` with their current needs, newest first.
+    pub fn edges_into(&self, node: &NodeRef) -> Vec<ParentEdge> {
+        let (_, edges) = self.resolve_all();
+        let mut list: Vec<ParentEdge> = edges
+            .get(&key(node))
+            .map(|l| l.iter().map(|e| e.edge.clone()).collect())
+            .unwrap_or_default();
+        list.sort_by(|a, b| b.seq.cmp(&a.seq));
+        list
+    }
+
+    /// Every node's needs (unchecked) and every edge with its needs filled in.
+    fn resolve_all(&self) -> (Vec<(NodeRef, Needs)>, HashMap<usize, Vec<InEdge>>) {
         let mut edges = self.in_edges();
         let mut memo: HashMap<usize, Needs> = HashMap::new();
         // Parents before children: resolve each node's needs from its parents' (a DAG).
@@ -135,14 +159,7 @@ impl Graph {
             let needs = resolve(n, &mut edges, &mut memo);
             out.push((n.clone(), needs));
         }
-        for n in &self.nodes {
-            if let Some(list) = edges.get(&key(n)) {
-                let mut parents: Vec<ParentEdge> = list.iter().map(|e| e.edge.clone()).collect();
-                parents.sort_by(|a, b| b.seq.cmp(&a.seq));
-                check_parents(n.name(), &parents).map_err(Error::generic)?;
-            }
-        }
-        Ok(out)
+        (out, edges)
     }
 
     /// Make every node hold exactly what its edges need (image locks follow), or change

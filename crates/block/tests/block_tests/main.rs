@@ -11,3 +11,4 @@ mod hooks;
 mod io_path;
 mod jobs;
 mod open_atomic;
+mod perm_props;

@@ -13,6 +13,7 @@ use crate::node::{NodeFlags, NodeRef};
 mod open;
 mod perms;
 mod reopen;
+mod rewire;
 
 pub(crate) use perms::PendingEdge;
 
@@ -88,6 +89,8 @@ pub struct Graph {
     events: Option<NodeEventSink>,
     /// Edges of nodes being opened (see [`PendingEdge`]).
     pending: Vec<PendingEdge>,
+    /// Exports, devices and jobs holding the graph (see [`crate::edge::Root`]).
+    roots: Vec<std::sync::Weak<crate::edge::Root>>,
 }
 
 /// Longest backing chain opened from names inside images.
@@ -207,6 +210,12 @@ impl Graph {
         }
         if let Some(user) = node.first_user() {
             return Err(Error::generic(format!("Node {name} is in use by {user}")));
+        }
+        if let Some(root) = self.root_on(&node) {
+            return Err(Error::generic(format!(
+                "Node {name} is in use by {}",
+                root.who
+            )));
         }
         let result = self.remove_tree(&node);
         let _ = self.refresh_locks();

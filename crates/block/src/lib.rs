@@ -21,6 +21,7 @@ pub mod bitmap_ops;
 pub mod create;
 pub mod driver;
 pub mod drivers;
+pub mod edge;
 pub mod error;
 pub mod graph;
 pub mod job;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::bitmap::BitmapList;
 use crate::driver::{BitmapToStore, BlockStatus, Driver, ImageFacts};
+use crate::edge::ChildEdge;
 use crate::error::errno;
 use crate::perm::{Needs, Perm};
 
@@ -78,7 +79,7 @@ pub struct Node {
     name: String,
     auto_named: bool,
     driver: Box<dyn Driver>,
-    children: Vec<Child>,
+    children: Vec<Arc<ChildEdge>>,
     read_only: AtomicBool,
     flags: NodeFlags,
     /// Bitmaps; the lock is per node and held only for short bit operations.
@@ -107,12 +108,29 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node over a driver. `children` are the nodes the driver was built on.
+    /// A node over a driver. `children` are the nodes the driver was built on (fixed links;
+    /// the graph builds nodes with [`Node::with_edges`], whose targets can be swapped).
     pub fn new(
         name: String,
         auto_named: bool,
         driver: Box<dyn Driver>,
         children: Vec<Child>,
+        read_only: bool,
+        flags: NodeFlags,
+    ) -> Node {
+        let edges = children
+            .into_iter()
+            .map(|c| ChildEdge::new(c.role, c.node))
+            .collect();
+        Node::with_edges(name, auto_named, driver, edges, read_only, flags)
+    }
+
+    /// A node over a driver whose child edges (shared with the driver) may be re-wired.
+    pub fn with_edges(
+        name: String,
+        auto_named: bool,
+        driver: Box<dyn Driver>,
+        children: Vec<Arc<ChildEdge>>,
         read_only: bool,
         flags: NodeFlags,
     ) -> Node {
@@ -199,17 +217,28 @@ impl Node {
         self.driver.as_ref()
     }
 
-    /// Children with their roles.
-    pub fn children(&self) -> &[Child] {
+    /// Children with their roles, as wired now.
+    pub fn children(&self) -> Vec<Child> {
+        self.children
+            .iter()
+            .map(|e| Child {
+                role: e.role(),
+                node: e.node(),
+            })
+            .collect()
+    }
+
+    /// The child edges (swappable links).
+    pub fn edges(&self) -> &[Arc<ChildEdge>] {
         &self.children
     }
 
-    /// The child with this role.
-    pub fn child(&self, role: &str) -> Option<&NodeRef> {
+    /// The child with this role, as wired now.
+    pub fn child(&self, role: &str) -> Option<NodeRef> {
         self.children
             .iter()
-            .find(|c| c.role == role)
-            .map(|c| &c.node)
+            .find(|c| c.role() == role)
+            .map(|c| c.node())
     }
 
     /// Read-only?

@@ -108,7 +108,7 @@ impl Daemon {
             if n.bitmaps().get(name).is_some() {
                 return Some(n);
             }
-            cur = n.child("backing").or_else(|| n.child("file")).cloned();
+            cur = n.child("backing").or_else(|| n.child("file"));
         }
         None
     }

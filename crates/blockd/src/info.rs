@@ -97,7 +97,8 @@ pub fn image_info(node: &NodeRef, chain: bool) -> t::ImageInfo {
         snapshots: None,
         format_specific: facts.format_specific.as_ref().map(format_specific),
         backing_image: if chain {
-            node.child("backing").map(|b| Box::new(image_info(b, true)))
+            node.child("backing")
+                .map(|b| Box::new(image_info(&b, true)))
         } else {
             None
         },
@@ -106,10 +107,10 @@ pub fn image_info(node: &NodeRef, chain: bool) -> t::ImageInfo {
 
 fn backing_depth(node: &NodeRef) -> i64 {
     let mut depth = 0;
-    let mut cur = node.child("backing").cloned();
+    let mut cur = node.child("backing");
     while let Some(n) = cur {
         depth += 1;
-        cur = n.child("backing").cloned();
+        cur = n.child("backing");
     }
     depth
 }

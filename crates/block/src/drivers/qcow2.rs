@@ -15,6 +15,7 @@ use crate::driver::{
     BitmapStore, BitmapToStore, BlockStatus, Driver, FormatSpecific, ImageFacts, NodeEvent,
     NodeEventSink, StoredBitmap,
 };
+use crate::edge::ChildEdge;
 use crate::node::NodeRef;
 
 /// A node seen as qcow2 storage.
@@ -49,6 +50,30 @@ impl Storage for NodeStorage {
     }
 }
 
+/// A child edge seen as qcow2 storage: each call goes to the node the edge points at now.
+pub struct EdgeStorage(pub Arc<ChildEdge>);
+
+impl Storage for EdgeStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        NodeStorage(self.0.node()).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.node().write(offset, buf)
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.0.node().size())
+    }
+    fn truncate(&self, size: u64) -> io::Result<()> {
+        self.0.node().truncate(size)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.0.node().flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.node().discard(offset, len)
+    }
+}
+
 /// An open qcow2 image.
 ///
 /// The image is first opened read-only whatever the node's mode, so opening writes nothing;
@@ -56,14 +81,14 @@ impl Storage for NodeStorage {
 /// Reopening (read-only <-> read-write) swaps the open image the same way.
 pub struct Qcow2Driver {
     image: RwLock<Arc<Qcow2>>,
-    file: NodeRef,
-    backing: RwLock<Option<NodeRef>>,
+    file: Arc<ChildEdge>,
+    backing: RwLock<Option<Arc<ChildEdge>>>,
     corruption: CorruptionReport,
 }
 
 /// Open the image in `file`.
-fn open_image(file: &NodeRef, read_only: bool) -> qcow2::Result<Qcow2> {
-    let storage: Arc<dyn Storage> = Arc::new(NodeStorage(file.clone()));
+fn open_image(file: &Arc<ChildEdge>, read_only: bool) -> qcow2::Result<Qcow2> {
+    let storage: Arc<dyn Storage> = Arc::new(EdgeStorage(file.clone()));
     Qcow2::open(storage, qcow2::OpenOptions { read_only })
 }
 
@@ -85,6 +110,16 @@ impl Qcow2Driver {
     /// [`Driver::activate`] (with `read_only` false) after the tree's locks are held.
     pub fn open(
         file: NodeRef,
+        read_only: bool,
+        name: &str,
+        events: Option<NodeEventSink>,
+    ) -> Result<Qcow2Driver, String> {
+        Qcow2Driver::open_edge(ChildEdge::new("file", file), read_only, name, events)
+    }
+
+    /// [`Qcow2Driver::open`] over a re-wirable edge.
+    pub fn open_edge(
+        file: Arc<ChildEdge>,
         _read_only: bool,
         name: &str,
         events: Option<NodeEventSink>,
@@ -126,7 +161,7 @@ impl Qcow2Driver {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
         {
-            image.set_backing(Some(Arc::new(NodeStorage(b))));
+            image.set_backing(Some(Arc::new(EdgeStorage(b))));
         }
         if !read_only {
             // As QEMU: bitmaps are flagged in use as soon as the image is writable.
@@ -158,9 +193,14 @@ impl Qcow2Driver {
 
     /// Attach (or detach) the backing node.
     pub fn set_backing(&self, backing: Option<NodeRef>) {
+        self.set_backing_edge(backing.map(|b| ChildEdge::new("backing", b)));
+    }
+
+    /// Attach (or detach) the backing edge.
+    pub fn set_backing_edge(&self, backing: Option<Arc<ChildEdge>>) {
         *self.backing.write().unwrap_or_else(|p| p.into_inner()) = backing.clone();
         self.img()
-            .set_backing(backing.map(|b| Arc::new(NodeStorage(b)) as Arc<dyn Storage>));
+            .set_backing(backing.map(|b| Arc::new(EdgeStorage(b)) as Arc<dyn Storage>));
     }
 
     /// Backing file named in the image.
@@ -175,7 +215,7 @@ impl Qcow2Driver {
 
     /// The image's own file name (for resolving relative backing names).
     pub fn facts_filename(&self) -> String {
-        self.file.facts().filename
+        self.file.node().facts().filename
     }
 }
 
@@ -215,7 +255,7 @@ impl Driver for Qcow2Driver {
         Ok((status, n))
     }
     fn facts(&self) -> ImageFacts {
-        let file = self.file.facts();
+        let file = self.file.node().facts();
         let image = self.img();
         let bitmaps = image
             .bitmaps()

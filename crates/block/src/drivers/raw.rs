@@ -3,12 +3,15 @@
 use std::io;
 
 use crate::driver::{BlockStatus, Driver, ImageFacts};
+use std::sync::Arc;
+
+use crate::edge::ChildEdge;
 use crate::node::NodeRef;
 use crate::perm::Role;
 
 /// A raw view of a child node.
 pub struct RawDriver {
-    child: NodeRef,
+    child: Arc<ChildEdge>,
     offset: u64,
     /// Fixed size when `size` was given; otherwise follows the child.
     size: Option<u64>,
@@ -17,7 +20,16 @@ pub struct RawDriver {
 impl RawDriver {
     /// A raw node over `child`. Checks that the window lies inside the child (QEMU's messages).
     pub fn new(child: NodeRef, offset: u64, size: Option<u64>) -> Result<RawDriver, String> {
-        let child_size = child.size();
+        RawDriver::on_edge(ChildEdge::new("file", child), offset, size)
+    }
+
+    /// A raw node over whatever `edge` points at (re-wirable).
+    pub fn on_edge(
+        child: Arc<ChildEdge>,
+        offset: u64,
+        size: Option<u64>,
+    ) -> Result<RawDriver, String> {
+        let child_size = child.node().size();
         if offset > child_size {
             return Err("The sum of offset (".to_string()
                 + &offset.to_string()
@@ -49,23 +61,24 @@ impl Driver for RawDriver {
     }
     fn size(&self) -> u64 {
         self.size
-            .unwrap_or_else(|| self.child.size().saturating_sub(self.offset))
+            .unwrap_or_else(|| self.child.node().size().saturating_sub(self.offset))
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.child.read(self.offset + offset, buf)
+        self.child.node().read(self.offset + offset, buf)
     }
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.child.write(self.offset + offset, data)
+        self.child.node().write(self.offset + offset, data)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
         self.child
+            .node()
             .write_zeroes(self.offset + offset, len, may_unmap)
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.child.discard(self.offset + offset, len)
+        self.child.node().discard(self.offset + offset, len)
     }
     fn flush(&self) -> io::Result<()> {
-        self.child.flush()
+        self.child.node().flush()
     }
     fn child_role(&self, _child: &str) -> Role {
         // The whole child is a filter's child; a window is data the format relies on.
@@ -76,13 +89,13 @@ impl Driver for RawDriver {
         }
     }
     fn status_is_cheap(&self) -> bool {
-        self.child.driver().status_is_cheap()
+        self.child.node().driver().status_is_cheap()
     }
     fn block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)> {
-        self.child.block_status(self.offset + offset, len)
+        self.child.node().block_status(self.offset + offset, len)
     }
     fn facts(&self) -> ImageFacts {
-        let child = self.child.facts();
+        let child = self.child.node().facts();
         ImageFacts {
             filename: child.filename,
             actual_size: child.actual_size,

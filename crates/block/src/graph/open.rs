@@ -11,8 +11,9 @@ use super::{
 use crate::bitmap::DirtyBitmap;
 use crate::driver::Driver;
 use crate::drivers::{file::FileDriver, null::NullDriver, qcow2::Qcow2Driver, raw::RawDriver};
+use crate::edge::ChildEdge;
 use crate::error::{strerror, Error, Result};
-use crate::node::{Child, Node, NodeRef};
+use crate::node::{Node, NodeRef};
 use crate::perm::Role;
 
 impl Graph {
@@ -33,7 +34,7 @@ impl Graph {
         };
         let auto_named = opts.node_name.is_none();
         let (driver, children, read_only) = self.open_driver(opts, depth, &name)?;
-        let node = Arc::new(Node::new(
+        let node = Arc::new(Node::with_edges(
             name,
             auto_named,
             driver,
@@ -69,7 +70,7 @@ impl Graph {
         opts: &NodeOptions,
         depth: usize,
         name: &str,
-    ) -> Result<(Box<dyn Driver>, Vec<Child>, bool)> {
+    ) -> Result<(Box<dyn Driver>, Vec<Arc<ChildEdge>>, bool)> {
         let ro = opts.read_only;
         match &opts.driver {
             DriverOptions::File { filename, locking } => {
@@ -102,16 +103,10 @@ impl Graph {
                     Role::Data
                 };
                 self.attach_pending(name, !ro, "file", role, &child)?;
-                let driver = RawDriver::new(child.clone(), offset.unwrap_or(0), *size)
+                let edge = ChildEdge::new("file", child);
+                let driver = RawDriver::on_edge(edge.clone(), offset.unwrap_or(0), *size)
                     .map_err(Error::generic)?;
-                Ok((
-                    Box::new(driver),
-                    vec![Child {
-                        role: "file",
-                        node: child,
-                    }],
-                    ro,
-                ))
+                Ok((Box::new(driver), vec![edge], ro))
             }
             DriverOptions::Qcow2 { file, backing } => {
                 let child = self.child(file, opts, depth)?;
@@ -121,12 +116,10 @@ impl Graph {
                 }
                 // The file's locks before the format reads a byte of it.
                 self.attach_pending(name, !ro, "file", Role::Storage, &child)?;
-                let driver = Qcow2Driver::open(child.clone(), ro, name, self.events.clone())
+                let edge = ChildEdge::new("file", child);
+                let driver = Qcow2Driver::open_edge(edge.clone(), ro, name, self.events.clone())
                     .map_err(Error::generic)?;
-                let mut children = vec![Child {
-                    role: "file",
-                    node: child,
-                }];
+                let mut children = vec![edge];
                 let backing_node = match backing {
                     Some(None) => None,
                     Some(Some(r)) => {
@@ -140,11 +133,9 @@ impl Graph {
                 };
                 if let Some(b) = backing_node {
                     self.attach_pending(name, !ro, "backing", Role::Backing, &b)?;
-                    driver.set_backing(Some(b.clone()));
-                    children.push(Child {
-                        role: "backing",
-                        node: b,
-                    });
+                    let edge = ChildEdge::new("backing", b);
+                    driver.set_backing_edge(Some(edge.clone()));
+                    children.push(edge);
                 }
                 Ok((Box::new(driver), children, ro))
             }

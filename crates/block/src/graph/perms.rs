@@ -86,6 +86,19 @@ impl Graph {
                 });
             }
         }
+        for r in self.roots() {
+            let (perm, shared) = r.perms();
+            map.entry(key(&r.node())).or_default().push(InEdge {
+                edge: ParentEdge {
+                    who: r.desc.clone(),
+                    role: "root".to_string(),
+                    perm,
+                    shared,
+                    seq: r.seq(),
+                },
+                from: None,
+            });
+        }
         for p in &self.pending {
             let needs = child_needs(p.role, p.writable, Needs::default());
             map.entry(key(&p.child)).or_default().push(InEdge {

@@ -15,7 +15,7 @@ impl Graph {
     /// Switch `node` (and its inline file child) to `read_only`, all or nothing.
     pub fn reopen_read_only(&mut self, node: &NodeRef, read_only: bool) -> Result<()> {
         let mut chain = vec![node.clone()];
-        while let Some(c) = chain.last().and_then(|n| n.child("file").cloned()) {
+        while let Some(c) = chain.last().and_then(|n| n.child("file")) {
             if !c.auto_named() {
                 break;
             }

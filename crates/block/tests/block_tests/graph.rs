@@ -32,7 +32,7 @@ fn adding_raw_over_named_file_links_child_in_file_role() {
         .unwrap();
 
     assert_eq!(raw.driver_name(), "raw");
-    assert!(Arc::ptr_eq(raw.child("file").unwrap(), &file));
+    assert!(Arc::ptr_eq(&raw.child("file").unwrap(), &file));
     let parents = graph.parents(&file);
     assert_eq!(parents.len(), 1);
     assert_eq!(parents[0].0.name(), "r");

@@ -12,3 +12,4 @@ mod io_path;
 mod jobs;
 mod open_atomic;
 mod perm_props;
+mod rewire;

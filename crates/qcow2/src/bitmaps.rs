@@ -138,6 +138,26 @@ pub fn data_len(size: u64, granularity_bits: u32) -> u64 {
     size.div_ceil(1u64 << granularity_bits).div_ceil(8)
 }
 
+/// Refuse a bitmap whose data for the image's virtual size would exceed what any valid image
+/// can store (QEMU's limit on one bitmap, `MAX_PHYS_BYTES`). An entry not in use already
+/// passes (its table covers the disk within that limit); an in-use one may predate a resize
+/// and is checked against the disk as it is now.
+pub fn check_memory(e: &BitmapEntry, disk_size: u64) -> Result<()> {
+    let need = data_len(disk_size, e.granularity_bits as u32);
+    if need > MAX_PHYS_BYTES {
+        return Err(Error::plain(
+            ErrorKind::InvalidImage,
+            format!(
+                "Bitmap '{}' is too big: a {disk_size}-byte disk at granularity {} needs {need} \
+                 bytes of bitmap, more than the limit of {MAX_PHYS_BYTES}",
+                e.name,
+                e.granularity()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Validate the bitmaps header extension.
 pub fn check_ext(ext: &BitmapsExt, g: Geometry) -> Result<()> {
     if ext.nb_bitmaps == 0 || ext.nb_bitmaps > MAX_BITMAPS {
@@ -298,7 +318,6 @@ impl Meta {
             .read_at(&mut buf, ext.directory_offset)
             .map_err(|e| Error::io(e, "reading the bitmap directory"))?;
         let entries = parse_directory(&buf, ext.nb_bitmaps, self.geo, self.header.raw.size)?;
-        let g = self.geo;
         for e in &entries {
             let bytes = e.table_size as u64 * 8;
             if e.table_offset + bytes > limit {
@@ -307,21 +326,14 @@ impl Meta {
                     e.name
                 )));
             }
-            for k in 0..g.clusters_for(bytes) {
-                self.meta_clusters
-                    .insert((e.table_offset >> g.cluster_bits) + k);
-            }
         }
-        for k in 0..g.clusters_for(ext.directory_size) {
-            self.meta_clusters
-                .insert((ext.directory_offset >> g.cluster_bits) + k);
-        }
+        self.check_bitmap_layout(&ext, &entries)?;
         self.bitmaps = entries;
         Ok(())
     }
 
     /// Read one bitmap's table, validating its entries.
-    fn read_bitmap_table(&mut self, e: &BitmapEntry) -> Result<Vec<u64>> {
+    pub(crate) fn read_bitmap_table(&mut self, e: &BitmapEntry) -> Result<Vec<u64>> {
         let mut buf = vec![0u8; e.table_size as usize * 8];
         self.file
             .read_at(&mut buf, e.table_offset)
@@ -502,10 +514,40 @@ impl Meta {
         }
     }
 
-    /// Rewrite the directory with new flags only (tables unchanged).
+    /// Change only the entries' flags, in place as QEMU does: nothing is allocated or freed.
+    /// The bitmaps autoclear bit is cleared while the directory is rewritten, so a crash in
+    /// between leaves the extension ignored (bitmaps lost, image sound), never half-written.
     pub fn rewrite_flags(&mut self, entries: Vec<BitmapEntry>) -> Result<()> {
-        let old = self.directory_clusters();
-        self.commit_directory(entries, old, Vec::new())
+        let Some(ext) = self.header.bitmaps else {
+            return Err(Error::new(ErrorKind::Io, "no bitmap directory to update"));
+        };
+        let same_layout = entries.len() == self.bitmaps.len()
+            && entries.iter().zip(&self.bitmaps).all(|(a, b)| {
+                a.name == b.name
+                    && a.table_offset == b.table_offset
+                    && a.table_size == b.table_size
+                    && a.granularity_bits == b.granularity_bits
+            });
+        let dir = serialize_directory(&entries);
+        if !same_layout || dir.len() as u64 != ext.directory_size {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "an in-place bitmap directory update may change flags only",
+            ));
+        }
+        // The directory's clusters were checked against all metadata at open: they are ours.
+        let old_auto = self.header.raw.autoclear_features;
+        self.header.raw.autoclear_features &= !AUTOCLEAR_BITMAPS;
+        if let Err(err) = self.write_header() {
+            self.header.raw.autoclear_features = old_auto;
+            return Err(err);
+        }
+        self.write_raw(&dir, ext.directory_offset, "the bitmap directory")?;
+        self.sync()?;
+        self.header.raw.autoclear_features |= AUTOCLEAR_BITMAPS;
+        self.write_header()?;
+        self.bitmaps = entries;
+        Ok(())
     }
 
     /// Replace the whole bitmap set (see [`crate::Qcow2::store_bitmaps`]).

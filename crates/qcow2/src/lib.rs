@@ -49,6 +49,7 @@ mod io;
 mod mapping;
 mod meta;
 mod ondisk;
+mod overlap;
 mod rebuild;
 mod refcount;
 mod snapshot;
@@ -467,9 +468,14 @@ impl Qcow2 {
         self.check_open()?;
         let mut m = self.lock()?;
         let entries = m.bitmaps.clone();
+        for e in &entries {
+            bitmaps::check_memory(e, m.header.raw.size)?;
+        }
         let mut out = Vec::with_capacity(entries.len());
         for e in &entries {
             let inconsistent = e.flags & FLAG_IN_USE != 0;
+            // `check_memory` bounded the allocation; an in-use bitmap's content is unreliable,
+            // so a failure to read it leaves it clear.
             let data = match m.read_bitmap_data(e) {
                 Ok(d) => d,
                 Err(_) if inconsistent => {

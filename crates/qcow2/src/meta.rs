@@ -19,6 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Header, INCOMPAT_CORRUPT};
 use crate::mapping::{l1_l2_offset, L2Entry, COPIED};
 use crate::ondisk::{be64_at, decode_u64_table, encode_u64_table, put_be64_at};
+use crate::overlap::GuestRefs;
 use crate::storage::Storage;
 use crate::types::{Geometry, GuestCluster};
 
@@ -66,6 +67,8 @@ pub struct Meta {
     pub corrupt: bool,
     /// The bitmap directory as currently in the file.
     pub bitmaps: Vec<BitmapEntry>,
+    /// Host clusters mapped by active L2 entries, built on first need (see `overlap`).
+    pub guest_refs: Option<GuestRefs>,
 }
 
 /// Grow a dirty range to include `[start, end)`.
@@ -115,6 +118,7 @@ impl Meta {
             meta_clusters: HashSet::new(),
             corrupt: r.incompatible_features & INCOMPAT_CORRUPT != 0,
             bitmaps: Vec::new(),
+            guest_refs: None,
         };
         m.index_metadata()?;
         Ok(m)
@@ -393,6 +397,7 @@ impl Meta {
             .ok_or_else(|| Error::new(ErrorKind::Io, "L2 table vanished from the cache"))?;
         put_be64_at(&mut slot.data, idx, raw);
         slot.mark_dirty(idx * 8, idx * 8 + 8);
+        self.note_l2_entry(raw);
         Ok(())
     }
 

@@ -147,6 +147,7 @@ impl Meta {
         }
         self.set_refcount(c, rc - 1)?;
         if rc == 1 {
+            self.forget_guest_ref(c);
             self.free_hint = self.free_hint.min(c);
             let cs = self.geo.cluster_size();
             let _ = self.file.discard(c * cs, cs);
@@ -233,6 +234,13 @@ impl Meta {
                 continue;
             }
             if self.refcount(c)? == 0 && !self.meta_clusters.contains(&c) {
+                if self.guest_maps(c)? {
+                    return Err(self.corrupt(format!(
+                        "host cluster {c} ({:#x}) is mapped by the guest but its refcount is 0; \
+                         refusing to reuse it (repair with 'qemu-img check -r all')",
+                        c << self.geo.cluster_bits
+                    )));
+                }
                 first_free.get_or_insert(c);
             } else {
                 start = c + 1;

@@ -103,6 +103,9 @@ pub struct FormatInfo {
     pub extended_l2: bool,
     /// Compression type name ("zlib"; zstd images are refused).
     pub compression_type: &'static str,
+    /// The dirty bit is set in the header (refcounts not written back; repaired at a
+    /// writable open, so only a read-only open reports it).
+    pub dirty: bool,
 }
 
 /// An open qcow2 image. `Send + Sync`; every I/O method may be called from many threads.
@@ -281,13 +284,14 @@ impl Qcow2 {
 
     /// Format-specific facts for `query-block`-style output.
     pub fn format_info(&self) -> FormatInfo {
-        let (lazy, corrupt) = self
+        let (lazy, corrupt, dirty) = self
             .lock()
             .map(|m| {
                 let lazy = m.header.raw.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0;
-                (lazy, m.corrupt)
+                let dirty = m.header.raw.incompatible_features & INCOMPAT_DIRTY != 0;
+                (lazy, m.corrupt, dirty)
             })
-            .unwrap_or((false, true));
+            .unwrap_or((false, true, false));
         FormatInfo {
             compat: if self.version >= 3 { "1.1" } else { "0.10" },
             lazy_refcounts: lazy,
@@ -295,6 +299,7 @@ impl Qcow2 {
             corrupt,
             extended_l2: false,
             compression_type: "zlib",
+            dirty,
         }
     }
 

@@ -182,6 +182,7 @@ impl Driver for Qcow2Driver {
                 (b.name, b.granularity, flags)
             })
             .collect();
+        let info = self.image.format_info();
         ImageFacts {
             filename: file.filename,
             actual_size: file.actual_size,
@@ -189,22 +190,20 @@ impl Driver for Qcow2Driver {
             backing_filename: self.image.backing_file(),
             backing_format: self.image.backing_format(),
             format_specific: Some(FormatSpecific::Qcow2 {
-                compat: if self.image.version() >= 3 {
-                    "1.1"
-                } else {
-                    "0.10"
-                }
-                .to_string(),
-                lazy_refcounts: false,
-                refcount_bits: 16,
-                corrupt: self.image.is_corrupt(),
+                compat: info.compat.to_string(),
+                lazy_refcounts: info.lazy_refcounts,
+                refcount_bits: u64::from(info.refcount_bits),
+                corrupt: info.corrupt,
                 bitmaps,
             }),
-            dirty_flag: false,
+            dirty_flag: info.dirty,
         }
     }
     fn close(&self) -> io::Result<()> {
         self.image.close().map_err(to_io)
+    }
+    fn is_corrupt(&self) -> bool {
+        self.image.is_corrupt()
     }
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
         Some(self)
@@ -213,7 +212,11 @@ impl Driver for Qcow2Driver {
 
 impl BitmapStore for Qcow2Driver {
     fn load(&self) -> io::Result<Vec<StoredBitmap>> {
-        let loaded = self.image.load_bitmaps().map_err(to_io)?;
+        let loaded = self.image.load_bitmaps().map_err(|e| match e.kind() {
+            qcow2::ErrorKind::Io => to_io(e),
+            // A refused image: keep the reason ("Bitmap 'x' is too big: ...").
+            _ => io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+        })?;
         Ok(loaded
             .into_iter()
             .map(|b| StoredBitmap {
@@ -241,9 +244,11 @@ impl BitmapStore for Qcow2Driver {
                 data: b.data.clone(),
             })
             .collect();
-        self.image.store_bitmaps(&list, in_use).map_err(to_io)
+        self.image
+            .store_bitmaps(&list, in_use)
+            .map_err(|e| self.io_err(e))
     }
     fn remove(&self, name: &str) -> io::Result<()> {
-        self.image.remove_bitmap(name).map_err(to_io)
+        self.image.remove_bitmap(name).map_err(|e| self.io_err(e))
     }
 }

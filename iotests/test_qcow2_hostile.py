@@ -152,7 +152,7 @@ def unrefcounted_guest_data(tmp_path):
 
 @blockd_only
 def test_opening_damaged_image_read_write_leaves_guest_data_intact(make_daemon, tmp_path):
-    # QSD 10.0.2 stores the bitmap at close into the "free" cluster, over the guest's data.
+    # QSD 10.0.2 writes bitmap metadata into the "free" cluster, over the guest's data.
     img, host = unrefcounted_guest_data(tmp_path)
     size = img.stat().st_size
     d = make_daemon()

@@ -69,6 +69,8 @@ pub enum DriverOptions {
         /// `None`: open the backing file named in the image. `Some(None)`: no backing.
         /// `Some(Some(r))`: this node.
         backing: Option<Option<ChildRef>>,
+        /// Metadata cache options.
+        cache: crate::drivers::qcow2_cache::Qcow2CacheOptions,
     },
     /// A driver named in the schema that blockd does not implement.
     #[default]
@@ -249,13 +251,17 @@ impl Graph {
                     ro,
                 ))
             }
-            DriverOptions::Qcow2 { file, backing } => {
+            DriverOptions::Qcow2 {
+                file,
+                backing,
+                cache,
+            } => {
                 let child = self.child(file, opts, depth)?;
                 if !ro && child.read_only() {
                     return Err(Error::generic("Could not open image: Permission denied")
                         .context(child.name().to_string()));
                 }
-                let driver = Qcow2Driver::open(child.clone(), ro, name, self.events.clone())
+                let driver = Qcow2Driver::open(child.clone(), ro, name, self.events.clone(), cache)
                     .map_err(Error::generic)?;
                 let mut children = vec![Child {
                     role: "file",
@@ -322,6 +328,7 @@ impl Graph {
             "qcow2" => DriverOptions::Qcow2 {
                 file: ChildRef::Inline(file),
                 backing: None,
+                cache: Default::default(),
             },
             "raw" => DriverOptions::Raw {
                 file: ChildRef::Inline(file),

@@ -39,6 +39,8 @@ pub struct TableCache {
     lru: BTreeMap<u64, u64>,
     /// Monotonic use counter.
     tick: u64,
+    /// The counter at the last `clean_unused`: slots not used since then are idle.
+    clean_mark: u64,
 }
 
 impl TableCache {
@@ -49,7 +51,47 @@ impl TableCache {
             slots: HashMap::new(),
             lru: BTreeMap::new(),
             tick: 0,
+            clean_mark: 0,
         }
+    }
+
+    /// Change the capacity (at least 2). The owner then makes room, which writes back and
+    /// evicts the least recently used tables beyond it.
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(2);
+    }
+
+    /// The capacity in tables.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Number of tables held.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether more tables are held than the capacity allows.
+    pub fn over_capacity(&self) -> bool {
+        self.slots.len() > self.capacity
+    }
+
+    /// Drop the clean tables not used since the previous call (QEMU's cache-clean-interval);
+    /// dirty ones stay until written back. Returns how many were dropped.
+    pub fn clean_unused(&mut self) -> usize {
+        let mark = self.clean_mark;
+        let idle: Vec<(u64, u64)> = self
+            .lru
+            .range(..=mark)
+            .map(|(&t, &k)| (t, k))
+            .filter(|(_, k)| self.slots.get(k).is_some_and(|s| s.dirty.is_none()))
+            .collect();
+        for (t, k) in &idle {
+            self.lru.remove(t);
+            self.slots.remove(k);
+        }
+        self.clean_mark = self.tick;
+        idle.len()
     }
 
     /// The table at `key`, marking it recently used.
@@ -123,6 +165,22 @@ mod tests {
         c.insert(2, vec![0; 8], false);
         c.get(1);
         assert_eq!(c.pop_lru().map(|(k, _)| k), Some(2));
+    }
+
+    #[test]
+    fn cleaning_drops_only_clean_tables_idle_since_the_last_cleaning() {
+        let mut c = TableCache::new(8);
+        c.insert(1, vec![0; 8], false);
+        c.insert(2, vec![0; 8], true);
+        c.insert(3, vec![0; 8], false);
+        assert_eq!(
+            c.clean_unused(),
+            0,
+            "everything was used since the (initial) mark"
+        );
+        c.get(3);
+        assert_eq!(c.clean_unused(), 1, "table 1 idle and clean");
+        assert!(!c.contains(1) && c.contains(2) && c.contains(3));
     }
 
     #[test]

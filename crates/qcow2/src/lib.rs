@@ -303,6 +303,28 @@ impl Qcow2 {
         }
     }
 
+    /// Bound the metadata caches: at most `l2_tables` L2 tables and `refblocks` refcount
+    /// blocks (each at least 2) are held; tables beyond are written back and dropped now.
+    /// The defaults are QEMU's: L2 tables for the whole disk up to 32 MiB, 4 refcount blocks.
+    pub fn set_cache_capacity(&self, l2_tables: usize, refblocks: usize) -> Result<()> {
+        self.lock()?.set_cache_capacity(l2_tables, refblocks)
+    }
+
+    /// Drop the cached tables not used since the previous call (dirty ones stay until written
+    /// back), as QEMU's `cache-clean-interval` timer does. Returns how many were dropped.
+    pub fn clean_caches(&self) -> usize {
+        self.lock()
+            .map(|mut m| m.l2.clean_unused() + m.rb.clean_unused())
+            .unwrap_or(0)
+    }
+
+    /// Tables currently cached: (L2 tables, refcount blocks).
+    pub fn cached_tables(&self) -> (usize, usize) {
+        self.lock()
+            .map(|m| (m.l2.len(), m.rb.len()))
+            .unwrap_or((0, 0))
+    }
+
     /// Whether the image was opened read-only.
     pub fn is_read_only(&self) -> bool {
         self.read_only

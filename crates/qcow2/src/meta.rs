@@ -23,10 +23,18 @@ use crate::overlap::GuestRefs;
 use crate::storage::Storage;
 use crate::types::{Geometry, GuestCluster};
 
-/// Bytes of L2 tables cached at most (covers 256 GiB of disk with 64 KiB clusters).
-const L2_CACHE_BYTES: u64 = 32 << 20;
-/// Bytes of refcount blocks cached at most.
-const REFBLOCK_CACHE_BYTES: u64 = 8 << 20;
+/// Default bound of the L2 cache in bytes (QEMU's on Linux): enough for the whole disk up to
+/// this much (256 GiB of disk with 64 KiB clusters).
+pub const DEFAULT_L2_CACHE_MAX_BYTES: u64 = 32 << 20;
+/// Default number of refcount blocks cached (QEMU's minimum and default).
+pub const DEFAULT_REFBLOCK_CACHE_TABLES: usize = 4;
+
+/// L2 tables needed to cache every L2 table of a disk of `size` bytes.
+pub fn l2_tables_for_disk(size: u64, g: Geometry) -> u64 {
+    size.div_ceil(g.cluster_size())
+        .saturating_mul(8)
+        .div_ceil(g.cluster_size())
+}
 
 /// The metadata state. Every field is guarded by the `Qcow2::meta` mutex.
 pub struct Meta {
@@ -106,10 +114,12 @@ impl Meta {
             writable,
             l1,
             l1_dirty: None,
-            l2: TableCache::new((L2_CACHE_BYTES / cs) as usize),
+            l2: TableCache::new(
+                l2_tables_for_disk(r.size, geo).min(DEFAULT_L2_CACHE_MAX_BYTES / cs) as usize,
+            ),
             rt,
             rt_dirty: None,
-            rb: TableCache::new(refblock_cache_capacity(cs)),
+            rb: TableCache::new(DEFAULT_REFBLOCK_CACHE_TABLES),
             free_hint: 0,
             end_cluster: file_len.div_ceil(cs),
             file_len,
@@ -529,15 +539,18 @@ impl Meta {
     }
 }
 
-/// Number of refcount blocks cached for a cluster size.
-fn refblock_cache_capacity(cs: u64) -> usize {
-    (REFBLOCK_CACHE_BYTES / cs).max(4) as usize
-}
-
 impl Meta {
-    /// The refcount block cache capacity of this image.
-    pub fn rb_capacity(&self) -> usize {
-        refblock_cache_capacity(self.geo.cluster_size())
+    /// Set the cache capacities (in tables), writing back and evicting what no longer fits.
+    pub fn set_cache_capacity(&mut self, l2_tables: usize, refblocks: usize) -> Result<()> {
+        self.l2.set_capacity(l2_tables);
+        self.rb.set_capacity(refblocks);
+        while self.l2.over_capacity() {
+            self.make_l2_room()?;
+        }
+        while self.rb.over_capacity() {
+            self.make_rb_room()?;
+        }
+        Ok(())
     }
 }
 

@@ -70,7 +70,7 @@ impl Meta {
     }
 
     /// Make room in the refcount block cache (refcount blocks may be written at any time).
-    fn make_rb_room(&mut self) -> Result<()> {
+    pub(crate) fn make_rb_room(&mut self) -> Result<()> {
         while self.rb.is_full() {
             let Some((key, slot)) = self.rb.pop_lru() else {
                 break;

@@ -15,6 +15,7 @@ use crate::driver::{
     BitmapStore, BitmapToStore, BlockStatus, Driver, FormatSpecific, ImageFacts, NodeEvent,
     NodeEventSink, StoredBitmap,
 };
+use crate::drivers::qcow2_cache::{CacheCleaner, Qcow2CacheOptions};
 use crate::node::NodeRef;
 
 /// A node seen as qcow2 storage.
@@ -51,9 +52,11 @@ impl Storage for NodeStorage {
 
 /// An open qcow2 image.
 pub struct Qcow2Driver {
-    image: Qcow2,
+    image: Arc<Qcow2>,
     file: NodeRef,
     corruption: CorruptionReport,
+    /// Drops idle metadata cache entries (`cache-clean-interval`); stopped on drop.
+    _cleaner: Option<CacheCleaner>,
 }
 
 /// The I/O path speaks errno (NBD maps it to its own codes); the message goes to the log.
@@ -76,10 +79,16 @@ impl Qcow2Driver {
         read_only: bool,
         name: &str,
         events: Option<NodeEventSink>,
+        cache: &Qcow2CacheOptions,
     ) -> Result<Qcow2Driver, String> {
         let storage: Arc<dyn Storage> = Arc::new(NodeStorage(file.clone()));
         let opts = qcow2::OpenOptions { read_only };
-        let image = Qcow2::open(storage, opts).map_err(|e| e.to_string())?;
+        let image = Arc::new(Qcow2::open(storage, opts).map_err(|e| e.to_string())?);
+        let plan = cache.plan(image.virtual_size(), image.cluster_size())?;
+        image
+            .set_cache_capacity(plan.l2_tables, plan.refcount_tables)
+            .map_err(|e| e.to_string())?;
+        let cleaner = CacheCleaner::start(&image, plan.clean_interval);
         let corruption = CorruptionReport {
             node_name: name.to_string(),
             sink: events,
@@ -89,6 +98,7 @@ impl Qcow2Driver {
             image,
             file,
             corruption,
+            _cleaner: cleaner,
         })
     }
 

@@ -11,6 +11,7 @@ use crate::mapping::OFFSET_MASK;
 use crate::meta::Meta;
 use crate::ondisk::{decode_u64_table, encode_u64_table, on_disk_struct};
 use crate::types::Geometry;
+use crate::StoreBitmapRef;
 
 /// Most bitmaps in one image.
 pub const MAX_BITMAPS: u32 = 65535;
@@ -96,7 +97,8 @@ pub struct LoadedBitmap {
     pub data: Vec<u8>,
 }
 
-/// A bitmap to write by [`crate::Qcow2::store_bitmaps`].
+/// A bitmap to write by [`crate::Qcow2::store_bitmaps`] (see [`StoreBitmapRef`] to lend
+/// the data instead).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreBitmap {
     /// Name (1..=1023 bytes, unique).
@@ -395,7 +397,7 @@ impl Meta {
     /// Write one bitmap's data clusters (non-zero ones only) and table; returns the new entry.
     fn write_bitmap(
         &mut self,
-        b: &StoreBitmap,
+        b: &StoreBitmapRef<'_>,
         gbits: u8,
         flags: u32,
         new: &mut Vec<u64>,
@@ -403,18 +405,24 @@ impl Meta {
         let g = self.geo;
         let cs = g.cluster_size() as usize;
         let len = data_len(self.header.raw.size, gbits as u32) as usize;
-        let mut data = b.data.clone();
-        data.resize(len, 0);
-        mask_tail(&mut data, self.header.raw.size, gbits as u32);
+        // The caller's bytes are used in place (no copy of the whole bitmap): only the data
+        // within `len` counts, and the bits past the disk are cleared cluster by cluster.
+        let data = &b.data[..b.data.len().min(len)];
         let table_size = len.div_ceil(cs).max(1);
         let mut table = vec![0u64; table_size];
         for (k, chunk) in data.chunks(cs).enumerate() {
             if chunk.iter().all(|&x| x == 0) {
                 continue;
             }
+            let mut buf = chunk.to_vec();
+            if k * cs + chunk.len() == len {
+                mask_tail(&mut buf, self.header.raw.size, gbits as u32);
+                if buf.iter().all(|&x| x == 0) {
+                    continue;
+                }
+            }
             let c = self.alloc_clusters(1)?;
             new.push(c);
-            let mut buf = chunk.to_vec();
             buf.resize(cs, 0);
             self.write_raw(&buf, c << g.cluster_bits, "bitmap data")?;
             table[k] = c << g.cluster_bits;
@@ -426,7 +434,7 @@ impl Meta {
         tbytes.resize((tclusters * g.cluster_size()) as usize, 0);
         self.write_raw(&tbytes, tc << g.cluster_bits, "a bitmap table")?;
         Ok(BitmapEntry {
-            name: b.name.clone(),
+            name: b.name.to_string(),
             table_offset: tc << g.cluster_bits,
             table_size: table_size as u32,
             flags,
@@ -551,7 +559,7 @@ impl Meta {
     }
 
     /// Replace the whole bitmap set (see [`crate::Qcow2::store_bitmaps`]).
-    pub fn store(&mut self, list: &[StoreBitmap], in_use: bool) -> Result<()> {
+    pub fn store(&mut self, list: &[StoreBitmapRef<'_>], in_use: bool) -> Result<()> {
         if self.header.raw.version < 3 {
             return Err(Error::plain(
                 ErrorKind::Unsupported,
@@ -563,7 +571,7 @@ impl Meta {
         }
         let mut gbits = Vec::with_capacity(list.len());
         for (i, b) in list.iter().enumerate() {
-            gbits.push(check_new(&b.name, b.granularity)?);
+            gbits.push(check_new(b.name, b.granularity)?);
             if list[..i].iter().any(|o| o.name == b.name) {
                 return Err(Error::new(
                     ErrorKind::InvalidArgument,

@@ -557,6 +557,12 @@ impl Qcow2 {
     /// Each bitmap is flagged in_use when `in_use` (a write-back while still open) or when it
     /// was loaded inconsistent.
     pub fn store_bitmaps(&self, bitmaps: &[StoreBitmap], in_use: bool) -> Result<()> {
+        let refs: Vec<StoreBitmapRef<'_>> = bitmaps.iter().map(StoreBitmapRef::from).collect();
+        self.store_bitmaps_ref(&refs, in_use)
+    }
+
+    /// [`Qcow2::store_bitmaps`] with the data lent, not copied.
+    pub fn store_bitmaps_ref(&self, bitmaps: &[StoreBitmapRef<'_>], in_use: bool) -> Result<()> {
         self.check_writable()?;
         let mut m = self.lock()?;
         if bitmaps.is_empty() && m.bitmaps.is_empty() && m.header.bitmaps.is_none() {
@@ -578,6 +584,33 @@ impl Qcow2 {
     pub fn remove_bitmap(&self, name: &str) -> Result<()> {
         self.check_writable()?;
         self.lock()?.remove(name)
+    }
+}
+
+/// A bitmap to write, its data lent by the caller (see [`StoreBitmap`] for the fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreBitmapRef<'a> {
+    /// Name (1..=1023 bytes, unique).
+    pub name: &'a str,
+    /// Bytes of guest disk per bit.
+    pub granularity: u64,
+    /// Enabled (recording): stored as the auto flag.
+    pub auto: bool,
+    /// Loaded inconsistent: keep it in_use with its on-disk data as is.
+    pub inconsistent_keep_in_use: bool,
+    /// Serialized bits; missing bytes count as zero, extra ones are ignored.
+    pub data: &'a [u8],
+}
+
+impl<'a> From<&'a StoreBitmap> for StoreBitmapRef<'a> {
+    fn from(b: &'a StoreBitmap) -> Self {
+        StoreBitmapRef {
+            name: &b.name,
+            granularity: b.granularity,
+            auto: b.auto,
+            inconsistent_keep_in_use: b.inconsistent_keep_in_use,
+            data: &b.data,
+        }
     }
 }
 

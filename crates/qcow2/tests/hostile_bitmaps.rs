@@ -206,3 +206,41 @@ fn bitmap_data_cluster_overlapping_metadata_is_refused_at_open() {
         assert!(err.to_string().contains(what), "{err}");
     }
 }
+
+#[test]
+fn bits_lent_past_the_end_of_the_disk_are_not_stored() {
+    // 3 granules of 64 KiB on a 192 KiB disk: one byte of bitmap, only its low 3 bits count.
+    let mem = Arc::new(MemStorage::new());
+    Qcow2::create(
+        mem.as_ref(),
+        &CreateOptions {
+            size: 3 * 65536,
+            ..Default::default()
+        },
+    )
+    .expect("create");
+    let img = Qcow2::open(mem.clone(), OpenOptions::default()).expect("open");
+    let data = [0xffu8, 0xff, 0xff];
+    let lent = qcow2::StoreBitmapRef {
+        name: "t",
+        granularity: 65536,
+        auto: false,
+        inconsistent_keep_in_use: false,
+        data: &data,
+    };
+    img.store_bitmaps_ref(&[lent], false).expect("store");
+    let tail_only = qcow2::StoreBitmapRef {
+        name: "u",
+        data: &[0xf8],
+        ..lent
+    };
+    img.store_bitmaps_ref(&[lent, tail_only], false)
+        .expect("store");
+    let loaded = img.load_bitmaps().expect("load");
+    assert_eq!(loaded[0].data, vec![0b111]);
+    assert_eq!(
+        loaded[1].data,
+        vec![0],
+        "only bits past the disk: nothing stored"
+    );
+}

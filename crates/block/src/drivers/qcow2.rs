@@ -57,12 +57,25 @@ pub struct Qcow2Driver {
     corruption: CorruptionReport,
     /// Drops idle metadata cache entries (`cache-clean-interval`); stopped on drop.
     _cleaner: Option<CacheCleaner>,
+    /// Bitmaps were stored since the last flush: give the freed buffers back then.
+    trim_pending: AtomicBool,
 }
 
 /// The I/O path speaks errno (NBD maps it to its own codes); the message goes to the log.
 fn to_io(e: qcow2::Error) -> io::Error {
     tracing::warn!(error = %e, "qcow2 request failed");
     io::Error::from_raw_os_error(e.errno())
+}
+
+/// Give memory freed after a bitmap store (the serialized bitmaps, megabytes each on large
+/// disks) back to the system, so resident memory follows the bitmaps and not their last
+/// checkpoint.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it touches no live data.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Reports the first corruption found while running, as QEMU does with BLOCK_IMAGE_CORRUPTED.
@@ -99,6 +112,7 @@ impl Qcow2Driver {
             file,
             corruption,
             _cleaner: cleaner,
+            trim_pending: AtomicBool::new(false),
         })
     }
 
@@ -164,7 +178,11 @@ impl Driver for Qcow2Driver {
         self.image.discard(offset, len).map_err(|e| self.io_err(e))
     }
     fn flush(&self) -> io::Result<()> {
-        self.image.flush().map_err(|e| self.io_err(e))
+        let result = self.image.flush().map_err(|e| self.io_err(e));
+        if self.trim_pending.swap(false, Ordering::AcqRel) {
+            release_freed_memory();
+        }
+        result
     }
     fn block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)> {
         let (status, n) = self.image.block_status(offset, len).map_err(to_io)?;
@@ -244,18 +262,21 @@ impl BitmapStore for Qcow2Driver {
             .map_err(|e| e.to_string())
     }
     fn store(&self, bitmaps: &[BitmapToStore], in_use: bool) -> io::Result<()> {
-        let list: Vec<qcow2::StoreBitmap> = bitmaps
+        let list: Vec<qcow2::StoreBitmapRef<'_>> = bitmaps
             .iter()
-            .map(|b| qcow2::StoreBitmap {
-                name: b.name.clone(),
+            .map(|b| qcow2::StoreBitmapRef {
+                name: &b.name,
                 granularity: b.granularity,
                 auto: b.recording,
                 inconsistent_keep_in_use: b.inconsistent,
-                data: b.data.clone(),
+                data: &b.data,
             })
             .collect();
+        // The caller frees its serialized bitmaps after this returns; the next flush (the
+        // checkpoint's own) hands that memory back.
+        self.trim_pending.store(true, Ordering::Release);
         self.image
-            .store_bitmaps(&list, in_use)
+            .store_bitmaps_ref(&list, in_use)
             .map_err(|e| self.io_err(e))
     }
     fn remove(&self, name: &str) -> io::Result<()> {

@@ -325,6 +325,13 @@ impl Qcow2 {
             .unwrap_or((0, 0))
     }
 
+    /// Heap bytes held by the cached tables (L2 tables with few mappings are kept sparsely).
+    pub fn cache_memory(&self) -> usize {
+        self.lock()
+            .map(|m| m.l2.heap_bytes() + m.rb.heap_bytes())
+            .unwrap_or(0)
+    }
+
     /// Whether the image was opened read-only.
     pub fn is_read_only(&self) -> bool {
         self.read_only

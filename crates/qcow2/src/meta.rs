@@ -18,7 +18,7 @@ use crate::cache::TableCache;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Header, INCOMPAT_CORRUPT};
 use crate::mapping::{l1_l2_offset, L2Entry, COPIED};
-use crate::ondisk::{be64_at, decode_u64_table, encode_u64_table, put_be64_at};
+use crate::ondisk::{decode_u64_table, encode_u64_table};
 use crate::overlap::GuestRefs;
 use crate::storage::Storage;
 use crate::types::{Geometry, GuestCluster};
@@ -114,7 +114,7 @@ impl Meta {
             writable,
             l1,
             l1_dirty: None,
-            l2: TableCache::new(
+            l2: TableCache::new_sparse(
                 l2_tables_for_disk(r.size, geo).min(DEFAULT_L2_CACHE_MAX_BYTES / cs) as usize,
             ),
             rt,
@@ -264,10 +264,13 @@ impl Meta {
                 break;
             };
             if let Some((s, e)) = slot.dirty {
-                self.flush_refcounts()?;
-                self.sync()?;
-                if let Err(err) = self.write_raw(&slot.data[s..e], key + s as u64, "an L2 table") {
-                    self.l2.insert(key, slot.data, true);
+                let bytes = slot.into_bytes();
+                let written = self
+                    .flush_refcounts()
+                    .and_then(|_| self.sync())
+                    .and_then(|_| self.write_raw(&bytes[s..e], key + s as u64, "an L2 table"));
+                if let Err(err) = written {
+                    self.l2.insert(key, bytes, true);
                     return Err(err);
                 }
             }
@@ -304,7 +307,7 @@ impl Meta {
         self.load_l2(off)?;
         self.l2
             .get(off)
-            .map(|s| s.data.clone())
+            .map(|s| s.bytes().into_owned())
             .ok_or_else(|| Error::new(ErrorKind::Io, "L2 table vanished from the cache"))
     }
 
@@ -323,7 +326,7 @@ impl Meta {
         self.load_l2(off)?;
         let idx = self.geo.l2_index(gc);
         match self.l2.get(off) {
-            Some(slot) => Ok(be64_at(&slot.data, idx)),
+            Some(slot) => Ok(slot.u64_at(idx)),
             None => Err(Error::new(
                 ErrorKind::Io,
                 "L2 table vanished from the cache",
@@ -405,7 +408,7 @@ impl Meta {
             .l2
             .get(off)
             .ok_or_else(|| Error::new(ErrorKind::Io, "L2 table vanished from the cache"))?;
-        put_be64_at(&mut slot.data, idx, raw);
+        slot.set_u64(idx, raw);
         slot.mark_dirty(idx * 8, idx * 8 + 8);
         self.note_l2_entry(raw);
         Ok(())
@@ -441,8 +444,9 @@ impl Meta {
         };
         // Write whole 512-byte sectors.
         let (s, e) = (s & !511, e.div_ceil(512) * 512);
-        let e = e.min(slot.data.len());
-        let bytes = slot.data[s..e].to_vec();
+        let data = slot.bytes();
+        let e = e.min(data.len());
+        let bytes = data[s..e].to_vec();
         let what = if l2 {
             "an L2 table"
         } else {

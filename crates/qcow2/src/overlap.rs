@@ -184,7 +184,7 @@ impl Meta {
             };
             let table: &[u8] = match self.l2.peek_mut(off.0) {
                 Some(slot) => {
-                    buf.copy_from_slice(&slot.data);
+                    buf.copy_from_slice(&slot.bytes());
                     &buf
                 }
                 None => {

@@ -76,10 +76,9 @@ impl Meta {
                 break;
             };
             if let Some((s, e)) = slot.dirty {
-                if let Err(err) =
-                    self.write_raw(&slot.data[s..e], key + s as u64, "a refcount block")
-                {
-                    self.rb.insert(key, slot.data, true);
+                let bytes = slot.into_bytes();
+                if let Err(err) = self.write_raw(&bytes[s..e], key + s as u64, "a refcount block") {
+                    self.rb.insert(key, bytes, true);
                     return Err(err);
                 }
             }
@@ -111,7 +110,7 @@ impl Meta {
         self.load_refblock(off)?;
         let order = self.geo.refcount_order;
         match self.rb.get(off) {
-            Some(slot) => Ok(get_entry(&slot.data, (c % epb) as usize, order)),
+            Some(slot) => Ok(get_entry(&slot.bytes(), (c % epb) as usize, order)),
             None => Err(Error::new(
                 ErrorKind::Io,
                 "refcount block vanished from the cache",
@@ -132,7 +131,7 @@ impl Meta {
             .rb
             .get(off)
             .ok_or_else(|| Error::new(ErrorKind::Io, "refcount block vanished from the cache"))?;
-        let (s, e) = set_entry(&mut slot.data, (c % epb) as usize, order, v);
+        let (s, e) = set_entry(slot.bytes_mut(), (c % epb) as usize, order, v);
         slot.mark_dirty(s, e);
         Ok(())
     }

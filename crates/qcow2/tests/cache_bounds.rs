@@ -79,3 +79,32 @@ fn cleaning_drops_tables_idle_since_the_previous_cleaning() {
     );
     assert_eq!(img.cached_tables().0, 1, "the one used since stays");
 }
+
+#[test]
+fn scattered_writes_keep_l2_cache_memory_near_the_mapped_data() {
+    let (mem, img) = image();
+    // 4 writes in each of the 128 L2 tables: 128 tables cached, 4 of 8192 entries each.
+    for t in 0..128u64 {
+        for k in 0..4u64 {
+            img.write_at(&[0x33; 4096], (t << 29) + (k << 20))
+                .expect("write");
+        }
+    }
+    img.flush().expect("flush");
+    assert_eq!(img.cached_tables().0, 128);
+    let l2_dense = 128 * 65536;
+    let used = img.cache_memory();
+    assert!(
+        used < l2_dense / 16,
+        "cache holds {used} bytes for 128 nearly empty L2 tables"
+    );
+    img.close().expect("close");
+    let img = Qcow2::open(mem, OpenOptions { read_only: true }).expect("reopen");
+    for t in 0..128u64 {
+        for k in 0..4u64 {
+            let mut buf = [0u8; 4096];
+            img.read_at(&mut buf, (t << 29) + (k << 20)).expect("read");
+            assert_eq!(buf, [0x33; 4096]);
+        }
+    }
+}

@@ -202,4 +202,8 @@ pub trait Driver: Send + Sync {
     fn set_read_only(&self, _read_only: bool) -> io::Result<()> {
         Ok(())
     }
+    /// The image was found corrupt (formats with metadata): nothing may be written any more.
+    fn is_corrupt(&self) -> bool {
+        false
+    }
 }

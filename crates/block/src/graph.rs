@@ -74,6 +74,8 @@ pub enum DriverOptions {
         /// `None`: open the backing file named in the image. `Some(None)`: no backing.
         /// `Some(Some(r))`: this node.
         backing: Option<Option<ChildRef>>,
+        /// Metadata cache options.
+        cache: crate::drivers::qcow2_cache::Qcow2CacheOptions,
     },
     /// A driver named in the schema that blockd does not implement.
     #[default]

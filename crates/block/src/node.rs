@@ -442,7 +442,12 @@ impl Node {
                 .map_err(|e| crate::Error::io("Could not flush bitmaps", &e))
         });
         if stored.is_err() {
-            self.bitmaps_changed.store(true, Ordering::Release);
+            if self.driver.is_corrupt() {
+                // The driver reported BLOCK_IMAGE_CORRUPTED: stop writing to the image at all.
+                self.read_only.store(true, Ordering::Release);
+            } else {
+                self.bitmaps_changed.store(true, Ordering::Release);
+            }
         }
         stored.map(|_| true)
     }

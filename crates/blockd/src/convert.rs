@@ -86,6 +86,13 @@ pub fn node_options(o: &BlockdevOptions) -> Result<NodeOptions, String> {
         BlockdevDriverOptions::Qcow2(q) => DriverOptions::Qcow2 {
             file: child_ref(&q.file)?,
             backing: optional_child(q.backing.as_ref())?,
+            cache: block::drivers::qcow2_cache::Qcow2CacheOptions {
+                cache_size: q.cache_size,
+                l2_cache_size: q.l2_cache_size,
+                l2_cache_entry_size: q.l2_cache_entry_size,
+                refcount_cache_size: q.refcount_cache_size,
+                cache_clean_interval: q.cache_clean_interval,
+            },
         },
         other => {
             return Err(format!(

@@ -11,6 +11,7 @@ use crate::mapping::OFFSET_MASK;
 use crate::meta::Meta;
 use crate::ondisk::{decode_u64_table, encode_u64_table, on_disk_struct};
 use crate::types::Geometry;
+use crate::StoreBitmapRef;
 
 /// Most bitmaps in one image.
 pub const MAX_BITMAPS: u32 = 65535;
@@ -96,7 +97,8 @@ pub struct LoadedBitmap {
     pub data: Vec<u8>,
 }
 
-/// A bitmap to write by [`crate::Qcow2::store_bitmaps`].
+/// A bitmap to write by [`crate::Qcow2::store_bitmaps`] (see [`StoreBitmapRef`] to lend
+/// the data instead).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreBitmap {
     /// Name (1..=1023 bytes, unique).
@@ -136,6 +138,26 @@ impl BitmapEntry {
 /// Number of bytes of bitmap data for a disk of `size` at `granularity`.
 pub fn data_len(size: u64, granularity_bits: u32) -> u64 {
     size.div_ceil(1u64 << granularity_bits).div_ceil(8)
+}
+
+/// Refuse a bitmap whose data for the image's virtual size would exceed what any valid image
+/// can store (QEMU's limit on one bitmap, `MAX_PHYS_BYTES`). An entry not in use already
+/// passes (its table covers the disk within that limit); an in-use one may predate a resize
+/// and is checked against the disk as it is now.
+pub fn check_memory(e: &BitmapEntry, disk_size: u64) -> Result<()> {
+    let need = data_len(disk_size, e.granularity_bits as u32);
+    if need > MAX_PHYS_BYTES {
+        return Err(Error::plain(
+            ErrorKind::InvalidImage,
+            format!(
+                "Bitmap '{}' is too big: a {disk_size}-byte disk at granularity {} needs {need} \
+                 bytes of bitmap, more than the limit of {MAX_PHYS_BYTES}",
+                e.name,
+                e.granularity()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Validate the bitmaps header extension.
@@ -298,7 +320,6 @@ impl Meta {
             .read_at(&mut buf, ext.directory_offset)
             .map_err(|e| Error::io(e, "reading the bitmap directory"))?;
         let entries = parse_directory(&buf, ext.nb_bitmaps, self.geo, self.header.raw.size)?;
-        let g = self.geo;
         for e in &entries {
             let bytes = e.table_size as u64 * 8;
             if e.table_offset + bytes > limit {
@@ -307,21 +328,14 @@ impl Meta {
                     e.name
                 )));
             }
-            for k in 0..g.clusters_for(bytes) {
-                self.meta_clusters
-                    .insert((e.table_offset >> g.cluster_bits) + k);
-            }
         }
-        for k in 0..g.clusters_for(ext.directory_size) {
-            self.meta_clusters
-                .insert((ext.directory_offset >> g.cluster_bits) + k);
-        }
+        self.check_bitmap_layout(&ext, &entries)?;
         self.bitmaps = entries;
         Ok(())
     }
 
     /// Read one bitmap's table, validating its entries.
-    fn read_bitmap_table(&mut self, e: &BitmapEntry) -> Result<Vec<u64>> {
+    pub(crate) fn read_bitmap_table(&mut self, e: &BitmapEntry) -> Result<Vec<u64>> {
         let mut buf = vec![0u8; e.table_size as usize * 8];
         self.file
             .read_at(&mut buf, e.table_offset)
@@ -383,7 +397,7 @@ impl Meta {
     /// Write one bitmap's data clusters (non-zero ones only) and table; returns the new entry.
     fn write_bitmap(
         &mut self,
-        b: &StoreBitmap,
+        b: &StoreBitmapRef<'_>,
         gbits: u8,
         flags: u32,
         new: &mut Vec<u64>,
@@ -391,18 +405,24 @@ impl Meta {
         let g = self.geo;
         let cs = g.cluster_size() as usize;
         let len = data_len(self.header.raw.size, gbits as u32) as usize;
-        let mut data = b.data.clone();
-        data.resize(len, 0);
-        mask_tail(&mut data, self.header.raw.size, gbits as u32);
+        // The caller's bytes are used in place (no copy of the whole bitmap): only the data
+        // within `len` counts, and the bits past the disk are cleared cluster by cluster.
+        let data = &b.data[..b.data.len().min(len)];
         let table_size = len.div_ceil(cs).max(1);
         let mut table = vec![0u64; table_size];
         for (k, chunk) in data.chunks(cs).enumerate() {
             if chunk.iter().all(|&x| x == 0) {
                 continue;
             }
+            let mut buf = chunk.to_vec();
+            if k * cs + chunk.len() == len {
+                mask_tail(&mut buf, self.header.raw.size, gbits as u32);
+                if buf.iter().all(|&x| x == 0) {
+                    continue;
+                }
+            }
             let c = self.alloc_clusters(1)?;
             new.push(c);
-            let mut buf = chunk.to_vec();
             buf.resize(cs, 0);
             self.write_raw(&buf, c << g.cluster_bits, "bitmap data")?;
             table[k] = c << g.cluster_bits;
@@ -414,7 +434,7 @@ impl Meta {
         tbytes.resize((tclusters * g.cluster_size()) as usize, 0);
         self.write_raw(&tbytes, tc << g.cluster_bits, "a bitmap table")?;
         Ok(BitmapEntry {
-            name: b.name.clone(),
+            name: b.name.to_string(),
             table_offset: tc << g.cluster_bits,
             table_size: table_size as u32,
             flags,
@@ -502,14 +522,44 @@ impl Meta {
         }
     }
 
-    /// Rewrite the directory with new flags only (tables unchanged).
+    /// Change only the entries' flags, in place as QEMU does: nothing is allocated or freed.
+    /// The bitmaps autoclear bit is cleared while the directory is rewritten, so a crash in
+    /// between leaves the extension ignored (bitmaps lost, image sound), never half-written.
     pub fn rewrite_flags(&mut self, entries: Vec<BitmapEntry>) -> Result<()> {
-        let old = self.directory_clusters();
-        self.commit_directory(entries, old, Vec::new())
+        let Some(ext) = self.header.bitmaps else {
+            return Err(Error::new(ErrorKind::Io, "no bitmap directory to update"));
+        };
+        let same_layout = entries.len() == self.bitmaps.len()
+            && entries.iter().zip(&self.bitmaps).all(|(a, b)| {
+                a.name == b.name
+                    && a.table_offset == b.table_offset
+                    && a.table_size == b.table_size
+                    && a.granularity_bits == b.granularity_bits
+            });
+        let dir = serialize_directory(&entries);
+        if !same_layout || dir.len() as u64 != ext.directory_size {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "an in-place bitmap directory update may change flags only",
+            ));
+        }
+        // The directory's clusters were checked against all metadata at open: they are ours.
+        let old_auto = self.header.raw.autoclear_features;
+        self.header.raw.autoclear_features &= !AUTOCLEAR_BITMAPS;
+        if let Err(err) = self.write_header() {
+            self.header.raw.autoclear_features = old_auto;
+            return Err(err);
+        }
+        self.write_raw(&dir, ext.directory_offset, "the bitmap directory")?;
+        self.sync()?;
+        self.header.raw.autoclear_features |= AUTOCLEAR_BITMAPS;
+        self.write_header()?;
+        self.bitmaps = entries;
+        Ok(())
     }
 
     /// Replace the whole bitmap set (see [`crate::Qcow2::store_bitmaps`]).
-    pub fn store(&mut self, list: &[StoreBitmap], in_use: bool) -> Result<()> {
+    pub fn store(&mut self, list: &[StoreBitmapRef<'_>], in_use: bool) -> Result<()> {
         if self.header.raw.version < 3 {
             return Err(Error::plain(
                 ErrorKind::Unsupported,
@@ -521,7 +571,7 @@ impl Meta {
         }
         let mut gbits = Vec::with_capacity(list.len());
         for (i, b) in list.iter().enumerate() {
-            gbits.push(check_new(&b.name, b.granularity)?);
+            gbits.push(check_new(b.name, b.granularity)?);
             if list[..i].iter().any(|o| o.name == b.name) {
                 return Err(Error::new(
                     ErrorKind::InvalidArgument,

@@ -1,17 +1,64 @@
 //! A small LRU cache of cluster-sized metadata tables (L2 tables, refcount blocks).
 //!
-//! Tables are kept as their on-disk bytes, keyed by host offset. Each slot remembers which byte
-//! range was modified since it was last written, so write-back stores only the changed part.
-//! The cache does no I/O itself: the owner loads tables, writes back dirty ones in the order
-//! the format requires, and decides what to do with a dirty victim on eviction.
+//! Tables are keyed by host offset. Each slot remembers which byte range was modified since it
+//! was last written, so write-back stores only the changed part. The cache does no I/O itself:
+//! the owner loads tables, writes back dirty ones in the order the format requires, and decides
+//! what to do with a dirty victim on eviction.
+//!
+//! A cache of 64-bit-entry tables (L2) may keep a mostly empty table sparsely: only its
+//! non-zero entries, sorted by index. Scattered writes on a large disk leave most L2 tables
+//! nearly empty, so the cache's memory then follows the mapped data rather than the number of
+//! tables. A table turns dense once more than an eighth of its entries are in use.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+
+use crate::ondisk::{be64_at, put_be64_at};
+
+/// A table's contents.
+#[derive(Debug, Clone)]
+enum Table {
+    /// The on-disk bytes.
+    Dense(Vec<u8>),
+    /// `len` bytes of big-endian u64 entries, all zero except `entries` (index, value),
+    /// sorted by index, values non-zero.
+    Sparse {
+        /// Size of the table in bytes.
+        len: usize,
+        /// The non-zero entries.
+        entries: Vec<(u32, u64)>,
+    },
+}
+
+impl Table {
+    /// Most non-zero entries a sparse table of `len` bytes holds (an eighth of its entries).
+    fn sparse_limit(len: usize) -> usize {
+        len / 64
+    }
+
+    /// Keep `data` (a table of u64 entries) sparsely if few entries are in use.
+    fn from_u64_bytes(data: Vec<u8>) -> Table {
+        let len = data.len();
+        let limit = Table::sparse_limit(len);
+        let mut entries = Vec::new();
+        for i in 0..len / 8 {
+            let v = be64_at(&data, i);
+            if v != 0 {
+                if entries.len() == limit {
+                    return Table::Dense(data);
+                }
+                entries.push((i as u32, v));
+            }
+        }
+        Table::Sparse { len, entries }
+    }
+}
 
 /// One cached table.
 #[derive(Debug)]
 pub struct Slot {
-    /// The table's bytes, exactly one cluster.
-    pub data: Vec<u8>,
+    /// The table's contents, exactly one cluster.
+    data: Table,
     /// Byte range `[start, end)` modified since the last write-back, if any.
     pub dirty: Option<(usize, usize)>,
     /// LRU tick of the last use.
@@ -26,6 +73,87 @@ impl Slot {
             Some((s, e)) => (s.min(start), e.max(end)),
         });
     }
+
+    /// The table's bytes (built for a sparse table).
+    pub fn bytes(&self) -> Cow<'_, [u8]> {
+        match &self.data {
+            Table::Dense(d) => Cow::Borrowed(d),
+            Table::Sparse { len, entries } => {
+                let mut d = vec![0u8; *len];
+                for &(i, v) in entries {
+                    put_be64_at(&mut d, i as usize, v);
+                }
+                Cow::Owned(d)
+            }
+        }
+    }
+
+    /// The table's bytes for modification (a sparse table becomes dense).
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        if let Table::Sparse { .. } = self.data {
+            self.data = Table::Dense(self.bytes().into_owned());
+        }
+        match &mut self.data {
+            Table::Dense(d) => d,
+            Table::Sparse { .. } => unreachable!("made dense above"),
+        }
+    }
+
+    /// The table's bytes, by value.
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self.data {
+            Table::Dense(d) => d,
+            sparse => Slot {
+                data: sparse,
+                dirty: None,
+                tick: 0,
+            }
+            .bytes()
+            .into_owned(),
+        }
+    }
+
+    /// Big-endian u64 entry `i`.
+    pub fn u64_at(&self, i: usize) -> u64 {
+        match &self.data {
+            Table::Dense(d) => be64_at(d, i),
+            Table::Sparse { entries, .. } => entries
+                .binary_search_by_key(&(i as u32), |e| e.0)
+                .map_or(0, |k| entries[k].1),
+        }
+    }
+
+    /// Set big-endian u64 entry `i` (the caller marks the range dirty).
+    pub fn set_u64(&mut self, i: usize, v: u64) {
+        let densify = match &mut self.data {
+            Table::Dense(d) => {
+                put_be64_at(d, i, v);
+                false
+            }
+            Table::Sparse { len, entries } => {
+                match (entries.binary_search_by_key(&(i as u32), |e| e.0), v) {
+                    (Ok(k), 0) => {
+                        entries.remove(k);
+                    }
+                    (Ok(k), v) => entries[k].1 = v,
+                    (Err(_), 0) => {}
+                    (Err(k), v) => entries.insert(k, (i as u32, v)),
+                }
+                entries.len() > Table::sparse_limit(*len)
+            }
+        };
+        if densify {
+            self.bytes_mut();
+        }
+    }
+
+    /// Heap bytes this table uses (for tests and measurements).
+    pub fn heap_bytes(&self) -> usize {
+        match &self.data {
+            Table::Dense(d) => d.capacity(),
+            Table::Sparse { entries, .. } => entries.capacity() * 16,
+        }
+    }
 }
 
 /// An LRU cache of tables keyed by host offset.
@@ -39,6 +167,10 @@ pub struct TableCache {
     lru: BTreeMap<u64, u64>,
     /// Monotonic use counter.
     tick: u64,
+    /// The counter at the last `clean_unused`: slots not used since then are idle.
+    clean_mark: u64,
+    /// Tables are u64 entries that may be kept sparsely (L2 tables).
+    sparse: bool,
 }
 
 impl TableCache {
@@ -49,7 +181,61 @@ impl TableCache {
             slots: HashMap::new(),
             lru: BTreeMap::new(),
             tick: 0,
+            clean_mark: 0,
+            sparse: false,
         }
+    }
+
+    /// An empty cache of u64-entry tables (L2) that keeps mostly empty tables sparsely.
+    pub fn new_sparse(capacity: usize) -> TableCache {
+        TableCache {
+            sparse: true,
+            ..TableCache::new(capacity)
+        }
+    }
+
+    /// Heap bytes held by the cached tables.
+    pub fn heap_bytes(&self) -> usize {
+        self.slots.values().map(Slot::heap_bytes).sum()
+    }
+
+    /// Change the capacity (at least 2). The owner then makes room, which writes back and
+    /// evicts the least recently used tables beyond it.
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(2);
+    }
+
+    /// The capacity in tables.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Number of tables held.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether more tables are held than the capacity allows.
+    pub fn over_capacity(&self) -> bool {
+        self.slots.len() > self.capacity
+    }
+
+    /// Drop the clean tables not used since the previous call (QEMU's cache-clean-interval);
+    /// dirty ones stay until written back. Returns how many were dropped.
+    pub fn clean_unused(&mut self) -> usize {
+        let mark = self.clean_mark;
+        let idle: Vec<(u64, u64)> = self
+            .lru
+            .range(..=mark)
+            .map(|(&t, &k)| (t, k))
+            .filter(|(_, k)| self.slots.get(k).is_some_and(|s| s.dirty.is_none()))
+            .collect();
+        for (t, k) in &idle {
+            self.lru.remove(t);
+            self.slots.remove(k);
+        }
+        self.clean_mark = self.tick;
+        idle.len()
     }
 
     /// The table at `key`, marking it recently used.
@@ -83,6 +269,11 @@ impl TableCache {
     pub fn insert(&mut self, key: u64, data: Vec<u8>, dirty: bool) {
         self.tick += 1;
         let len = data.len();
+        let data = if self.sparse {
+            Table::from_u64_bytes(data)
+        } else {
+            Table::Dense(data)
+        };
         let slot = Slot {
             data,
             dirty: dirty.then_some((0, len)),
@@ -123,6 +314,47 @@ mod tests {
         c.insert(2, vec![0; 8], false);
         c.get(1);
         assert_eq!(c.pop_lru().map(|(k, _)| k), Some(2));
+    }
+
+    #[test]
+    fn cleaning_drops_only_clean_tables_idle_since_the_last_cleaning() {
+        let mut c = TableCache::new(8);
+        c.insert(1, vec![0; 8], false);
+        c.insert(2, vec![0; 8], true);
+        c.insert(3, vec![0; 8], false);
+        assert_eq!(
+            c.clean_unused(),
+            0,
+            "everything was used since the (initial) mark"
+        );
+        c.get(3);
+        assert_eq!(c.clean_unused(), 1, "table 1 idle and clean");
+        assert!(!c.contains(1) && c.contains(2) && c.contains(3));
+    }
+
+    #[test]
+    fn mostly_empty_tables_are_kept_sparse_until_an_eighth_is_used() {
+        let mut c = TableCache::new_sparse(2);
+        c.insert(1, vec![0; 4096], true);
+        let s = c.get(1).expect("cached");
+        assert_eq!(s.heap_bytes(), 0);
+        s.set_u64(7, 0x1234);
+        s.set_u64(3, 5);
+        assert_eq!((s.u64_at(3), s.u64_at(7), s.u64_at(4)), (5, 0x1234, 0));
+        assert_eq!(&s.bytes()[56..64], &0x1234u64.to_be_bytes());
+        s.set_u64(3, 0);
+        assert_eq!(s.u64_at(3), 0);
+        for i in 0..=64 {
+            s.set_u64(100 + i, 1);
+        }
+        assert_eq!(s.heap_bytes(), 4096, "65 of 512 entries: dense");
+        assert_eq!((s.u64_at(7), s.u64_at(164), s.u64_at(165)), (0x1234, 1, 0));
+        let mut dense = vec![0u8; 4096];
+        dense[8..16].copy_from_slice(&9u64.to_be_bytes());
+        c.insert(2, dense.clone(), false);
+        let s2 = c.get(2).expect("cached");
+        assert_eq!(s2.u64_at(1), 9);
+        assert_eq!(s2.bytes().as_ref(), dense.as_slice());
     }
 
     #[test]

@@ -4,9 +4,6 @@ use std::sync::Arc;
 
 use crate::{MemStorage, OpenOptions, Qcow2};
 
-/// Most bitmap data `open_and_read` loads (a legitimate huge image could need more).
-const MAX_BITMAP_BYTES: u64 = 64 << 20;
-
 /// Open `bytes` as an image read-only, read a few ranges, query block status, list and load
 /// bitmaps. Any error is fine; a panic, hang or huge allocation is a bug.
 pub fn open_and_read(bytes: &[u8]) {
@@ -23,14 +20,8 @@ pub fn open_and_read(bytes: &[u8]) {
             let _ = img.block_status(off, 1 << 22);
         }
     }
-    let bitmap_bytes: u64 = img
-        .bitmaps()
-        .iter()
-        .map(|b| size.div_ceil(b.granularity).div_ceil(8))
-        .sum();
-    if bitmap_bytes <= MAX_BITMAP_BYTES {
-        let _ = img.load_bitmaps();
-    }
+    // The loader bounds every allocation itself (see `bitmaps::check_memory`).
+    let _ = img.load_bitmaps();
 }
 
 /// Open `bytes` writable (in memory, capped at 256 MiB), write, zero, discard and flush a

@@ -49,6 +49,7 @@ mod io;
 mod mapping;
 mod meta;
 mod ondisk;
+mod overlap;
 mod rebuild;
 mod refcount;
 mod snapshot;
@@ -102,6 +103,9 @@ pub struct FormatInfo {
     pub extended_l2: bool,
     /// Compression type name ("zlib"; zstd images are refused).
     pub compression_type: &'static str,
+    /// The dirty bit is set in the header (refcounts not written back; repaired at a
+    /// writable open, so only a read-only open reports it).
+    pub dirty: bool,
 }
 
 /// An open qcow2 image. `Send + Sync`; every I/O method may be called from many threads.
@@ -280,13 +284,14 @@ impl Qcow2 {
 
     /// Format-specific facts for `query-block`-style output.
     pub fn format_info(&self) -> FormatInfo {
-        let (lazy, corrupt) = self
+        let (lazy, corrupt, dirty) = self
             .lock()
             .map(|m| {
                 let lazy = m.header.raw.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0;
-                (lazy, m.corrupt)
+                let dirty = m.header.raw.incompatible_features & INCOMPAT_DIRTY != 0;
+                (lazy, m.corrupt, dirty)
             })
-            .unwrap_or((false, true));
+            .unwrap_or((false, true, false));
         FormatInfo {
             compat: if self.version >= 3 { "1.1" } else { "0.10" },
             lazy_refcounts: lazy,
@@ -294,7 +299,37 @@ impl Qcow2 {
             corrupt,
             extended_l2: false,
             compression_type: "zlib",
+            dirty,
         }
+    }
+
+    /// Bound the metadata caches: at most `l2_tables` L2 tables and `refblocks` refcount
+    /// blocks (each at least 2) are held; tables beyond are written back and dropped now.
+    /// The defaults are QEMU's: L2 tables for the whole disk up to 32 MiB, 4 refcount blocks.
+    pub fn set_cache_capacity(&self, l2_tables: usize, refblocks: usize) -> Result<()> {
+        self.lock()?.set_cache_capacity(l2_tables, refblocks)
+    }
+
+    /// Drop the cached tables not used since the previous call (dirty ones stay until written
+    /// back), as QEMU's `cache-clean-interval` timer does. Returns how many were dropped.
+    pub fn clean_caches(&self) -> usize {
+        self.lock()
+            .map(|mut m| m.l2.clean_unused() + m.rb.clean_unused())
+            .unwrap_or(0)
+    }
+
+    /// Tables currently cached: (L2 tables, refcount blocks).
+    pub fn cached_tables(&self) -> (usize, usize) {
+        self.lock()
+            .map(|m| (m.l2.len(), m.rb.len()))
+            .unwrap_or((0, 0))
+    }
+
+    /// Heap bytes held by the cached tables (L2 tables with few mappings are kept sparsely).
+    pub fn cache_memory(&self) -> usize {
+        self.lock()
+            .map(|m| m.l2.heap_bytes() + m.rb.heap_bytes())
+            .unwrap_or(0)
     }
 
     /// Whether the image was opened read-only.
@@ -467,9 +502,14 @@ impl Qcow2 {
         self.check_open()?;
         let mut m = self.lock()?;
         let entries = m.bitmaps.clone();
+        for e in &entries {
+            bitmaps::check_memory(e, m.header.raw.size)?;
+        }
         let mut out = Vec::with_capacity(entries.len());
         for e in &entries {
             let inconsistent = e.flags & FLAG_IN_USE != 0;
+            // `check_memory` bounded the allocation; an in-use bitmap's content is unreliable,
+            // so a failure to read it leaves it clear.
             let data = match m.read_bitmap_data(e) {
                 Ok(d) => d,
                 Err(_) if inconsistent => {
@@ -524,6 +564,12 @@ impl Qcow2 {
     /// Each bitmap is flagged in_use when `in_use` (a write-back while still open) or when it
     /// was loaded inconsistent.
     pub fn store_bitmaps(&self, bitmaps: &[StoreBitmap], in_use: bool) -> Result<()> {
+        let refs: Vec<StoreBitmapRef<'_>> = bitmaps.iter().map(StoreBitmapRef::from).collect();
+        self.store_bitmaps_ref(&refs, in_use)
+    }
+
+    /// [`Qcow2::store_bitmaps`] with the data lent, not copied.
+    pub fn store_bitmaps_ref(&self, bitmaps: &[StoreBitmapRef<'_>], in_use: bool) -> Result<()> {
         self.check_writable()?;
         let mut m = self.lock()?;
         if bitmaps.is_empty() && m.bitmaps.is_empty() && m.header.bitmaps.is_none() {
@@ -545,6 +591,33 @@ impl Qcow2 {
     pub fn remove_bitmap(&self, name: &str) -> Result<()> {
         self.check_writable()?;
         self.lock()?.remove(name)
+    }
+}
+
+/// A bitmap to write, its data lent by the caller (see [`StoreBitmap`] for the fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreBitmapRef<'a> {
+    /// Name (1..=1023 bytes, unique).
+    pub name: &'a str,
+    /// Bytes of guest disk per bit.
+    pub granularity: u64,
+    /// Enabled (recording): stored as the auto flag.
+    pub auto: bool,
+    /// Loaded inconsistent: keep it in_use with its on-disk data as is.
+    pub inconsistent_keep_in_use: bool,
+    /// Serialized bits; missing bytes count as zero, extra ones are ignored.
+    pub data: &'a [u8],
+}
+
+impl<'a> From<&'a StoreBitmap> for StoreBitmapRef<'a> {
+    fn from(b: &'a StoreBitmap) -> Self {
+        StoreBitmapRef {
+            name: &b.name,
+            granularity: b.granularity,
+            auto: b.auto,
+            inconsistent_keep_in_use: b.inconsistent_keep_in_use,
+            data: &b.data,
+        }
     }
 }
 

@@ -18,14 +18,23 @@ use crate::cache::TableCache;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Header, INCOMPAT_CORRUPT};
 use crate::mapping::{l1_l2_offset, L2Entry, COPIED};
-use crate::ondisk::{be64_at, decode_u64_table, encode_u64_table, put_be64_at};
+use crate::ondisk::{decode_u64_table, encode_u64_table};
+use crate::overlap::GuestRefs;
 use crate::storage::Storage;
 use crate::types::{Geometry, GuestCluster};
 
-/// Bytes of L2 tables cached at most (covers 256 GiB of disk with 64 KiB clusters).
-const L2_CACHE_BYTES: u64 = 32 << 20;
-/// Bytes of refcount blocks cached at most.
-const REFBLOCK_CACHE_BYTES: u64 = 8 << 20;
+/// Default bound of the L2 cache in bytes (QEMU's on Linux): enough for the whole disk up to
+/// this much (256 GiB of disk with 64 KiB clusters).
+pub const DEFAULT_L2_CACHE_MAX_BYTES: u64 = 32 << 20;
+/// Default number of refcount blocks cached (QEMU's minimum and default).
+pub const DEFAULT_REFBLOCK_CACHE_TABLES: usize = 4;
+
+/// L2 tables needed to cache every L2 table of a disk of `size` bytes.
+pub fn l2_tables_for_disk(size: u64, g: Geometry) -> u64 {
+    size.div_ceil(g.cluster_size())
+        .saturating_mul(8)
+        .div_ceil(g.cluster_size())
+}
 
 /// The metadata state. Every field is guarded by the `Qcow2::meta` mutex.
 pub struct Meta {
@@ -66,6 +75,8 @@ pub struct Meta {
     pub corrupt: bool,
     /// The bitmap directory as currently in the file.
     pub bitmaps: Vec<BitmapEntry>,
+    /// Host clusters mapped by active L2 entries, built on first need (see `overlap`).
+    pub guest_refs: Option<GuestRefs>,
 }
 
 /// Grow a dirty range to include `[start, end)`.
@@ -103,10 +114,12 @@ impl Meta {
             writable,
             l1,
             l1_dirty: None,
-            l2: TableCache::new((L2_CACHE_BYTES / cs) as usize),
+            l2: TableCache::new_sparse(
+                l2_tables_for_disk(r.size, geo).min(DEFAULT_L2_CACHE_MAX_BYTES / cs) as usize,
+            ),
             rt,
             rt_dirty: None,
-            rb: TableCache::new(refblock_cache_capacity(cs)),
+            rb: TableCache::new(DEFAULT_REFBLOCK_CACHE_TABLES),
             free_hint: 0,
             end_cluster: file_len.div_ceil(cs),
             file_len,
@@ -115,6 +128,7 @@ impl Meta {
             meta_clusters: HashSet::new(),
             corrupt: r.incompatible_features & INCOMPAT_CORRUPT != 0,
             bitmaps: Vec::new(),
+            guest_refs: None,
         };
         m.index_metadata()?;
         Ok(m)
@@ -250,10 +264,13 @@ impl Meta {
                 break;
             };
             if let Some((s, e)) = slot.dirty {
-                self.flush_refcounts()?;
-                self.sync()?;
-                if let Err(err) = self.write_raw(&slot.data[s..e], key + s as u64, "an L2 table") {
-                    self.l2.insert(key, slot.data, true);
+                let bytes = slot.into_bytes();
+                let written = self
+                    .flush_refcounts()
+                    .and_then(|_| self.sync())
+                    .and_then(|_| self.write_raw(&bytes[s..e], key + s as u64, "an L2 table"));
+                if let Err(err) = written {
+                    self.l2.insert(key, bytes, true);
                     return Err(err);
                 }
             }
@@ -290,7 +307,7 @@ impl Meta {
         self.load_l2(off)?;
         self.l2
             .get(off)
-            .map(|s| s.data.clone())
+            .map(|s| s.bytes().into_owned())
             .ok_or_else(|| Error::new(ErrorKind::Io, "L2 table vanished from the cache"))
     }
 
@@ -309,7 +326,7 @@ impl Meta {
         self.load_l2(off)?;
         let idx = self.geo.l2_index(gc);
         match self.l2.get(off) {
-            Some(slot) => Ok(be64_at(&slot.data, idx)),
+            Some(slot) => Ok(slot.u64_at(idx)),
             None => Err(Error::new(
                 ErrorKind::Io,
                 "L2 table vanished from the cache",
@@ -391,8 +408,9 @@ impl Meta {
             .l2
             .get(off)
             .ok_or_else(|| Error::new(ErrorKind::Io, "L2 table vanished from the cache"))?;
-        put_be64_at(&mut slot.data, idx, raw);
+        slot.set_u64(idx, raw);
         slot.mark_dirty(idx * 8, idx * 8 + 8);
+        self.note_l2_entry(raw);
         Ok(())
     }
 
@@ -426,8 +444,9 @@ impl Meta {
         };
         // Write whole 512-byte sectors.
         let (s, e) = (s & !511, e.div_ceil(512) * 512);
-        let e = e.min(slot.data.len());
-        let bytes = slot.data[s..e].to_vec();
+        let data = slot.bytes();
+        let e = e.min(data.len());
+        let bytes = data[s..e].to_vec();
         let what = if l2 {
             "an L2 table"
         } else {
@@ -524,15 +543,18 @@ impl Meta {
     }
 }
 
-/// Number of refcount blocks cached for a cluster size.
-fn refblock_cache_capacity(cs: u64) -> usize {
-    (REFBLOCK_CACHE_BYTES / cs).max(4) as usize
-}
-
 impl Meta {
-    /// The refcount block cache capacity of this image.
-    pub fn rb_capacity(&self) -> usize {
-        refblock_cache_capacity(self.geo.cluster_size())
+    /// Set the cache capacities (in tables), writing back and evicting what no longer fits.
+    pub fn set_cache_capacity(&mut self, l2_tables: usize, refblocks: usize) -> Result<()> {
+        self.l2.set_capacity(l2_tables);
+        self.rb.set_capacity(refblocks);
+        while self.l2.over_capacity() {
+            self.make_l2_room()?;
+        }
+        while self.rb.over_capacity() {
+            self.make_rb_room()?;
+        }
+        Ok(())
     }
 }
 

@@ -173,7 +173,7 @@ impl Meta {
         for c in old_meta {
             self.meta_clusters.remove(&c);
         }
-        self.rb = crate::cache::TableCache::new(self.rb_capacity());
+        self.rb = crate::cache::TableCache::new(self.rb.capacity());
         self.rt = rt;
         self.rt_dirty = None;
         for c in e..e + nb + nt {

@@ -70,16 +70,15 @@ impl Meta {
     }
 
     /// Make room in the refcount block cache (refcount blocks may be written at any time).
-    fn make_rb_room(&mut self) -> Result<()> {
+    pub(crate) fn make_rb_room(&mut self) -> Result<()> {
         while self.rb.is_full() {
             let Some((key, slot)) = self.rb.pop_lru() else {
                 break;
             };
             if let Some((s, e)) = slot.dirty {
-                if let Err(err) =
-                    self.write_raw(&slot.data[s..e], key + s as u64, "a refcount block")
-                {
-                    self.rb.insert(key, slot.data, true);
+                let bytes = slot.into_bytes();
+                if let Err(err) = self.write_raw(&bytes[s..e], key + s as u64, "a refcount block") {
+                    self.rb.insert(key, bytes, true);
                     return Err(err);
                 }
             }
@@ -111,7 +110,7 @@ impl Meta {
         self.load_refblock(off)?;
         let order = self.geo.refcount_order;
         match self.rb.get(off) {
-            Some(slot) => Ok(get_entry(&slot.data, (c % epb) as usize, order)),
+            Some(slot) => Ok(get_entry(&slot.bytes(), (c % epb) as usize, order)),
             None => Err(Error::new(
                 ErrorKind::Io,
                 "refcount block vanished from the cache",
@@ -132,7 +131,7 @@ impl Meta {
             .rb
             .get(off)
             .ok_or_else(|| Error::new(ErrorKind::Io, "refcount block vanished from the cache"))?;
-        let (s, e) = set_entry(&mut slot.data, (c % epb) as usize, order, v);
+        let (s, e) = set_entry(slot.bytes_mut(), (c % epb) as usize, order, v);
         slot.mark_dirty(s, e);
         Ok(())
     }
@@ -147,6 +146,7 @@ impl Meta {
         }
         self.set_refcount(c, rc - 1)?;
         if rc == 1 {
+            self.forget_guest_ref(c);
             self.free_hint = self.free_hint.min(c);
             let cs = self.geo.cluster_size();
             let _ = self.file.discard(c * cs, cs);
@@ -233,6 +233,13 @@ impl Meta {
                 continue;
             }
             if self.refcount(c)? == 0 && !self.meta_clusters.contains(&c) {
+                if self.guest_maps(c)? {
+                    return Err(self.corrupt(format!(
+                        "host cluster {c} ({:#x}) is mapped by the guest but its refcount is 0; \
+                         refusing to reuse it (repair with 'qemu-img check -r all')",
+                        c << self.geo.cluster_bits
+                    )));
+                }
                 first_free.get_or_insert(c);
             } else {
                 start = c + 1;

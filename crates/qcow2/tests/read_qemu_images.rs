@@ -277,7 +277,8 @@ fn format_info_matches_qemu_img_info() {
             refcount_bits: 8,
             corrupt: false,
             extended_l2: false,
-            compression_type: "zlib"
+            compression_type: "zlib",
+            dirty: false,
         }
     );
 }

@@ -4,4 +4,5 @@ pub mod file;
 pub mod lock;
 pub mod null;
 pub mod qcow2;
+pub mod qcow2_cache;
 pub mod raw;

@@ -15,6 +15,7 @@ use crate::driver::{
     BitmapStore, BitmapToStore, BlockStatus, Driver, FormatSpecific, ImageFacts, NodeEvent,
     NodeEventSink, StoredBitmap,
 };
+use crate::drivers::qcow2_cache::{CacheCleaner, CachePlan, Qcow2CacheOptions};
 use crate::edge::ChildEdge;
 use crate::node::NodeRef;
 
@@ -84,12 +85,30 @@ pub struct Qcow2Driver {
     file: Arc<ChildEdge>,
     backing: RwLock<Option<Arc<ChildEdge>>>,
     corruption: CorruptionReport,
+    /// Metadata cache sizes, applied to every image this driver opens.
+    cache: CachePlan,
+    /// Drops idle metadata cache entries of the current image (`cache-clean-interval`);
+    /// replaced on reopen, stopped on drop.
+    cleaner: std::sync::Mutex<Option<CacheCleaner>>,
+    /// Bitmaps were stored since the last flush: give the freed buffers back then.
+    trim_pending: AtomicBool,
 }
 
 /// Open the image in `file`.
 fn open_image(file: &Arc<ChildEdge>, read_only: bool) -> qcow2::Result<Qcow2> {
     let storage: Arc<dyn Storage> = Arc::new(EdgeStorage(file.clone()));
     Qcow2::open(storage, qcow2::OpenOptions { read_only })
+}
+
+/// Give memory freed after a bitmap store (the serialized bitmaps, megabytes each on large
+/// disks) back to the system, so resident memory follows the bitmaps and not their last
+/// checkpoint.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it touches no live data.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// The I/O path speaks errno (NBD maps it to its own codes); the message goes to the log.
@@ -113,8 +132,9 @@ impl Qcow2Driver {
         read_only: bool,
         name: &str,
         events: Option<NodeEventSink>,
+        cache: &Qcow2CacheOptions,
     ) -> Result<Qcow2Driver, String> {
-        Qcow2Driver::open_edge(ChildEdge::new("file", file), read_only, name, events)
+        Qcow2Driver::open_edge(ChildEdge::new("file", file), read_only, name, events, cache)
     }
 
     /// [`Qcow2Driver::open`] over a re-wirable edge.
@@ -123,18 +143,27 @@ impl Qcow2Driver {
         _read_only: bool,
         name: &str,
         events: Option<NodeEventSink>,
+        cache: &Qcow2CacheOptions,
     ) -> Result<Qcow2Driver, String> {
-        let image = open_image(&file, true).map_err(|e| e.to_string())?;
+        let image = Arc::new(open_image(&file, true).map_err(|e| e.to_string())?);
+        let plan = cache.plan(image.virtual_size(), image.cluster_size())?;
+        image
+            .set_cache_capacity(plan.l2_tables, plan.refcount_tables)
+            .map_err(|e| e.to_string())?;
+        let cleaner = CacheCleaner::start(&image, plan.clean_interval);
         let corruption = CorruptionReport {
             node_name: name.to_string(),
             sink: events,
             reported: AtomicBool::new(image.is_corrupt()),
         };
         Ok(Qcow2Driver {
-            image: RwLock::new(Arc::new(image)),
+            image: RwLock::new(image),
             file,
             backing: RwLock::new(None),
             corruption,
+            cache: plan,
+            cleaner: std::sync::Mutex::new(cleaner),
+            trim_pending: AtomicBool::new(false),
         })
     }
 
@@ -154,7 +183,8 @@ impl Qcow2Driver {
             // Everything the writable one cached must be in the file the reader opens.
             old.flush()?;
         }
-        let image = open_image(&self.file, read_only)?;
+        let image = Arc::new(open_image(&self.file, read_only)?);
+        image.set_cache_capacity(self.cache.l2_tables, self.cache.refcount_tables)?;
         if let Some(b) = self
             .backing
             .read()
@@ -167,7 +197,9 @@ impl Qcow2Driver {
             // As QEMU: bitmaps are flagged in use as soon as the image is writable.
             image.claim_bitmaps()?;
         }
-        *self.image.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(image);
+        let cleaner = CacheCleaner::start(&image, self.cache.clean_interval);
+        *self.image.write().unwrap_or_else(|p| p.into_inner()) = image;
+        *self.cleaner.lock().unwrap_or_else(|p| p.into_inner()) = cleaner;
         if read_only {
             // Requests that still hold the writable one fail from here on (reopen drains first).
             old.close()?;
@@ -243,7 +275,11 @@ impl Driver for Qcow2Driver {
         self.img().discard(offset, len).map_err(|e| self.io_err(e))
     }
     fn flush(&self) -> io::Result<()> {
-        self.img().flush().map_err(|e| self.io_err(e))
+        let result = self.img().flush().map_err(|e| self.io_err(e));
+        if self.trim_pending.swap(false, Ordering::AcqRel) {
+            release_freed_memory();
+        }
+        result
     }
     fn block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)> {
         let (status, n) = self.img().block_status(offset, len).map_err(to_io)?;
@@ -271,29 +307,28 @@ impl Driver for Qcow2Driver {
                 (b.name, b.granularity, flags)
             })
             .collect();
+        let info = image.format_info();
         ImageFacts {
             filename: file.filename,
             actual_size: file.actual_size,
-            cluster_size: Some(self.img().cluster_size()),
-            backing_filename: self.img().backing_file(),
-            backing_format: self.img().backing_format(),
+            cluster_size: Some(image.cluster_size()),
+            backing_filename: image.backing_file(),
+            backing_format: image.backing_format(),
             format_specific: Some(FormatSpecific::Qcow2 {
-                compat: if self.img().version() >= 3 {
-                    "1.1"
-                } else {
-                    "0.10"
-                }
-                .to_string(),
-                lazy_refcounts: false,
-                refcount_bits: 16,
-                corrupt: self.img().is_corrupt(),
+                compat: info.compat.to_string(),
+                lazy_refcounts: info.lazy_refcounts,
+                refcount_bits: u64::from(info.refcount_bits),
+                corrupt: info.corrupt,
                 bitmaps,
             }),
-            dirty_flag: false,
+            dirty_flag: info.dirty,
         }
     }
     fn close(&self) -> io::Result<()> {
         self.img().close().map_err(to_io)
+    }
+    fn is_corrupt(&self) -> bool {
+        self.img().is_corrupt()
     }
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
         Some(self)
@@ -309,11 +344,11 @@ impl Driver for Qcow2Driver {
 
 impl BitmapStore for Qcow2Driver {
     fn load(&self) -> io::Result<Vec<StoredBitmap>> {
-        // Keep qcow2's account of what is wrong; the errno alone says only "I/O error".
-        let loaded = self
-            .img()
-            .load_bitmaps()
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let loaded = self.img().load_bitmaps().map_err(|e| match e.kind() {
+            qcow2::ErrorKind::Io => to_io(e),
+            // A refused image: keep the reason ("Bitmap 'x' is too big: ...").
+            _ => io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+        })?;
         Ok(loaded
             .into_iter()
             .map(|b| StoredBitmap {
@@ -331,19 +366,24 @@ impl BitmapStore for Qcow2Driver {
             .map_err(|e| e.to_string())
     }
     fn store(&self, bitmaps: &[BitmapToStore], in_use: bool) -> io::Result<()> {
-        let list: Vec<qcow2::StoreBitmap> = bitmaps
+        let list: Vec<qcow2::StoreBitmapRef<'_>> = bitmaps
             .iter()
-            .map(|b| qcow2::StoreBitmap {
-                name: b.name.clone(),
+            .map(|b| qcow2::StoreBitmapRef {
+                name: &b.name,
                 granularity: b.granularity,
                 auto: b.recording,
                 inconsistent_keep_in_use: b.inconsistent,
-                data: b.data.clone(),
+                data: &b.data,
             })
             .collect();
-        self.img().store_bitmaps(&list, in_use).map_err(to_io)
+        // The caller frees its serialized bitmaps after this returns; the next flush (the
+        // checkpoint's own) hands that memory back.
+        self.trim_pending.store(true, Ordering::Release);
+        self.img()
+            .store_bitmaps_ref(&list, in_use)
+            .map_err(|e| self.io_err(e))
     }
     fn remove(&self, name: &str) -> io::Result<()> {
-        self.img().remove_bitmap(name).map_err(to_io)
+        self.img().remove_bitmap(name).map_err(|e| self.io_err(e))
     }
 }

@@ -108,7 +108,11 @@ impl Graph {
                     .map_err(Error::generic)?;
                 Ok((Box::new(driver), vec![edge], ro))
             }
-            DriverOptions::Qcow2 { file, backing } => {
+            DriverOptions::Qcow2 {
+                file,
+                backing,
+                cache,
+            } => {
                 let child = self.child(file, opts, depth)?;
                 if !ro && child.read_only() {
                     return Err(Error::generic("Could not open image: Permission denied")
@@ -117,8 +121,9 @@ impl Graph {
                 // The file's locks before the format reads a byte of it.
                 self.attach_pending(name, !ro, "file", Role::Storage, &child)?;
                 let edge = ChildEdge::new("file", child);
-                let driver = Qcow2Driver::open_edge(edge.clone(), ro, name, self.events.clone())
-                    .map_err(Error::generic)?;
+                let driver =
+                    Qcow2Driver::open_edge(edge.clone(), ro, name, self.events.clone(), cache)
+                        .map_err(Error::generic)?;
                 let mut children = vec![edge];
                 let backing_node = match backing {
                     Some(None) => None,
@@ -180,6 +185,7 @@ impl Graph {
             "qcow2" => DriverOptions::Qcow2 {
                 file: ChildRef::Inline(file),
                 backing: None,
+                cache: Default::default(),
             },
             "raw" => DriverOptions::Raw {
                 file: ChildRef::Inline(file),

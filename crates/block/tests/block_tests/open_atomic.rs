@@ -59,6 +59,7 @@ fn qcow2_opts(
         driver: DriverOptions::Qcow2 {
             file: ChildRef::Inline(Box::new(file)),
             backing,
+            cache: Default::default(),
         },
         ..NodeOptions::default()
     }
@@ -294,6 +295,7 @@ fn refused_format_over_a_named_file_puts_its_locks_back() {
         driver: DriverOptions::Qcow2 {
             file: ChildRef::Name("f".to_string()),
             backing: Some(None),
+            cache: Default::default(),
         },
         ..NodeOptions::default()
     };

@@ -131,6 +131,7 @@ impl World {
                     driver: DriverOptions::Qcow2 {
                         file: ChildRef::Name(child.name().to_string()),
                         backing: Some(None),
+                        cache: Default::default(),
                     },
                     ..NodeOptions::default()
                 };

@@ -418,11 +418,12 @@ impl Qcow2 {
         let end = offset + len;
         let a = offset.next_multiple_of(cs);
         let b = end / cs * cs;
+        // The caller marks its bitmaps for the whole request, so the log covers it all too.
+        self.claim_bitmaps()?;
+        self.log_modification(offset, len)?;
         if b <= a {
             return Ok(());
         }
-        self.claim_bitmaps()?;
-        self.log_modification(a, b - a)?;
         self.unmap_clusters(a / cs, b / cs, Unmap::Discard)
     }
 

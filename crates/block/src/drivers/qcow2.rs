@@ -214,6 +214,15 @@ impl Driver for Qcow2Driver {
 impl BitmapStore for Qcow2Driver {
     fn load(&self) -> io::Result<Vec<StoredBitmap>> {
         let loaded = self.image.load_bitmaps().map_err(to_io)?;
+        for b in loaded.iter().filter(|b| b.recovered) {
+            // Beyond QEMU: see qcow2::dirty_log. The bitmap loads consistent.
+            tracing::warn!(
+                bitmap = %b.name,
+                region_bytes = self.image.dirty_log_region(),
+                "persistent bitmap was not stored cleanly; recovered from the dirty-region log \
+                 (every region written since its last checkpoint is marked dirty)"
+            );
+        }
         Ok(loaded
             .into_iter()
             .map(|b| StoredBitmap {

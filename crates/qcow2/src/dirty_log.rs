@@ -24,8 +24,9 @@
 //!   the header sector holding it is written and the file flushed — *before the data write is
 //!   issued*. So any on-disk state that contains a modification also contains its mark, whether
 //!   or not the client ever flushed: ordering against the data's own flushes cannot break it.
-//!   Later writes into a marked region cost one atomic load. Marks run under the metadata lock,
-//!   so a second writer into the same region waits until the mark is durable.
+//!   Later writes into a marked region cost one atomic load. Concurrent writers needing marks
+//!   share one sector write and one flush (group commit); a writer into a region whose mark is
+//!   not yet durable waits for it.
 //! - **Store** (checkpoint or close): the covered list is emptied in the header the store
 //!   writes anyway; the next claim starts a new log.
 //! - **Recovery** (load at open): a bitmap found `in_use` whose table offset is covered by a
@@ -89,7 +90,10 @@ pub fn set_region_bytes(bytes: u64) {
     let v = if bytes == 0 {
         0
     } else {
-        bytes.max(512).checked_next_power_of_two().unwrap_or(1 << 62)
+        bytes
+            .max(512)
+            .checked_next_power_of_two()
+            .unwrap_or(1 << 62)
     };
     REGION_BYTES.store(v, Ordering::Relaxed);
 }
@@ -247,6 +251,11 @@ pub struct Runtime {
     /// The valid log found at open (for recovery) and the table offsets recovered from it;
     /// consumed by the first claim. Guarded by its own lock, taken under the metadata lock.
     found: Mutex<(Option<LogExt>, Vec<u64>)>,
+    /// Regions writers wait to have marked (group commit); taken by the `io` holder.
+    pending: Mutex<Vec<u64>>,
+    /// Held while marking: one writer writes and flushes the marks of all pending regions.
+    /// Taken before the metadata lock, never while holding it.
+    io: Mutex<()>,
 }
 
 /// Where the log extension's data starts in a serialized header.
@@ -318,6 +327,8 @@ impl Runtime {
             active: AtomicBool::new(false),
             marked: (0..words).map(|_| AtomicU64::new(0)).collect(),
             found: Mutex::new((found, Vec::new())),
+            pending: Mutex::new(Vec::new()),
+            io: Mutex::new(()),
         };
         (rt, rewrite)
     }
@@ -442,7 +453,9 @@ impl Runtime {
 
     /// Regions touched by `[offset, offset+len)` (len > 0).
     fn regions(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
-        let last = offset.saturating_add(len - 1).min(self.disk_size.saturating_sub(1));
+        let last = offset
+            .saturating_add(len - 1)
+            .min(self.disk_size.saturating_sub(1));
         (offset >> self.region_bits)..=(last >> self.region_bits)
     }
 }
@@ -478,57 +491,78 @@ fn pick_region_bits(m: &Meta, size: u64) -> u32 {
 impl Qcow2 {
     /// Before a modification of `[offset, offset+len)` is issued: make sure every region it
     /// touches is durably marked (no-op without an active log).
+    ///
+    /// Group commit: writers needing marks queue their regions in `pending` and take turns on
+    /// the `io` lock; the writer holding it marks everything queued so far with one sector
+    /// write and one flush, so concurrent writers (queue depth) share a flush. Durability is
+    /// tracked only by the `marked` atomics, set after the flush: a failed attempt leaves
+    /// them clear and the next writer writes the bits again.
     pub(crate) fn log_modification(&self, offset: u64, len: u64) -> Result<()> {
         let log = &self.log;
         if len == 0 || !log.active.load(Ordering::Acquire) {
             return Ok(());
         }
         let regions = log.regions(offset, len);
-        if regions.clone().all(|r| log.is_marked(r)) {
+        let mut mine: Vec<u64> = regions.filter(|&r| !log.is_marked(r)).collect();
+        if mine.is_empty() {
             return Ok(());
         }
-        let mut m = self.lock()?;
-        if !log.active.load(Ordering::Acquire) {
-            return Ok(());
+        lock(&log.pending).extend_from_slice(&mine);
+        let _io = lock(&log.io);
+        mine.retain(|&r| !log.is_marked(r));
+        if mine.is_empty() {
+            return Ok(()); // the previous holder marked them for us
         }
-        let Some(mut ext) = ext_bytes(&m.header).and_then(|d| LogExt::parse(d)) else {
-            return Ok(());
-        };
-        let fresh: Vec<u64> = regions.clone().filter(|&r| !ext.is_marked(r)).collect();
-        for &r in &fresh {
-            ext.bits[(r / 8) as usize] |= 1 << (r % 8);
-        }
-        if !fresh.is_empty() {
-            let old = ext_bytes(&m.header).cloned();
-            set_ext(&mut m.header, Some(&ext));
-            if let Err(err) = write_marks(&mut m, &ext, &fresh) {
-                // Not known to be durable: forget the marks so the next write retries.
-                if let Some(old) = old.as_ref().and_then(|d| LogExt::parse(d)) {
-                    set_ext(&mut m.header, Some(&old));
-                }
-                return Err(err);
+        let mut batch = std::mem::take(&mut *lock(&log.pending));
+        batch.append(&mut mine);
+        batch.retain(|&r| !log.is_marked(r));
+        batch.sort_unstable();
+        batch.dedup();
+        {
+            let mut m = self.lock()?;
+            if !log.active.load(Ordering::Acquire) {
+                return Ok(()); // retired by a store or resize meanwhile
             }
+            let Some(mut ext) = ext_bytes(&m.header).and_then(|d| LogExt::parse(d)) else {
+                return Ok(());
+            };
+            for &r in &batch {
+                if let Some(b) = ext.bits.get_mut((r / 8) as usize) {
+                    *b |= 1 << (r % 8);
+                }
+            }
+            set_ext(&mut m.header, Some(&ext));
+            // Written under the metadata lock, so no other header write can interleave.
+            write_marks(&mut m, &ext, &batch)?;
         }
-        for r in regions {
+        self.file
+            .flush()
+            .map_err(|e| crate::Error::io(e, "flushing the dirty-region log"))?;
+        for &r in &batch {
             log.set_marked(r);
         }
         Ok(())
     }
 }
 
-/// Write the header sector(s) holding the bits of regions `fresh`, then flush.
-fn write_marks(m: &mut Meta, ext: &LogExt, fresh: &[u64]) -> Result<()> {
+/// Lock a mutex whose data stays valid even if a holder panicked.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Write the header sector(s) holding the bits of regions `batch` (sorted; not flushed).
+fn write_marks(m: &mut Meta, ext: &LogExt, batch: &[u64]) -> Result<()> {
     let buf = m.header.serialize()?;
-    let Some(pos) = ext_data_pos(&buf) else {
+    let (Some(pos), Some(&first), Some(&last)) = (ext_data_pos(&buf), batch.first(), batch.last())
+    else {
         return m.write_header();
     };
     let base = pos + ext.bits_offset();
-    let lo = fresh.iter().min().map_or(0, |&r| base + (r / 8) as usize);
-    let hi = fresh.iter().max().map_or(0, |&r| base + (r / 8) as usize + 1);
+    let lo = base + (first / 8) as usize;
+    let hi = base + (last / 8) as usize + 1;
     let start = lo / SECTOR * SECTOR;
     let end = hi.next_multiple_of(SECTOR).min(buf.len());
-    m.write_raw(&buf[start..end], start as u64, "the dirty-region log")?;
-    m.sync()
+    m.write_raw(&buf[start..end], start as u64, "the dirty-region log")
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ daemon runs).  Texts and flags were observed on qemu-storage-daemon 10.0.2.
 
 from __future__ import annotations
 
+import shutil
 import signal
 
 import pytest
@@ -393,3 +394,37 @@ def test_merge_into_persistent_bitmap_survives_kill(make_daemon, image):
     b = d.bitmap("n", "p")
     assert "inconsistent" not in b
     assert b["count"] == 65536
+
+
+@iotests.blockd_only
+def test_qsd_on_an_image_blockd_crashed_on_sees_inconsistent_bitmaps_and_so_does_blockd_after(
+        make_daemon, image, tmp_path):
+    """QEMU's view of an image with a dirty-region log is what it always was: after a blockd
+    crash QSD loads the bitmaps inconsistent and works normally; its writable open invalidates
+    the log, so blockd then loads them inconsistent too (never wrong)."""
+    d = open_image(make_daemon, image, "first")
+    bitmap_add(d, "n", "p", persistent=True)
+    node_io(d, "n", "flush", "write 2M 64k")
+    d.kill()
+    image_check(image)
+    qsd_bin = shutil.which("qemu-storage-daemon")
+    assert qsd_bin, "qemu-storage-daemon is required for this test"
+    q = iotests.Daemon(tmp_path, name="qsd")
+    q.binary = qsd_bin
+    try:
+        q.start(*qcow2_node_args(image))
+        data_nbd.ready(q)
+        assert q.bitmap("n", "p") == {"name": "p", "recording": False, "persistent": True,
+                                      "busy": False, "granularity": 65536, "count": 0,
+                                      "inconsistent": True}
+        data_nbd.nbd_io(q, "n", "write -P 7 8M 64k", "read -P 7 8M 64k")
+        assert q.shutdown() == 0
+    finally:
+        q.kill()
+    image_check(image)
+    assert on_disk_bitmaps(image)["p"]["flags"] == ["in-use", "auto"]
+
+    d = open_image(make_daemon, image, "second")
+    b = d.bitmap("n", "p")
+    assert b.get("inconsistent") is True and b["recording"] is False
+    assert "recovered from the dirty-region log" not in d.log()

@@ -518,3 +518,36 @@ fn concurrent_writers_sharing_mark_flushes_lose_no_acknowledged_write_at_a_power
         check_state(crash_state(&base, &ops, cut, &mut rng), &must);
     }
 }
+
+#[test]
+fn a_tib_disk_gets_coarser_regions_and_qemu_handles_the_large_extension() {
+    require_qemu();
+    qcow2::dirty_log::set_region_bytes(REGION);
+    let dir = TempDir::new("crash-tib");
+    let path = dir.path("t.qcow2");
+    let p = path.to_str().expect("p");
+    qemu_img(&["create", "-q", "-f", "qcow2", p, "1T"]);
+    qemu_img(&["bitmap", "--add", p, "b"]);
+    let img = open_rw(&path);
+    // 1 MiB regions would need a 128 KiB map: coarsened until it fits into cluster 0.
+    assert_eq!(img.dirty_log_region(), 4 << 20);
+    img.load_bitmaps().expect("load");
+    img.write_at(&[1u8; 512], (1 << 40) - 512)
+        .expect("write at the end");
+    img.flush().expect("flush");
+    drop(img);
+    assert_check_clean(&path);
+    let img = open_rw(&path);
+    let b = img.load_bitmaps().expect("load").remove(0);
+    assert!(b.recovered);
+    let set = (0..(1u64 << 24) as usize)
+        .filter(|&i| bit(&b.data, i))
+        .count();
+    assert_eq!(set, 64, "the last 4 MiB region at 64 KiB granularity");
+    drop(img);
+    // QEMU opens it writable (keeping our extension, clearing its autoclear bit) and writes.
+    qemu_io(&path, &["write -P 3 0 64k", "read -P 3 0 64k"]);
+    assert_check_clean(&path);
+    let img = open_rw(&path);
+    assert!(img.load_bitmaps().expect("load")[0].inconsistent);
+}

@@ -49,10 +49,15 @@
 //! # Limits (each falls back to today's behaviour: inconsistent after a crash)
 //! - The region map must fit into cluster 0 with room to spare for QEMU (a longest backing file
 //!   name and a bitmaps extension): large disks get coarser regions; 512-byte-cluster images get
-//!   no log. At most [`MAX_COVERED`] bitmaps are covered.
+//!   no log. The extension has slots for the bitmaps present at open (at least 16, at most
+//!   [`MAX_COVERED`]); bitmaps beyond them stay uncovered.
 //! - After a resize the log is off until the image is reopened.
-//! - Header writes are assumed not to be torn across sectors (as QEMU assumes); a mark rewrites
-//!   only the sector(s) holding its bits, with every other byte unchanged.
+//! - Torn header writes: a mark rewrites only the sector(s) holding its bits, every other byte
+//!   unchanged, and is flushed before any data write depends on it. Claims and stores rewrite
+//!   the whole header, but the extension keeps its length for the whole open, so no byte after
+//!   it moves; a mix of old and new sectors gives either the old or the new directory with
+//!   either log, and every such pair is safe: a log is only ever applied to `in_use` bitmaps it
+//!   names, and a store empties the list before the tables it names are freed.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -104,8 +109,10 @@ pub fn region_bytes() -> u64 {
 }
 
 on_disk_struct! {
-    /// Fixed part of the extension; followed by `n_covered` u64 table offsets, then the region
-    /// bits (bit r in byte r/8 at position r%8 from the LSB).
+    /// Fixed part of the extension; followed by `cov_capacity` u64 slots (the first
+    /// `n_covered` hold covered table offsets, the rest zero), then the region bits (bit r in
+    /// byte r/8 at position r%8 from the LSB). The fixed capacity keeps the extension's length,
+    /// and so the position of everything after it in cluster 0, unchanged by claims.
     pub struct LogHead [32] {
         /// [`VERSION`].
         0 => version: u32,
@@ -115,10 +122,10 @@ on_disk_struct! {
         8 => disk_size: u64,
         /// Number of regions (`ceil(disk_size / region)`).
         16 => nb_regions: u64,
-        /// Number of covered bitmap table offsets that follow.
+        /// Number of covered bitmap table offsets.
         24 => n_covered: u32,
-        /// Zero.
-        28 => reserved: u32,
+        /// Number of table offset slots.
+        28 => cov_capacity: u32,
     }
 }
 
@@ -131,17 +138,20 @@ pub struct LogExt {
     pub disk_size: u64,
     /// Table offsets of the bitmaps whose stored data plus the marked regions is complete.
     pub covered: Vec<u64>,
+    /// Slots for `covered` (at least its length).
+    pub capacity: usize,
     /// Region bits.
     pub bits: Vec<u8>,
 }
 
 impl LogExt {
     /// An empty log (no marks) for `covered`.
-    fn empty(region_bits: u32, disk_size: u64, covered: Vec<u64>) -> LogExt {
+    fn empty(region_bits: u32, disk_size: u64, covered: Vec<u64>, capacity: usize) -> LogExt {
         let n = disk_size.div_ceil(1u64 << region_bits);
         LogExt {
             region_bits,
             disk_size,
+            capacity: capacity.max(covered.len()),
             covered,
             bits: vec![0; n.div_ceil(8) as usize],
         }
@@ -155,33 +165,36 @@ impl LogExt {
     /// Parse; `None` when malformed (treated as no log).
     pub fn parse(data: &[u8]) -> Option<LogExt> {
         let h = LogHead::load(data)?;
-        if h.version != VERSION || !REGION_BITS.contains(&h.region_bits) || h.reserved != 0 {
+        if h.version != VERSION || !REGION_BITS.contains(&h.region_bits) {
             return None;
         }
         let n = h.disk_size.div_ceil(1u64 << h.region_bits);
-        if h.nb_regions != n || h.n_covered as usize > MAX_COVERED {
+        let cap = h.cov_capacity as usize;
+        if h.nb_regions != n || h.n_covered > h.cov_capacity || cap > MAX_COVERED {
             return None;
         }
-        let cov_end = LogHead::SIZE + 8 * h.n_covered as usize;
+        let cov_end = LogHead::SIZE + 8 * cap;
         let bits_len = usize::try_from(n.div_ceil(8)).ok()?;
         if data.len() != cov_end.checked_add(bits_len)? {
             return None;
         }
         let covered = data[LogHead::SIZE..cov_end]
             .chunks_exact(8)
+            .take(h.n_covered as usize)
             .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .collect();
         Some(LogExt {
             region_bits: h.region_bits,
             disk_size: h.disk_size,
             covered,
+            capacity: cap,
             bits: data[cov_end..].to_vec(),
         })
     }
 
     /// Offset of the region bits within the encoded extension.
     fn bits_offset(&self) -> usize {
-        LogHead::SIZE + 8 * self.covered.len()
+        LogHead::SIZE + 8 * self.capacity
     }
 
     /// Encode.
@@ -192,12 +205,13 @@ impl LogExt {
             disk_size: self.disk_size,
             nb_regions: self.nb_regions(),
             n_covered: self.covered.len() as u32,
-            reserved: 0,
+            cov_capacity: self.capacity as u32,
         };
         let mut out = head.to_bytes().to_vec();
         for c in &self.covered {
             out.extend_from_slice(&c.to_be_bytes());
         }
+        out.resize(self.bits_offset(), 0);
         out.extend_from_slice(&self.bits);
         out
     }
@@ -244,6 +258,8 @@ pub struct Runtime {
     region_bits: u32,
     /// Disk size the region map covers.
     disk_size: u64,
+    /// Covered-offset slots of this open's extension.
+    capacity: usize,
     /// Marks are being written (a log was claimed and no store or resize happened since).
     active: AtomicBool,
     /// Regions whose mark is durable, one bit each (set only after the flush).
@@ -311,9 +327,13 @@ impl Runtime {
             rewrite = true;
         }
         let size = m.header.raw.size;
+        let capacity = match &found {
+            Some(e) => e.capacity,
+            None => m.bitmaps.len().next_power_of_two().clamp(16, MAX_COVERED),
+        };
         let region_bits = match &found {
             Some(e) => e.region_bits,
-            None if m.writable && m.header.raw.version >= 3 => pick_region_bits(m, size),
+            None if m.writable && m.header.raw.version >= 3 => pick_region_bits(m, size, capacity),
             None => 0,
         };
         let words = if region_bits == 0 {
@@ -324,6 +344,7 @@ impl Runtime {
         let rt = Runtime {
             region_bits,
             disk_size: size,
+            capacity,
             active: AtomicBool::new(false),
             marked: (0..words).map(|_| AtomicU64::new(0)).collect(),
             found: Mutex::new((found, Vec::new())),
@@ -395,10 +416,12 @@ impl Runtime {
                 keep = true;
             }
         }
-        if covered.is_empty() || covered.len() > MAX_COVERED {
-            return None;
+        if covered.is_empty() && ext_bytes(&m.header).is_none() {
+            return None; // no bitmaps to cover: leave the header alone
         }
-        let mut log = LogExt::empty(self.region_bits, self.disk_size, covered);
+        // Bitmaps beyond the capacity stay uncovered (inconsistent after a crash).
+        covered.truncate(self.capacity);
+        let mut log = LogExt::empty(self.region_bits, self.disk_size, covered, self.capacity);
         if keep {
             if let Some(old) = found.as_ref().filter(|o| o.bits.len() == log.bits.len()) {
                 log.bits = old.bits.clone();
@@ -424,7 +447,8 @@ impl Runtime {
                 self.set_marked(r);
             }
         }
-        self.active.store(log.is_some(), Ordering::Release);
+        let covers = log.as_ref().is_some_and(|l| !l.covered.is_empty());
+        self.active.store(covers, Ordering::Release);
     }
 
     /// Before a store or resize: stop marking and empty the covered list in the in-memory header
@@ -461,9 +485,9 @@ impl Runtime {
 }
 
 /// The region size for a fresh log: the configured one, coarsened until the map fits into
-/// cluster 0 with [`HEADER_SLACK`] to spare and room for [`MAX_COVERED`] offsets; 0 if not even
-/// one byte of map fits.
-fn pick_region_bits(m: &Meta, size: u64) -> u32 {
+/// cluster 0 with [`HEADER_SLACK`] to spare and room for `capacity` covered offsets; 0 if not
+/// even one byte of map fits.
+fn pick_region_bits(m: &Meta, size: u64, capacity: usize) -> u32 {
     let want = region_bytes();
     if want == 0 || size == 0 {
         return 0;
@@ -474,7 +498,7 @@ fn pick_region_bits(m: &Meta, size: u64) -> u32 {
         return 0;
     };
     let cs = m.geo.cluster_size() as usize;
-    let fixed = hdr.len() + HEADER_SLACK + ExtHead::SIZE + LogHead::SIZE + 8 * MAX_COVERED + 8;
+    let fixed = hdr.len() + HEADER_SLACK + ExtHead::SIZE + LogHead::SIZE + 8 * capacity + 8;
     let Some(budget) = cs.checked_sub(fixed).filter(|&b| b > 0) else {
         return 0;
     };
@@ -571,7 +595,7 @@ mod tests {
 
     #[test]
     fn extension_round_trips() {
-        let mut e = LogExt::empty(22, (1 << 30) + 1, vec![0x70000, 0x90000]);
+        let mut e = LogExt::empty(22, (1 << 30) + 1, vec![0x70000, 0x90000], 16);
         e.bits[0] = 0b101;
         let back = LogExt::parse(&e.encode()).expect("parses");
         assert_eq!(back, e);
@@ -581,7 +605,7 @@ mod tests {
 
     #[test]
     fn truncated_or_inconsistent_extension_is_no_log() {
-        let e = LogExt::empty(22, 1 << 30, vec![0x70000]);
+        let e = LogExt::empty(22, 1 << 30, vec![0x70000], 16);
         let enc = e.encode();
         assert!(LogExt::parse(&enc[..enc.len() - 1]).is_none());
         let mut bad = enc.clone();
@@ -592,7 +616,7 @@ mod tests {
     #[test]
     fn marked_region_sets_every_granule_it_touches() {
         // Regions of 1 MiB, granularity 64 KiB: region 1 = granules 16..=31.
-        let mut e = LogExt::empty(20, 4 << 20, vec![]);
+        let mut e = LogExt::empty(20, 4 << 20, vec![], 16);
         e.bits[0] = 0b10;
         let mut data = vec![0u8; 8];
         e.apply(&mut data, 16, 4 << 20);
@@ -602,7 +626,7 @@ mod tests {
     #[test]
     fn last_region_is_clamped_to_the_disk() {
         // 3 MiB disk, 2 MiB regions, 1 MiB granularity: region 1 covers only granule 2.
-        let mut e = LogExt::empty(21, 3 << 20, vec![]);
+        let mut e = LogExt::empty(21, 3 << 20, vec![], 16);
         e.bits[0] = 0b10;
         let mut data = vec![0u8; 1];
         e.apply(&mut data, 20, 3 << 20);

@@ -75,7 +75,8 @@ impl Storage for Recorder {
 }
 
 /// What a power cut after `cut` operations may leave: flushed writes kept, each later write
-/// kept with probability 1/2 (in issue order).
+/// kept with probability 1/2 (in issue order); one in four kept writes is torn: only a random
+/// subset of its 512-byte sectors lands.
 fn crash_state(base: &[u8], ops: &[Op], cut: usize, rng: &mut Rng) -> Vec<u8> {
     let durable = ops[..cut]
         .iter()
@@ -89,7 +90,14 @@ fn crash_state(base: &[u8], ops: &[Op], cut: usize, rng: &mut Rng) -> Vec<u8> {
                 if img.len() < end {
                     img.resize(end, 0);
                 }
-                img[*off as usize..end].copy_from_slice(data);
+                let torn = i >= durable && data.len() > 512 && rng.below(4) == 0;
+                for (k, sector) in data.chunks(512).enumerate() {
+                    if torn && rng.below(2) == 0 {
+                        continue;
+                    }
+                    let at = *off as usize + k * 512;
+                    img[at..at + sector.len()].copy_from_slice(sector);
+                }
             }
             Op::Truncate(size) => img.resize(*size as usize, 0),
             _ => {}
@@ -217,13 +225,15 @@ fn run(img: &Qcow2, rec: &Recorder, seed: u64, steps: usize) -> Vec<Acked> {
 }
 
 /// Open a crash state and check every bitmap is consistent and covers `must` (writes acked
-/// before the cut). Returns the extra dirty bytes of the 64 KiB bitmap beyond `must`.
-fn check_state(state: Vec<u8>, must: &[(u64, u64)]) -> u64 {
+/// before the cut). Returns the extra dirty bytes of the 64 KiB bitmap beyond `must`, and
+/// whether the bitmaps had to be recovered from the log.
+fn check_state(state: Vec<u8>, must: &[(u64, u64)]) -> (u64, bool) {
     let st = Arc::new(MemStorage::from_bytes(state));
     let img = Qcow2::open(st, OpenOptions::default()).expect("crash state opens");
     let loaded = img.load_bitmaps().expect("crash state loads its bitmaps");
     assert_eq!(loaded.len(), BITMAPS.len());
     let mut extra = 0;
+    let recovered = loaded.iter().any(|b| b.recovered);
     for (name, g, recording) in BITMAPS {
         let b = loaded
             .iter()
@@ -251,7 +261,7 @@ fn check_state(state: Vec<u8>, must: &[(u64, u64)]) -> u64 {
             extra += (have - need) as u64 * g;
         }
     }
-    extra
+    (extra, recovered)
 }
 
 /// `qemu-img check` of a state: no errors (leaks, which any crash of a qcow2 writer may leave,
@@ -289,7 +299,7 @@ fn every_power_cut_state_opens_with_consistent_bitmaps_covering_acknowledged_wri
     qcow2::dirty_log::set_region_bytes(REGION);
     let dir = TempDir::new("crash");
     let base = base_image();
-    let (mut states, mut leaky, mut checked, mut extra_sum) = (0, 0, 0, 0u64);
+    let (mut states, mut leaky, mut checked, mut extra_sum, mut recovered) = (0, 0, 0, 0u64, 0);
     for seed in 1..=3u64 {
         let rec = Arc::new(Recorder::new(base.clone()));
         let img = Qcow2::open(rec.clone(), OpenOptions::default()).expect("open");
@@ -313,15 +323,19 @@ fn every_power_cut_state_opens_with_consistent_bitmaps_covering_acknowledged_wri
                 leaky += qemu_check(&dir, &state) as usize;
                 checked += 1;
             }
-            extra_sum += check_state(state, &must);
+            let (extra, rec) = check_state(state, &must);
+            extra_sum += extra;
+            recovered += rec as usize;
             states += 1;
         }
     }
     eprintln!(
-        "{states} crash states consistent and complete; qemu-img check: {checked} states, \
-         no errors, {leaky} with leaked clusters; extra dirty (64K bitmap) {} KiB on average",
+        "{states} crash states ({recovered} recovered from the log) consistent and complete; \
+         qemu-img check: {checked} states, no errors, {leaky} with leaked clusters; \
+         extra dirty (64K bitmap) {} KiB on average",
         extra_sum / states as u64 / 1024
     );
+    assert!(recovered > states / 2, "most cuts fall between checkpoints");
 }
 
 /// A crashed image (bitmaps in use, log valid), as left by killing the writer.
@@ -504,6 +518,7 @@ fn concurrent_writers_sharing_mark_flushes_lose_no_acknowledged_write_at_a_power
     let ops = rec.ops();
     let acked = acked.lock().expect("acked").clone();
     let mut rng = Rng(99);
+    let mut recovered = 0;
     for k in 0..60 {
         let cut = if k == 0 {
             ops.len()
@@ -515,8 +530,13 @@ fn concurrent_writers_sharing_mark_flushes_lose_no_acknowledged_write_at_a_power
             .filter(|a| a.0 <= cut)
             .map(|a| (a.1, a.2))
             .collect();
-        check_state(crash_state(&base, &ops, cut, &mut rng), &must);
+        let (_, rec) = check_state(crash_state(&base, &ops, cut, &mut rng), &must);
+        recovered += rec as usize;
     }
+    assert!(
+        recovered > 30,
+        "only {recovered} of 60 states needed the log"
+    );
 }
 
 #[test]

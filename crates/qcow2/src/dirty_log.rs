@@ -48,8 +48,9 @@
 //!
 //! # Limits (each falls back to today's behaviour: inconsistent after a crash)
 //! - The region map must fit into cluster 0 with room to spare for QEMU (a longest backing file
-//!   name and a bitmaps extension): large disks get coarser regions; 512-byte-cluster images get
-//!   no log. The extension has slots for the bitmaps present at open (at least 16, at most
+//!   name and a bitmaps extension): large disks get coarser regions (64 KiB clusters: 4 MiB
+//!   regions up to 1 TiB; 4 KiB clusters: about 14 000 regions), images with clusters under
+//!   4 KiB get no log. The extension has slots for the bitmaps present at open (at least 16, at most
 //!   [`MAX_COVERED`]); bitmaps beyond them stay uncovered.
 //! - After a resize the log is off until the image is reopened.
 //! - Torn header writes: a mark rewrites only the sector(s) holding its bits, every other byte

@@ -571,3 +571,36 @@ fn a_tib_disk_gets_coarser_regions_and_qemu_handles_the_large_extension() {
     let img = open_rw(&path);
     assert!(img.load_bitmaps().expect("load")[0].inconsistent);
 }
+
+#[test]
+fn small_cluster_images_without_room_for_a_log_fall_back_to_inconsistent_bitmaps() {
+    qcow2::dirty_log::set_region_bytes(REGION);
+    let st = Arc::new(MemStorage::new());
+    Qcow2::create(
+        st.as_ref(),
+        &CreateOptions {
+            size: DISK,
+            cluster_size: 1024,
+            ..Default::default()
+        },
+    )
+    .expect("create");
+    let img = Qcow2::open(st.clone(), OpenOptions::default()).expect("open");
+    let b = StoreBitmap {
+        name: "b".into(),
+        granularity: 65536,
+        auto: true,
+        inconsistent_keep_in_use: false,
+        data: Vec::new(),
+    };
+    img.store_bitmaps(&[b], false).expect("store");
+    drop(img);
+    let img = Qcow2::open(st.clone(), OpenOptions::default()).expect("open");
+    assert_eq!(img.dirty_log_region(), 0, "1 KiB clusters leave no room");
+    img.load_bitmaps().expect("load");
+    img.write_at(&[1; 512], 0).expect("write");
+    drop(img);
+    let img = Qcow2::open(st, OpenOptions::default()).expect("reopen");
+    let b = img.load_bitmaps().expect("load").remove(0);
+    assert!(b.inconsistent && !b.recovered);
+}

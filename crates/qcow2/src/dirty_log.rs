@@ -32,7 +32,12 @@
 //! - **Recovery** (load at open): a bitmap found `in_use` whose table offset is covered by a
 //!   valid log is loaded as `stored ∪ marked regions` and reported `recovered` instead of
 //!   inconsistent. The log is kept (not cleared) until the next store, since the file's bitmap
-//!   data still lacks those regions.
+//!   data still lacks those regions. Every covered bitmap gets the regions, a disabled one too
+//!   (it may have been enabled after its store): extra bits, never missing ones.
+//!
+//! Contract with the caller (the block core's checkpoint gate keeps it): a store does not run
+//! concurrently with modifications, and bits that reach a bitmap other than through a write
+//! (merge) are stored at once.
 //!
 //! # Why a header extension, guarded by an autoclear bit
 //! QEMU must keep working on such images unchanged. The log is an extension of an unknown type
@@ -50,8 +55,8 @@
 //! - The region map must fit into cluster 0 with room to spare for QEMU (a longest backing file
 //!   name and a bitmaps extension): large disks get coarser regions (64 KiB clusters: 4 MiB
 //!   regions up to 1 TiB; 4 KiB clusters: about 14 000 regions), images with clusters under
-//!   4 KiB get no log. The extension has slots for the bitmaps present at open (at least 16, at most
-//!   [`MAX_COVERED`]); bitmaps beyond them stay uncovered.
+//!   4 KiB get no log. The extension has slots for the bitmaps present at open (at least 16,
+//!   at most [`MAX_COVERED`]); bitmaps beyond them stay uncovered.
 //! - After a resize the log is off until the image is reopened.
 //! - Torn header writes: a mark rewrites only the sector(s) holding its bits, every other byte
 //!   unchanged, and is flushed before any data write depends on it. Claims and stores rewrite

@@ -7,6 +7,7 @@ daemon runs).  Texts and flags were observed on qemu-storage-daemon 10.0.2.
 
 from __future__ import annotations
 
+import shutil
 import signal
 
 import pytest
@@ -133,6 +134,12 @@ def test_blockdev_del_stores_bitmaps(make_daemon, image):
     assert on_disk_bitmaps(image) == {"p": {"flags": ["auto"], "granularity": 131072}}
 
 
+def qemu_opens_writable(image):
+    """A writable open by QEMU's own code: it keeps in-use bitmaps in use and clears the
+    autoclear bit of blockd's dirty-region log, so neither daemon can recover them."""
+    iotests.qemu_io("-f", "qcow2", "-c", "flush", str(image))
+
+
 def test_kill_leaves_loaded_bitmaps_inconsistent(make_daemon, image):
     iotests.qemu_img("bitmap", "--add", str(image), "a")
     iotests.qemu_img("bitmap", "--add", "--disable", str(image), "off")
@@ -143,6 +150,8 @@ def test_kill_leaves_loaded_bitmaps_inconsistent(make_daemon, image):
     assert on_disk_bitmaps(image) == {"a": {"flags": ["in-use", "auto"], "granularity": 65536},
                                       "off": {"flags": ["in-use"], "granularity": 65536}}
     image_check(image)  # in-use bitmaps are not errors for qemu-img check
+    qemu_opens_writable(image)
+    image_check(image)
 
     d = open_image(make_daemon, image, "second")
     assert bitmaps_by_name(d, "n") == {
@@ -171,6 +180,7 @@ def test_inconsistent_bitmap_can_be_removed_and_leaves_the_file(make_daemon, ima
     iotests.qemu_img("bitmap", "--add", str(image), "a")
     iotests.qemu_img("bitmap", "--add", str(image), "keep")
     open_image(make_daemon, image, "first").kill()
+    qemu_opens_writable(image)
     d = open_image(make_daemon, image, "second")
 
     assert bitmap_cmd(d, "remove", "n", "a") == {"return": {}}
@@ -307,13 +317,60 @@ def test_bitmap_flushed_before_kill_is_exact_after_restart(make_daemon, image):
 
 
 @iotests.blockd_only
-def test_write_after_checkpoint_then_kill_marks_bitmap_inconsistent(make_daemon, image):
-    """A write after the last checkpoint flags the stored bitmap in use before the data
-    lands, so a crash then leaves it inconsistent: never silently missing that write."""
+def test_write_after_checkpoint_then_kill_recovers_bitmap_from_the_dirty_log(make_daemon, image):
+    """A write after the last checkpoint first marks its 4 MiB region in the image's
+    dirty-region log, so after kill -9 the bitmap loads consistent: the checkpointed bits
+    plus every marked region (a superset of the true bitmap, never missing a write)."""
     d = open_image(make_daemon, image, "first")
     bitmap_add(d, "n", "p", persistent=True)
-    node_io(d, "n", "write 0 64k", "flush", "write 2M 64k")
+    bitmap_add(d, "n", "p512", persistent=True, granularity=512)
+    node_io(d, "n", "write 12M 64k", "flush", "write 5M 64k")
     d.kill()
+    assert on_disk_bitmaps(image)["p"]["flags"] == ["in-use", "auto"]  # what QEMU sees
+    image_check(image)
+
+    d = open_image(make_daemon, image, "second")
+    for name in ("p", "p512"):
+        b = d.bitmap("n", name)
+        assert "inconsistent" not in b
+        assert b["recording"] is True
+        # [12M, 12M+64K) exact from the checkpoint; [4M, 8M) the region of the write at 5M
+        assert b["count"] == 65536 + (4 << 20), name
+    assert "recovered from the dirty-region log" in d.log()
+    # it keeps working: a clean shutdown stores it exactly, not in use
+    node_io(d, "n", "write 0 1")
+    count = d.bitmap("n", "p")["count"]
+    assert d.shutdown() == 0
+    assert on_disk_bitmaps(image)["p"]["flags"] == ["auto"]
+    d = open_image(make_daemon, image, "third")
+    assert d.bitmap("n", "p")["count"] == count
+
+
+@iotests.blockd_only
+def test_crash_recovery_survives_a_second_crash_before_a_checkpoint(make_daemon, image):
+    """After a recovery the log keeps its marks until the next checkpoint."""
+    d = open_image(make_daemon, image, "first")
+    bitmap_add(d, "n", "p", persistent=True)
+    node_io(d, "n", "flush", "write 1M 1")
+    d.kill()
+    d = open_image(make_daemon, image, "second")
+    node_io(d, "n", "write 9M 1")
+    d.kill()
+
+    d = open_image(make_daemon, image, "third")
+    b = d.bitmap("n", "p")
+    assert "inconsistent" not in b
+    assert b["count"] == 8 << 20  # regions [0, 4M) and [8M, 12M)
+
+
+@iotests.blockd_only
+def test_after_qemu_opened_a_crashed_image_writable_bitmaps_are_inconsistent(make_daemon, image):
+    """QEMU clears the log's autoclear bit: blockd no longer trusts the log."""
+    d = open_image(make_daemon, image, "first")
+    bitmap_add(d, "n", "p", persistent=True)
+    node_io(d, "n", "flush", "write 2M 64k")
+    d.kill()
+    qemu_opens_writable(image)
 
     d = open_image(make_daemon, image, "second")
     b = d.bitmap("n", "p")
@@ -337,3 +394,37 @@ def test_merge_into_persistent_bitmap_survives_kill(make_daemon, image):
     b = d.bitmap("n", "p")
     assert "inconsistent" not in b
     assert b["count"] == 65536
+
+
+@iotests.blockd_only
+def test_qsd_on_an_image_blockd_crashed_on_sees_inconsistent_bitmaps_and_so_does_blockd_after(
+        make_daemon, image, tmp_path):
+    """QEMU's view of an image with a dirty-region log is what it always was: after a blockd
+    crash QSD loads the bitmaps inconsistent and works normally; its writable open invalidates
+    the log, so blockd then loads them inconsistent too (never wrong)."""
+    d = open_image(make_daemon, image, "first")
+    bitmap_add(d, "n", "p", persistent=True)
+    node_io(d, "n", "flush", "write 2M 64k")
+    d.kill()
+    image_check(image)
+    qsd_bin = shutil.which("qemu-storage-daemon")
+    assert qsd_bin, "qemu-storage-daemon is required for this test"
+    q = iotests.Daemon(tmp_path, name="qsd")
+    q.binary = qsd_bin
+    try:
+        q.start(*qcow2_node_args(image))
+        data_nbd.ready(q)
+        assert q.bitmap("n", "p") == {"name": "p", "recording": False, "persistent": True,
+                                      "busy": False, "granularity": 65536, "count": 0,
+                                      "inconsistent": True}
+        data_nbd.nbd_io(q, "n", "write -P 7 8M 64k", "read -P 7 8M 64k")
+        assert q.shutdown() == 0
+    finally:
+        q.kill()
+    image_check(image)
+    assert on_disk_bitmaps(image)["p"]["flags"] == ["in-use", "auto"]
+
+    d = open_image(make_daemon, image, "second")
+    b = d.bitmap("n", "p")
+    assert b.get("inconsistent") is True and b["recording"] is False
+    assert "recovered from the dirty-region log" not in d.log()

@@ -275,6 +275,7 @@ async fn apply(daemon: &Arc<Daemon>, opts: &[Opt]) -> Result<Setup, String> {
 
 /// Run the daemon until `quit` or a signal; returns the exit status.
 pub async fn run(opts: Vec<Opt>, ready: Option<OwnedFd>) -> ExitCode {
+    configure_dirty_log();
     let events = qmp::EventBus::new();
     let daemon = Daemon::new(events.clone());
     let dispatcher = QmpDispatcher::new(daemon.clone());
@@ -332,6 +333,17 @@ fn checkpoint_interval() -> Option<std::time::Duration> {
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or(10);
     (secs > 0).then(|| std::time::Duration::from_secs(secs))
+}
+
+/// The dirty-region log's region size for images opened from now on (see `qcow2::dirty_log`):
+/// `BLOCKD_DIRTY_LOG_REGION_BYTES` (0 = off), off when checkpoints are off (QEMU's behaviour).
+fn configure_dirty_log() {
+    let bytes = std::env::var("BLOCKD_DIRTY_LOG_REGION_BYTES")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(qcow2::dirty_log::region_bytes());
+    let on = checkpoint_interval().is_some();
+    qcow2::dirty_log::set_region_bytes(if on { bytes } else { 0 });
 }
 
 async fn checkpoint_loop(daemon: Arc<Daemon>) {

@@ -93,6 +93,9 @@ pub struct LoadedBitmap {
     pub auto: bool,
     /// in_use was already set: not saved cleanly, content unreliable (only removable).
     pub inconsistent: bool,
+    /// in_use was set, but the dirty-region log made it consistent: `data` is the stored
+    /// bitmap with every region marked since its store added (see [`crate::dirty_log`]).
+    pub recovered: bool,
     /// Bit i ↔ granule i, in byte i/8 at bit i%8 from the LSB; `ceil(granules/8)` bytes.
     pub data: Vec<u8>,
 }

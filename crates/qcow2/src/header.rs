@@ -46,7 +46,7 @@ pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 /// Autoclear feature bit 0: the bitmaps extension is valid.
 pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 /// Autoclear feature bits this driver keeps on a writable open.
-pub const AUTOCLEAR_KNOWN: u64 = AUTOCLEAR_BITMAPS;
+pub const AUTOCLEAR_KNOWN: u64 = AUTOCLEAR_BITMAPS | crate::dirty_log::AUTOCLEAR_DIRTY_LOG;
 
 /// Header extension: end of the list.
 pub const EXT_END: u32 = 0;

@@ -219,6 +219,7 @@ impl Qcow2 {
             return Ok(());
         }
         self.claim_bitmaps()?;
+        self.log_modification(offset, buf.len() as u64)?;
         let flush = {
             let _shared = self.gate.read().map_err(|_| gate_poisoned())?;
             self.write_inner(buf, offset)?
@@ -386,6 +387,7 @@ impl Qcow2 {
             return Ok(());
         }
         self.claim_bitmaps()?;
+        self.log_modification(offset, len)?;
         let cs = self.geo.cluster_size();
         let end = offset + len;
         let a = offset.next_multiple_of(cs).min(end);
@@ -416,10 +418,12 @@ impl Qcow2 {
         let end = offset + len;
         let a = offset.next_multiple_of(cs);
         let b = end / cs * cs;
+        // The caller marks its bitmaps for the whole request, so the log covers it all too.
+        self.claim_bitmaps()?;
+        self.log_modification(offset, len)?;
         if b <= a {
             return Ok(());
         }
-        self.claim_bitmaps()?;
         self.unmap_clusters(a / cs, b / cs, Unmap::Discard)
     }
 

@@ -17,6 +17,7 @@
 //! - `rebuild`: recounting refcounts of an image left dirty (lazy refcounts).
 //! - `io`: the request paths (read, write with COW, write zeroes, discard, block status).
 //! - `bitmaps`: the bitmaps extension (directory, tables, data).
+//! - [`dirty_log`]: the dirty-region log that lets bitmaps survive a crash consistent.
 //! - `snapshot`: internal snapshots (indexing their tables, unsharing L2 tables on write).
 //! - `create`: new images.
 //! - `inflate`: raw deflate decoder for compressed clusters.
@@ -41,6 +42,7 @@
 mod bitmaps;
 mod cache;
 mod create;
+pub mod dirty_log;
 mod error;
 pub mod fuzzing;
 mod header;
@@ -138,6 +140,8 @@ pub struct Qcow2 {
     bitmaps_claimed: AtomicBool,
     /// `close` has run.
     closed: AtomicBool,
+    /// The dirty-region log (see [`dirty_log`]).
+    log: dirty_log::Runtime,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -224,6 +228,7 @@ impl Qcow2 {
         let stale_bitmaps = header.stale_bitmaps;
         let mut meta = Meta::load(file.clone(), header, writable, file_len)?;
         meta.load_directory()?;
+        let (log, stale_log) = dirty_log::Runtime::at_open(&mut meta);
         if writable {
             meta.index_snapshots()?;
         }
@@ -233,7 +238,7 @@ impl Qcow2 {
         }
         if writable {
             let auto = meta.header.raw.autoclear_features;
-            if auto & !AUTOCLEAR_KNOWN != 0 || stale_bitmaps {
+            if auto & !AUTOCLEAR_KNOWN != 0 || stale_bitmaps || stale_log {
                 meta.header.raw.autoclear_features &= AUTOCLEAR_KNOWN;
                 meta.write_header()?;
             }
@@ -254,6 +259,7 @@ impl Qcow2 {
             zcache: Mutex::new(None),
             bitmaps_claimed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            log,
         })
     }
 
@@ -440,6 +446,7 @@ impl Qcow2 {
                 "resizing an image with persistent bitmaps that are not loaded",
             ));
         }
+        self.log.retire(&mut m);
         m.grow(new_size)?;
         self.size.store(new_size, Ordering::Release);
         Ok(())
@@ -506,13 +513,18 @@ impl Qcow2 {
             bitmaps::check_memory(e, m.header.raw.size)?;
         }
         let mut out = Vec::with_capacity(entries.len());
+        let size = m.header.raw.size;
         for e in &entries {
-            let inconsistent = e.flags & FLAG_IN_USE != 0;
-            // `check_memory` bounded the allocation; an in-use bitmap's content is unreliable,
-            // so a failure to read it leaves it clear.
+            let in_use = e.flags & FLAG_IN_USE != 0;
+            let mut recovered = false;
+            // `check_memory` bounded the allocation; an in-use bitmap's content is unreliable
+            // unless the dirty-region log recovers it, so a failure to read it leaves it clear.
             let data = match m.read_bitmap_data(e) {
-                Ok(d) => d,
-                Err(_) if inconsistent => {
+                Ok(mut d) => {
+                    recovered = in_use && self.log.recover(e, &mut d, size);
+                    d
+                }
+                Err(_) if in_use => {
                     vec![
                         0u8;
                         bitmaps::data_len(m.header.raw.size, e.granularity_bits as u32) as usize
@@ -524,7 +536,8 @@ impl Qcow2 {
                 name: e.name.clone(),
                 granularity: e.granularity(),
                 auto: e.flags & bitmaps::FLAG_AUTO != 0,
-                inconsistent,
+                inconsistent: in_use && !recovered,
+                recovered,
                 data,
             });
         }
@@ -536,6 +549,8 @@ impl Qcow2 {
 
     /// Mark every bitmap in the file in_use (once per open).
     fn claim_locked(&self, m: &mut Meta) -> Result<()> {
+        // The new dirty-region log goes into the same header write as the in_use flags.
+        let (log_changed, log) = self.log.claim(m);
         if m.bitmaps.iter().any(|b| b.flags & FLAG_IN_USE == 0) {
             let mut entries = m.bitmaps.clone();
             for e in &mut entries {
@@ -544,7 +559,10 @@ impl Qcow2 {
             m.rewrite_flags(entries)?;
             // The in_use flags must be on disk before the modification they announce.
             m.sync()?;
+        } else if log_changed {
+            m.write_header()?;
         }
+        self.log.activate(log);
         self.bitmaps_claimed.store(true, Ordering::Release);
         Ok(())
     }
@@ -575,6 +593,7 @@ impl Qcow2 {
         if bitmaps.is_empty() && m.bitmaps.is_empty() && m.header.bitmaps.is_none() {
             return Ok(());
         }
+        self.log.retire(&mut m);
         m.store(bitmaps, in_use)?;
         self.bitmaps_claimed
             .store(in_use || m.bitmaps.is_empty(), Ordering::Release);
@@ -585,6 +604,11 @@ impl Qcow2 {
     pub fn can_store_bitmap(&self, name: &str, granularity: u64) -> Result<()> {
         self.check_writable()?;
         self.lock()?.can_store(name, granularity)
+    }
+
+    /// Region size of this open's dirty-region log in bytes (0: none).
+    pub fn dirty_log_region(&self) -> u64 {
+        self.log.region_size()
     }
 
     /// Delete a bitmap from the file at once.

@@ -344,11 +344,21 @@ impl Driver for Qcow2Driver {
 
 impl BitmapStore for Qcow2Driver {
     fn load(&self) -> io::Result<Vec<StoredBitmap>> {
-        let loaded = self.img().load_bitmaps().map_err(|e| match e.kind() {
+        let image = self.img();
+        let loaded = image.load_bitmaps().map_err(|e| match e.kind() {
             qcow2::ErrorKind::Io => to_io(e),
             // A refused image: keep the reason ("Bitmap 'x' is too big: ...").
             _ => io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
         })?;
+        for b in loaded.iter().filter(|b| b.recovered) {
+            // Beyond QEMU: see qcow2::dirty_log. The bitmap loads consistent.
+            tracing::warn!(
+                bitmap = %b.name,
+                region_bytes = image.dirty_log_region(),
+                "persistent bitmap was not stored cleanly; recovered from the dirty-region log \
+                 (every region written since its last checkpoint is marked dirty)"
+            );
+        }
         Ok(loaded
             .into_iter()
             .map(|b| StoredBitmap {

@@ -178,4 +178,7 @@ pub trait Driver: Send + Sync {
     fn set_read_only(&self, _read_only: bool) -> io::Result<()> {
         Ok(())
     }
+    /// A debug event (QEMU's `BlkdebugEvent` wire name, e.g. "write_aio") delivered to this
+    /// node. Only `blkdebug` reacts; everything else ignores it.
+    fn debug_event(&self, _event: &str) {}
 }

@@ -70,6 +70,13 @@ pub enum DriverOptions {
         /// `Some(Some(r))`: this node.
         backing: Option<Option<ChildRef>>,
     },
+    /// blkdebug fault injection over a child.
+    Blkdebug {
+        /// The filtered child (`image`).
+        image: ChildRef,
+        /// Rules and limits.
+        opts: crate::drivers::blkdebug::BlkdebugOptions,
+    },
     /// A driver named in the schema that blockd does not implement.
     #[default]
     Unsupported,
@@ -279,6 +286,18 @@ impl Graph {
                         node: b,
                     });
                 }
+                Ok((Box::new(driver), children, ro))
+            }
+            DriverOptions::Blkdebug { image, opts: bd } => {
+                let child = self.child(image, opts, depth)?;
+                let ro = ro || child.read_only();
+                let driver =
+                    crate::drivers::blkdebug::BlkdebugDriver::new(child.clone(), bd.clone())
+                        .map_err(Error::generic)?;
+                let children = vec![Child {
+                    role: "image",
+                    node: child,
+                }];
                 Ok((Box::new(driver), children, ro))
             }
             DriverOptions::Unsupported => Err(Error::generic("Driver is not supported by blockd")),

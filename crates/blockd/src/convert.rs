@@ -15,12 +15,15 @@ use block::graph::{ChildRef, DriverOptions, NodeOptions};
 use block::node::NodeFlags;
 use qapi::types::{
     BlockDirtyBitmapOrStr, BlockExportKind, BlockExportOptions, BlockExportType,
-    BlockdevCreateOptions, BlockdevDetectZeroesOptions, BlockdevDiscardOptions,
+    BlockdevCreateOptions, BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevDriver,
     BlockdevDriverOptions, BlockdevOptions, BlockdevQcow2Version, BlockdevRef, BlockdevRefOrNull,
     OnOffAuto,
 };
 
 use crate::daemon::Daemon;
+
+#[path = "convert_blkdebug.rs"]
+mod blkdebug;
 use crate::exports::ExportArgs;
 
 /// Size of a `null-co` node when the options give none (QEMU's default).
@@ -87,6 +90,10 @@ pub fn node_options(o: &BlockdevOptions) -> Result<NodeOptions, String> {
             file: child_ref(&q.file)?,
             backing: optional_child(q.backing.as_ref())?,
         },
+        BlockdevDriverOptions::Other {
+            driver: BlockdevDriver::Blkdebug,
+            options,
+        } => blkdebug::driver_options(options)?,
         other => {
             return Err(format!(
                 "Driver '{}' is not supported by blockd",

@@ -268,6 +268,7 @@ impl Meta {
         }
         self.make_l2_room()?;
         let mut data = vec![0u8; self.geo.cluster_size() as usize];
+        self.file.debug_event("l2_load");
         self.file
             .read_at(&mut data, off)
             .map_err(|e| Error::io(e, "reading an L2 table"))?;

@@ -47,6 +47,9 @@ impl Storage for NodeStorage {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.0.discard(offset, len)
     }
+    fn debug_event(&self, event: &'static str) {
+        self.0.debug_event(event);
+    }
 }
 
 /// An open qcow2 image.

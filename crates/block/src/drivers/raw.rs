@@ -51,9 +51,11 @@ impl Driver for RawDriver {
             .unwrap_or_else(|| self.child.size().saturating_sub(self.offset))
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.child.debug_event("read_aio");
         self.child.read(self.offset + offset, buf)
     }
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.child.debug_event("write_aio");
         self.child.write(self.offset + offset, data)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {

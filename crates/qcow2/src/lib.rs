@@ -40,7 +40,9 @@
 
 mod bitmaps;
 mod cache;
+mod compress;
 mod create;
+mod deflate;
 mod error;
 pub mod fuzzing;
 mod header;

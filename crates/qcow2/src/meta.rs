@@ -66,6 +66,8 @@ pub struct Meta {
     pub corrupt: bool,
     /// The bitmap directory as currently in the file.
     pub bitmaps: Vec<BitmapEntry>,
+    /// Where the next compressed stream may be packed (0: start a new host cluster).
+    pub compressed_tail: u64,
 }
 
 /// Grow a dirty range to include `[start, end)`.
@@ -115,6 +117,7 @@ impl Meta {
             meta_clusters: HashSet::new(),
             corrupt: r.incompatible_features & INCOMPAT_CORRUPT != 0,
             bitmaps: Vec::new(),
+            compressed_tail: 0,
         };
         m.index_metadata()?;
         Ok(m)

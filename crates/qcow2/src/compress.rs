@@ -35,13 +35,13 @@ impl Qcow2 {
         }
         let cs = self.geo.cluster_size();
         let end = offset + data.len() as u64;
-        if offset % cs != 0 {
+        if !offset.is_multiple_of(cs) {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 format!("compressed write at {offset:#x} is not cluster aligned"),
             ));
         }
-        if data.len() as u64 % cs != 0 && end != self.virtual_size() {
+        if !(data.len() as u64).is_multiple_of(cs) && end != self.virtual_size() {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 format!(

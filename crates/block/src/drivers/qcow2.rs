@@ -148,6 +148,14 @@ impl Driver for Qcow2Driver {
             .write_at(data, offset)
             .map_err(|e| self.io_err(e))
     }
+    fn supports_compressed_writes(&self) -> bool {
+        true
+    }
+    fn write_compressed(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.image
+            .write_compressed(offset, data)
+            .map_err(|e| self.io_err(e))
+    }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
         self.image
             .write_zeroes(offset, len, may_unmap)

@@ -293,3 +293,102 @@ fn qemu_io_reads_and_rewrites_our_streams() {
     exp[69632..139264].copy_from_slice(&data[69632..139264]);
     compare_with_raw(&dir, &q, &exp);
 }
+
+#[test]
+fn concurrent_compressed_writes_pack_safely() {
+    let dir = TempDir::new("cw-threads");
+    let p = dir.path("c.qcow2");
+    create(&p, 8 << 20, 4096, "1.1");
+    let data = pattern(4096, 2048, 99);
+    let img = std::sync::Arc::new(open(&p, true));
+    std::thread::scope(|s| {
+        for t in 0..8usize {
+            let img = img.clone();
+            let data = &data;
+            s.spawn(move || {
+                // Thread t writes clusters t, t+8, t+16, ... one by one.
+                for c in (t..2048).step_by(8) {
+                    let off = c * 4096;
+                    img.write_compressed(off as u64, &data[off..off + 4096])
+                        .expect("compressed write");
+                }
+            });
+        }
+    });
+    // Every cluster is written now: compressing into any of them again fails, unchanged.
+    assert_eq!(
+        img.write_compressed(0, &data[..4096])
+            .expect_err("allocated")
+            .kind(),
+        ErrorKind::Io
+    );
+    img.close().expect("close");
+    assert_check_clean(&p);
+    compare_with_raw(&dir, &p, &data);
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Raw L2 entries of the first L2 table and the 16-bit refcounts of the first refcount block,
+/// read straight from the file.
+fn raw_tables(path: &Path) -> (u32, Vec<u64>, Vec<u64>) {
+    let f = std::fs::read(path).expect("read image");
+    let bits = u32::from_be_bytes(f[20..24].try_into().expect("4"));
+    let cs = 1usize << bits;
+    let l1 = be64(&f, 40) as usize;
+    let l2 = (be64(&f, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let l2_entries = (0..cs / 8).map(|i| be64(&f, l2 + i * 8)).collect();
+    let rt = be64(&f, 48) as usize;
+    let rb = be64(&f, rt) as usize;
+    let refcounts = (0..cs / 2)
+        .map(|i| u16::from_be_bytes([f[rb + 2 * i], f[rb + 2 * i + 1]]) as u64)
+        .collect();
+    (bits, l2_entries, refcounts)
+}
+
+#[test]
+fn l2_descriptors_and_shared_refcounts_decode_as_specified() {
+    for cluster in [4096u64, 65536, 2 << 20] {
+        let dir = TempDir::new(&format!("cw-l2-{cluster}"));
+        let p = dir.path("c.qcow2");
+        create(&p, cluster * 8, cluster, "1.1");
+        let data: Vec<u8> = b"descriptor "
+            .iter()
+            .cycle()
+            .take(cluster as usize * 8)
+            .copied()
+            .collect();
+        let img = open(&p, true);
+        img.write_compressed(0, &data).expect("write");
+        img.close().expect("close");
+        assert_check_clean(&p);
+        let (bits, l2, refcounts) = raw_tables(&p);
+        let x = 62 - (bits - 8);
+        let hosts: Vec<u64> = l2[..8].iter().map(|&e| e & ((1 << x) - 1)).collect();
+        // Identical clusters give streams of one length, packed back to back.
+        let len = hosts
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .min()
+            .expect("8 entries");
+        assert!(len > 0 && len < cluster / 4, "stream length {len}");
+        let mut per_cluster = std::collections::HashMap::<u64, u64>::new();
+        for (&e, &host) in l2[..8].iter().zip(&hosts) {
+            assert_eq!(e >> 62, 1, "bit 62 set, bit 63 clear: {e:#x}");
+            let extra = (e >> x) & ((1 << (bits - 8)) - 1);
+            assert_eq!(extra, (host + len - 1) / 512 - host / 512, "entry {e:#x}");
+            for c in host >> bits..=(host + len - 1) >> bits {
+                *per_cluster.entry(c).or_default() += 1;
+            }
+        }
+        assert_eq!(hosts.windows(2).filter(|w| w[1] - w[0] == len).count(), 7);
+        for (c, n) in per_cluster {
+            assert_eq!(
+                refcounts[c as usize], n,
+                "host cluster {c}: one reference per stream"
+            );
+        }
+    }
+}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from iotests import create_image, is_qsd, qemu_img
+from iotests import create_image, is_qsd, qemu_img, qemu_io
 
 MiB = 1 << 20
 EIO_W = "write failed: Input/output error"
@@ -193,3 +193,27 @@ def test_command_line_form(make_daemon, img):
     assert d.node("bd")["drv"] == "blkdebug"
     assert ENOSPC_W in d.node_io("r", "write 0 4k")
     assert not failed(d.node_io("r", "write 0 4k"))
+
+
+def qcow2_over(d, tmp_path, **opts):
+    q = create_image(tmp_path / "a.qcow2", MiB, fmt="qcow2")
+    d.ok("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": blkdebug(q, **opts)})
+    return q
+
+
+def test_qcow2_read_aio_fails_reads_of_allocated_clusters(daemon, tmp_path):
+    qcow2_over(daemon, tmp_path, inject_error=[{"event": "read_aio", "iotype": "read"}])
+    assert not failed(daemon.node_io("q", "write -P 0x31 0 64k"))
+    assert not failed(daemon.node_io("q", "read -P 0 128k 64k"))
+    assert EIO_R in daemon.node_io("q", "read 0 64k")
+
+
+def test_qcow2_l2_load_fails_first_access(daemon, tmp_path):
+    q = create_image(tmp_path / "a.qcow2", MiB, fmt="qcow2")
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(create_image(tmp_path / "s.raw", MiB)),
+             str(q))
+    qemu_io("-f", "qcow2", "-c", "write -P 0x41 0 64k", str(q))
+    daemon.ok("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": blkdebug(
+        q, inject_error=[{"event": "l2_load", "errno": 28, "once": True}])})
+    assert "read failed: No space left on device" in daemon.node_io("q", "read 0 64k")
+    assert not failed(daemon.node_io("q", "read -P 0x41 0 64k"))

@@ -377,6 +377,7 @@ impl Meta {
         }
         let c = self.alloc_clusters(1)?;
         let off = c << self.geo.cluster_bits;
+        self.file.debug_event("l2_alloc_write");
         self.make_l2_room()?;
         self.l2
             .insert(off, vec![0u8; self.geo.cluster_size() as usize], true);
@@ -437,6 +438,11 @@ impl Meta {
         } else {
             "a refcount block"
         };
+        self.file.debug_event(if l2 {
+            "l2_update"
+        } else {
+            "refblock_update_part"
+        });
         self.write_raw(&bytes, key + s as u64, what)?;
         let cache = if l2 { &mut self.l2 } else { &mut self.rb };
         if let Some(slot) = cache.peek_mut(key) {
@@ -462,6 +468,7 @@ impl Meta {
             self.sync()?;
             let bytes = encode_u64_table(&self.l1[s..e]);
             let off = self.header.raw.l1_table_offset + s as u64 * 8;
+            self.file.debug_event("l1_update");
             self.write_raw(&bytes, off, "the L1 table")?;
             self.l1_dirty = None;
         }

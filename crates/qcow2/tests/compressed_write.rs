@@ -392,3 +392,26 @@ fn l2_descriptors_and_shared_refcounts_decode_as_specified() {
         }
     }
 }
+
+#[test]
+fn one_bit_refcounts_give_every_stream_its_own_cluster() {
+    let dir = TempDir::new("cw-rc1");
+    let p = dir.path("c.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096,refcount_bits=1",
+        p.to_str().expect("p"),
+        "1M",
+    ]);
+    let data: Vec<u8> = b"refcount ".iter().cycle().take(1 << 20).copied().collect();
+    let img = open(&p, true);
+    img.write_compressed(0, &data).expect("write");
+    img.close().expect("close");
+    assert_check_clean(&p);
+    compare_with_raw(&dir, &p, &data);
+    assert_eq!(compressed_bytes(&p), 1 << 20);
+}

@@ -217,3 +217,26 @@ def test_qcow2_l2_load_fails_first_access(daemon, tmp_path):
         q, inject_error=[{"event": "l2_load", "errno": 28, "once": True}])})
     assert "read failed: No space left on device" in daemon.node_io("q", "read 0 64k")
     assert not failed(daemon.node_io("q", "read -P 0x41 0 64k"))
+
+
+def test_align_read_modify_write_events(daemon, img):
+    # Exported blkdebug with align 4096 and a rule armed by the head read-modify-write.
+    # QSD advertises the alignment as the NBD minimum block size, so its qemu-io client pads
+    # the request itself and the server never sees an unaligned write (no RMW event, the
+    # write succeeds). blockd does not advertise it yet (minimum 1) and HMP writes directly:
+    # the RMW happens on the blkdebug node, fires the event and fails the write.
+    daemon.ok("blockdev-add", {"node-name": "b", **blkdebug(
+        img, align=4096,
+        inject_error=[{"event": "pwritev_rmw_head", "errno": 28, "iotype": "read"}])})
+    assert not failed(daemon.node_io("b", "write -P 0x61 0 4k"))
+    assert not failed(daemon.node_io("b", "write -P 0x62 4k 100"))
+    out = daemon.node_io("b", "write -P 0x63 8193 100")
+    data = open(img, "rb").read(12288)
+    assert data[:4096] == b"\x61" * 4096
+    assert data[4096:4196] == b"\x62" * 100 and data[4196:8192] == bytes(3996)
+    if is_qsd():
+        assert not failed(out)
+        assert data[8193:8293] == b"\x63" * 100
+    else:
+        assert ENOSPC_W in out
+        assert data[8192:] == bytes(4096)

@@ -116,6 +116,17 @@ impl BlkdebugOptions {
         if multiple(self.max_write_zero, self.opt_write_zero.max(align)) {
             return bad("max-write-zero", self.max_write_zero);
         }
+        // blockd's own bound: read-modify-write and zero fallbacks allocate buffers of these.
+        for (what, v) in [
+            ("align", self.align),
+            ("opt-write-zero", self.opt_write_zero),
+        ] {
+            if v > MAX_BUFFERED_LIMIT {
+                return Err(format!(
+                    "blkdebug: {what} {v} is above blockd's limit of {MAX_BUFFERED_LIMIT}"
+                ));
+            }
+        }
         if multiple(self.opt_discard, align) {
             return bad("opt-discard", self.opt_discard);
         }
@@ -125,6 +136,9 @@ impl BlkdebugOptions {
         Ok(())
     }
 }
+
+/// Largest `align` / `opt-write-zero` blockd accepts (their buffers are allocated per request).
+pub const MAX_BUFFERED_LIMIT: u64 = 64 << 20;
 
 /// The rule engine's state.
 #[derive(Debug)]

@@ -203,6 +203,8 @@ fn limits_are_checked_with_qemus_texts() {
         Err("Cannot meet constraints with max-discard 1000".to_string())
     );
     assert_eq!(check(&|o| o.max_discard = 4096), Ok(()));
+    assert!(check(&|o| o.align = 1 << 30).is_err_and(|e| e.contains("blockd's limit")));
+    assert!(check(&|o| o.opt_write_zero = 1 << 30).is_err_and(|e| e.contains("blockd's limit")));
 }
 
 /// A blkdebug driver over a 1 MiB host file filled with 0x11.

@@ -95,3 +95,16 @@ def test_failed_compressed_data_write_leaves_cluster_unallocated(daemon, tmp_pat
     m = json.loads(qemu_img("map", "--output=json", str(img)))
     assert [e["start"] for e in m if e.get("compressed")] == [131072]
     assert not any(e["data"] for e in m if e["start"] <= 65536 < e["start"] + e["length"])
+
+
+def test_create_zstd_is_refused_by_the_job(make_daemon, tmp_path):
+    # QSD creates zstd images; blockd can neither write nor open them, so the job fails.
+    img = tmp_path / "z.qcow2"
+    img.write_bytes(b"")
+    d = make_daemon("--blockdev", f"file,node-name=f,filename={img}")
+    d.ok("blockdev-create", {"job-id": "j", "options": {
+        "driver": "qcow2", "file": "f", "size": MiB, "compression-type": "zstd"}})
+    d.event_wait("JOB_STATUS_CHANGE", match={"id": "j", "status": "concluded"})
+    job = next(j for j in d.ok("query-jobs") if j["id"] == "j")
+    assert job["error"] == "The zstd compression type is not supported by blockd (use zlib)"
+    assert img.stat().st_size == 0

@@ -158,12 +158,22 @@ pub fn create_spec(d: &Daemon, o: &BlockdevCreateOptions) -> Result<CreateSpec, 
             size: f.size,
         }),
         BlockdevCreateOptions::Qcow2(q) => {
-            let file = match &q.file {
+            let mut file = match &q.file {
                 BlockdevRef::Reference(n) => d.lookup_node(n).map_err(|e| e.to_string()),
                 BlockdevRef::Definition(_) => {
                     Err("blockdev-create: 'file' must name an existing node".to_string())
                 }
             };
+            // blockd writes (and opens) zlib images only; the job fails as QEMU's does for v2.
+            if q.compression_type == Some(qapi::types::Qcow2CompressionType::Zstd) {
+                file = Err(if q.version == Some(BlockdevQcow2Version::V2) {
+                    "Non-zlib compression type is only supported with compatibility level 1.1 \
+                     and above (use version=v3 or greater)"
+                        .to_string()
+                } else {
+                    "The zstd compression type is not supported by blockd (use zlib)".to_string()
+                });
+            }
             let mut opts = qcow2::CreateOptions {
                 size: q.size,
                 ..qcow2::CreateOptions::default()

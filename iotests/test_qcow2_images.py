@@ -234,8 +234,11 @@ def test_blockdev_create_v2_image(make_daemon, tmp_path):
         ({"size": SIZE, "cluster-size": 1000}, "Cluster size must be a power of two between 512 and 2048k"),
         ({"size": 1000}, "Image size must be a multiple of 512 bytes"),
         ({"size": SIZE, "file": "nosuch"}, "Cannot find device='nosuch' nor node-name='nosuch'"),
+        ({"size": SIZE, "version": "v2", "compression-type": "zstd"},
+         "Non-zlib compression type is only supported with compatibility level 1.1 and above "
+         "(use version=v3 or greater)"),
     ],
-    ids=["cluster-size", "size", "no-file-node"],
+    ids=["cluster-size", "size", "no-file-node", "v2-zstd"],
 )
 def test_blockdev_create_failure_is_reported_by_the_job(make_daemon, tmp_path, options, error):
     img = tmp_path / "x.qcow2"

@@ -139,6 +139,18 @@ pub trait Driver: Send + Sync {
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Write all of `data` at `offset`.
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Write `data` at `offset` as compressed clusters (qcow2): whole aligned clusters only
+    /// (EINVAL otherwise, except a last partial cluster at the disk end), never over an
+    /// allocated cluster (EIO); a zero-length call pads the image file to a sector.
+    /// Formats without compressed clusters: ENOTSUP.
+    fn write_compressed(&self, _offset: u64, _data: &[u8]) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+    /// Whether [`Driver::write_compressed`] is implemented (QEMU's
+    /// `bdrv_supports_compressed_writes`, which backup `compress: true` checks).
+    fn supports_compressed_writes(&self) -> bool {
+        false
+    }
     /// Make the range read as zeros; `may_unmap` allows deallocating.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
     /// Hint that the range is unused; it may then read as anything the format chooses (zeros here).
@@ -206,4 +218,7 @@ pub trait Driver: Send + Sync {
     fn is_corrupt(&self) -> bool {
         false
     }
+    /// A debug event (QEMU's `BlkdebugEvent` wire name, e.g. "write_aio") delivered to this
+    /// node. Only `blkdebug` reacts; everything else ignores it.
+    fn debug_event(&self, _event: &str) {}
 }

@@ -76,7 +76,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// The C library's text for an I/O error ("No such file or directory"), without Rust's " (os error 2)".
 pub fn strerror(err: &io::Error) -> String {
     match err.raw_os_error() {
-        Some(code) => nix::errno::Errno::from_raw(code).desc().to_string(),
+        // The C library's own table (nix's differs: "I/O error" for EIO).
+        Some(code) => {
+            let text = io::Error::from_raw_os_error(code).to_string();
+            let suffix = format!(" (os error {code})");
+            text.strip_suffix(&suffix).unwrap_or(&text).to_string()
+        }
         None => err.to_string(),
     }
 }

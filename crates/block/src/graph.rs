@@ -77,6 +77,13 @@ pub enum DriverOptions {
         /// Metadata cache options.
         cache: crate::drivers::qcow2_cache::Qcow2CacheOptions,
     },
+    /// blkdebug fault injection over a child.
+    Blkdebug {
+        /// The filtered child (`image`).
+        image: ChildRef,
+        /// Rules and limits.
+        opts: crate::drivers::blkdebug::BlkdebugOptions,
+    },
     /// A driver named in the schema that blockd does not implement.
     #[default]
     Unsupported,

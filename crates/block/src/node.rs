@@ -241,6 +241,20 @@ impl Node {
             .map(|c| c.node())
     }
 
+    /// The child a format or filter keeps its data in (`file`, or blkdebug's `image`).
+    pub fn primary_child(&self) -> Option<NodeRef> {
+        self.children
+            .iter()
+            .find(|c| c.role() == "file" || c.role() == "image")
+            .map(|c| c.node())
+    }
+
+    /// Deliver a debug event (QEMU's `BlkdebugEvent` name) to this node's driver; only
+    /// `blkdebug` nodes act on it. Formats fire their events on their `file` child.
+    pub fn debug_event(&self, event: &str) {
+        self.driver.debug_event(event);
+    }
+
     /// Read-only?
     pub fn read_only(&self) -> bool {
         self.read_only.load(Ordering::Acquire)
@@ -487,9 +501,38 @@ impl Node {
         }
         let _gate = self.gate();
         self.run_hooks(offset, len)?;
+        self.driver.debug_event("pwritev");
         let result = self.driver.write(offset, data);
         // Mark even on failure: part of the range may have changed.
         self.mark_dirty(offset, len);
+        self.driver.debug_event("pwritev_done");
+        result
+    }
+
+    /// Whether the driver takes compressed writes (qcow2); backup `compress: true` refuses
+    /// other targets ("Compression is not supported for this drive ").
+    pub fn supports_compressed_writes(&self) -> bool {
+        self.driver.supports_compressed_writes()
+    }
+
+    /// Write `data` at `offset` as compressed clusters (see [`Driver::write_compressed`]),
+    /// with the same checks, hooks and bitmap marking as [`Node::write`]. A zero-length call
+    /// goes to the driver (qcow2 pads its file to a sector) and marks nothing.
+    pub fn write_compressed(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let len = data.len() as u64;
+        self.check_write(offset, len)?;
+        if !self.driver.supports_compressed_writes() {
+            return Err(errno(libc::ENOTSUP));
+        }
+        if len == 0 {
+            return self.driver.write_compressed(offset, data);
+        }
+        let _gate = self.gate();
+        self.run_hooks(offset, len)?;
+        let result = self.driver.write_compressed(offset, data);
+        // Mark even on failure: clusters before the failing one may have been written.
+        self.mark_dirty(offset, len);
+        self.driver.debug_event("pwritev_done");
         result
     }
 
@@ -501,8 +544,10 @@ impl Node {
         }
         let _gate = self.gate();
         self.run_hooks(offset, len)?;
+        self.driver.debug_event("pwritev_zero");
         let result = self.driver.write_zeroes(offset, len, may_unmap);
         self.mark_dirty(offset, len);
+        self.driver.debug_event("pwritev_done");
         result
     }
 
@@ -523,6 +568,10 @@ impl Node {
     /// Flush the driver (formats flush their children themselves), then checkpoint the
     /// persistent bitmaps if the last checkpoint is at least a second old.
     pub fn flush(&self) -> io::Result<()> {
+        if let Some(primary) = self.primary_child() {
+            primary.debug_event("flush_to_os");
+            primary.debug_event("flush_to_disk");
+        }
         self.driver.flush()?;
         self.checkpoint_after_flush(Duration::from_secs(1));
         Ok(())

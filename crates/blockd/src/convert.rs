@@ -15,12 +15,15 @@ use block::graph::{ChildRef, DriverOptions, NodeOptions};
 use block::node::NodeFlags;
 use qapi::types::{
     BlockDirtyBitmapOrStr, BlockExportKind, BlockExportOptions, BlockExportType,
-    BlockdevCreateOptions, BlockdevDetectZeroesOptions, BlockdevDiscardOptions,
+    BlockdevCreateOptions, BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevDriver,
     BlockdevDriverOptions, BlockdevOptions, BlockdevQcow2Version, BlockdevRef, BlockdevRefOrNull,
     OnOffAuto,
 };
 
 use crate::daemon::Daemon;
+
+#[path = "convert_blkdebug.rs"]
+mod blkdebug;
 use crate::exports::ExportArgs;
 
 /// Size of a `null-co` node when the options give none (QEMU's default).
@@ -94,6 +97,10 @@ pub fn node_options(o: &BlockdevOptions) -> Result<NodeOptions, String> {
                 cache_clean_interval: q.cache_clean_interval,
             },
         },
+        BlockdevDriverOptions::Other {
+            driver: BlockdevDriver::Blkdebug,
+            options,
+        } => blkdebug::driver_options(options)?,
         other => {
             return Err(format!(
                 "Driver '{}' is not supported by blockd",
@@ -158,12 +165,22 @@ pub fn create_spec(d: &Daemon, o: &BlockdevCreateOptions) -> Result<CreateSpec, 
             size: f.size,
         }),
         BlockdevCreateOptions::Qcow2(q) => {
-            let file = match &q.file {
+            let mut file = match &q.file {
                 BlockdevRef::Reference(n) => d.lookup_node(n).map_err(|e| e.to_string()),
                 BlockdevRef::Definition(_) => {
                     Err("blockdev-create: 'file' must name an existing node".to_string())
                 }
             };
+            // blockd writes (and opens) zlib images only; the job fails as QEMU's does for v2.
+            if q.compression_type == Some(qapi::types::Qcow2CompressionType::Zstd) {
+                file = Err(if q.version == Some(BlockdevQcow2Version::V2) {
+                    "Non-zlib compression type is only supported with compatibility level 1.1 \
+                     and above (use version=v3 or greater)"
+                        .to_string()
+                } else {
+                    "The zstd compression type is not supported by blockd (use zlib)".to_string()
+                });
+            }
             let mut opts = qcow2::CreateOptions {
                 size: q.size,
                 ..qcow2::CreateOptions::default()

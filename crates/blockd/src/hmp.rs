@@ -142,6 +142,7 @@ fn dump(out: &mut String, offset: u64, data: &[u8]) {
 
 struct Args {
     unmap: bool,
+    compressed: bool,
     pattern: Option<u8>,
     zero: bool,
     verbose: bool,
@@ -152,6 +153,7 @@ struct Args {
 fn parse_args(cmd: &str, words: &[String], flags: &str) -> Result<Args, String> {
     let mut a = Args {
         unmap: false,
+        compressed: false,
         pattern: None,
         zero: false,
         verbose: false,
@@ -178,6 +180,7 @@ fn parse_args(cmd: &str, words: &[String], flags: &str) -> Result<Args, String> 
                 }
                 "z" if flags.contains('z') => a.zero = true,
                 "u" if flags.contains('u') => a.unmap = true,
+                "c" if flags.contains('c') => a.compressed = true,
                 "v" if flags.contains('v') => a.verbose = true,
                 "q" => {}
                 _ => return Err(format!("{cmd}: invalid option -- '{flag}'")),
@@ -267,17 +270,23 @@ fn cmd_read(node: &NodeRef, name: &str, rest: &[String], out: &mut String) -> Re
 }
 
 fn cmd_write(node: &NodeRef, name: &str, rest: &[String], out: &mut String) -> Result<(), String> {
-    let a = parse_args(name, rest, "Pzu")?;
+    let a = parse_args(name, rest, "Pzuc")?;
     check_end(node, "write", &a)?;
     if a.zero && a.pattern.is_some() {
         return Err("-z and -P cannot be specified at the same time".into());
     }
     let start = Instant::now();
+    // qemu-io: -z wins over -c (a write-zeroes request).
     let r = if a.zero {
         node.write_zeroes(a.offset, a.len, a.unmap)
     } else {
         let len = usize::try_from(a.len).map_err(|_| "write failed: Cannot allocate memory")?;
-        node.write(a.offset, &vec![a.pattern.unwrap_or(0xcd); len])
+        let data = vec![a.pattern.unwrap_or(0xcd); len];
+        if a.compressed {
+            node.write_compressed(a.offset, &data)
+        } else {
+            node.write(a.offset, &data)
+        }
     };
     r.map_err(|e| format!("write failed: {}", strerror(&e)))?;
     report(out, "wrote", a.offset, a.len, start);

@@ -86,12 +86,17 @@ impl Qcow2 {
         for p in pieces {
             let dst = &mut buf[pos..pos + p.len];
             match p.src {
-                Source::Host(h) => self
-                    .file
-                    .read_at(dst, h)
-                    .map_err(|e| Error::io(e, format!("reading guest data at {:#x}", p.guest)))?,
+                Source::Host(h) => {
+                    self.file.debug_event("read_aio");
+                    self.file.read_at(dst, h).map_err(|e| {
+                        Error::io(e, format!("reading guest data at {:#x}", p.guest))
+                    })?
+                }
                 Source::Zero => dst.fill(0),
-                Source::Backing => self.read_backing(dst, p.guest)?,
+                Source::Backing => {
+                    self.file.debug_event("read_backing_aio");
+                    self.read_backing(dst, p.guest)?
+                }
                 Source::Compressed { host, len, skip } => {
                     let data = self.decompress(host, len)?;
                     dst.copy_from_slice(&data[skip as usize..skip as usize + p.len]);
@@ -173,6 +178,7 @@ impl Qcow2 {
             }
         }
         let mut input = vec![0u8; len as usize];
+        self.file.debug_event("read_compressed");
         self.file
             .read_at(&mut input, host)
             .map_err(|e| Error::io(e, format!("reading compressed cluster at {host:#x}")))?;
@@ -298,6 +304,7 @@ impl Qcow2 {
                 j += 1;
             }
             let n = (j - i) as u64;
+            self.file.debug_event("cluster_alloc");
             match m.alloc_clusters(n) {
                 Ok(host) => plan.allocs.push(AllocRun {
                     first: pending[i].0,
@@ -326,6 +333,7 @@ impl Qcow2 {
     /// Without the lock: write the data (with copy-on-write for partial clusters).
     fn execute_write(&self, plan: &WritePlan, buf: &[u8], offset: u64, end: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
+        self.file.debug_event("write_aio");
         for &(guest, len, host) in &plan.inplace {
             let start = (guest - offset) as usize;
             self.file
@@ -344,6 +352,7 @@ impl Qcow2 {
                 continue;
             }
             let mut tmp = vec![0u8; (re - rs) as usize];
+            self.file.debug_event("cow_read");
             if ws > rs {
                 self.read_old(run.old[0], rs, &mut tmp[..(ws - rs) as usize])?;
             }
@@ -352,6 +361,7 @@ impl Qcow2 {
                 self.read_old(last, we, &mut tmp[(we - rs) as usize..])?;
             }
             tmp[(ws - rs) as usize..(we - rs) as usize].copy_from_slice(data);
+            self.file.debug_event("cow_write");
             self.file.write_at(&tmp, host).map_err(io)?;
         }
         Ok(())

@@ -41,8 +41,10 @@
 
 mod bitmaps;
 mod cache;
+mod compress;
 mod create;
 pub mod dirty_log;
+mod deflate;
 mod error;
 pub mod fuzzing;
 mod header;

@@ -77,6 +77,8 @@ pub struct Meta {
     pub bitmaps: Vec<BitmapEntry>,
     /// Host clusters mapped by active L2 entries, built on first need (see `overlap`).
     pub guest_refs: Option<GuestRefs>,
+    /// Where the next compressed stream may be packed (0: start a new host cluster).
+    pub compressed_tail: u64,
 }
 
 /// Grow a dirty range to include `[start, end)`.
@@ -129,6 +131,7 @@ impl Meta {
             corrupt: r.incompatible_features & INCOMPAT_CORRUPT != 0,
             bitmaps: Vec::new(),
             guest_refs: None,
+            compressed_tail: 0,
         };
         m.index_metadata()?;
         Ok(m)
@@ -285,6 +288,7 @@ impl Meta {
         }
         self.make_l2_room()?;
         let mut data = vec![0u8; self.geo.cluster_size() as usize];
+        self.file.debug_event("l2_load");
         self.file
             .read_at(&mut data, off)
             .map_err(|e| Error::io(e, "reading an L2 table"))?;
@@ -390,6 +394,7 @@ impl Meta {
         }
         let c = self.alloc_clusters(1)?;
         let off = c << self.geo.cluster_bits;
+        self.file.debug_event("l2_alloc_write");
         self.make_l2_room()?;
         self.l2
             .insert(off, vec![0u8; self.geo.cluster_size() as usize], true);
@@ -452,6 +457,11 @@ impl Meta {
         } else {
             "a refcount block"
         };
+        self.file.debug_event(if l2 {
+            "l2_update"
+        } else {
+            "refblock_update_part"
+        });
         self.write_raw(&bytes, key + s as u64, what)?;
         let cache = if l2 { &mut self.l2 } else { &mut self.rb };
         if let Some(slot) = cache.peek_mut(key) {
@@ -477,6 +487,7 @@ impl Meta {
             self.sync()?;
             let bytes = encode_u64_table(&self.l1[s..e]);
             let off = self.header.raw.l1_table_offset + s as u64 * 8;
+            self.file.debug_event("l1_update");
             self.write_raw(&bytes, off, "the L1 table")?;
             self.l1_dirty = None;
         }

@@ -93,6 +93,7 @@ impl Meta {
         }
         self.make_rb_room()?;
         let mut data = vec![0u8; self.geo.cluster_size() as usize];
+        self.file.debug_event("refblock_load");
         self.file
             .read_at(&mut data, off)
             .map_err(|e| Error::io(e, "reading a refcount block"))?;
@@ -147,6 +148,7 @@ impl Meta {
         self.set_refcount(c, rc - 1)?;
         if rc == 1 {
             self.forget_guest_ref(c);
+            self.file.debug_event("cluster_free");
             self.free_hint = self.free_hint.min(c);
             let cs = self.geo.cluster_size();
             let _ = self.file.discard(c * cs, cs);
@@ -179,6 +181,7 @@ impl Meta {
             return Err(Error::new(ErrorKind::NoSpace, "host offset limit reached"));
         }
         let mut block = vec![0u8; cs as usize];
+        self.file.debug_event("refblock_alloc");
         set_entry(&mut block, 0, self.geo.refcount_order, 1);
         self.make_rb_room()?;
         let off = c0 * cs;

@@ -27,6 +27,9 @@ pub trait Storage: Send + Sync {
     fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// A debug event (QEMU's `BlkdebugEvent` name, e.g. "l2_load") fired on the storage, for
+    /// fault injection below the format. Default: ignored.
+    fn debug_event(&self, _event: &'static str) {}
 }
 
 /// A [`Storage`] over a `std::fs::File`, using `pread`/`pwrite`.

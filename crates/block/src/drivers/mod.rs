@@ -1,5 +1,7 @@
-//! The drivers: `file` (host files), `raw` (a window on a child), `null-co`, `qcow2`.
+//! The drivers: `file` (host files), `raw` (a window on a child), `null-co`, `qcow2`,
+//! `blkdebug` (fault injection).
 
+pub mod blkdebug;
 pub mod file;
 pub mod lock;
 pub mod null;

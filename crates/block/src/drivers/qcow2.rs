@@ -49,6 +49,9 @@ impl Storage for NodeStorage {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.0.discard(offset, len)
     }
+    fn debug_event(&self, event: &'static str) {
+        self.0.debug_event(event);
+    }
 }
 
 /// A child edge seen as qcow2 storage: each call goes to the node the edge points at now.
@@ -264,6 +267,14 @@ impl Driver for Qcow2Driver {
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.img()
             .write_at(data, offset)
+            .map_err(|e| self.io_err(e))
+    }
+    fn supports_compressed_writes(&self) -> bool {
+        true
+    }
+    fn write_compressed(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.img()
+            .write_compressed(offset, data)
             .map_err(|e| self.io_err(e))
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {

@@ -64,10 +64,14 @@ impl Driver for RawDriver {
             .unwrap_or_else(|| self.child.node().size().saturating_sub(self.offset))
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.child.node().read(self.offset + offset, buf)
+        let child = self.child.node();
+        child.debug_event("read_aio");
+        child.read(self.offset + offset, buf)
     }
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.child.node().write(self.offset + offset, data)
+        let child = self.child.node();
+        child.debug_event("write_aio");
+        child.write(self.offset + offset, data)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
         self.child

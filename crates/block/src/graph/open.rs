@@ -144,6 +144,15 @@ impl Graph {
                 }
                 Ok((Box::new(driver), children, ro))
             }
+            DriverOptions::Blkdebug { image, opts: bd } => {
+                let child = self.child(image, opts, depth)?;
+                let ro = ro || child.read_only();
+                self.attach_pending(name, !ro, "image", Role::Filtered, &child)?;
+                let driver =
+                    crate::drivers::blkdebug::BlkdebugDriver::new(child.clone(), bd.clone())
+                        .map_err(Error::generic)?;
+                Ok((Box::new(driver), vec![ChildEdge::new("image", child)], ro))
+            }
             DriverOptions::Unsupported => Err(Error::generic("Driver is not supported by blockd")),
         }
     }

@@ -5,6 +5,7 @@
 
 mod bitmaps;
 mod common;
+mod compressed;
 mod concurrency;
 mod graph;
 mod hooks;

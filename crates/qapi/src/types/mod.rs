@@ -12,6 +12,7 @@
 //! The tests check every command, reply and event type here against the schema.
 
 pub mod bitmaps;
+pub mod blkdebug;
 pub mod block_core;
 pub mod block_create;
 pub mod block_export;
@@ -32,6 +33,7 @@ use crate::error::QapiError;
 use crate::Schema;
 
 pub use bitmaps::*;
+pub use blkdebug::*;
 pub use block_core::*;
 pub use block_create::*;
 pub use block_export::*;

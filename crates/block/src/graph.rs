@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use crate::bitmap::DirtyBitmap;
 use crate::driver::{Driver, LockMode, NodeEventSink};
+use crate::drivers::cbw::{CbwConfig, CbwDriver};
+use crate::drivers::snapshot_access::SnapshotAccessDriver;
 use crate::drivers::{file::FileDriver, null::NullDriver, qcow2::Qcow2Driver, raw::RawDriver};
 use crate::error::{strerror, Error, Result};
 use crate::node::{Child, Node, NodeFlags, NodeRef};
@@ -70,9 +72,36 @@ pub enum DriverOptions {
         /// `Some(Some(r))`: this node.
         backing: Option<Option<ChildRef>>,
     },
+    /// copy-before-write filter (image fleecing).
+    CopyBeforeWrite {
+        /// The disk (`file`).
+        file: ChildRef,
+        /// The scratch node old data is copied to.
+        target: ChildRef,
+        /// Only this bitmap's dirty regions are protected: (node, bitmap name).
+        bitmap: Option<(String, String)>,
+        /// `min-cluster-size`, `on-cbw-error`, `cbw-timeout`.
+        config: CbwOptions,
+    },
+    /// snapshot-access: the point-in-time view of a copy-before-write node.
+    SnapshotAccess {
+        /// The copy-before-write node.
+        file: ChildRef,
+    },
     /// A driver named in the schema that blockd does not implement.
     #[default]
     Unsupported,
+}
+
+/// The plain options of a copy-before-write node.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CbwOptions {
+    /// `min-cluster-size` in bytes (0: none).
+    pub min_cluster_size: u64,
+    /// `on-cbw-error: break-snapshot` (else break-guest-write).
+    pub break_snapshot: bool,
+    /// `cbw-timeout` in seconds (0: none).
+    pub timeout_secs: u32,
 }
 
 /// Named nodes, newest last.
@@ -281,8 +310,65 @@ impl Graph {
                 }
                 Ok((Box::new(driver), children, ro))
             }
+            DriverOptions::CopyBeforeWrite {
+                file,
+                target,
+                bitmap,
+                config,
+            } => {
+                let source = self.child(file, opts, depth)?;
+                let target = self.child(target, opts, depth)?;
+                let driver = self.open_cbw(source.clone(), target.clone(), bitmap, config)?;
+                let children = vec![
+                    Child {
+                        role: "file",
+                        node: source,
+                    },
+                    Child {
+                        role: "target",
+                        node: target,
+                    },
+                ];
+                Ok((Box::new(driver), children, ro))
+            }
+            DriverOptions::SnapshotAccess { file } => {
+                let child = self.child(file, opts, depth)?;
+                let driver = SnapshotAccessDriver::new(child.clone());
+                let children = vec![Child {
+                    role: "file",
+                    node: child,
+                }];
+                Ok((Box::new(driver), children, ro))
+            }
             DriverOptions::Unsupported => Err(Error::generic("Driver is not supported by blockd")),
         }
+    }
+
+    fn open_cbw(
+        &self,
+        source: NodeRef,
+        target: NodeRef,
+        bitmap: &Option<(String, String)>,
+        o: &CbwOptions,
+    ) -> Result<CbwDriver> {
+        let config = CbwConfig {
+            min_cluster_size: o.min_cluster_size,
+            on_error: if o.break_snapshot {
+                crate::drivers::cbw::OnCbwError::BreakSnapshot
+            } else {
+                crate::drivers::cbw::OnCbwError::BreakGuestWrite
+            },
+            timeout_secs: o.timeout_secs,
+        };
+        let Some((bnode, bname)) = bitmap else {
+            return CbwDriver::open(source, target, None, &config).map_err(Error::generic);
+        };
+        let holder = self
+            .get(bnode)
+            .ok_or_else(|| Error::generic(format!("Node '{bnode}' not found")))?;
+        let list = holder.bitmaps();
+        let bits = &list.find(bname)?.bits;
+        CbwDriver::open(source, target, Some((bname, bits)), &config).map_err(Error::generic)
     }
 
     /// Open the backing file an image names, the way QEMU does: relative to the image's
@@ -387,8 +473,8 @@ impl Graph {
         if !self.parents(&node).is_empty() {
             return Err(Error::generic(format!("Block device {name} is in use")));
         }
-        if let Some(user) = node.first_user() {
-            return Err(Error::generic(format!("Node {name} is in use by {user}")));
+        if node.first_user().is_some() {
+            return Err(Error::generic(format!("Node {name} is in use")));
         }
         let result = self.remove_tree(&node);
         let _ = self.refresh_locks();

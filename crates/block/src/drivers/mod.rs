@@ -1,7 +1,10 @@
-//! The drivers: `file` (host files), `raw` (a window on a child), `null-co`, `qcow2`.
+//! The drivers: `file` (host files), `raw` (a window on a child), `null-co`, `qcow2`,
+//! `copy-before-write` and `snapshot-access` (image fleecing).
 
+pub mod cbw;
 pub mod file;
 pub mod lock;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod snapshot_access;

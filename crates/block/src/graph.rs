@@ -470,11 +470,12 @@ impl Graph {
                 "Node {name} is not owned by the monitor"
             )));
         }
-        if !self.parents(&node).is_empty() {
-            return Err(Error::generic(format!("Block device {name} is in use")));
-        }
+        // QEMU checks users (BlockBackends: exports, devices, jobs) before parents.
         if node.first_user().is_some() {
             return Err(Error::generic(format!("Node {name} is in use")));
+        }
+        if !self.parents(&node).is_empty() {
+            return Err(Error::generic(format!("Block device {name} is in use")));
         }
         let result = self.remove_tree(&node);
         let _ = self.refresh_locks();

@@ -131,7 +131,9 @@ impl CbwDriver {
             .max(target_cluster)
             .max(cfg.min_cluster_size);
         if cluster > MAX_CLUSTER || !cluster.is_power_of_two() {
-            return Err(bcs_error(format!("cluster size {cluster} is not supported")));
+            return Err(bcs_error(format!(
+                "cluster size {cluster} is not supported"
+            )));
         }
         let size = source.size();
         let new_map = || HBitmap::new(size, cluster).map_err(|e| bcs_error(e.to_string()));
@@ -193,17 +195,13 @@ impl Shared {
     }
 
     fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        self.changed
-            .wait(guard)
-            .unwrap_or_else(|p| p.into_inner())
+        self.changed.wait(guard).unwrap_or_else(|p| p.into_inner())
     }
 
     /// `[offset, offset+len)` widened to whole clusters, clipped to the disk.
     fn cluster_span(&self, offset: u64, len: u64) -> (u64, u64) {
         let start = offset - offset % self.cluster;
-        let end = offset
-            .saturating_add(len)
-            .saturating_add(self.cluster - 1);
+        let end = offset.saturating_add(len).saturating_add(self.cluster - 1);
         let end = end - end % self.cluster;
         (start, end.min(self.source.size()))
     }
@@ -468,3 +466,7 @@ impl Driver for CbwDriver {
         Some(self)
     }
 }
+
+#[cfg(test)]
+#[path = "cbw_tests.rs"]
+mod tests;

@@ -315,7 +315,9 @@ impl<'de> Deserialize<'de> for BlockdevOptions {
             BlockdevDriver::CopyBeforeWrite => {
                 BlockdevDriverOptions::CopyBeforeWrite(from_map(rest)?)
             }
-            BlockdevDriver::SnapshotAccess => BlockdevDriverOptions::SnapshotAccess(from_map(rest)?),
+            BlockdevDriver::SnapshotAccess => {
+                BlockdevDriverOptions::SnapshotAccess(from_map(rest)?)
+            }
             other => BlockdevDriverOptions::Other {
                 driver: other,
                 options: rest,

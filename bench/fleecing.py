@@ -46,7 +46,7 @@ def timed(argv, out):
     out.append(time.perf_counter() - t0)
 
 
-def one_run(kind, binary, work, base, size):
+def one_run(kind, binary, work, base, size, with_writer=True):
     disk = os.path.join(work, f"{kind}-disk.qcow2")
     scratch = os.path.join(work, f"{kind}-scratch.qcow2")
     shutil.copyfile(base, disk)
@@ -57,7 +57,7 @@ def one_run(kind, binary, work, base, size):
     try:
         d.qmp.execute("block-export-add", type="nbd", id="v", **{"node-name": "access"}, name="view")
         view = f"nbd+unix:///view?socket={d.nbd_sock}"
-        count = size // STEP
+        count = size // STEP if with_writer else 1
         reader, writer = [], []
         cpu0 = d.cpu_seconds()
         w = threading.Thread(target=timed, args=(
@@ -89,6 +89,7 @@ def main():
     p.add_argument("--dir", default="/dev/shm", help="where images live (default /dev/shm)")
     p.add_argument("--blockd", default=bl.DEFAULT_BLOCKD)
     p.add_argument("--qsd", default=bl.DEFAULT_QSD)
+    p.add_argument("--no-writer", action="store_true", help="reader alone (one 64 KiB write)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every sample")
     opts = p.parse_args()
     opts.size = (opts.size or (256 if opts.quick else 2048)) * bl.MiB
@@ -108,7 +109,7 @@ def main():
         bins = {"blockd": opts.blockd, "qsd": opts.qsd}
         for rep in range(opts.reps):
             for kind in bl.alternate(rep):
-                r = one_run(kind, bins[kind], work, base, opts.size)
+                r = one_run(kind, bins[kind], work, base, opts.size, not opts.no_writer)
                 for k, v in r.items():
                     samples.setdefault((k, kind), []).append(v)
                 if opts.verbose:

@@ -148,10 +148,11 @@ def unexport_idle(d, eid: str) -> None:
 
 
 def teardown_fleece(d, *exports: str, keep_disk: bool = False) -> None:
-    """The order QSD accepts: exports, access, cbw, scratch, disk."""
+    """The order QSD accepts: exports, access, cbw, scratch, disk (``keep_disk``: only
+    access and cbw)."""
     for e in exports:
         unexport_idle(d, e)
-    for node in ("access", "cbw", "scratch") + (() if keep_disk else ("disk",)):
+    for node in ("access", "cbw") + (() if keep_disk else ("scratch", "disk")):
         d.ok("blockdev-del", node_name=node)
 
 
@@ -227,7 +228,14 @@ def test_pull_incremental_with_bitmap_while_writer_busy(make_daemon, tmp_path):
     assert d.bitmap("disk", "b1")["count"] == len(expected) * CLUSTER
     assert d.bitmap("disk", "b0")["busy"] is True
 
-    teardown_fleece(d, "view", "guest", keep_disk=True)
+    unexport_idle(d, "view")
+    unexport_idle(d, "guest")
+    # the disk is the filter's file and the scratch overlay's backing: QEMU names the backing
+    busy = "Node 'disk' is busy: node is used as backing hd of 'scratch'"
+    assert d.err("blockdev-del", node_name="disk")["desc"] == busy
+    teardown_fleece(d, keep_disk=True)
+    assert d.err("blockdev-del", node_name="disk")["desc"] == busy
+    d.ok("blockdev-del", node_name="scratch")
     assert d.bitmap("disk", "b0")["busy"] is False
     d.ok("blockdev-del", node_name="disk")
     d.ok("blockdev-del", node_name="disk-file")
@@ -304,6 +312,11 @@ def test_view_keeps_old_data_under_partial_zero_and_new_writes(make_daemon, tmp_
     p = qemu_io_uri(uri(sock, "guest"), "read -P 0x33 0 64k", "read -P 0x55 1M 4k", "read -P 0x22 1028k 60k",
                     "read -P 0 2M 64k", "read -P 0x66 3M 64k")
     assert p.returncode == 0 and "verification" not in p.stdout, p.stdout
+    nodes = {n["node-name"]: n for n in d.nodes()}
+    disk_file = str(tmp_path / "disk.qcow2")
+    assert (nodes["cbw"]["drv"], nodes["cbw"]["file"]) == ("copy-before-write", disk_file)
+    assert (nodes["access"]["drv"], nodes["access"]["file"], nodes["access"]["ro"]) == \
+        ("snapshot-access", disk_file, False)
     # writes to the view are refused
     c = client(sock, "view")
     assert c.write(0, b"x" * 512)[0] == ENOTSUP

@@ -474,7 +474,15 @@ impl Graph {
         if node.first_user().is_some() {
             return Err(Error::generic(format!("Node {name} is in use")));
         }
-        if !self.parents(&node).is_empty() {
+        let parents = self.parents(&node);
+        // Then QEMU's op blockers: a backing child is blocked by its overlay.
+        if let Some((overlay, _)) = parents.iter().find(|(_, role)| *role == "backing") {
+            return Err(Error::generic(format!(
+                "Node '{name}' is busy: node is used as backing hd of '{}'",
+                overlay.name()
+            )));
+        }
+        if !parents.is_empty() {
             return Err(Error::generic(format!("Block device {name} is in use")));
         }
         let result = self.remove_tree(&node);

@@ -98,6 +98,14 @@ def raw_scratch(path: Path, size: int, **opts) -> dict:
     return {"driver": "file", "node-name": "scratch", "filename": str(path), **opts}
 
 
+def overlay_scratch(tmp_path: Path, disk: Path, size: int) -> dict:
+    """libvirt's scratch: a qcow2 overlay whose backing is the disk node."""
+    fleece = tmp_path / "fleece.qcow2"
+    iotests.qemu_img("create", "-f", "qcow2", "-F", "qcow2", "-b", str(disk), str(fleece), str(size))
+    return {"driver": "qcow2", "node-name": "scratch",
+            "file": {"driver": "file", "filename": str(fleece)}, "backing": "disk"}
+
+
 def writer_commands(size: int, seed: int, fraction: float = 0.25) -> List[Tuple[str, int, int]]:
     """Guest writes covering about ``fraction`` of the disk: whole and partial clusters,
     some write-zeroes; (kind, offset, length) with kind "w" (pattern 0x77) or "z"."""
@@ -189,11 +197,7 @@ def prepare_pull(make_daemon, tmp_path: Path, size: int):
 def test_pull_incremental_with_bitmap_while_writer_busy(make_daemon, tmp_path):
     size = 16 << 20
     d, sock, disk, base, frozen = prepare_pull(make_daemon, tmp_path, size)
-    fleece = tmp_path / "fleece.qcow2"
-    iotests.qemu_img("create", "-f", "qcow2", "-F", "qcow2", "-b", str(disk), str(fleece), str(size))
-    scratch = {"driver": "qcow2", "node-name": "scratch",
-               "file": {"driver": "file", "filename": str(fleece)}, "backing": "disk"}
-    setup_fleece(d, tmp_path, scratch=scratch, bitmap={"node": "disk", "name": "b0"})
+    setup_fleece(d, tmp_path, scratch=overlay_scratch(tmp_path, disk, size), bitmap={"node": "disk", "name": "b0"})
     export(d, "access", "view", "view", bitmaps=[{"node": "disk", "name": "b0"}], allocation_depth=True)
     export(d, "cbw", "guest", "guest", writable=True)
     contexts = nbdinfo_list(uri(sock))["view"]["contexts"]
@@ -249,7 +253,7 @@ def test_pull_incremental_with_bitmap_while_writer_busy(make_daemon, tmp_path):
 def test_pull_full_view_with_nbdcopy_while_writer_busy(make_daemon, tmp_path):
     size = 16 << 20
     d, sock, disk, _base, frozen = prepare_pull(make_daemon, tmp_path, size)
-    setup_fleece(d, tmp_path, scratch=raw_scratch(tmp_path / "scratch.raw", size))
+    setup_fleece(d, tmp_path, scratch=overlay_scratch(tmp_path, disk, size))
     export(d, "access", "view", "view")
     export(d, "cbw", "guest", "guest", writable=True)
     cmds = writer_commands(size, seed=7)

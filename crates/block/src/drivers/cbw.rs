@@ -126,7 +126,20 @@ impl CbwDriver {
         if cfg.min_cluster_size != 0 && !cfg.min_cluster_size.is_power_of_two() {
             return Err(bcs_error("min-cluster-size needs to be a power of 2"));
         }
-        let target_cluster = target.facts().cluster_size.unwrap_or(0);
+        let target_cluster = match target.facts().cluster_size {
+            Some(c) => c,
+            None => {
+                if target.child("backing").is_none() {
+                    tracing::warn!(
+                        target = target.name(),
+                        "the target doesn't provide its block size and has no backing file; \
+                         copying in clusters of {} bytes",
+                        DEFAULT_CLUSTER.max(cfg.min_cluster_size)
+                    );
+                }
+                0
+            }
+        };
         let cluster = DEFAULT_CLUSTER
             .max(target_cluster)
             .max(cfg.min_cluster_size);
@@ -447,8 +460,12 @@ impl Driver for CbwDriver {
         self.shared.source.driver().status_is_cheap()
     }
     fn facts(&self) -> ImageFacts {
+        // A filter: QEMU reports the source's file, size on disk and cluster size.
+        let source = self.shared.source.facts();
         ImageFacts {
-            filename: self.shared.source.facts().filename,
+            filename: source.filename,
+            actual_size: source.actual_size,
+            cluster_size: source.cluster_size,
             ..ImageFacts::default()
         }
     }

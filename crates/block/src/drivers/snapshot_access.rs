@@ -59,8 +59,10 @@ impl Driver for SnapshotAccessDriver {
         self.api().is_ok_and(|a| a.snapshot_status_is_cheap())
     }
     fn facts(&self) -> ImageFacts {
+        let child = self.child.facts();
         ImageFacts {
-            filename: self.child.facts().filename,
+            filename: child.filename,
+            actual_size: child.actual_size,
             ..ImageFacts::default()
         }
     }

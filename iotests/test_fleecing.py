@@ -581,3 +581,30 @@ def test_sync_none_backup_into_overlay_exported_read_only(make_daemon, tmp_path)
     check_run(["cp", str(frozen), str(expect)])
     iotests.qemu_io("-f", "raw", *io_args(cmds), str(expect))
     compare(disk, expect, "qcow2", "raw")
+
+
+def test_filter_with_a_user_unshares_write_on_the_disk(make_daemon, tmp_path):
+    size = 4 << 20
+    disk = filled_qcow2(tmp_path / "disk.qcow2", size, "write -P 0x11 0 1M")
+    d = make_daemon(*disk_args(disk))
+    sock = start_unix_server(d)
+    conflict = ("Permission conflict on node 'disk': permissions 'write' are both required by an unnamed block "
+                "device (uses node 'disk' as 'root' child) and unshared by node 'cbw' (uses node 'disk' as "
+                "'file' child).")
+    export(d, "disk", "side", "side", writable=True)
+    d.ok("blockdev-add", raw_scratch(tmp_path / "scratch.raw", size))
+    # a filter without parents takes nothing yet
+    d.ok("blockdev-add", {"driver": "copy-before-write", "node-name": "cbw", "file": "disk", "target": "scratch"})
+    err = d.err("blockdev-add", {"driver": "snapshot-access", "node-name": "access", "file": "cbw"})
+    assert err["desc"] == conflict
+    err = d.err("block-export-add", {"type": "nbd", "id": "guest", "node-name": "cbw", "writable": True})
+    assert err["desc"] == conflict
+    unexport_idle(d, "side")
+    d.ok("blockdev-add", {"driver": "snapshot-access", "node-name": "access", "file": "cbw"})
+    err = d.err("block-export-add", {"type": "nbd", "id": "side", "node-name": "disk", "writable": True})
+    assert err["desc"] == conflict
+    # readers of the disk stay possible
+    export(d, "disk", "ro", "ro")
+    assert qemu_io_uri(uri(sock, "ro"), "read -P 0x11 0 1M", read_only=True).returncode == 0
+    unexport_idle(d, "ro")
+    teardown_fleece(d)

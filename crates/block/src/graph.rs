@@ -333,6 +333,7 @@ impl Graph {
             }
             DriverOptions::SnapshotAccess { file } => {
                 let child = self.child(file, opts, depth)?;
+                crate::drivers::cbw::check_new_user(self, &child)?;
                 let driver = SnapshotAccessDriver::new(child.clone());
                 let children = vec![Child {
                     role: "file",

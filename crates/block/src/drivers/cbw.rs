@@ -484,6 +484,56 @@ impl Driver for CbwDriver {
     }
 }
 
+/// QEMU's permission text when a writer meets a copy-before-write filter that unshares write.
+fn write_conflict(disk: &str, writer: &str, cbw: &str) -> crate::Error {
+    crate::Error::generic(format!(
+        "Permission conflict on node '{disk}': permissions 'write' are both required by \
+         {writer} and unshared by node '{cbw}' (uses node '{disk}' as 'file' child)."
+    ))
+}
+
+fn has_parent_or_user(graph: &crate::Graph, node: &NodeRef) -> bool {
+    node.first_user().is_some() || !graph.parents(node).is_empty()
+}
+
+/// Until the graph has permissions: once a copy-before-write node has a parent or a user it
+/// unshares write on its `file`, so no other writer may come to that node. Call before a
+/// writable export is added on `node`.
+pub fn check_new_writer(graph: &crate::Graph, node: &NodeRef) -> crate::Result<()> {
+    for cbw in graph.nodes() {
+        if cbw.driver_name() == "copy-before-write"
+            && cbw.child("file").is_some_and(|f| Arc::ptr_eq(f, node))
+            && has_parent_or_user(graph, cbw)
+        {
+            let writer = format!(
+                "an unnamed block device (uses node '{}' as 'root' child)",
+                node.name()
+            );
+            return Err(write_conflict(node.name(), &writer, cbw.name()));
+        }
+    }
+    Ok(())
+}
+
+/// The other half of [`check_new_writer`]: call before `node` gets a parent or a user; when it
+/// is a copy-before-write node getting its first one, its `file` must have no writer (a
+/// writable export) any more.
+pub fn check_new_user(graph: &crate::Graph, node: &NodeRef) -> crate::Result<()> {
+    if node.driver_name() != "copy-before-write" || has_parent_or_user(graph, node) {
+        return Ok(());
+    }
+    match node.child("file") {
+        Some(disk) if disk.writers() > 0 => {
+            let writer = format!(
+                "an unnamed block device (uses node '{}' as 'root' child)",
+                disk.name()
+            );
+            Err(write_conflict(disk.name(), &writer, node.name()))
+        }
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 #[path = "cbw_tests.rs"]
 mod tests;

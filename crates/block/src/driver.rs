@@ -221,4 +221,21 @@ pub trait Driver: Send + Sync {
     /// A debug event (QEMU's `BlkdebugEvent` wire name, e.g. "write_aio") delivered to this
     /// node. Only `blkdebug` reacts; everything else ignores it.
     fn debug_event(&self, _event: &str) {}
+    /// The point-in-time view a copy-before-write filter offers to `snapshot-access`.
+    fn snapshot_api(&self) -> Option<&dyn SnapshotApi> {
+        None
+    }
+}
+
+/// Reads of a frozen point-in-time view (QEMU's "snapshot API" of copy-before-write).
+/// Ranges are checked by the caller against the node size.
+pub trait SnapshotApi: Send + Sync {
+    /// Read the view; EACCES when any byte is not readable in it.
+    fn snapshot_read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Status of the view's first run; EACCES when any byte is not readable in it.
+    fn snapshot_block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)>;
+    /// The reader is done with the whole clusters inside the range: stop protecting them.
+    fn snapshot_discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Whether `snapshot_block_status` is cheap enough to ask before every read.
+    fn snapshot_status_is_cheap(&self) -> bool;
 }

@@ -84,9 +84,36 @@ pub enum DriverOptions {
         /// Rules and limits.
         opts: crate::drivers::blkdebug::BlkdebugOptions,
     },
+    /// copy-before-write filter (image fleecing).
+    CopyBeforeWrite {
+        /// The disk (`file`).
+        file: ChildRef,
+        /// The scratch node old data is copied to.
+        target: ChildRef,
+        /// Only this bitmap's dirty regions are protected: (node, bitmap name).
+        bitmap: Option<(String, String)>,
+        /// `min-cluster-size`, `on-cbw-error`, `cbw-timeout`.
+        config: CbwOptions,
+    },
+    /// snapshot-access: the point-in-time view of a copy-before-write node.
+    SnapshotAccess {
+        /// The copy-before-write node.
+        file: ChildRef,
+    },
     /// A driver named in the schema that blockd does not implement.
     #[default]
     Unsupported,
+}
+
+/// The plain options of a copy-before-write node.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CbwOptions {
+    /// `min-cluster-size` in bytes (0: none).
+    pub min_cluster_size: u64,
+    /// `on-cbw-error: break-snapshot` (else break-guest-write).
+    pub break_snapshot: bool,
+    /// `cbw-timeout` in seconds (0: none).
+    pub timeout_secs: u32,
 }
 
 /// Named nodes, newest last.

@@ -11,13 +11,13 @@
 //! * [`create_spec`]: `BlockdevCreateOptions` → `block::create::CreateSpec` (`blockdev-create`).
 
 use block::create::CreateSpec;
-use block::graph::{ChildRef, DriverOptions, NodeOptions};
+use block::graph::{CbwOptions, ChildRef, DriverOptions, NodeOptions};
 use block::node::NodeFlags;
 use qapi::types::{
     BlockDirtyBitmapOrStr, BlockExportKind, BlockExportOptions, BlockExportType,
     BlockdevCreateOptions, BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevDriver,
     BlockdevDriverOptions, BlockdevOptions, BlockdevQcow2Version, BlockdevRef, BlockdevRefOrNull,
-    OnOffAuto,
+    OnCbwError, OnOffAuto,
 };
 
 use crate::daemon::Daemon;
@@ -101,6 +101,19 @@ pub fn node_options(o: &BlockdevOptions) -> Result<NodeOptions, String> {
             driver: BlockdevDriver::Blkdebug,
             options,
         } => blkdebug::driver_options(options)?,
+        BlockdevDriverOptions::CopyBeforeWrite(c) => DriverOptions::CopyBeforeWrite {
+            file: child_ref(&c.file)?,
+            target: child_ref(&c.target)?,
+            bitmap: c.bitmap.as_ref().map(|b| (b.node.clone(), b.name.clone())),
+            config: CbwOptions {
+                min_cluster_size: c.min_cluster_size.unwrap_or(0),
+                break_snapshot: c.on_cbw_error == Some(OnCbwError::BreakSnapshot),
+                timeout_secs: c.cbw_timeout.unwrap_or(0),
+            },
+        },
+        BlockdevDriverOptions::SnapshotAccess(g) => DriverOptions::SnapshotAccess {
+            file: child_ref(&g.file)?,
+        },
         other => {
             return Err(format!(
                 "Driver '{}' is not supported by blockd",

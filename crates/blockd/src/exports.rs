@@ -108,6 +108,10 @@ impl Daemon {
             if n.bitmaps().get(name).is_some() {
                 return Some(n);
             }
+            // snapshot-access is no filter: QEMU does not look below it.
+            if n.driver_name() == "snapshot-access" {
+                return None;
+            }
             cur = n.child("backing").or_else(|| n.child("file"));
         }
         None
@@ -144,6 +148,13 @@ impl Daemon {
         }
         if args.writable && node.read_only() {
             return Err(Error::generic("Cannot export read-only node as writable"));
+        }
+        {
+            let graph = self.graph();
+            block::drivers::cbw::check_new_user(&graph, &node)?;
+            if args.writable {
+                block::drivers::cbw::check_new_writer(&graph, &node)?;
+            }
         }
         let mut contexts = vec![Context::Allocation];
         if args.allocation_depth {

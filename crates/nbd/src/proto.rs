@@ -239,7 +239,8 @@ pub fn errno_for(err: &io::Error) -> u32 {
             libc::EPERM | libc::EROFS => EPERM,
             libc::EIO => EIO,
             libc::ENOMEM => ENOMEM,
-            libc::EINVAL => EINVAL,
+            // EACCES: a snapshot-access read outside the view; ETIMEDOUT: cbw-timeout.
+            libc::EINVAL | libc::EACCES | libc::ETIMEDOUT => EINVAL,
             libc::ENOSPC | libc::EDQUOT | libc::EFBIG => ENOSPC,
             libc::EOVERFLOW => EOVERFLOW,
             libc::ENOTSUP => ENOTSUP,
@@ -805,6 +806,8 @@ mod tests {
         assert_eq!(errno_for(&os(libc::ESHUTDOWN)), ESHUTDOWN);
         assert_eq!(errno_for(&os(libc::ENOMEM)), ENOMEM);
         assert_eq!(errno_for(&os(libc::EINVAL)), EINVAL);
+        assert_eq!(errno_for(&os(libc::EACCES)), EINVAL);
+        assert_eq!(errno_for(&os(libc::ETIMEDOUT)), EINVAL);
         assert_eq!(errno_for(&os(libc::EBADF)), EIO);
         assert_eq!(errno_for(&io::Error::other("x")), EIO);
         assert_eq!(

@@ -10,6 +10,8 @@ use super::{
 };
 use crate::bitmap::DirtyBitmap;
 use crate::driver::Driver;
+use crate::drivers::cbw::{CbwConfig, CbwDriver, OnCbwError};
+use crate::drivers::snapshot_access::SnapshotAccessDriver;
 use crate::drivers::{file::FileDriver, null::NullDriver, qcow2::Qcow2Driver, raw::RawDriver};
 use crate::edge::ChildEdge;
 use crate::error::{strerror, Error, Result};
@@ -153,12 +155,63 @@ impl Graph {
                         .map_err(Error::generic)?;
                 Ok((Box::new(driver), vec![ChildEdge::new("image", child)], ro))
             }
+            DriverOptions::CopyBeforeWrite {
+                file,
+                target,
+                bitmap,
+                config,
+            } => {
+                let source = self.child(file, opts, depth)?;
+                let target = self.child(target, opts, depth)?;
+                self.attach_pending(name, !ro, "file", Role::Filtered, &source)?;
+                self.attach_pending(name, !ro, "target", Role::Data, &target)?;
+                let driver = self.open_cbw(source.clone(), target.clone(), bitmap, config)?;
+                let children = vec![
+                    ChildEdge::new("file", source),
+                    ChildEdge::new("target", target),
+                ];
+                Ok((Box::new(driver), children, ro))
+            }
+            DriverOptions::SnapshotAccess { file } => {
+                let child = self.child(file, opts, depth)?;
+                crate::drivers::cbw::check_new_user(self, &child)?;
+                self.attach_pending(name, false, "file", Role::Data, &child)?;
+                let driver = SnapshotAccessDriver::new(child.clone());
+                Ok((Box::new(driver), vec![ChildEdge::new("file", child)], ro))
+            }
             DriverOptions::Unsupported => Err(Error::generic("Driver is not supported by blockd")),
         }
     }
 
     /// Open the backing file an image names, the way QEMU does: relative to the image's
     /// directory, read-only, format from the image (else probed), bounded depth.
+    fn open_cbw(
+        &self,
+        source: NodeRef,
+        target: NodeRef,
+        bitmap: &Option<(String, String)>,
+        o: &super::CbwOptions,
+    ) -> Result<CbwDriver> {
+        let config = CbwConfig {
+            min_cluster_size: o.min_cluster_size,
+            on_error: if o.break_snapshot {
+                OnCbwError::BreakSnapshot
+            } else {
+                OnCbwError::BreakGuestWrite
+            },
+            timeout_secs: o.timeout_secs,
+        };
+        let Some((bnode, bname)) = bitmap else {
+            return CbwDriver::open(source, target, None, &config).map_err(Error::generic);
+        };
+        let holder = self
+            .get(bnode)
+            .ok_or_else(|| Error::generic(format!("Node '{bnode}' not found")))?;
+        let list = holder.bitmaps();
+        let bits = &list.find(bname)?.bits;
+        CbwDriver::open(source, target, Some((bname, bits)), &config).map_err(Error::generic)
+    }
+
     fn open_backing_from_image(
         &mut self,
         driver: &Qcow2Driver,

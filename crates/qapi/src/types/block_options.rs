@@ -269,6 +269,10 @@ pub enum BlockdevDriverOptions {
     Qcow2(BlockdevOptionsQcow2),
     /// `nbd`: an NBD client.
     Nbd(BlockdevOptionsNbd),
+    /// `copy-before-write`: the fleecing / backup filter.
+    CopyBeforeWrite(BlockdevOptionsCbw),
+    /// `snapshot-access`: the point-in-time view of a copy-before-write node.
+    SnapshotAccess(BlockdevOptionsGenericFormat),
     /// Any other driver, with its members as given (already checked against the schema).
     Other {
         /// The driver.
@@ -289,6 +293,8 @@ impl BlockdevDriverOptions {
             BlockdevDriverOptions::NullAio(_) => BlockdevDriver::NullAio,
             BlockdevDriverOptions::Qcow2(_) => BlockdevDriver::Qcow2,
             BlockdevDriverOptions::Nbd(_) => BlockdevDriver::Nbd,
+            BlockdevDriverOptions::CopyBeforeWrite(_) => BlockdevDriver::CopyBeforeWrite,
+            BlockdevDriverOptions::SnapshotAccess(_) => BlockdevDriver::SnapshotAccess,
             BlockdevDriverOptions::Other { driver, .. } => *driver,
         }
     }
@@ -306,6 +312,12 @@ impl<'de> Deserialize<'de> for BlockdevOptions {
             BlockdevDriver::NullAio => BlockdevDriverOptions::NullAio(from_map(rest)?),
             BlockdevDriver::Qcow2 => BlockdevDriverOptions::Qcow2(from_map(rest)?),
             BlockdevDriver::Nbd => BlockdevDriverOptions::Nbd(from_map(rest)?),
+            BlockdevDriver::CopyBeforeWrite => {
+                BlockdevDriverOptions::CopyBeforeWrite(from_map(rest)?)
+            }
+            BlockdevDriver::SnapshotAccess => {
+                BlockdevDriverOptions::SnapshotAccess(from_map(rest)?)
+            }
             other => BlockdevDriverOptions::Other {
                 driver: other,
                 options: rest,
@@ -345,6 +357,8 @@ impl Serialize for BlockdevOptions {
             BlockdevDriverOptions::NullCo(o) | BlockdevDriverOptions::NullAio(o) => to_map(o)?,
             BlockdevDriverOptions::Qcow2(o) => to_map(o)?,
             BlockdevDriverOptions::Nbd(o) => to_map(o)?,
+            BlockdevDriverOptions::CopyBeforeWrite(o) => to_map(o)?,
+            BlockdevDriverOptions::SnapshotAccess(o) => to_map(o)?,
             BlockdevDriverOptions::Other { options, .. } => options.clone(),
         };
         map.extend(own);
@@ -466,6 +480,46 @@ pub struct BlockdevOptionsRaw {
     /// Length of the window, in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<i64>,
+}
+
+/// `BlockdevOptionsGenericFormat`: formats whose only option is the child (`snapshot-access`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevOptionsGenericFormat {
+    /// The child holding the data.
+    pub file: BlockdevRef,
+}
+
+/// `OnCbwError`: what copy-before-write sacrifices when a copy fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnCbwError {
+    /// Fail the guest write (default).
+    BreakGuestWrite,
+    /// Let the write go on and break the snapshot.
+    BreakSnapshot,
+}
+
+/// `BlockdevOptionsCbw`: options of `copy-before-write`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevOptionsCbw {
+    /// The source (disk) node.
+    pub file: BlockdevRef,
+    /// Where old data is copied.
+    pub target: BlockdevRef,
+    /// Protect only this bitmap's dirty regions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmap: Option<super::bitmaps::BlockDirtyBitmap>,
+    /// Failure policy (default break-guest-write).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_cbw_error: Option<OnCbwError>,
+    /// Seconds one copy may take (0: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cbw_timeout: Option<u32>,
+    /// Smallest copy granularity, a power of two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_cluster_size: Option<u64>,
 }
 
 /// `BlockdevOptionsNull`: options of `null-co` and `null-aio`.

@@ -39,6 +39,9 @@ if cargo clippy --version >/dev/null 2>&1; then
     cargo clippy --release --locked --workspace --all-targets -- -D warnings
 fi
 
+echo "== QMP wire bytes: blockd against qemu-storage-daemon on the recorded exchanges"
+BLOCKD="$PWD/target/release/blockd" python3 crates/qmp/tests/oracle/compare_with_qsd.py
+
 echo "== iotests against blockd"
 IOTESTS_DAEMON=blockd BLOCKD="$PWD/target/release/blockd" python3 -m pytest -q iotests
 

@@ -85,7 +85,7 @@ fn bind_chardev(m: &Map<String, Value>) -> Result<(String, Listener), String> {
         ));
     }
     if let Some(path) = m.get("path").and_then(Value::as_str) {
-        let _ = std::fs::remove_file(path);
+        clear_socket_path(path)?;
         let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
             format!(
                 "Failed to bind socket to {path}: {}",
@@ -104,6 +104,41 @@ fn bind_chardev(m: &Map<String, Value>) -> Result<(String, Listener), String> {
         .map_err(|e| format!("Failed to bind socket: {}", block::error::strerror(&e)))?;
     l.set_nonblocking(true).map_err(|e| e.to_string())?;
     Ok((id, Listener::Tcp(l)))
+}
+
+/// Makes room for a Unix socket at `path`. Only a stale socket (one nobody accepts on) is
+/// removed. QSD 10.0.2 unlinks whatever is there, a regular file or a socket another daemon
+/// serves; blockd refuses both, so a typo in a path never destroys a file.
+fn clear_socket_path(path: &str) -> Result<(), String> {
+    use std::io::ErrorKind;
+    use std::os::unix::fs::FileTypeExt;
+    let strerror = |e: &std::io::Error| block::error::strerror(e);
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("Failed to unlink socket {path}: {}", strerror(&e))),
+    };
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        // QSD's text (its unlink fails with EISDIR).
+        return Err(format!("Failed to unlink socket {path}: Is a directory"));
+    }
+    if !kind.is_socket() {
+        return Err(format!(
+            "Failed to unlink socket {path}: not a socket (only a stale socket is replaced)"
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(format!(
+            "Failed to bind socket to {path}: Address already in use (another process serves it)"
+        )),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => std::fs::remove_file(path)
+            .map_err(|e| format!("Failed to unlink socket {path}: {}", strerror(&e))),
+        Err(e) => Err(format!(
+            "Failed to unlink socket {path}: cannot tell whether it is stale: {}",
+            strerror(&e)
+        )),
+    }
 }
 
 /// `--nbd-server` keyval, checked and typed as QSD's `NbdServerOptions`.

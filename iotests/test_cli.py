@@ -101,6 +101,9 @@ STARTUP_ERRORS = [
                                 "--monitor", "chardev=m"],
      "Failed to bind socket to /nonexistent-dir/x.sock: No such file or directory"),
     ("pidfile-in-missing-dir", ["--pidfile", "/nonexistent-dir/p.pid"], "/nonexistent-dir/p.pid"),
+    ("export-ill-formed-id", ["--blockdev", "null-co,node-name=n", "--nbd-server", "addr.type=unix,addr.path=n.sock",
+                              "--export", "type=nbd,id=1a,node-name=n"],
+     "--export type=nbd,id=1a,node-name=n: Invalid block export id"),
 ]
 
 

@@ -150,7 +150,7 @@ impl Graph {
         }
         let before = self.nodes.len();
         let result = self
-            .add_node(opts, 0)
+            .add_node(opts, 0, false)
             .and_then(|n| self.refresh_locks().map(|_| n));
         if result.is_err() {
             // Undo inline children created on the way.
@@ -162,7 +162,9 @@ impl Graph {
         result
     }
 
-    fn add_node(&mut self, opts: &NodeOptions, depth: usize) -> Result<NodeRef> {
+    /// `inline`: created with a parent (an inline child, a backing file named in the image),
+    /// so owned by its parents, not the monitor, even when given a node-name (as in QEMU).
+    fn add_node(&mut self, opts: &NodeOptions, depth: usize, inline: bool) -> Result<NodeRef> {
         let name = match &opts.node_name {
             Some(n) => {
                 check_node_name(n)?;
@@ -175,7 +177,7 @@ impl Graph {
             }
             None => self.generate_name(),
         };
-        let auto_named = opts.node_name.is_none();
+        let auto_named = inline || opts.node_name.is_none();
         let (driver, children, read_only) = self.open_driver(opts, depth, &name)?;
         let node = Arc::new(Node::new(
             name,
@@ -201,7 +203,7 @@ impl Graph {
                 let mut o = (**o).clone();
                 o.read_only |= parent_ro;
                 o.flags.discard_unmap |= parent.flags.discard_unmap;
-                self.add_node(&o, depth)
+                self.add_node(&o, depth, true)
             }
         }
     }
@@ -339,7 +341,7 @@ impl Graph {
             driver,
             ..NodeOptions::default()
         };
-        self.add_node(&opts, depth + 1)
+        self.add_node(&opts, depth + 1, true)
             .map(Some)
             .map_err(|e| e.context("Could not open backing file"))
     }
@@ -390,9 +392,17 @@ impl Graph {
         if let Some(user) = node.first_user() {
             return Err(Error::generic(format!("Node {name} is in use by {user}")));
         }
-        let result = self.remove_tree(&node);
+        // What can fail at close (storing persistent bitmaps, flushing) is done first, with
+        // the node still in place: a failed blockdev-del changes nothing. (QSD deletes the
+        // node anyway and loses the bitmaps, "Lost persistent bitmaps during inactivation".)
+        node.store_bitmaps(false)?;
+        node.flush()
+            .map_err(|e| Error::io(format!("Flushing node '{name}'"), &e))?;
+        if let Err(e) = self.remove_tree(&node) {
+            tracing::warn!(node = name, error = %e, "close after blockdev-del failed");
+        }
         let _ = self.refresh_locks();
-        result
+        Ok(())
     }
 
     /// Make every node hold the image locks its users need now: a writer above (a read-write

@@ -19,7 +19,7 @@ import pytest
 
 import socket
 
-from iotests import Daemon, RawQmp, blockd_only, create_image, daemon_binary
+from iotests import Daemon, RawQmp, blockd_only, create_image, daemon_binary, qemu_img
 
 
 @pytest.fixture
@@ -294,3 +294,19 @@ def test_sigterm_closes_client_connections(daemon):
     daemon.signal(signal.SIGTERM)
     r.expect_eof()
     assert daemon.wait_exit() == 0
+
+
+def test_sighup_shuts_down_cleanly_storing_persistent_bitmaps(make_daemon, tmp_path):
+    # Observed on QSD 10.0.2: SIGHUP is a termination request like SIGTERM (QEMU has no log
+    # to reopen); the clean close stores persistent bitmaps, not in use.
+    img = create_image(tmp_path / "h.qcow2", 1 << 20, "qcow2")
+    d = make_daemon("--blockdev", f"file,node-name=f,filename={img}", "--blockdev", "qcow2,node-name=q,file=f")
+    d.ok("block-dirty-bitmap-add", node="q", name="b", persistent=True)
+    d.ok("block-dirty-bitmap-add", node="q", name="c", persistent=True, granularity=4096)
+    d.signal(signal.SIGHUP)
+    assert d.wait_exit() == 0
+    info = json.loads(qemu_img("info", "--output=json", str(img)))
+    bitmaps = info["format-specific"]["data"]["bitmaps"]
+    # (Directory order differs: QSD writes the newest bitmap first, blockd the oldest.)
+    assert sorted((b["name"], b["granularity"], b["flags"]) for b in bitmaps) == [
+        ("b", 65536, ["auto"]), ("c", 4096, ["auto"])]

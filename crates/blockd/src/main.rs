@@ -17,6 +17,7 @@ mod dispatch;
 mod export;
 mod exports;
 mod hmp;
+mod image;
 mod info;
 mod startup;
 mod wire;

@@ -190,6 +190,7 @@ async fn apply(daemon: &Arc<Daemon>, opts: &[Opt]) -> Result<Setup, String> {
     let schema = qapi::Schema::get();
     let mut short_qmp: Option<String> = None;
     let mut short_image = false;
+    let create = crate::image::create_option(opts)?;
     for opt in opts {
         let ctx = |name: &str, v: &str, e: String| format!("--{name} {v}: {e}");
         match opt {
@@ -258,8 +259,13 @@ async fn apply(daemon: &Arc<Daemon>, opts: &[Opt]) -> Result<Setup, String> {
                 setup.pidfile = Some(PathBuf::from(p));
             }
             Opt::Daemonize => {}
+            Opt::Create(_) => {}
             Opt::Image(path) => {
                 short_image = true;
+                if let Some(size) = create {
+                    crate::image::create_if_missing(path, size)
+                        .map_err(|e| format!("--create: {path}: {e}"))?;
+                }
                 let format = block::graph::probe_format(path).map_err(|e| {
                     format!(
                         "--image {path}: Could not open '{path}': {}",

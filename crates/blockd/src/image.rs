@@ -88,7 +88,7 @@ mod tests {
     #[test]
     fn the_size_is_checked_and_needs_an_image() {
         let img = Opt::Image("x.qcow2".into());
-        assert_eq!(create_option(&[img.clone()]), Ok(None));
+        assert_eq!(create_option(std::slice::from_ref(&img)), Ok(None));
         assert_eq!(
             create_option(&[Opt::Create("1G".into()), img.clone()]),
             Ok(Some(1 << 30))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, List
 
@@ -16,6 +17,18 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
+
+
+def pytest_sessionstart(session):
+    """A missing oracle tool fails the whole run up front (no test may pass without it),
+    unless the developer opted out with BLOCKD_ALLOW_MISSING_ORACLES=1."""
+    missing = iotests.missing_oracles()
+    if missing and os.environ.get(iotests.ALLOW_MISSING) != "1":
+        raise pytest.UsageError(
+            f"oracle tools not installed: {', '.join(missing)} (Debian: qemu-utils, libnbd-bin). "
+            f"The iotests compare against them and fail without them; set "
+            f"{iotests.ALLOW_MISSING}=1 to run anyway (tests needing them are then skipped)."
+        )
 
 
 def pytest_report_header(config):

@@ -302,8 +302,13 @@ def qemu_io_uri(target: str, *commands: str, read_only: bool = False, fmt: str =
 
 
 def run(argv: Sequence[str], timeout: float = 30) -> subprocess.CompletedProcess:
-    """Runs a client tool; returns the completed process with text output."""
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout)
+    """Runs a client tool; returns the completed process with text output. A tool that is
+    not installed fails the test (see :func:`iotests.missing_oracle`)."""
+    try:
+        return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        iotests.missing_oracle(str(argv[0]))
+        raise
 
 
 def check_run(argv: Sequence[str], timeout: float = 30) -> str:

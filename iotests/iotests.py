@@ -71,13 +71,37 @@ def is_qsd() -> bool:
     return DAEMON_KIND == "qsd"
 
 
+#: The oracle tools the iotests run beside the daemon (Debian: qemu-utils, libnbd-bin).
+ORACLE_TOOLS = ("qemu-img", "qemu-io", "nbdinfo", "nbdcopy")
+#: Setting this to 1 lets tests whose oracle is missing be skipped (developers without the
+#: tools only; tests/run.sh and CI never set it). Otherwise a missing oracle is a failure.
+ALLOW_MISSING = "BLOCKD_ALLOW_MISSING_ORACLES"
+
+
+def missing_oracle(tool: str) -> None:
+    """A test needs ``tool`` and it is not installed: fail, or skip when opted out."""
+    msg = (f"oracle {tool} is not installed (Debian: qemu-utils, libnbd-bin); "
+           f"set {ALLOW_MISSING}=1 to skip such tests instead of failing them")
+    if os.environ.get(ALLOW_MISSING) == "1":
+        pytest.skip(msg)
+    pytest.fail(msg, pytrace=False)
+
+
+def missing_oracles() -> List[str]:
+    """The oracle tools (QSD too when it is the daemon under test) not on PATH."""
+    tools = list(ORACLE_TOOLS)
+    if DAEMON_KIND == "qsd" and not os.environ.get("QSD"):
+        tools.append("qemu-storage-daemon")
+    return [t for t in tools if shutil.which(t) is None]
+
+
 def daemon_binary() -> str:
     """Path of the daemon executable selected by the switch."""
     if DAEMON_KIND == "qsd":
         qsd = os.environ.get("QSD") or shutil.which("qemu-storage-daemon")
         if not qsd:
-            pytest.skip("qemu-storage-daemon not installed")
-        return qsd
+            missing_oracle("qemu-storage-daemon")
+        return str(qsd)
     env = os.environ.get("BLOCKD")
     if env:
         return env
@@ -85,7 +109,8 @@ def daemon_binary() -> str:
         cand = REPO / "target" / profile / "blockd"
         if cand.exists():
             return str(cand)
-    pytest.skip("blockd binary not found (set BLOCKD or build target/{release,debug}/blockd)")
+    pytest.fail("blockd binary not found (set BLOCKD or build target/{release,debug}/blockd)",
+                pytrace=False)
     raise AssertionError("unreachable")
 
 
@@ -129,9 +154,13 @@ def filter_qmp(obj: Any) -> Any:
 
 
 def _run(argv: Sequence[str], check: bool, input: Optional[bytes] = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, input=input, timeout=60
-    )
+    try:
+        proc = subprocess.run(
+            list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, input=input, timeout=60
+        )
+    except FileNotFoundError:
+        missing_oracle(argv[0])
+        raise
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{shlex.join(argv)} exited {proc.returncode}:\n{proc.stdout.decode(errors='replace')}"

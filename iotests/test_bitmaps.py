@@ -585,3 +585,16 @@ def test_sha256_of_unknown_bitmap_is_refused(disk):
 def test_sha256_on_unknown_node_is_refused(daemon):
     err = daemon.err("x-debug-block-dirty-bitmap-sha256", node="nosuch", name="b")
     assert err == {"class": "GenericError", "desc": "Node 'nosuch' not found"}
+
+
+def test_persistent_bitmap_never_stored_can_be_removed(daemon, tmp_path):
+    # Observed on QSD 10.0.2: removing a persistent bitmap before it was ever written to the
+    # image succeeds and leaves no trace in the image.
+    img = create_image(tmp_path / "p.qcow2", 1 << 20, "qcow2")
+    daemon.ok("blockdev-add", driver="qcow2", node_name="q",
+              file={"driver": "file", "filename": str(img)})
+    daemon.ok("block-dirty-bitmap-add", node="q", name="b", persistent=True)
+    daemon.ok("block-dirty-bitmap-remove", node="q", name="b")
+    assert daemon.bitmaps("q") == []
+    daemon.ok("blockdev-del", node_name="q")
+    assert "bitmaps" not in qemu_img("info", "--output=json", str(img))

@@ -17,7 +17,9 @@ import time
 
 import pytest
 
-from iotests import Daemon, RawQmp, create_image, daemon_binary
+import socket
+
+from iotests import Daemon, RawQmp, blockd_only, create_image, daemon_binary, qemu_img
 
 
 @pytest.fixture
@@ -99,6 +101,9 @@ STARTUP_ERRORS = [
                                 "--monitor", "chardev=m"],
      "Failed to bind socket to /nonexistent-dir/x.sock: No such file or directory"),
     ("pidfile-in-missing-dir", ["--pidfile", "/nonexistent-dir/p.pid"], "/nonexistent-dir/p.pid"),
+    ("export-ill-formed-id", ["--blockdev", "null-co,node-name=n", "--nbd-server", "addr.type=unix,addr.path=n.sock",
+                              "--export", "type=nbd,id=1a,node-name=n"],
+     "--export type=nbd,id=1a,node-name=n: Invalid block export id"),
 ]
 
 
@@ -122,6 +127,68 @@ def test_bad_blockdev_after_monitor_exits_before_serving(tmp_path):
     d.start("--blockdev", "driver=file,node-name=f,filename=nonexist", wait=False)
     assert d.wait_exit() == 1
     assert "Could not open 'nonexist'" in d.log()
+
+
+# ------------------------------------------------------------ --chardev socket paths
+
+
+def chardev(path) -> list:
+    return ["--chardev", f"socket,id=c,path={path},server=on,wait=off", "--monitor", "chardev=c"]
+
+
+def test_chardev_replaces_a_stale_socket(make_daemon, tmp_path):
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # the file stays, nobody accepts on it
+    make_daemon(*chardev(stale))
+    c = socket.socket(socket.AF_UNIX)
+    c.settimeout(5)
+    c.connect(str(stale))
+    assert c.recv(100).startswith(b'{"QMP": ')
+    c.close()
+
+
+def test_chardev_path_that_is_a_directory_is_an_error(tmp_path):
+    (tmp_path / "dir").mkdir()
+    status, err = run_to_exit(tmp_path, *chardev("dir"))
+    assert status == 1
+    assert f"--chardev socket,id=c,path=dir,server=on,wait=off: Failed to unlink socket dir: Is a directory" in err
+    assert (tmp_path / "dir").is_dir()
+
+
+@blockd_only
+def test_chardev_never_removes_a_regular_file(tmp_path):
+    # Observed: QSD 10.0.2 unlinks whatever sits at the path (a mistyped path destroys a
+    # file). blockd replaces only a stale socket.
+    victim = tmp_path / "disk.img"
+    victim.write_bytes(b"precious")
+    status, err = run_to_exit(tmp_path, *chardev("disk.img"))
+    assert status == 1
+    assert "Failed to unlink socket disk.img: not a socket (only a stale socket is replaced)" in err
+    assert victim.read_bytes() == b"precious"
+    os.symlink("disk.img", tmp_path / "link")
+    status, err = run_to_exit(tmp_path, *chardev("link"))
+    assert status == 1 and "not a socket" in err
+    assert (tmp_path / "link").is_symlink() and victim.read_bytes() == b"precious"
+
+
+@blockd_only
+def test_chardev_never_steals_a_served_socket(tmp_path):
+    # Observed: QSD 10.0.2 unlinks a socket another process listens on and takes its path.
+    live = tmp_path / "live.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(live))
+    srv.listen(4)
+    try:
+        status, err = run_to_exit(tmp_path, *chardev("live.sock"))
+        assert status == 1
+        assert "Failed to bind socket to live.sock: Address already in use" in err
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(str(live))  # still the original listener's
+        c.close()
+    finally:
+        srv.close()
 
 
 # ------------------------------------------------------------ pidfile / daemonize
@@ -227,3 +294,19 @@ def test_sigterm_closes_client_connections(daemon):
     daemon.signal(signal.SIGTERM)
     r.expect_eof()
     assert daemon.wait_exit() == 0
+
+
+def test_sighup_shuts_down_cleanly_storing_persistent_bitmaps(make_daemon, tmp_path):
+    # Observed on QSD 10.0.2: SIGHUP is a termination request like SIGTERM (QEMU has no log
+    # to reopen); the clean close stores persistent bitmaps, not in use.
+    img = create_image(tmp_path / "h.qcow2", 1 << 20, "qcow2")
+    d = make_daemon("--blockdev", f"file,node-name=f,filename={img}", "--blockdev", "qcow2,node-name=q,file=f")
+    d.ok("block-dirty-bitmap-add", node="q", name="b", persistent=True)
+    d.ok("block-dirty-bitmap-add", node="q", name="c", persistent=True, granularity=4096)
+    d.signal(signal.SIGHUP)
+    assert d.wait_exit() == 0
+    info = json.loads(qemu_img("info", "--output=json", str(img)))
+    bitmaps = info["format-specific"]["data"]["bitmaps"]
+    # (Directory order differs: QSD writes the newest bitmap first, blockd the oldest.)
+    assert sorted((b["name"], b["granularity"], b["flags"]) for b in bitmaps) == [
+        ("b", 65536, ["auto"]), ("c", 4096, ["auto"])]

@@ -167,3 +167,38 @@ def test_unknown_hmp_command_prints_error_text(daemon):
     # From QEMU's source (monitor/hmp.c), not observed.
     out = daemon.ok("human-monitor-command", {"command-line": "nosuchcommand"})
     assert out == "unknown command: 'nosuchcommand'\r\n"
+
+
+@pytest.mark.parametrize("cmd", ["read 0 3G", "write -P 0x5a 0 3G", "write -z 0 2147483137",
+                                 "aio_read 0 3G", "aio_write 0 3G", "discard 0 3G"])
+def test_request_longer_than_qemu_io_allows_is_refused_like_qemu_io(pair, cmd):
+    # qemu-io's bound (BDRV_REQUEST_MAX_BYTES, 2 GiB - 512) and its texts, checked before the
+    # end of the disk is.
+    out = pair.both(cmd)
+    assert "2147483136" in out and "failed" not in out, out
+
+
+def _peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc/PID/status")
+
+
+def test_longest_request_does_not_allocate_its_length(daemon):
+    # 2 GiB - 512 is allowed, as in qemu-io, but goes through a bounded buffer: the daemon's
+    # peak memory stays far below the request's length.
+    daemon.ok("blockdev-add", driver="null-co", node_name="z", size=4 << 30, read_zeroes=True)
+    out = filter_qemu_io(daemon.ok("human-monitor-command",
+                                   {"command-line": 'qemu-io z "read -P 0 0 2147483136"'}))
+    assert out == "read 2147483136/2147483136 bytes at offset 0\r\n"
+    out = filter_qemu_io(daemon.ok("human-monitor-command",
+                                   {"command-line": 'qemu-io z "write -P 0x5a 0 2147483136"'}))
+    assert out == "wrote 2147483136/2147483136 bytes at offset 0\r\n"
+    assert _peak_rss_kib(daemon.proc.pid) < 256 * 1024
+
+
+def test_read_dump_is_bounded(pair):
+    out = pair.hmp("read -v 0 2M")
+    assert out == "read -v prints at most 1048576 bytes in blockd, given 2M\n"

@@ -288,3 +288,26 @@ def test_fleecing_export_serves_point_in_time_data(make_daemon, tmp_path):
     assert d.ok("query-block-jobs") == []
     p = qemu_io_uri(uri(sock, "w"), "read -P 0x33 0 1M", "read -P 0x44 1M 4k", "read -P 0x11 2M 2M")
     assert p.returncode == 0 and "verification" not in p.stdout, p.stdout
+
+
+def test_read_only_node_exports_its_recording_bitmap(make_daemon, tmp_path):
+    # Observed on QSD 10.0.2: an enabled bitmap cannot change under a read-only export of a
+    # read-only node, so it may be exported (only a writable node's is refused).
+    img = tmp_path / "ro.qcow2"
+    iotests.create_image(img, SIZE, "qcow2")
+    iotests.qemu_img("bitmap", "--add", str(img), "b")
+    iotests.qemu_io("-f", "qcow2", "-c", "write -P 0x5a 64k 64k", str(img))
+    d = make_daemon("--blockdev", f"file,node-name=f,filename={img},read-only=on",
+                    "--blockdev", "qcow2,node-name=n,file=f,read-only=on")
+    sock = start_unix_server(d)
+    assert d.bitmap("n", "b")["recording"] is True
+    export(d, "n", "e0", "x", bitmaps=["b"])
+    assert nbdinfo_list(uri(sock))["x"]["contexts"] == ["base:allocation", "qemu:dirty-bitmap:b"]
+    assert dirty_ranges(nbdinfo_map(uri(sock, "x"), "qemu:dirty-bitmap:b")) == [(65536, 65536)]
+
+    # A read-write node's recording bitmap stays refused, with or without a writer.
+    d.ok("blockdev-add", driver="null-co", node_name="rw")
+    d.ok("block-dirty-bitmap-add", node="rw", name="b")
+    err = d.err("block-export-add", {"type": "nbd", "id": "e1", "node-name": "rw", "name": "y",
+                                     "bitmaps": ["b"]})
+    assert err == {"class": "GenericError", "desc": "Enabled bitmap 'b' incompatible with readonly export"}

@@ -346,3 +346,32 @@ def test_quit_with_connected_client_exits(make_daemon, raw_image):
 
     with open(raw_image, "rb") as f:
         assert f.read(512) == b"q" * 512
+
+
+# ------------------------------------------------------------ export ids (issue 15)
+
+# Observed on QSD 10.0.2 (QEMU's id_wellformed): an ASCII letter, then ASCII letters,
+# digits, '-', '.', '_'.
+BAD_EXPORT_IDS = ["", "1a", "a b", "-a", "_a", ".a", "a/b", "\u00e9", "a:b", "a+b", "#a", "a\u00e9"]
+GOOD_EXPORT_IDS = ["a", "a-b.c_d", "A9", "z" * 200]
+
+
+@pytest.mark.parametrize("eid", BAD_EXPORT_IDS)
+def test_ill_formed_export_id_is_refused(make_daemon, eid):
+    d = make_daemon("--blockdev", "null-co,node-name=n")
+    invalid = {"class": "GenericError", "desc": "Invalid block export id"}
+    # Checked before anything else, even whether the server runs.
+    assert d.err("block-export-add", {"type": "nbd", "id": eid, "node-name": "nosuch"}) == invalid
+    start_unix_server(d)
+    assert d.err("block-export-add", {"type": "nbd", "id": eid, "node-name": "n"}) == invalid
+    # nbd-server-add uses the export name as the id.
+    assert d.err("nbd-server-add", device="n", name=eid) == invalid
+    assert d.ok("query-block-exports") == []
+
+
+def test_well_formed_export_ids_are_accepted(make_daemon):
+    d = make_daemon("--blockdev", "null-co,node-name=n")
+    start_unix_server(d)
+    for i, eid in enumerate(GOOD_EXPORT_IDS):
+        export(d, "n", eid, f"x{i}")
+    assert sorted(e["id"] for e in d.ok("query-block-exports")) == sorted(GOOD_EXPORT_IDS)

@@ -5,11 +5,12 @@ Texts observed on qemu-storage-daemon 10.0.2.
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 
-from iotests import create_image, qemu_img
+from iotests import create_image, is_qsd, qemu_img
 
 MiB = 1 << 20
 
@@ -269,3 +270,61 @@ def test_deleting_node_releases_image_lock(daemon, qcow2_img):
     assert 'Failed to get shared "write" lock' in qemu_img("info", str(qcow2_img), check=False)
     daemon.ok("blockdev-del", node_name="q0")
     assert "virtual size: 4 MiB" in qemu_img("info", str(qcow2_img))
+
+
+# ------------------------------------------------------------ deleting nodes (issue 15)
+
+
+def _names(daemon):
+    return [n["node-name"] for n in daemon.nodes()]
+
+
+def test_blockdev_del_that_fails_changes_nothing(daemon, tmp_path):
+    # qcow2 over a raw window exactly the image's size: the persistent bitmap stored at close
+    # needs clusters past the window, so storing it fails.
+    img = create_image(tmp_path / "w.qcow2", 64 * MiB, "qcow2")
+    size = (img.stat().st_size + 511) // 512 * 512
+    os.truncate(img, size)
+    daemon.ok("blockdev-add", driver="file", node_name="f", filename=str(img))
+    daemon.ok("blockdev-add", driver="raw", node_name="r", file="f", size=size)
+    daemon.ok("blockdev-add", driver="qcow2", node_name="q", file="r")
+    daemon.ok("block-dirty-bitmap-add", node="q", name="b", persistent=True)
+    if is_qsd():
+        # Observed: QSD 10.0.2 reports success, deletes the node and loses the bitmap.
+        assert daemon.cmd("blockdev-del", node_name="q") == {"return": {}}
+        assert _names(daemon) == ["r", "f"]
+        assert "Lost persistent bitmaps during inactivation of node 'q'" in daemon.log()
+        return
+    # blockd: the command fails and changes nothing (node, bitmap, image).
+    err = daemon.err("blockdev-del", node_name="q")
+    assert err["class"] == "GenericError" and err["desc"].startswith("Could not store bitmaps: "), err
+    assert _names(daemon) == ["q", "r", "f"]
+    assert [b["name"] for b in daemon.bitmaps("q")] == ["b"]
+    assert daemon.node("q")["file"] == str(img)
+    # Still whole: without the bitmap it goes away cleanly, the image intact.
+    daemon.ok("block-dirty-bitmap-remove", node="q", name="b")
+    daemon.ok("blockdev-del", node_name="q")
+    assert _names(daemon) == ["r", "f"]
+    daemon.ok("blockdev-del", node_name="r")
+    daemon.ok("blockdev-del", node_name="f")
+    assert "No errors were found on the image." in qemu_img("check", str(img))
+
+
+def test_inline_child_with_node_name_goes_with_its_parent(daemon, qcow2_img):
+    # Observed on QSD 10.0.2: a node created inline belongs to its parent(s), even with an
+    # explicit node-name: the monitor cannot delete it, the last parent's deletion does.
+    file = {"driver": "file", "node-name": "f1", "filename": str(qcow2_img)}
+    daemon.ok("blockdev-add", driver="qcow2", node_name="q", file=file)
+    assert daemon.err("blockdev-del", node_name="f1") == {
+        "class": "GenericError", "desc": "Node f1 is not owned by the monitor"}
+    assert _names(daemon) == ["q", "f1"]
+    daemon.ok("blockdev-del", node_name="q")
+    assert _names(daemon) == []
+
+    # With a second parent it stays until that one goes too.
+    daemon.ok("blockdev-add", driver="qcow2", node_name="q", file=file)
+    daemon.ok("blockdev-add", driver="raw", node_name="r2", file="f1")
+    daemon.ok("blockdev-del", node_name="q")
+    assert _names(daemon) == ["r2", "f1"]
+    daemon.ok("blockdev-del", node_name="r2")
+    assert _names(daemon) == []

@@ -7,6 +7,8 @@
 #   SKIP_QSD=1 bash tests/run.sh skip the iotests pass against qemu-storage-daemon
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Every oracle tool is required here: a test whose oracle is missing fails (never skips).
+unset BLOCKD_ALLOW_MISSING_ORACLES
 
 need_apt=()
 command -v qemu-storage-daemon >/dev/null || need_apt+=(qemu-utils)
@@ -38,6 +40,9 @@ if cargo clippy --version >/dev/null 2>&1; then
     echo "== cargo clippy"
     cargo clippy --release --locked --workspace --all-targets -- -D warnings
 fi
+
+echo "== QMP wire bytes: blockd against qemu-storage-daemon on the recorded exchanges"
+BLOCKD="$PWD/target/release/blockd" python3 crates/qmp/tests/oracle/compare_with_qsd.py
 
 echo "== iotests against blockd"
 IOTESTS_DAEMON=blockd BLOCKD="$PWD/target/release/blockd" python3 -m pytest -q iotests

@@ -72,9 +72,11 @@ pub fn remove(node: &NodeRef, name: &str) -> Result<()> {
     };
     if persistent && !node.read_only() {
         if let Some(store) = node.driver().bitmap_store() {
-            store
-                .remove(name)
-                .map_err(|e| Error::io(format!("Failed to remove bitmap '{name}'"), &e))?;
+            match store.remove(name) {
+                // Added since the last store: not in the image yet, nothing to delete there.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                r => r.map_err(|e| Error::io(format!("Failed to remove bitmap '{name}'"), &e))?,
+            }
         }
     }
     let mut list = node.bitmaps();

@@ -41,7 +41,8 @@ impl CreateJob {
     }
 }
 
-fn create(spec: &CreateSpec) -> Result<(), String> {
+/// Creates `spec` now, blocking (what the job runs; also the short form's `--create`).
+pub fn create(spec: &CreateSpec) -> Result<(), String> {
     match spec {
         CreateSpec::File { filename, size } => FileDriver::create(filename, *size)
             .map_err(|e| format!("Could not create '{filename}': {}", strerror(&e))),

@@ -199,7 +199,7 @@ impl Graph {
             ));
         }
         let before = self.nodes.len();
-        let opened = self.add_node(opts, 0).and_then(|n| {
+        let opened = self.add_node(opts, 0, false).and_then(|n| {
             self.pending.clear();
             self.refresh_perms().map(|_| n)
         });
@@ -253,9 +253,17 @@ impl Graph {
                 root.who
             )));
         }
-        let result = self.remove_tree(&node);
+        // What can fail at close (storing persistent bitmaps, flushing) is done first, with
+        // the node still in place: a failed blockdev-del changes nothing. (QSD deletes the
+        // node anyway and loses the bitmaps, "Lost persistent bitmaps during inactivation".)
+        node.store_bitmaps(false)?;
+        node.flush()
+            .map_err(|e| Error::io(format!("Flushing node '{name}'"), &e))?;
+        if let Err(e) = self.remove_tree(&node) {
+            tracing::warn!(node = name, error = %e, "close after blockdev-del failed");
+        }
         let _ = self.refresh_locks();
-        result
+        Ok(())
     }
 
     /// Make every node hold the image locks its users need now (see [`Graph::refresh_perms`]).

@@ -202,7 +202,9 @@ impl Node {
         &self.name
     }
 
-    /// Was the name generated (no node-name given)?
+    /// Was the node created with a parent (inline, or a backing file the image names), its
+    /// name generated or given? Its parents own it, not the monitor: `blockdev-del` refuses
+    /// it and it goes away with its last parent, as in QEMU.
     pub fn auto_named(&self) -> bool {
         self.auto_named
     }

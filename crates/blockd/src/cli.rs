@@ -26,6 +26,8 @@ pub enum Opt {
     Daemonize,
     /// `--image PATH` (short form): device drive0 over PATH.
     Image(String),
+    /// `--create SIZE` (short form): create `--image` as a qcow2 of SIZE when it is missing.
+    Create(String),
     /// `--qmp PATH` (short form): a QMP monitor socket.
     Qmp(String),
     /// `--nbd PATH` (short form): an NBD server on a Unix socket exporting every short-form device.
@@ -67,6 +69,8 @@ QSD-compatible options (repeatable, applied in order):
 
 Short form:
   --image <path>         open <path> (qcow2 or raw, probed) as device 'drive0'
+  --create <size>        with --image: first create <path> as a qcow2 image of <size>
+                         (e.g. 1G) if it does not exist; an existing file is never touched
   --qmp <path>           QMP socket for the short form (default: $XDG_RUNTIME_DIR/blockd.sock,
                          else /tmp/blockd-<uid>.sock)
   --nbd <path>           NBD server on a Unix socket exporting 'drive0' writable
@@ -118,6 +122,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             "--pidfile" => Opt::Pidfile(v),
             "--daemonize" => Opt::Daemonize,
             "--image" | "-i" => Opt::Image(v),
+            "--create" => Opt::Create(v),
             "--qmp" => Opt::Qmp(v),
             "--nbd" => Opt::Nbd(v),
             other if other.starts_with('-') => {

@@ -119,10 +119,8 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
     match cmd {
         // Negotiation is the protocol's business (the qmp crate answers it before us).
         Command::QmpCapabilities(_) => Ok(json!({})),
-        Command::QueryVersion => Ok(json!({
-            "qemu": {"micro": 2, "minor": 0, "major": 10},
-            "package": format!("blockd {}", env!("CARGO_PKG_VERSION")),
-        })),
+        // Members in the schema's order, so the reply's bytes are QSD's (QDict walk order).
+        Command::QueryVersion => wire::version_info(),
         Command::QueryCommands => Ok(Value::Array(
             qapi::Schema::get()
                 .commands()

@@ -119,6 +119,10 @@ impl Daemon {
 
     /// block-export-add (type nbd).
     pub fn export_add(&self, args: ExportArgs) -> Result<()> {
+        // QEMU checks the id before anything else (even whether the NBD server runs).
+        if !id_wellformed(&args.id) {
+            return Err(Error::generic("Invalid block export id"));
+        }
         let Some(server) = self.nbd() else {
             return Err(Error::generic("NBD server not running"));
         };
@@ -142,9 +146,6 @@ impl Daemon {
             if d.len() > 4096 {
                 return Err(Error::generic(format!("description '{d}' too long")));
             }
-        }
-        if args.id.is_empty() {
-            return Err(Error::generic("Invalid block export id"));
         }
         if args.writable && node.read_only() {
             return Err(Error::generic("Cannot export read-only node as writable"));
@@ -175,7 +176,9 @@ impl Daemon {
                 {
                     let list = holder.bitmaps();
                     if let Some(b) = list.get(bname) {
-                        if b.recording && !args.writable {
+                        // A recording bitmap could change under a read-only export, unless
+                        // the node itself is read-only (QEMU: bdrv_is_writable).
+                        if b.recording && !args.writable && !node.read_only() {
                             return Err(Error::generic(format!(
                                 "Enabled bitmap '{bname}' incompatible with readonly export"
                             )));
@@ -319,4 +322,12 @@ impl Daemon {
         let infos = infos.map(|e| crate::wire::export_info(&e.id, &e.node_name, e.shutting_down));
         Ok(Value::Array(infos.collect::<Result<_>>()?))
     }
+}
+
+/// QEMU's rule for ids (`id_wellformed`): an ASCII letter, then ASCII letters, digits, `-`,
+/// `.` and `_`.
+pub fn id_wellformed(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }

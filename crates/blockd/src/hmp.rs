@@ -140,6 +140,16 @@ fn dump(out: &mut String, offset: u64, data: &[u8]) {
     }
 }
 
+/// qemu-io's largest request (QEMU's `BDRV_REQUEST_MAX_BYTES`): longer ones are refused.
+const MAX_REQUEST: u64 = 2_147_483_136;
+
+/// Reads and pattern writes go through a buffer of at most this size, so memory does not
+/// follow the length a command names.
+const CHUNK: u64 = 1 << 20;
+
+/// `read -v` prints every byte; blockd bounds the dump (beyond qemu-io, which has no bound).
+const MAX_DUMP: u64 = 1 << 20;
+
 struct Args {
     unmap: bool,
     compressed: bool,
@@ -148,6 +158,24 @@ struct Args {
     verbose: bool,
     offset: u64,
     len: u64,
+    /// The length as written, for qemu-io's messages.
+    len_text: String,
+}
+
+/// qemu-io's refusal of a request longer than [`MAX_REQUEST`]: the `aio_*` commands parse
+/// their lengths as a vector and say so differently.
+fn check_len(cmd: &str, a: &Args) -> Result<(), String> {
+    if a.len <= MAX_REQUEST {
+        return Ok(());
+    }
+    let given = &a.len_text;
+    Err(match cmd {
+        "aio_read" | "aio_write" => {
+            format!("Argument '{given}' exceeds maximum size {MAX_REQUEST}")
+        }
+        "write" => format!("length cannot exceed {MAX_REQUEST} without -n, given {given}"),
+        _ => format!("length cannot exceed {MAX_REQUEST}, given {given}"),
+    })
 }
 
 fn parse_args(cmd: &str, words: &[String], flags: &str) -> Result<Args, String> {
@@ -159,6 +187,7 @@ fn parse_args(cmd: &str, words: &[String], flags: &str) -> Result<Args, String> 
         verbose: false,
         offset: 0,
         len: 0,
+        len_text: String::new(),
     };
     let mut pos = Vec::new();
     let mut i = 0;
@@ -203,6 +232,7 @@ fn parse_args(cmd: &str, words: &[String], flags: &str) -> Result<Args, String> 
     };
     a.offset = num(&pos[0])?;
     a.len = num(&pos[1])?;
+    a.len_text = pos[1].clone();
     Ok(a)
 }
 
@@ -246,24 +276,38 @@ pub fn qemu_io(node: &NodeRef, command: &str) -> String {
 
 fn cmd_read(node: &NodeRef, name: &str, rest: &[String], out: &mut String) -> Result<(), String> {
     let a = parse_args(name, rest, "Pv")?;
-    check_end(node, "read", &a)?;
-    let mut buf =
-        vec![0u8; usize::try_from(a.len).map_err(|_| "read failed: Cannot allocate memory")?];
-    let start = Instant::now();
-    node.read(a.offset, &mut buf)
-        .map_err(|e| format!("read failed: {}", strerror(&e)))?;
-    if let Some(p) = a.pattern {
-        if let Some(pos) = buf.iter().position(|b| *b != p) {
-            let _ = pos;
-            let _ = writeln!(
-                out,
-                "Pattern verification failed at offset {}, {} bytes",
-                a.offset, a.len
-            );
-        }
+    check_len(name, &a)?;
+    if a.verbose && a.len > MAX_DUMP {
+        return Err(format!(
+            "read -v prints at most {MAX_DUMP} bytes in blockd, given {}",
+            a.len_text
+        ));
     }
-    if a.verbose {
-        dump(out, a.offset, &buf);
+    check_end(node, "read", &a)?;
+    let start = Instant::now();
+    let mut buf = vec![0u8; a.len.min(CHUNK) as usize];
+    let mut mismatch = false;
+    let mut done = 0;
+    while done < a.len {
+        let n = (a.len - done).min(CHUNK) as usize;
+        let chunk = &mut buf[..n];
+        node.read(a.offset + done, chunk)
+            .map_err(|e| format!("read failed: {}", strerror(&e)))?;
+        if let Some(p) = a.pattern {
+            mismatch |= chunk.iter().any(|b| *b != p);
+        }
+        if a.verbose {
+            dump(out, a.offset + done, chunk);
+        }
+        done += n as u64;
+    }
+    if mismatch {
+        // qemu-io prints this before the dump; the dump (at most MAX_DUMP) is one chunk.
+        let line = format!(
+            "Pattern verification failed at offset {}, {} bytes\n",
+            a.offset, a.len
+        );
+        out.insert_str(0, &line);
     }
     report(out, "read", a.offset, a.len, start);
     Ok(())
@@ -271,30 +315,40 @@ fn cmd_read(node: &NodeRef, name: &str, rest: &[String], out: &mut String) -> Re
 
 fn cmd_write(node: &NodeRef, name: &str, rest: &[String], out: &mut String) -> Result<(), String> {
     let a = parse_args(name, rest, "Pzuc")?;
-    check_end(node, "write", &a)?;
     if a.zero && a.pattern.is_some() {
         return Err("-z and -P cannot be specified at the same time".into());
     }
+    check_len(name, &a)?;
+    check_end(node, "write", &a)?;
     let start = Instant::now();
     // qemu-io: -z wins over -c (a write-zeroes request).
-    let r = if a.zero {
+    if a.zero {
         node.write_zeroes(a.offset, a.len, a.unmap)
+            .map_err(|e| format!("write failed: {}", strerror(&e)))?;
     } else {
-        let len = usize::try_from(a.len).map_err(|_| "write failed: Cannot allocate memory")?;
-        let data = vec![a.pattern.unwrap_or(0xcd); len];
-        if a.compressed {
-            node.write_compressed(a.offset, &data)
-        } else {
-            node.write(a.offset, &data)
+        // Compressed writes go in whole clusters: chunks of the largest cluster size keep
+        // every chunk boundary on a cluster boundary.
+        let chunk = if a.compressed { 2 * CHUNK } else { CHUNK };
+        let buf = vec![a.pattern.unwrap_or(0xcd); a.len.min(chunk) as usize];
+        let mut done = 0;
+        while done < a.len {
+            let n = (a.len - done).min(chunk) as usize;
+            let r = if a.compressed {
+                node.write_compressed(a.offset + done, &buf[..n])
+            } else {
+                node.write(a.offset + done, &buf[..n])
+            };
+            r.map_err(|e| format!("write failed: {}", strerror(&e)))?;
+            done += n as u64;
         }
-    };
-    r.map_err(|e| format!("write failed: {}", strerror(&e)))?;
+    }
     report(out, "wrote", a.offset, a.len, start);
     Ok(())
 }
 
 fn cmd_discard(node: &NodeRef, rest: &[String], out: &mut String) -> Result<(), String> {
     let a = parse_args("discard", rest, "")?;
+    check_len("discard", &a)?;
     check_end(node, "discard", &a)?;
     let start = Instant::now();
     node.discard(a.offset, a.len)

@@ -9,6 +9,7 @@
 //! - [`info`]: query results; [`hmp`]: the `qemu-io` subset of `human-monitor-command`;
 //!   [`export`]: a node as an NBD export.
 
+mod checkpoint;
 mod cli;
 mod convert;
 mod daemon;
@@ -16,6 +17,7 @@ mod dispatch;
 mod export;
 mod exports;
 mod hmp;
+mod image;
 mod info;
 mod startup;
 mod wire;

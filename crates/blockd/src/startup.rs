@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 
 use qapi::types::{BlockExportOptions, BlockdevOptions};
 
+use crate::checkpoint::Checkpointer;
 use crate::cli::{default_qmp_socket, Opt};
 use crate::convert::{export_args, node_options};
 use crate::daemon::Daemon;
@@ -85,7 +86,7 @@ fn bind_chardev(m: &Map<String, Value>) -> Result<(String, Listener), String> {
         ));
     }
     if let Some(path) = m.get("path").and_then(Value::as_str) {
-        let _ = std::fs::remove_file(path);
+        clear_socket_path(path)?;
         let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
             format!(
                 "Failed to bind socket to {path}: {}",
@@ -104,6 +105,41 @@ fn bind_chardev(m: &Map<String, Value>) -> Result<(String, Listener), String> {
         .map_err(|e| format!("Failed to bind socket: {}", block::error::strerror(&e)))?;
     l.set_nonblocking(true).map_err(|e| e.to_string())?;
     Ok((id, Listener::Tcp(l)))
+}
+
+/// Makes room for a Unix socket at `path`. Only a stale socket (one nobody accepts on) is
+/// removed. QSD 10.0.2 unlinks whatever is there, a regular file or a socket another daemon
+/// serves; blockd refuses both, so a typo in a path never destroys a file.
+fn clear_socket_path(path: &str) -> Result<(), String> {
+    use std::io::ErrorKind;
+    use std::os::unix::fs::FileTypeExt;
+    let strerror = |e: &std::io::Error| block::error::strerror(e);
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("Failed to unlink socket {path}: {}", strerror(&e))),
+    };
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        // QSD's text (its unlink fails with EISDIR).
+        return Err(format!("Failed to unlink socket {path}: Is a directory"));
+    }
+    if !kind.is_socket() {
+        return Err(format!(
+            "Failed to unlink socket {path}: not a socket (only a stale socket is replaced)"
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(format!(
+            "Failed to bind socket to {path}: Address already in use (another process serves it)"
+        )),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => std::fs::remove_file(path)
+            .map_err(|e| format!("Failed to unlink socket {path}: {}", strerror(&e))),
+        Err(e) => Err(format!(
+            "Failed to unlink socket {path}: cannot tell whether it is stale: {}",
+            strerror(&e)
+        )),
+    }
 }
 
 /// `--nbd-server` keyval, checked and typed as QSD's `NbdServerOptions`.
@@ -154,6 +190,7 @@ async fn apply(daemon: &Arc<Daemon>, opts: &[Opt]) -> Result<Setup, String> {
     let schema = qapi::Schema::get();
     let mut short_qmp: Option<String> = None;
     let mut short_image = false;
+    let create = crate::image::create_option(opts)?;
     for opt in opts {
         let ctx = |name: &str, v: &str, e: String| format!("--{name} {v}: {e}");
         match opt {
@@ -222,8 +259,13 @@ async fn apply(daemon: &Arc<Daemon>, opts: &[Opt]) -> Result<Setup, String> {
                 setup.pidfile = Some(PathBuf::from(p));
             }
             Opt::Daemonize => {}
+            Opt::Create(_) => {}
             Opt::Image(path) => {
                 short_image = true;
+                if let Some(size) = create {
+                    crate::image::create_if_missing(path, size)
+                        .map_err(|e| format!("--create: {path}: {e}"))?;
+                }
                 let format = block::graph::probe_format(path).map_err(|e| {
                     format!(
                         "--image {path}: Could not open '{path}': {}",
@@ -312,27 +354,26 @@ pub async fn run(opts: Vec<Opt>, ready: Option<OwnedFd>) -> ExitCode {
     if let Some(fd) = ready {
         report_ready(fd);
     }
-    tokio::spawn(checkpoint_loop(daemon.clone()));
+    let checkpointer = Checkpointer::start(daemon.clone());
     wait_for_shutdown(&daemon).await;
     tracing::info!("shutting down");
     server.begin_shutdown();
+    // The checkpoint task ends (after its round in flight) before any node closes.
+    let panics = match checkpointer {
+        Some(c) => c.stop().await,
+        None => Vec::new(),
+    };
     daemon.close_all().await;
     server.shutdown().await;
     if let Some(p) = setup.pidfile {
         let _ = std::fs::remove_file(p);
     }
-    ExitCode::SUCCESS
-}
-
-/// How often persistent bitmaps are checkpointed into their images (beyond QEMU, which
-/// stores them only at close). `BLOCKD_BITMAP_CHECKPOINT_SECS` overrides; 0 disables
-/// checkpoints altogether (periodic and at flush), giving QEMU's behaviour.
-fn checkpoint_interval() -> Option<std::time::Duration> {
-    let secs = std::env::var("BLOCKD_BITMAP_CHECKPOINT_SECS")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or(10);
-    (secs > 0).then(|| std::time::Duration::from_secs(secs))
+    if panics.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        // Already logged when they happened; a supervisor sees the failure in the status.
+        ExitCode::from(1)
+    }
 }
 
 /// The dirty-region log's region size for images opened from now on (see `qcow2::dirty_log`):
@@ -342,32 +383,8 @@ fn configure_dirty_log() {
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or(qcow2::dirty_log::region_bytes());
-    let on = checkpoint_interval().is_some();
+    let on = crate::checkpoint::checkpoint_interval().is_some();
     qcow2::dirty_log::set_region_bytes(if on { bytes } else { 0 });
-}
-
-async fn checkpoint_loop(daemon: Arc<Daemon>) {
-    let Some(interval) = checkpoint_interval() else {
-        block::node::FLUSH_CHECKPOINTS.store(false, std::sync::atomic::Ordering::Relaxed);
-        return;
-    };
-    let mut tick = tokio::time::interval(interval);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = daemon.shutdown.cancelled() => return,
-        }
-        let nodes: Vec<_> = daemon.graph().nodes().to_vec();
-        let _ = tokio::task::spawn_blocking(move || {
-            for n in nodes {
-                if let Err(e) = n.checkpoint_bitmaps() {
-                    tracing::warn!(node = n.name(), error = %e, "bitmap checkpoint failed");
-                }
-            }
-        })
-        .await;
-    }
 }
 
 async fn wait_for_shutdown(daemon: &Arc<Daemon>) {

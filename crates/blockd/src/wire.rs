@@ -18,6 +18,18 @@ fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, block::Error> {
     serde_json::to_value(v).map_err(|e| block::Error::generic(format!("internal error: {e}")))
 }
 
+/// `query-version` reply: the QEMU version blockd presents itself as (the greeting's too).
+pub fn version_info() -> Result<Value, block::Error> {
+    to_value(&t::VersionInfo {
+        qemu: t::VersionTriple {
+            major: 10,
+            minor: 0,
+            micro: 2,
+        },
+        package: format!("blockd {}", env!("CARGO_PKG_VERSION")),
+    })
+}
+
 /// `query-jobs` entry.
 pub fn job_info(j: &JobInfo) -> Result<Value, block::Error> {
     to_value(&t::JobInfo {

@@ -4,8 +4,8 @@
 //! alternate branch) is sent to QSD and to our checker, and the errors must be identical.
 //!
 //! A sentinel member `zzzz` is added at the top level so that arguments QSD accepts fail
-//! with "Parameter 'zzzz' is unexpected" instead of executing. Skipped with a note when
-//! qemu-storage-daemon is not installed.
+//! with "Parameter 'zzzz' is unexpected" instead of executing. Fails when
+//! qemu-storage-daemon is not installed, unless `BLOCKD_ALLOW_MISSING_ORACLES=1`.
 
 mod common;
 

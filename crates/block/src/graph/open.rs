@@ -21,7 +21,14 @@ use crate::perm::Role;
 impl Graph {
     /// Open a node and (first) its children. Takes each child edge's permissions before the
     /// driver reads the child; writes nothing (see [`Graph::activate_new`]).
-    pub(super) fn add_node(&mut self, opts: &NodeOptions, depth: usize) -> Result<NodeRef> {
+    /// `inline`: created with a parent (an inline child, a backing file named in the image),
+    /// so owned by its parents, not the monitor, even when given a node-name (as in QEMU).
+    pub(super) fn add_node(
+        &mut self,
+        opts: &NodeOptions,
+        depth: usize,
+        inline: bool,
+    ) -> Result<NodeRef> {
         let name = match &opts.node_name {
             Some(n) => {
                 check_node_name(n)?;
@@ -34,7 +41,7 @@ impl Graph {
             }
             None => self.generate_name(),
         };
-        let auto_named = opts.node_name.is_none();
+        let auto_named = inline || opts.node_name.is_none();
         let (driver, children, read_only) = self.open_driver(opts, depth, &name)?;
         let node = Arc::new(Node::with_edges(
             name,
@@ -62,7 +69,7 @@ impl Graph {
                 let mut o = (**o).clone();
                 o.read_only |= parent_ro;
                 o.flags.discard_unmap |= parent.flags.discard_unmap;
-                self.add_node(&o, depth)
+                self.add_node(&o, depth, true)
             }
         }
     }
@@ -265,7 +272,7 @@ impl Graph {
             driver,
             ..NodeOptions::default()
         };
-        self.add_node(&opts, depth + 1)
+        self.add_node(&opts, depth + 1, true)
             .map(Some)
             .map_err(|e| e.context("Could not open backing file"))
     }

@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use nbd::proto::{self, HeaderMode, RequestHeader};
 use nbd::{ExportBackend, ExportConfig, NbdServer, ServerOptions};
+
+#[path = "../../../../tests/oracles.rs"]
+pub mod oracles;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 

@@ -13,15 +13,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-/// Path of qemu-storage-daemon (`QSD_BINARY` overrides), if installed.
+#[path = "../../../../tests/oracles.rs"]
+pub mod oracles;
+
+/// Path of qemu-storage-daemon (`QSD_BINARY` overrides). When it is not installed the test
+/// fails (see [`oracles`]), unless the developer opted out: then `None`.
 pub fn qsd_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("QSD_BINARY") {
         return Some(PathBuf::from(p));
     }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join("qemu-storage-daemon"))
-        .find(|p| p.is_file())
+    oracles::require("qemu-storage-daemon")
 }
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -54,13 +55,10 @@ pub struct Qsd {
 }
 
 impl Qsd {
-    /// Starts QSD with a QMP monitor plus `extra` arguments; `None` (after printing a note)
-    /// when qemu-storage-daemon is not installed.
+    /// Starts QSD with a QMP monitor plus `extra` arguments; `None` only when
+    /// qemu-storage-daemon is not installed and the developer opted out (see [`oracles`]).
     pub fn start(extra: &[&str]) -> Option<Qsd> {
-        let Some(bin) = qsd_binary() else {
-            eprintln!("note: qemu-storage-daemon not installed; skipping the comparison with it");
-            return None;
-        };
+        let bin = qsd_binary()?;
         let dir = TempDir::new("qsd");
         let sock = dir.0.join("qmp.sock");
         let chardev = format!("socket,id=m,path={},server=on,wait=off", sock.display());

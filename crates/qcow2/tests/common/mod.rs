@@ -8,6 +8,9 @@ use std::sync::Arc;
 
 use qcow2::{FileStorage, OpenOptions, Qcow2};
 
+#[path = "../../../../tests/oracles.rs"]
+pub mod oracles;
+
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -35,14 +38,10 @@ impl Drop for TempDir {
     }
 }
 
-/// Whether qemu-img and qemu-io are installed; prints a note when not.
+/// Whether qemu-img and qemu-io are installed. A missing one fails the test (see
+/// [`oracles`]) unless the developer opted out, when this is `false`.
 pub fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img").arg("--version").output().is_ok()
-        && Command::new("qemu-io").arg("--version").output().is_ok();
-    if !ok {
-        eprintln!("NOTE: qemu-img/qemu-io not found; skipping this test");
-    }
-    ok
+    oracles::require_all(&["qemu-img", "qemu-io"])
 }
 
 /// Run a command, panicking with its output on failure; returns stdout.

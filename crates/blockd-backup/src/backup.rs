@@ -317,6 +317,7 @@ impl Run<'_, '_> {
                 self.q.execute("blockdev-add", json!({"driver": "qcow2", "node-name": n.scratch, "file": file}))?;
             }
         }
+        die_at("prepared");
         // One instant for every disk.
         let mut actions = Vec::new();
         for (i, p) in self.plans.iter().enumerate() {
@@ -349,6 +350,7 @@ impl Run<'_, '_> {
         }
         fleece::run_actions(self.q, &actions, self.opts.live).ctx(|| "taking the snapshot".into())?;
         let instant = now_secs();
+        die_at("snapshot");
         self.progress.event("snapshot", &format!("backup {} taken at one instant", self.id), json!({"id": self.id}));
         let total: u64 = self.plans.iter().map(|p| p.estimate).sum();
         self.progress.start(&format!("backup {}", self.id), total);
@@ -369,6 +371,7 @@ impl Run<'_, '_> {
             }
         }
         self.progress.finish();
+        die_at("written");
         let mut disks = Vec::new();
         for (i, p) in self.plans.iter().enumerate() {
             let (name, path, img) = &files[i];
@@ -410,6 +413,7 @@ impl Run<'_, '_> {
         };
         self.repo.write_manifest(&m)?;
         self.created_files.clear();
+        die_at("manifest");
         // The backup exists now; what follows only tidies up (a failure is repaired next run).
         self.teardown();
         self.retire(&m)?;
@@ -497,6 +501,16 @@ impl Run<'_, '_> {
             return Ok(());
         }
         fleece::run_actions(self.q, &actions, self.opts.live).ctx(|| "retiring old bitmaps".into())
+    }
+}
+
+/// Test hook: `BLOCKD_BACKUP_DIE_AT=PHASE` kills the process with SIGKILL when the run
+/// reaches PHASE (`prepared`, `snapshot`, `copy`, `written`, `manifest`), so tests can
+/// interrupt a backup at every step exactly as a crash or `kill -9` would.
+pub fn die_at(phase: &str) {
+    if std::env::var("BLOCKD_BACKUP_DIE_AT").is_ok_and(|p| p == phase) {
+        // SAFETY: sending SIGKILL to ourselves; nothing runs after it.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
 }
 

@@ -5,7 +5,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use qcow2::{CreateOptions, FileStorage, ImageStorage, OpenOptions, Qcow2, Storage};
+use qcow2::{CreateOptions, FileStorage, ImageStorage, OpenOptions, Qcow2};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -99,14 +99,4 @@ pub fn file_sha256(path: &Path) -> Result<(String, u64)> {
 /// Lower-case hex.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// SHA-256 of a byte slice, hex.
-pub fn sha256_bytes(b: &[u8]) -> String {
-    hex(&Sha256::digest(b))
-}
-
-/// Storage length helper for tests and restores.
-pub fn storage_len(s: &dyn Storage) -> Result<u64> {
-    s.size().map_err(|e| Error::io(e, "getting a size"))
 }

@@ -109,6 +109,7 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<u64> {
                             img.write_at(b, off)?;
                         }
                         copied.fetch_add(len, Ordering::Relaxed);
+                        crate::backup::die_at("copy");
                         progress.add(len);
                     }
                     c.disconnect();

@@ -18,8 +18,6 @@ pub enum Kind {
     Io,
     /// `verify` found a damaged backup (exit 7).
     Verify,
-    /// Interrupted by a signal (exit 130).
-    Interrupted,
 }
 
 impl Kind {
@@ -32,7 +30,6 @@ impl Kind {
             Kind::Nbd => 5,
             Kind::Io => 6,
             Kind::Verify => 7,
-            Kind::Interrupted => 130,
         }
     }
 }

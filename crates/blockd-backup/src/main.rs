@@ -249,8 +249,8 @@ fn run(cli: &Cli) -> Result<()> {
         Cmd::Mount { at, disk, socket } => {
             // SAFETY: the handler only stores to an atomic.
             unsafe {
-                libc::signal(libc::SIGINT, on_signal as libc::sighandler_t);
-                libc::signal(libc::SIGTERM, on_signal as libc::sighandler_t);
+                libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+                libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
             }
             let work = backup::default_work_dir(&root, &machine);
             ops::mount(&repo, at, disk.as_deref(), socket, &work, &|| STOP.load(Ordering::SeqCst), &progress)

@@ -38,11 +38,6 @@ impl Progress {
         }
     }
 
-    /// Whether JSON lines are on.
-    pub fn is_json(&self) -> bool {
-        self.json
-    }
-
     /// A message for people (stderr), or an event object for programs.
     pub fn event(&self, kind: &str, msg: &str, data: Value) {
         if self.json {

@@ -32,6 +32,13 @@ pub struct QmpError {
     pub desc: String,
 }
 
+/// Keep the class visible in debug output of the error chain (BLOCKD_BACKUP_DEBUG=1).
+fn tracing_free_log(e: &QmpError) {
+    if std::env::var_os("BLOCKD_BACKUP_DEBUG").is_some() {
+        eprintln!("qmp error class {}: {}", e.class, e.desc);
+    }
+}
+
 impl std::fmt::Display for QmpError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.desc)
@@ -58,8 +65,14 @@ impl Qmp {
             }
         };
         let wr = s.try_clone().map_err(|e| Error::io(e, "cloning QMP socket"))?;
+        // A monitor busy with another client (QSD serves one at a time) never greets.
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| Error::io(e, "setting QMP timeout"))?;
         let mut q = Qmp { rd: BufReader::new(s), wr, events: VecDeque::new() };
-        let greeting = q.read_msg()?;
+        let greeting = q
+            .read_msg()
+            .map_err(|e| e.context("no QMP greeting within 10 s (is another client using this monitor?)"))?;
+        let _ = q.rd.get_ref().set_read_timeout(None);
         if greeting.get("QMP").is_none() {
             return Err(Error::new(Kind::Daemon, "no QMP greeting"));
         }
@@ -109,6 +122,7 @@ impl Qmp {
                     class: e["class"].as_str().unwrap_or("").to_string(),
                     desc: e["desc"].as_str().unwrap_or("").to_string(),
                 };
+                tracing_free_log(&err);
                 return Err(Error::caused(Kind::Daemon, cmd.to_string(), err));
             }
         }

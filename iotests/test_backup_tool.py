@@ -299,8 +299,11 @@ def test_tool_killed_at_every_phase_then_run_again(make_daemon, tmp_path, phase)
     cleaned = [e["what"] for e in evs if e["event"] == "cleanup"]
     if phase in ("snapshot", "copy", "written"):
         assert any(w.startswith("job bb-j-0") for w in cleaned), cleaned
-    if phase != "manifest":
+    if phase in ("snapshot", "copy", "written"):
         assert any(w.startswith("bitmap disk0/bb-") for w in cleaned), cleaned
+    if phase in ("prepared", "snapshot", "copy", "written"):
+        assert any(w.startswith("node bb-s-0") for w in cleaned), cleaned
+        assert any(w.endswith(".qcow2") for w in cleaned), cleaned  # the unrecorded partial file
     restore_and_compare(vm, "latest", "disk0", want, tmp_path)
     bms = [b["name"] for b in vm.d.bitmaps("disk0") if b["name"].startswith("bb-")]
     assert len(bms) == 2, bms  # the full's anchor and the latest backup's
@@ -351,7 +354,8 @@ def test_repository_disk_full_fails_cleanly_then_succeeds(make_daemon, tmp_path)
         p = run_tool(*args, "full", *vm.src_args(), check=False)
         assert p.returncode == 6, (p.returncode, p.stderr)
         assert "No space left on device" in p.stderr, p.stderr
-        assert p.stderr.count("\n") == 1, p.stderr  # one line
+        errors = [ln for ln in p.stderr.splitlines() if ln.startswith("blockd-backup:")]
+        assert len(errors) == 1 and p.stderr.endswith(errors[0] + "\n"), p.stderr  # one line, last
         assert json.loads(run_tool(*args, "--json", "list").stdout) == []
         assert not [b for b in vm.d.bitmaps("disk0") if b["name"].startswith("bb-")]
         assert not list((small / "repo" / "vm" / "disks").rglob("*.qcow2"))
@@ -401,7 +405,7 @@ def test_mount_serves_a_point_and_restore_writes_onto_a_live_node(make_daemon, t
     run_tool(*repo, "inc", "--image", str(img))
     sock = tmp_path / "mnt.sock"
     e = dict(os.environ, BLOCKD_BACKUP_DAEMON=iotests.daemon_binary())
-    p = subprocess.Popen([tool_binary(), *repo, "--json", "mount", "--at", "-1", "--socket", str(sock)],
+    p = subprocess.Popen([tool_binary(), *repo, "--json", "mount", "--at=-1", "--socket", str(sock)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
     try:
         assert p.stdout is not None
@@ -415,7 +419,7 @@ def test_mount_serves_a_point_and_restore_writes_onto_a_live_node(make_daemon, t
         assert p.wait(30) == 0
     # Restore the older point onto a live node over NBD.
     vm = Vm(make_daemon, tmp_path, names=("live",))
-    run_tool(*repo, "restore", "--at", "-1", "--nbd-socket", str(vm.nbd), "--export", "w-live")
+    run_tool(*repo, "restore", "--at=-1", "--nbd-socket", str(vm.nbd), "--export", "w-live")
     assert vm.frozen("live", tmp_path / "l.raw") == digest_of(want)
 
 
@@ -440,4 +444,4 @@ def test_verify_catches_a_damaged_file_and_cli_is_documented(tmp_path):
     assert "Exit codes" in run_tool("--help").stdout
     assert run_tool("frobnicate", check=False).returncode == 2
     p = run_tool(*repo, "inc", "--image", str(tmp_path / "nosuch.qcow2"), check=False)
-    assert p.returncode == 6 and p.stderr.count("\n") == 1, p.stderr
+    assert p.returncode == 6 and p.stderr.count("\n") == 1 and p.stderr.startswith("blockd-backup: "), p.stderr

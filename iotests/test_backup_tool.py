@@ -103,6 +103,7 @@ class Vm:
         for n in self.names:
             self.d.ok("block-export-add", type="nbd", id=f"w-{n}", node_name=n, name=f"w-{n}", writable=True)
         self.repo = tmp / "repo"
+        self.offline = False
 
     def uri(self, n: str) -> str:
         return f"nbd+unix:///w-{n}?socket={self.nbd}"
@@ -114,6 +115,8 @@ class Vm:
         a = ["--qmp", str(self.d.monitor_paths[1]), "--nbd-socket", str(self.nbd)]
         for n in self.names:
             a += ["--disk", n]
+        if self.offline:
+            a.append("--offline")
         return a
 
     def frozen(self, n: str, dest: Path) -> str:
@@ -203,9 +206,15 @@ def restore_and_compare(vm: Vm, point: str, disk: str, want: str, tmp: Path) -> 
 
 
 @pytest.mark.timeout(600)
-def test_month_of_backups_restores_every_point_exactly(make_daemon, tmp_path):
+@pytest.mark.parametrize("mode", ["live", "offline"])
+def test_month_of_backups_restores_every_point_exactly(make_daemon, tmp_path, mode):
+    """live: the writer runs during each backup (fleecing); offline: it stays paused and the
+    tool reads the disks directly (--offline), which needs no backup job in the daemon."""
     vm = Vm(make_daemon, tmp_path)
-    require_live_backup(vm.d)
+    if mode == "live":
+        require_live_backup(vm.d)
+    else:
+        vm.offline = True
     rng = random.Random(14)
     qemu_io("-f", "raw", "-c", "write -P 0x11 0 8M", "-c", "write -P 0x22 40M 4M", vm.uri("disk0"))
     writer = Writer(vm, 99)
@@ -219,8 +228,8 @@ def test_month_of_backups_restores_every_point_exactly(make_daemon, tmp_path):
             writer.pause()
             digest = vm.frozen("disk0", tmp_path / "frozen.raw")
             cmd = "full" if day == 0 else "diff" if day % 10 == 5 else "auto"
-            extra = ["--push"] if day % 7 == 3 else []
-            evs = vm.backup(cmd, extra, writer=writer)
+            extra = ["--push"] if day % 7 == 3 and mode == "live" else []
+            evs = vm.backup(cmd, extra, writer=writer if mode == "live" else None)
             snap = [e for e in evs if e["event"] == "snapshot"]
             assert len(snap) == 1
             frozen[snap[0]["id"]] = digest
@@ -279,10 +288,13 @@ def test_several_disks_are_taken_at_one_instant_and_one_full_falls_back(make_dae
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["live", "offline"])
 @pytest.mark.parametrize("phase", ["prepared", "snapshot", "copy", "written", "manifest"])
-def test_tool_killed_at_every_phase_then_run_again(make_daemon, tmp_path, phase):
+def test_tool_killed_at_every_phase_then_run_again(make_daemon, tmp_path, phase, mode):
     vm = Vm(make_daemon, tmp_path)
-    require_live_backup(vm.d)
+    if mode == "live":
+        require_live_backup(vm.d)
+    vm.offline = mode == "offline"
     rng = random.Random(7)
     vm.write_random(rng, "disk0", 20)
     vm.backup("full")
@@ -297,12 +309,15 @@ def test_tool_killed_at_every_phase_then_run_again(make_daemon, tmp_path, phase)
     plan = [e for e in evs if e["event"] == "plan"][0]
     assert plan["kind"] == "inc", plan
     cleaned = [e["what"] for e in evs if e["event"] == "cleanup"]
-    if phase in ("snapshot", "copy", "written"):
+    if phase in ("snapshot", "copy", "written") and mode == "live":
         assert any(w.startswith("job bb-j-0") for w in cleaned), cleaned
+    if phase == "copy":
+        assert "export bb-e-0" in cleaned, cleaned
     if phase in ("snapshot", "copy", "written"):
         assert any(w.startswith("bitmap disk0/bb-") for w in cleaned), cleaned
     if phase in ("prepared", "snapshot", "copy", "written"):
-        assert any(w.startswith("node bb-s-0") for w in cleaned), cleaned
+        if mode == "live":
+            assert any(w.startswith("node bb-s-0") for w in cleaned), cleaned
         assert any(w.endswith(".qcow2") for w in cleaned), cleaned  # the unrecorded partial file
     restore_and_compare(vm, "latest", "disk0", want, tmp_path)
     bms = [b["name"] for b in vm.d.bitmaps("disk0") if b["name"].startswith("bb-")]
@@ -340,9 +355,12 @@ def test_daemon_killed_during_backup_costs_a_full_then_exact(make_daemon, tmp_pa
 
 
 @pytest.mark.timeout(300)
-def test_repository_disk_full_fails_cleanly_then_succeeds(make_daemon, tmp_path):
+@pytest.mark.parametrize("mode", ["live", "offline"])
+def test_repository_disk_full_fails_cleanly_then_succeeds(make_daemon, tmp_path, mode):
     vm = Vm(make_daemon, tmp_path)
-    require_live_backup(vm.d)
+    if mode == "live":
+        require_live_backup(vm.d)
+    vm.offline = mode == "offline"
     rng = random.Random(9)
     vm.write_random(rng, "disk0", 10)
     small = tmp_path / "small"
@@ -445,3 +463,18 @@ def test_verify_catches_a_damaged_file_and_cli_is_documented(tmp_path):
     assert run_tool("frobnicate", check=False).returncode == 2
     p = run_tool(*repo, "inc", "--image", str(tmp_path / "nosuch.qcow2"), check=False)
     assert p.returncode == 6 and p.stderr.count("\n") == 1 and p.stderr.startswith("blockd-backup: "), p.stderr
+
+
+def test_persistent_bitmap_removed_before_it_was_stored(make_daemon, tmp_path):
+    """The tool retires a persistent bitmap that may never have reached the image file;
+    QEMU removes it without error (blockd used to fail with ENOENT)."""
+    img = tmp_path / "p.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), str(SIZE))
+    d = make_daemon("--blockdev", f"driver=file,node-name=f,filename={img}",
+                    "--blockdev", "driver=qcow2,node-name=q,file=f")
+    d.ok("block-dirty-bitmap-add", node="q", name="p1", persistent=True)
+    assert d.cmd("block-dirty-bitmap-remove", node="q", name="p1") == {"return": {}}
+    assert d.bitmaps("q") == []
+    d.shutdown()
+    info = json.loads(qemu_img("info", "--output=json", str(img)))
+    assert "bitmaps" not in info["format-specific"]["data"]

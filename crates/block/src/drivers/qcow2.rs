@@ -244,6 +244,11 @@ impl BitmapStore for Qcow2Driver {
         self.image.store_bitmaps(&list, in_use).map_err(to_io)
     }
     fn remove(&self, name: &str) -> io::Result<()> {
+        // A persistent bitmap added since the last store is not in the file yet: nothing to
+        // delete there (QEMU's remove succeeds too).
+        if !self.image.bitmaps().iter().any(|b| b.name == name) {
+            return Ok(());
+        }
         self.image.remove_bitmap(name).map_err(to_io)
     }
 }

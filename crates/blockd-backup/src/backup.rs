@@ -21,7 +21,9 @@ use crate::chain;
 use crate::copy::{self, Job};
 use crate::error::{Context, Error, Kind, Result};
 use crate::fleece::{self, action, bitmaps_of, NbdServer};
-use crate::manifest::{now_secs, DiskKind, DiskRecord, FileRecord, Lock, Manifest, Repo, MANIFEST_VERSION};
+use crate::manifest::{
+    now_secs, DiskKind, DiskRecord, FileRecord, Lock, Manifest, Repo, MANIFEST_VERSION,
+};
 use crate::progress::Progress;
 use crate::qmp::Qmp;
 
@@ -121,16 +123,26 @@ fn plan_disk(
     if want == Want::Full {
         return Ok(plan);
     }
-    let kind = if want == Want::Diff { DiskKind::Diff } else { DiskKind::Inc };
+    let kind = if want == Want::Diff {
+        DiskKind::Diff
+    } else {
+        DiskKind::Inc
+    };
     let why_not = (|| -> std::result::Result<(String, u64, Vec<FileRecord>, String), String> {
         let p = prev.ok_or("no earlier backup of this disk")?;
-        let bm = if kind == DiskKind::Diff { &p.full_bitmap } else { &p.bitmap };
+        let bm = if kind == DiskKind::Diff {
+            &p.full_bitmap
+        } else {
+            &p.bitmap
+        };
         let b = bitmaps_of(nodes, node)
             .into_iter()
             .find(|b| b["name"] == bm.as_str())
             .ok_or_else(|| format!("bitmap '{bm}' is missing on node '{node}'"))?;
         if b["inconsistent"] == true {
-            return Err(format!("bitmap '{bm}' is inconsistent (the image was not closed cleanly)"));
+            return Err(format!(
+                "bitmap '{bm}' is inconsistent (the image was not closed cleanly)"
+            ));
         }
         if b["recording"] != true {
             return Err(format!("bitmap '{bm}' is not recording"));
@@ -138,12 +150,20 @@ fn plan_disk(
         if p.size != size {
             return Err(format!("disk size changed from {} to {size}", p.size));
         }
-        let chain: Vec<FileRecord> =
-            if kind == DiskKind::Diff { p.chain.iter().take(1).cloned().collect() } else { p.chain.clone() };
+        let chain: Vec<FileRecord> = if kind == DiskKind::Diff {
+            p.chain.iter().take(1).cloned().collect()
+        } else {
+            p.chain.clone()
+        };
         if let Some(f) = chain.iter().find(|f| !repo.store.exists(&f.name)) {
             return Err(format!("chain file {} is missing", f.name));
         }
-        Ok((bm.clone(), b["count"].as_u64().unwrap_or(size), chain, p.full_bitmap.clone()))
+        Ok((
+            bm.clone(),
+            b["count"].as_u64().unwrap_or(size),
+            chain,
+            p.full_bitmap.clone(),
+        ))
     })();
     match why_not {
         Ok((bm, count, chain, full_bm)) => {
@@ -157,7 +177,10 @@ fn plan_disk(
         Err(reason) => {
             return Err(Error::new(
                 Kind::Repository,
-                format!("cannot take {} backup of '{node}': {reason} (use 'auto' or 'full')", kind.as_str()),
+                format!(
+                    "cannot take {} backup of '{node}': {reason} (use 'auto' or 'full')",
+                    kind.as_str()
+                ),
             ))
         }
     }
@@ -201,29 +224,52 @@ impl Names {
 }
 
 /// Bitmaps to keep per node: the latest backup's tracking and full-anchor bitmaps.
-fn keep_set(latest: &HashMap<String, DiskRecord>, disks: &[String]) -> HashMap<String, HashSet<String>> {
+fn keep_set(
+    latest: &HashMap<String, DiskRecord>,
+    disks: &[String],
+) -> HashMap<String, HashSet<String>> {
     disks
         .iter()
-        .filter_map(|d| latest.get(d).map(|r| (d.clone(), [r.bitmap.clone(), r.full_bitmap.clone()].into())))
+        .filter_map(|d| {
+            latest
+                .get(d)
+                .map(|r| (d.clone(), [r.bitmap.clone(), r.full_bitmap.clone()].into()))
+        })
         .collect()
 }
 
 /// Run a backup. Returns the manifest written (None for `--estimate`).
-pub fn run(q: &mut Qmp, repo: &Repo<'_>, opts: &Options, progress: &Progress) -> Result<Option<Manifest>> {
+pub fn run(
+    q: &mut Qmp,
+    repo: &Repo<'_>,
+    opts: &Options,
+    progress: &Progress,
+) -> Result<Option<Manifest>> {
     let _lock = Lock::take(repo)?;
     if opts.disks.is_empty() {
-        return Err(Error::new(Kind::Usage, "no disks to back up (give --disk NODE)"));
+        return Err(Error::new(
+            Kind::Usage,
+            "no disks to back up (give --disk NODE)",
+        ));
     }
     let all = repo.backups()?;
     let latest = latest_records(&all);
     let keep = keep_set(&latest, &opts.disks);
     if !opts.estimate {
         for what in fleece::cleanup(q, &opts.disks, &keep)? {
-            progress.event("cleanup", &format!("removed leftover {what}"), json!({"what": what}));
+            progress.event(
+                "cleanup",
+                &format!("removed leftover {what}"),
+                json!({"what": what}),
+            );
         }
         for f in repo.orphans()? {
             repo.store.remove(&f)?;
-            progress.event("cleanup", &format!("removed unrecorded file {f}"), json!({"what": f}));
+            progress.event(
+                "cleanup",
+                &format!("removed unrecorded file {f}"),
+                json!({"what": f}),
+            );
         }
     }
     let nodes = q.nodes()?;
@@ -244,13 +290,26 @@ pub fn run(q: &mut Qmp, repo: &Repo<'_>, opts: &Options, progress: &Progress) ->
     }
     if opts.estimate {
         let total: u64 = plans.iter().map(|p| p.estimate).sum();
-        progress.event("estimate", &format!("estimate: {total} bytes to read"), json!({"bytes": total}));
+        progress.event(
+            "estimate",
+            &format!("estimate: {total} bytes to read"),
+            json!({"bytes": total}),
+        );
         return Ok(None);
     }
     let id = repo.new_id(now_secs())?;
     std::fs::create_dir_all(&opts.work_dir)
         .map_err(|e| Error::io(e, format!("creating {}", opts.work_dir.display())))?;
-    let mut run = Run { q, repo, opts, progress, id: id.clone(), plans, created_files: Vec::new(), server: None };
+    let mut run = Run {
+        q,
+        repo,
+        opts,
+        progress,
+        id: id.clone(),
+        plans,
+        created_files: Vec::new(),
+        server: None,
+    };
     match run.execute() {
         Ok(m) => Ok(Some(m)),
         Err(e) => {
@@ -305,7 +364,10 @@ impl Run<'_, '_> {
                 img.close()?;
                 drop(img);
                 let file = json!({"driver": "file", "filename": path.to_string_lossy()});
-                self.q.execute("blockdev-add", json!({"driver": "qcow2", "node-name": n.target, "file": file}))?;
+                self.q.execute(
+                    "blockdev-add",
+                    json!({"driver": "qcow2", "node-name": n.target, "file": file}),
+                )?;
                 files.push((name, path, None));
             } else {
                 files.push((name, path, Some(img)));
@@ -314,7 +376,10 @@ impl Run<'_, '_> {
                 let sp = self.scratch_path(i);
                 chain::create(&sp, p.size, None)?.close()?;
                 let file = json!({"driver": "file", "filename": sp.to_string_lossy()});
-                self.q.execute("blockdev-add", json!({"driver": "qcow2", "node-name": n.scratch, "file": file}))?;
+                self.q.execute(
+                    "blockdev-add",
+                    json!({"driver": "qcow2", "node-name": n.scratch, "file": file}),
+                )?;
             }
         }
         die_at("prepared");
@@ -327,14 +392,18 @@ impl Run<'_, '_> {
                 json!({"node": p.node, "name": n.bitmap, "persistent": p.persistent}),
             ));
             if let Some(src) = &p.src_bitmap {
-                actions.push(action("block-dirty-bitmap-add", json!({"node": p.node, "name": n.frozen, "disabled": true})));
+                actions.push(action(
+                    "block-dirty-bitmap-add",
+                    json!({"node": p.node, "name": n.frozen, "disabled": true}),
+                ));
                 actions.push(action(
                     "block-dirty-bitmap-merge",
                     json!({"node": p.node, "target": n.frozen, "bitmaps": [src]}),
                 ));
             }
             if self.opts.push {
-                let mut b = json!({"job-id": n.job, "device": p.node, "target": n.target, "sync": "full"});
+                let mut b =
+                    json!({"job-id": n.job, "device": p.node, "target": n.target, "sync": "full"});
                 if p.src_bitmap.is_some() {
                     b["sync"] = json!("incremental");
                     b["bitmap"] = json!(n.frozen);
@@ -348,26 +417,45 @@ impl Run<'_, '_> {
                 ));
             }
         }
-        fleece::run_actions(self.q, &actions, self.opts.live).ctx(|| "taking the snapshot".into())?;
+        fleece::run_actions(self.q, &actions, self.opts.live)
+            .ctx(|| "taking the snapshot".into())?;
         let instant = now_secs();
         die_at("snapshot");
-        self.progress.event("snapshot", &format!("backup {} taken at one instant", self.id), json!({"id": self.id}));
+        self.progress.event(
+            "snapshot",
+            &format!("backup {} taken at one instant", self.id),
+            json!({"id": self.id}),
+        );
         let total: u64 = self.plans.iter().map(|p| p.estimate).sum();
         self.progress.start(&format!("backup {}", self.id), total);
         let mut copied = vec![0u64; self.plans.len()];
         if self.opts.push {
-            let ids: Vec<String> = (0..self.plans.len()).map(|i| Names::new(&self.id, i).job).collect();
+            let ids: Vec<String> = (0..self.plans.len())
+                .map(|i| Names::new(&self.id, i).job)
+                .collect();
             fleece::wait_push_jobs(self.q, &ids, self.progress)?;
             for (i, p) in self.plans.iter().enumerate() {
                 fleece::del_node(self.q, &Names::new(&self.id, i).target)?;
                 copied[i] = p.estimate;
             }
         } else {
-            let own = self.opts.work_dir.join(format!("bb-nbd-{}.sock", std::process::id()));
-            self.server = Some(NbdServer::start(self.q, self.opts.nbd_socket.as_deref(), &own)?);
+            let own = self
+                .opts
+                .work_dir
+                .join(format!("bb-nbd-{}.sock", std::process::id()));
+            self.server = Some(NbdServer::start(
+                self.q,
+                self.opts.nbd_socket.as_deref(),
+                &own,
+            )?);
             for (i, p) in self.plans.clone().iter().enumerate() {
-                let img = files[i].2.clone().ok_or_else(|| Error::new(Kind::Io, "no image"))?;
-                copied[i] = self.pull_disk(i, p, img).ctx(|| format!("copying disk '{}'", p.node))?;
+                let img = files[i]
+                    .2
+                    .clone()
+                    .ok_or_else(|| Error::new(Kind::Io, "no image"))?;
+                copied[i] = self
+                    .pull_disk(i, p, img)
+                    .ctx(|| format!("copying disk '{}'", p.node))?;
             }
         }
         self.progress.finish();
@@ -382,13 +470,18 @@ impl Run<'_, '_> {
             self.repo.store.commit_object(name)?;
             let (sha, len) = chain::file_sha256(path)?;
             let mut chain_recs = p.parent.clone();
-            chain_recs.push(FileRecord { name: name.clone(), size: len, sha256: sha });
+            chain_recs.push(FileRecord {
+                name: name.clone(),
+                size: len,
+                sha256: sha,
+            });
             let paths = chain_recs
                 .iter()
                 .map(|f| self.repo.store.local_path(&f.name))
                 .collect::<Result<Vec<PathBuf>>>()?;
             let point = chain::open_chain(&paths)?;
-            let content = chain::content_sha256(&point).ctx(|| format!("hashing disk {}", p.node))?;
+            let content =
+                chain::content_sha256(&point).ctx(|| format!("hashing disk {}", p.node))?;
             let n = Names::new(&self.id, i);
             disks.push(DiskRecord {
                 name: p.node.clone(),
@@ -432,7 +525,8 @@ impl Run<'_, '_> {
         } else {
             p.node.clone()
         };
-        let mut ex = json!({"type": "nbd", "id": n.export, "node-name": export_node, "name": n.export});
+        let mut ex =
+            json!({"type": "nbd", "id": n.export, "node-name": export_node, "name": n.export});
         if p.src_bitmap.is_some() {
             ex["bitmaps"] = if self.opts.live {
                 json!([{"node": p.node, "name": n.frozen}])
@@ -441,11 +535,19 @@ impl Run<'_, '_> {
             };
         }
         self.q.execute("block-export-add", ex)?;
-        let sock = self.server.as_ref().map(|s| s.path.clone()).unwrap_or_default();
+        let sock = self
+            .server
+            .as_ref()
+            .map(|s| s.path.clone())
+            .unwrap_or_default();
         let job = Job {
             socket: sock,
             export: n.export.clone(),
-            context: if p.src_bitmap.is_some() { Some(format!("qemu:dirty-bitmap:{}", n.frozen)) } else { None },
+            context: if p.src_bitmap.is_some() {
+                Some(format!("qemu:dirty-bitmap:{}", n.frozen))
+            } else {
+                None
+            },
             connections: self.opts.connections.max(1),
             incremental: p.src_bitmap.is_some(),
         };
@@ -476,7 +578,10 @@ impl Run<'_, '_> {
         for (i, p) in self.plans.iter().enumerate() {
             let n = Names::new(&self.id, i);
             for b in [&n.frozen, &n.bitmap] {
-                let _ = self.q.execute("block-dirty-bitmap-remove", json!({"node": p.node, "name": b}));
+                let _ = self.q.execute(
+                    "block-dirty-bitmap-remove",
+                    json!({"node": p.node, "name": b}),
+                );
             }
         }
         for f in self.created_files.drain(..) {
@@ -493,7 +598,10 @@ impl Run<'_, '_> {
             for b in bitmaps_of(&nodes, &d.node) {
                 let name = b["name"].as_str().unwrap_or("");
                 if name.starts_with(fleece::PREFIX) && name != d.bitmap && name != d.full_bitmap {
-                    actions.push(action("block-dirty-bitmap-remove", json!({"node": d.node, "name": name})));
+                    actions.push(action(
+                        "block-dirty-bitmap-remove",
+                        json!({"node": d.node, "name": name}),
+                    ));
                 }
             }
         }

@@ -17,8 +17,13 @@ pub const CLUSTER: u64 = 64 << 10;
 /// same folder, recorded relative so the repository can move) and open it for writing with
 /// that backing attached (partial clusters copy from it).
 pub fn create(path: &Path, size: u64, backing: Option<&Path>) -> Result<Arc<Qcow2>> {
-    let st = FileStorage::create(path).map_err(|e| Error::io(e, format!("creating {}", path.display())))?;
-    let rel = backing.map(|b| b.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    let st = FileStorage::create(path)
+        .map_err(|e| Error::io(e, format!("creating {}", path.display())))?;
+    let rel = backing.map(|b| {
+        b.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
     let opts = CreateOptions {
         size,
         cluster_size: CLUSTER,
@@ -37,7 +42,8 @@ pub fn create(path: &Path, size: u64, backing: Option<&Path>) -> Result<Arc<Qcow
 
 /// Open one image read-only with an optional (already opened) backing image.
 fn open_image(path: &Path, backing: Option<Arc<Qcow2>>) -> Result<Arc<Qcow2>> {
-    let st = FileStorage::open(path, false).map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
+    let st = FileStorage::open(path, false)
+        .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
     let img = Qcow2::open(Arc::new(st), OpenOptions { read_only: true })
         .map_err(|e| Error::from(e).context(format!("opening {}", path.display())))?;
     if let Some(b) = backing {
@@ -81,12 +87,15 @@ pub fn content_sha256(img: &Qcow2) -> Result<String> {
 
 /// SHA-256 and length of a file's bytes.
 pub fn file_sha256(path: &Path) -> Result<(String, u64)> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
         if n == 0 {
             break;
         }

@@ -74,7 +74,11 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<u64> {
     if first.size != img.virtual_size() {
         return Err(Error::new(
             Kind::Nbd,
-            format!("export size {} differs from the disk size {}", first.size, img.virtual_size()),
+            format!(
+                "export size {} differs from the disk size {}",
+                first.size,
+                img.virtual_size()
+            ),
         ));
     }
     let todo = chunks(&ranges(&mut first, job)?);
@@ -138,6 +142,14 @@ mod tests {
     fn chunks_split_long_ranges_and_keep_short_ones() {
         let q = chunks(&[(0, 65536), (CHUNK, 2 * CHUNK + 5)]);
         let v: Vec<_> = q.into_iter().collect();
-        assert_eq!(v, vec![(0, 65536), (CHUNK, CHUNK), (2 * CHUNK, CHUNK), (3 * CHUNK, 5)]);
+        assert_eq!(
+            v,
+            vec![
+                (0, 65536),
+                (CHUNK, CHUNK),
+                (2 * CHUNK, CHUNK),
+                (3 * CHUNK, 5)
+            ]
+        );
     }
 }

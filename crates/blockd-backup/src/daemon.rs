@@ -25,7 +25,10 @@ pub fn binary() -> PathBuf {
     if let Some(p) = std::env::var_os("BLOCKD_BACKUP_DAEMON") {
         return PathBuf::from(p);
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         let b = dir.join("blockd");
         if b.exists() {
             return b;
@@ -38,15 +41,34 @@ pub fn binary() -> PathBuf {
 pub fn probe_format(path: &Path) -> Result<&'static str> {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
-    let n = f.read(&mut magic).map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
-    Ok(if n == 4 && &magic == b"QFI\xfb" { "qcow2" } else { "raw" })
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
+    let n = f
+        .read(&mut magic)
+        .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
+    Ok(if n == 4 && &magic == b"QFI\xfb" {
+        "qcow2"
+    } else {
+        "raw"
+    })
 }
 
 /// A node-name made from a file name (letters, digits, `-`, `_`; starting with a letter).
 pub fn disk_name_for(path: &Path) -> String {
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut s: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut s: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     if !s.starts_with(|c: char| c.is_ascii_alphabetic()) {
         s.insert(0, 'd');
     }
@@ -56,19 +78,26 @@ pub fn disk_name_for(path: &Path) -> String {
 impl Daemon {
     /// Start the daemon with `nodes` (blockdev JSON objects) and extra arguments; connect.
     pub fn start(work: &Path, nodes: &[Value], extra: &[String]) -> Result<(Daemon, Qmp)> {
-        std::fs::create_dir_all(work).map_err(|e| Error::io(e, format!("creating {}", work.display())))?;
+        std::fs::create_dir_all(work)
+            .map_err(|e| Error::io(e, format!("creating {}", work.display())))?;
         let qmp_path = work.join(format!("bb-qmp-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&qmp_path);
         let bin = binary();
         let mut cmd = Command::new(&bin);
         cmd.arg("--chardev")
-            .arg(format!("socket,id=bbm,path={},server=on,wait=off", qmp_path.display()))
+            .arg(format!(
+                "socket,id=bbm,path={},server=on,wait=off",
+                qmp_path.display()
+            ))
             .arg("--monitor")
             .arg("chardev=bbm");
         for n in nodes {
             cmd.arg("--blockdev").arg(n.to_string());
         }
-        cmd.args(extra).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        cmd.args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
         let child = cmd
             .spawn()
             .map_err(|e| Error::caused(Kind::Daemon, format!("starting {}", bin.display()), e))?;
@@ -76,7 +105,10 @@ impl Daemon {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let q = loop {
             if let Ok(Some(st)) = d.child.try_wait() {
-                return Err(Error::new(Kind::Daemon, format!("{} exited at start-up ({st})", bin.display())));
+                return Err(Error::new(
+                    Kind::Daemon,
+                    format!("{} exited at start-up ({st})", bin.display()),
+                ));
             }
             match Qmp::connect(&d.qmp_path, Duration::from_millis(200)) {
                 Ok(q) => break q,
@@ -93,9 +125,15 @@ impl Daemon {
     }
 
     /// Start on an image file: node `name` (qcow2 or raw) over a `file` node.
-    pub fn on_image(work: &Path, image: &Path, name: &str, read_only: bool) -> Result<(Daemon, Qmp)> {
+    pub fn on_image(
+        work: &Path,
+        image: &Path,
+        name: &str,
+        read_only: bool,
+    ) -> Result<(Daemon, Qmp)> {
         let fmt = probe_format(image)?;
-        let abs = std::fs::canonicalize(image).map_err(|e| Error::io(e, format!("resolving {}", image.display())))?;
+        let abs = std::fs::canonicalize(image)
+            .map_err(|e| Error::io(e, format!("resolving {}", image.display())))?;
         let file = json!({"driver": "file", "node-name": format!("{name}-file"),
                           "filename": abs.to_string_lossy(), "read-only": read_only});
         let fmtnode = json!({"driver": fmt, "node-name": name, "file": format!("{name}-file"), "read-only": read_only});

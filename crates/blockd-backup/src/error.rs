@@ -53,12 +53,22 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// A new error of `kind` with a message.
     pub fn new(kind: Kind, msg: impl Into<String>) -> Error {
-        Error { kind, msg: msg.into(), ctx: Vec::new(), cause: None }
+        Error {
+            kind,
+            msg: msg.into(),
+            ctx: Vec::new(),
+            cause: None,
+        }
     }
 
     /// An I/O error while doing `what`.
     pub fn io(e: std::io::Error, what: impl Into<String>) -> Error {
-        Error { kind: Kind::Io, msg: what.into(), ctx: Vec::new(), cause: Some(Box::new(e)) }
+        Error {
+            kind: Kind::Io,
+            msg: what.into(),
+            ctx: Vec::new(),
+            cause: Some(Box::new(e)),
+        }
     }
 
     /// An error of `kind` caused by `cause` while doing `what`.
@@ -67,7 +77,12 @@ impl Error {
         what: impl Into<String>,
         cause: impl std::error::Error + Send + Sync + 'static,
     ) -> Error {
-        Error { kind, msg: what.into(), ctx: Vec::new(), cause: Some(Box::new(cause)) }
+        Error {
+            kind,
+            msg: what.into(),
+            ctx: Vec::new(),
+            cause: Some(Box::new(cause)),
+        }
     }
 
     /// Add an outer context ("while backing up disk d0").
@@ -92,7 +107,9 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.cause.as_ref().map(|c| c.as_ref() as &(dyn std::error::Error + 'static))
+        self.cause
+            .as_ref()
+            .map(|c| c.as_ref() as &(dyn std::error::Error + 'static))
     }
 }
 

@@ -42,7 +42,9 @@ fn wait_job_gone(q: &mut Qmp, id: &str) -> Result<()> {
     let deadline = Instant::now() + WAIT;
     loop {
         let jobs = q.execute("query-jobs", json!({}))?;
-        let job = jobs.as_array().and_then(|a| a.iter().find(|j| j["id"] == id).cloned());
+        let job = jobs
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["id"] == id).cloned());
         match job {
             None => return Ok(()),
             Some(j) if j["status"] == "concluded" => {
@@ -68,11 +70,17 @@ pub fn del_export(q: &mut Qmp, id: &str) -> Result<()> {
     let deadline = Instant::now() + WAIT;
     loop {
         let ex = q.execute("query-block-exports", json!({}))?;
-        if !ex.as_array().is_some_and(|a| a.iter().any(|e| e["id"] == id)) {
+        if !ex
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["id"] == id))
+        {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(Error::new(Kind::Daemon, format!("export {id} did not go away")));
+            return Err(Error::new(
+                Kind::Daemon,
+                format!("export {id} did not go away"),
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -81,7 +89,10 @@ pub fn del_export(q: &mut Qmp, id: &str) -> Result<()> {
 /// Cancel job `id` if it exists and wait until it is gone.
 pub fn cancel_job(q: &mut Qmp, id: &str) -> Result<()> {
     let jobs = q.execute("query-jobs", json!({}))?;
-    if !jobs.as_array().is_some_and(|a| a.iter().any(|j| j["id"] == id)) {
+    if !jobs
+        .as_array()
+        .is_some_and(|a| a.iter().any(|j| j["id"] == id))
+    {
         return Ok(());
     }
     let _ = q.execute("job-cancel", json!({"id": id}));
@@ -100,7 +111,11 @@ pub fn del_node(q: &mut Qmp, name: &str) -> Result<()> {
 /// Remove every object of an earlier interrupted run: exports, jobs, nodes, and the
 /// bitmaps on `disks` that start with the prefix and are not in `keep[node]`.
 /// Returns a description of each thing removed.
-pub fn cleanup(q: &mut Qmp, disks: &[String], keep: &HashMap<String, HashSet<String>>) -> Result<Vec<String>> {
+pub fn cleanup(
+    q: &mut Qmp,
+    disks: &[String],
+    keep: &HashMap<String, HashSet<String>>,
+) -> Result<Vec<String>> {
     let mut done = Vec::new();
     let ex = q.execute("query-block-exports", json!({}))?;
     for e in ex.as_array().cloned().unwrap_or_default() {
@@ -134,7 +149,10 @@ pub fn cleanup(q: &mut Qmp, disks: &[String], keep: &HashMap<String, HashSet<Str
         for b in bitmaps_of(&nodes, d) {
             let name = b["name"].as_str().unwrap_or("");
             if name.starts_with(PREFIX) && !k.contains(name) {
-                q.execute("block-dirty-bitmap-remove", json!({"node": d, "name": name}))?;
+                q.execute(
+                    "block-dirty-bitmap-remove",
+                    json!({"node": d, "name": name}),
+                )?;
                 done.push(format!("bitmap {d}/{name}"));
             }
         }
@@ -146,14 +164,19 @@ pub fn cleanup(q: &mut Qmp, disks: &[String], keep: &HashMap<String, HashSet<Str
 /// when nothing writes to the disks, e.g. a stopped disk), undoing bitmap additions if one fails.
 pub fn run_actions(q: &mut Qmp, actions: &[Value], atomic: bool) -> Result<()> {
     if atomic {
-        return q.execute("transaction", json!({"actions": actions})).map(|_| ());
+        return q
+            .execute("transaction", json!({"actions": actions}))
+            .map(|_| ());
     }
     let mut added: Vec<Value> = Vec::new();
     for a in actions {
         let ty = a["type"].as_str().unwrap_or("");
         if let Err(e) = q.execute(ty, a["data"].clone()) {
             for b in added.iter().rev() {
-                let _ = q.execute("block-dirty-bitmap-remove", json!({"node": b["node"], "name": b["name"]}));
+                let _ = q.execute(
+                    "block-dirty-bitmap-remove",
+                    json!({"node": b["node"], "name": b["name"]}),
+                );
             }
             return Err(e);
         }
@@ -181,18 +204,28 @@ impl NbdServer {
     /// Use `given` if set, else start a server on `own`.
     pub fn start(q: &mut Qmp, given: Option<&Path>, own: &Path) -> Result<NbdServer> {
         if let Some(p) = given {
-            return Ok(NbdServer { path: p.to_path_buf(), owned: false });
+            return Ok(NbdServer {
+                path: p.to_path_buf(),
+                owned: false,
+            });
         }
         let _ = std::fs::remove_file(own);
         let addr = json!({"type": "unix", "data": {"path": own.to_string_lossy()}});
-        q.execute("nbd-server-start", json!({"addr": addr})).map_err(|e| {
-            if qmp_desc(&e).is_some_and(|d| d.contains("already running")) {
-                Error::new(Kind::Usage, "the daemon already runs an NBD server; pass its socket with --nbd-socket")
-            } else {
-                e
-            }
-        })?;
-        Ok(NbdServer { path: own.to_path_buf(), owned: true })
+        q.execute("nbd-server-start", json!({"addr": addr}))
+            .map_err(|e| {
+                if qmp_desc(&e).is_some_and(|d| d.contains("already running")) {
+                    Error::new(
+                        Kind::Usage,
+                        "the daemon already runs an NBD server; pass its socket with --nbd-socket",
+                    )
+                } else {
+                    e
+                }
+            })?;
+        Ok(NbdServer {
+            path: own.to_path_buf(),
+            owned: true,
+        })
     }
 
     /// Stop it if we started it.
@@ -215,7 +248,10 @@ pub fn wait_push_jobs(q: &mut Qmp, ids: &[String], progress: &Progress) -> Resul
             Ok(ev) => {
                 let id = ev["data"]["device"].as_str().unwrap_or("").to_string();
                 if let Some(err) = ev["data"]["error"].as_str() {
-                    return Err(Error::new(Kind::Daemon, format!("push job {id} failed: {err}")));
+                    return Err(Error::new(
+                        Kind::Daemon,
+                        format!("push job {id} failed: {err}"),
+                    ));
                 }
                 left.remove(&id);
             }

@@ -39,9 +39,13 @@ use crate::store::DirStore;
 /// Backups of blockd / qemu-storage-daemon / QEMU disks: full, incremental, differential,
 /// with verification, restore, instant mount and pruning.
 #[derive(Parser, Debug)]
-#[command(name = "blockd-backup", version, after_help = "Exit codes: 0 ok, 1 other error, 2 usage, \
+#[command(
+    name = "blockd-backup",
+    version,
+    after_help = "Exit codes: 0 ok, 1 other error, 2 usage, \
 3 repository, 4 daemon (QMP), 5 NBD, 6 local I/O (e.g. repository disk full), 7 verification failed, \
-130 interrupted.")]
+130 interrupted."
+)]
 struct Cli {
     /// The repository directory.
     #[arg(long, global = true)]
@@ -174,7 +178,10 @@ fn default_disks(q: &mut qmp::Qmp) -> Result<Vec<String>> {
 
 /// A backup command.
 fn run_backup(cli: &Cli, src: &Source, want: Want, progress: &Progress) -> Result<()> {
-    let root = cli.repo.clone().ok_or_else(|| Error::new(Kind::Usage, "--repo is required"))?;
+    let root = cli
+        .repo
+        .clone()
+        .ok_or_else(|| Error::new(Kind::Usage, "--repo is required"))?;
     let machine = cli
         .machine
         .clone()
@@ -194,7 +201,11 @@ fn run_backup(cli: &Cli, src: &Source, want: Want, progress: &Progress) -> Resul
         work_dir: work_dir.clone(),
     };
     if let Some(image) = &src.image {
-        let name = src.disks.first().cloned().unwrap_or_else(|| daemon::disk_name_for(image));
+        let name = src
+            .disks
+            .first()
+            .cloned()
+            .unwrap_or_else(|| daemon::disk_name_for(image));
         opts.disks = vec![name.clone()];
         opts.live = false;
         let (d, mut q) = daemon::Daemon::on_image(&work_dir, image, &name, false)?;
@@ -203,10 +214,12 @@ fn run_backup(cli: &Cli, src: &Source, want: Want, progress: &Progress) -> Resul
         res?;
         return quit;
     }
-    let sock = src
-        .qmp
-        .clone()
-        .ok_or_else(|| Error::new(Kind::Usage, "give --qmp SOCKET (running disks) or --image FILE (stopped disk)"))?;
+    let sock = src.qmp.clone().ok_or_else(|| {
+        Error::new(
+            Kind::Usage,
+            "give --qmp SOCKET (running disks) or --image FILE (stopped disk)",
+        )
+    })?;
     let mut q = qmp::Qmp::connect(&sock, Duration::from_secs(5))?;
     if opts.disks.is_empty() {
         opts.disks = default_disks(&mut q)?;
@@ -228,21 +241,36 @@ fn run(cli: &Cli) -> Result<()> {
     if let Some((src, want)) = want {
         return run_backup(cli, src, want, &progress);
     }
-    let root = cli.repo.clone().ok_or_else(|| Error::new(Kind::Usage, "--repo is required"))?;
+    let root = cli
+        .repo
+        .clone()
+        .ok_or_else(|| Error::new(Kind::Usage, "--repo is required"))?;
     let machine = cli.machine.clone().unwrap_or_else(|| "default".into());
     let store = DirStore::open(&root)?;
     let repo = Repo::new(&store, &machine)?;
     match &cli.cmd {
         Cmd::List => ops::list(&repo, cli.json),
         Cmd::Verify { at } => ops::verify(&repo, at, &progress),
-        Cmd::Restore { at, disk, to, format, nbd_socket, export } => {
+        Cmd::Restore {
+            at,
+            disk,
+            to,
+            format,
+            nbd_socket,
+            export,
+        } => {
             let target = match (to, nbd_socket, export) {
                 (Some(p), _, _) => match format {
                     Format::Raw => ops::Target::Raw(p.clone()),
                     Format::Qcow2 => ops::Target::Qcow2(p.clone()),
                 },
                 (None, Some(s), Some(e)) => ops::Target::Nbd(s.clone(), e.clone()),
-                _ => return Err(Error::new(Kind::Usage, "give --to FILE or --nbd-socket S --export E")),
+                _ => {
+                    return Err(Error::new(
+                        Kind::Usage,
+                        "give --to FILE or --nbd-socket S --export E",
+                    ))
+                }
             };
             ops::restore(&repo, at, disk.as_deref(), &target, &progress)
         }
@@ -253,7 +281,15 @@ fn run(cli: &Cli) -> Result<()> {
                 libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
             }
             let work = backup::default_work_dir(&root, &machine);
-            ops::mount(&repo, at, disk.as_deref(), socket, &work, &|| STOP.load(Ordering::SeqCst), &progress)
+            ops::mount(
+                &repo,
+                at,
+                disk.as_deref(),
+                socket,
+                &work,
+                &|| STOP.load(Ordering::SeqCst),
+                &progress,
+            )
         }
         Cmd::Prune { keep } => ops::prune(&repo, *keep, &progress),
         _ => Ok(()),
@@ -264,7 +300,10 @@ fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(&cli) {
         if cli.json {
-            println!("{}", serde_json::json!({"event": "error", "message": e.to_string(), "exit": e.kind.exit_code()}));
+            println!(
+                "{}",
+                serde_json::json!({"event": "error", "message": e.to_string(), "exit": e.kind.exit_code()})
+            );
         }
         eprintln!("blockd-backup: {e}");
         std::process::exit(e.kind.exit_code());

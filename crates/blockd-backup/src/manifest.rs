@@ -110,7 +110,10 @@ impl Manifest {
 
 /// Seconds since the epoch.
 pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// `YYYYMMDDTHHMMSSZ` of a time in seconds since the epoch (UTC).
@@ -127,7 +130,12 @@ pub fn utc_stamp(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 /// A machine's part of the repository.
@@ -142,12 +150,20 @@ impl<'a> Repo<'a> {
     /// The machine `machine` in `store`.
     pub fn new(store: &'a dyn Store, machine: &str) -> Result<Repo<'a>> {
         let ok = !machine.is_empty()
-            && machine.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && machine
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             && !machine.starts_with('.');
         if !ok {
-            return Err(Error::new(Kind::Usage, format!("invalid machine name '{machine}'")));
+            return Err(Error::new(
+                Kind::Usage,
+                format!("invalid machine name '{machine}'"),
+            ));
         }
-        Ok(Repo { store, machine: machine.to_string() })
+        Ok(Repo {
+            store,
+            machine: machine.to_string(),
+        })
     }
 
     /// Object name of a backup's manifest.
@@ -182,17 +198,28 @@ impl<'a> Repo<'a> {
         let all = self.backups()?;
         let pick = if point == "latest" {
             all.last().cloned()
-        } else if let Some(n) = point.strip_prefix('-').and_then(|n| n.parse::<usize>().ok()) {
-            all.len().checked_sub(n + 1).and_then(|i| all.get(i).cloned())
+        } else if let Some(n) = point
+            .strip_prefix('-')
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            all.len()
+                .checked_sub(n + 1)
+                .and_then(|i| all.get(i).cloned())
         } else {
             let hits: Vec<_> = all.iter().filter(|m| m.id.starts_with(point)).collect();
             if hits.len() > 1 {
-                return Err(Error::new(Kind::Usage, format!("point '{point}' is ambiguous")));
+                return Err(Error::new(
+                    Kind::Usage,
+                    format!("point '{point}' is ambiguous"),
+                ));
             }
             hits.first().map(|m| (*m).clone())
         };
         pick.ok_or_else(|| {
-            Error::new(Kind::Usage, format!("no backup '{point}' for machine '{}'", self.machine))
+            Error::new(
+                Kind::Usage,
+                format!("no backup '{point}' for machine '{}'", self.machine),
+            )
         })
     }
 
@@ -206,14 +233,21 @@ impl<'a> Repo<'a> {
     /// A fresh backup id, later than every existing one.
     pub fn new_id(&self, now: u64) -> Result<String> {
         let stamp = utc_stamp(now);
-        let last = self.backups()?.last().map(|m| m.id.clone()).unwrap_or_default();
+        let last = self
+            .backups()?
+            .last()
+            .map(|m| m.id.clone())
+            .unwrap_or_default();
         for seq in 0..1000 {
             let id = format!("{stamp}-{seq:03}");
             if id > last && !self.store.exists(&self.manifest_name(&id)) {
                 return Ok(id);
             }
         }
-        Err(Error::new(Kind::Repository, "clock is behind the repository's latest backup"))
+        Err(Error::new(
+            Kind::Repository,
+            "clock is behind the repository's latest backup",
+        ))
     }
 
     /// Files under the machine's disks folder that no manifest references.
@@ -226,7 +260,10 @@ impl<'a> Repo<'a> {
             .map(|f| f.name.as_str())
             .collect();
         let files = self.store.list(&format!("{}/disks/", self.machine))?;
-        Ok(files.into_iter().filter(|f| !used.contains(f.as_str())).collect())
+        Ok(files
+            .into_iter()
+            .filter(|f| !used.contains(f.as_str()))
+            .collect())
     }
 }
 
@@ -241,7 +278,11 @@ impl Lock {
     pub fn take(repo: &Repo<'_>) -> Result<Lock> {
         let path = repo.store.local_path(&format!("{}/lock", repo.machine))?;
         for _ in 0..2 {
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
                 Ok(mut f) => {
                     use std::io::Write;
                     let _ = writeln!(f, "{}", std::process::id());
@@ -256,7 +297,11 @@ impl Lock {
                     if alive {
                         return Err(Error::new(
                             Kind::Repository,
-                            format!("machine '{}' is locked by running process {}", repo.machine, pid.unwrap_or(0)),
+                            format!(
+                                "machine '{}' is locked by running process {}",
+                                repo.machine,
+                                pid.unwrap_or(0)
+                            ),
                         ));
                     }
                     let _ = std::fs::remove_file(&path);
@@ -264,7 +309,10 @@ impl Lock {
                 Err(e) => return Err(Error::io(e, format!("creating {}", path.display()))),
             }
         }
-        Err(Error::new(Kind::Repository, "could not take the repository lock"))
+        Err(Error::new(
+            Kind::Repository,
+            "could not take the repository lock",
+        ))
     }
 }
 

@@ -55,7 +55,13 @@ impl NbdClient {
     pub fn connect(path: &Path, name: &str, contexts: &[&str]) -> Result<NbdClient> {
         let s = UnixStream::connect(path)
             .map_err(|e| ioerr(e, &format!("connecting to NBD socket {}", path.display())))?;
-        let mut c = NbdClient { s, size: 0, flags: 0, contexts: Vec::new(), cookie: 1 };
+        let mut c = NbdClient {
+            s,
+            size: 0,
+            flags: 0,
+            contexts: Vec::new(),
+            cookie: 1,
+        };
         c.handshake(name, contexts)?;
         Ok(c)
     }
@@ -63,30 +69,40 @@ impl NbdClient {
     /// Read exactly `n` bytes.
     fn read_n(&mut self, n: usize) -> Result<Vec<u8>> {
         let mut b = vec![0u8; n];
-        self.s.read_exact(&mut b).map_err(|e| ioerr(e, "reading from NBD server"))?;
+        self.s
+            .read_exact(&mut b)
+            .map_err(|e| ioerr(e, "reading from NBD server"))?;
         Ok(b)
     }
 
     /// Read a big-endian u64/u32/u16.
     fn u64(&mut self) -> Result<u64> {
         let mut b = [0u8; 8];
-        self.s.read_exact(&mut b).map_err(|e| ioerr(e, "reading from NBD server"))?;
+        self.s
+            .read_exact(&mut b)
+            .map_err(|e| ioerr(e, "reading from NBD server"))?;
         Ok(u64::from_be_bytes(b))
     }
     fn u32(&mut self) -> Result<u32> {
         let mut b = [0u8; 4];
-        self.s.read_exact(&mut b).map_err(|e| ioerr(e, "reading from NBD server"))?;
+        self.s
+            .read_exact(&mut b)
+            .map_err(|e| ioerr(e, "reading from NBD server"))?;
         Ok(u32::from_be_bytes(b))
     }
     fn u16(&mut self) -> Result<u16> {
         let mut b = [0u8; 2];
-        self.s.read_exact(&mut b).map_err(|e| ioerr(e, "reading from NBD server"))?;
+        self.s
+            .read_exact(&mut b)
+            .map_err(|e| ioerr(e, "reading from NBD server"))?;
         Ok(u16::from_be_bytes(b))
     }
 
     /// Send all bytes.
     fn send(&mut self, b: &[u8]) -> Result<()> {
-        self.s.write_all(b).map_err(|e| ioerr(e, "writing to NBD server"))
+        self.s
+            .write_all(b)
+            .map_err(|e| ioerr(e, "writing to NBD server"))
     }
 
     /// Send an option with its data.
@@ -111,7 +127,9 @@ impl NbdClient {
         let data = self.read_n(len as usize)?;
         if ty & (1 << 31) != 0 {
             let msg = String::from_utf8_lossy(&data).into_owned();
-            return Err(perr(format!("NBD server refused option {opt} (reply {ty:#x}): {msg}")));
+            return Err(perr(format!(
+                "NBD server refused option {opt} (reply {ty:#x}): {msg}"
+            )));
         }
         Ok((ty, data))
     }
@@ -158,12 +176,15 @@ impl NbdClient {
                 }
                 if ty == REP_META_CONTEXT && data.len() >= 4 {
                     let id = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
-                    self.contexts.push((id, String::from_utf8_lossy(&data[4..]).into_owned()));
+                    self.contexts
+                        .push((id, String::from_utf8_lossy(&data[4..]).into_owned()));
                 }
             }
             for q in contexts {
                 if !self.contexts.iter().any(|(_, n)| n == q) {
-                    return Err(perr(format!("NBD export '{name}' has no meta context '{q}'")));
+                    return Err(perr(format!(
+                        "NBD export '{name}' has no meta context '{q}'"
+                    )));
                 }
             }
         }
@@ -175,7 +196,10 @@ impl NbdClient {
             if ty == REP_ACK {
                 break;
             }
-            if ty == REP_INFO && data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT {
+            if ty == REP_INFO
+                && data.len() >= 12
+                && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT
+            {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(&data[2..10]);
                 self.size = u64::from_be_bytes(b);
@@ -186,7 +210,14 @@ impl NbdClient {
     }
 
     /// Send a request header (and payload).
-    fn request(&mut self, cmd: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) -> Result<u64> {
+    fn request(
+        &mut self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<u64> {
         let cookie = self.cookie;
         self.cookie += 1;
         let mut m = Vec::with_capacity(28 + payload.len());
@@ -202,7 +233,11 @@ impl NbdClient {
     }
 
     /// Read replies to `cookie` until done; `on_chunk(type, payload)` sees structured chunks.
-    fn replies(&mut self, cookie: u64, mut on_chunk: impl FnMut(u16, &[u8]) -> Result<()>) -> Result<()> {
+    fn replies(
+        &mut self,
+        cookie: u64,
+        mut on_chunk: impl FnMut(u16, &[u8]) -> Result<()>,
+    ) -> Result<()> {
         loop {
             let magic = self.u32()?;
             if magic == SIMPLE_REPLY_MAGIC {
@@ -228,9 +263,18 @@ impl NbdClient {
             }
             let data = self.read_n(len as usize)?;
             if ty & (1 << 15) != 0 {
-                let code = data.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
-                let mlen = data.get(4..6).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize).unwrap_or(0);
-                let msg = data.get(6..6 + mlen).map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
+                let code = data
+                    .get(..4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                    .unwrap_or(0);
+                let mlen = data
+                    .get(4..6)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+                    .unwrap_or(0);
+                let msg = data
+                    .get(6..6 + mlen)
+                    .map(|m| String::from_utf8_lossy(m).into_owned())
+                    .unwrap_or_default();
                 return Err(perr(format!("NBD request failed with error {code}: {msg}")));
             }
             on_chunk(ty, &data)?;
@@ -247,21 +291,34 @@ impl NbdClient {
         let mut got = 0u64;
         self.replies(cookie, |ty, d| {
             let at = |d: &[u8]| -> Result<usize> {
-                let o = u64::from_be_bytes(d.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| perr("short chunk"))?);
-                o.checked_sub(offset).map(|x| x as usize).ok_or_else(|| perr("chunk outside request"))
+                let o = u64::from_be_bytes(
+                    d.get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .ok_or_else(|| perr("short chunk"))?,
+                );
+                o.checked_sub(offset)
+                    .map(|x| x as usize)
+                    .ok_or_else(|| perr("chunk outside request"))
             };
             match ty {
                 REPLY_TYPE_OFFSET_DATA => {
                     let s = at(d)?;
                     let data = &d[8..];
-                    let dst = buf.get_mut(s..s + data.len()).ok_or_else(|| perr("chunk outside request"))?;
+                    let dst = buf
+                        .get_mut(s..s + data.len())
+                        .ok_or_else(|| perr("chunk outside request"))?;
                     dst.copy_from_slice(data);
                     got += data.len() as u64;
                 }
                 REPLY_TYPE_OFFSET_HOLE => {
                     let s = at(d)?;
-                    let n = d.get(8..12).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0) as usize;
-                    buf.get_mut(s..s + n).ok_or_else(|| perr("hole outside request"))?.fill(0);
+                    let n = d
+                        .get(8..12)
+                        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                        .unwrap_or(0) as usize;
+                    buf.get_mut(s..s + n)
+                        .ok_or_else(|| perr("hole outside request"))?
+                        .fill(0);
                     got += n as u64;
                 }
                 _ => {}
@@ -269,7 +326,9 @@ impl NbdClient {
             Ok(())
         })?;
         if got != u64::from(len) {
-            return Err(perr(format!("NBD read at {offset} returned {got} of {len} bytes")));
+            return Err(perr(format!(
+                "NBD read at {offset} returned {got} of {len} bytes"
+            )));
         }
         Ok(())
     }
@@ -285,7 +344,10 @@ impl NbdClient {
         let cookie = self.request(CMD_BLOCK_STATUS, 0, offset, len, &[])?;
         let mut out = Vec::new();
         self.replies(cookie, |ty, d| {
-            if ty != REPLY_TYPE_BLOCK_STATUS || d.len() < 4 || u32::from_be_bytes([d[0], d[1], d[2], d[3]]) != id {
+            if ty != REPLY_TYPE_BLOCK_STATUS
+                || d.len() < 4
+                || u32::from_be_bytes([d[0], d[1], d[2], d[3]]) != id
+            {
                 return Ok(());
             }
             let mut at = offset;
@@ -295,7 +357,11 @@ impl NbdClient {
                 if l == 0 {
                     return Err(perr("empty extent from NBD server"));
                 }
-                out.push(Extent { offset: at, len: l, flags: f });
+                out.push(Extent {
+                    offset: at,
+                    len: l,
+                    flags: f,
+                });
                 at += l;
             }
             Ok(())

@@ -21,13 +21,19 @@ pub fn pick_disk<'m>(m: &'m Manifest, disk: Option<&str>) -> Result<&'m DiskReco
             .disk(d)
             .ok_or_else(|| Error::new(Kind::Usage, format!("backup {} has no disk '{d}'", m.id))),
         None if m.disks.len() == 1 => Ok(&m.disks[0]),
-        None => Err(Error::new(Kind::Usage, format!("backup {} has several disks; pick one with --disk", m.id))),
+        None => Err(Error::new(
+            Kind::Usage,
+            format!("backup {} has several disks; pick one with --disk", m.id),
+        )),
     }
 }
 
 /// Local paths of a disk's chain.
 fn chain_paths(repo: &Repo<'_>, d: &DiskRecord) -> Result<Vec<PathBuf>> {
-    d.chain.iter().map(|f| repo.store.local_path(&f.name)).collect()
+    d.chain
+        .iter()
+        .map(|f| repo.store.local_path(&f.name))
+        .collect()
 }
 
 /// `list`: one line per backup (or a JSON array).
@@ -35,7 +41,8 @@ pub fn list(repo: &Repo<'_>, json_out: bool) -> Result<()> {
     let all = repo.backups()?;
     let mut out = std::io::stdout().lock();
     if json_out {
-        let v = serde_json::to_string(&all).map_err(|e| Error::caused(Kind::Repository, "serialising", e))?;
+        let v = serde_json::to_string(&all)
+            .map_err(|e| Error::caused(Kind::Repository, "serialising", e))?;
         let _ = writeln!(out, "{v}");
         return Ok(());
     }
@@ -43,9 +50,24 @@ pub fn list(repo: &Repo<'_>, json_out: bool) -> Result<()> {
         let disks: Vec<String> = m
             .disks
             .iter()
-            .map(|d| format!("{}:{}({} B copied, chain {})", d.name, d.kind.as_str(), d.copied, d.chain.len()))
+            .map(|d| {
+                format!(
+                    "{}:{}({} B copied, chain {})",
+                    d.name,
+                    d.kind.as_str(),
+                    d.copied,
+                    d.chain.len()
+                )
+            })
             .collect();
-        let _ = writeln!(out, "{}  {}  {}  {}", m.id, crate::manifest::utc_stamp(m.time), m.mode, disks.join(" "));
+        let _ = writeln!(
+            out,
+            "{}  {}  {}  {}",
+            m.id,
+            crate::manifest::utc_stamp(m.time),
+            m.mode,
+            disks.join(" ")
+        );
     }
     Ok(())
 }
@@ -55,16 +77,28 @@ fn verify_file(repo: &Repo<'_>, f: &FileRecord) -> Result<()> {
     let p = repo.store.local_path(&f.name)?;
     let (sha, len) = chain::file_sha256(&p)?;
     if sha != f.sha256 || len != f.size {
-        return Err(Error::new(Kind::Verify, format!("{}: checksum mismatch (file changed or damaged)", f.name)));
+        return Err(Error::new(
+            Kind::Verify,
+            format!("{}: checksum mismatch (file changed or damaged)", f.name),
+        ));
     }
     let out = Command::new("qemu-img")
         .args(["check", "-q", "-f", "qcow2"])
         .arg(&p)
         .output()
-        .map_err(|e| Error::caused(Kind::Verify, "running qemu-img check (is qemu-img installed?)", e))?;
+        .map_err(|e| {
+            Error::caused(
+                Kind::Verify,
+                "running qemu-img check (is qemu-img installed?)",
+                e,
+            )
+        })?;
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        return Err(Error::new(Kind::Verify, format!("{}: qemu-img check failed: {msg}", f.name)));
+        return Err(Error::new(
+            Kind::Verify,
+            format!("{}: qemu-img check failed: {msg}", f.name),
+        ));
     }
     Ok(())
 }
@@ -89,10 +123,17 @@ pub fn verify(repo: &Repo<'_>, point: &str, progress: &Progress) -> Result<()> {
         if chain::hex(&h.finalize()) != d.content_sha256 {
             return Err(Error::new(
                 Kind::Verify,
-                format!("backup {} disk {}: restored content does not match the recorded checksum", m.id, d.name),
+                format!(
+                    "backup {} disk {}: restored content does not match the recorded checksum",
+                    m.id, d.name
+                ),
             ));
         }
-        progress.event("verified", &format!("{} {}: ok", m.id, d.name), json!({"id": m.id, "disk": d.name}));
+        progress.event(
+            "verified",
+            &format!("{} {}: ok", m.id, d.name),
+            json!({"id": m.id, "disk": d.name}),
+        );
     }
     Ok(())
 }
@@ -109,7 +150,13 @@ pub enum Target {
 }
 
 /// `restore`: write the point to `target`; the content is hashed on the way and must match.
-pub fn restore(repo: &Repo<'_>, point: &str, disk: Option<&str>, target: &Target, progress: &Progress) -> Result<()> {
+pub fn restore(
+    repo: &Repo<'_>,
+    point: &str,
+    disk: Option<&str>,
+    target: &Target,
+    progress: &Progress,
+) -> Result<()> {
     let m = repo.find(point)?;
     let d = pick_disk(&m, disk)?;
     let img = chain::open_chain(&chain_paths(repo, d)?)?;
@@ -117,18 +164,22 @@ pub fn restore(repo: &Repo<'_>, point: &str, disk: Option<&str>, target: &Target
     progress.start(&format!("restore {}", d.name), d.size);
     match target {
         Target::Raw(p) => {
-            let f = std::fs::File::create(p).map_err(|e| Error::io(e, format!("creating {}", p.display())))?;
-            f.set_len(d.size).map_err(|e| Error::io(e, format!("sizing {}", p.display())))?;
+            let f = std::fs::File::create(p)
+                .map_err(|e| Error::io(e, format!("creating {}", p.display())))?;
+            f.set_len(d.size)
+                .map_err(|e| Error::io(e, format!("sizing {}", p.display())))?;
             use std::os::unix::fs::FileExt;
             chain::read_all(&img, |off, b| {
                 h.update(b);
                 if !b.iter().all(|&x| x == 0) {
-                    f.write_all_at(b, off).map_err(|e| Error::io(e, format!("writing {}", p.display())))?;
+                    f.write_all_at(b, off)
+                        .map_err(|e| Error::io(e, format!("writing {}", p.display())))?;
                 }
                 progress.add(b.len() as u64);
                 Ok(())
             })?;
-            f.sync_all().map_err(|e| Error::io(e, format!("syncing {}", p.display())))?;
+            f.sync_all()
+                .map_err(|e| Error::io(e, format!("syncing {}", p.display())))?;
         }
         Target::Qcow2(p) => {
             let out = chain::create(p, d.size, None)?;
@@ -146,7 +197,10 @@ pub fn restore(repo: &Repo<'_>, point: &str, disk: Option<&str>, target: &Target
         Target::Nbd(sock, name) => {
             let mut c = NbdClient::connect(sock, name, &[])?;
             if c.size != d.size {
-                return Err(Error::new(Kind::Usage, format!("NBD export is {} bytes, the disk {}", c.size, d.size)));
+                return Err(Error::new(
+                    Kind::Usage,
+                    format!("NBD export is {} bytes, the disk {}", c.size, d.size),
+                ));
             }
             chain::read_all(&img, |off, b| {
                 h.update(b);
@@ -164,9 +218,16 @@ pub fn restore(repo: &Repo<'_>, point: &str, disk: Option<&str>, target: &Target
     }
     progress.finish();
     if chain::hex(&h.finalize()) != d.content_sha256 {
-        return Err(Error::new(Kind::Verify, "restored content does not match the recorded checksum"));
+        return Err(Error::new(
+            Kind::Verify,
+            "restored content does not match the recorded checksum",
+        ));
     }
-    progress.event("restored", &format!("restored {} {} (checksum ok)", m.id, d.name), json!({"id": m.id}));
+    progress.event(
+        "restored",
+        &format!("restored {} {} (checksum ok)", m.id, d.name),
+        json!({"id": m.id}),
+    );
     Ok(())
 }
 
@@ -182,9 +243,12 @@ pub fn mount(
 ) -> Result<()> {
     let m = repo.find(point)?;
     let d = pick_disk(&m, disk)?;
-    let top = repo.store.local_path(&d.file().map(|f| f.name.clone()).unwrap_or_default())?;
+    let top = repo
+        .store
+        .local_path(&d.file().map(|f| f.name.clone()).unwrap_or_default())?;
     let file = json!({"driver": "file", "node-name": "bbfile", "filename": top.to_string_lossy(), "read-only": true});
-    let node = json!({"driver": "qcow2", "node-name": "bbmount", "file": "bbfile", "read-only": true});
+    let node =
+        json!({"driver": "qcow2", "node-name": "bbmount", "file": "bbfile", "read-only": true});
     let _ = std::fs::remove_file(socket);
     let extra = vec![
         "--nbd-server".to_string(),
@@ -194,7 +258,11 @@ pub fn mount(
     ];
     let (mut daemon, mut q) = Daemon::start(work, &[file, node], &extra)?;
     let uri = format!("nbd+unix:///{}?socket={}", d.name, socket.display());
-    progress.event("mounted", &format!("serving {} {} read-only at {uri}", m.id, d.name), json!({"uri": uri}));
+    progress.event(
+        "mounted",
+        &format!("serving {} {} read-only at {uri}", m.id, d.name),
+        json!({"uri": uri}),
+    );
     daemon.wait_until(stop)?;
     daemon.quit(Some(&mut q))
 }
@@ -208,7 +276,11 @@ fn qemu_img(args: &[&str]) -> Result<()> {
     if !out.status.success() {
         return Err(Error::new(
             Kind::Io,
-            format!("qemu-img {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()),
+            format!(
+                "qemu-img {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
         ));
     }
     Ok(())
@@ -232,15 +304,21 @@ pub fn prune(repo: &Repo<'_>, keep: usize, progress: &Progress) -> Result<()> {
     // 1. The pruned points disappear first (their files still back the kept ones).
     for m in old {
         repo.store.remove(&repo.manifest_name(&m.id))?;
-        progress.event("prune", &format!("removed backup {}", m.id), json!({"id": m.id}));
+        progress.event(
+            "prune",
+            &format!("removed backup {}", m.id),
+            json!({"id": m.id}),
+        );
     }
     // 2. Merge per disk while the base's only kept child is the next file of the oldest kept chain.
     let mut changed: std::collections::HashSet<String> = Default::default();
-    let disks: Vec<String> = kept.iter().flat_map(|m| m.disks.iter().map(|d| d.name.clone())).collect();
+    let disks: Vec<String> = kept
+        .iter()
+        .flat_map(|m| m.disks.iter().map(|d| d.name.clone()))
+        .collect();
     let mut seen = std::collections::HashSet::new();
     for disk in disks.into_iter().filter(|d| seen.insert(d.clone())) {
-        loop {
-            let Some(oldest) = kept.iter().find_map(|m| m.disk(&disk)) else { break };
+        while let Some(oldest) = kept.iter().find_map(|m| m.disk(&disk)) {
             if oldest.chain.len() < 2 {
                 break;
             }
@@ -262,10 +340,24 @@ pub fn prune(repo: &Repo<'_>, keep: usize, progress: &Progress) -> Result<()> {
             let base_p = repo.store.local_path(&base)?;
             let child_p = repo.store.local_path(&child)?;
             qemu_img(&["commit", "-q", "-d", &child_p.to_string_lossy()])?;
-            let base_file = base_p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            for g in grandchildren.iter().collect::<std::collections::BTreeSet<_>>() {
+            let base_file = base_p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            for g in grandchildren
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+            {
                 let gp = repo.store.local_path(g)?;
-                qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", &base_file, &gp.to_string_lossy()])?;
+                qemu_img(&[
+                    "rebase",
+                    "-u",
+                    "-F",
+                    "qcow2",
+                    "-b",
+                    &base_file,
+                    &gp.to_string_lossy(),
+                ])?;
                 changed.insert(g.clone());
             }
             changed.insert(base.clone());
@@ -276,7 +368,11 @@ pub fn prune(repo: &Repo<'_>, keep: usize, progress: &Progress) -> Result<()> {
                     }
                 }
             }
-            progress.event("prune", &format!("merged {child} into {base}"), json!({"merged": child, "into": base}));
+            progress.event(
+                "prune",
+                &format!("merged {child} into {base}"),
+                json!({"merged": child, "into": base}),
+            );
         }
     }
     // 3. New checksums of changed files, manifests rewritten, unreferenced files removed.

@@ -93,16 +93,26 @@ impl Progress {
         if !self.json {
             return;
         }
-        let Ok(mut last) = self.last.lock() else { return };
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
         if !force && last.elapsed().as_millis() < 250 {
             return;
         }
         *last = Instant::now();
         let done = self.done.load(Ordering::Relaxed);
         let total = self.total.load(Ordering::Relaxed);
-        let secs = self.start.lock().map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0);
+        let secs = self
+            .start
+            .lock()
+            .map(|s| s.elapsed().as_secs_f64())
+            .unwrap_or(0.0);
         let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
-        let eta = if rate > 0.0 { (total.saturating_sub(done)) as f64 / rate } else { 0.0 };
+        let eta = if rate > 0.0 {
+            (total.saturating_sub(done)) as f64 / rate
+        } else {
+            0.0
+        };
         let v = json!({"event": "progress", "done": done, "total": total,
                        "rate": rate as u64, "eta_secs": eta.round() as u64});
         let mut out = std::io::stdout().lock();

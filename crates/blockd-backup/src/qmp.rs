@@ -64,14 +64,20 @@ impl Qmp {
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         };
-        let wr = s.try_clone().map_err(|e| Error::io(e, "cloning QMP socket"))?;
+        let wr = s
+            .try_clone()
+            .map_err(|e| Error::io(e, "cloning QMP socket"))?;
         // A monitor busy with another client (QSD serves one at a time) never greets.
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(|e| Error::io(e, "setting QMP timeout"))?;
-        let mut q = Qmp { rd: BufReader::new(s), wr, events: VecDeque::new() };
-        let greeting = q
-            .read_msg()
-            .map_err(|e| e.context("no QMP greeting within 10 s (is another client using this monitor?)"))?;
+        let mut q = Qmp {
+            rd: BufReader::new(s),
+            wr,
+            events: VecDeque::new(),
+        };
+        let greeting = q.read_msg().map_err(|e| {
+            e.context("no QMP greeting within 10 s (is another client using this monitor?)")
+        })?;
         let _ = q.rd.get_ref().set_read_timeout(None);
         if greeting.get("QMP").is_none() {
             return Err(Error::new(Kind::Daemon, "no QMP greeting"));
@@ -89,7 +95,10 @@ impl Qmp {
                 .read_until(b'\n', &mut line)
                 .map_err(|e| Error::caused(Kind::Daemon, "reading from QMP", e))?;
             if n == 0 {
-                return Err(Error::new(Kind::Daemon, "the daemon closed the QMP connection"));
+                return Err(Error::new(
+                    Kind::Daemon,
+                    "the daemon closed the QMP connection",
+                ));
             }
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
@@ -146,7 +155,10 @@ impl Qmp {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Error::new(Kind::Daemon, format!("timed out waiting for {name}")));
+                return Err(Error::new(
+                    Kind::Daemon,
+                    format!("timed out waiting for {name}"),
+                ));
             }
             self.rd
                 .get_ref()

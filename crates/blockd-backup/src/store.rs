@@ -46,9 +46,14 @@ pub struct DirStore {
 fn check_name(name: &str) -> Result<()> {
     let bad = name.is_empty()
         || name.starts_with('/')
-        || name.split('/').any(|c| c.is_empty() || c == "." || c == "..");
+        || name
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..");
     if bad {
-        return Err(Error::new(Kind::Repository, format!("invalid object name '{name}'")));
+        return Err(Error::new(
+            Kind::Repository,
+            format!("invalid object name '{name}'"),
+        ));
     }
     Ok(())
 }
@@ -109,7 +114,11 @@ impl Store for DirStore {
         let parent = Self::parent_dir(&p)?;
         let tmp = p.with_extension(format!("tmp-{}", std::process::id()));
         let res = (|| -> std::io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
             f.write_all(data)?;
             f.sync_all()?;
             fs::rename(&tmp, &p)
@@ -127,7 +136,11 @@ impl Store for DirStore {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        let dir = if prefix.is_empty() { self.root.clone() } else { self.path(prefix.trim_end_matches('/'))? };
+        let dir = if prefix.is_empty() {
+            self.root.clone()
+        } else {
+            self.path(prefix.trim_end_matches('/'))?
+        };
         let mut out = Vec::new();
         self.walk(&dir, &mut out)?;
         out.sort();

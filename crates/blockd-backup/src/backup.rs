@@ -59,6 +59,8 @@ pub struct Options {
     pub estimate: bool,
     /// Folder for scratch images and the NBD socket.
     pub work_dir: PathBuf,
+    /// Tag of this repository + machine in daemon object names (see [`fleece`]).
+    pub tag: String,
 }
 
 /// One disk's plan.
@@ -208,17 +210,18 @@ struct Names {
 }
 
 impl Names {
-    /// Names for disk `i` of backup `id`.
-    fn new(id: &str, i: usize) -> Names {
+    /// Names for disk `i` of backup `id` in the repository tagged `tag`.
+    fn new(tag: &str, id: &str, i: usize) -> Names {
+        let p = fleece::prefix(tag);
         Names {
-            bitmap: format!("bb-{id}"),
-            frozen: format!("bb-{id}-x"),
-            job: format!("bb-j-{i}"),
-            filter: format!("bb-f-{i}"),
-            scratch: format!("bb-s-{i}"),
-            target: format!("bb-t-{i}"),
-            access: format!("bb-a-{i}"),
-            export: format!("bb-e-{i}"),
+            bitmap: format!("{p}{id}"),
+            frozen: format!("{p}{id}-x"),
+            job: format!("{p}j{i}"),
+            filter: format!("{p}f{i}"),
+            scratch: format!("{p}s{i}"),
+            target: format!("{p}t{i}"),
+            access: format!("{p}a{i}"),
+            export: format!("{p}e{i}"),
         }
     }
 }
@@ -256,7 +259,7 @@ pub fn run(
     let latest = latest_records(&all);
     let keep = keep_set(&latest, &opts.disks);
     if !opts.estimate {
-        for what in fleece::cleanup(q, &opts.disks, &keep)? {
+        for what in fleece::cleanup(q, &opts.tag, &opts.disks, &keep)? {
             progress.event(
                 "cleanup",
                 &format!("removed leftover {what}"),
@@ -350,7 +353,7 @@ impl Run<'_, '_> {
         let pull_fleece = self.opts.live && !self.opts.push;
         let mut files = Vec::new();
         for (i, p) in self.plans.clone().iter().enumerate() {
-            let n = Names::new(&self.id, i);
+            let n = Names::new(&self.opts.tag, &self.id, i);
             let name = self.repo.disk_file(&p.node, &self.id);
             let path = self.repo.store.local_path(&name)?;
             let parent_path = match p.parent.last() {
@@ -386,7 +389,7 @@ impl Run<'_, '_> {
         // One instant for every disk.
         let mut actions = Vec::new();
         for (i, p) in self.plans.iter().enumerate() {
-            let n = Names::new(&self.id, i);
+            let n = Names::new(&self.opts.tag, &self.id, i);
             actions.push(action(
                 "block-dirty-bitmap-add",
                 json!({"node": p.node, "name": n.bitmap, "persistent": p.persistent}),
@@ -431,11 +434,11 @@ impl Run<'_, '_> {
         let mut copied = vec![0u64; self.plans.len()];
         if self.opts.push {
             let ids: Vec<String> = (0..self.plans.len())
-                .map(|i| Names::new(&self.id, i).job)
+                .map(|i| Names::new(&self.opts.tag, &self.id, i).job)
                 .collect();
             fleece::wait_push_jobs(self.q, &ids, self.progress)?;
             for (i, p) in self.plans.iter().enumerate() {
-                fleece::del_node(self.q, &Names::new(&self.id, i).target)?;
+                fleece::del_node(self.q, &Names::new(&self.opts.tag, &self.id, i).target)?;
                 copied[i] = p.estimate;
             }
         } else {
@@ -482,7 +485,7 @@ impl Run<'_, '_> {
             let point = chain::open_chain(&paths)?;
             let content =
                 chain::content_sha256(&point).ctx(|| format!("hashing disk {}", p.node))?;
-            let n = Names::new(&self.id, i);
+            let n = Names::new(&self.opts.tag, &self.id, i);
             disks.push(DiskRecord {
                 name: p.node.clone(),
                 node: p.node.clone(),
@@ -515,7 +518,7 @@ impl Run<'_, '_> {
 
     /// Pull one disk: export its point in time and copy the extents to read.
     fn pull_disk(&mut self, i: usize, p: &Plan, img: Arc<qcow2::Qcow2>) -> Result<u64> {
-        let n = Names::new(&self.id, i);
+        let n = Names::new(&self.opts.tag, &self.id, i);
         let export_node = if self.opts.live {
             self.q.execute(
                 "blockdev-add",
@@ -559,7 +562,7 @@ impl Run<'_, '_> {
     /// Remove the run's exports, nodes, jobs, scratch files and NBD server (best effort).
     fn teardown(&mut self) {
         for i in 0..self.plans.len() {
-            let n = Names::new(&self.id, i);
+            let n = Names::new(&self.opts.tag, &self.id, i);
             let _ = fleece::del_export(self.q, &n.export);
             let _ = fleece::del_node(self.q, &n.access);
             let _ = fleece::cancel_job(self.q, &n.job);
@@ -576,7 +579,7 @@ impl Run<'_, '_> {
     fn rollback(&mut self) {
         self.teardown();
         for (i, p) in self.plans.iter().enumerate() {
-            let n = Names::new(&self.id, i);
+            let n = Names::new(&self.opts.tag, &self.id, i);
             for b in [&n.frozen, &n.bitmap] {
                 let _ = self.q.execute(
                     "block-dirty-bitmap-remove",
@@ -597,7 +600,10 @@ impl Run<'_, '_> {
         for d in &m.disks {
             for b in bitmaps_of(&nodes, &d.node) {
                 let name = b["name"].as_str().unwrap_or("");
-                if name.starts_with(fleece::PREFIX) && name != d.bitmap && name != d.full_bitmap {
+                if name.starts_with(&fleece::prefix(&self.opts.tag))
+                    && name != d.bitmap
+                    && name != d.full_bitmap
+                {
                     actions.push(action(
                         "block-dirty-bitmap-remove",
                         json!({"node": d.node, "name": name}),
@@ -620,6 +626,18 @@ pub fn die_at(phase: &str) {
         // SAFETY: sending SIGKILL to ourselves; nothing runs after it.
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
+}
+
+/// The tag of a repository + machine: 8 hex digits of a hash of the repository's absolute
+/// path and the machine name.
+pub fn repo_tag(root: &Path, machine: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let abs = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    let mut h = Sha256::new();
+    h.update(abs.to_string_lossy().as_bytes());
+    h.update(b"\0");
+    h.update(machine.as_bytes());
+    chain::hex(&h.finalize()[..4])
 }
 
 /// Default work folder for scratch images: inside the repository's machine folder.

@@ -2,10 +2,12 @@
 //! (a copy-before-write filter from a `sync: none` backup job + `snapshot-access`), NBD
 //! exports with the frozen bitmap, push jobs, and teardown.
 //!
-//! Every object the tool creates on the daemon is named with the prefix `bb-`, so leftovers
-//! of an interrupted run are recognised and removed before the next one:
-//! `bb-<id>` tracking bitmap, `bb-<id>-x` frozen copy, `bb-j-N` job, `bb-f-N` filter,
-//! `bb-s-N` scratch / `bb-t-N` push target node, `bb-a-N` snapshot-access, `bb-e-N` export.
+//! Every object the tool creates on the daemon is named with the prefix `bb-TAG-`, where TAG
+//! identifies the repository and machine (so two repositories backing up one disk never touch
+//! each other's objects), and leftovers of an interrupted run are recognised and removed
+//! before the next one: `bb-TAG-<id>` tracking bitmap, `bb-TAG-<id>-x` frozen copy,
+//! `bb-TAG-jN` job, `-fN` filter, `-sN` scratch / `-tN` push target node, `-aN`
+//! snapshot-access, `-eN` export.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -17,8 +19,10 @@ use crate::error::{Error, Kind, Result};
 use crate::progress::Progress;
 use crate::qmp::{qmp_desc, Qmp};
 
-/// Prefix of everything the tool creates on a daemon.
-pub const PREFIX: &str = "bb-";
+/// Prefix of everything one repository's runs create on a daemon.
+pub fn prefix(tag: &str) -> String {
+    format!("bb-{tag}-")
+}
 
 /// How long teardown waits for a job or export to go away.
 const WAIT: Duration = Duration::from_secs(30);
@@ -113,14 +117,16 @@ pub fn del_node(q: &mut Qmp, name: &str) -> Result<()> {
 /// Returns a description of each thing removed.
 pub fn cleanup(
     q: &mut Qmp,
+    tag: &str,
     disks: &[String],
     keep: &HashMap<String, HashSet<String>>,
 ) -> Result<Vec<String>> {
+    let pre = prefix(tag);
     let mut done = Vec::new();
     let ex = q.execute("query-block-exports", json!({}))?;
     for e in ex.as_array().cloned().unwrap_or_default() {
         let id = e["id"].as_str().unwrap_or("").to_string();
-        if id.starts_with(PREFIX) {
+        if id.starts_with(&pre) {
             del_export(q, &id)?;
             done.push(format!("export {id}"));
         }
@@ -128,15 +134,16 @@ pub fn cleanup(
     let jobs = q.execute("query-jobs", json!({}))?;
     for j in jobs.as_array().cloned().unwrap_or_default() {
         let id = j["id"].as_str().unwrap_or("").to_string();
-        if id.starts_with(PREFIX) {
+        if id.starts_with(&pre) {
             cancel_job(q, &id)?;
             done.push(format!("job {id}"));
         }
     }
-    for order in ["bb-a-", "bb-f-", "bb-s-", "bb-t-"] {
+    for order in ["a", "f", "s", "t"] {
+        let p = format!("{pre}{order}");
         for n in q.nodes()? {
             let name = node_name(&n).to_string();
-            if name.starts_with(order) {
+            if name.starts_with(&p) {
                 q.execute("blockdev-del", json!({"node-name": name}))?;
                 done.push(format!("node {name}"));
             }
@@ -148,7 +155,7 @@ pub fn cleanup(
         let k = keep.get(d).unwrap_or(&empty);
         for b in bitmaps_of(&nodes, d) {
             let name = b["name"].as_str().unwrap_or("");
-            if name.starts_with(PREFIX) && !k.contains(name) {
+            if name.starts_with(&pre) && !k.contains(name) {
                 q.execute(
                     "block-dirty-bitmap-remove",
                     json!({"node": d, "name": name}),

@@ -199,6 +199,7 @@ fn run_backup(cli: &Cli, src: &Source, want: Want, progress: &Progress) -> Resul
         nbd_socket: src.nbd_socket.clone(),
         estimate: src.estimate,
         work_dir: work_dir.clone(),
+        tag: backup::repo_tag(&root, &machine),
     };
     if let Some(image) = &src.image {
         let name = src

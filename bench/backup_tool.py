@@ -48,7 +48,9 @@ def timed(fn):
 def tool(d, repo, *args):
     argv = [TOOL, "--repo", repo, "--machine", "bench", *args, "--qmp", d.qmp_sock,
             "--nbd-socket", d.nbd_sock, "--disk", d.node]
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"blockd-backup {' '.join(args)}: exit {p.returncode}: {p.stderr.strip()}")
 
 
 def writes_1pct(d, size, seed):

@@ -405,8 +405,8 @@ impl Run<'_, '_> {
                 ));
             }
             if self.opts.push {
-                let mut b =
-                    json!({"job-id": n.job, "device": p.node, "target": n.target, "sync": "full"});
+                let mut b = json!({"job-id": n.job, "device": p.node, "target": n.target, "sync": "full",
+                                   "auto-dismiss": false});
                 if p.src_bitmap.is_some() {
                     b["sync"] = json!("incremental");
                     b["bitmap"] = json!(n.frozen);
@@ -483,8 +483,13 @@ impl Run<'_, '_> {
                 .map(|f| self.repo.store.local_path(&f.name))
                 .collect::<Result<Vec<PathBuf>>>()?;
             let point = chain::open_chain(&paths)?;
-            let content =
-                chain::content_sha256(&point).ctx(|| format!("hashing disk {}", p.node))?;
+            let prev = self.prev_sums(&p.node, p.parent.last().map(|f| f.name.as_str()));
+            let hashes =
+                chain::point_hashes(&point, prev).ctx(|| format!("hashing disk {}", p.node))?;
+            let content = chain::digest(&hashes);
+            let sums = self.repo.sums_name(&p.node, &self.id);
+            self.created_files.push(sums.clone());
+            self.repo.store.put(&sums, &hashes.concat())?;
             let n = Names::new(&self.opts.tag, &self.id, i);
             disks.push(DiskRecord {
                 name: p.node.clone(),
@@ -497,6 +502,7 @@ impl Run<'_, '_> {
                 bitmap: n.bitmap.clone(),
                 full_bitmap: p.full_bitmap.clone().unwrap_or(n.bitmap),
                 content_sha256: content,
+                sums: Some(sums),
             });
         }
         let m = Manifest {
@@ -514,6 +520,26 @@ impl Run<'_, '_> {
         self.teardown();
         self.retire(&m)?;
         Ok(m)
+    }
+
+    /// Chunk hashes recorded for the point whose top file is `top` (None: hash everything).
+    fn prev_sums(&self, disk: &str, top: Option<&str>) -> Option<Vec<[u8; 32]>> {
+        let top = top?;
+        let all = self.repo.backups().ok()?;
+        let rec = all
+            .iter()
+            .rev()
+            .flat_map(|m| m.disks.iter())
+            .find(|d| d.name == disk && d.chain.last().is_some_and(|f| f.name == top))?;
+        let data = self.repo.store.get(rec.sums.as_deref()?).ok()?;
+        if data.len() % 32 != 0 {
+            return None;
+        }
+        Some(
+            data.chunks_exact(32)
+                .map(|c| c.try_into().unwrap_or([0u8; 32]))
+                .collect(),
+        )
     }
 
     /// Pull one disk: export its point in time and copy the extents to read.

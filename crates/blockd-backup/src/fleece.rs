@@ -244,41 +244,52 @@ impl NbdServer {
     }
 }
 
-/// Wait for push jobs `ids` to complete, reporting progress; error if any failed.
+/// Wait for push jobs `ids` (started with `auto-dismiss: false`) to conclude, reporting
+/// progress; dismiss them; error if any failed. Polls `query-jobs`, so no event is missed.
 pub fn wait_push_jobs(q: &mut Qmp, ids: &[String], progress: &Progress) -> Result<()> {
-    let mut left: HashSet<String> = ids.iter().cloned().collect();
     let mut last = 0u64;
-    while !left.is_empty() {
-        match q.wait_event("BLOCK_JOB_COMPLETED", Duration::from_millis(200), |d| {
-            d["device"].as_str().is_some_and(|id| left.contains(id))
-        }) {
-            Ok(ev) => {
-                let id = ev["data"]["device"].as_str().unwrap_or("").to_string();
-                if let Some(err) = ev["data"]["error"].as_str() {
-                    return Err(Error::new(
-                        Kind::Daemon,
-                        format!("push job {id} failed: {err}"),
-                    ));
-                }
-                left.remove(&id);
-            }
-            Err(e) if e.kind == Kind::Daemon && e.to_string().contains("timed out") => {}
-            Err(e) => return Err(e),
-        }
+    loop {
         let jobs = q.execute("query-jobs", json!({}))?;
-        let cur: u64 = jobs
+        let mine: Vec<Value> = jobs
             .as_array()
             .map(|a| {
                 a.iter()
                     .filter(|j| j["id"].as_str().is_some_and(|i| ids.iter().any(|x| x == i)))
-                    .filter_map(|j| j["current-progress"].as_u64())
-                    .sum()
+                    .cloned()
+                    .collect()
             })
-            .unwrap_or(0);
+            .unwrap_or_default();
+        let cur: u64 = mine
+            .iter()
+            .filter_map(|j| j["current-progress"].as_u64())
+            .sum();
         if cur > last {
             progress.add(cur - last);
             last = cur;
         }
+        if let Some(j) = mine
+            .iter()
+            .find(|j| j["status"] == "concluded" && j.get("error").is_some())
+        {
+            let id = j["id"].as_str().unwrap_or("");
+            let err = j["error"].as_str().unwrap_or("");
+            return Err(Error::new(
+                Kind::Daemon,
+                format!("push job {id} failed: {err}"),
+            ));
+        }
+        if mine.len() < ids.len() {
+            return Err(Error::new(
+                Kind::Daemon,
+                "a push job disappeared before it concluded",
+            ));
+        }
+        if mine.iter().all(|j| j["status"] == "concluded") {
+            for id in ids {
+                q.execute("job-dismiss", json!({"id": id}))?;
+            }
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
 }

@@ -73,8 +73,12 @@ pub struct DiskRecord {
     pub bitmap: String,
     /// The bitmap started at the last full backup (records changes since it, for `diff`).
     pub full_bitmap: String,
-    /// SHA-256 of the disk's whole content at this point (what a raw restore hashes to).
+    /// Content digest of the disk at this point (see `chain::ContentHasher`): what a restore
+    /// of the point must hash to.
     pub content_sha256: String,
+    /// Object holding the per-chunk hashes behind `content_sha256` (speeds up the next backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sums: Option<String>,
 }
 
 impl DiskRecord {
@@ -169,6 +173,11 @@ impl<'a> Repo<'a> {
     /// Object name of a backup's manifest.
     pub fn manifest_name(&self, id: &str) -> String {
         format!("{}/backups/{id}.json", self.machine)
+    }
+
+    /// Object name of the chunk hashes of a disk at a backup.
+    pub fn sums_name(&self, disk: &str, id: &str) -> String {
+        format!("{}/sums/{disk}/{id}.bin", self.machine)
     }
 
     /// Object name of a disk file.

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use crate::chain;
 use crate::daemon::Daemon;
@@ -113,14 +112,14 @@ pub fn verify(repo: &Repo<'_>, point: &str, progress: &Progress) -> Result<()> {
         }
         let img = chain::open_chain(&chain_paths(repo, d)?)?;
         progress.start(&format!("verify {}", d.name), d.size);
-        let mut h = Sha256::new();
+        let mut h = chain::ContentHasher::default();
         chain::read_all(&img, |_, b| {
             h.update(b);
             progress.add(b.len() as u64);
             Ok(())
         })?;
         progress.finish();
-        if chain::hex(&h.finalize()) != d.content_sha256 {
+        if h.finish().0 != d.content_sha256 {
             return Err(Error::new(
                 Kind::Verify,
                 format!(
@@ -160,7 +159,7 @@ pub fn restore(
     let m = repo.find(point)?;
     let d = pick_disk(&m, disk)?;
     let img = chain::open_chain(&chain_paths(repo, d)?)?;
-    let mut h = Sha256::new();
+    let mut h = chain::ContentHasher::default();
     progress.start(&format!("restore {}", d.name), d.size);
     match target {
         Target::Raw(p) => {
@@ -217,7 +216,7 @@ pub fn restore(
         }
     }
     progress.finish();
-    if chain::hex(&h.finalize()) != d.content_sha256 {
+    if h.finish().0 != d.content_sha256 {
         return Err(Error::new(
             Kind::Verify,
             "restored content does not match the recorded checksum",
@@ -304,6 +303,11 @@ pub fn prune(repo: &Repo<'_>, keep: usize, progress: &Progress) -> Result<()> {
     // 1. The pruned points disappear first (their files still back the kept ones).
     for m in old {
         repo.store.remove(&repo.manifest_name(&m.id))?;
+        for d in &m.disks {
+            if let Some(s) = &d.sums {
+                repo.store.remove(s)?;
+            }
+        }
         progress.event(
             "prune",
             &format!("removed backup {}", m.id),

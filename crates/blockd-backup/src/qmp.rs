@@ -1,6 +1,6 @@
-//! A small synchronous QMP client: greeting, negotiation, commands, events kept aside.
+//! A small synchronous QMP client: greeting, negotiation, commands. Events are skipped
+//! (job progress and completion are polled with `query-jobs`, which cannot be missed).
 
-use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -19,8 +19,6 @@ pub struct Qmp {
     rd: BufReader<UnixStream>,
     /// Writer half.
     wr: UnixStream,
-    /// Events received while waiting for replies.
-    events: VecDeque<Value>,
 }
 
 /// A QMP error reply: class and description.
@@ -73,7 +71,6 @@ impl Qmp {
         let mut q = Qmp {
             rd: BufReader::new(s),
             wr,
-            events: VecDeque::new(),
         };
         let greeting = q.read_msg().map_err(|e| {
             e.context("no QMP greeting within 10 s (is another client using this monitor?)")
@@ -120,7 +117,6 @@ impl Qmp {
         loop {
             let m = self.read_msg()?;
             if m.get("event").is_some() {
-                self.events.push_back(m);
                 continue;
             }
             if let Some(r) = m.get("return") {
@@ -133,44 +129,6 @@ impl Qmp {
                 };
                 tracing_free_log(&err);
                 return Err(Error::caused(Kind::Daemon, cmd.to_string(), err));
-            }
-        }
-    }
-
-    /// Wait for an event named `name` whose data matches `pred`, up to `timeout`.
-    pub fn wait_event(
-        &mut self,
-        name: &str,
-        timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(i) = self
-                .events
-                .iter()
-                .position(|e| e["event"] == name && pred(&e["data"]))
-            {
-                return Ok(self.events.remove(i).unwrap_or_default());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::new(
-                    Kind::Daemon,
-                    format!("timed out waiting for {name}"),
-                ));
-            }
-            self.rd
-                .get_ref()
-                .set_read_timeout(Some(left))
-                .map_err(|e| Error::io(e, "setting QMP timeout"))?;
-            let m = self.read_msg();
-            let _ = self.rd.get_ref().set_read_timeout(None);
-            match m {
-                Ok(m) if m.get("event").is_some() => self.events.push_back(m),
-                Ok(_) => {}
-                Err(e) if Instant::now() >= deadline => return Err(e),
-                Err(e) => return Err(e),
             }
         }
     }

@@ -405,6 +405,12 @@ impl BitmapStore for Qcow2Driver {
             .map_err(|e| self.io_err(e))
     }
     fn remove(&self, name: &str) -> io::Result<()> {
-        self.img().remove_bitmap(name).map_err(|e| self.io_err(e))
+        // A persistent bitmap added since the last store is not in the file yet: nothing to
+        // delete there (QEMU's remove succeeds too).
+        let image = self.img();
+        if !image.bitmaps().iter().any(|b| b.name == name) {
+            return Ok(());
+        }
+        image.remove_bitmap(name).map_err(|e| self.io_err(e))
     }
 }

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""blockd-backup against the same QMP sequence scripted by hand, on QSD and blockd.
+
+A benchmark, not a test. For each daemon: a 2 GiB fully allocated qcow2 (random data) served
+with a writable NBD export; then
+
+* full backup: the tool (pull: fleecing + NBD, several connections) and the tool in push mode,
+  against the hand-written sequence: push = `transaction [bitmap-add, blockdev-backup sync=full]`
+  + wait for the job; pull = the same fleecing QMP + `qemu-img convert` of the export;
+* 1 % incremental (328 scattered 64 KiB writes through NBD): the tool (pull and push) against
+  the hand-written push sequence `transaction [bitmap-add new, add+merge frozen copy,
+  blockdev-backup sync=incremental]`.
+
+Daemons without backup jobs (blockd today) run the tool with `--offline` (no fleecing) and the
+hand sequence "export + qemu-img convert" for the full only.
+
+    python3 bench/backup_tool.py [--size-gib 2] [--daemons qsd,blockd] [--dir /dev/shm]
+
+Prints one table: seconds per run (median of --reps) and the tool / hand ratio (1.10 = 10 %
+slower than by hand).
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+from benchlib import MiB, Daemon, Qmp  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.environ.get("BLOCKD_BACKUP", os.path.join(REPO, "target", "release", "blockd-backup"))
+
+
+def timed(fn):
+    t = time.monotonic()
+    fn()
+    return time.monotonic() - t
+
+
+def tool(d, repo, *args):
+    argv = [TOOL, "--repo", repo, "--machine", "bench", *args, "--qmp", d.qmp_sock,
+            "--nbd-socket", d.nbd_sock, "--disk", d.node]
+    p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"blockd-backup {' '.join(args)}: exit {p.returncode}: {p.stderr.strip()}")
+
+
+def writes_1pct(d, size, seed):
+    rng = random.Random(seed)
+    n = size // 100 // (64 * 1024)
+    cmds = []
+    for _ in range(n):
+        off = rng.randrange(0, size // 65536) * 65536
+        cmds += ["-c", f"write -P {rng.randrange(1, 255)} {off} 64k"]
+    subprocess.run(["qemu-io", "-f", "raw", *cmds, d.uri], check=True, stdout=subprocess.DEVNULL)
+
+
+def wait_job(q, job):
+    while True:
+        jobs = q.execute("query-jobs")
+        j = [x for x in jobs if x["id"] == job]
+        if not j:
+            return
+        if j[0]["status"] == "concluded":
+            if j[0].get("error"):
+                raise RuntimeError(j[0]["error"])
+            q.execute("job-dismiss", id=job)
+            return
+        time.sleep(0.01)
+
+
+def hand_push(d, work, tag, size, src_bitmap=None):
+    """The QMP sequence a script would send for a push backup into a new qcow2."""
+    tgt = os.path.join(work, f"hand-{tag}.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tgt, str(size)], check=True)
+    q = Qmp(d.qmp_sock)
+    try:
+        q.execute("blockdev-add", driver="qcow2", **{"node-name": f"ht-{tag}"},
+                  file={"driver": "file", "filename": tgt})
+        acts = [{"type": "block-dirty-bitmap-add", "data": {"node": d.node, "name": f"hb-{tag}"}}]
+        backup = {"job-id": f"hj-{tag}", "device": d.node, "target": f"ht-{tag}", "sync": "full",
+                  "auto-dismiss": False}
+        if src_bitmap:
+            acts += [{"type": "block-dirty-bitmap-add", "data": {"node": d.node, "name": f"hx-{tag}", "disabled": True}},
+                     {"type": "block-dirty-bitmap-merge", "data": {"node": d.node, "target": f"hx-{tag}", "bitmaps": [src_bitmap]}}]
+            backup.update(sync="incremental", bitmap=f"hx-{tag}")
+        acts.append({"type": "blockdev-backup", "data": backup})
+        q.execute("transaction", actions=acts)
+        wait_job(q, f"hj-{tag}")
+        q.execute("blockdev-del", **{"node-name": f"ht-{tag}"})
+        if src_bitmap:
+            q.execute("block-dirty-bitmap-remove", node=d.node, name=f"hx-{tag}")
+    finally:
+        q.close()
+
+
+def hand_pull_full(d, work, tag, live):
+    """Fleecing (or a plain export when offline) + qemu-img convert of the export."""
+    q = Qmp(d.qmp_sock)
+    scratch = os.path.join(work, f"scratch-{tag}.qcow2")
+    out = os.path.join(work, f"handpull-{tag}.qcow2")
+    try:
+        node = d.node
+        if live:
+            size = q.execute("query-named-block-nodes", flat=True)
+            size = [n for n in size if n["node-name"] == d.node][0]["image"]["virtual-size"]
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", scratch, str(size)], check=True)
+            q.execute("blockdev-add", driver="qcow2", **{"node-name": f"hs-{tag}"},
+                      file={"driver": "file", "filename": scratch})
+            q.execute("transaction", actions=[{"type": "blockdev-backup", "data": {
+                "job-id": f"hf-{tag}", "device": d.node, "target": f"hs-{tag}", "sync": "none",
+                "filter-node-name": f"hfl-{tag}"}}])
+            q.execute("blockdev-add", driver="snapshot-access", **{"node-name": f"ha-{tag}"}, file=f"hfl-{tag}")
+            node = f"ha-{tag}"
+        q.execute("block-export-add", type="nbd", id=f"he-{tag}", **{"node-name": node}, name=f"he-{tag}")
+        subprocess.run(["qemu-img", "convert", "-W", "-m", "4", "-f", "raw", "-O", "qcow2",
+                        f"nbd+unix:///he-{tag}?socket={d.nbd_sock}", out], check=True)
+        q.execute("block-export-del", id=f"he-{tag}")
+        time.sleep(0.05)
+        if live:
+            q.execute("blockdev-del", **{"node-name": f"ha-{tag}"})
+            q.execute("job-cancel", id=f"hf-{tag}")
+            wait_job(q, f"hf-{tag}")
+            q.execute("blockdev-del", **{"node-name": f"hs-{tag}"})
+    finally:
+        q.close()
+        for p in (scratch, out):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def has_backup(d):
+    q = Qmp(d.qmp_sock)
+    try:
+        return any(e.get("name") == "blockdev-backup" for e in q.execute("query-qmp-schema"))
+    finally:
+        q.close()
+
+
+def bench_daemon(kind, binary, args, raw):
+    work = tempfile.mkdtemp(prefix=f"bb-{kind}-", dir=args.dir)
+    img = os.path.join(work, "disk.qcow2")
+    benchlib.qcow2_from_raw(raw, img)
+    d = Daemon(kind, binary, work, [f"driver=file,node-name=f0,filename={img}",
+                                    "driver=qcow2,node-name=disk0,file=f0"], "disk0").start()
+    d.qmp.close()  # the tool and the hand script take the (single-client) monitor in turn
+    d.qmp = None
+    size = args.size_gib << 30
+    live = has_backup(d)
+    extra = [] if live else ["--offline"]
+    rows = {}
+    try:
+        for rep in range(args.reps):
+            repo = os.path.join(work, f"repo{rep}")
+            rows.setdefault("full: tool pull", []).append(timed(lambda: tool(d, repo, "full", *extra)))
+            rows.setdefault("full: hand pull (fleece + qemu-img convert)", []).append(
+                timed(lambda: hand_pull_full(d, work, f"p{rep}", live)))
+            if live:
+                prepo = os.path.join(work, f"prepo{rep}")
+                rows.setdefault("full: tool push", []).append(timed(lambda: tool(d, prepo, "full", "--push")))
+                rows.setdefault("full: hand push", []).append(timed(lambda: hand_push(d, work, f"f{rep}", size)))
+            writes_1pct(d, size, rep)
+            rows.setdefault("1% inc: tool pull", []).append(timed(lambda: tool(d, repo, "inc", *extra)))
+            if live:
+                rows.setdefault("1% inc: tool push", []).append(timed(lambda: tool(d, prepo, "inc", "--push")))
+                rows.setdefault("1% inc: hand push", []).append(
+                    timed(lambda: hand_push(d, work, f"i{rep}", size, src_bitmap=f"hb-f{rep}")))
+            shutil.rmtree(repo, ignore_errors=True)
+    finally:
+        d.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return {k: statistics.median(v) for k, v in rows.items()}, live
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gib", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--daemons", default="qsd,blockd")
+    ap.add_argument("--dir", default="/dev/shm")
+    args = ap.parse_args()
+    benchlib.install_cleanup()
+    raw = os.path.join(args.dir, "bb-bench.raw")
+    benchlib.random_raw(raw, args.size_gib << 30)
+    bins = {"qsd": benchlib.DEFAULT_QSD, "blockd": benchlib.DEFAULT_BLOCKD}
+    try:
+        for kind in args.daemons.split(","):
+            res, live = bench_daemon(kind, bins[kind], args, raw)
+            print(f"\n{kind} ({'live: fleecing / push' if live else 'offline: no backup jobs in this daemon'})")
+            for k, v in res.items():
+                print(f"  {k:48s} {v:7.2f} s")
+            pairs = [("full: tool pull", "full: hand pull (fleece + qemu-img convert)"),
+                     ("full: tool push", "full: hand push"), ("1% inc: tool push", "1% inc: hand push"),
+                     ("1% inc: tool pull", "1% inc: hand push")]
+            for a, b in pairs:
+                if a in res and b in res:
+                    print(f"  ratio {a} / {b}: {res[a] / res[b]:.2f}")
+            print(json.dumps({"daemon": kind, "results": res}))
+    finally:
+        os.unlink(raw)
+
+
+if __name__ == "__main__":
+    main()

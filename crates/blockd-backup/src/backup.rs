@@ -1,0 +1,672 @@
+//! One backup run: plan each disk (full / incremental / differential, with the reason when a
+//! disk falls back to a full), take all disks at one instant, copy, record, retire bitmaps.
+//!
+//! ```text
+//!  cleanup leftovers ─▶ plan ─▶ [--estimate: stop] ─▶ scratch/target nodes
+//!   ─▶ one transaction: bitmap add (new) + add/merge frozen copy + backup job (fleece|push)
+//!   ─▶ pull: snapshot-access + NBD export with qemu:dirty-bitmap ─▶ N connections copy extents
+//!      push: wait for the jobs
+//!   ─▶ hash files + content ─▶ manifest (atomic) ─▶ teardown ─▶ retire old bitmaps (transaction)
+//! ```
+//! Until the manifest is written nothing old is touched: the previous bitmap keeps recording,
+//! so a run killed at any point costs nothing but its leftovers, which the next run removes.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::chain;
+use crate::copy::{self, Job};
+use crate::error::{Context, Error, Kind, Result};
+use crate::fleece::{self, action, bitmaps_of, NbdServer};
+use crate::manifest::{
+    now_secs, DiskKind, DiskRecord, FileRecord, Lock, Manifest, Repo, MANIFEST_VERSION,
+};
+use crate::progress::Progress;
+use crate::qmp::Qmp;
+
+/// What the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// Full backup of every disk.
+    Full,
+    /// Incremental; fails if a disk cannot do one.
+    Inc,
+    /// Differential (since the last full); fails if a disk cannot do one.
+    Diff,
+    /// Incremental where possible, else a full for that disk only.
+    Auto,
+}
+
+/// Options of a backup run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Kind wanted.
+    pub want: Want,
+    /// Node (or device) names of the disks.
+    pub disks: Vec<String>,
+    /// Push mode (`blockdev-backup` into the repository) instead of pull.
+    pub push: bool,
+    /// Someone may write during the backup: fleece (pull) and use one transaction.
+    pub live: bool,
+    /// NBD connections per disk.
+    pub connections: usize,
+    /// The daemon's running NBD server socket, if it has one.
+    pub nbd_socket: Option<PathBuf>,
+    /// Only print the estimate.
+    pub estimate: bool,
+    /// Folder for scratch images and the NBD socket.
+    pub work_dir: PathBuf,
+    /// Tag of this repository + machine in daemon object names (see [`fleece`]).
+    pub tag: String,
+}
+
+/// One disk's plan.
+#[derive(Debug, Clone)]
+struct Plan {
+    /// Node name.
+    node: String,
+    /// Kind to take.
+    kind: DiskKind,
+    /// Why a full was chosen instead of an incremental.
+    reason: Option<String>,
+    /// Virtual size.
+    size: u64,
+    /// Bitmap whose frozen copy says what to read (inc/diff).
+    src_bitmap: Option<String>,
+    /// Chain the new file is backed by (base first); empty for a full.
+    parent: Vec<FileRecord>,
+    /// The bitmap since the last full, carried on (inc/diff).
+    full_bitmap: Option<String>,
+    /// Bytes expected to be read.
+    estimate: u64,
+    /// The node can store persistent bitmaps (qcow2).
+    persistent: bool,
+}
+
+/// The latest backup record of each disk.
+fn latest_records(all: &[Manifest]) -> HashMap<String, DiskRecord> {
+    let mut m = HashMap::new();
+    for b in all {
+        for d in &b.disks {
+            m.insert(d.name.clone(), d.clone());
+        }
+    }
+    m
+}
+
+/// Plan one disk.
+fn plan_disk(
+    repo: &Repo<'_>,
+    nodes: &[Value],
+    node: &str,
+    want: Want,
+    prev: Option<&DiskRecord>,
+) -> Result<Plan> {
+    let info = nodes
+        .iter()
+        .find(|n| n["node-name"] == node)
+        .ok_or_else(|| Error::new(Kind::Usage, format!("no node '{node}' on the daemon")))?;
+    let size = info["image"]["virtual-size"].as_u64().unwrap_or(0);
+    let persistent = info["drv"] == "qcow2";
+    let mut plan = Plan {
+        node: node.to_string(),
+        kind: DiskKind::Full,
+        reason: None,
+        size,
+        src_bitmap: None,
+        parent: Vec::new(),
+        full_bitmap: None,
+        estimate: size,
+        persistent,
+    };
+    if want == Want::Full {
+        return Ok(plan);
+    }
+    let kind = if want == Want::Diff {
+        DiskKind::Diff
+    } else {
+        DiskKind::Inc
+    };
+    let why_not = (|| -> std::result::Result<(String, u64, Vec<FileRecord>, String), String> {
+        let p = prev.ok_or("no earlier backup of this disk")?;
+        let bm = if kind == DiskKind::Diff {
+            &p.full_bitmap
+        } else {
+            &p.bitmap
+        };
+        let b = bitmaps_of(nodes, node)
+            .into_iter()
+            .find(|b| b["name"] == bm.as_str())
+            .ok_or_else(|| format!("bitmap '{bm}' is missing on node '{node}'"))?;
+        if b["inconsistent"] == true {
+            return Err(format!(
+                "bitmap '{bm}' is inconsistent (the image was not closed cleanly)"
+            ));
+        }
+        if b["recording"] != true {
+            return Err(format!("bitmap '{bm}' is not recording"));
+        }
+        if p.size != size {
+            return Err(format!("disk size changed from {} to {size}", p.size));
+        }
+        let chain: Vec<FileRecord> = if kind == DiskKind::Diff {
+            p.chain.iter().take(1).cloned().collect()
+        } else {
+            p.chain.clone()
+        };
+        if let Some(f) = chain.iter().find(|f| !repo.store.exists(&f.name)) {
+            return Err(format!("chain file {} is missing", f.name));
+        }
+        Ok((
+            bm.clone(),
+            b["count"].as_u64().unwrap_or(size),
+            chain,
+            p.full_bitmap.clone(),
+        ))
+    })();
+    match why_not {
+        Ok((bm, count, chain, full_bm)) => {
+            plan.kind = kind;
+            plan.src_bitmap = Some(bm);
+            plan.estimate = count;
+            plan.parent = chain;
+            plan.full_bitmap = Some(full_bm);
+        }
+        Err(reason) if want == Want::Auto => plan.reason = Some(reason),
+        Err(reason) => {
+            return Err(Error::new(
+                Kind::Repository,
+                format!(
+                    "cannot take {} backup of '{node}': {reason} (use 'auto' or 'full')",
+                    kind.as_str()
+                ),
+            ))
+        }
+    }
+    Ok(plan)
+}
+
+/// Names used on the daemon for disk number `i` of backup `id`.
+struct Names {
+    /// New tracking bitmap.
+    bitmap: String,
+    /// Frozen copy of the source bitmap.
+    frozen: String,
+    /// Job id.
+    job: String,
+    /// Job filter node.
+    filter: String,
+    /// Scratch (pull) node.
+    scratch: String,
+    /// Push target node.
+    target: String,
+    /// snapshot-access node.
+    access: String,
+    /// Export id and name.
+    export: String,
+}
+
+impl Names {
+    /// Names for disk `i` of backup `id` in the repository tagged `tag`.
+    fn new(tag: &str, id: &str, i: usize) -> Names {
+        let p = fleece::prefix(tag);
+        Names {
+            bitmap: format!("{p}{id}"),
+            frozen: format!("{p}{id}-x"),
+            job: format!("{p}j{i}"),
+            filter: format!("{p}f{i}"),
+            scratch: format!("{p}s{i}"),
+            target: format!("{p}t{i}"),
+            access: format!("{p}a{i}"),
+            export: format!("{p}e{i}"),
+        }
+    }
+}
+
+/// Bitmaps to keep per node: the latest backup's tracking and full-anchor bitmaps.
+fn keep_set(
+    latest: &HashMap<String, DiskRecord>,
+    disks: &[String],
+) -> HashMap<String, HashSet<String>> {
+    disks
+        .iter()
+        .filter_map(|d| {
+            latest
+                .get(d)
+                .map(|r| (d.clone(), [r.bitmap.clone(), r.full_bitmap.clone()].into()))
+        })
+        .collect()
+}
+
+/// Run a backup. Returns the manifest written (None for `--estimate`).
+pub fn run(
+    q: &mut Qmp,
+    repo: &Repo<'_>,
+    opts: &Options,
+    progress: &Progress,
+) -> Result<Option<Manifest>> {
+    let _lock = Lock::take(repo)?;
+    if opts.disks.is_empty() {
+        return Err(Error::new(
+            Kind::Usage,
+            "no disks to back up (give --disk NODE)",
+        ));
+    }
+    let all = repo.backups()?;
+    let latest = latest_records(&all);
+    let keep = keep_set(&latest, &opts.disks);
+    if !opts.estimate {
+        for what in fleece::cleanup(q, &opts.tag, &opts.disks, &keep)? {
+            progress.event(
+                "cleanup",
+                &format!("removed leftover {what}"),
+                json!({"what": what}),
+            );
+        }
+        for f in repo.orphans()? {
+            repo.store.remove(&f)?;
+            progress.event(
+                "cleanup",
+                &format!("removed unrecorded file {f}"),
+                json!({"what": f}),
+            );
+        }
+    }
+    let nodes = q.nodes()?;
+    let mut plans = Vec::new();
+    for d in &opts.disks {
+        plans.push(plan_disk(repo, &nodes, d, opts.want, latest.get(d))?);
+    }
+    for p in &plans {
+        let msg = match &p.reason {
+            Some(r) => format!("{}: full ({r}), ~{} bytes", p.node, p.estimate),
+            None => format!("{}: {}, ~{} bytes", p.node, p.kind.as_str(), p.estimate),
+        };
+        progress.event(
+            "plan",
+            &msg,
+            json!({"disk": p.node, "kind": p.kind.as_str(), "reason": p.reason, "estimate": p.estimate}),
+        );
+    }
+    if opts.estimate {
+        let total: u64 = plans.iter().map(|p| p.estimate).sum();
+        progress.event(
+            "estimate",
+            &format!("estimate: {total} bytes to read"),
+            json!({"bytes": total}),
+        );
+        return Ok(None);
+    }
+    let id = repo.new_id(now_secs())?;
+    std::fs::create_dir_all(&opts.work_dir)
+        .map_err(|e| Error::io(e, format!("creating {}", opts.work_dir.display())))?;
+    let mut run = Run {
+        q,
+        repo,
+        opts,
+        progress,
+        id: id.clone(),
+        plans,
+        created_files: Vec::new(),
+        server: None,
+    };
+    match run.execute() {
+        Ok(m) => Ok(Some(m)),
+        Err(e) => {
+            run.rollback();
+            Err(e)
+        }
+    }
+}
+
+/// State of one run, so a failure can be rolled back.
+struct Run<'a, 'b> {
+    /// The daemon.
+    q: &'a mut Qmp,
+    /// The repository.
+    repo: &'a Repo<'b>,
+    /// Options.
+    opts: &'a Options,
+    /// Progress.
+    progress: &'a Progress,
+    /// Backup id.
+    id: String,
+    /// Plans, in disk order.
+    plans: Vec<Plan>,
+    /// Repository files created so far.
+    created_files: Vec<String>,
+    /// The NBD server in use.
+    server: Option<NbdServer>,
+}
+
+impl Run<'_, '_> {
+    /// Scratch image path of disk `i`.
+    fn scratch_path(&self, i: usize) -> PathBuf {
+        self.opts.work_dir.join(format!("bb-scratch-{i}.qcow2"))
+    }
+
+    /// Everything between the plan and the manifest.
+    fn execute(&mut self) -> Result<Manifest> {
+        let pull_fleece = self.opts.live && !self.opts.push;
+        let mut files = Vec::new();
+        for (i, p) in self.plans.clone().iter().enumerate() {
+            let n = Names::new(&self.opts.tag, &self.id, i);
+            let name = self.repo.disk_file(&p.node, &self.id);
+            let path = self.repo.store.local_path(&name)?;
+            let parent_path = match p.parent.last() {
+                Some(f) => Some(self.repo.store.local_path(&f.name)?),
+                None => None,
+            };
+            self.created_files.push(name.clone());
+            let img = chain::create(&path, p.size, parent_path.as_deref())
+                .ctx(|| format!("creating the backup file of '{}'", p.node))?;
+            if self.opts.push {
+                img.close()?;
+                drop(img);
+                let file = json!({"driver": "file", "filename": path.to_string_lossy()});
+                self.q.execute(
+                    "blockdev-add",
+                    json!({"driver": "qcow2", "node-name": n.target, "file": file}),
+                )?;
+                files.push((name, path, None));
+            } else {
+                files.push((name, path, Some(img)));
+            }
+            if pull_fleece {
+                let sp = self.scratch_path(i);
+                chain::create(&sp, p.size, None)?.close()?;
+                let file = json!({"driver": "file", "filename": sp.to_string_lossy()});
+                self.q.execute(
+                    "blockdev-add",
+                    json!({"driver": "qcow2", "node-name": n.scratch, "file": file}),
+                )?;
+            }
+        }
+        die_at("prepared");
+        // One instant for every disk.
+        let mut actions = Vec::new();
+        for (i, p) in self.plans.iter().enumerate() {
+            let n = Names::new(&self.opts.tag, &self.id, i);
+            actions.push(action(
+                "block-dirty-bitmap-add",
+                json!({"node": p.node, "name": n.bitmap, "persistent": p.persistent}),
+            ));
+            if let Some(src) = &p.src_bitmap {
+                actions.push(action(
+                    "block-dirty-bitmap-add",
+                    json!({"node": p.node, "name": n.frozen, "disabled": true}),
+                ));
+                actions.push(action(
+                    "block-dirty-bitmap-merge",
+                    json!({"node": p.node, "target": n.frozen, "bitmaps": [src]}),
+                ));
+            }
+            if self.opts.push {
+                let mut b = json!({"job-id": n.job, "device": p.node, "target": n.target, "sync": "full",
+                                   "auto-dismiss": false});
+                if p.src_bitmap.is_some() {
+                    b["sync"] = json!("incremental");
+                    b["bitmap"] = json!(n.frozen);
+                }
+                actions.push(action("blockdev-backup", b));
+            } else if pull_fleece {
+                actions.push(action(
+                    "blockdev-backup",
+                    json!({"job-id": n.job, "device": p.node, "target": n.scratch, "sync": "none",
+                           "filter-node-name": n.filter}),
+                ));
+            }
+        }
+        fleece::run_actions(self.q, &actions, self.opts.live)
+            .ctx(|| "taking the snapshot".into())?;
+        let instant = now_secs();
+        die_at("snapshot");
+        self.progress.event(
+            "snapshot",
+            &format!("backup {} taken at one instant", self.id),
+            json!({"id": self.id}),
+        );
+        let total: u64 = self.plans.iter().map(|p| p.estimate).sum();
+        self.progress.start(&format!("backup {}", self.id), total);
+        let mut copied = vec![0u64; self.plans.len()];
+        if self.opts.push {
+            let ids: Vec<String> = (0..self.plans.len())
+                .map(|i| Names::new(&self.opts.tag, &self.id, i).job)
+                .collect();
+            fleece::wait_push_jobs(self.q, &ids, self.progress)?;
+            for (i, p) in self.plans.iter().enumerate() {
+                fleece::del_node(self.q, &Names::new(&self.opts.tag, &self.id, i).target)?;
+                copied[i] = p.estimate;
+            }
+        } else {
+            let own = self
+                .opts
+                .work_dir
+                .join(format!("bb-nbd-{}.sock", std::process::id()));
+            self.server = Some(NbdServer::start(
+                self.q,
+                self.opts.nbd_socket.as_deref(),
+                &own,
+            )?);
+            for (i, p) in self.plans.clone().iter().enumerate() {
+                let img = files[i]
+                    .2
+                    .clone()
+                    .ok_or_else(|| Error::new(Kind::Io, "no image"))?;
+                copied[i] = self
+                    .pull_disk(i, p, img)
+                    .ctx(|| format!("copying disk '{}'", p.node))?;
+            }
+        }
+        self.progress.finish();
+        die_at("written");
+        let mut disks = Vec::new();
+        for (i, p) in self.plans.iter().enumerate() {
+            let (name, path, img) = &files[i];
+            if let Some(img) = img {
+                img.flush()?;
+                img.close()?;
+            }
+            self.repo.store.commit_object(name)?;
+            let (sha, len) = chain::file_sha256(path)?;
+            let mut chain_recs = p.parent.clone();
+            chain_recs.push(FileRecord {
+                name: name.clone(),
+                size: len,
+                sha256: sha,
+            });
+            let paths = chain_recs
+                .iter()
+                .map(|f| self.repo.store.local_path(&f.name))
+                .collect::<Result<Vec<PathBuf>>>()?;
+            let point = chain::open_chain(&paths)?;
+            let prev = self.prev_sums(&p.node, p.parent.last().map(|f| f.name.as_str()));
+            let hashes =
+                chain::point_hashes(&point, prev).ctx(|| format!("hashing disk {}", p.node))?;
+            let content = chain::digest(&hashes);
+            let sums = self.repo.sums_name(&p.node, &self.id);
+            self.created_files.push(sums.clone());
+            self.repo.store.put(&sums, &hashes.concat())?;
+            let n = Names::new(&self.opts.tag, &self.id, i);
+            disks.push(DiskRecord {
+                name: p.node.clone(),
+                node: p.node.clone(),
+                kind: p.kind,
+                reason: p.reason.clone(),
+                size: p.size,
+                copied: copied[i],
+                chain: chain_recs,
+                bitmap: n.bitmap.clone(),
+                full_bitmap: p.full_bitmap.clone().unwrap_or(n.bitmap),
+                content_sha256: content,
+                sums: Some(sums),
+            });
+        }
+        let m = Manifest {
+            version: MANIFEST_VERSION,
+            id: self.id.clone(),
+            machine: self.repo.machine.clone(),
+            time: instant,
+            mode: if self.opts.push { "push" } else { "pull" }.into(),
+            disks,
+        };
+        self.repo.write_manifest(&m)?;
+        self.created_files.clear();
+        die_at("manifest");
+        // The backup exists now; what follows only tidies up (a failure is repaired next run).
+        self.teardown();
+        self.retire(&m)?;
+        Ok(m)
+    }
+
+    /// Chunk hashes recorded for the point whose top file is `top` (None: hash everything).
+    fn prev_sums(&self, disk: &str, top: Option<&str>) -> Option<Vec<[u8; 32]>> {
+        let top = top?;
+        let all = self.repo.backups().ok()?;
+        let rec = all
+            .iter()
+            .rev()
+            .flat_map(|m| m.disks.iter())
+            .find(|d| d.name == disk && d.chain.last().is_some_and(|f| f.name == top))?;
+        let data = self.repo.store.get(rec.sums.as_deref()?).ok()?;
+        if data.len() % 32 != 0 {
+            return None;
+        }
+        Some(
+            data.chunks_exact(32)
+                .map(|c| c.try_into().unwrap_or([0u8; 32]))
+                .collect(),
+        )
+    }
+
+    /// Pull one disk: export its point in time and copy the extents to read.
+    fn pull_disk(&mut self, i: usize, p: &Plan, img: Arc<qcow2::Qcow2>) -> Result<u64> {
+        let n = Names::new(&self.opts.tag, &self.id, i);
+        let export_node = if self.opts.live {
+            self.q.execute(
+                "blockdev-add",
+                json!({"driver": "snapshot-access", "node-name": n.access, "file": n.filter}),
+            )?;
+            n.access.clone()
+        } else {
+            p.node.clone()
+        };
+        let mut ex =
+            json!({"type": "nbd", "id": n.export, "node-name": export_node, "name": n.export});
+        if p.src_bitmap.is_some() {
+            ex["bitmaps"] = if self.opts.live {
+                json!([{"node": p.node, "name": n.frozen}])
+            } else {
+                json!([n.frozen])
+            };
+        }
+        self.q.execute("block-export-add", ex)?;
+        let sock = self
+            .server
+            .as_ref()
+            .map(|s| s.path.clone())
+            .unwrap_or_default();
+        let job = Job {
+            socket: sock,
+            export: n.export.clone(),
+            context: if p.src_bitmap.is_some() {
+                Some(format!("qemu:dirty-bitmap:{}", n.frozen))
+            } else {
+                None
+            },
+            connections: self.opts.connections.max(1),
+            incremental: p.src_bitmap.is_some(),
+        };
+        let copied = copy::run(&job, &img, self.progress)?;
+        fleece::del_export(self.q, &n.export)?;
+        Ok(copied)
+    }
+
+    /// Remove the run's exports, nodes, jobs, scratch files and NBD server (best effort).
+    fn teardown(&mut self) {
+        for i in 0..self.plans.len() {
+            let n = Names::new(&self.opts.tag, &self.id, i);
+            let _ = fleece::del_export(self.q, &n.export);
+            let _ = fleece::del_node(self.q, &n.access);
+            let _ = fleece::cancel_job(self.q, &n.job);
+            let _ = fleece::del_node(self.q, &n.scratch);
+            let _ = fleece::del_node(self.q, &n.target);
+            let _ = std::fs::remove_file(self.scratch_path(i));
+        }
+        if let Some(s) = self.server.take() {
+            s.stop(self.q);
+        }
+    }
+
+    /// Undo a run that failed before its manifest was written.
+    fn rollback(&mut self) {
+        self.teardown();
+        for (i, p) in self.plans.iter().enumerate() {
+            let n = Names::new(&self.opts.tag, &self.id, i);
+            for b in [&n.frozen, &n.bitmap] {
+                let _ = self.q.execute(
+                    "block-dirty-bitmap-remove",
+                    json!({"node": p.node, "name": b}),
+                );
+            }
+        }
+        for f in self.created_files.drain(..) {
+            let _ = self.repo.store.remove(&f);
+        }
+    }
+
+    /// After the manifest: remove every tool bitmap on the disks except the new tracking
+    /// bitmap and the full anchor, in one transaction when the daemon is live.
+    fn retire(&mut self, m: &Manifest) -> Result<()> {
+        let nodes = self.q.nodes()?;
+        let mut actions = Vec::new();
+        for d in &m.disks {
+            for b in bitmaps_of(&nodes, &d.node) {
+                let name = b["name"].as_str().unwrap_or("");
+                if name.starts_with(&fleece::prefix(&self.opts.tag))
+                    && name != d.bitmap
+                    && name != d.full_bitmap
+                {
+                    actions.push(action(
+                        "block-dirty-bitmap-remove",
+                        json!({"node": d.node, "name": name}),
+                    ));
+                }
+            }
+        }
+        if actions.is_empty() {
+            return Ok(());
+        }
+        fleece::run_actions(self.q, &actions, self.opts.live).ctx(|| "retiring old bitmaps".into())
+    }
+}
+
+/// Test hook: `BLOCKD_BACKUP_DIE_AT=PHASE` kills the process with SIGKILL when the run
+/// reaches PHASE (`prepared`, `snapshot`, `copy`, `written`, `manifest`), so tests can
+/// interrupt a backup at every step exactly as a crash or `kill -9` would.
+pub fn die_at(phase: &str) {
+    if std::env::var("BLOCKD_BACKUP_DIE_AT").is_ok_and(|p| p == phase) {
+        // SAFETY: sending SIGKILL to ourselves; nothing runs after it.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
+/// The tag of a repository + machine: 8 hex digits of a hash of the repository's absolute
+/// path and the machine name.
+pub fn repo_tag(root: &Path, machine: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let abs = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    let mut h = Sha256::new();
+    h.update(abs.to_string_lossy().as_bytes());
+    h.update(b"\0");
+    h.update(machine.as_bytes());
+    chain::hex(&h.finalize()[..4])
+}
+
+/// Default work folder for scratch images: inside the repository's machine folder.
+pub fn default_work_dir(repo_root: &Path, machine: &str) -> PathBuf {
+    repo_root.join(machine).join(".work")
+}

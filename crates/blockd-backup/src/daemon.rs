@@ -1,0 +1,192 @@
+//! Starting a storage daemon of our own: for a stopped disk (an image file instead of a QMP
+//! socket) and for `mount`. blockd by default (`target/release/blockd` beside this binary,
+//! else `blockd` on PATH); `BLOCKD_BACKUP_DAEMON` names another (e.g. qemu-storage-daemon,
+//! which takes the same command line).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::error::{Error, Kind, Result};
+use crate::qmp::Qmp;
+
+/// A daemon we started; `quit` on drop (stores persistent bitmaps), killed if it hangs.
+pub struct Daemon {
+    /// The process.
+    child: Child,
+    /// Its QMP socket.
+    pub qmp_path: PathBuf,
+}
+
+/// The daemon binary to run.
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("BLOCKD_BACKUP_DAEMON") {
+        return PathBuf::from(p);
+    }
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        let b = dir.join("blockd");
+        if b.exists() {
+            return b;
+        }
+    }
+    PathBuf::from("blockd")
+}
+
+/// "qcow2" or "raw", by the file's magic.
+pub fn probe_format(path: &Path) -> Result<&'static str> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
+    let n = f
+        .read(&mut magic)
+        .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
+    Ok(if n == 4 && &magic == b"QFI\xfb" {
+        "qcow2"
+    } else {
+        "raw"
+    })
+}
+
+/// A node-name made from a file name (letters, digits, `-`, `_`; starting with a letter).
+pub fn disk_name_for(path: &Path) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut s: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if !s.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        s.insert(0, 'd');
+    }
+    s
+}
+
+impl Daemon {
+    /// Start the daemon with `nodes` (blockdev JSON objects) and extra arguments; connect.
+    pub fn start(work: &Path, nodes: &[Value], extra: &[String]) -> Result<(Daemon, Qmp)> {
+        std::fs::create_dir_all(work)
+            .map_err(|e| Error::io(e, format!("creating {}", work.display())))?;
+        let qmp_path = work.join(format!("bb-qmp-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&qmp_path);
+        let bin = binary();
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--chardev")
+            .arg(format!(
+                "socket,id=bbm,path={},server=on,wait=off",
+                qmp_path.display()
+            ))
+            .arg("--monitor")
+            .arg("chardev=bbm");
+        for n in nodes {
+            cmd.arg("--blockdev").arg(n.to_string());
+        }
+        cmd.args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let child = cmd
+            .spawn()
+            .map_err(|e| Error::caused(Kind::Daemon, format!("starting {}", bin.display()), e))?;
+        let mut d = Daemon { child, qmp_path };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let q = loop {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                return Err(Error::new(
+                    Kind::Daemon,
+                    format!("{} exited at start-up ({st})", bin.display()),
+                ));
+            }
+            match Qmp::connect(&d.qmp_path, Duration::from_millis(200)) {
+                Ok(q) => break q,
+                Err(_) if d.started_recently() && std::time::Instant::now() < deadline => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        Ok((d, q))
+    }
+
+    /// Whether the daemon may still be starting (bounded by the connect retries).
+    fn started_recently(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Start on an image file: node `name` (qcow2 or raw) over a `file` node.
+    pub fn on_image(
+        work: &Path,
+        image: &Path,
+        name: &str,
+        read_only: bool,
+    ) -> Result<(Daemon, Qmp)> {
+        let fmt = probe_format(image)?;
+        let abs = std::fs::canonicalize(image)
+            .map_err(|e| Error::io(e, format!("resolving {}", image.display())))?;
+        let file = json!({"driver": "file", "node-name": format!("{name}-file"),
+                          "filename": abs.to_string_lossy(), "read-only": read_only});
+        let fmtnode = json!({"driver": fmt, "node-name": name, "file": format!("{name}-file"), "read-only": read_only});
+        Daemon::start(work, &[file, fmtnode], &[])
+    }
+
+    /// Wait for the daemon to exit by itself (e.g. after a signal), polling `stop`.
+    pub fn wait_until(&mut self, stop: impl Fn() -> bool) -> Result<()> {
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Ok(());
+            }
+            if stop() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Quit cleanly (the daemon stores persistent bitmaps), then reap.
+    pub fn quit(mut self, q: Option<&mut Qmp>) -> Result<()> {
+        if let Some(q) = q {
+            let _ = q.execute("quit", json!({}));
+        }
+        for _ in 0..100 {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                let _ = std::fs::remove_file(&self.qmp_path);
+                return if st.success() {
+                    Ok(())
+                } else {
+                    Err(Error::new(Kind::Daemon, format!("daemon exited with {st}")))
+                };
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(Error::new(Kind::Daemon, "daemon did not quit"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: signalling our own child process by its pid.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            for _ in 0..50 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_file(&self.qmp_path);
+    }
+}

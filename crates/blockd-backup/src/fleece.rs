@@ -1,0 +1,295 @@
+//! The QMP side of a backup: leftovers cleanup, the one-instant transaction, fleecing
+//! (a copy-before-write filter from a `sync: none` backup job + `snapshot-access`), NBD
+//! exports with the frozen bitmap, push jobs, and teardown.
+//!
+//! Every object the tool creates on the daemon is named with the prefix `bb-TAG-`, where TAG
+//! identifies the repository and machine (so two repositories backing up one disk never touch
+//! each other's objects), and leftovers of an interrupted run are recognised and removed
+//! before the next one: `bb-TAG-<id>` tracking bitmap, `bb-TAG-<id>-x` frozen copy,
+//! `bb-TAG-jN` job, `-fN` filter, `-sN` scratch / `-tN` push target node, `-aN`
+//! snapshot-access, `-eN` export.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::error::{Error, Kind, Result};
+use crate::progress::Progress;
+use crate::qmp::{qmp_desc, Qmp};
+
+/// Prefix of everything one repository's runs create on a daemon.
+pub fn prefix(tag: &str) -> String {
+    format!("bb-{tag}-")
+}
+
+/// How long teardown waits for a job or export to go away.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Name of a node in a `query-named-block-nodes` entry.
+fn node_name(n: &Value) -> &str {
+    n["node-name"].as_str().unwrap_or("")
+}
+
+/// Names of the bitmaps on `node`.
+pub fn bitmaps_of(nodes: &[Value], node: &str) -> Vec<Value> {
+    nodes
+        .iter()
+        .find(|n| node_name(n) == node)
+        .and_then(|n| n["dirty-bitmaps"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// Wait until `query-jobs` no longer lists `id` (dismissing it if it concluded).
+fn wait_job_gone(q: &mut Qmp, id: &str) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let jobs = q.execute("query-jobs", json!({}))?;
+        let job = jobs
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["id"] == id).cloned());
+        match job {
+            None => return Ok(()),
+            Some(j) if j["status"] == "concluded" => {
+                let _ = q.execute("job-dismiss", json!({"id": id}));
+            }
+            Some(_) => {}
+        }
+        if Instant::now() > deadline {
+            return Err(Error::new(Kind::Daemon, format!("job {id} did not finish")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Remove export `id` and wait until it is gone.
+pub fn del_export(q: &mut Qmp, id: &str) -> Result<()> {
+    if let Err(e) = q.execute("block-export-del", json!({"id": id, "mode": "hard"})) {
+        if qmp_desc(&e).is_some_and(|d| d.contains("not found")) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let ex = q.execute("query-block-exports", json!({}))?;
+        if !ex
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["id"] == id))
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::new(
+                Kind::Daemon,
+                format!("export {id} did not go away"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Cancel job `id` if it exists and wait until it is gone.
+pub fn cancel_job(q: &mut Qmp, id: &str) -> Result<()> {
+    let jobs = q.execute("query-jobs", json!({}))?;
+    if !jobs
+        .as_array()
+        .is_some_and(|a| a.iter().any(|j| j["id"] == id))
+    {
+        return Ok(());
+    }
+    let _ = q.execute("job-cancel", json!({"id": id}));
+    wait_job_gone(q, id)
+}
+
+/// Delete node `name` if it exists.
+pub fn del_node(q: &mut Qmp, name: &str) -> Result<()> {
+    let nodes = q.nodes()?;
+    if nodes.iter().any(|n| node_name(n) == name) {
+        q.execute("blockdev-del", json!({"node-name": name}))?;
+    }
+    Ok(())
+}
+
+/// Remove every object of an earlier interrupted run: exports, jobs, nodes, and the
+/// bitmaps on `disks` that start with the prefix and are not in `keep[node]`.
+/// Returns a description of each thing removed.
+pub fn cleanup(
+    q: &mut Qmp,
+    tag: &str,
+    disks: &[String],
+    keep: &HashMap<String, HashSet<String>>,
+) -> Result<Vec<String>> {
+    let pre = prefix(tag);
+    let mut done = Vec::new();
+    let ex = q.execute("query-block-exports", json!({}))?;
+    for e in ex.as_array().cloned().unwrap_or_default() {
+        let id = e["id"].as_str().unwrap_or("").to_string();
+        if id.starts_with(&pre) {
+            del_export(q, &id)?;
+            done.push(format!("export {id}"));
+        }
+    }
+    let jobs = q.execute("query-jobs", json!({}))?;
+    for j in jobs.as_array().cloned().unwrap_or_default() {
+        let id = j["id"].as_str().unwrap_or("").to_string();
+        if id.starts_with(&pre) {
+            cancel_job(q, &id)?;
+            done.push(format!("job {id}"));
+        }
+    }
+    for order in ["a", "f", "s", "t"] {
+        let p = format!("{pre}{order}");
+        for n in q.nodes()? {
+            let name = node_name(&n).to_string();
+            if name.starts_with(&p) {
+                q.execute("blockdev-del", json!({"node-name": name}))?;
+                done.push(format!("node {name}"));
+            }
+        }
+    }
+    let nodes = q.nodes()?;
+    for d in disks {
+        let empty = HashSet::new();
+        let k = keep.get(d).unwrap_or(&empty);
+        for b in bitmaps_of(&nodes, d) {
+            let name = b["name"].as_str().unwrap_or("");
+            if name.starts_with(&pre) && !k.contains(name) {
+                q.execute(
+                    "block-dirty-bitmap-remove",
+                    json!({"node": d, "name": name}),
+                )?;
+                done.push(format!("bitmap {d}/{name}"));
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Run `actions` at one instant: as a `transaction` when `atomic`, else one by one (used
+/// when nothing writes to the disks, e.g. a stopped disk), undoing bitmap additions if one fails.
+pub fn run_actions(q: &mut Qmp, actions: &[Value], atomic: bool) -> Result<()> {
+    if atomic {
+        return q
+            .execute("transaction", json!({"actions": actions}))
+            .map(|_| ());
+    }
+    let mut added: Vec<Value> = Vec::new();
+    for a in actions {
+        let ty = a["type"].as_str().unwrap_or("");
+        if let Err(e) = q.execute(ty, a["data"].clone()) {
+            for b in added.iter().rev() {
+                let _ = q.execute(
+                    "block-dirty-bitmap-remove",
+                    json!({"node": b["node"], "name": b["name"]}),
+                );
+            }
+            return Err(e);
+        }
+        if ty == "block-dirty-bitmap-add" {
+            added.push(a["data"].clone());
+        }
+    }
+    Ok(())
+}
+
+/// A transaction action.
+pub fn action(ty: &str, data: Value) -> Value {
+    json!({"type": ty, "data": data})
+}
+
+/// The NBD server the tool reads from: one it started (stopped at the end) or the user's.
+pub struct NbdServer {
+    /// Socket path.
+    pub path: PathBuf,
+    /// We started it.
+    owned: bool,
+}
+
+impl NbdServer {
+    /// Use `given` if set, else start a server on `own`.
+    pub fn start(q: &mut Qmp, given: Option<&Path>, own: &Path) -> Result<NbdServer> {
+        if let Some(p) = given {
+            return Ok(NbdServer {
+                path: p.to_path_buf(),
+                owned: false,
+            });
+        }
+        let _ = std::fs::remove_file(own);
+        let addr = json!({"type": "unix", "data": {"path": own.to_string_lossy()}});
+        q.execute("nbd-server-start", json!({"addr": addr}))
+            .map_err(|e| {
+                if qmp_desc(&e).is_some_and(|d| d.contains("already running")) {
+                    Error::new(
+                        Kind::Usage,
+                        "the daemon already runs an NBD server; pass its socket with --nbd-socket",
+                    )
+                } else {
+                    e
+                }
+            })?;
+        Ok(NbdServer {
+            path: own.to_path_buf(),
+            owned: true,
+        })
+    }
+
+    /// Stop it if we started it.
+    pub fn stop(&self, q: &mut Qmp) {
+        if self.owned {
+            let _ = q.execute("nbd-server-stop", json!({}));
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Wait for push jobs `ids` (started with `auto-dismiss: false`) to conclude, reporting
+/// progress; dismiss them; error if any failed. Polls `query-jobs`, so no event is missed.
+pub fn wait_push_jobs(q: &mut Qmp, ids: &[String], progress: &Progress) -> Result<()> {
+    let mut last = 0u64;
+    loop {
+        let jobs = q.execute("query-jobs", json!({}))?;
+        let mine: Vec<Value> = jobs
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|j| j["id"].as_str().is_some_and(|i| ids.iter().any(|x| x == i)))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let cur: u64 = mine
+            .iter()
+            .filter_map(|j| j["current-progress"].as_u64())
+            .sum();
+        if cur > last {
+            progress.add(cur - last);
+            last = cur;
+        }
+        if let Some(j) = mine
+            .iter()
+            .find(|j| j["status"] == "concluded" && j.get("error").is_some())
+        {
+            let id = j["id"].as_str().unwrap_or("");
+            let err = j["error"].as_str().unwrap_or("");
+            return Err(Error::new(
+                Kind::Daemon,
+                format!("push job {id} failed: {err}"),
+            ));
+        }
+        if mine.len() < ids.len() {
+            return Err(Error::new(
+                Kind::Daemon,
+                "a push job disappeared before it concluded",
+            ));
+        }
+        if mine.iter().all(|j| j["status"] == "concluded") {
+            for id in ids {
+                q.execute("job-dismiss", json!({"id": id}))?;
+            }
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,344 @@
+//! The repository's layout on top of a [`Store`]: one folder per machine, a manifest per
+//! backup, a chain of qcow2 files per disk.
+//!
+//! ```text
+//! MACHINE/backups/ID.json          manifest (written last, atomically: the backup exists iff it does)
+//! MACHINE/disks/DISK/ID.qcow2      the file this backup added to DISK's chain (backed by its parent)
+//! MACHINE/lock                     held by a running backup/prune (pid inside)
+//! ```
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Kind, Result};
+use crate::store::Store;
+
+/// Manifest format version.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// How one disk was backed up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskKind {
+    /// Everything; the file has no backing.
+    Full,
+    /// Changes since the previous backup; backed by its file.
+    Inc,
+    /// Changes since the last full; backed by the full's file.
+    Diff,
+}
+
+impl DiskKind {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskKind::Full => "full",
+            DiskKind::Inc => "inc",
+            DiskKind::Diff => "diff",
+        }
+    }
+}
+
+/// One file of a chain with its content checksum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// Object name in the store.
+    pub name: String,
+    /// Length of the file in bytes.
+    pub size: u64,
+    /// SHA-256 of the file's bytes, hex.
+    pub sha256: String,
+}
+
+/// One disk of a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    /// The disk's name in the repository (the node name or device name it was taken from).
+    pub name: String,
+    /// The node that was read.
+    pub node: String,
+    /// Full, incremental or differential.
+    pub kind: DiskKind,
+    /// Why a full was taken when incremental was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Virtual size of the disk in bytes.
+    pub size: u64,
+    /// Bytes read from the disk for this backup.
+    pub copied: u64,
+    /// The chain from the base (first) to this backup's file (last).
+    pub chain: Vec<FileRecord>,
+    /// The bitmap started at this backup's instant (records changes since it).
+    pub bitmap: String,
+    /// The bitmap started at the last full backup (records changes since it, for `diff`).
+    pub full_bitmap: String,
+    /// Content digest of the disk at this point (see `chain::ContentHasher`): what a restore
+    /// of the point must hash to.
+    pub content_sha256: String,
+    /// Object holding the per-chunk hashes behind `content_sha256` (speeds up the next backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sums: Option<String>,
+}
+
+impl DiskRecord {
+    /// This backup's own file.
+    pub fn file(&self) -> Option<&FileRecord> {
+        self.chain.last()
+    }
+}
+
+/// A backup: one instant of one or more disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version.
+    pub version: u32,
+    /// Backup id (sortable by time).
+    pub id: String,
+    /// Machine name.
+    pub machine: String,
+    /// Seconds since the epoch at the backup's instant.
+    pub time: u64,
+    /// "pull" or "push".
+    pub mode: String,
+    /// The disks, all from one instant.
+    pub disks: Vec<DiskRecord>,
+}
+
+impl Manifest {
+    /// The record of disk `name`.
+    pub fn disk(&self, name: &str) -> Option<&DiskRecord> {
+        self.disks.iter().find(|d| d.name == name)
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `YYYYMMDDTHHMMSSZ` of a time in seconds since the epoch (UTC).
+pub fn utc_stamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// A machine's part of the repository.
+pub struct Repo<'a> {
+    /// The store.
+    pub store: &'a dyn Store,
+    /// The machine's folder name.
+    pub machine: String,
+}
+
+impl<'a> Repo<'a> {
+    /// The machine `machine` in `store`.
+    pub fn new(store: &'a dyn Store, machine: &str) -> Result<Repo<'a>> {
+        let ok = !machine.is_empty()
+            && machine
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && !machine.starts_with('.');
+        if !ok {
+            return Err(Error::new(
+                Kind::Usage,
+                format!("invalid machine name '{machine}'"),
+            ));
+        }
+        Ok(Repo {
+            store,
+            machine: machine.to_string(),
+        })
+    }
+
+    /// Object name of a backup's manifest.
+    pub fn manifest_name(&self, id: &str) -> String {
+        format!("{}/backups/{id}.json", self.machine)
+    }
+
+    /// Object name of the chunk hashes of a disk at a backup.
+    pub fn sums_name(&self, disk: &str, id: &str) -> String {
+        format!("{}/sums/{disk}/{id}.bin", self.machine)
+    }
+
+    /// Object name of a disk file.
+    pub fn disk_file(&self, disk: &str, id: &str) -> String {
+        format!("{}/disks/{disk}/{id}.qcow2", self.machine)
+    }
+
+    /// All backups, oldest first.
+    pub fn backups(&self) -> Result<Vec<Manifest>> {
+        let mut out = Vec::new();
+        for name in self.store.list(&format!("{}/backups/", self.machine))? {
+            if !name.ends_with(".json") {
+                continue;
+            }
+            let data = self.store.get(&name)?;
+            let m: Manifest = serde_json::from_slice(&data).map_err(|e| {
+                Error::caused(Kind::Repository, format!("parsing manifest {name}"), e)
+            })?;
+            out.push(m);
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// The backup `point`: an id, an id prefix, `latest`, or `-N` (N backups before the latest).
+    pub fn find(&self, point: &str) -> Result<Manifest> {
+        let all = self.backups()?;
+        let pick = if point == "latest" {
+            all.last().cloned()
+        } else if let Some(n) = point
+            .strip_prefix('-')
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            all.len()
+                .checked_sub(n + 1)
+                .and_then(|i| all.get(i).cloned())
+        } else {
+            let hits: Vec<_> = all.iter().filter(|m| m.id.starts_with(point)).collect();
+            if hits.len() > 1 {
+                return Err(Error::new(
+                    Kind::Usage,
+                    format!("point '{point}' is ambiguous"),
+                ));
+            }
+            hits.first().map(|m| (*m).clone())
+        };
+        pick.ok_or_else(|| {
+            Error::new(
+                Kind::Usage,
+                format!("no backup '{point}' for machine '{}'", self.machine),
+            )
+        })
+    }
+
+    /// Write a manifest atomically.
+    pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
+        let data = serde_json::to_vec_pretty(m)
+            .map_err(|e| Error::caused(Kind::Repository, "serialising manifest", e))?;
+        self.store.put(&self.manifest_name(&m.id), &data)
+    }
+
+    /// A fresh backup id, later than every existing one.
+    pub fn new_id(&self, now: u64) -> Result<String> {
+        let stamp = utc_stamp(now);
+        let last = self
+            .backups()?
+            .last()
+            .map(|m| m.id.clone())
+            .unwrap_or_default();
+        for seq in 0..1000 {
+            let id = format!("{stamp}-{seq:03}");
+            if id > last && !self.store.exists(&self.manifest_name(&id)) {
+                return Ok(id);
+            }
+        }
+        Err(Error::new(
+            Kind::Repository,
+            "clock is behind the repository's latest backup",
+        ))
+    }
+
+    /// Files under the machine's disks folder that no manifest references.
+    pub fn orphans(&self) -> Result<Vec<String>> {
+        let all = self.backups()?;
+        let used: std::collections::HashSet<&str> = all
+            .iter()
+            .flat_map(|m| m.disks.iter())
+            .flat_map(|d| d.chain.iter())
+            .map(|f| f.name.as_str())
+            .collect();
+        let files = self.store.list(&format!("{}/disks/", self.machine))?;
+        Ok(files
+            .into_iter()
+            .filter(|f| !used.contains(f.as_str()))
+            .collect())
+    }
+}
+
+/// An exclusive lock on a machine's folder, released on drop.
+pub struct Lock {
+    /// Path of the lock file.
+    path: std::path::PathBuf,
+}
+
+impl Lock {
+    /// Take the lock; a lock left by a dead process is taken over.
+    pub fn take(repo: &Repo<'_>) -> Result<Lock> {
+        let path = repo.store.local_path(&format!("{}/lock", repo.machine))?;
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{}", std::process::id());
+                    return Ok(Lock { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let pid = std::fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<i32>().ok());
+                    // SAFETY: kill with signal 0 only checks whether the process exists.
+                    let alive = pid.is_some_and(|p| p > 0 && unsafe { libc::kill(p, 0) } == 0);
+                    if alive {
+                        return Err(Error::new(
+                            Kind::Repository,
+                            format!(
+                                "machine '{}' is locked by running process {}",
+                                repo.machine,
+                                pid.unwrap_or(0)
+                            ),
+                        ));
+                    }
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => return Err(Error::io(e, format!("creating {}", path.display()))),
+            }
+        }
+        Err(Error::new(
+            Kind::Repository,
+            "could not take the repository lock",
+        ))
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_stamp_matches_known_dates() {
+        assert_eq!(utc_stamp(0), "19700101T000000Z");
+        assert_eq!(utc_stamp(1_796_280_000), "20261203T064000Z");
+        assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
+    }
+}

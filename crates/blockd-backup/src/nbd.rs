@@ -1,0 +1,420 @@
+//! A small synchronous NBD client: fixed newstyle handshake, structured replies, meta
+//! contexts, READ (data and hole chunks), BLOCK_STATUS, WRITE, WRITE_ZEROES, FLUSH.
+//! One request in flight per connection; parallelism comes from several connections.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use nbd::proto::*;
+
+use crate::error::{Error, Kind, Result};
+
+/// Largest request the client sends (QEMU's servers accept 32 MiB).
+pub const MAX_REQUEST: u32 = 32 << 20;
+/// Largest option reply or chunk payload accepted from a server.
+const MAX_PAYLOAD: u32 = MAX_REQUEST + 4096;
+
+/// An extent reported by block status: length and flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Start offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Context-specific flags (dirty bit, hole/zero bits).
+    pub flags: u32,
+}
+
+/// An open NBD connection in transmission phase.
+pub struct NbdClient {
+    /// The socket.
+    s: UnixStream,
+    /// Export size.
+    pub size: u64,
+    /// Transmission flags.
+    pub flags: u16,
+    /// Selected meta contexts: (id, name).
+    contexts: Vec<(u32, String)>,
+    /// Next cookie.
+    cookie: u64,
+}
+
+/// An NBD protocol or transport error.
+fn perr(msg: impl Into<String>) -> Error {
+    Error::new(Kind::Nbd, msg)
+}
+
+/// Map I/O errors on the socket.
+fn ioerr(e: std::io::Error, what: &str) -> Error {
+    Error::caused(Kind::Nbd, what.to_string(), e)
+}
+
+impl NbdClient {
+    /// Connect to export `name` on the Unix socket `path`, selecting `contexts` (may be empty).
+    pub fn connect(path: &Path, name: &str, contexts: &[&str]) -> Result<NbdClient> {
+        let s = UnixStream::connect(path)
+            .map_err(|e| ioerr(e, &format!("connecting to NBD socket {}", path.display())))?;
+        let mut c = NbdClient {
+            s,
+            size: 0,
+            flags: 0,
+            contexts: Vec::new(),
+            cookie: 1,
+        };
+        c.handshake(name, contexts)?;
+        Ok(c)
+    }
+
+    /// Read exactly `n` bytes.
+    fn read_n(&mut self, n: usize) -> Result<Vec<u8>> {
+        let mut b = vec![0u8; n];
+        self.s
+            .read_exact(&mut b)
+            .map_err(|e| ioerr(e, "reading from NBD server"))?;
+        Ok(b)
+    }
+
+    /// Read a big-endian u64/u32/u16.
+    fn u64(&mut self) -> Result<u64> {
+        let mut b = [0u8; 8];
+        self.s
+            .read_exact(&mut b)
+            .map_err(|e| ioerr(e, "reading from NBD server"))?;
+        Ok(u64::from_be_bytes(b))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        let mut b = [0u8; 4];
+        self.s
+            .read_exact(&mut b)
+            .map_err(|e| ioerr(e, "reading from NBD server"))?;
+        Ok(u32::from_be_bytes(b))
+    }
+    fn u16(&mut self) -> Result<u16> {
+        let mut b = [0u8; 2];
+        self.s
+            .read_exact(&mut b)
+            .map_err(|e| ioerr(e, "reading from NBD server"))?;
+        Ok(u16::from_be_bytes(b))
+    }
+
+    /// Send all bytes.
+    fn send(&mut self, b: &[u8]) -> Result<()> {
+        self.s
+            .write_all(b)
+            .map_err(|e| ioerr(e, "writing to NBD server"))
+    }
+
+    /// Send an option with its data.
+    fn send_opt(&mut self, opt: u32, data: &[u8]) -> Result<()> {
+        let mut m = Vec::with_capacity(16 + data.len());
+        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        self.send(&m)
+    }
+
+    /// Read one option reply: (type, data).
+    fn opt_reply(&mut self, opt: u32) -> Result<(u32, Vec<u8>)> {
+        let magic = self.u64()?;
+        let o = self.u32()?;
+        let ty = self.u32()?;
+        let len = self.u32()?;
+        if magic != OPTION_REPLY_MAGIC || o != opt || len > MAX_PAYLOAD {
+            return Err(perr("malformed option reply from NBD server"));
+        }
+        let data = self.read_n(len as usize)?;
+        if ty & (1 << 31) != 0 {
+            let msg = String::from_utf8_lossy(&data).into_owned();
+            return Err(perr(format!(
+                "NBD server refused option {opt} (reply {ty:#x}): {msg}"
+            )));
+        }
+        Ok((ty, data))
+    }
+
+    /// Export name + queries, as SET_META_CONTEXT and GO data begin.
+    fn name_block(name: &str) -> Vec<u8> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        d.extend_from_slice(name.as_bytes());
+        d
+    }
+
+    /// The fixed newstyle handshake ending in GO.
+    fn handshake(&mut self, name: &str, contexts: &[&str]) -> Result<()> {
+        if self.u64()? != NBDMAGIC || self.u64()? != IHAVEOPT {
+            return Err(perr("not an NBD newstyle server"));
+        }
+        let hflags = self.u16()?;
+        if hflags & FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(perr("NBD server lacks fixed newstyle"));
+        }
+        let mut cflags = FLAG_C_FIXED_NEWSTYLE;
+        if hflags & FLAG_NO_ZEROES != 0 {
+            cflags |= FLAG_C_NO_ZEROES;
+        }
+        self.send(&cflags.to_be_bytes())?;
+        self.send_opt(OPT_STRUCTURED_REPLY, &[])?;
+        let (ty, _) = self.opt_reply(OPT_STRUCTURED_REPLY)?;
+        if ty != REP_ACK {
+            return Err(perr("NBD server did not acknowledge structured replies"));
+        }
+        if !contexts.is_empty() {
+            let mut d = Self::name_block(name);
+            d.extend_from_slice(&(contexts.len() as u32).to_be_bytes());
+            for q in contexts {
+                d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+                d.extend_from_slice(q.as_bytes());
+            }
+            self.send_opt(OPT_SET_META_CONTEXT, &d)?;
+            loop {
+                let (ty, data) = self.opt_reply(OPT_SET_META_CONTEXT)?;
+                if ty == REP_ACK {
+                    break;
+                }
+                if ty == REP_META_CONTEXT && data.len() >= 4 {
+                    let id = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+                    self.contexts
+                        .push((id, String::from_utf8_lossy(&data[4..]).into_owned()));
+                }
+            }
+            for q in contexts {
+                if !self.contexts.iter().any(|(_, n)| n == q) {
+                    return Err(perr(format!(
+                        "NBD export '{name}' has no meta context '{q}'"
+                    )));
+                }
+            }
+        }
+        let mut d = Self::name_block(name);
+        d.extend_from_slice(&0u16.to_be_bytes());
+        self.send_opt(OPT_GO, &d)?;
+        loop {
+            let (ty, data) = self.opt_reply(OPT_GO)?;
+            if ty == REP_ACK {
+                break;
+            }
+            if ty == REP_INFO
+                && data.len() >= 12
+                && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT
+            {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&data[2..10]);
+                self.size = u64::from_be_bytes(b);
+                self.flags = u16::from_be_bytes([data[10], data[11]]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Send a request header (and payload).
+    fn request(
+        &mut self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<u64> {
+        let cookie = self.cookie;
+        self.cookie += 1;
+        let mut m = Vec::with_capacity(28 + payload.len());
+        m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        m.extend_from_slice(&flags.to_be_bytes());
+        m.extend_from_slice(&cmd.to_be_bytes());
+        m.extend_from_slice(&cookie.to_be_bytes());
+        m.extend_from_slice(&offset.to_be_bytes());
+        m.extend_from_slice(&len.to_be_bytes());
+        m.extend_from_slice(payload);
+        self.send(&m)?;
+        Ok(cookie)
+    }
+
+    /// Read replies to `cookie` until done; `on_chunk(type, payload)` sees structured chunks.
+    fn replies(
+        &mut self,
+        cookie: u64,
+        mut on_chunk: impl FnMut(u16, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        loop {
+            let magic = self.u32()?;
+            if magic == SIMPLE_REPLY_MAGIC {
+                let err = self.u32()?;
+                let c = self.u64()?;
+                if c != cookie {
+                    return Err(perr("NBD reply for an unknown request"));
+                }
+                if err != 0 {
+                    return Err(perr(format!("NBD request failed with error {err}")));
+                }
+                return Ok(());
+            }
+            if magic != STRUCTURED_REPLY_MAGIC {
+                return Err(perr(format!("bad NBD reply magic {magic:#x}")));
+            }
+            let flags = self.u16()?;
+            let ty = self.u16()?;
+            let c = self.u64()?;
+            let len = self.u32()?;
+            if c != cookie || len > MAX_PAYLOAD {
+                return Err(perr("malformed NBD structured reply"));
+            }
+            let data = self.read_n(len as usize)?;
+            if ty & (1 << 15) != 0 {
+                let code = data
+                    .get(..4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                    .unwrap_or(0);
+                let mlen = data
+                    .get(4..6)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+                    .unwrap_or(0);
+                let msg = data
+                    .get(6..6 + mlen)
+                    .map(|m| String::from_utf8_lossy(m).into_owned())
+                    .unwrap_or_default();
+                return Err(perr(format!("NBD request failed with error {code}: {msg}")));
+            }
+            on_chunk(ty, &data)?;
+            if flags & REPLY_FLAG_DONE != 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Read `buf.len()` bytes at `offset` (holes read as zeros).
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = u32::try_from(buf.len()).map_err(|_| perr("read too large"))?;
+        let cookie = self.request(CMD_READ, 0, offset, len, &[])?;
+        let mut got = 0u64;
+        self.replies(cookie, |ty, d| {
+            let at = |d: &[u8]| -> Result<usize> {
+                let o = u64::from_be_bytes(
+                    d.get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .ok_or_else(|| perr("short chunk"))?,
+                );
+                o.checked_sub(offset)
+                    .map(|x| x as usize)
+                    .ok_or_else(|| perr("chunk outside request"))
+            };
+            match ty {
+                REPLY_TYPE_OFFSET_DATA => {
+                    let s = at(d)?;
+                    let data = &d[8..];
+                    let dst = buf
+                        .get_mut(s..s + data.len())
+                        .ok_or_else(|| perr("chunk outside request"))?;
+                    dst.copy_from_slice(data);
+                    got += data.len() as u64;
+                }
+                REPLY_TYPE_OFFSET_HOLE => {
+                    let s = at(d)?;
+                    let n = d
+                        .get(8..12)
+                        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                        .unwrap_or(0) as usize;
+                    buf.get_mut(s..s + n)
+                        .ok_or_else(|| perr("hole outside request"))?
+                        .fill(0);
+                    got += n as u64;
+                }
+                _ => {}
+            }
+            Ok(())
+        })?;
+        if got != u64::from(len) {
+            return Err(perr(format!(
+                "NBD read at {offset} returned {got} of {len} bytes"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Block status of `[offset, offset+len)` for context `ctx`: contiguous extents from `offset`.
+    pub fn block_status(&mut self, ctx: &str, offset: u64, len: u32) -> Result<Vec<Extent>> {
+        let id = self
+            .contexts
+            .iter()
+            .find(|(_, n)| n == ctx)
+            .map(|(i, _)| *i)
+            .ok_or_else(|| perr(format!("meta context '{ctx}' not selected")))?;
+        let cookie = self.request(CMD_BLOCK_STATUS, 0, offset, len, &[])?;
+        let mut out = Vec::new();
+        self.replies(cookie, |ty, d| {
+            if ty != REPLY_TYPE_BLOCK_STATUS
+                || d.len() < 4
+                || u32::from_be_bytes([d[0], d[1], d[2], d[3]]) != id
+            {
+                return Ok(());
+            }
+            let mut at = offset;
+            for e in d[4..].chunks_exact(8) {
+                let l = u32::from_be_bytes([e[0], e[1], e[2], e[3]]) as u64;
+                let f = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
+                if l == 0 {
+                    return Err(perr("empty extent from NBD server"));
+                }
+                out.push(Extent {
+                    offset: at,
+                    len: l,
+                    flags: f,
+                });
+                at += l;
+            }
+            Ok(())
+        })?;
+        if out.is_empty() {
+            return Err(perr("NBD block status returned no extents"));
+        }
+        Ok(out)
+    }
+
+    /// Write `data` at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let len = u32::try_from(data.len()).map_err(|_| perr("write too large"))?;
+        let cookie = self.request(CMD_WRITE, 0, offset, len, data)?;
+        self.replies(cookie, |_, _| Ok(()))
+    }
+
+    /// Write zeros over `[offset, offset+len)`.
+    pub fn write_zeroes(&mut self, offset: u64, len: u32) -> Result<()> {
+        let cookie = self.request(CMD_WRITE_ZEROES, 0, offset, len, &[])?;
+        self.replies(cookie, |_, _| Ok(()))
+    }
+
+    /// Flush.
+    pub fn flush(&mut self) -> Result<()> {
+        let cookie = self.request(CMD_FLUSH, 0, 0, 0, &[])?;
+        self.replies(cookie, |_, _| Ok(()))
+    }
+
+    /// Disconnect politely.
+    pub fn disconnect(mut self) {
+        let _ = self.request(CMD_DISC, 0, 0, 0, &[]);
+    }
+}
+
+/// Every extent of the whole export for `ctx`, asking in pieces of at most `step` bytes.
+pub fn map_all(c: &mut NbdClient, ctx: &str, step: u32) -> Result<Vec<Extent>> {
+    let mut out: Vec<Extent> = Vec::new();
+    let mut off = 0u64;
+    while off < c.size {
+        let want = (c.size - off).min(u64::from(step)) as u32;
+        for mut e in c.block_status(ctx, off, want)? {
+            let end = (e.offset + e.len).min(c.size);
+            if e.offset >= end {
+                break;
+            }
+            e.len = end - e.offset;
+            match out.last_mut() {
+                Some(l) if l.flags == e.flags && l.offset + l.len == e.offset => l.len += e.len,
+                _ => out.push(e),
+            }
+            off = end;
+        }
+    }
+    Ok(out)
+}

@@ -526,8 +526,11 @@ impl Meta {
     }
 
     /// Change only the entries' flags, in place as QEMU does: nothing is allocated or freed.
-    /// The bitmaps autoclear bit is cleared while the directory is rewritten, so a crash in
-    /// between leaves the extension ignored (bitmaps lost, image sound), never half-written.
+    /// Unlike QEMU, the bitmaps autoclear bit is left set: each entry's 4-byte flags word lies
+    /// inside one 512-byte sector, so a torn write leaves every entry with either its old or
+    /// its new flags, both valid (a claim is synced before the first write it announces).
+    /// Clearing the bit for the rewrite, as QEMU does, would make a crash inside the window
+    /// lose every bitmap of the image, which the dirty-region log exists to prevent.
     pub fn rewrite_flags(&mut self, entries: Vec<BitmapEntry>) -> Result<()> {
         let Some(ext) = self.header.bitmaps else {
             return Err(Error::new(ErrorKind::Io, "no bitmap directory to update"));
@@ -547,16 +550,7 @@ impl Meta {
             ));
         }
         // The directory's clusters were checked against all metadata at open: they are ours.
-        let old_auto = self.header.raw.autoclear_features;
-        self.header.raw.autoclear_features &= !AUTOCLEAR_BITMAPS;
-        if let Err(err) = self.write_header() {
-            self.header.raw.autoclear_features = old_auto;
-            return Err(err);
-        }
         self.write_raw(&dir, ext.directory_offset, "the bitmap directory")?;
-        self.sync()?;
-        self.header.raw.autoclear_features |= AUTOCLEAR_BITMAPS;
-        self.write_header()?;
         self.bitmaps = entries;
         Ok(())
     }

@@ -559,7 +559,12 @@ impl Qcow2 {
                 e.flags |= FLAG_IN_USE;
             }
             m.rewrite_flags(entries)?;
-            // The in_use flags must be on disk before the modification they announce.
+            if log_changed {
+                m.write_header()?;
+            }
+            // The in_use flags (and the new log) must be on disk before the modification they
+            // announce. Either may land first: flags without the new log leave the stored
+            // bitmaps exact (nothing was written yet), a new log without flags is unused.
             m.sync()?;
         } else if log_changed {
             m.write_header()?;

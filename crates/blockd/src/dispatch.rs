@@ -294,7 +294,8 @@ fn blockdev_create(d: &Arc<Daemon>, a: BlockdevCreateArgs) -> CmdResult {
 }
 
 fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
-    // Check everything first, then apply: the command is all or nothing.
+    // Check the names first, then switch node by node through the graph (permissions before
+    // bytes, drained); a refusal puts back the nodes already switched: all or nothing.
     let mut plan = Vec::new();
     for o in &a.options {
         let Some(name) = o.node_name.as_deref() else {
@@ -307,25 +308,22 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
         if o.driver.driver().as_str() != node.driver_name() {
             return Err(generic("Cannot change the option 'driver'"));
         }
-        let ro = o.read_only.unwrap_or(false);
-        if ro && node.writers() > 0 {
-            return Err(generic(format!(
-                "Read-only block node '{name}' cannot support read-write users"
-            )));
-        }
-        plan.push((node, ro));
+        plan.push((node, o.read_only.unwrap_or(false)));
     }
+    let mut graph = d.graph();
+    let mut done = Vec::new();
     for (node, ro) in plan {
-        node.set_read_only(ro)
-            .map_err(|e| block::Error::io("Could not reopen", &e))?;
-        if let Some(file) = node.child("file") {
-            if !ro || file.read_only() != ro {
-                file.set_read_only(ro)
-                    .map_err(|e| block::Error::io("Could not reopen", &e))?;
+        let was = node.read_only();
+        if let Err(e) = graph.reopen_read_only(&node, ro) {
+            for (n, was) in done.into_iter().rev() {
+                if let Err(e) = graph.reopen_read_only(&n, was) {
+                    tracing::warn!(node = n.name(), error = %e, "undoing a reopen failed");
+                }
             }
+            return Err(e.into());
         }
+        done.push((node, was));
     }
-    d.graph().refresh_locks()?;
     Ok(json!({}))
 }
 

@@ -6,6 +6,9 @@
 use std::io;
 
 use block::driver::BlockStatus;
+use std::sync::Arc;
+
+use block::edge::Root;
 use block::NodeRef;
 
 /// One metadata context of an export.
@@ -27,7 +30,7 @@ pub enum Context {
 
 /// A node as an NBD export.
 pub struct NodeExport {
-    node: NodeRef,
+    root: Arc<Root>,
     contexts: Vec<Context>,
 }
 
@@ -36,8 +39,8 @@ const ZERO: u32 = 2;
 
 impl NodeExport {
     /// Serve `node` with these contexts.
-    pub fn new(node: NodeRef, contexts: Vec<Context>) -> NodeExport {
-        NodeExport { node, contexts }
+    pub fn new(root: Arc<Root>, contexts: Vec<Context>) -> NodeExport {
+        NodeExport { root, contexts }
     }
 
     fn extents<F>(
@@ -73,15 +76,16 @@ impl NodeExport {
 
 impl nbd::ExportBackend for NodeExport {
     fn size(&self) -> u64 {
-        self.node.size()
+        self.root.node().size()
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.node.read(offset, buf)
+        self.root.begin().read(offset, buf)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.node.write(offset, data)?;
+        let node = self.root.begin();
+        node.write(offset, data)?;
         if fua {
-            self.node.flush()?;
+            node.flush()?;
         }
         Ok(())
     }
@@ -92,13 +96,13 @@ impl nbd::ExportBackend for NodeExport {
         may_unmap: bool,
         _fast_only: bool,
     ) -> io::Result<()> {
-        self.node.write_zeroes(offset, len, may_unmap)
+        self.root.begin().write_zeroes(offset, len, may_unmap)
     }
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.node.discard(offset, len)
+        self.root.begin().discard(offset, len)
     }
     fn flush(&self) -> io::Result<()> {
-        self.node.flush()
+        self.root.begin().flush()
     }
     fn meta_contexts(&self) -> Vec<String> {
         self.contexts
@@ -119,7 +123,7 @@ impl nbd::ExportBackend for NodeExport {
     ) -> io::Result<Vec<(u64, u32)>> {
         match self.contexts.get(ctx) {
             Some(Context::Allocation) => self.extents(offset, len, max, |o, l| {
-                let (s, _, n) = self.node.status_above(o, l)?;
+                let (s, _, n) = self.root.begin().status_above(o, l)?;
                 Ok((
                     if s == BlockStatus::Data {
                         0
@@ -130,7 +134,7 @@ impl nbd::ExportBackend for NodeExport {
                 ))
             }),
             Some(Context::Depth) => self.extents(offset, len, max, |o, l| {
-                let (_, depth, n) = self.node.status_above(o, l)?;
+                let (_, depth, n) = self.root.begin().status_above(o, l)?;
                 Ok((depth, n))
             }),
             Some(Context::Bitmap { node, name, .. }) => {
@@ -153,6 +157,6 @@ impl nbd::ExportBackend for NodeExport {
         }
     }
     fn reads_as_zero(&self, offset: u64, len: u64) -> bool {
-        self.node.reads_as_zero(offset, len)
+        self.root.begin().reads_as_zero(offset, len)
     }
 }

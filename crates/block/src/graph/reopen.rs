@@ -25,11 +25,13 @@ impl Graph {
         if chain.is_empty() {
             return Ok(());
         }
-        if read_only {
-            self.make_read_only(&chain)
-        } else {
-            self.make_writable(&chain)
-        }
+        self.drained(&chain, |g| {
+            if read_only {
+                g.make_read_only(&chain)
+            } else {
+                g.make_writable(&chain)
+            }
+        })
     }
 
     fn make_writable(&mut self, chain: &[NodeRef]) -> Result<()> {

@@ -27,6 +27,8 @@ pub mod graph;
 pub mod job;
 pub mod node;
 pub mod perm;
+pub mod testing;
+pub mod tracking;
 
 pub use error::{Error, ErrorKind, Result};
 pub use graph::Graph;

@@ -10,6 +10,7 @@ use crate::driver::{BitmapToStore, BlockStatus, Driver, ImageFacts};
 use crate::edge::ChildEdge;
 use crate::error::errno;
 use crate::perm::{Needs, Perm};
+use crate::tracking::{Tracked, Tracker};
 
 /// Attachment order of nodes and users (QEMU checks the newest parent first).
 static SEQ: AtomicU64 = AtomicU64::new(1);
@@ -61,7 +62,15 @@ pub trait WriteHook: Send + Sync {
     fn before_write(&self, node: &Node, offset: u64, len: u64) -> io::Result<()>;
 }
 
-/// Options that only the queries report.
+/// Told after a write, write-zeroes or discard reached the driver (with its outcome).
+/// Beside [`WriteHook`], which runs before; both are per node.
+pub trait WriteObserver: Send + Sync {
+    /// `[offset, offset+len)` of `node` was just written (or the attempt failed).
+    fn after_write(&self, node: &Node, offset: u64, len: u64, result: &io::Result<()>);
+}
+
+/// Node options: reported by the queries, and applied on the I/O path (`detect-zeroes`,
+/// `cache.no-flush`, `discard`).
 #[derive(Debug, Clone, Default)]
 pub struct NodeFlags {
     /// `detect-zeroes` setting as given.
@@ -88,6 +97,10 @@ pub struct Node {
     recording: AtomicUsize,
     /// Write hooks (backup jobs); read-locked on every write, written when a job starts or ends.
     hooks: RwLock<Vec<Arc<dyn WriteHook>>>,
+    /// Told after each write.
+    observers: RwLock<Vec<Arc<dyn WriteObserver>>>,
+    /// Requests in flight, serialising where a job asks for it.
+    tracker: Tracker,
     /// Users that write through this node (writable exports); read-only reopen is refused while any.
     writers: AtomicUsize,
     /// Persistent-bitmap checkpoints: writes hold it shared from before the driver call until
@@ -144,6 +157,8 @@ impl Node {
             bitmaps: Mutex::new(BitmapList::default()),
             recording: AtomicUsize::new(0),
             hooks: RwLock::new(Vec::new()),
+            observers: RwLock::new(Vec::new()),
+            tracker: Tracker::default(),
             writers: AtomicUsize::new(0),
             checkpoint_gate: RwLock::new(()),
             last_checkpoint: Mutex::new(None),
@@ -356,6 +371,43 @@ impl Node {
         hooks.retain(|h| !Arc::ptr_eq(h, hook));
     }
 
+    /// Install an observer told after every write.
+    pub fn add_observer(&self, o: Arc<dyn WriteObserver>) {
+        self.observers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(o);
+    }
+
+    /// Remove an observer (by identity).
+    pub fn remove_observer(&self, o: &Arc<dyn WriteObserver>) {
+        let mut list = self.observers.write().unwrap_or_else(|p| p.into_inner());
+        list.retain(|x| !Arc::ptr_eq(x, o));
+    }
+
+    /// A serialising request over `[offset, offset+len)` (a job's copy): waits for overlapping
+    /// writes in flight, and overlapping writes wait for it until the guard is dropped.
+    pub fn track_serialising(&self, offset: u64, len: u64) -> Tracked<'_> {
+        self.tracker.begin(offset, len, false, true)
+    }
+
+    /// Reads and writes of this node in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.tracker.in_flight()
+    }
+
+    /// Wait until no request is in flight on this node (stop new ones first).
+    pub fn wait_idle(&self) {
+        self.tracker.wait_idle()
+    }
+
+    fn observe(&self, offset: u64, len: u64, result: &io::Result<()>) {
+        let list = self.observers.read().unwrap_or_else(|p| p.into_inner());
+        for o in list.iter() {
+            o.after_write(self, offset, len, result);
+        }
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size() || self.driver.can_grow() => Ok(()),
@@ -470,7 +522,19 @@ impl Node {
         if buf.is_empty() {
             return Ok(());
         }
+        let _t = self.tracker.begin(offset, buf.len() as u64, false, false);
         self.driver.read(offset, buf)
+    }
+
+    /// `detect-zeroes`: for a buffer of zeros, `Some(may_unmap)` to write zeros instead
+    /// (`unmap` unmaps only where discards are passed down, as in QEMU).
+    fn detect_zeroes(&self, data: &[u8]) -> Option<bool> {
+        let unmap = match self.flags.detect_zeroes.as_str() {
+            "on" => false,
+            "unmap" => self.flags.discard_unmap,
+            _ => return None,
+        };
+        data.iter().all(|&b| b == 0).then_some(unmap)
     }
 
     /// Write `data` at `offset`, then mark the node's recording bitmaps.
@@ -480,11 +544,16 @@ impl Node {
         if len == 0 {
             return Ok(());
         }
+        if let Some(may_unmap) = self.detect_zeroes(data) {
+            return self.write_zeroes(offset, len, may_unmap);
+        }
         let _gate = self.gate();
         self.run_hooks(offset, len)?;
+        let _t = self.tracker.begin(offset, len, true, false);
         let result = self.driver.write(offset, data);
         // Mark even on failure: part of the range may have changed.
         self.mark_dirty(offset, len);
+        self.observe(offset, len, &result);
         result
     }
 
@@ -496,8 +565,10 @@ impl Node {
         }
         let _gate = self.gate();
         self.run_hooks(offset, len)?;
+        let _t = self.tracker.begin(offset, len, true, false);
         let result = self.driver.write_zeroes(offset, len, may_unmap);
         self.mark_dirty(offset, len);
+        self.observe(offset, len, &result);
         result
     }
 
@@ -510,14 +581,20 @@ impl Node {
         }
         let _gate = self.gate();
         self.run_hooks(offset, len)?;
+        let _t = self.tracker.begin(offset, len, true, false);
         let result = self.driver.discard(offset, len);
         self.mark_dirty(offset, len);
+        self.observe(offset, len, &result);
         result
     }
 
     /// Flush the driver (formats flush their children themselves), then checkpoint the
     /// persistent bitmaps if the last checkpoint is at least a second old.
+    /// With `cache.no-flush` the flush succeeds without reaching the disk, as in QEMU.
     pub fn flush(&self) -> io::Result<()> {
+        if self.flags.cache_no_flush {
+            return Ok(());
+        }
         self.driver.flush()?;
         self.checkpoint_after_flush(Duration::from_secs(1));
         Ok(())

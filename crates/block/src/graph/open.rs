@@ -60,6 +60,8 @@ impl Graph {
                 let mut o = (**o).clone();
                 o.read_only |= parent_ro;
                 o.flags.discard_unmap |= parent.flags.discard_unmap;
+                o.flags.cache_no_flush |= parent.flags.cache_no_flush;
+                o.flags.cache_direct |= parent.flags.cache_direct;
                 self.add_node(&o, depth)
             }
         }

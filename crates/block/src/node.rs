@@ -572,6 +572,11 @@ impl Node {
         result
     }
 
+    /// Can zeros be written over `[offset, offset+len)` quickly (NBD FAST_ZERO)?
+    pub fn zero_is_fast(&self, offset: u64, len: u64) -> bool {
+        self.driver.zero_is_fast(offset, len)
+    }
+
     /// Discard `[offset, offset+len)`, then mark bitmaps. With `discard=ignore` (the default)
     /// the request is dropped: nothing changes, so nothing is marked.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

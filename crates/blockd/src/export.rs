@@ -94,9 +94,14 @@ impl nbd::ExportBackend for NodeExport {
         offset: u64,
         len: u64,
         may_unmap: bool,
-        _fast_only: bool,
+        fast_only: bool,
     ) -> io::Result<()> {
-        self.root.begin().write_zeroes(offset, len, may_unmap)
+        let node = self.root.begin();
+        // NBD: a fast-only zero that would be slow fails at once with ENOTSUP, changing nothing.
+        if fast_only && !node.zero_is_fast(offset, len) {
+            return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+        }
+        node.write_zeroes(offset, len, may_unmap)
     }
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
         self.root.begin().discard(offset, len)

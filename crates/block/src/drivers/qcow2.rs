@@ -295,6 +295,12 @@ impl Driver for Qcow2Driver {
     fn close(&self) -> io::Result<()> {
         self.img().close().map_err(to_io)
     }
+    fn zero_is_fast(&self, offset: u64, len: u64) -> bool {
+        // v3 zero clusters are a metadata change; partial clusters would write data.
+        let image = self.img();
+        let cs = image.cluster_size();
+        image.version() >= 3 && offset % cs == 0 && (len % cs == 0 || offset + len == image.virtual_size())
+    }
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
         Some(self)
     }

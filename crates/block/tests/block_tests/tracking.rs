@@ -113,3 +113,17 @@ fn cache_no_flush_does_not_reach_the_driver() {
     plain.flush().unwrap();
     assert_eq!(ctl.log(), vec![(Op::Flush, 0, 0)]);
 }
+
+#[test]
+fn fast_zero_is_claimed_only_where_zeroing_writes_no_data() {
+    let img = crate::common::image(1 << 20, 7);
+    let (_graph, raw) = crate::common::raw_graph(&crate::common::path(&img));
+    let (test, _ctl) = TestDriver::node("t", 4096);
+    let mut g = block::Graph::new();
+    let null = g.add(&crate::common::null_opts("n", 4096)).unwrap();
+
+    assert!(raw.zero_is_fast(0, 65536), "host file with fallocate");
+    assert!(!raw.zero_is_fast(1 << 20, 4096), "past the end the file would be written");
+    assert!(null.zero_is_fast(0, 4096));
+    assert!(!test.zero_is_fast(0, 4096), "drivers that cannot say are slow");
+}

@@ -38,6 +38,18 @@ fn generic(msg: impl Into<String>) -> block::Error {
 type CmdResult = Result<Value, block::Error>;
 
 /// The empty reply of commands that return nothing.
+/// Run a graph change (file I/O, bitmap loading, fsync, waiting for drained requests) on a
+/// blocking thread, so the reactor keeps serving NBD and other monitors meanwhile.
+async fn off_reactor(
+    d: &Arc<Daemon>,
+    f: impl FnOnce(&Arc<Daemon>) -> CmdResult + Send + 'static,
+) -> CmdResult {
+    let d = d.clone();
+    tokio::task::spawn_blocking(move || f(&d))
+        .await
+        .map_err(|e| generic(format!("graph change failed: {e}")))?
+}
+
 fn done<T>(r: Result<T, block::Error>) -> CmdResult {
     r.map(|_| json!({}))
 }
@@ -141,9 +153,12 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         Command::HumanMonitorCommand(a) => human_monitor_command(d, a).await,
         Command::QueryBlock => Ok(d.query_block()),
         Command::QueryNamedBlockNodes(a) => Ok(d.query_named_block_nodes(a.flat.unwrap_or(false))),
-        Command::BlockdevAdd(o) => done(d.blockdev_add(&node_options(&o).map_err(generic)?)),
-        Command::BlockdevReopen(a) => blockdev_reopen(d, a),
-        Command::BlockdevDel(a) => done(d.blockdev_del(&a.node_name)),
+        Command::BlockdevAdd(o) => {
+            let opts = node_options(&o).map_err(generic)?;
+            off_reactor(d, move |d| done(d.blockdev_add(&opts))).await
+        }
+        Command::BlockdevReopen(a) => off_reactor(d, move |d| blockdev_reopen(d, a)).await,
+        Command::BlockdevDel(a) => off_reactor(d, move |d| done(d.blockdev_del(&a.node_name))).await,
         Command::BlockdevCreate(a) => blockdev_create(d, a),
         Command::BlockDirtyBitmapAdd(a) => done(d.bitmap_add(
             &a.node,

@@ -172,3 +172,34 @@ def test_raw_without_users_takes_no_lock_but_a_writable_export_does(make_daemon,
     assert d.cmd("block-export-add", type="nbd", id="e", node_name="r", writable=True) == {"return": {}}
     out = iotests.qemu_io("-U", "-f", "raw", "-c", "write -P 0x11 0 4k", str(img), check=False)
     assert 'Failed to get "write" lock' not in out
+
+
+@pytest.mark.parametrize("setting, zero", [("off", False), ("on", True)])
+def test_detect_zeroes_applies_on_the_write_path(make_daemon, tmp_path, setting, zero):
+    img = tmp_path / "d.qcow2"
+    iotests.create_image(img, SIZE, "qcow2")
+    iotests.qemu_io("-c", "write -P 0x11 0 128k", str(img))
+    d = make_daemon()
+    d.ok("blockdev-add", {"driver": "qcow2", "node-name": "n", "detect-zeroes": setting,
+                          "file": {"driver": "file", "filename": str(img)}})
+
+    data_nbd.node_io(d, "n", "write -P 0 0 64k")
+    assert d.shutdown() == 0
+
+    extents = json.loads(iotests.qemu_img("map", "--output=json", str(img)))
+    first = extents[0]
+    assert (first["start"], first["zero"], first["data"]) == (0, zero, not zero), extents
+    iotests.qemu_io("-c", "read -P 0 0 64k", "-c", "read -P 0x11 64k 64k", str(img))
+
+
+def test_detect_zeroes_unmap_needs_discard_unmap(make_daemon, tmp_path):
+    img = tmp_path / "d.qcow2"
+    iotests.create_image(img, SIZE, "qcow2")
+    d = make_daemon()
+    args = {"driver": "qcow2", "node-name": "n", "detect-zeroes": "unmap",
+            "file": {"driver": "file", "filename": str(img)}}
+
+    assert d.err("blockdev-add", args) == {
+        "class": "GenericError",
+        "desc": "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"}
+    assert d.cmd("blockdev-add", dict(args, discard="unmap")) == {"return": {}}

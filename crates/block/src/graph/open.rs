@@ -32,6 +32,11 @@ impl Graph {
             }
             None => self.generate_name(),
         };
+        if opts.flags.detect_zeroes == "unmap" && !opts.flags.discard_unmap {
+            return Err(Error::generic(
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+            ));
+        }
         let auto_named = opts.node_name.is_none();
         let (driver, children, read_only) = self.open_driver(opts, depth, &name)?;
         let node = Arc::new(Node::with_edges(

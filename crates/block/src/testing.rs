@@ -148,7 +148,14 @@ impl TestDriver {
     /// [`TestDriver::node`] with node options.
     pub fn node_with(name: &str, size: usize, flags: NodeFlags) -> (NodeRef, Arc<Controls>) {
         let (d, ctl) = TestDriver::new(size);
-        let node = Node::new(name.to_string(), false, Box::new(d), Vec::new(), false, flags);
+        let node = Node::new(
+            name.to_string(),
+            false,
+            Box::new(d),
+            Vec::new(),
+            false,
+            flags,
+        );
         (Arc::new(node), ctl)
     }
 

@@ -158,7 +158,9 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
             off_reactor(d, move |d| done(d.blockdev_add(&opts))).await
         }
         Command::BlockdevReopen(a) => off_reactor(d, move |d| blockdev_reopen(d, a)).await,
-        Command::BlockdevDel(a) => off_reactor(d, move |d| done(d.blockdev_del(&a.node_name))).await,
+        Command::BlockdevDel(a) => {
+            off_reactor(d, move |d| done(d.blockdev_del(&a.node_name))).await
+        }
         Command::BlockdevCreate(a) => blockdev_create(d, a),
         Command::BlockDirtyBitmapAdd(a) => done(d.bitmap_add(
             &a.node,

@@ -299,14 +299,16 @@ impl Driver for Qcow2Driver {
         // v3 zero clusters are a metadata change; partial clusters would write data.
         let image = self.img();
         let cs = image.cluster_size();
-        image.version() >= 3 && offset % cs == 0 && (len % cs == 0 || offset + len == image.virtual_size())
+        image.version() >= 3
+            && offset % cs == 0
+            && (len % cs == 0 || offset + len == image.virtual_size())
     }
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
         Some(self)
     }
     fn activate(&self, read_only: bool) -> crate::Result<()> {
         self.switch_mode(read_only)
-            .map_err(|e| crate::Error::generic(e.to_string()))
+            .map_err(|e| crate::Error::generic(e.to_string()).with_source(e))
     }
     fn set_read_only(&self, read_only: bool) -> io::Result<()> {
         self.switch_mode(read_only).map_err(to_io)

@@ -252,5 +252,5 @@ fn load_persistent_bitmaps(node: &NodeRef) -> Result<()> {
 }
 
 fn open_error(filename: &str, e: &std::io::Error) -> Error {
-    Error::generic(format!("Could not open '{filename}': {}", strerror(e)))
+    Error::io(format!("Could not open '{filename}'"), e)
 }

@@ -154,7 +154,7 @@ fn patch(path: &Path, offset: u64, bytes: &[u8]) {
 
 /// Try to add top read-write with its backing chain from the image; it must fail with
 /// `expect` in the message and change nothing.
-fn refused_and_untouched(c: &Chain, expect: &str, holders: Vec<File>) {
+fn refused_and_untouched(c: &Chain, expect: &str, holders: Vec<File>) -> block::Error {
     let before = c.snapshot();
     let mut graph = Graph::new();
     let existing = graph
@@ -186,6 +186,7 @@ fn refused_and_untouched(c: &Chain, expect: &str, holders: Vec<File>) {
             lock_perm(&f, 0xf, 0).expect("all locks free after the failed open");
         }
     }
+    err
 }
 
 #[test]
@@ -205,7 +206,8 @@ fn chain_opens_when_nothing_fails() {
 fn failed_file_open_changes_nothing() {
     let c = chain();
     std::fs::rename(&c.top, c.top.with_extension("gone")).unwrap();
-    refused_and_untouched(&c, "No such file or directory", vec![]);
+    let err = refused_and_untouched(&c, "No such file or directory", vec![]);
+    assert_eq!(err.errno(), Some(libc::ENOENT), "the cause is kept");
 }
 
 #[test]
@@ -217,7 +219,7 @@ fn top_held_read_only_elsewhere_is_refused_before_any_byte_is_written() {
         Perm::CONSISTENT_READ,
         Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
     );
-    refused_and_untouched(&c, "Failed to get \"write\" lock", vec![qsd]);
+    let _ = refused_and_untouched(&c, "Failed to get \"write\" lock", vec![qsd]);
     assert_eq!(in_use(&c.top), vec![("b".to_string(), false)]);
 }
 
@@ -226,7 +228,7 @@ fn bad_header_changes_nothing() {
     let c = chain();
     // cluster_bits = 40
     patch(&c.top, 20, &40u32.to_be_bytes());
-    refused_and_untouched(&c, "cluster", vec![]);
+    let _ = refused_and_untouched(&c, "cluster", vec![]);
 }
 
 #[test]
@@ -241,7 +243,7 @@ fn bitmap_that_cannot_be_loaded_changes_nothing() {
         .unwrap();
     let bad = u64::from_be_bytes(raw) | 0x2; // a reserved bit
     patch(&c.top, entry, &bad.to_be_bytes());
-    refused_and_untouched(&c, "bitmap 'b'", vec![]);
+    let _ = refused_and_untouched(&c, "bitmap 'b'", vec![]);
     assert_eq!(in_use(&c.top), vec![("b".to_string(), false)]);
 }
 
@@ -249,14 +251,14 @@ fn bitmap_that_cannot_be_loaded_changes_nothing() {
 fn missing_backing_at_depth_two_changes_nothing() {
     let c = chain();
     std::fs::remove_file(&c.base).unwrap();
-    refused_and_untouched(&c, "Could not open backing file", vec![]);
+    let _ = refused_and_untouched(&c, "Could not open backing file", vec![]);
 }
 
 #[test]
 fn backing_at_depth_two_locked_by_a_writer_changes_nothing() {
     let c = chain();
     let writer = hold(&c.base, Perm::CONSISTENT_READ | Perm::WRITE, Perm::NONE);
-    refused_and_untouched(&c, "Failed to get \"consistent read\" lock", vec![writer]);
+    let _ = refused_and_untouched(&c, "Failed to get \"consistent read\" lock", vec![writer]);
 }
 
 #[test]
@@ -266,7 +268,7 @@ fn corrupt_image_refused_when_going_writable_changes_nothing() {
     let img = std::fs::read(&c.top).unwrap();
     let inc = be64(&img, 72) | 0x2;
     patch(&c.top, 72, &inc.to_be_bytes());
-    refused_and_untouched(&c, "corrupt", vec![]);
+    let _ = refused_and_untouched(&c, "corrupt", vec![]);
 }
 
 #[test]

@@ -96,7 +96,11 @@ fn detect_zeroes_turns_zero_writes_into_write_zeroes() {
         let (node, ctl) = TestDriver::node_with("t", 1 << 16, flags);
         node.write(4096, &[0; 4096]).unwrap();
         node.write(0, &[1; 512]).unwrap();
-        assert_eq!(ctl.log(), vec![(expect, 4096, 4096), (Op::Write, 0, 512)], "{setting}");
+        assert_eq!(
+            ctl.log(),
+            vec![(expect, 4096, 4096), (Op::Write, 0, 512)],
+            "{setting}"
+        );
     }
 }
 
@@ -123,7 +127,13 @@ fn fast_zero_is_claimed_only_where_zeroing_writes_no_data() {
     let null = g.add(&crate::common::null_opts("n", 4096)).unwrap();
 
     assert!(raw.zero_is_fast(0, 65536), "host file with fallocate");
-    assert!(!raw.zero_is_fast(1 << 20, 4096), "past the end the file would be written");
+    assert!(
+        !raw.zero_is_fast(1 << 20, 4096),
+        "past the end the file would be written"
+    );
     assert!(null.zero_is_fast(0, 4096));
-    assert!(!test.zero_is_fast(0, 4096), "drivers that cannot say are slow");
+    assert!(
+        !test.zero_is_fast(0, 4096),
+        "drivers that cannot say are slow"
+    );
 }

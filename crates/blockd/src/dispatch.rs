@@ -337,7 +337,7 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
                     tracing::warn!(node = n.name(), error = %e, "undoing a reopen failed");
                 }
             }
-            return Err(e.into());
+            return Err(e);
         }
         done.push((node, was));
     }

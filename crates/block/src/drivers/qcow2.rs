@@ -300,8 +300,8 @@ impl Driver for Qcow2Driver {
         let image = self.img();
         let cs = image.cluster_size();
         image.version() >= 3
-            && offset % cs == 0
-            && (len % cs == 0 || offset + len == image.virtual_size())
+            && offset.is_multiple_of(cs)
+            && (len.is_multiple_of(cs) || offset + len == image.virtual_size())
     }
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
         Some(self)

@@ -16,6 +16,9 @@ use crate::error::{strerror, Error, Result};
 use crate::node::{Node, NodeRef};
 use crate::perm::Role;
 
+/// A driver just opened, its child edges, and whether it ended up read-only.
+type Opened = (Box<dyn Driver>, Vec<Arc<ChildEdge>>, bool);
+
 impl Graph {
     /// Open a node and (first) its children. Takes each child edge's permissions before the
     /// driver reads the child; writes nothing (see [`Graph::activate_new`]).
@@ -72,12 +75,7 @@ impl Graph {
         }
     }
 
-    fn open_driver(
-        &mut self,
-        opts: &NodeOptions,
-        depth: usize,
-        name: &str,
-    ) -> Result<(Box<dyn Driver>, Vec<Arc<ChildEdge>>, bool)> {
+    fn open_driver(&mut self, opts: &NodeOptions, depth: usize, name: &str) -> Result<Opened> {
         let ro = opts.read_only;
         match &opts.driver {
             DriverOptions::File { filename, locking } => {

@@ -203,3 +203,32 @@ def test_detect_zeroes_unmap_needs_discard_unmap(make_daemon, tmp_path):
         "class": "GenericError",
         "desc": "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"}
     assert d.cmd("blockdev-add", dict(args, discard="unmap")) == {"return": {}}
+
+
+def test_reopen_refuses_what_cannot_change_and_ignores_nothing(make_daemon, tmp_path):
+    img = tmp_path / "a.qcow2"
+    other = tmp_path / "b.raw"
+    iotests.create_image(img, SIZE, "qcow2")
+    iotests.create_image(other, SIZE)
+    d = make_daemon()
+    d.ok("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)})
+    d.ok("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "f"})
+
+    for change, option in ((dict(filename=str(other)), "filename"), (dict(locking="off"), "locking")):
+        opts = dict({"driver": "file", "node-name": "f", "filename": str(img)}, **change)
+        assert d.err("blockdev-reopen", options=[opts]) == {
+            "class": "GenericError", "desc": f"Cannot change the option '{option}'"}
+    # All or nothing: the second entry is refused, the first (read-only) is not applied.
+    both = [{"driver": "qcow2", "node-name": "q", "file": "f", "read-only": True},
+            {"driver": "file", "node-name": "f", "filename": str(other)}]
+    assert d.err("blockdev-reopen", options=both)["desc"] == "Cannot change the option 'filename'"
+    assert d.node("q")["ro"] is False
+
+    reply = d.cmd("blockdev-reopen", options=[{"driver": "qcow2", "node-name": "q", "file": "f",
+                                               "detect-zeroes": "on"}])
+    if iotests.is_qsd():
+        assert reply == {"return": {}}
+    else:
+        # QEMU changes it; blockd cannot yet, and says so rather than ignoring it.
+        assert reply == {"error": {"class": "GenericError",
+                                   "desc": "blockd cannot change the option 'detect-zeroes' in blockdev-reopen"}}

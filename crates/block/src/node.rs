@@ -85,6 +85,8 @@ pub struct Node {
     observers: RwLock<Vec<Arc<dyn WriteObserver>>>,
     /// Requests in flight, serialising where a job asks for it.
     tracker: Tracker,
+    /// The driver options it was opened with (set by the graph; reopen compares with them).
+    opened_with: std::sync::OnceLock<crate::graph::DriverOptions>,
     /// Users that write through this node (writable exports); read-only reopen is refused while any.
     writers: AtomicUsize,
     /// Persistent-bitmap checkpoints: writes hold it shared from before the driver call until
@@ -143,6 +145,7 @@ impl Node {
             hooks: RwLock::new(Vec::new()),
             observers: RwLock::new(Vec::new()),
             tracker: Tracker::default(),
+            opened_with: std::sync::OnceLock::new(),
             writers: AtomicUsize::new(0),
             checkpoint_gate: RwLock::new(()),
             last_checkpoint: Mutex::new(None),
@@ -220,6 +223,16 @@ impl Node {
         for b in self.bitmaps().items.iter_mut() {
             b.readonly = ro;
         }
+    }
+
+    /// Remember the driver options the node was opened with (once).
+    pub(crate) fn set_opened_with(&self, opts: crate::graph::DriverOptions) {
+        let _ = self.opened_with.set(opts);
+    }
+
+    /// The driver options the node was opened with, when the graph opened it.
+    pub fn opened_with(&self) -> Option<&crate::graph::DriverOptions> {
+        self.opened_with.get()
     }
 
     /// Query-only flags.

@@ -325,6 +325,8 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
         if o.driver.driver().as_str() != node.driver_name() {
             return Err(generic("Cannot change the option 'driver'"));
         }
+        let opts = node_options(o).map_err(generic)?;
+        d.graph().check_reopen(&node, &opts)?;
         plan.push((node, o.read_only.unwrap_or(false)));
     }
     let mut graph = d.graph();

@@ -50,6 +50,7 @@ impl Graph {
             read_only,
             opts.flags.clone(),
         ));
+        node.set_opened_with(opts.driver.clone());
         // Its edges are real now.
         self.pending.retain(|p| p.parent != node.name());
         self.nodes.push(node.clone());

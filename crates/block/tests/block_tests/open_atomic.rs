@@ -307,3 +307,45 @@ fn refused_format_over_a_named_file_puts_its_locks_back() {
     assert_eq!(file.applied_needs(), block::perm::Needs::default());
     assert_eq!(graph.nodes().len(), 1);
 }
+
+#[test]
+fn reopen_read_only_stores_bitmaps_first_and_read_write_claims_them_again() {
+    let c = chain();
+    let mut graph = Graph::new();
+    let top = graph
+        .add(&qcow2_opts("t", &c.top, false, Some(None)))
+        .unwrap();
+    top.write(0, &[3; 4096]).unwrap();
+    assert_eq!(in_use(&c.top), vec![("b".to_string(), true)]);
+
+    graph.reopen_read_only(&top, true).unwrap();
+
+    assert!(top.read_only());
+    assert_eq!(in_use(&c.top), vec![("b".to_string(), false)]);
+    assert_eq!(
+        top.write(0, &[4; 512]).unwrap_err().raw_os_error(),
+        Some(libc::EPERM)
+    );
+    // Another reader may now share the image; a writer may not.
+    let reader = hold(
+        &c.top,
+        Perm::CONSISTENT_READ,
+        Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+    );
+    let err = graph.reopen_read_only(&top, false).unwrap_err();
+    assert_eq!(err.message(), "Failed to get \"write\" lock");
+    assert!(top.read_only());
+    assert_eq!(in_use(&c.top), vec![("b".to_string(), false)]);
+    drop(reader);
+
+    graph.reopen_read_only(&top, false).unwrap();
+
+    assert_eq!(in_use(&c.top), vec![("b".to_string(), true)]);
+    top.write(8192, &[5; 512]).unwrap();
+    let mut back = [0u8; 4096];
+    top.read(0, &mut back).unwrap();
+    assert_eq!(back, [3; 4096]);
+    assert!(crate::common::count(&top, "b") >= 2 * 65536);
+    graph.close_all();
+    assert_eq!(in_use(&c.top), vec![("b".to_string(), false)]);
+}

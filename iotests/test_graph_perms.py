@@ -172,3 +172,63 @@ def test_raw_without_users_takes_no_lock_but_a_writable_export_does(make_daemon,
     assert d.cmd("block-export-add", type="nbd", id="e", node_name="r", writable=True) == {"return": {}}
     out = iotests.qemu_io("-U", "-f", "raw", "-c", "write -P 0x11 0 4k", str(img), check=False)
     assert 'Failed to get "write" lock' not in out
+
+
+@pytest.mark.parametrize("setting, zero", [("off", False), ("on", True)])
+def test_detect_zeroes_applies_on_the_write_path(make_daemon, tmp_path, setting, zero):
+    img = tmp_path / "d.qcow2"
+    iotests.create_image(img, SIZE, "qcow2")
+    iotests.qemu_io("-c", "write -P 0x11 0 128k", str(img))
+    d = make_daemon()
+    d.ok("blockdev-add", {"driver": "qcow2", "node-name": "n", "detect-zeroes": setting,
+                          "file": {"driver": "file", "filename": str(img)}})
+
+    data_nbd.node_io(d, "n", "write -P 0 0 64k")
+    assert d.shutdown() == 0
+
+    extents = json.loads(iotests.qemu_img("map", "--output=json", str(img)))
+    first = extents[0]
+    assert (first["start"], first["zero"], first["data"]) == (0, zero, not zero), extents
+    iotests.qemu_io("-c", "read -P 0 0 64k", "-c", "read -P 0x11 64k 64k", str(img))
+
+
+def test_detect_zeroes_unmap_needs_discard_unmap(make_daemon, tmp_path):
+    img = tmp_path / "d.qcow2"
+    iotests.create_image(img, SIZE, "qcow2")
+    d = make_daemon()
+    args = {"driver": "qcow2", "node-name": "n", "detect-zeroes": "unmap",
+            "file": {"driver": "file", "filename": str(img)}}
+
+    assert d.err("blockdev-add", args) == {
+        "class": "GenericError",
+        "desc": "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"}
+    assert d.cmd("blockdev-add", dict(args, discard="unmap")) == {"return": {}}
+
+
+def test_reopen_refuses_what_cannot_change_and_ignores_nothing(make_daemon, tmp_path):
+    img = tmp_path / "a.qcow2"
+    other = tmp_path / "b.raw"
+    iotests.create_image(img, SIZE, "qcow2")
+    iotests.create_image(other, SIZE)
+    d = make_daemon()
+    d.ok("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)})
+    d.ok("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "f"})
+
+    for change, option in ((dict(filename=str(other)), "filename"), (dict(locking="off"), "locking")):
+        opts = dict({"driver": "file", "node-name": "f", "filename": str(img)}, **change)
+        assert d.err("blockdev-reopen", options=[opts]) == {
+            "class": "GenericError", "desc": f"Cannot change the option '{option}'"}
+    # All or nothing: the second entry is refused, the first (read-only) is not applied.
+    both = [{"driver": "qcow2", "node-name": "q", "file": "f", "read-only": True},
+            {"driver": "file", "node-name": "f", "filename": str(other)}]
+    assert d.err("blockdev-reopen", options=both)["desc"] == "Cannot change the option 'filename'"
+    assert d.node("q")["ro"] is False
+
+    reply = d.cmd("blockdev-reopen", options=[{"driver": "qcow2", "node-name": "q", "file": "f",
+                                               "detect-zeroes": "on"}])
+    if iotests.is_qsd():
+        assert reply == {"return": {}}
+    else:
+        # QEMU changes it; blockd cannot yet, and says so rather than ignoring it.
+        assert reply == {"error": {"class": "GenericError",
+                                   "desc": "blockd cannot change the option 'detect-zeroes' in blockdev-reopen"}}

@@ -200,6 +200,11 @@ pub trait Driver: Send + Sync {
             LockMode::Read
         })
     }
+    /// Can `write_zeroes` of this range be done without writing zeros byte by byte (NBD's
+    /// FAST_ZERO)? Default: no, so a fast-only request is refused rather than slow.
+    fn zero_is_fast(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
     /// How the child edge named `child` passes this node's needs on (QEMU's child role).
     fn child_role(&self, child: &str) -> Role {
         Role::for_child(child)

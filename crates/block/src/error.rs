@@ -14,11 +14,14 @@ pub enum ErrorKind {
     DeviceNotActive,
 }
 
-/// A core error: kind plus a complete, user-facing message (QEMU's wording where QEMU defines it).
+/// A core error: kind plus a complete, user-facing message (QEMU's wording where QEMU defines
+/// it), and the underlying error when there is one (an errno, a qcow2 error), kept for logs
+/// and callers that inspect it ([`std::error::Error::source`]).
 #[derive(Debug, Clone)]
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 impl Error {
@@ -27,6 +30,7 @@ impl Error {
         Error {
             kind: ErrorKind::Generic,
             message: message.into(),
+            source: None,
         }
     }
 
@@ -35,12 +39,35 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            source: None,
         }
     }
 
     /// An I/O failure while doing `what` (e.g. "Could not open '/x'"), worded like QEMU: "what: strerror".
     pub fn io(what: impl fmt::Display, err: &io::Error) -> Error {
-        Error::generic(format!("{what}: {}", strerror(err)))
+        let cause = match err.raw_os_error() {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::new(err.kind(), err.to_string()),
+        };
+        Error::generic(format!("{what}: {}", strerror(err))).with_source(cause)
+    }
+
+    /// Keep `source` as the cause.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+        self.source = Some(std::sync::Arc::new(source));
+        self
+    }
+
+    /// The errno of the underlying I/O error, if any.
+    pub fn errno(&self) -> Option<i32> {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(self);
+        while let Some(e) = cur {
+            if let Some(code) = e.downcast_ref::<io::Error>().and_then(|e| e.raw_os_error()) {
+                return Some(code);
+            }
+            cur = e.source();
+        }
+        None
     }
 
     /// The stable kind.
@@ -58,6 +85,7 @@ impl Error {
         Error {
             kind: self.kind,
             message: format!("{what}: {}", self.message),
+            source: self.source,
         }
     }
 }
@@ -68,7 +96,13 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// Result alias for the core.
 pub type Result<T> = std::result::Result<T, Error>;

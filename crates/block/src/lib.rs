@@ -6,7 +6,14 @@
 //!   null-co, qcow2.
 //! - [`node`]: a node (driver + children + bitmaps + write hooks) and the checked I/O path that
 //!   marks dirty bitmaps.
-//! - [`graph`]: the node-name table: create from options, look up, delete, close.
+//! - [`graph`]: the node-name table: create from options (children's permissions before the
+//!   parent reads them, nothing written until every lock of the new tree is held), look up,
+//!   delete, close; re-wiring (`replace_node`, `insert_above`, `remove_filter`, `set_child`)
+//!   in drained sections; read-only reopen.
+//! - [`perm`]: QEMU's permissions on edges (needs, shared, child roles, conflict texts).
+//! - [`edge`]: re-wirable child edges and roots (exports', devices' handles, with a drain gate).
+//! - [`tracking`]: requests in flight per node, serialising overlapping ones for jobs.
+//! - [`testing`]: a driver for tests that holds, delays, fails and logs requests.
 //! - [`bitmap`], [`bitmap_ops`]: named dirty bitmaps and the commands on them.
 //! - [`job`]: the job state machine shared by every job type.
 //!
@@ -27,6 +34,8 @@ pub mod graph;
 pub mod job;
 pub mod node;
 pub mod perm;
+pub mod testing;
+pub mod tracking;
 
 pub use error::{Error, ErrorKind, Result};
 pub use graph::Graph;

@@ -9,7 +9,11 @@ use crate::bitmap::BitmapList;
 use crate::driver::{BitmapToStore, BlockStatus, Driver, ImageFacts};
 use crate::edge::ChildEdge;
 use crate::error::errno;
-use crate::perm::{Needs, Perm};
+use crate::perm::Needs;
+use crate::tracking::{Tracked, Tracker};
+
+mod users;
+pub use users::User;
 
 /// Attachment order of nodes and users (QEMU checks the newest parent first).
 static SEQ: AtomicU64 = AtomicU64::new(1);
@@ -17,25 +21,6 @@ static SEQ: AtomicU64 = AtomicU64::new(1);
 /// The next attachment sequence number.
 pub fn next_seq() -> u64 {
     SEQ.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Something other than a parent node that uses a node (export, job, device), with the
-/// permissions it holds. Registered through [`Node::add_user`] (no permissions, only keeps the
-/// node from being deleted) or [`Node::attach_user`] (checked by `Graph::refresh_perms`).
-#[derive(Debug, Clone)]
-pub struct User {
-    /// Identity for "in use by" messages and removal: "export 'e'".
-    pub who: String,
-    /// Description in permission conflicts: "an unnamed block device", "backup job 'j'".
-    pub desc: String,
-    /// The edge's name in conflicts ("root" for block devices and exports).
-    pub role: String,
-    /// Needs.
-    pub perm: Perm,
-    /// Lets others.
-    pub shared: Perm,
-    /// Attachment order.
-    pub seq: u64,
 }
 
 /// Whether a flush also checkpoints persistent bitmaps (on by default; the daemon turns it off
@@ -61,7 +46,15 @@ pub trait WriteHook: Send + Sync {
     fn before_write(&self, node: &Node, offset: u64, len: u64) -> io::Result<()>;
 }
 
-/// Options that only the queries report.
+/// Told after a write, write-zeroes or discard reached the driver (with its outcome).
+/// Beside [`WriteHook`], which runs before; both are per node.
+pub trait WriteObserver: Send + Sync {
+    /// `[offset, offset+len)` of `node` was just written (or the attempt failed).
+    fn after_write(&self, node: &Node, offset: u64, len: u64, result: &io::Result<()>);
+}
+
+/// Node options: reported by the queries, and applied on the I/O path (`detect-zeroes`,
+/// `cache.no-flush`, `discard`).
 #[derive(Debug, Clone, Default)]
 pub struct NodeFlags {
     /// `detect-zeroes` setting as given.
@@ -88,6 +81,12 @@ pub struct Node {
     recording: AtomicUsize,
     /// Write hooks (backup jobs); read-locked on every write, written when a job starts or ends.
     hooks: RwLock<Vec<Arc<dyn WriteHook>>>,
+    /// Told after each write.
+    observers: RwLock<Vec<Arc<dyn WriteObserver>>>,
+    /// Requests in flight, serialising where a job asks for it.
+    tracker: Tracker,
+    /// The driver options it was opened with (set by the graph; reopen compares with them).
+    opened_with: std::sync::OnceLock<crate::graph::DriverOptions>,
     /// Users that write through this node (writable exports); read-only reopen is refused while any.
     writers: AtomicUsize,
     /// Persistent-bitmap checkpoints: writes hold it shared from before the driver call until
@@ -144,6 +143,9 @@ impl Node {
             bitmaps: Mutex::new(BitmapList::default()),
             recording: AtomicUsize::new(0),
             hooks: RwLock::new(Vec::new()),
+            observers: RwLock::new(Vec::new()),
+            tracker: Tracker::default(),
+            opened_with: std::sync::OnceLock::new(),
             writers: AtomicUsize::new(0),
             checkpoint_gate: RwLock::new(()),
             last_checkpoint: Mutex::new(None),
@@ -153,48 +155,6 @@ impl Node {
             seq: next_seq(),
             closed: AtomicBool::new(false),
         }
-    }
-
-    /// Creation order (the attachment order of this node's child edges).
-    pub fn seq(&self) -> u64 {
-        self.seq
-    }
-
-    /// The permissions last applied to this node (union of its edges' needs).
-    pub fn applied_needs(&self) -> Needs {
-        *self.applied.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Apply `needs` to the driver (image locks); remembers them on success.
-    pub(crate) fn apply_needs(&self, needs: Needs) -> Result<(), String> {
-        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-        if *applied == needs {
-            return Ok(());
-        }
-        self.driver.set_perm(needs.perm, needs.shared)?;
-        *applied = needs;
-        Ok(())
-    }
-
-    /// Register a user holding permissions. Call `Graph::refresh_perms` afterwards and
-    /// [`Node::remove_user`] if it fails.
-    pub fn attach_user(&self, who: String, desc: String, perm: Perm, shared: Perm) {
-        self.users
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(User {
-                who,
-                desc,
-                role: "root".to_string(),
-                perm,
-                shared,
-                seq: next_seq(),
-            });
-    }
-
-    /// The registered users.
-    pub fn users(&self) -> Vec<User> {
-        self.users.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Node name.
@@ -281,6 +241,16 @@ impl Node {
         }
     }
 
+    /// Remember the driver options the node was opened with (once).
+    pub(crate) fn set_opened_with(&self, opts: crate::graph::DriverOptions) {
+        let _ = self.opened_with.set(opts);
+    }
+
+    /// The driver options the node was opened with, when the graph opened it.
+    pub fn opened_with(&self) -> Option<&crate::graph::DriverOptions> {
+        self.opened_with.get()
+    }
+
     /// Query-only flags.
     pub fn flags(&self) -> &NodeFlags {
         &self.flags
@@ -309,55 +279,6 @@ impl Node {
             .store(list.recording_count(), Ordering::Release);
     }
 
-    /// Register a user (export, job) so the node cannot be deleted under it.
-    pub fn add_user(&self, who: String) {
-        self.attach_user(who.clone(), who, Perm::NONE, Perm::ALL);
-    }
-
-    /// Drop a user registered with [`Node::add_user`].
-    pub fn remove_user(&self, who: &str) {
-        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = users.iter().position(|u| u.who == who) {
-            users.remove(i);
-        }
-    }
-
-    /// First registered user, if any.
-    pub fn first_user(&self) -> Option<String> {
-        self.users
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .first()
-            .map(|u| u.who.clone())
-    }
-
-    /// A user that writes through this node came (`true`) or went (`false`).
-    pub fn set_writer(&self, came: bool) {
-        if came {
-            self.writers.fetch_add(1, Ordering::AcqRel);
-        } else {
-            self.writers.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
-    /// Number of users writing through this node ([`Node::set_writer`] and users attached
-    /// with the write permission).
-    pub fn writers(&self) -> usize {
-        let attached = self
-            .users
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|u| u.perm.contains(Perm::WRITE))
-            .count();
-        self.writers.load(Ordering::Acquire) + attached
-    }
-
-    /// Users counted by [`Node::set_writer`] only (they hold write through one shared edge).
-    pub(crate) fn legacy_writers(&self) -> usize {
-        self.writers.load(Ordering::Acquire)
-    }
-
     /// Install a write hook.
     pub fn add_hook(&self, hook: Arc<dyn WriteHook>) {
         self.hooks
@@ -370,6 +291,43 @@ impl Node {
     pub fn remove_hook(&self, hook: &Arc<dyn WriteHook>) {
         let mut hooks = self.hooks.write().unwrap_or_else(|p| p.into_inner());
         hooks.retain(|h| !Arc::ptr_eq(h, hook));
+    }
+
+    /// Install an observer told after every write.
+    pub fn add_observer(&self, o: Arc<dyn WriteObserver>) {
+        self.observers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(o);
+    }
+
+    /// Remove an observer (by identity).
+    pub fn remove_observer(&self, o: &Arc<dyn WriteObserver>) {
+        let mut list = self.observers.write().unwrap_or_else(|p| p.into_inner());
+        list.retain(|x| !Arc::ptr_eq(x, o));
+    }
+
+    /// A serialising request over `[offset, offset+len)` (a job's copy): waits for overlapping
+    /// writes in flight, and overlapping writes wait for it until the guard is dropped.
+    pub fn track_serialising(&self, offset: u64, len: u64) -> Tracked<'_> {
+        self.tracker.begin(offset, len, false, true)
+    }
+
+    /// Reads and writes of this node in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.tracker.in_flight()
+    }
+
+    /// Wait until no request is in flight on this node (stop new ones first).
+    pub fn wait_idle(&self) {
+        self.tracker.wait_idle()
+    }
+
+    fn observe(&self, offset: u64, len: u64, result: &io::Result<()>) {
+        let list = self.observers.read().unwrap_or_else(|p| p.into_inner());
+        for o in list.iter() {
+            o.after_write(self, offset, len, result);
+        }
     }
 
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -491,7 +449,19 @@ impl Node {
         if buf.is_empty() {
             return Ok(());
         }
+        let _t = self.tracker.begin(offset, buf.len() as u64, false, false);
         self.driver.read(offset, buf)
+    }
+
+    /// `detect-zeroes`: for a buffer of zeros, `Some(may_unmap)` to write zeros instead
+    /// (`unmap` unmaps only where discards are passed down, as in QEMU).
+    fn detect_zeroes(&self, data: &[u8]) -> Option<bool> {
+        let unmap = match self.flags.detect_zeroes.as_str() {
+            "on" => false,
+            "unmap" => self.flags.discard_unmap,
+            _ => return None,
+        };
+        data.iter().all(|&b| b == 0).then_some(unmap)
     }
 
     /// Write `data` at `offset`, then mark the node's recording bitmaps.
@@ -501,12 +471,17 @@ impl Node {
         if len == 0 {
             return Ok(());
         }
+        if let Some(may_unmap) = self.detect_zeroes(data) {
+            return self.write_zeroes(offset, len, may_unmap);
+        }
         let _gate = self.gate();
         self.run_hooks(offset, len)?;
         self.driver.debug_event("pwritev");
+        let _t = self.tracker.begin(offset, len, true, false);
         let result = self.driver.write(offset, data);
         // Mark even on failure: part of the range may have changed.
         self.mark_dirty(offset, len);
+        self.observe(offset, len, &result);
         self.driver.debug_event("pwritev_done");
         result
     }
@@ -531,9 +506,11 @@ impl Node {
         }
         let _gate = self.gate();
         self.run_hooks(offset, len)?;
+        let _t = self.tracker.begin(offset, len, true, false);
         let result = self.driver.write_compressed(offset, data);
         // Mark even on failure: clusters before the failing one may have been written.
         self.mark_dirty(offset, len);
+        self.observe(offset, len, &result);
         self.driver.debug_event("pwritev_done");
         result
     }
@@ -547,10 +524,17 @@ impl Node {
         let _gate = self.gate();
         self.run_hooks(offset, len)?;
         self.driver.debug_event("pwritev_zero");
+        let _t = self.tracker.begin(offset, len, true, false);
         let result = self.driver.write_zeroes(offset, len, may_unmap);
         self.mark_dirty(offset, len);
+        self.observe(offset, len, &result);
         self.driver.debug_event("pwritev_done");
         result
+    }
+
+    /// Can zeros be written over `[offset, offset+len)` quickly (NBD FAST_ZERO)?
+    pub fn zero_is_fast(&self, offset: u64, len: u64) -> bool {
+        self.driver.zero_is_fast(offset, len)
     }
 
     /// Discard `[offset, offset+len)`, then mark bitmaps. With `discard=ignore` (the default)
@@ -562,17 +546,23 @@ impl Node {
         }
         let _gate = self.gate();
         self.run_hooks(offset, len)?;
+        let _t = self.tracker.begin(offset, len, true, false);
         let result = self.driver.discard(offset, len);
         self.mark_dirty(offset, len);
+        self.observe(offset, len, &result);
         result
     }
 
     /// Flush the driver (formats flush their children themselves), then checkpoint the
     /// persistent bitmaps if the last checkpoint is at least a second old.
+    /// With `cache.no-flush` the flush succeeds without reaching the disk, as in QEMU.
     pub fn flush(&self) -> io::Result<()> {
         if let Some(primary) = self.primary_child() {
             primary.debug_event("flush_to_os");
             primary.debug_event("flush_to_disk");
+        }
+        if self.flags.cache_no_flush {
+            return Ok(());
         }
         self.driver.flush()?;
         self.checkpoint_after_flush(Duration::from_secs(1));

@@ -10,8 +10,10 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use block::driver::NodeEvent;
+use block::edge::Root;
 use block::graph::{Graph, NodeOptions};
 use block::job::{JobEvent, JobManager};
+use block::perm::Perm;
 use block::{bitmap_ops, Error, NodeRef, Result};
 
 use crate::exports::ExportRec;
@@ -21,8 +23,8 @@ use crate::info;
 pub struct Device {
     /// Device name.
     pub name: String,
-    /// Its root node.
-    pub node: NodeRef,
+    /// Its edge into the graph (follows re-wiring).
+    pub root: Arc<Root>,
 }
 
 /// Everything the daemon holds.
@@ -109,7 +111,7 @@ impl Daemon {
     /// Find a node by node name or device name (QEMU accepts either where it takes a "node").
     pub fn lookup_node(&self, name: &str) -> Result<NodeRef> {
         if let Some(d) = lock(&self.devices).iter().find(|d| d.name == name) {
-            return Ok(d.node.clone());
+            return Ok(d.root.node());
         }
         self.graph().lookup(name)
     }
@@ -134,7 +136,10 @@ impl Daemon {
 
     /// blockdev-del.
     pub fn blockdev_del(&self, name: &str) -> Result<()> {
-        if lock(&self.devices).iter().any(|d| d.node.name() == name) {
+        if lock(&self.devices)
+            .iter()
+            .any(|d| d.root.node().name() == name)
+        {
             return Err(Error::generic(format!("Node {name} is in use")));
         }
         self.graph().del(name)
@@ -142,9 +147,20 @@ impl Daemon {
 
     /// Attach a named device over a node (short form).
     pub fn add_device(&self, name: &str, node: NodeRef) {
+        let root = Root::new(
+            format!("device '{name}'"),
+            format!("block device '{name}'"),
+            node,
+            Perm::NONE,
+            Perm::ALL,
+        );
+        // Needs nothing, so it cannot conflict.
+        if let Err(e) = self.graph().attach_root(&root) {
+            tracing::warn!(error = %e, "attaching device '{name}'");
+        }
         lock(&self.devices).push(Device {
             name: name.to_string(),
-            node,
+            root,
         });
     }
 
@@ -158,7 +174,7 @@ impl Daemon {
         let devices = lock(&self.devices);
         let infos: Vec<_> = devices
             .iter()
-            .map(|d| info::block_info(&d.name, &d.node))
+            .map(|d| info::block_info(&d.name, &d.root.node()))
             .collect();
         info::to_value(&infos)
     }

@@ -38,6 +38,18 @@ fn generic(msg: impl Into<String>) -> block::Error {
 type CmdResult = Result<Value, block::Error>;
 
 /// The empty reply of commands that return nothing.
+/// Run a graph change (file I/O, bitmap loading, fsync, waiting for drained requests) on a
+/// blocking thread, so the reactor keeps serving NBD and other monitors meanwhile.
+async fn off_reactor(
+    d: &Arc<Daemon>,
+    f: impl FnOnce(&Arc<Daemon>) -> CmdResult + Send + 'static,
+) -> CmdResult {
+    let d = d.clone();
+    tokio::task::spawn_blocking(move || f(&d))
+        .await
+        .map_err(|e| generic(format!("graph change failed: {e}")))?
+}
+
 fn done<T>(r: Result<T, block::Error>) -> CmdResult {
     r.map(|_| json!({}))
 }
@@ -139,9 +151,14 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         Command::HumanMonitorCommand(a) => human_monitor_command(d, a).await,
         Command::QueryBlock => Ok(d.query_block()),
         Command::QueryNamedBlockNodes(a) => Ok(d.query_named_block_nodes(a.flat.unwrap_or(false))),
-        Command::BlockdevAdd(o) => done(d.blockdev_add(&node_options(&o).map_err(generic)?)),
-        Command::BlockdevReopen(a) => blockdev_reopen(d, a),
-        Command::BlockdevDel(a) => done(d.blockdev_del(&a.node_name)),
+        Command::BlockdevAdd(o) => {
+            let opts = node_options(&o).map_err(generic)?;
+            off_reactor(d, move |d| done(d.blockdev_add(&opts))).await
+        }
+        Command::BlockdevReopen(a) => off_reactor(d, move |d| blockdev_reopen(d, a)).await,
+        Command::BlockdevDel(a) => {
+            off_reactor(d, move |d| done(d.blockdev_del(&a.node_name))).await
+        }
         Command::BlockdevCreate(a) => blockdev_create(d, a),
         Command::BlockDirtyBitmapAdd(a) => done(d.bitmap_add(
             &a.node,
@@ -292,7 +309,8 @@ fn blockdev_create(d: &Arc<Daemon>, a: BlockdevCreateArgs) -> CmdResult {
 }
 
 fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
-    // Check everything first, then apply: the command is all or nothing.
+    // Check the names first, then switch node by node through the graph (permissions before
+    // bytes, drained); a refusal puts back the nodes already switched: all or nothing.
     let mut plan = Vec::new();
     for o in &a.options {
         let Some(name) = o.node_name.as_deref() else {
@@ -305,25 +323,24 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
         if o.driver.driver().as_str() != node.driver_name() {
             return Err(generic("Cannot change the option 'driver'"));
         }
-        let ro = o.read_only.unwrap_or(false);
-        if ro && node.writers() > 0 {
-            return Err(generic(format!(
-                "Read-only block node '{name}' cannot support read-write users"
-            )));
-        }
-        plan.push((node, ro));
+        let opts = node_options(o).map_err(generic)?;
+        d.graph().check_reopen(&node, &opts)?;
+        plan.push((node, o.read_only.unwrap_or(false)));
     }
+    let mut graph = d.graph();
+    let mut done = Vec::new();
     for (node, ro) in plan {
-        node.set_read_only(ro)
-            .map_err(|e| block::Error::io("Could not reopen", &e))?;
-        if let Some(file) = node.child("file") {
-            if !ro || file.read_only() != ro {
-                file.set_read_only(ro)
-                    .map_err(|e| block::Error::io("Could not reopen", &e))?;
+        let was = node.read_only();
+        if let Err(e) = graph.reopen_read_only(&node, ro) {
+            for (n, was) in done.into_iter().rev() {
+                if let Err(e) = graph.reopen_read_only(&n, was) {
+                    tracing::warn!(node = n.name(), error = %e, "undoing a reopen failed");
+                }
             }
+            return Err(e);
         }
+        done.push((node, was));
     }
-    d.graph().refresh_locks()?;
     Ok(json!({}))
 }
 

@@ -6,6 +6,9 @@
 use std::io;
 
 use block::driver::BlockStatus;
+use std::sync::Arc;
+
+use block::edge::Root;
 use block::NodeRef;
 
 /// One metadata context of an export.
@@ -27,7 +30,7 @@ pub enum Context {
 
 /// A node as an NBD export.
 pub struct NodeExport {
-    node: NodeRef,
+    root: Arc<Root>,
     contexts: Vec<Context>,
 }
 
@@ -100,8 +103,8 @@ fn bitmap_extents(
 
 impl NodeExport {
     /// Serve `node` with these contexts.
-    pub fn new(node: NodeRef, contexts: Vec<Context>) -> NodeExport {
-        NodeExport { node, contexts }
+    pub fn new(root: Arc<Root>, contexts: Vec<Context>) -> NodeExport {
+        NodeExport { root, contexts }
     }
 
     fn extents<F>(
@@ -131,15 +134,16 @@ impl NodeExport {
 
 impl nbd::ExportBackend for NodeExport {
     fn size(&self) -> u64 {
-        self.node.size()
+        self.root.node().size()
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.node.read(offset, buf)
+        self.root.begin().read(offset, buf)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.node.write(offset, data)?;
+        let node = self.root.begin();
+        node.write(offset, data)?;
         if fua {
-            self.node.flush()?;
+            node.flush()?;
         }
         Ok(())
     }
@@ -148,15 +152,20 @@ impl nbd::ExportBackend for NodeExport {
         offset: u64,
         len: u64,
         may_unmap: bool,
-        _fast_only: bool,
+        fast_only: bool,
     ) -> io::Result<()> {
-        self.node.write_zeroes(offset, len, may_unmap)
+        let node = self.root.begin();
+        // NBD: a fast-only zero that would be slow fails at once with ENOTSUP, changing nothing.
+        if fast_only && !node.zero_is_fast(offset, len) {
+            return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+        }
+        node.write_zeroes(offset, len, may_unmap)
     }
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.node.discard(offset, len)
+        self.root.begin().discard(offset, len)
     }
     fn flush(&self) -> io::Result<()> {
-        self.node.flush()
+        self.root.begin().flush()
     }
     fn meta_contexts(&self) -> Vec<String> {
         self.contexts
@@ -177,7 +186,7 @@ impl nbd::ExportBackend for NodeExport {
     ) -> io::Result<Vec<(u64, u32)>> {
         match self.contexts.get(ctx) {
             Some(Context::Allocation) => self.extents(offset, len, max, |o, l| {
-                let (s, _, n) = self.node.status_above(o, l)?;
+                let (s, _, n) = self.root.begin().status_above(o, l)?;
                 Ok((
                     if s == BlockStatus::Data {
                         0
@@ -188,7 +197,7 @@ impl nbd::ExportBackend for NodeExport {
                 ))
             }),
             Some(Context::Depth) => self.extents(offset, len, max, |o, l| {
-                let (_, depth, n) = self.node.status_above(o, l)?;
+                let (_, depth, n) = self.root.begin().status_above(o, l)?;
                 Ok((depth, n))
             }),
             Some(Context::Bitmap { node, name, .. }) => {
@@ -198,7 +207,7 @@ impl nbd::ExportBackend for NodeExport {
         }
     }
     fn reads_as_zero(&self, offset: u64, len: u64) -> bool {
-        self.node.reads_as_zero(offset, len)
+        self.root.begin().reads_as_zero(offset, len)
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use block::bitmap_ops;
+use block::edge::Root;
 use block::perm::Perm;
 use block::{Error, NodeRef, Result};
 
@@ -36,8 +37,8 @@ pub struct ExportRec {
     pub node_name: String,
     /// Name on the wire.
     pub name: String,
-    /// The node.
-    pub node: NodeRef,
+    /// Its edge into the graph (follows re-wiring; holds the export's permissions).
+    pub root: Arc<Root>,
     /// Bitmaps held busy: (node, bitmap name).
     pub bitmaps: Vec<(NodeRef, String)>,
     /// Deletion requested, clients still connected.
@@ -210,27 +211,29 @@ impl Daemon {
         } else {
             Perm::CONSISTENT_READ
         };
-        let attached = [Perm::ALL, Perm::ALL & !Perm::RESIZE]
-            .into_iter()
-            .try_for_each(|shared| {
-                node.remove_user(&who);
-                node.attach_user(who.clone(), UNNAMED.to_string(), perm, shared);
-                self.graph().refresh_perms()
+        let root = Root::new(who, UNNAMED.to_string(), node.clone(), perm, Perm::ALL);
+        let attached = {
+            let mut graph = self.graph();
+            let attached = graph.attach_root(&root).and_then(|_| {
+                root.set_perms(perm, Perm::ALL & !Perm::RESIZE);
+                graph.refresh_perms()
             });
+            if attached.is_err() {
+                graph.detach_root(&root);
+            }
+            attached
+        };
         if let Err(e) = attached {
-            node.remove_user(&who);
-            self.restore_perms();
             for (n, b) in &held {
                 bitmap_ops::release(n, b);
             }
             return Err(e);
         }
-        let backend = Arc::new(NodeExport::new(node.clone(), contexts));
+        let backend = Arc::new(NodeExport::new(root.clone(), contexts));
         let mut cfg = nbd::ExportConfig::new(name.clone(), args.writable, backend);
         cfg.description = args.description.clone();
         if let Err(e) = server.add_export(cfg) {
-            node.remove_user(&who);
-            self.restore_perms();
+            self.graph().detach_root(&root);
             for (n, b) in &held {
                 bitmap_ops::release(n, b);
             }
@@ -240,7 +243,7 @@ impl Daemon {
             id: args.id,
             node_name: args.node_name,
             name,
-            node,
+            root,
             bitmaps: held,
             shutting_down: false,
         });
@@ -298,21 +301,12 @@ impl Daemon {
         for (n, b) in &rec.bitmaps {
             bitmap_ops::release(n, b);
         }
-        rec.node.remove_user(&format!("export '{}'", rec.id));
-        self.restore_perms();
+        self.graph().detach_root(&rec.root);
         let deleted = qapi::types::BlockExportDeleted { id: rec.id.clone() };
         crate::wire::emit(
             &self.events,
             qapi::types::Event::BlockExportDeleted(deleted),
         );
-    }
-
-    /// After a user edge went away: needs only shrink, so this cannot conflict; log if the
-    /// locks could not be lowered.
-    fn restore_perms(&self) {
-        if let Err(e) = self.graph().refresh_perms() {
-            tracing::warn!(error = %e, "lowering image locks failed");
-        }
     }
 
     /// query-block-exports.

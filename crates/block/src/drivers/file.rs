@@ -196,6 +196,14 @@ impl Driver for FileDriver {
         Ok((BlockStatus::Data, hole.saturating_sub(offset).clamp(1, len)))
     }
 
+    fn zero_is_fast(&self, offset: u64, len: u64) -> bool {
+        // fallocate zeroes inside the file; past the end the file would be written.
+        self.can_fallocate.load(Ordering::Relaxed)
+            && offset
+                .checked_add(len)
+                .is_some_and(|end| end <= self.size())
+    }
+
     fn can_grow(&self) -> bool {
         true
     }

@@ -22,6 +22,9 @@ impl NullDriver {
 }
 
 impl Driver for NullDriver {
+    fn zero_is_fast(&self, _offset: u64, _len: u64) -> bool {
+        true
+    }
     fn name(&self) -> &'static str {
         "null-co"
     }

@@ -341,12 +341,20 @@ impl Driver for Qcow2Driver {
     fn is_corrupt(&self) -> bool {
         self.img().is_corrupt()
     }
+    fn zero_is_fast(&self, offset: u64, len: u64) -> bool {
+        // v3 zero clusters are a metadata change; partial clusters would write data.
+        let image = self.img();
+        let cs = image.cluster_size();
+        image.version() >= 3
+            && offset.is_multiple_of(cs)
+            && (len.is_multiple_of(cs) || offset + len == image.virtual_size())
+    }
     fn bitmap_store(&self) -> Option<&dyn BitmapStore> {
         Some(self)
     }
     fn activate(&self, read_only: bool) -> crate::Result<()> {
         self.switch_mode(read_only)
-            .map_err(|e| crate::Error::generic(e.to_string()))
+            .map_err(|e| crate::Error::generic(e.to_string()).with_source(e))
     }
     fn set_read_only(&self, read_only: bool) -> io::Result<()> {
         self.switch_mode(read_only).map_err(to_io)

@@ -92,6 +92,12 @@ impl Driver for RawDriver {
             Role::Data
         }
     }
+    fn zero_is_fast(&self, offset: u64, len: u64) -> bool {
+        self.child
+            .node()
+            .driver()
+            .zero_is_fast(self.offset + offset, len)
+    }
     fn status_is_cheap(&self) -> bool {
         self.child.node().driver().status_is_cheap()
     }

@@ -18,6 +18,9 @@ use crate::error::{strerror, Error, Result};
 use crate::node::{Node, NodeRef};
 use crate::perm::Role;
 
+/// A driver just opened, its child edges, and whether it ended up read-only.
+type Opened = (Box<dyn Driver>, Vec<Arc<ChildEdge>>, bool);
+
 impl Graph {
     /// Open a node and (first) its children. Takes each child edge's permissions before the
     /// driver reads the child; writes nothing (see [`Graph::activate_new`]).
@@ -41,6 +44,11 @@ impl Graph {
             }
             None => self.generate_name(),
         };
+        if opts.flags.detect_zeroes == "unmap" && !opts.flags.discard_unmap {
+            return Err(Error::generic(
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+            ));
+        }
         let auto_named = inline || opts.node_name.is_none();
         let (driver, children, read_only) = self.open_driver(opts, depth, &name)?;
         let node = Arc::new(Node::with_edges(
@@ -51,6 +59,7 @@ impl Graph {
             read_only,
             opts.flags.clone(),
         ));
+        node.set_opened_with(opts.driver.clone());
         // Its edges are real now.
         self.pending.retain(|p| p.parent != node.name());
         self.nodes.push(node.clone());
@@ -69,17 +78,14 @@ impl Graph {
                 let mut o = (**o).clone();
                 o.read_only |= parent_ro;
                 o.flags.discard_unmap |= parent.flags.discard_unmap;
+                o.flags.cache_no_flush |= parent.flags.cache_no_flush;
+                o.flags.cache_direct |= parent.flags.cache_direct;
                 self.add_node(&o, depth, true)
             }
         }
     }
 
-    fn open_driver(
-        &mut self,
-        opts: &NodeOptions,
-        depth: usize,
-        name: &str,
-    ) -> Result<(Box<dyn Driver>, Vec<Arc<ChildEdge>>, bool)> {
+    fn open_driver(&mut self, opts: &NodeOptions, depth: usize, name: &str) -> Result<Opened> {
         let ro = opts.read_only;
         match &opts.driver {
             DriverOptions::File { filename, locking } => {
@@ -320,5 +326,5 @@ fn load_persistent_bitmaps(node: &NodeRef) -> Result<()> {
 }
 
 fn open_error(filename: &str, e: &std::io::Error) -> Error {
-    Error::generic(format!("Could not open '{filename}': {}", strerror(e)))
+    Error::io(format!("Could not open '{filename}'"), e)
 }

@@ -40,6 +40,9 @@ struct InEdge {
     from: Option<(NodeRef, Role)>,
 }
 
+/// Edges into each node, keyed by the node's address.
+type EdgeMap = HashMap<usize, Vec<InEdge>>;
+
 fn key(n: &NodeRef) -> usize {
     Arc::as_ptr(n) as usize
 }
@@ -121,7 +124,7 @@ impl Graph {
         for n in &self.nodes {
             if let Some(list) = edges.get(&key(n)) {
                 let mut parents: Vec<ParentEdge> = list.iter().map(|e| e.edge.clone()).collect();
-                parents.sort_by(|a, b| b.seq.cmp(&a.seq));
+                parents.sort_by_key(|e| std::cmp::Reverse(e.seq));
                 check_parents(n.name(), &parents).map_err(Error::generic)?;
             }
         }
@@ -135,12 +138,12 @@ impl Graph {
             .get(&key(node))
             .map(|l| l.iter().map(|e| e.edge.clone()).collect())
             .unwrap_or_default();
-        list.sort_by(|a, b| b.seq.cmp(&a.seq));
+        list.sort_by_key(|e| std::cmp::Reverse(e.seq));
         list
     }
 
     /// Every node's needs (unchecked) and every edge with its needs filled in.
-    fn resolve_all(&self) -> (Vec<(NodeRef, Needs)>, HashMap<usize, Vec<InEdge>>) {
+    fn resolve_all(&self) -> (Vec<(NodeRef, Needs)>, EdgeMap) {
         let mut edges = self.in_edges();
         let mut memo: HashMap<usize, Needs> = HashMap::new();
         // Parents before children: resolve each node's needs from its parents' (a DAG).

@@ -6,12 +6,125 @@
 //! flushed while write access is still held, then the driver gives it up and the locks drop.
 //! Inline (auto-named) `file` children follow their parent, as QEMU's inherited options do.
 
-use super::Graph;
+use super::{ChildRef, DriverOptions, Graph, NodeOptions};
 use crate::error::{Error, Result};
 use crate::node::NodeRef;
 use crate::perm::Perm;
 
+/// A child option of a reopen against the current child: unchanged, or refused.
+fn same_child(node: &NodeRef, role: &str, new: &ChildRef) -> Result<()> {
+    let current = node.child(role);
+    let same = match new {
+        ChildRef::Name(n) => current.as_ref().is_some_and(|c| c.name() == n),
+        ChildRef::Inline(_) => false,
+    };
+    if same {
+        Ok(())
+    } else {
+        Err(not_yet(role))
+    }
+}
+
+/// What QEMU can change on reopen but blockd cannot yet: refused rather than ignored.
+fn not_yet(option: &str) -> Error {
+    Error::generic(format!(
+        "blockd cannot change the option '{option}' in blockdev-reopen"
+    ))
+}
+
 impl Graph {
+    /// Check a reopen's options for `node` against how it is open: every option other than
+    /// `read-only` must be unchanged. QEMU's refusals keep QEMU's text ("Cannot change the
+    /// option 'filename'"); changes QEMU makes but blockd cannot yet are refused as such.
+    pub fn check_reopen(&self, node: &NodeRef, new: &NodeOptions) -> Result<()> {
+        let f = node.flags();
+        let nf = &new.flags;
+        if nf.detect_zeroes != f.detect_zeroes {
+            return Err(not_yet("detect-zeroes"));
+        }
+        if nf.discard_unmap != f.discard_unmap {
+            return Err(not_yet("discard"));
+        }
+        if nf.cache_direct != f.cache_direct {
+            return Err(not_yet("cache.direct"));
+        }
+        if nf.cache_no_flush != f.cache_no_flush {
+            return Err(not_yet("cache.no-flush"));
+        }
+        let Some(old) = node.opened_with() else {
+            return Ok(());
+        };
+        let cannot = |o: &str| Error::generic(format!("Cannot change the option '{o}'"));
+        match (old, &new.driver) {
+            (
+                DriverOptions::File { filename, locking },
+                DriverOptions::File {
+                    filename: nfilename,
+                    locking: nlocking,
+                },
+            ) => {
+                if filename != nfilename {
+                    return Err(cannot("filename"));
+                }
+                if locking != nlocking {
+                    return Err(cannot("locking"));
+                }
+            }
+            (
+                DriverOptions::Raw { offset, size, .. },
+                DriverOptions::Raw {
+                    file,
+                    offset: noffset,
+                    size: nsize,
+                },
+            ) => {
+                same_child(node, "file", file)?;
+                if offset.unwrap_or(0) != noffset.unwrap_or(0) {
+                    return Err(not_yet("offset"));
+                }
+                if size != nsize {
+                    return Err(not_yet("size"));
+                }
+            }
+            (
+                DriverOptions::Null { size, read_zeroes },
+                DriverOptions::Null {
+                    size: s,
+                    read_zeroes: z,
+                },
+            ) => {
+                if size != s {
+                    return Err(not_yet("size"));
+                }
+                if read_zeroes != z {
+                    return Err(not_yet("read-zeroes"));
+                }
+            }
+            (
+                DriverOptions::Qcow2 { cache: old, .. },
+                DriverOptions::Qcow2 {
+                    file,
+                    backing,
+                    cache,
+                },
+            ) => {
+                if cache != old {
+                    return Err(not_yet("cache-size"));
+                }
+                same_child(node, "file", file)?;
+                match backing {
+                    // Not given: the current backing stays.
+                    None => {}
+                    Some(None) if node.child("backing").is_none() => {}
+                    Some(None) => return Err(not_yet("backing")),
+                    Some(Some(b)) => same_child(node, "backing", b)?,
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// Switch `node` (and its inline file child) to `read_only`, all or nothing.
     pub fn reopen_read_only(&mut self, node: &NodeRef, read_only: bool) -> Result<()> {
         let mut chain = vec![node.clone()];
@@ -25,11 +138,13 @@ impl Graph {
         if chain.is_empty() {
             return Ok(());
         }
-        if read_only {
-            self.make_read_only(&chain)
-        } else {
-            self.make_writable(&chain)
-        }
+        self.drained(&chain, |g| {
+            if read_only {
+                g.make_read_only(&chain)
+            } else {
+                g.make_writable(&chain)
+            }
+        })
     }
 
     fn make_writable(&mut self, chain: &[NodeRef]) -> Result<()> {

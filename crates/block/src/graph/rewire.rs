@@ -27,6 +27,23 @@ enum Swap {
 }
 
 impl Graph {
+    /// Put a node built outside the graph (e.g. over [`crate::testing::TestDriver`]) in the
+    /// name table. Its children must already be in the graph.
+    pub fn add_node_ref(&mut self, node: NodeRef) -> Result<()> {
+        if self.get(node.name()).is_some() {
+            return Err(Error::generic(format!(
+                "Duplicate nodes with node-name='{}'",
+                node.name()
+            )));
+        }
+        self.nodes.push(node);
+        if let Err(e) = self.refresh_perms() {
+            self.nodes.pop();
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// The live roots.
     pub fn roots(&self) -> Vec<Arc<Root>> {
         self.roots.iter().filter_map(Weak::upgrade).collect()

@@ -14,3 +14,4 @@ mod jobs;
 mod open_atomic;
 mod perm_props;
 mod rewire;
+mod tracking;

@@ -155,7 +155,7 @@ fn patch(path: &Path, offset: u64, bytes: &[u8]) {
 
 /// Try to add top read-write with its backing chain from the image; it must fail with
 /// `expect` in the message and change nothing.
-fn refused_and_untouched(c: &Chain, expect: &str, holders: Vec<File>) {
+fn refused_and_untouched(c: &Chain, expect: &str, holders: Vec<File>) -> block::Error {
     let before = c.snapshot();
     let mut graph = Graph::new();
     let existing = graph
@@ -187,6 +187,7 @@ fn refused_and_untouched(c: &Chain, expect: &str, holders: Vec<File>) {
             lock_perm(&f, 0xf, 0).expect("all locks free after the failed open");
         }
     }
+    err
 }
 
 #[test]
@@ -206,7 +207,8 @@ fn chain_opens_when_nothing_fails() {
 fn failed_file_open_changes_nothing() {
     let c = chain();
     std::fs::rename(&c.top, c.top.with_extension("gone")).unwrap();
-    refused_and_untouched(&c, "No such file or directory", vec![]);
+    let err = refused_and_untouched(&c, "No such file or directory", vec![]);
+    assert_eq!(err.errno(), Some(libc::ENOENT), "the cause is kept");
 }
 
 #[test]
@@ -218,7 +220,7 @@ fn top_held_read_only_elsewhere_is_refused_before_any_byte_is_written() {
         Perm::CONSISTENT_READ,
         Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
     );
-    refused_and_untouched(&c, "Failed to get \"write\" lock", vec![qsd]);
+    let _ = refused_and_untouched(&c, "Failed to get \"write\" lock", vec![qsd]);
     assert_eq!(in_use(&c.top), vec![("b".to_string(), false)]);
 }
 
@@ -227,7 +229,7 @@ fn bad_header_changes_nothing() {
     let c = chain();
     // cluster_bits = 40
     patch(&c.top, 20, &40u32.to_be_bytes());
-    refused_and_untouched(&c, "cluster", vec![]);
+    let _ = refused_and_untouched(&c, "cluster", vec![]);
 }
 
 #[test]
@@ -242,7 +244,7 @@ fn bitmap_that_cannot_be_loaded_changes_nothing() {
         .unwrap();
     let bad = u64::from_be_bytes(raw) | 0x2; // a reserved bit
     patch(&c.top, entry, &bad.to_be_bytes());
-    refused_and_untouched(&c, "bitmap 'b'", vec![]);
+    let _ = refused_and_untouched(&c, "bitmap 'b'", vec![]);
     assert_eq!(in_use(&c.top), vec![("b".to_string(), false)]);
 }
 
@@ -250,14 +252,14 @@ fn bitmap_that_cannot_be_loaded_changes_nothing() {
 fn missing_backing_at_depth_two_changes_nothing() {
     let c = chain();
     std::fs::remove_file(&c.base).unwrap();
-    refused_and_untouched(&c, "Could not open backing file", vec![]);
+    let _ = refused_and_untouched(&c, "Could not open backing file", vec![]);
 }
 
 #[test]
 fn backing_at_depth_two_locked_by_a_writer_changes_nothing() {
     let c = chain();
     let writer = hold(&c.base, Perm::CONSISTENT_READ | Perm::WRITE, Perm::NONE);
-    refused_and_untouched(&c, "Failed to get \"consistent read\" lock", vec![writer]);
+    let _ = refused_and_untouched(&c, "Failed to get \"consistent read\" lock", vec![writer]);
 }
 
 #[test]
@@ -267,7 +269,7 @@ fn corrupt_image_refused_when_going_writable_changes_nothing() {
     let img = std::fs::read(&c.top).unwrap();
     let inc = be64(&img, 72) | 0x2;
     patch(&c.top, 72, &inc.to_be_bytes());
-    refused_and_untouched(&c, "corrupt", vec![]);
+    let _ = refused_and_untouched(&c, "corrupt", vec![]);
 }
 
 #[test]
@@ -306,4 +308,46 @@ fn refused_format_over_a_named_file_puts_its_locks_back() {
     assert_eq!(std::fs::read(&c.top).unwrap(), before);
     assert_eq!(file.applied_needs(), block::perm::Needs::default());
     assert_eq!(graph.nodes().len(), 1);
+}
+
+#[test]
+fn reopen_read_only_stores_bitmaps_first_and_read_write_claims_them_again() {
+    let c = chain();
+    let mut graph = Graph::new();
+    let top = graph
+        .add(&qcow2_opts("t", &c.top, false, Some(None)))
+        .unwrap();
+    top.write(0, &[3; 4096]).unwrap();
+    assert_eq!(in_use(&c.top), vec![("b".to_string(), true)]);
+
+    graph.reopen_read_only(&top, true).unwrap();
+
+    assert!(top.read_only());
+    assert_eq!(in_use(&c.top), vec![("b".to_string(), false)]);
+    assert_eq!(
+        top.write(0, &[4; 512]).unwrap_err().raw_os_error(),
+        Some(libc::EPERM)
+    );
+    // Another reader may now share the image; a writer may not.
+    let reader = hold(
+        &c.top,
+        Perm::CONSISTENT_READ,
+        Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+    );
+    let err = graph.reopen_read_only(&top, false).unwrap_err();
+    assert_eq!(err.message(), "Failed to get \"write\" lock");
+    assert!(top.read_only());
+    assert_eq!(in_use(&c.top), vec![("b".to_string(), false)]);
+    drop(reader);
+
+    graph.reopen_read_only(&top, false).unwrap();
+
+    assert_eq!(in_use(&c.top), vec![("b".to_string(), true)]);
+    top.write(8192, &[5; 512]).unwrap();
+    let mut back = [0u8; 4096];
+    top.read(0, &mut back).unwrap();
+    assert_eq!(back, [3; 4096]);
+    assert!(crate::common::count(&top, "b") >= 2 * 65536);
+    graph.close_all();
+    assert_eq!(in_use(&c.top), vec![("b".to_string(), false)]);
 }

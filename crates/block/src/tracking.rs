@@ -1,0 +1,97 @@
+//! Requests in flight on one node, and serialising between overlapping ones.
+//!
+//! Every read and write of a node is tracked for its duration. A job that must not race
+//! writes over a region (a backup's copy of it) takes a *serialising* request: it waits for
+//! overlapping writes in flight, and new overlapping writes wait for it. Reads never wait.
+//! Copy-before-write hooks run before the write is tracked, so the copy they make always
+//! finishes before the write that triggered it lands.
+
+use std::sync::{Condvar, Mutex};
+
+#[derive(Clone, Copy)]
+struct Req {
+    id: u64,
+    offset: u64,
+    end: u64,
+    write: bool,
+    serialising: bool,
+}
+
+impl Req {
+    fn overlaps(&self, offset: u64, end: u64) -> bool {
+        self.offset < end && offset < self.end
+    }
+}
+
+#[derive(Default)]
+struct State {
+    next: u64,
+    reqs: Vec<Req>,
+}
+
+/// The requests in flight on a node.
+#[derive(Default)]
+pub struct Tracker {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// One tracked request; leaves the tracker when dropped.
+pub struct Tracked<'a> {
+    tracker: &'a Tracker,
+    id: u64,
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        let mut s = self.tracker.lock();
+        s.reqs.retain(|r| r.id != self.id);
+        self.tracker.changed.notify_all();
+    }
+}
+
+impl Tracker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Track `[offset, offset+len)`. A write waits for overlapping serialising requests; a
+    /// serialising request waits for overlapping writes and serialising requests.
+    pub fn begin(&self, offset: u64, len: u64, write: bool, serialising: bool) -> Tracked<'_> {
+        let end = offset.saturating_add(len);
+        let mut s = self.lock();
+        loop {
+            let blocked = s.reqs.iter().any(|r| {
+                r.overlaps(offset, end)
+                    && ((write && r.serialising) || (serialising && (r.write || r.serialising)))
+            });
+            if !blocked {
+                break;
+            }
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.next += 1;
+        let id = s.next;
+        s.reqs.push(Req {
+            id,
+            offset,
+            end,
+            write,
+            serialising,
+        });
+        Tracked { tracker: self, id }
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.lock().reqs.len()
+    }
+
+    /// Wait until nothing is in flight (callers stop new requests first: a drained section).
+    pub fn wait_idle(&self) {
+        let mut s = self.lock();
+        while !s.reqs.is_empty() {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}

@@ -10,3 +10,4 @@ mod graph;
 mod hooks;
 mod io_path;
 mod jobs;
+mod qcow2_hostile;

@@ -5,10 +5,94 @@
 //! * `nz` bit `j` ⇔ word `j` is non-zero ("has a dirty granule"), `nz_top` bit `k` ⇔ `nz[k] != 0`;
 //! * `nf` bit `j` ⇔ word `j` is not full ("has a clean granule"), `nf_top` likewise.
 //!
+//! The words themselves live in a [`Leaf`]: sparse (non-zero words only) while few are
+//! non-zero, dense otherwise; every access goes through `Leaf::get` / `Leaf::set`.
+//!
 //! Only the last word of the whole bitmap can be partial; `last_mask` gives the valid
 //! bits of this chunk's last word (`!0` unless it is that word). Bits outside it stay 0.
 
 use crate::bits::{clear_bits, low_bits, lowest, mask_from, mask_incl, set_bits, WORD_BITS};
+
+/// The leaf words of a chunk: all of them, or only the non-zero ones while few are (sparse
+/// dirtying of a large disk leaves most words zero, and the memory then follows the dirty
+/// words). A sparse leaf turns dense once an eighth of its words are non-zero.
+#[derive(Clone)]
+enum Leaf {
+    /// Every word.
+    Dense(Box<[u64]>),
+    /// `len` words, zero except `idx[i]` holding `val[i]` (indices sorted, values non-zero).
+    Sparse {
+        /// Number of words.
+        len: usize,
+        /// Indices of the non-zero words.
+        idx: Vec<u16>,
+        /// Their values.
+        val: Vec<u64>,
+    },
+}
+
+impl Leaf {
+    /// Number of words.
+    fn len(&self) -> usize {
+        match self {
+            Leaf::Dense(w) => w.len(),
+            Leaf::Sparse { len, .. } => *len,
+        }
+    }
+
+    /// Word `j` (`j < len`).
+    #[inline]
+    fn get(&self, j: usize) -> u64 {
+        match self {
+            Leaf::Dense(w) => w[j],
+            Leaf::Sparse { idx, val, .. } => idx.binary_search(&(j as u16)).map_or(0, |k| val[k]),
+        }
+    }
+
+    /// Set word `j` (`j < len`).
+    #[inline]
+    fn set(&mut self, j: usize, v: u64) {
+        match self {
+            Leaf::Dense(w) => w[j] = v,
+            Leaf::Sparse { len, idx, val } => {
+                match (idx.binary_search(&(j as u16)), v) {
+                    (Ok(k), 0) => {
+                        idx.remove(k);
+                        val.remove(k);
+                    }
+                    (Ok(k), v) => val[k] = v,
+                    (Err(_), 0) => {}
+                    (Err(k), v) => {
+                        idx.insert(k, j as u16);
+                        val.insert(k, v);
+                    }
+                }
+                if idx.len() > *len / 8 {
+                    self.make_dense();
+                }
+            }
+        }
+    }
+
+    /// Switch to the dense form.
+    fn make_dense(&mut self) {
+        if let Leaf::Sparse { len, idx, val } = self {
+            let mut w = vec![0u64; *len].into_boxed_slice();
+            for (&i, &v) in idx.iter().zip(val.iter()) {
+                w[i as usize] = v;
+            }
+            *self = Leaf::Dense(w);
+        }
+    }
+
+    /// Heap bytes of the words.
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Leaf::Dense(w) => w.len() * 8,
+            Leaf::Sparse { idx, val, .. } => idx.capacity() * 2 + val.capacity() * 8,
+        }
+    }
+}
 
 /// Most leaf words a chunk holds (32 KiB of leaf, 2^18 granules).
 pub(crate) const MAX_CHUNK_WORDS: usize = 4096;
@@ -20,7 +104,7 @@ const SUMMARY_WORDS: usize = MAX_CHUNK_WORDS / WORD_BITS;
 #[derive(Clone)]
 pub(crate) struct Chunk {
     /// Leaf words: bit `g % 64` of word `g / 64` is local granule `g`.
-    words: Box<[u64]>,
+    words: Leaf,
     /// Bit `j`: `words[j] != 0`.
     nz: [u64; SUMMARY_WORDS],
     /// Bit `j`: `words[j] != full_mask(j)`.
@@ -41,7 +125,11 @@ impl Chunk {
         let n = granules.div_ceil(WORD_BITS);
         debug_assert!(n > 0 && n <= MAX_CHUNK_WORDS);
         let mut chunk = Chunk {
-            words: vec![0u64; n].into_boxed_slice(),
+            words: Leaf::Sparse {
+                len: n,
+                idx: Vec::new(),
+                val: Vec::new(),
+            },
             nz: [0; SUMMARY_WORDS],
             nf: [0; SUMMARY_WORDS],
             nz_top: 0,
@@ -60,7 +148,7 @@ impl Chunk {
         let mut words = vec![!0u64; n].into_boxed_slice();
         words[n - 1] = last_mask;
         let mut chunk = Chunk {
-            words,
+            words: Leaf::Dense(words),
             nz: [0; SUMMARY_WORDS],
             nf: [0; SUMMARY_WORDS],
             nz_top: low_bits(n.div_ceil(WORD_BITS)),
@@ -76,7 +164,7 @@ impl Chunk {
     pub(crate) fn resized(src: &Chunk, granules: usize) -> Chunk {
         let mut chunk = Chunk::clean(granules);
         for j in 0..chunk.words.len().min(src.words.len()) {
-            chunk.store(j, src.words[j] & chunk.full_mask(j));
+            chunk.store(j, src.words.get(j) & chunk.full_mask(j));
         }
         chunk
     }
@@ -112,13 +200,17 @@ impl Chunk {
     /// Leaf word `j` (0 past the end).
     #[inline]
     pub(crate) fn word(&self, j: usize) -> u64 {
-        self.words.get(j).copied().unwrap_or(0)
+        if j < self.words.len() {
+            self.words.get(j)
+        } else {
+            0
+        }
     }
 
-    /// All leaf words.
+    /// Number of leaf words.
     #[inline]
-    pub(crate) fn words(&self) -> &[u64] {
-        &self.words
+    pub(crate) fn word_count(&self) -> usize {
+        self.words.len()
     }
 
     /// Whether local granule `l` is dirty.
@@ -140,12 +232,12 @@ impl Chunk {
     /// Replaces word `j` (which must stay inside `full_mask(j)`), keeping summaries and count.
     #[inline]
     pub(crate) fn store(&mut self, j: usize, new: u64) {
-        let old = self.words[j];
+        let old = self.words.get(j);
         if old == new {
             return;
         }
         debug_assert_eq!(new & !self.full_mask(j), 0);
-        self.words[j] = new;
+        self.words.set(j, new);
         self.dirty = self.dirty - old.count_ones() + new.count_ones();
         let (k, bit) = (j / WORD_BITS, 1u64 << (j % WORD_BITS));
         if (old == 0) != (new == 0) {
@@ -176,13 +268,13 @@ impl Chunk {
     /// Sets the bits `mask` (inside `full_mask(j)`) of word `j`: the marking hot path.
     #[inline]
     fn or_word(&mut self, j: usize, mask: u64) {
-        let old = self.words[j];
+        let old = self.words.get(j);
         let new = old | mask;
         if new == old {
             return;
         }
         debug_assert_eq!(new & !self.full_mask(j), 0);
-        self.words[j] = new;
+        self.words.set(j, new);
         self.dirty += (new ^ old).count_ones();
         let (k, bit) = (j / WORD_BITS, 1u64 << (j % WORD_BITS));
         if old == 0 {
@@ -216,13 +308,13 @@ impl Chunk {
         let (first, last) = (lo / WORD_BITS, (hi - 1) / WORD_BITS);
         if first == last {
             let mask = mask_incl(lo % WORD_BITS, (hi - 1) % WORD_BITS);
-            self.store(first, self.words[first] & !mask);
+            self.store(first, self.words.get(first) & !mask);
             return;
         }
-        self.store(first, self.words[first] & !mask_from(lo % WORD_BITS));
+        self.store(first, self.words.get(first) & !mask_from(lo % WORD_BITS));
         self.fill_words(first + 1, last, false);
         let mask = mask_incl(0, (hi - 1) % WORD_BITS);
-        self.store(last, self.words[last] & !mask);
+        self.store(last, self.words.get(last) & !mask);
     }
 
     /// Sets words `a..b` to all ones (`on`) or zero. They must not include the last word,
@@ -232,11 +324,23 @@ impl Chunk {
             return;
         }
         debug_assert!(b < self.words.len());
-        let range = &mut self.words[a..b];
-        let before: u32 = range.iter().map(|w| w.count_ones()).sum();
+        let before: u32 = match &self.words {
+            Leaf::Dense(w) => w[a..b].iter().map(|w| w.count_ones()).sum(),
+            Leaf::Sparse { idx, val, .. } => idx
+                .iter()
+                .zip(val)
+                .filter(|(&i, _)| (a..b).contains(&(i as usize)))
+                .map(|(_, v)| v.count_ones())
+                .sum(),
+        };
         let (ka, kb) = (a / WORD_BITS, (b - 1) / WORD_BITS + 1);
         if on {
-            range.fill(!0);
+            if b - a > self.words.len() / 8 {
+                self.words.make_dense();
+            }
+            for j in a..b {
+                self.words.set(j, !0);
+            }
             self.dirty = self.dirty - before + (WORD_BITS * (b - a)) as u32;
             set_bits(&mut self.nz, a, b);
             set_bits(std::slice::from_mut(&mut self.nz_top), ka, kb);
@@ -247,7 +351,15 @@ impl Chunk {
                 }
             }
         } else {
-            range.fill(0);
+            match &mut self.words {
+                Leaf::Dense(w) => w[a..b].fill(0),
+                Leaf::Sparse { idx, val, .. } => {
+                    let lo = idx.partition_point(|&i| (i as usize) < a);
+                    let hi = idx.partition_point(|&i| (i as usize) < b);
+                    idx.drain(lo..hi);
+                    val.drain(lo..hi);
+                }
+            }
             self.dirty -= before;
             clear_bits(&mut self.nz, a, b);
             for k in ka..kb {
@@ -271,7 +383,7 @@ impl Chunk {
             while sub != 0 {
                 let j = k * WORD_BITS + lowest(sub);
                 sub &= sub - 1;
-                self.store(j, self.words[j] | other.words[j]);
+                self.store(j, self.words.get(j) | other.words.get(j));
             }
         }
     }
@@ -279,35 +391,47 @@ impl Chunk {
     /// The first dirty local granule at or after `l`.
     pub(crate) fn next_dirty(&self, l: usize) -> Option<usize> {
         let j = l / WORD_BITS;
-        let word = self.words.get(j)? & mask_from(l % WORD_BITS);
+        if j >= self.words.len() {
+            return None;
+        }
+        let word = self.words.get(j) & mask_from(l % WORD_BITS);
         if word != 0 {
             return Some(j * WORD_BITS + lowest(word));
         }
         let j = next_in_two_levels(self.nz_top, &self.nz, j + 1)?;
-        Some(j * WORD_BITS + lowest(self.words[j]))
+        Some(j * WORD_BITS + lowest(self.words.get(j)))
     }
 
     /// The first clean local granule at or after `l`.
     pub(crate) fn next_clean(&self, l: usize) -> Option<usize> {
         let j = l / WORD_BITS;
-        let word = !self.words.get(j)? & self.full_mask(j) & mask_from(l % WORD_BITS);
+        if j >= self.words.len() {
+            return None;
+        }
+        let word = !self.words.get(j) & self.full_mask(j) & mask_from(l % WORD_BITS);
         if word != 0 {
             return Some(j * WORD_BITS + lowest(word));
         }
         let j = next_in_two_levels(self.nf_top, &self.nf, j + 1)?;
-        Some(j * WORD_BITS + lowest(!self.words[j] & self.full_mask(j)))
+        Some(j * WORD_BITS + lowest(!self.words.get(j) & self.full_mask(j)))
     }
 
     /// Heap bytes used by this chunk (including its box).
     pub(crate) fn heap_bytes(&self) -> usize {
-        std::mem::size_of::<Chunk>() + self.words.len() * 8
+        std::mem::size_of::<Chunk>() + self.words.heap_bytes()
     }
 
     /// Checks every summary bit and the count against the words (tests only).
     #[cfg(test)]
     pub(crate) fn check(&self) {
         let mut dirty = 0;
-        for (j, &w) in self.words.iter().enumerate() {
+        if let Leaf::Sparse { len, idx, val } = &self.words {
+            assert!(idx.windows(2).all(|p| p[0] < p[1]), "sparse indices sorted");
+            assert!(val.iter().all(|&v| v != 0), "sparse values non-zero");
+            assert!(idx.len() <= len / 8, "sparse leaf over its limit");
+        }
+        for j in 0..self.words.len() {
+            let w = self.words.get(j);
             let (k, b) = (j / WORD_BITS, j % WORD_BITS);
             assert_eq!(w & !self.full_mask(j), 0, "bits past the end in word {j}");
             assert_eq!((self.nz[k] >> b) & 1 != 0, w != 0, "nz bit {j}");

@@ -20,7 +20,7 @@
 //!          ─ any_clean: Summary (bit per chunk: has a clean granule; multi-level)
 //!          ─ chunks: [Option<Box<Chunk>>]   None = all clean (costs 8 bytes)
 //!                          │
-//!                          Chunk: 4096 leaf words (2^18 granules, 32 KiB)
+//!                          Chunk: 4096 leaf words (2^18 granules; sparse, or dense 32 KiB)
 //!                                 nz/nf: bit per word (non-zero / not full) + a top word each
 //! ```
 //! * `bitmap` — [`HBitmap`]: construction, set/reset, searches, merge, resize.
@@ -30,9 +30,12 @@
 //! * [`sha256`] — FIPS 180-4 SHA-256 for `x-debug-block-dirty-bitmap-sha256`.
 //! * `error` — [`Error`].
 //!
-//! Memory: a chunk is allocated the first time one of its granules is dirtied (so a
-//! `set` allocates at most once per 2^18 granules, then never) and freed when a reset
-//! makes it clean. Clean areas cost 8 bytes of directory per chunk plus two summary bits.
+//! Memory: a chunk is allocated the first time one of its granules is dirtied and freed when
+//! a reset makes it clean. Its leaf starts sparse (only the non-zero words, ~10 bytes each)
+//! and turns dense (32 KiB) once an eighth of its words are non-zero, so scattered dirtying
+//! costs memory by dirty words, not by disk size: 1 GiB of scattered 64 KiB writes on a
+//! 1 TiB disk at 64 KiB granularity takes ~0.3 MiB instead of 2 MiB. Clean areas cost 8
+//! bytes of directory per chunk plus two summary bits; a chunk's fixed part is ~1 KiB.
 //! A fully dirty bitmap costs ~1 bit per granule plus ~3 %: 64 GiB at 64 KiB ≈ 130 KiB,
 //! 64 TiB at 64 KiB ≈ 130 MiB.
 

@@ -41,10 +41,10 @@ impl HBitmap {
             let (head, rest) = out.split_at_mut(out.len().min(span * 8));
             match self.chunk(j >> shift) {
                 Some(ch) => {
-                    let words = ch.words().get(local..).unwrap_or(&[]);
+                    let words = local..ch.word_count().max(local);
                     let mut pieces = head.chunks_mut(8);
-                    for (word, piece) in words.iter().zip(&mut pieces) {
-                        piece.copy_from_slice(&word.to_le_bytes()[..piece.len()]);
+                    for (j, piece) in words.zip(&mut pieces) {
+                        piece.copy_from_slice(&ch.word(j).to_le_bytes()[..piece.len()]);
                     }
                     pieces.for_each(|piece| piece.fill(0));
                 }

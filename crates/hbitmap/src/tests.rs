@@ -127,15 +127,44 @@ fn get_reports_the_granule_of_the_offset() {
 }
 
 #[test]
-fn set_allocates_only_on_first_touch_of_a_chunk() {
+fn a_chunk_grows_with_its_dirty_words_and_never_beyond_its_dense_size() {
     let mut b = bitmap(TIB, 64 * KIB);
     b.set(0, 4096);
-    let used = b.memory_usage();
-    for i in 1..1000 {
+    let first = b.memory_usage();
+    let mut last = first;
+    for i in 1..(1 << 18) {
         b.set(i * 64 * KIB, 4096);
+        if i % 4096 == 0 {
+            let now = b.memory_usage();
+            assert!(now >= last, "memory shrank while dirtying");
+            last = now;
+        }
     }
     assert_eq!(b.allocated_chunks(), 1);
-    assert_eq!(b.memory_usage(), used);
+    // Fully dirty: the dense leaf (32 KiB) plus the fixed part; never more.
+    assert!(b.memory_usage() - first <= 32 * KIB as usize + 4096);
+}
+
+#[test]
+fn scattered_dirtying_costs_memory_by_dirty_words_not_disk_size() {
+    // 1 GiB of 64 KiB writes spread over 1 TiB: 16384 granules, 1 in 1024.
+    let mut b = bitmap(TIB, 64 * KIB);
+    for i in 0..16384u64 {
+        b.set(i * 1024 * 64 * KIB + (i % 7) * 64 * KIB, 64 * KIB);
+    }
+    assert_eq!(b.dirty_granules(), 16384);
+    assert_eq!(b.allocated_chunks(), 64);
+    let dense = 64 * 32 * KIB as usize;
+    assert!(
+        b.memory_usage() < dense / 4,
+        "{} bytes for 16384 scattered granules",
+        b.memory_usage()
+    );
+    let back = HBitmap::from_bytes(TIB, 64 * KIB, &b.to_bytes()).expect("round trip");
+    assert_eq!(
+        back.dirty_ranges(0, TIB).collect::<Vec<_>>(),
+        b.dirty_ranges(0, TIB).collect::<Vec<_>>()
+    );
 }
 
 #[test]

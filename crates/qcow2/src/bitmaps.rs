@@ -143,6 +143,10 @@ pub fn data_len(size: u64, granularity_bits: u32) -> u64 {
     size.div_ceil(1u64 << granularity_bits).div_ceil(8)
 }
 
+/// Most bitmap data one image may need in memory, all bitmaps together (8 bitmaps at 512 B
+/// granularity on a 2 TiB disk). Beyond it the image is refused rather than loaded.
+pub const MAX_TOTAL_BITMAP_BYTES: u64 = 4 << 30;
+
 /// Refuse a bitmap whose data for the image's virtual size would exceed what any valid image
 /// can store (QEMU's limit on one bitmap, `MAX_PHYS_BYTES`). An entry not in use already
 /// passes (its table covers the disk within that limit); an in-use one may predate a resize

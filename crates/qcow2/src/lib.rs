@@ -511,8 +511,20 @@ impl Qcow2 {
         self.check_open()?;
         let mut m = self.lock()?;
         let entries = m.bitmaps.clone();
+        let mut total = 0u64;
         for e in &entries {
             bitmaps::check_memory(e, m.header.raw.size)?;
+            total += bitmaps::data_len(m.header.raw.size, e.granularity_bits as u32);
+        }
+        if total > bitmaps::MAX_TOTAL_BITMAP_BYTES {
+            return Err(Error::plain(
+                ErrorKind::InvalidImage,
+                format!(
+                    "Bitmaps of this image are too big: together they need {total} bytes, more \
+                     than the limit of {}",
+                    bitmaps::MAX_TOTAL_BITMAP_BYTES
+                ),
+            ));
         }
         let mut out = Vec::with_capacity(entries.len());
         let size = m.header.raw.size;

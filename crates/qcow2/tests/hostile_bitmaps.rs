@@ -244,3 +244,25 @@ fn bits_lent_past_the_end_of_the_disk_are_not_stored() {
         "only bits past the disk: nothing stored"
     );
 }
+
+#[test]
+fn bitmaps_needing_too_much_memory_together_are_refused() {
+    // 2 TiB disk, 9 bitmaps each patched to 512 B granularity: 512 MiB each (QEMU's limit
+    // for one), 4.5 GiB together. Tables cost nothing in the file when all-zero.
+    let names = ["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8"];
+    let mut b = image_with_bitmaps(2 << 40, 16, &names, 1 << 20);
+    for n in names {
+        let e = dir_entry(&b, n);
+        b[e + 12..e + 16].copy_from_slice(&1u32.to_be_bytes());
+        b[e + 17] = 9;
+    }
+    let mem = Arc::new(MemStorage::from_bytes(b));
+    let img = Qcow2::open(mem, OpenOptions { read_only: true }).expect("open");
+    let err = img.load_bitmaps().expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::InvalidImage);
+    assert!(
+        err.to_string()
+            .contains("too big: together they need 4831838208 bytes"),
+        "{err}"
+    );
+}

@@ -153,14 +153,15 @@ impl CacheCleaner {
                 let (lock, cv) = &*flag;
                 let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
                 loop {
+                    // Checked before every wait: a stop may come before the first one.
+                    if *stopped {
+                        return;
+                    }
                     let (guard, timeout) = cv
                         .wait_timeout(stopped, Duration::from_secs(secs))
                         .unwrap_or_else(|p| p.into_inner());
                     stopped = guard;
-                    if *stopped {
-                        return;
-                    }
-                    if timeout.timed_out() {
+                    if timeout.timed_out() && !*stopped {
                         let Some(image) = weak.upgrade() else { return };
                         let dropped = image.clean_caches();
                         tracing::debug!(dropped, "qcow2 cache clean");
@@ -194,6 +195,25 @@ mod tests {
 
     fn plan(o: Qcow2CacheOptions, size: u64) -> Result<CachePlan, String> {
         o.plan(size, 65536)
+    }
+
+    #[test]
+    fn a_cleaner_stopped_at_once_does_not_wait_out_its_interval() {
+        let mem = Arc::new(qcow2::MemStorage::new());
+        let opts = qcow2::CreateOptions {
+            size: GIB,
+            ..Default::default()
+        };
+        Qcow2::create(mem.as_ref(), &opts).expect("create");
+        let image = Arc::new(Qcow2::open(mem, qcow2::OpenOptions::default()).expect("open"));
+        for _ in 0..50 {
+            let t = std::time::Instant::now();
+            drop(CacheCleaner::start(&image, 600));
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "stop waited for the interval"
+            );
+        }
     }
 
     #[test]

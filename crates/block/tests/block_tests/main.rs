@@ -15,3 +15,4 @@ mod open_atomic;
 mod perm_props;
 mod rewire;
 mod tracking;
+mod qcow2_hostile;

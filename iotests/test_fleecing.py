@@ -291,7 +291,7 @@ def small_fleece(make_daemon, tmp_path, scratch_opts=None, access_opts=None, cbw
     sock = start_unix_server(d)
     scratch = raw_scratch(tmp_path / "scratch.raw", size, **(scratch_opts or {}))
     setup_fleece(d, tmp_path, scratch=scratch, access_opts=access_opts, cbw_opts=cbw_opts)
-    export(d, "access", "view", "view", writable=True)
+    export(d, "access", "view", "view", writable=True, allocation_depth=True)
     export(d, "cbw", "guest", "guest", writable=True)
     return d, sock, tmp_path / "scratch.raw"
 
@@ -310,6 +310,11 @@ def test_view_keeps_old_data_under_partial_zero_and_new_writes(make_daemon, tmp_
     # exactly the touched clusters were copied, whole (checked before any read: reading a
     # zeroed range through the page cache makes it look like data to SEEK_DATA)
     assert data_extents(scratch) == [(0, 65536), (1 << 20, 65536), (2 << 20, 65536)]
+    # the view's map is the old allocation (copied zeros stay zeros), every byte at depth 1
+    assert data_nbd.nbdinfo_map(uri(sock, "view")) == [(0, 3 << 20, 0), (3 << 20, 1 << 20, 3)]
+    assert data_nbd.nbdinfo_map(uri(sock, "view"), "qemu:allocation-depth") == [(0, 4 << 20, 1)]
+    assert data_nbd.nbdinfo_map(uri(sock, "guest")) == [(0, 2 << 20, 0), (2 << 20, 65536, 3),
+                                                         (2162688, 1 << 20, 0), (3211264, 983040, 3)]
     p = qemu_io_uri(uri(sock, "view"), "read -P 0x11 0 1M", "read -P 0x22 1M 1M", "read -P 0x44 2M 1M",
                     "read -P 0 3M 1M", read_only=True)
     assert p.returncode == 0 and "verification" not in p.stdout and "failed" not in p.stdout, p.stdout

@@ -367,6 +367,11 @@ impl SnapshotApi for CbwDriver {
                 let mut st = sh.lock();
                 st.reading.remove(pos, stop);
                 sh.changed.notify_all();
+                // Broken meanwhile (break-snapshot no longer waits for readers): the bytes
+                // may be new ones, so they are not handed out as the snapshot's.
+                if st.broken.is_some() {
+                    return Err(errno(libc::EACCES));
+                }
                 r
             };
             result?;
@@ -397,7 +402,14 @@ impl SnapshotApi for CbwDriver {
             };
             Ok((s, n))
         } else {
+            // As QEMU asks the disk itself: unallocated with nothing below reads as zeros,
+            // which the view reports as allocated zeros (allocation depth 1).
             let (s, _, n) = sh.source.status_above(offset, stop - offset)?;
+            let s = if s == BlockStatus::Unallocated {
+                BlockStatus::Zero
+            } else {
+                s
+            };
             Ok((s, n))
         }
     }

@@ -356,6 +356,15 @@ def test_bitmap_limits_protected_and_readable_regions(make_daemon, tmp_path):
     # names are looked up from the exported node: snapshot-access is no filter over the disk
     err = d.err("block-export-add", {"type": "nbd", "id": "v", "node-name": "access", "bitmaps": ["b0"]})
     assert err["desc"] == "Bitmap 'b0' is not found"
+    # ... while the filter is one: the name form finds the disk's bitmap below it
+    export(d, "cbw", "filtered", "filtered", bitmaps=["b0"])
+    assert nbdinfo_list(uri(sock))["filtered"]["contexts"] == ["base:allocation", "qemu:dirty-bitmap:b0"]
+    assert dirty_ranges(data_nbd.nbdinfo_map(uri(sock, "filtered"), "qemu:dirty-bitmap:b0")) == [(65536, 65536)]
+    # an exported bitmap is busy for a second export
+    err = d.err("block-export-add", {"type": "nbd", "id": "v", "node-name": "access",
+                                     "bitmaps": [{"node": "disk", "name": "b0"}]})
+    assert err["desc"] == "Bitmap 'b0' is currently in use by another operation and cannot be used"
+    unexport_idle(d, "filtered")
     export(d, "access", "view", "view", bitmaps=[{"node": "disk", "name": "b0"}])
     export(d, "cbw", "guest", "guest", writable=True)
     p = qemu_io_uri(uri(sock, "guest"), "write -P 0x33 0 256k")

@@ -585,6 +585,11 @@ def test_sync_none_backup_into_overlay_exported_read_only(make_daemon, tmp_path)
     compare(pulled, frozen)
     assert d.err("blockdev-del", node_name="scratch")["desc"] == "Node scratch is in use"
     unexport_idle(d, "view")
+    busy = "Node 'scratch' is busy: block device is in use by block job: backup"
+    assert d.err("blockdev-del", node_name="scratch")["desc"] == busy
+    # the job's filter took over the writer's export
+    assert d.ok("query-block-exports") == [{"type": "nbd", "id": "guest", "node-name": "bf",
+                                            "shutting-down": False}]
     d.ok("job-cancel", id="fl")
     d.event_wait("BLOCK_JOB_CANCELLED", match={"device": "fl"})
     d.ok("blockdev-del", node_name="scratch")

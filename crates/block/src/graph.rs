@@ -471,12 +471,19 @@ impl Graph {
                 "Node {name} is not owned by the monitor"
             )));
         }
-        // QEMU checks users (BlockBackends: exports, devices, jobs) before parents.
-        if node.first_user().is_some() {
+        // QEMU's order: users with a BlockBackend (exports, devices) first, then op blockers
+        // (jobs: users named "block job: ..."; a backing child is blocked by its overlay),
+        // then any other parent.
+        let users = node.users();
+        if users.iter().any(|u| !u.starts_with("block job")) {
             return Err(Error::generic(format!("Node {name} is in use")));
         }
+        if let Some(job) = users.first() {
+            return Err(Error::generic(format!(
+                "Node '{name}' is busy: block device is in use by {job}"
+            )));
+        }
         let parents = self.parents(&node);
-        // Then QEMU's op blockers: a backing child is blocked by its overlay.
         if let Some((overlay, _)) = parents.iter().find(|(_, role)| *role == "backing") {
             return Err(Error::generic(format!(
                 "Node '{name}' is busy: node is used as backing hd of '{}'",

@@ -201,6 +201,11 @@ impl Node {
             .cloned()
     }
 
+    /// Every registered user, oldest first.
+    pub fn users(&self) -> Vec<String> {
+        self.users.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// A user that writes through this node came (`true`) or went (`false`).
     pub fn set_writer(&self, came: bool) {
         if came {

@@ -399,6 +399,12 @@ def test_reader_discard_frees_scratch_and_stops_protection(make_daemon, tmp_path
     assert allocated(scratch) == before
     assert c.read(2 << 20, 512)[0] == EINVAL
     c.disconnect()
+    # the filter's own bitmaps, newest first: readable, needing no copy any more (copied or
+    # written after release), still to copy
+    counts = [(b["count"], b["granularity"], b["recording"], "name" in b) for b in d.bitmaps("cbw")]
+    readable = (4 << 20) - (448 << 10) - (1 << 20)
+    assert counts == [(readable, CLUSTER, False, False), (2 << 20, CLUSTER, False, False),
+                      ((4 << 20) - (1 << 20) - (1 << 20), CLUSTER, False, False)]
     teardown_fleece(d, "view", "guest")
 
 

@@ -178,6 +178,11 @@ pub trait Driver: Send + Sync {
     fn set_read_only(&self, _read_only: bool) -> io::Result<()> {
         Ok(())
     }
+    /// Anonymous, disabled bitmaps the driver keeps for itself, as the queries list them
+    /// (newest first): (granularity, dirty bytes). Default: none.
+    fn internal_bitmaps(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
     /// The point-in-time view a copy-before-write filter offers to `snapshot-access`.
     fn snapshot_api(&self) -> Option<&dyn SnapshotApi> {
         None

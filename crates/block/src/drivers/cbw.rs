@@ -260,6 +260,11 @@ impl Shared {
             }
         }
         let mut st = self.lock();
+        if st.broken.is_none() {
+            // As QEMU: the whole range needs no copy any more (copied now or before, or not
+            // protected), which the queries count as done.
+            st.done.set(start, end - start);
+        }
         while st.reading.intersects(start, end) {
             st = self.wait(st);
         }
@@ -493,6 +498,12 @@ impl Driver for CbwDriver {
     }
     fn snapshot_api(&self) -> Option<&dyn SnapshotApi> {
         Some(self)
+    }
+    fn internal_bitmaps(&self) -> Vec<(u64, u64)> {
+        // QEMU lists the access, done and copy bitmaps (newest first).
+        let (to_copy, done, access) = self.counts();
+        let g = self.shared.cluster;
+        vec![(g, access), (g, done), (g, to_copy)]
     }
 }
 

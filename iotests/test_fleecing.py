@@ -326,6 +326,12 @@ def test_view_keeps_old_data_under_partial_zero_and_new_writes(make_daemon, tmp_
     assert (nodes["cbw"]["drv"], nodes["cbw"]["file"]) == ("copy-before-write", disk_file)
     assert (nodes["access"]["drv"], nodes["access"]["file"], nodes["access"]["ro"]) == \
         ("snapshot-access", disk_file, False)
+    disk_image = nodes["disk"]["image"]
+    assert nodes["access"]["image"] == {"filename": disk_file, "format": "snapshot-access", "virtual-size": 4 << 20,
+                                        "actual-size": disk_image["actual-size"]}
+    assert nodes["cbw"]["image"] == {"filename": disk_file, "format": "copy-before-write", "virtual-size": 4 << 20,
+                                     "actual-size": disk_image["actual-size"], "cluster-size": 65536,
+                                     "dirty-flag": False}
     # writes to the view are refused
     c = client(sock, "view")
     assert c.write(0, b"x" * 512)[0] == ENOTSUP

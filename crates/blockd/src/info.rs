@@ -98,7 +98,8 @@ pub fn image_info(node: &NodeRef, chain: bool) -> t::ImageInfo {
     t::ImageInfo {
         filename: facts.filename.clone(),
         format: node.driver_name().to_string(),
-        dirty_flag: Some(facts.dirty_flag),
+        // snapshot-access has no image info to give (QEMU's get_info fails): no dirty flag.
+        dirty_flag: (node.driver_name() != "snapshot-access").then_some(facts.dirty_flag),
         actual_size: facts.actual_size.map(|a| a as i64),
         virtual_size: node.size() as i64,
         cluster_size: facts.cluster_size.map(|c| c as i64),

@@ -639,3 +639,30 @@ def test_filter_with_a_user_unshares_write_on_the_disk(make_daemon, tmp_path):
     assert qemu_io_uri(uri(sock, "ro"), "read -P 0x11 0 1M", read_only=True).returncode == 0
     unexport_idle(d, "ro")
     teardown_fleece(d)
+
+
+def test_two_filters_on_one_disk_conflict_once_used(make_daemon, tmp_path):
+    size = 4 << 20
+    disk = filled_qcow2(tmp_path / "disk.qcow2", size)
+    d = make_daemon(*disk_args(disk))
+    start_unix_server(d)
+    for i in (1, 2):
+        d.ok("blockdev-add", raw_scratch(tmp_path / f"s{i}.raw", size) | {"node-name": f"s{i}"})
+        d.ok("blockdev-add", {"driver": "copy-before-write", "node-name": f"c{i}", "file": "disk",
+                              "target": f"s{i}"})
+
+    def conflict(writer, unsharer):
+        return (f"Permission conflict on node 'disk': permissions 'write' are both required by node '{writer}' "
+                f"(uses node 'disk' as 'file' child) and unshared by node '{unsharer}' (uses node 'disk' as "
+                "'file' child).")
+
+    d.ok("blockdev-add", {"driver": "snapshot-access", "node-name": "a1", "file": "c1"})
+    err = d.err("block-export-add", {"type": "nbd", "id": "w2", "node-name": "c2", "writable": True})
+    assert err["desc"] == conflict("c2", "c1")
+    d.ok("blockdev-del", node_name="a1")
+    export(d, "c1", "w1", "w1", writable=True)
+    err = d.err("block-export-add", {"type": "nbd", "id": "w2", "node-name": "c2", "writable": True})
+    assert err["desc"] == conflict("c1", "c2")
+    err = d.err("blockdev-add", {"driver": "snapshot-access", "node-name": "a2", "file": "c2"})
+    assert err["desc"] == conflict("c1", "c2")
+    unexport_idle(d, "w1")

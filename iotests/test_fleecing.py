@@ -291,7 +291,7 @@ def small_fleece(make_daemon, tmp_path, scratch_opts=None, access_opts=None, cbw
     sock = start_unix_server(d)
     scratch = raw_scratch(tmp_path / "scratch.raw", size, **(scratch_opts or {}))
     setup_fleece(d, tmp_path, scratch=scratch, access_opts=access_opts, cbw_opts=cbw_opts)
-    export(d, "access", "view", "view", writable=True)
+    export(d, "access", "view", "view", writable=True, allocation_depth=True)
     export(d, "cbw", "guest", "guest", writable=True)
     return d, sock, tmp_path / "scratch.raw"
 
@@ -310,6 +310,11 @@ def test_view_keeps_old_data_under_partial_zero_and_new_writes(make_daemon, tmp_
     # exactly the touched clusters were copied, whole (checked before any read: reading a
     # zeroed range through the page cache makes it look like data to SEEK_DATA)
     assert data_extents(scratch) == [(0, 65536), (1 << 20, 65536), (2 << 20, 65536)]
+    # the view's map is the old allocation (copied zeros stay zeros), every byte at depth 1
+    assert data_nbd.nbdinfo_map(uri(sock, "view")) == [(0, 3 << 20, 0), (3 << 20, 1 << 20, 3)]
+    assert data_nbd.nbdinfo_map(uri(sock, "view"), "qemu:allocation-depth") == [(0, 4 << 20, 1)]
+    assert data_nbd.nbdinfo_map(uri(sock, "guest")) == [(0, 2 << 20, 0), (2 << 20, 65536, 3),
+                                                         (2162688, 1 << 20, 0), (3211264, 983040, 3)]
     p = qemu_io_uri(uri(sock, "view"), "read -P 0x11 0 1M", "read -P 0x22 1M 1M", "read -P 0x44 2M 1M",
                     "read -P 0 3M 1M", read_only=True)
     assert p.returncode == 0 and "verification" not in p.stdout and "failed" not in p.stdout, p.stdout
@@ -321,6 +326,12 @@ def test_view_keeps_old_data_under_partial_zero_and_new_writes(make_daemon, tmp_
     assert (nodes["cbw"]["drv"], nodes["cbw"]["file"]) == ("copy-before-write", disk_file)
     assert (nodes["access"]["drv"], nodes["access"]["file"], nodes["access"]["ro"]) == \
         ("snapshot-access", disk_file, False)
+    disk_image = nodes["disk"]["image"]
+    assert nodes["access"]["image"] == {"filename": disk_file, "format": "snapshot-access", "virtual-size": 4 << 20,
+                                        "actual-size": disk_image["actual-size"]}
+    assert nodes["cbw"]["image"] == {"filename": disk_file, "format": "copy-before-write", "virtual-size": 4 << 20,
+                                     "actual-size": disk_image["actual-size"], "cluster-size": 65536,
+                                     "dirty-flag": False}
     # writes to the view are refused
     c = client(sock, "view")
     assert c.write(0, b"x" * 512)[0] == ENOTSUP
@@ -351,6 +362,15 @@ def test_bitmap_limits_protected_and_readable_regions(make_daemon, tmp_path):
     # names are looked up from the exported node: snapshot-access is no filter over the disk
     err = d.err("block-export-add", {"type": "nbd", "id": "v", "node-name": "access", "bitmaps": ["b0"]})
     assert err["desc"] == "Bitmap 'b0' is not found"
+    # ... while the filter is one: the name form finds the disk's bitmap below it
+    export(d, "cbw", "filtered", "filtered", bitmaps=["b0"])
+    assert nbdinfo_list(uri(sock))["filtered"]["contexts"] == ["base:allocation", "qemu:dirty-bitmap:b0"]
+    assert dirty_ranges(data_nbd.nbdinfo_map(uri(sock, "filtered"), "qemu:dirty-bitmap:b0")) == [(65536, 65536)]
+    # an exported bitmap is busy for a second export
+    err = d.err("block-export-add", {"type": "nbd", "id": "v", "node-name": "access",
+                                     "bitmaps": [{"node": "disk", "name": "b0"}]})
+    assert err["desc"] == "Bitmap 'b0' is currently in use by another operation and cannot be used"
+    unexport_idle(d, "filtered")
     export(d, "access", "view", "view", bitmaps=[{"node": "disk", "name": "b0"}])
     export(d, "cbw", "guest", "guest", writable=True)
     p = qemu_io_uri(uri(sock, "guest"), "write -P 0x33 0 256k")
@@ -385,6 +405,12 @@ def test_reader_discard_frees_scratch_and_stops_protection(make_daemon, tmp_path
     assert allocated(scratch) == before
     assert c.read(2 << 20, 512)[0] == EINVAL
     c.disconnect()
+    # the filter's own bitmaps, newest first: readable, needing no copy any more (copied or
+    # written after release), still to copy
+    counts = [(b["count"], b["granularity"], b["recording"], "name" in b) for b in d.bitmaps("cbw")]
+    readable = (4 << 20) - (448 << 10) - (1 << 20)
+    assert counts == [(readable, CLUSTER, False, False), (2 << 20, CLUSTER, False, False),
+                      ((4 << 20) - (1 << 20) - (1 << 20), CLUSTER, False, False)]
     teardown_fleece(d, "view", "guest")
 
 
@@ -571,6 +597,11 @@ def test_sync_none_backup_into_overlay_exported_read_only(make_daemon, tmp_path)
     compare(pulled, frozen)
     assert d.err("blockdev-del", node_name="scratch")["desc"] == "Node scratch is in use"
     unexport_idle(d, "view")
+    busy = "Node 'scratch' is busy: block device is in use by block job: backup"
+    assert d.err("blockdev-del", node_name="scratch")["desc"] == busy
+    # the job's filter took over the writer's export
+    assert d.ok("query-block-exports") == [{"type": "nbd", "id": "guest", "node-name": "bf",
+                                            "shutting-down": False}]
     d.ok("job-cancel", id="fl")
     d.event_wait("BLOCK_JOB_CANCELLED", match={"device": "fl"})
     d.ok("blockdev-del", node_name="scratch")
@@ -608,3 +639,30 @@ def test_filter_with_a_user_unshares_write_on_the_disk(make_daemon, tmp_path):
     assert qemu_io_uri(uri(sock, "ro"), "read -P 0x11 0 1M", read_only=True).returncode == 0
     unexport_idle(d, "ro")
     teardown_fleece(d)
+
+
+def test_two_filters_on_one_disk_conflict_once_used(make_daemon, tmp_path):
+    size = 4 << 20
+    disk = filled_qcow2(tmp_path / "disk.qcow2", size)
+    d = make_daemon(*disk_args(disk))
+    start_unix_server(d)
+    for i in (1, 2):
+        d.ok("blockdev-add", raw_scratch(tmp_path / f"s{i}.raw", size) | {"node-name": f"s{i}"})
+        d.ok("blockdev-add", {"driver": "copy-before-write", "node-name": f"c{i}", "file": "disk",
+                              "target": f"s{i}"})
+
+    def conflict(writer, unsharer):
+        return (f"Permission conflict on node 'disk': permissions 'write' are both required by node '{writer}' "
+                f"(uses node 'disk' as 'file' child) and unshared by node '{unsharer}' (uses node 'disk' as "
+                "'file' child).")
+
+    d.ok("blockdev-add", {"driver": "snapshot-access", "node-name": "a1", "file": "c1"})
+    err = d.err("block-export-add", {"type": "nbd", "id": "w2", "node-name": "c2", "writable": True})
+    assert err["desc"] == conflict("c2", "c1")
+    d.ok("blockdev-del", node_name="a1")
+    export(d, "c1", "w1", "w1", writable=True)
+    err = d.err("block-export-add", {"type": "nbd", "id": "w2", "node-name": "c2", "writable": True})
+    assert err["desc"] == conflict("c1", "c2")
+    err = d.err("blockdev-add", {"driver": "snapshot-access", "node-name": "a2", "file": "c2"})
+    assert err["desc"] == conflict("c1", "c2")
+    unexport_idle(d, "w1")

@@ -226,6 +226,11 @@ pub trait Driver: Send + Sync {
     /// A debug event (QEMU's `BlkdebugEvent` wire name, e.g. "write_aio") delivered to this
     /// node. Only `blkdebug` reacts; everything else ignores it.
     fn debug_event(&self, _event: &str) {}
+    /// Anonymous, disabled bitmaps the driver keeps for itself, as the queries list them
+    /// (newest first): (granularity, dirty bytes). Default: none.
+    fn internal_bitmaps(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
     /// The point-in-time view a copy-before-write filter offers to `snapshot-access`.
     fn snapshot_api(&self) -> Option<&dyn SnapshotApi> {
         None

@@ -241,17 +241,27 @@ impl Graph {
                 "Node {name} is not owned by the monitor"
             )));
         }
-        if !self.parents(&node).is_empty() {
-            return Err(Error::generic(format!("Block device {name} is in use")));
+        // QEMU's order: users with a BlockBackend (exports, devices) first, then op blockers
+        // (jobs: users named "block job: ..."; a backing child is blocked by its overlay),
+        // then any other parent.
+        let users: Vec<String> = node.users().into_iter().map(|u| u.who).collect();
+        if self.root_on(&node).is_some() || users.iter().any(|u| !u.starts_with("block job")) {
+            return Err(Error::generic(format!("Node {name} is in use")));
         }
-        if let Some(user) = node.first_user() {
-            return Err(Error::generic(format!("Node {name} is in use by {user}")));
-        }
-        if let Some(root) = self.root_on(&node) {
+        if let Some(job) = users.first() {
             return Err(Error::generic(format!(
-                "Node {name} is in use by {}",
-                root.who
+                "Node '{name}' is busy: block device is in use by {job}"
             )));
+        }
+        let parents = self.parents(&node);
+        if let Some((overlay, _)) = parents.iter().find(|(_, role)| *role == "backing") {
+            return Err(Error::generic(format!(
+                "Node '{name}' is busy: node is used as backing hd of '{}'",
+                overlay.name()
+            )));
+        }
+        if !parents.is_empty() {
+            return Err(Error::generic(format!("Block device {name} is in use")));
         }
         // What can fail at close (storing persistent bitmaps, flushing) is done first, with
         // the node still in place: a failed blockdev-del changes nothing. (QSD deletes the

@@ -156,6 +156,7 @@ impl Daemon {
             block::drivers::cbw::check_new_user(&graph, &node)?;
             if args.writable {
                 block::drivers::cbw::check_new_writer(&graph, &node)?;
+                block::drivers::cbw::check_filter_writer(&graph, &node)?;
             }
         }
         let mut contexts = vec![Context::Allocation];

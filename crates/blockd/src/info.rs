@@ -24,8 +24,24 @@ pub fn dirty_info(b: &DirtyBitmap) -> t::BlockDirtyInfo {
 
 /// The node's bitmaps, newest first; `None` when it has none (QEMU omits the member).
 pub fn dirty_bitmaps(node: &NodeRef) -> Option<Vec<t::BlockDirtyInfo>> {
-    let list = node.bitmaps();
-    (!list.items.is_empty()).then(|| list.items.iter().rev().map(dirty_info).collect())
+    let mut out: Vec<t::BlockDirtyInfo> =
+        node.bitmaps().items.iter().rev().map(dirty_info).collect();
+    // The driver's own bitmaps (copy-before-write) were created at open: oldest.
+    out.extend(
+        node.driver()
+            .internal_bitmaps()
+            .into_iter()
+            .map(|(granularity, count)| t::BlockDirtyInfo {
+                name: None,
+                count: i64::try_from(count).unwrap_or(i64::MAX),
+                granularity: u32::try_from(granularity).unwrap_or(u32::MAX),
+                recording: false,
+                busy: false,
+                persistent: false,
+                inconsistent: None,
+            }),
+    );
+    (!out.is_empty()).then_some(out)
 }
 
 fn bitmap_flag(flag: &str) -> Option<t::Qcow2BitmapInfoFlags> {
@@ -82,7 +98,8 @@ pub fn image_info(node: &NodeRef, chain: bool) -> t::ImageInfo {
     t::ImageInfo {
         filename: facts.filename.clone(),
         format: node.driver_name().to_string(),
-        dirty_flag: Some(facts.dirty_flag),
+        // snapshot-access has no image info to give (QEMU's get_info fails): no dirty flag.
+        dirty_flag: (node.driver_name() != "snapshot-access").then_some(facts.dirty_flag),
         actual_size: facts.actual_size.map(|a| a as i64),
         virtual_size: node.size() as i64,
         cluster_size: facts.cluster_size.map(|c| c as i64),

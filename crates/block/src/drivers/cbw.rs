@@ -260,6 +260,11 @@ impl Shared {
             }
         }
         let mut st = self.lock();
+        if st.broken.is_none() {
+            // As QEMU: the whole range needs no copy any more (copied now or before, or not
+            // protected), which the queries count as done.
+            st.done.set(start, end - start);
+        }
         while st.reading.intersects(start, end) {
             st = self.wait(st);
         }
@@ -367,6 +372,11 @@ impl SnapshotApi for CbwDriver {
                 let mut st = sh.lock();
                 st.reading.remove(pos, stop);
                 sh.changed.notify_all();
+                // Broken meanwhile (break-snapshot no longer waits for readers): the bytes
+                // may be new ones, so they are not handed out as the snapshot's.
+                if st.broken.is_some() {
+                    return Err(errno(libc::EACCES));
+                }
                 r
             };
             result?;
@@ -397,7 +407,14 @@ impl SnapshotApi for CbwDriver {
             };
             Ok((s, n))
         } else {
+            // As QEMU asks the disk itself: unallocated with nothing below reads as zeros,
+            // which the view reports as allocated zeros (allocation depth 1).
             let (s, _, n) = sh.source.status_above(offset, stop - offset)?;
+            let s = if s == BlockStatus::Unallocated {
+                BlockStatus::Zero
+            } else {
+                s
+            };
             Ok((s, n))
         }
     }
@@ -482,6 +499,12 @@ impl Driver for CbwDriver {
     fn snapshot_api(&self) -> Option<&dyn SnapshotApi> {
         Some(self)
     }
+    fn internal_bitmaps(&self) -> Vec<(u64, u64)> {
+        // QEMU lists the access, done and copy bitmaps (newest first).
+        let (to_copy, done, access) = self.counts();
+        let g = self.shared.cluster;
+        vec![(g, access), (g, done), (g, to_copy)]
+    }
 }
 
 /// QEMU's permission text when a writer meets a copy-before-write filter that unshares write.
@@ -515,23 +538,65 @@ pub fn check_new_writer(graph: &crate::Graph, node: &NodeRef) -> crate::Result<(
     Ok(())
 }
 
+/// Other copy-before-write nodes over the same `file` as `cbw`.
+fn siblings<'a>(
+    graph: &'a crate::Graph,
+    cbw: &'a NodeRef,
+    disk: &'a NodeRef,
+) -> impl Iterator<Item = &'a NodeRef> {
+    graph.nodes().iter().filter(move |n| {
+        n.driver_name() == "copy-before-write"
+            && !Arc::ptr_eq(n, cbw)
+            && n.child("file").is_some_and(|f| Arc::ptr_eq(&f, disk))
+    })
+}
+
+fn filter_writer(disk: &NodeRef, cbw: &NodeRef) -> String {
+    format!(
+        "node '{}' (uses node '{}' as 'file' child)",
+        cbw.name(),
+        disk.name()
+    )
+}
+
 /// The other half of [`check_new_writer`]: call before `node` gets a parent or a user; when it
-/// is a copy-before-write node getting its first one, its `file` must have no writer (a
-/// writable export) any more.
+/// is a copy-before-write node getting its first one, nobody else may write its `file`: no
+/// writable export there, no other filter on it written through.
 pub fn check_new_user(graph: &crate::Graph, node: &NodeRef) -> crate::Result<()> {
     if node.driver_name() != "copy-before-write" || has_parent_or_user(graph, node) {
         return Ok(());
     }
-    match node.child("file") {
-        Some(disk) if disk.writers() > 0 => {
-            let writer = format!(
-                "an unnamed block device (uses node '{}' as 'root' child)",
-                disk.name()
-            );
-            Err(write_conflict(disk.name(), &writer, node.name()))
-        }
-        _ => Ok(()),
+    let Some(disk) = node.child("file") else {
+        return Ok(());
+    };
+    if disk.writers() > 0 {
+        let writer = format!(
+            "an unnamed block device (uses node '{}' as 'root' child)",
+            disk.name()
+        );
+        return Err(write_conflict(disk.name(), &writer, node.name()));
     }
+    if let Some(other) = siblings(graph, node, &disk).find(|o| o.writers() > 0) {
+        let writer = filter_writer(&disk, other);
+        return Err(write_conflict(disk.name(), &writer, node.name()));
+    }
+    Ok(())
+}
+
+/// Call before a writable export is added on copy-before-write `node`: it then writes its
+/// `file`, which another filter with a parent or user refuses.
+pub fn check_filter_writer(graph: &crate::Graph, node: &NodeRef) -> crate::Result<()> {
+    let Some(disk) = node
+        .child("file")
+        .filter(|_| node.driver_name() == "copy-before-write")
+    else {
+        return Ok(());
+    };
+    if let Some(other) = siblings(graph, node, &disk).find(|o| has_parent_or_user(graph, o)) {
+        let writer = filter_writer(&disk, node);
+        return Err(write_conflict(disk.name(), &writer, other.name()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

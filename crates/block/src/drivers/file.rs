@@ -181,9 +181,11 @@ impl Driver for FileDriver {
     fn block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)> {
         let end = offset + len;
         let Some(data) = self.seek(offset, libc::SEEK_DATA) else {
-            // No data at or after offset (ENXIO), or no SEEK_DATA support: treat as data when unsure.
+            // ENXIO: no data at or after offset, a trailing hole (as QEMU reads it). Without
+            // SEEK_DATA support: treat as data when unsure.
+            let trailing_hole = io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
             let size = self.size();
-            return Ok(if offset >= size {
+            return Ok(if offset >= size || trailing_hole {
                 (BlockStatus::Zero, len)
             } else {
                 (BlockStatus::Data, len)

@@ -241,6 +241,22 @@ fn deleting_node_with_user_is_refused_as_qemu_does() {
 }
 
 #[test]
+fn deleting_a_job_node_is_refused_as_busy_after_exports() {
+    let mut graph = Graph::new();
+    let node = graph.add(&null_opts("n", 4096)).unwrap();
+    node.add_user("block job: backup".into());
+    node.add_user("export 'e'".into());
+
+    assert_eq!(graph.del("n").refused().message(), "Node n is in use");
+    node.remove_user("export 'e'");
+    assert_eq!(
+        graph.del("n").refused().message(),
+        "Node 'n' is busy: block device is in use by block job: backup"
+    );
+    assert!(graph.get("n").is_some());
+}
+
+#[test]
 fn deleting_node_succeeds_once_its_user_is_gone() {
     let mut graph = Graph::new();
     let node = graph.add(&null_opts("n", 4096)).unwrap();

@@ -499,3 +499,31 @@ def test_two_repositories_on_one_disk_keep_their_own_bitmaps(make_daemon, tmp_pa
     out = tmp_path / "o.raw"
     run_tool(*other, "restore", "--to", str(out))
     assert digest_of(out) == want
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("phase", ["snapshot", "copy", "written"])
+def test_stopped_disk_backup_killed_then_run_again(tmp_path, phase):
+    """The daemon a killed run started is found and quit by the next run (so the image lock
+    is free), which removes the leftovers and takes a normal incremental."""
+    img = tmp_path / "s.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), str(SIZE))
+    qemu_io("-f", "qcow2", "-c", "write -P 0x61 0 4M", str(img))
+    repo = ["--repo", str(tmp_path / "repo"), "--machine", "pc"]
+    run_tool(*repo, "full", "--image", str(img))
+    qemu_io("-f", "qcow2", "-c", "write -P 0x62 1M 1M", str(img))
+    e = dict(os.environ, BLOCKD_BACKUP_DAEMON=iotests.daemon_binary(), BLOCKD_BACKUP_DIE_AT=phase)
+    p = subprocess.Popen([tool_binary(), *repo, "auto", "--image", str(img)], env=e,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert p.wait(60) == -signal.SIGKILL
+    evs = events(run_tool(*repo, "--json", "auto", "--image", str(img)).stdout)
+    plan = [e for e in evs if e["event"] == "plan"][0]
+    assert plan["kind"] == "inc", plan
+    cleaned = [e["what"] for e in evs if e["event"] == "cleanup"]
+    assert any(w.startswith("daemon left by run") for w in cleaned), cleaned
+    assert any(w.startswith("bitmap ") for w in cleaned), cleaned
+    raw = tmp_path / "want.raw"
+    qemu_img("convert", "-O", "raw", str(img), str(raw))
+    out = tmp_path / "r.raw"
+    run_tool(*repo, "restore", "--to", str(out))
+    assert digest_of(out) == digest_of(raw)

@@ -2,9 +2,11 @@
 
 The tool speaks QMP and NBD, so every test runs against blockd and QSD alike
 (``IOTESTS_DAEMON``).  Live backups need ``blockdev-backup``, ``transaction``
-and ``snapshot-access`` (fleecing) in the daemon: where blockd lacks them the
-test is marked xfail with the missing command named (strict: it starts
-failing loudly once blockd grows them, so the marker gets removed).
+and ``snapshot-access`` (fleecing) in the daemon: where the daemon's schema
+lacks them the test ends as xfail naming what is missing (decided at run time
+from ``query-qmp-schema``, so the tests run for real, and must pass, as soon as
+blockd has them; on QSD a missing command is a failure).  ``--offline``
+variants need no backup job and run on both daemons today.
 
 Frozen copies: the writer runs in a thread; at each backup it is paused, the
 disk is copied through NBD (the point the backup must equal), the tool is

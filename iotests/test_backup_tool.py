@@ -529,3 +529,21 @@ def test_stopped_disk_backup_killed_then_run_again(tmp_path, phase):
     out = tmp_path / "r.raw"
     run_tool(*repo, "restore", "--to", str(out))
     assert digest_of(out) == digest_of(raw)
+
+
+def test_disk_added_later_gets_a_full_while_the_others_stay_incremental(make_daemon, tmp_path):
+    vm = Vm(make_daemon, tmp_path, names=("da", "db"))
+    vm.offline = True
+    rng = random.Random(12)
+    for n in vm.names:
+        vm.write_random(rng, n)
+    src = ["--qmp", str(vm.d.monitor_paths[1]), "--nbd-socket", str(vm.nbd), "--offline"]
+    run_tool(*vm.base_args(), "full", *src, "--disk", "da")
+    vm.write_random(rng, "da")
+    want = {n: vm.frozen(n, tmp_path / f"{n}.raw") for n in vm.names}
+    evs = vm.backup("auto")
+    plan = {e["disk"]: e for e in evs if e["event"] == "plan"}
+    assert plan["da"]["kind"] == "inc" and plan["da"]["reason"] is None, plan
+    assert plan["db"]["kind"] == "full" and plan["db"]["reason"] == "no earlier backup of this disk", plan
+    for n in vm.names:
+        restore_and_compare(vm, "latest", n, want[n], tmp_path)

@@ -2,9 +2,11 @@
 
 The tool speaks QMP and NBD, so every test runs against blockd and QSD alike
 (``IOTESTS_DAEMON``).  Live backups need ``blockdev-backup``, ``transaction``
-and ``snapshot-access`` (fleecing) in the daemon: where blockd lacks them the
-test is marked xfail with the missing command named (strict: it starts
-failing loudly once blockd grows them, so the marker gets removed).
+and ``snapshot-access`` (fleecing) in the daemon: where the daemon's schema
+lacks them the test ends as xfail naming what is missing (decided at run time
+from ``query-qmp-schema``, so the tests run for real, and must pass, as soon as
+blockd has them; on QSD a missing command is a failure).  ``--offline``
+variants need no backup job and run on both daemons today.
 
 Frozen copies: the writer runs in a thread; at each backup it is paused, the
 disk is copied through NBD (the point the backup must equal), the tool is
@@ -499,3 +501,49 @@ def test_two_repositories_on_one_disk_keep_their_own_bitmaps(make_daemon, tmp_pa
     out = tmp_path / "o.raw"
     run_tool(*other, "restore", "--to", str(out))
     assert digest_of(out) == want
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("phase", ["snapshot", "copy", "written"])
+def test_stopped_disk_backup_killed_then_run_again(tmp_path, phase):
+    """The daemon a killed run started is found and quit by the next run (so the image lock
+    is free), which removes the leftovers and takes a normal incremental."""
+    img = tmp_path / "s.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), str(SIZE))
+    qemu_io("-f", "qcow2", "-c", "write -P 0x61 0 4M", str(img))
+    repo = ["--repo", str(tmp_path / "repo"), "--machine", "pc"]
+    run_tool(*repo, "full", "--image", str(img))
+    qemu_io("-f", "qcow2", "-c", "write -P 0x62 1M 1M", str(img))
+    e = dict(os.environ, BLOCKD_BACKUP_DAEMON=iotests.daemon_binary(), BLOCKD_BACKUP_DIE_AT=phase)
+    p = subprocess.Popen([tool_binary(), *repo, "auto", "--image", str(img)], env=e,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert p.wait(60) == -signal.SIGKILL
+    evs = events(run_tool(*repo, "--json", "auto", "--image", str(img)).stdout)
+    plan = [e for e in evs if e["event"] == "plan"][0]
+    assert plan["kind"] == "inc", plan
+    cleaned = [e["what"] for e in evs if e["event"] == "cleanup"]
+    assert any(w.startswith("daemon left by run") for w in cleaned), cleaned
+    assert any(w.startswith("bitmap ") for w in cleaned), cleaned
+    raw = tmp_path / "want.raw"
+    qemu_img("convert", "-O", "raw", str(img), str(raw))
+    out = tmp_path / "r.raw"
+    run_tool(*repo, "restore", "--to", str(out))
+    assert digest_of(out) == digest_of(raw)
+
+
+def test_disk_added_later_gets_a_full_while_the_others_stay_incremental(make_daemon, tmp_path):
+    vm = Vm(make_daemon, tmp_path, names=("da", "db"))
+    vm.offline = True
+    rng = random.Random(12)
+    for n in vm.names:
+        vm.write_random(rng, n)
+    src = ["--qmp", str(vm.d.monitor_paths[1]), "--nbd-socket", str(vm.nbd), "--offline"]
+    run_tool(*vm.base_args(), "full", *src, "--disk", "da")
+    vm.write_random(rng, "da")
+    want = {n: vm.frozen(n, tmp_path / f"{n}.raw") for n in vm.names}
+    evs = vm.backup("auto")
+    plan = {e["disk"]: e for e in evs if e["event"] == "plan"}
+    assert plan["da"]["kind"] == "inc" and plan["da"]["reason"] is None, plan
+    assert plan["db"]["kind"] == "full" and plan["db"]["reason"] == "no earlier backup of this disk", plan
+    for n in vm.names:
+        restore_and_compare(vm, "latest", n, want[n], tmp_path)

@@ -31,7 +31,7 @@ if cargo fmt --version >/dev/null 2>&1; then
 fi
 
 echo "== cargo build (release, for the iotests)"
-cargo build --release --locked -p blockd
+cargo build --release --locked -p blockd -p blockd-backup
 
 echo "== cargo test"
 cargo test --release --locked --workspace

@@ -442,10 +442,8 @@ impl Run<'_, '_> {
                 copied[i] = p.estimate;
             }
         } else {
-            let own = self
-                .opts
-                .work_dir
-                .join(format!("bb-nbd-{}.sock", std::process::id()));
+            // A fixed name: a server left by a killed run is recognised as ours.
+            let own = self.opts.work_dir.join("bb-nbd.sock");
             self.server = Some(NbdServer::start(
                 self.q,
                 self.opts.nbd_socket.as_deref(),

@@ -75,8 +75,10 @@ pub fn read_all(img: &Qcow2, mut f: impl FnMut(u64, &[u8]) -> Result<()>) -> Res
     Ok(())
 }
 
-/// Bytes of guest data covered by one chunk hash of the content digest.
-pub const HASH_CHUNK: u64 = 4 << 20;
+/// Bytes of guest data covered by one chunk hash of the content digest: the copy granularity,
+/// so an incremental rehashes exactly the clusters it wrote. The hashes cost 32 bytes per
+/// 64 KiB (0.05 % of the disk) per backup.
+pub const HASH_CHUNK: u64 = 64 << 10;
 
 /// The content digest of a point: SHA-256 over the SHA-256 of each [`HASH_CHUNK`] of the
 /// guest view, in order. Per-chunk hashes let an incremental backup rehash only the chunks it
@@ -141,25 +143,28 @@ pub fn point_hashes(img: &Qcow2, prev: Option<Vec<[u8; 32]>>) -> Result<Vec<[u8;
             return Ok(h.finish().1);
         }
     };
+    // The chunks this image's own file allocates (data or zero clusters) changed.
+    let mut touched = vec![false; n];
+    let mut off = 0u64;
+    while off < size {
+        let (st, len) = img.block_status(off, size - off)?;
+        let len = len.max(1);
+        if st != qcow2::BlockStatus::Unallocated {
+            let first = (off / HASH_CHUNK) as usize;
+            let last = ((off + len - 1) / HASH_CHUNK) as usize;
+            for t in touched.iter_mut().take(last.min(n - 1) + 1).skip(first) {
+                *t = true;
+            }
+        }
+        off += len;
+    }
     let mut buf = vec![0u8; HASH_CHUNK as usize];
-    for (i, slot) in hashes.iter_mut().enumerate() {
+    for (i, slot) in hashes.iter_mut().enumerate().filter(|(i, _)| touched[*i]) {
         let start = i as u64 * HASH_CHUNK;
         let end = (start + HASH_CHUNK).min(size);
-        let mut off = start;
-        let mut touched = false;
-        while off < end {
-            let (st, len) = img.block_status(off, end - off)?;
-            if st != qcow2::BlockStatus::Unallocated {
-                touched = true;
-                break;
-            }
-            off += len.max(1);
-        }
-        if touched {
-            let b = &mut buf[..(end - start) as usize];
-            img.read_at(b, start)?;
-            *slot = Sha256::digest(&*b).into();
-        }
+        let b = &mut buf[..(end - start) as usize];
+        img.read_at(b, start)?;
+        *slot = Sha256::digest(&*b).into();
     }
     Ok(hashes)
 }

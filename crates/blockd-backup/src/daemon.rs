@@ -90,7 +90,9 @@ impl Daemon {
                 qmp_path.display()
             ))
             .arg("--monitor")
-            .arg("chardev=bbm");
+            .arg("chardev=bbm")
+            .arg("--pidfile")
+            .arg(work.join(format!("bb-daemon-{}.pid", std::process::id())));
         for n in nodes {
             cmd.arg("--blockdev").arg(n.to_string());
         }
@@ -124,6 +126,51 @@ impl Daemon {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Quit daemons left running by a killed run of the tool (their QMP sockets in `work`
+    /// carry the dead tool's pid), so the image lock is free again. Returns what was quit.
+    pub fn reap_leftovers(work: &Path) -> Vec<String> {
+        let mut done = Vec::new();
+        let Ok(rd) = std::fs::read_dir(work) else {
+            return done;
+        };
+        for ent in rd.flatten() {
+            let name = ent.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix("bb-qmp-")
+                .and_then(|r| r.strip_suffix(".sock"))
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // SAFETY: kill with signal 0 only checks whether the process exists.
+            if pid == std::process::id() as i32 || unsafe { libc::kill(pid, 0) } == 0 {
+                continue;
+            }
+            let path = ent.path();
+            let pidfile = work.join(format!("bb-daemon-{pid}.pid"));
+            let daemon_pid = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+                .filter(|p| *p > 0);
+            if let Ok(mut q) = Qmp::connect(&path, Duration::from_millis(500)) {
+                let _ = q.execute("quit", json!({}));
+                // Wait until the process is gone (it holds the image lock until then).
+                for _ in 0..200 {
+                    // SAFETY: signal 0 only checks existence.
+                    let alive = daemon_pid.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0);
+                    if !alive && !path.exists() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                done.push(format!("daemon left by run {pid}"));
+            }
+            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(&pidfile);
+        }
+        done
+    }
+
     /// Start on an image file: node `name` (qcow2 or raw) over a `file` node.
     pub fn on_image(
         work: &Path,
@@ -138,6 +185,12 @@ impl Daemon {
                           "filename": abs.to_string_lossy(), "read-only": read_only});
         let fmtnode = json!({"driver": fmt, "node-name": name, "file": format!("{name}-file"), "read-only": read_only});
         Daemon::start(work, &[file, fmtnode], &[])
+    }
+
+    /// The pidfile the daemon writes.
+    fn pidfile(&self) -> PathBuf {
+        self.qmp_path
+            .with_file_name(format!("bb-daemon-{}.pid", std::process::id()))
     }
 
     /// Wait for the daemon to exit by itself (e.g. after a signal), polling `stop`.
@@ -161,6 +214,7 @@ impl Daemon {
         for _ in 0..100 {
             if let Ok(Some(st)) = self.child.try_wait() {
                 let _ = std::fs::remove_file(&self.qmp_path);
+                let _ = std::fs::remove_file(self.pidfile());
                 return if st.success() {
                     Ok(())
                 } else {

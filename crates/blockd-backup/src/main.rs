@@ -209,6 +209,13 @@ fn run_backup(cli: &Cli, src: &Source, want: Want, progress: &Progress) -> Resul
             .unwrap_or_else(|| daemon::disk_name_for(image));
         opts.disks = vec![name.clone()];
         opts.live = false;
+        for what in daemon::Daemon::reap_leftovers(&work_dir) {
+            progress.event(
+                "cleanup",
+                &format!("quit leftover {what}"),
+                serde_json::json!({"what": what}),
+            );
+        }
         let (d, mut q) = daemon::Daemon::on_image(&work_dir, image, &name, false)?;
         let res = backup::run(&mut q, &repo, &opts, progress);
         let quit = d.quit(Some(&mut q));

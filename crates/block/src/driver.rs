@@ -202,4 +202,11 @@ pub trait Driver: Send + Sync {
     fn set_read_only(&self, _read_only: bool) -> io::Result<()> {
         Ok(())
     }
+    /// Can a backing child be attached to an open node (external snapshots)? Default: no.
+    fn supports_backing(&self) -> bool {
+        false
+    }
+    /// Read unallocated data through `edge` from now on (`None`: no backing). Only called
+    /// when [`Driver::supports_backing`].
+    fn attach_backing(&self, _edge: Option<std::sync::Arc<crate::edge::ChildEdge>>) {}
 }

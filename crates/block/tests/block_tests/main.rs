@@ -13,3 +13,4 @@ mod jobs;
 mod open_atomic;
 mod perm_props;
 mod rewire;
+mod snapshot;

@@ -17,6 +17,7 @@ mod export;
 mod exports;
 mod hmp;
 mod info;
+mod snapshot;
 mod startup;
 mod wire;
 

@@ -2,6 +2,8 @@
 //! does, then prepare and commit through the core (`block::graph::snapshot`). Named devices
 //! follow the overlay like every other user of the node.
 
+use std::sync::Arc;
+
 use block::graph::{SnapshotSync, SnapshotUndo};
 use block::{Error, NodeRef, Result};
 use qapi::types::{BlockdevSnapshot, BlockdevSnapshotSync, NewImageMode};
@@ -13,10 +15,15 @@ impl Daemon {
     fn devices_follow(&self, from: &NodeRef, to: &NodeRef) {
         let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         for d in devices.iter_mut() {
-            if std::sync::Arc::ptr_eq(&d.node, from) {
+            if Arc::ptr_eq(&d.node, from) {
                 d.node = to.clone();
             }
         }
+    }
+
+    fn devices_on(&self, node: &NodeRef) -> bool {
+        let devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        devices.iter().any(|d| Arc::ptr_eq(&d.node, node))
     }
 
     fn device_node(&self, name: &str) -> Option<NodeRef> {
@@ -73,7 +80,19 @@ impl Daemon {
             existing: a.mode == Some(NewImageMode::Existing),
         };
         let prepared = self.graph().snapshot_sync_prepare(&node, &req)?;
+        let overlay = prepared.overlay().clone();
         self.finish_snapshot(&node, prepared);
+        // The overlay belongs to the node's users, not to the monitor: with none (no parent,
+        // export or device), QEMU drops it at once and only the file stays. So does blockd.
+        let on_device = self.devices_on(&overlay);
+        let mut graph = self.graph();
+        let unused = !on_device
+            && graph.parents(&overlay).is_empty()
+            && graph.root_on(&overlay).is_none()
+            && overlay.first_user().is_none();
+        if unused {
+            graph.del(overlay.name())?;
+        }
         Ok(())
     }
 }

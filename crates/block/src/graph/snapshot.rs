@@ -95,9 +95,14 @@ fn unwire(g: &Graph, s: &SnapshotUndo) {
 }
 
 impl Graph {
-    /// QEMU's op blocker on a node that is some overlay's backing child.
-    fn check_not_backing(&self, node: &NodeRef) -> Result<()> {
-        match self.parents(node).into_iter().find(|(_, r)| *r == "backing") {
+    /// The first check of a snapshot of `node` (before its overlay is looked up or created):
+    /// QEMU's op blocker on a node that is already some overlay's backing child.
+    pub fn snapshot_check_base(&self, node: &NodeRef) -> Result<()> {
+        match self
+            .parents(node)
+            .into_iter()
+            .find(|(_, r)| *r == "backing")
+        {
             Some((p, _)) => Err(Error::generic(format!(
                 "Node '{}' is busy: node is used as backing hd of '{}'",
                 node.name(),
@@ -119,7 +124,7 @@ impl Graph {
 
     /// Put `overlay` on top of `node` (see the module text). Nothing changes on error.
     pub fn snapshot_prepare(&mut self, node: &NodeRef, overlay: &NodeRef) -> Result<SnapshotUndo> {
-        self.check_not_backing(node)?;
+        self.snapshot_check_base(node)?;
         self.flush_base(node)?;
         self.attach_overlay(node, overlay, false)
     }
@@ -207,7 +212,7 @@ impl Graph {
         node: &NodeRef,
         req: &SnapshotSync,
     ) -> Result<SnapshotUndo> {
-        self.check_not_backing(node)?;
+        self.snapshot_check_base(node)?;
         self.flush_base(node)?;
         if !req.existing {
             self.create_overlay_file(node, req)?;

@@ -118,7 +118,11 @@ fn prepare_moves_the_writer_onto_the_overlay_and_undo_puts_everything_back() {
     assert!(Arc::ptr_eq(&top.child("file").unwrap(), &ov));
     assert!(Arc::ptr_eq(&ov.child("backing").unwrap(), &base));
     write_through(&root, 65536, 0x22);
-    assert_eq!(read_through(&root, 0), vec![0x11; 4096], "unwritten: from the base");
+    assert_eq!(
+        read_through(&root, 0),
+        vec![0x11; 4096],
+        "unwritten: from the base"
+    );
     assert_eq!(read_through(&root, 65536), vec![0x22; 4096]);
     let mut buf = vec![0; 4096];
     base.read(65536, &mut buf).unwrap();
@@ -190,10 +194,16 @@ fn refusals_change_nothing() {
         create(&p(n));
     }
     let mut graph = Graph::new();
-    let base = graph.add(&qcow2_opts("base", &p("base.qcow2"), None)).unwrap();
+    let base = graph
+        .add(&qcow2_opts("base", &p("base.qcow2"), None))
+        .unwrap();
     let b2 = graph.add(&qcow2_opts("b2", &p("b2.qcow2"), None)).unwrap();
     let hasb = graph
-        .add(&qcow2_opts("ov", &p("ov.qcow2"), Some(Some(ChildRef::Name("b2".into())))))
+        .add(&qcow2_opts(
+            "ov",
+            &p("ov.qcow2"),
+            Some(Some(ChildRef::Name("b2".into()))),
+        ))
         .unwrap();
     let before = wiring(&graph);
     let err = |r: block::Result<block::graph::SnapshotUndo>| match r {

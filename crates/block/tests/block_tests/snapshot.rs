@@ -260,3 +260,75 @@ fn refusals_change_nothing() {
     drop(reader);
     graph.close_all();
 }
+
+#[test]
+fn writers_running_through_a_snapshot_lose_nothing_and_switch_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (base_p, ov_p) = (dir.path().join("base.qcow2"), dir.path().join("ov.qcow2"));
+    create(&base_p);
+    create(&ov_p);
+    let mut graph = Graph::new();
+    let base = graph.add(&qcow2_opts("base", &base_p, None)).unwrap();
+    let ov = graph.add(&qcow2_opts("ov", &ov_p, Some(None))).unwrap();
+    let root = writer(&mut graph, &base);
+    // 512-byte blocks: the writer stops 50 writes after it saw the overlay (or at the end).
+    const BS: u64 = 512;
+    const BLOCKS: u64 = SIZE / BS;
+    let started = Arc::new(std::sync::Barrier::new(2));
+    let w = {
+        let (root, started) = (root.clone(), started.clone());
+        std::thread::spawn(move || {
+            let mut went: Vec<String> = Vec::new();
+            for i in 0..BLOCKS {
+                if i == 20 {
+                    started.wait();
+                }
+                let n = root.begin();
+                n.write(i * BS, &[(i % 250) as u8 + 1; BS as usize])
+                    .expect("write");
+                went.push(n.name().to_string());
+                if went.iter().filter(|n| *n == "ov").count() == 50 {
+                    break;
+                }
+            }
+            went
+        })
+    };
+    started.wait();
+    let prepared = graph.snapshot_prepare(&base, &ov).unwrap();
+    prepared.commit(&mut graph);
+    let went = w.join().expect("writer");
+
+    // Every write went to the base, then (from some point on) every one to the overlay.
+    let switch = went.iter().position(|n| n == "ov").unwrap_or(went.len());
+    assert!(
+        switch >= 20,
+        "the writes before the snapshot went to the base"
+    );
+    assert!(
+        switch < went.len(),
+        "the snapshot came while the writer ran"
+    );
+    assert!(went[switch..].iter().all(|n| n == "ov"));
+    assert!(went[..switch].iter().all(|n| n == "base"));
+    assert!(base.read_only(), "commit reopened the base read-only");
+    for (i, _) in went.iter().enumerate() {
+        let off = i as u64 * BS;
+        let want = vec![(i % 250) as u8 + 1; BS as usize];
+        let mut got = vec![0; BS as usize];
+        root.begin().read(off, &mut got).unwrap();
+        assert_eq!(got, want, "block {i} through the root");
+        base.read(off, &mut got).unwrap();
+        if i < switch {
+            assert_eq!(got, want, "block {i} written before the snapshot");
+        } else {
+            assert_eq!(
+                got,
+                vec![0; BS as usize],
+                "block {i} must not reach the base"
+            );
+        }
+    }
+    drop(root);
+    graph.close_all();
+}

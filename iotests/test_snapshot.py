@@ -319,3 +319,48 @@ def test_chain_of_three_snapshots(make_daemon, tmp_path):
     for n in ("s3", "s2", "s1", "base"):
         assert "No errors" in iotests.qemu_img("check", str(tmp_path / f"{n}.qcow2"))
     iotests.qemu_io("-c", "read -P 0x04 192k 64k", "-c", "read -P 0x01 4k 60k", str(tmp_path / "s3.qcow2"))
+
+
+@iotests.blockd_only
+def test_device_follows_the_snapshot_in_query_block(tmp_path):
+    """blockd's short form has a device (drive0), which QSD lacks: the device names the
+    overlay after blockdev-snapshot-sync, query-block shows the chain, and writes through
+    the device land in the overlay."""
+    import subprocess
+    import tempfile
+    import time
+
+    img = new_image(tmp_path / "disk.qcow2")
+    iotests.qemu_io("-c", "write -P 0x12 0 64k", str(img))
+    shutil.copy(img, tmp_path / "disk-before.qcow2")
+    sockdir = Path(tempfile.mkdtemp(prefix="iot-snap-"))
+    qmp_sock, nbd_sock = sockdir / "qmp.sock", sockdir / "nbd.sock"
+    proc = subprocess.Popen([iotests.daemon_binary(), "--image", str(img), "--qmp", str(qmp_sock),
+                             "--nbd", str(nbd_sock)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not qmp_sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        qmp = iotests.RawQmp(qmp_sock)
+        qmp.greeting()
+        qmp.negotiate()
+        snap = tmp_path / "snap.qcow2"
+        assert qmp.execute("blockdev-snapshot-sync", {
+            "device": "drive0", "snapshot-file": str(snap), "snapshot-node-name": "snap"}) == {"return": {}}
+
+        [dev] = qmp.execute("query-block")["return"]
+        assert dev["device"] == "drive0"
+        assert dev["inserted"]["node-name"] == "snap"
+        assert dev["inserted"]["backing_file"] == str(img)
+        assert dev["inserted"]["backing_file_depth"] == 1
+        assert dev["inserted"]["image"]["backing-image"]["filename"] == str(img)
+        out = qmp.execute("human-monitor-command", {"command-line": 'qemu-io drive0 "write -P 0x34 64k 64k"'})
+        assert out["return"].startswith("wrote 65536/65536 bytes at offset 65536")
+        assert qmp.execute("quit") == {"return": {}}
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    iotests.qemu_img("compare", str(tmp_path / "disk-before.qcow2"), str(img))
+    iotests.qemu_io("-c", "read -P 0x12 0 64k", "-c", "read -P 0x34 64k 64k", str(snap))

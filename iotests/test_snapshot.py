@@ -135,7 +135,6 @@ def test_refusals_change_nothing(make_daemon, tmp_path):
     d.ok("blockdev-add", qcow2("exp", new_image(tmp_path / "exp.qcow2"), backing=None))
     data_nbd.export(d, "exp", "x")
     d.ok("blockdev-add", qcow2("ro", new_image(tmp_path / "ro.qcow2"), backing=None, read_only=True))
-    data_nbd.export(d, "base", "w", writable=True)
     before = wiring(d)
 
     def refused(node: str, overlay: str) -> str:
@@ -145,18 +144,14 @@ def test_refusals_change_nothing(make_daemon, tmp_path):
 
     assert refused("nope", "hasb") == "Cannot find device='nope' nor node-name='nope'"
     assert refused("base", "nope") == "Cannot find device='nope' nor node-name='nope'"
-    data_nbd.unexport(d, "w")
     assert refused("base", "base") == "Making 'base' a backing child of 'base' would create a cycle"
-    data_nbd.export(d, "base", "w", writable=True)
     assert refused("base", "base-f") == "The overlay is already in use"
     assert refused("base", "exp") == "The overlay is already in use"
     assert refused("base", "hasb") == "The overlay already has a backing image"
     assert refused("base", "raw") == "The overlay does not support backing images"
-    assert refused("base", "ro") == "Block node is read-only"
     assert wiring(d) == before
-    # The writer goes, the read-only overlay is accepted (as QEMU does): then the base
-    # is some overlay's backing child and cannot be snapshotted again.
-    data_nbd.unexport(d, "w")
+    # A read-only overlay is accepted (as QEMU does) while nothing writes to the node: then
+    # the base is some overlay's backing child and cannot be snapshotted again.
     d.ok("blockdev-snapshot", node="base", overlay="ro")
     d.ok("blockdev-add", qcow2("ov2", new_image(tmp_path / "ov2.qcow2"), backing=None))
     before = wiring(d)
@@ -164,6 +159,21 @@ def test_refusals_change_nothing(make_daemon, tmp_path):
     assert refused("base", "nope") == "Node 'base' is busy: node is used as backing hd of 'ro'"
     e = d.err("blockdev-del", node_name="base")
     assert e["class"] == "GenericError"
+    assert wiring(d) == before
+
+
+def test_read_only_overlay_under_a_writer_is_refused(make_daemon, tmp_path):
+    base = new_image(tmp_path / "base.qcow2")
+    d = make_daemon()
+    data_nbd.start_unix_server(d)
+    d.ok("blockdev-add", qcow2("base", base))
+    d.ok("blockdev-add", qcow2("ro", new_image(tmp_path / "ro.qcow2"), backing=None, read_only=True))
+    data_nbd.export(d, "base", "w", writable=True)
+    before = wiring(d)
+
+    e = d.err("blockdev-snapshot", node="base", overlay="ro")
+
+    assert e == {"class": "GenericError", "desc": "Block node is read-only"}
     assert wiring(d) == before
 
 
@@ -344,6 +354,11 @@ def test_device_follows_the_snapshot_in_query_block(tmp_path):
         qmp = iotests.RawQmp(qmp_sock)
         qmp.greeting()
         qmp.negotiate()
+        # The short form's export holds the node directly: it goes first (blockd refuses to
+        # leave a writer under an overlay).
+        e = qmp.execute("blockdev-snapshot", {"node": "drive0", "overlay": "nope"})["error"]
+        assert e["desc"] == "Node 'drive0-fmt' is in use by export 'drive0', which cannot move to an overlay"
+        assert qmp.execute("block-export-del", {"id": "drive0"}) == {"return": {}}
         snap = tmp_path / "snap.qcow2"
         assert qmp.execute("blockdev-snapshot-sync", {
             "device": "drive0", "snapshot-file": str(snap), "snapshot-node-name": "snap"}) == {"return": {}}

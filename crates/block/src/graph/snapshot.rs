@@ -97,19 +97,29 @@ fn unwire(g: &Graph, s: &SnapshotUndo) {
 impl Graph {
     /// The first check of a snapshot of `node` (before its overlay is looked up or created):
     /// QEMU's op blocker on a node that is already some overlay's backing child.
+    ///
+    /// blockd refuses too while the node has users that hold it directly instead of through a
+    /// [`Root`] (they could not follow it onto the overlay and would go on writing under it).
     pub fn snapshot_check_base(&self, node: &NodeRef) -> Result<()> {
-        match self
+        if let Some((p, _)) = self
             .parents(node)
             .into_iter()
             .find(|(_, r)| *r == "backing")
         {
-            Some((p, _)) => Err(Error::generic(format!(
+            return Err(Error::generic(format!(
                 "Node '{}' is busy: node is used as backing hd of '{}'",
                 node.name(),
                 p.name()
-            ))),
-            None => Ok(()),
+            )));
         }
+        if let Some(u) = node.users().first() {
+            return Err(Error::generic(format!(
+                "Node '{}' is in use by {}, which cannot move to an overlay",
+                node.name(),
+                u.who
+            )));
+        }
+        Ok(())
     }
 
     /// What the users of `n` need from it now.

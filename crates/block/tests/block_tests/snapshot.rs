@@ -228,6 +228,18 @@ fn refusals_change_nothing() {
         err(graph.snapshot_prepare(&b2, &file)),
         "Node 'b2' is busy: node is used as backing hd of 'ov'"
     );
+    // A user holding the node directly could not follow it onto the overlay.
+    create(&p("o2.qcow2"));
+    let o2 = graph
+        .add(&qcow2_opts("o2", &p("o2.qcow2"), Some(None)))
+        .unwrap();
+    base.add_user("job 'j'".into());
+    assert_eq!(
+        err(graph.snapshot_prepare(&base, &o2)),
+        "Node 'base' is in use by job 'j', which cannot move to an overlay"
+    );
+    base.remove_user("job 'j'");
+    graph.del("o2").unwrap();
     assert_eq!(wiring(&graph), before);
     let raw = graph
         .add(&NodeOptions {

@@ -41,6 +41,12 @@ impl CreateJob {
     }
 }
 
+/// Create what `spec` describes, now (blocking): the body of the `create` job, also used
+/// by `blockdev-snapshot-sync`.
+pub fn create_image(spec: &CreateSpec) -> Result<(), String> {
+    create(spec)
+}
+
 /// Creates `spec` now, blocking (what the job runs; also the short form's `--create`).
 pub fn create(spec: &CreateSpec) -> Result<(), String> {
     match spec {

@@ -231,6 +231,13 @@ pub trait Driver: Send + Sync {
     fn internal_bitmaps(&self) -> Vec<(u64, u64)> {
         Vec::new()
     }
+    /// Can a backing child be attached to an open node (external snapshots)? Default: no.
+    fn supports_backing(&self) -> bool {
+        false
+    }
+    /// Read unallocated data through `edge` from now on (`None`: no backing). Only called
+    /// when [`Driver::supports_backing`].
+    fn attach_backing(&self, _edge: Option<std::sync::Arc<crate::edge::ChildEdge>>) {}
     /// The point-in-time view a copy-before-write filter offers to `snapshot-access`.
     fn snapshot_api(&self) -> Option<&dyn SnapshotApi> {
         None

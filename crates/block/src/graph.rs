@@ -14,6 +14,9 @@ mod open;
 mod perms;
 mod reopen;
 mod rewire;
+mod snapshot;
+
+pub use snapshot::{SnapshotSync, SnapshotUndo};
 
 pub(crate) use perms::PendingEdge;
 

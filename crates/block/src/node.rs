@@ -72,7 +72,9 @@ pub struct Node {
     name: String,
     auto_named: bool,
     driver: Box<dyn Driver>,
-    children: Vec<Arc<ChildEdge>>,
+    /// Child edges; the list changes only when a backing child is attached or taken away
+    /// (external snapshots).
+    children: RwLock<Vec<Arc<ChildEdge>>>,
     read_only: AtomicBool,
     flags: NodeFlags,
     /// Bitmaps; the lock is per node and held only for short bit operations.
@@ -137,7 +139,7 @@ impl Node {
             name,
             auto_named,
             driver,
-            children,
+            children: RwLock::new(children),
             read_only: AtomicBool::new(read_only),
             flags,
             bitmaps: Mutex::new(BitmapList::default()),
@@ -181,7 +183,7 @@ impl Node {
 
     /// Children with their roles, as wired now.
     pub fn children(&self) -> Vec<Child> {
-        self.children
+        self.edges()
             .iter()
             .map(|e| Child {
                 role: e.role(),
@@ -191,13 +193,32 @@ impl Node {
     }
 
     /// The child edges (swappable links).
-    pub fn edges(&self) -> &[Arc<ChildEdge>] {
-        &self.children
+    pub fn edges(&self) -> Vec<Arc<ChildEdge>> {
+        self.children
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Add a child edge (a backing child attached to an overlay).
+    pub(crate) fn push_edge(&self, edge: Arc<ChildEdge>) {
+        self.children
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(edge);
+    }
+
+    /// Take a child edge away again.
+    pub(crate) fn remove_edge(&self, edge: &Arc<ChildEdge>) {
+        self.children
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|e| !Arc::ptr_eq(e, edge));
     }
 
     /// The child with this role, as wired now.
     pub fn child(&self, role: &str) -> Option<NodeRef> {
-        self.children
+        self.edges()
             .iter()
             .find(|c| c.role() == role)
             .map(|c| c.node())
@@ -205,7 +226,7 @@ impl Node {
 
     /// The child a format or filter keeps its data in (`file`, or blkdebug's `image`).
     pub fn primary_child(&self) -> Option<NodeRef> {
-        self.children
+        self.edges()
             .iter()
             .find(|c| c.role() == "file" || c.role() == "image")
             .map(|c| c.node())

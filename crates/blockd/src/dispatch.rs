@@ -160,6 +160,8 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
             off_reactor(d, move |d| done(d.blockdev_del(&a.node_name))).await
         }
         Command::BlockdevCreate(a) => blockdev_create(d, a),
+        Command::BlockdevSnapshot(a) => done(d.blockdev_snapshot(&a)),
+        Command::BlockdevSnapshotSync(a) => done(d.blockdev_snapshot_sync(&a)),
         Command::BlockDirtyBitmapAdd(a) => done(d.bitmap_add(
             &a.node,
             &a.name,

@@ -19,6 +19,7 @@ mod exports;
 mod hmp;
 mod image;
 mod info;
+mod snapshot;
 mod startup;
 mod wire;
 

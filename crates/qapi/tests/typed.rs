@@ -105,6 +105,12 @@ fn examples() -> Vec<(&'static str, Value)> {
         ),
         ("block-export-del", json!({"id": "e0", "mode": "safe"})),
         ("query-block-exports", json!({})),
+        (
+            "blockdev-snapshot-sync",
+            json!({"node-name": "n0", "snapshot-file": "/tmp/s.qcow2",
+                   "snapshot-node-name": "s0", "format": "qcow2", "mode": "absolute-paths"}),
+        ),
+        ("blockdev-snapshot", json!({"node": "n0", "overlay": "o0"})),
     ]
 }
 

@@ -359,6 +359,12 @@ impl Driver for Qcow2Driver {
     fn set_read_only(&self, read_only: bool) -> io::Result<()> {
         self.switch_mode(read_only).map_err(to_io)
     }
+    fn supports_backing(&self) -> bool {
+        true
+    }
+    fn attach_backing(&self, edge: Option<Arc<ChildEdge>>) {
+        self.set_backing_edge(edge);
+    }
 }
 
 impl BitmapStore for Qcow2Driver {

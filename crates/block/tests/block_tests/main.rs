@@ -16,3 +16,4 @@ mod perm_props;
 mod rewire;
 mod tracking;
 mod qcow2_hostile;
+mod snapshot;

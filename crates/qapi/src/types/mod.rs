@@ -18,6 +18,7 @@ pub mod block_create;
 pub mod block_export;
 pub mod block_job;
 pub mod block_options;
+pub mod block_snapshot;
 pub mod common;
 pub mod control;
 pub mod events;
@@ -39,6 +40,7 @@ pub use block_create::*;
 pub use block_export::*;
 pub use block_job::*;
 pub use block_options::*;
+pub use block_snapshot::*;
 pub use common::*;
 pub use control::*;
 pub use events::*;
@@ -146,6 +148,10 @@ commands! {
     "blockdev-del" => BlockdevDel(BlockdevDelArgs),
     /// `blockdev-create`.
     "blockdev-create" => BlockdevCreate(BlockdevCreateArgs),
+    /// `blockdev-snapshot-sync`.
+    "blockdev-snapshot-sync" => BlockdevSnapshotSync(BlockdevSnapshotSync),
+    /// `blockdev-snapshot`.
+    "blockdev-snapshot" => BlockdevSnapshot(BlockdevSnapshot),
     /// `block-dirty-bitmap-add`.
     "block-dirty-bitmap-add" => BlockDirtyBitmapAdd(BlockDirtyBitmapAdd),
     /// `block-dirty-bitmap-remove`.

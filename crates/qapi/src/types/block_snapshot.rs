@@ -1,0 +1,46 @@
+//! External snapshots: `blockdev-snapshot`, `blockdev-snapshot-sync`.
+
+use serde::{Deserialize, Serialize};
+
+/// `NewImageMode`: what `blockdev-snapshot-sync` does with the overlay file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NewImageMode {
+    /// Open an existing image.
+    Existing,
+    /// Create the image, its backing file named by absolute path.
+    AbsolutePaths,
+}
+
+/// Arguments of `blockdev-snapshot-sync`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevSnapshotSync {
+    /// Device to snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Node to snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// The overlay's file.
+    pub snapshot_file: String,
+    /// The overlay's node name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_node_name: Option<String>,
+    /// The overlay's format (default qcow2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Create or open the file (default absolute-paths: create).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<NewImageMode>,
+}
+
+/// Arguments of `blockdev-snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevSnapshot {
+    /// The node to snapshot.
+    pub node: String,
+    /// The overlay node to put on top of it.
+    pub overlay: String,
+}

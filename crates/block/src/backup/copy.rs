@@ -295,7 +295,7 @@ impl Copier {
 pub(crate) fn clipped_count(b: &HBitmap, size: u64) -> u64 {
     let mut count = b.count();
     let g = b.granularity();
-    if size % g != 0 && b.get(size - 1) {
+    if !size.is_multiple_of(g) && b.get(size - 1) {
         count -= g - size % g;
     }
     count

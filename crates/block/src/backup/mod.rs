@@ -241,7 +241,7 @@ pub fn start(jobs: &Arc<JobManager>, p: BackupParams, env: BackupEnv<'_>) -> Res
         }
     }
     if p.target.read_only() {
-        return Err(Error::generic(format!("Block node is read-only")));
+        return Err(Error::generic("Block node is read-only"));
     }
     if p.source.size() != p.target.size() {
         return Err(Error::generic(
@@ -250,7 +250,7 @@ pub fn start(jobs: &Arc<JobManager>, p: BackupParams, env: BackupEnv<'_>) -> Res
     }
     let filter_prefix = "Could not create node: ";
     if let Some(f) = &p.filter_node_name {
-        check_node_name(f).map_err(|e| e.context("Could not create node").clone())?;
+        check_node_name(f).map_err(|e| e.context("Could not create node"))?;
         if (env.name_taken)(f) {
             return Err(Error::generic(format!(
                 "{filter_prefix}Duplicate nodes with node-name='{f}'"

@@ -232,3 +232,66 @@ def test_drive_backup_top_bases_the_new_image_on_the_source_backing(make_daemon,
     info = iotests.qemu_img("info", "-U", "--output=json", str(tgt))
     assert str(tmp_path / "base.qcow2") in info
     compare(tgt, ref)
+
+
+def test_discard_source_frees_what_was_copied(make_daemon, tmp_path):
+    src = qcow2(tmp_path / "src.qcow2", SIZE)
+    fill(src, "write -P 0x10 0 2M", "write -P 0x11 5M 1M")
+    d = make_daemon()
+    add_qcow2(d, "src", src, discard="unmap")
+    ref = snapshot(d, "src", tmp_path / "ref.raw")
+    tgt = qcow2(tmp_path / "tgt.qcow2", SIZE)
+    add_qcow2(d, "tgt", tgt)
+    assert backup(d, "j", "src", "tgt", "full", discard_source=True)["return"] == {}
+    finished(d, "j")
+    close(d, "tgt")
+    compare(tgt, ref)
+    after = snapshot(d, "src", tmp_path / "after.raw")
+    assert after.read_bytes() == bytes(SIZE), "copied regions were not discarded"
+
+
+def test_speed_limit_and_set_speed_are_followed(make_daemon, tmp_path):
+    src = qcow2(tmp_path / "src.qcow2", 64 * MiB)
+    fill(src, "write -P 0x10 0 64M")
+    tgt = qcow2(tmp_path / "tgt.qcow2", 64 * MiB)
+    d = make_daemon()
+    add_qcow2(d, "src", src)
+    add_qcow2(d, "tgt", tgt)
+    speed = 4 * MiB
+    assert backup(d, "j", "src", "tgt", "full", speed=speed)["return"] == {}
+
+    def measure(seconds):
+        import time
+        a = wait_status(d, "j", "running")["current-progress"]
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        b = wait_status(d, "j", "running")["current-progress"]
+        return (b - a) / (time.monotonic() - t0)
+
+    measure(0.5)
+    rate = measure(3)
+    assert abs(rate - speed) / speed < 0.10 + MiB / (3 * speed), rate
+    d.ok("block-job-set-speed", device="j", speed=2 * speed)
+    measure(0.5)
+    rate = measure(3)
+    assert abs(rate - 2 * speed) / (2 * speed) < 0.10 + MiB / (6 * speed), rate
+    d.ok("job-cancel", id="j")
+    finished_or_cancelled = statuses(job_events(d, "j"))
+    assert "BLOCK_JOB_CANCELLED" in finished_or_cancelled
+
+
+def test_compressed_backup_into_qcow2(make_daemon, tmp_path):
+    src = qcow2(tmp_path / "src.qcow2", SIZE)
+    fill(src, "write -P 0x10 0 2M", "write -z 3M 1M")
+    d = make_daemon()
+    add_qcow2(d, "src", src)
+    ref = snapshot(d, "src", tmp_path / "ref.raw")
+    tgt = qcow2(tmp_path / "tgt.qcow2", SIZE)
+    add_qcow2(d, "tgt", tgt)
+    assert backup(d, "j", "src", "tgt", "full", compress=True)["return"] == {}
+    seq = finished(d, "j")
+    assert "BLOCK_JOB_ERROR" not in seq
+    close(d, "tgt")
+    compare(tgt, ref)
+    check = iotests.qemu_img("check", "--output=json", str(tgt))
+    assert '"compressed-clusters": 32' in check, check

@@ -83,10 +83,14 @@ pub(super) async fn run(job: Arc<BackupJob>, ctx: JobCtx) -> Result<(), String> 
                     buf.resize(chunk as usize, 0);
                 }
                 let r = cw.copy_run(start, len, &mut buf);
-                if r.is_ok() && discard {
-                    let _ = cw.source.discard(start, len);
-                }
+                // Finish the claim first: the discard passes the hook, which waits for
+                // claims in flight over its range.
                 cw.finish(start, len, r.is_ok());
+                if r.is_ok() && discard {
+                    if let Err(e) = cw.source.discard(start, len) {
+                        tracing::debug!(error = %e, "discard-source failed");
+                    }
+                }
                 (start, len, buf, r)
             });
         }

@@ -255,6 +255,8 @@ pub struct JobState {
     pub cancelled: bool,
     /// I/O status for query-block-jobs ("ok", "failed", "nospace").
     pub io_status: &'static str,
+    /// Sleeping for the speed limit (query-block-jobs shows `busy: false` then, as QEMU).
+    pub sleeping: bool,
 }
 
 /// What a job does: its body, and what happens to its resources at the end.
@@ -368,10 +370,15 @@ impl JobCtx {
                 return;
             }
             let notified = self.job.wake.notified();
+            self.job.lock().sleeping = true;
             tokio::select! {
                 _ = tokio::time::sleep(wait.min(RATE_SLICE)) => {}
-                _ = self.job.cancel.cancelled() => return,
+                _ = self.job.cancel.cancelled() => {}
                 _ = notified => {}
+            }
+            self.job.lock().sleeping = false;
+            if self.is_cancelled() {
+                return;
             }
             let new_speed = self.speed();
             if new_speed != speed {
@@ -478,6 +485,7 @@ impl Job {
             auto_finalize: self.auto_finalize,
             auto_dismiss: self.auto_dismiss,
             is_block_job: self.is_block_job,
+            busy: st.status == JobStatus::Running && !st.sleeping,
         }
     }
 
@@ -540,6 +548,8 @@ pub struct JobInfo {
     pub auto_dismiss: bool,
     /// Block job.
     pub is_block_job: bool,
+    /// Doing work now (not paused, not sleeping for the speed limit).
+    pub busy: bool,
 }
 
 /// Options for a new job.
@@ -636,6 +646,7 @@ impl JobManager {
                 error: None,
                 cancelled: false,
                 io_status: "ok",
+                sleeping: false,
             }),
             cancel: CancellationToken::new(),
             wake: Notify::new(),

@@ -544,7 +544,14 @@ fn zeroing_with_an_attached_backing_reads_zeros() {
     let dir = TempDir::new("attached");
     let base = dir.path("base.qcow2");
     let top = dir.path("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().expect("p"), "2M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().expect("p"),
+        "2M",
+    ]);
     qemu_io(&base, &["write -P 0x5a 0 2M"]);
     let opts = CreateOptions {
         size: 2 << 20,
@@ -553,8 +560,12 @@ fn zeroing_with_an_attached_backing_reads_zeros() {
     let img = create(&top, &opts);
     img.set_backing(Some(Arc::new(ImageStorage(Arc::new(open(&base, false))))));
     img.write_zeroes(0, 1 << 20, false).expect("zero");
-    img.write_zeroes(1 << 20, 512 << 10, true).expect("zero, may unmap");
+    img.write_zeroes(1 << 20, 512 << 10, true)
+        .expect("zero, may unmap");
     let data = read_all(&img, 1 << 20);
-    assert!(data[..(3 << 20) / 2].iter().all(|&b| b == 0), "zeroed range reads backing data");
+    assert!(
+        data[..(3 << 20) / 2].iter().all(|&b| b == 0),
+        "zeroed range reads backing data"
+    );
     assert!(data[(3 << 20) / 2..].iter().all(|&b| b == 0x5a));
 }

@@ -233,3 +233,28 @@ def test_cancelled_concluded_job_reports_operation_canceled(env):
     [info] = env.ok("query-jobs")
     assert info["error"] == "Operation canceled"
     env.ok("job-dismiss", id="j")
+
+
+@iotests.blockd_only
+def test_checkpoint_during_a_backup_stores_the_successors_writes(make_daemon, tmp_path, monkeypatch):
+    """blockd stores persistent bitmaps while running (checkpoints): during a backup the stored
+    bitmap is the frozen one plus its successor, so a crash loses no write."""
+    monkeypatch.setenv("BLOCKD_BITMAP_CHECKPOINT_SECS", "1")
+    src = qcow2(tmp_path / "src.qcow2", SIZE)
+    iotests.qemu_img("bitmap", "--add", str(src), "b")
+    qcow2(tmp_path / "tgt.qcow2", SIZE)
+    d = make_daemon()
+    add_qcow2(d, "src", src)
+    add_qcow2(d, "tgt", tmp_path / "tgt.qcow2")
+    uri = nbd(d, "src", "w", writable=True)
+    finish_writer(writer(uri, [(0x11, 0, 2 * MiB)]))
+    assert backup(d, "j", "src", "tgt", "incremental", bitmap="b", speed=1)["return"] == {}
+    finish_writer(writer(uri, [(0x12, 3 * MiB, 64 * 1024)]))
+    import time
+    time.sleep(2.5)
+    d.kill()
+    info = iotests.qemu_img("info", "--output=json", str(src))
+    assert '"in-use"' not in info, info
+    d2 = make_daemon()
+    add_qcow2(d2, "src", src)
+    assert count(d2, "src", "b") == 2 * MiB + 64 * 1024

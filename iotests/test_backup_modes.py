@@ -295,3 +295,22 @@ def test_compressed_backup_into_qcow2(make_daemon, tmp_path):
     compare(tgt, ref)
     check = iotests.qemu_img("check", "--output=json", str(tgt))
     assert '"compressed-clusters": 32' in check, check
+
+
+@pytest.mark.parametrize("args,desc", [
+    ({"target": "/nonexistent/x.qcow2"}, "Could not create '/nonexistent/x.qcow2': No such file or directory"),
+    ({"target": "/nonexistent/x.qcow2", "mode": "existing"},
+     "Could not open '/nonexistent/x.qcow2': No such file or directory"),
+    ({"target": "TMP/x.img", "format": "nosuch"}, "Unknown file format 'nosuch'"),
+    ({"target": "TMP/x.raw", "format": "raw", "compress": True}, "Compression is not supported for this drive "),
+])
+def test_drive_backup_refusals(make_daemon, tmp_path, args, desc):
+    src = qcow2(tmp_path / "src.qcow2", SIZE)
+    d = make_daemon()
+    add_qcow2(d, "src", src)
+    a = {"job-id": "j", "device": "src", "sync": "full"}
+    a.update({k: (v.replace("TMP", str(tmp_path)) if isinstance(v, str) else v) for k, v in args.items()})
+    assert d.err("drive-backup", a) == {"class": "GenericError", "desc": desc}
+    assert d.ok("query-jobs") == []
+    # Nothing left open: the source and its file node only.
+    assert len(d.nodes()) == 2

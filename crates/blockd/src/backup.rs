@@ -149,6 +149,16 @@ pub fn drive_backup(d: &Arc<Daemon>, a: DriveBackup) -> Result<()> {
         (None, NewImageMode::Existing) => probe_format(&a.target)
             .map_err(|e| Error::io(format!("Could not open '{}'", a.target), &e))?,
     };
+    if !matches!(format.as_str(), "qcow2" | "raw" | "file") {
+        let qemu_knows =
+            serde_json::from_value::<qapi::types::BlockdevDriver>(serde_json::json!(format))
+                .is_ok();
+        return Err(Error::generic(if qemu_knows {
+            format!("Driver '{format}' is not supported by blockd")
+        } else {
+            format!("Unknown file format '{format}'")
+        }));
+    }
     if mode == NewImageMode::AbsolutePaths {
         let backing = base
             .as_ref()

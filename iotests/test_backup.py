@@ -258,3 +258,20 @@ def test_checkpoint_during_a_backup_stores_the_successors_writes(make_daemon, tm
     d2 = make_daemon()
     add_qcow2(d2, "src", src)
     assert count(d2, "src", "b") == 2 * MiB + 64 * 1024
+
+
+def test_nodes_of_a_running_backup_cannot_be_deleted_or_reused(env):
+    assert backup(env, "j", "src", "tgt", "full", speed=1) == {"return": {}}
+    assert env.err("blockdev-del", node_name="src") == {
+        "class": "GenericError", "desc": "Block device src is in use"}
+    assert env.err("blockdev-del", node_name="tgt") == {
+        "class": "GenericError",
+        "desc": "Node 'tgt' is busy: block device is in use by block job: backup"}
+    err = env.err("blockdev-backup", {"job-id": "j2", "device": "tgt", "target": "traw", "sync": "full"})
+    assert err == {"class": "GenericError",
+                   "desc": "Node 'tgt' is busy: block device is in use by block job: backup"}
+    err = env.err("blockdev-backup", {"job-id": "j3", "device": "traw", "target": "src", "sync": "full"})
+    assert err["desc"].startswith("Could not create node: Permission conflict on node 'src': ")
+    env.ok("job-cancel", id="j")
+    job_events(env, "j")
+    env.ok("blockdev-del", node_name="tgt")

@@ -183,6 +183,15 @@ pub fn check_arguments(p: &BackupParams) -> Result<Option<BitmapMode>> {
 
 /// What a job that uses a node as its target registers on it.
 pub const TARGET_USER: &str = "block job: backup";
+/// What a job registers on its source (the copy-before-write filter sits above it in QEMU).
+pub const SOURCE_USER: &str = "backup source";
+
+/// QEMU's refusal for a node a backup job holds (its target).
+pub fn busy_error(node: &str) -> Error {
+    Error::generic(format!(
+        "Node '{node}' is busy: block device is in use by block job: backup"
+    ))
+}
 
 /// Can the target hold compressed clusters? (qcow2, looking through filters.)
 fn supports_compressed(node: &NodeRef) -> bool {
@@ -216,9 +225,16 @@ pub fn start(jobs: &Arc<JobManager>, p: BackupParams, env: BackupEnv<'_>) -> Res
             "Compression is not supported for this drive ",
         ));
     }
-    if p.target.first_user().as_deref() == Some(TARGET_USER) {
+    if p.source.has_user(TARGET_USER) {
+        return Err(busy_error(p.source.name()));
+    }
+    if p.target.has_user(TARGET_USER) {
+        return Err(busy_error(p.target.name()));
+    }
+    if p.target.has_user(SOURCE_USER) {
+        // QEMU: the running job's filter does not share 'write' on its source.
         return Err(Error::generic(format!(
-            "Node '{}' is busy: block device is in use by block job: backup",
+            "Could not create node: Permission conflict on node '{}': permissions 'write' are both required by a backup target and unshared by the copy-before-write filter of another backup job",
             p.target.name()
         )));
     }
@@ -332,6 +348,7 @@ pub fn start(jobs: &Arc<JobManager>, p: BackupParams, env: BackupEnv<'_>) -> Res
         p.source.add_hook(hook.clone());
     }
     p.target.add_user(TARGET_USER.to_string());
+    p.source.add_user(SOURCE_USER.to_string());
     let body = Arc::new(BackupJob {
         copier,
         hook,
@@ -409,6 +426,7 @@ impl JobBody for BackupJob {
         // Waits for hook calls in progress (they hold the hook list's read lock).
         c.source.remove_hook(&self.hook);
         c.target.remove_user(TARGET_USER);
+        c.source.remove_user(SOURCE_USER);
         let cb = self
             .on_clean
             .lock()

@@ -331,10 +331,18 @@ impl JobGroup {
 
     /// A member's body ended (`ok` or not). A failure cancels every other member.
     fn body_done(&self, job: &Arc<Job>, ok: bool) {
+        self.lock().done += 1;
+        if !ok {
+            self.fail(job);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// One member failed or was cancelled: cancel every other member.
+    fn fail(&self, job: &Arc<Job>) {
         let others = {
             let mut st = self.lock();
-            st.done += 1;
-            if ok || st.failed {
+            if st.failed {
                 Vec::new()
             } else {
                 st.failed = true;
@@ -353,8 +361,9 @@ impl JobGroup {
         self.changed.notify_waiters();
     }
 
-    /// Wait until every member's body ended or one failed; true when all succeeded.
-    async fn wait_all(&self) -> bool {
+    /// Wait until every member's body ended or one failed; true when all succeeded. A cancel
+    /// of the waiting member fails the whole group.
+    async fn wait_all(&self, job: &Arc<Job>) -> bool {
         loop {
             let notified = self.changed.notified();
             {
@@ -366,7 +375,13 @@ impl JobGroup {
                     return true;
                 }
             }
-            notified.await;
+            tokio::select! {
+                _ = notified => {}
+                _ = job.cancel.cancelled() => {
+                    self.fail(job);
+                    return false;
+                }
+            }
         }
     }
 }
@@ -809,7 +824,7 @@ impl JobManager {
             Ok(()) => {
                 job.transition(JobStatus::Waiting);
                 if let Some(g) = &group {
-                    if !g.wait_all().await || job.cancel.is_cancelled() {
+                    if !g.wait_all(&job).await || job.cancel.is_cancelled() {
                         self.finish_failed(&job, "Operation canceled".to_string());
                         return;
                     }

@@ -396,6 +396,7 @@ impl JobBody for Body {
         Box::pin(async move {
             match self.kind {
                 "panic" => panic!("body exploded"),
+                "panic-free" => Ok(()),
                 "slow-stop" => {
                     while !ctx.is_cancelled() {
                         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -528,4 +529,22 @@ async fn group_members_wait_for_each_other_and_abort_together() {
         .filter(|t| t.as_str() == "CANCELLED")
         .count();
     assert_eq!(cancelled, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_waiting_member_cancels_the_group() {
+    use block::job::JobGroup;
+    let (jobs, _) = manager();
+    let group = JobGroup::new();
+    let done = jobs.create(spec("done", 0), body("panic-free")).unwrap();
+    let slow = jobs.create(spec("slow", 0), body("slow-stop")).unwrap();
+    group.add(&done);
+    group.add(&slow);
+    jobs.start(&done);
+    jobs.start(&slow);
+    wait_status(&done, JobStatus::Waiting).await;
+    jobs.cancel(&done).unwrap();
+    wait_status(&done, JobStatus::Concluded).await;
+    wait_status(&slow, JobStatus::Concluded).await;
+    assert_eq!(slow.snapshot().error.as_deref(), Some("Operation canceled"));
 }

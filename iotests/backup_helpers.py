@@ -63,7 +63,15 @@ def snapshot(d: Daemon, node: str, dest: Path) -> Path:
     """A raw copy of ``node`` as the daemon serves it now."""
     uri = nbd(d, node, f"snap-{node}-{dest.stem}")
     iotests.qemu_img("convert", "-f", "raw", "-O", "raw", uri, str(dest))
-    data_nbd.unexport(d, f"snap-{node}-{dest.stem}")
+    eid = f"snap-{node}-{dest.stem}"
+    # The server may see the client's disconnect a moment after qemu-img has exited.
+    for _ in range(100):
+        r = d.cmd("block-export-del", id=eid)
+        if "return" in r:
+            break
+        assert "still in use" in r["error"]["desc"], r
+        time.sleep(0.02)
+    d.event_wait("BLOCK_EXPORT_DELETED", match={"id": eid})
     return dest
 
 

@@ -238,34 +238,48 @@ impl Copier {
         let mut zero =
             HBitmap::new(self.size, self.cluster).map_err(|e| io::Error::other(e.to_string()))?;
         let mut skip: Vec<(u64, u64)> = Vec::new();
-        let mut off = 0u64;
-        while off < self.size {
-            let want = (self.size - off).min(1 << 30);
-            let (is_zero, is_skip, n) = if top_only {
-                let (st, n) = self.source.block_status(off, want)?;
-                (st == BlockStatus::Zero, st == BlockStatus::Unallocated, n)
+        // Only what is still to copy needs a status (an incremental's few dirty runs); the
+        // runs are cluster-aligned (todo has the job's cluster granularity).
+        let ranges: Vec<(u64, u64)> = {
+            let st = self.lock();
+            if clipped_count(&st.todo, self.size) >= self.size {
+                vec![(0, self.size)]
             } else {
-                let (st, depth, n) = self.source.status_above(off, want)?;
-                let z = st == BlockStatus::Zero || (st == BlockStatus::Unallocated && depth == 0);
-                (z, false, n)
-            };
-            let n = n.max(1).min(want);
-            if is_zero || is_skip {
-                let first = off.div_ceil(self.cluster) * self.cluster;
-                let last = if off + n >= self.size {
-                    self.size
+                st.todo.dirty_ranges(0, self.size).collect()
+            }
+        };
+        for (start, len) in ranges {
+            let end = start + len;
+            let mut off = start;
+            while off < end {
+                let want = (end - off).min(1 << 30);
+                let (is_zero, is_skip, n) = if top_only {
+                    let (st, n) = self.source.block_status(off, want)?;
+                    (st == BlockStatus::Zero, st == BlockStatus::Unallocated, n)
                 } else {
-                    (off + n) / self.cluster * self.cluster
+                    let (st, depth, n) = self.source.status_above(off, want)?;
+                    let z =
+                        st == BlockStatus::Zero || (st == BlockStatus::Unallocated && depth == 0);
+                    (z, false, n)
                 };
-                if last > first {
-                    if is_zero {
-                        zero.set(first, last - first);
+                let n = n.max(1).min(want);
+                if is_zero || is_skip {
+                    let first = off.div_ceil(self.cluster) * self.cluster;
+                    let last = if off + n >= self.size {
+                        self.size
                     } else {
-                        skip.push((first, last - first));
+                        (off + n) / self.cluster * self.cluster
+                    };
+                    if last > first {
+                        if is_zero {
+                            zero.set(first, last - first);
+                        } else {
+                            skip.push((first, last - first));
+                        }
                     }
                 }
+                off += n;
             }
-            off += n;
         }
         *self.map.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(std::sync::Arc::new(SourceMap { zero }));

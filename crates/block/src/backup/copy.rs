@@ -106,14 +106,24 @@ impl Copier {
         (start, end)
     }
 
-    /// Claim the first run still to copy at or after `from` (at most `max` bytes), for the
-    /// job's workers. `None` when nothing is left at or after `from`.
-    pub fn claim_next(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+    /// Claim up to `max` bytes in at most `max_runs` runs still to copy, at or after `from`
+    /// (scattered dirty clusters go to one worker together).
+    pub fn claim_batch(&self, from: u64, max: u64, max_runs: usize) -> Vec<(u64, u64)> {
         let mut st = self.lock();
-        let (start, len) = st.todo.next_dirty_area(from, self.size, max)?;
-        st.todo.reset(start, len);
-        st.inflight.push((start, start + len));
-        Some((start, len))
+        let mut out = Vec::new();
+        let mut total = 0;
+        let mut at = from;
+        while out.len() < max_runs && total < max {
+            let Some((start, len)) = st.todo.next_dirty_area(at, self.size, max - total) else {
+                break;
+            };
+            st.todo.reset(start, len);
+            st.inflight.push((start, start + len));
+            out.push((start, len));
+            total += len;
+            at = start + len;
+        }
+        out
     }
 
     /// Whether anything is left to copy or being copied.

@@ -20,7 +20,10 @@ const CHUNK_LIMITED: u64 = 1 << 20;
 /// Workers (parallel copies) at most: the machine has few cores, the disks like big requests.
 const MAX_WORKERS: usize = 3;
 
-type Done = (u64, u64, Vec<u8>, Result<(), CopyError>);
+/// Copied bytes, the buffer back, and the first error of a batch.
+type Done = (u64, Vec<u8>, Result<(), CopyError>);
+/// Runs one worker takes at once.
+const MAX_RUNS: usize = 64;
 
 fn progress(ctx: &JobCtx, c: &Copier) {
     ctx.set_progress(
@@ -70,28 +73,45 @@ pub(super) async fn run(job: Arc<BackupJob>, ctx: JobCtx) -> Result<(), String> 
             && !ctx.pause_requested()
             && set.len() < workers
         {
-            let claim = c
-                .claim_next(cursor, chunk)
-                .or_else(|| c.claim_next(0, chunk));
-            let Some((start, len)) = claim else { break };
-            cursor = start + len;
+            let mut runs = c.claim_batch(cursor, chunk, MAX_RUNS);
+            if runs.is_empty() {
+                runs = c.claim_batch(0, chunk, MAX_RUNS);
+            }
+            let Some(&(last, last_len)) = runs.last() else {
+                break;
+            };
+            cursor = last + last_len;
             let mut buf = buffers.pop().unwrap_or_default();
             let cw = c.clone();
             let discard = c.discard_source;
             set.spawn_blocking(move || {
-                if buf.len() < chunk as usize {
-                    buf.resize(chunk as usize, 0);
-                }
-                let r = cw.copy_run(start, len, &mut buf);
-                // Finish the claim first: the discard passes the hook, which waits for
-                // claims in flight over its range.
-                cw.finish(start, len, r.is_ok());
-                if r.is_ok() && discard {
-                    if let Err(e) = cw.source.discard(start, len) {
-                        tracing::debug!(error = %e, "discard-source failed");
+                let mut result = Ok(());
+                let mut done = 0;
+                for (start, len) in runs {
+                    if result.is_err() {
+                        cw.finish(start, len, false);
+                        continue;
                     }
+                    // Grown to what the claims need (an incremental's single clusters never
+                    // touch a whole chunk's pages), then reused.
+                    if buf.len() < len as usize {
+                        buf.resize(len as usize, 0);
+                    }
+                    let r = cw.copy_run(start, len, &mut buf);
+                    // Finish the claim first: the discard passes the hook, which waits for
+                    // claims in flight over its range.
+                    cw.finish(start, len, r.is_ok());
+                    if r.is_ok() {
+                        done += len;
+                        if discard {
+                            if let Err(e) = cw.source.discard(start, len) {
+                                tracing::debug!(error = %e, "discard-source failed");
+                            }
+                        }
+                    }
+                    result = r;
                 }
-                (start, len, buf, r)
+                (done, buf, result)
             });
         }
         let Some(joined) = set.join_next().await else {
@@ -113,13 +133,14 @@ pub(super) async fn run(job: Arc<BackupJob>, ctx: JobCtx) -> Result<(), String> 
             }
             continue;
         };
-        let (_, len, buf, r) = joined.map_err(|e| format!("backup worker failed: {e}"))?;
+        let (len, buf, r) = joined.map_err(|e| format!("backup worker failed: {e}"))?;
         buffers.push(buf);
         progress(&ctx, &c);
+        if len > 0 {
+            ctx.rate_limit(len).await;
+        }
         match r {
-            Ok(()) => {
-                ctx.rate_limit(len).await;
-            }
+            Ok(()) => {}
             Err(e) => {
                 let policy = if e.is_read {
                     job.on_source_error

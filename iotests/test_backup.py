@@ -275,3 +275,23 @@ def test_nodes_of_a_running_backup_cannot_be_deleted_or_reused(env):
     env.ok("job-cancel", id="j")
     job_events(env, "j")
     env.ok("blockdev-del", node_name="tgt")
+
+
+def test_quit_during_a_backup_keeps_every_dirty_bit_on_disk(make_daemon, tmp_path):
+    src = qcow2(tmp_path / "src.qcow2", SIZE)
+    iotests.qemu_img("bitmap", "--add", str(src), "b")
+    qcow2(tmp_path / "tgt.qcow2", SIZE)
+    d = make_daemon()
+    add_qcow2(d, "src", src)
+    add_qcow2(d, "tgt", tmp_path / "tgt.qcow2")
+    uri = nbd(d, "src", "w", writable=True)
+    finish_writer(writer(uri, [(0x11, 0, 2 * MiB)]))
+    assert backup(d, "j", "src", "tgt", "incremental", bitmap="b", speed=1)["return"] == {}
+    finish_writer(writer(uri, [(0x12, 3 * MiB, 64 * 1024)]))
+    d.cmd("quit")
+    assert d.wait_exit() == 0
+    info = iotests.qemu_img("info", "--output=json", str(src))
+    assert '"in-use"' not in info, info
+    d2 = make_daemon()
+    add_qcow2(d2, "src", src)
+    assert count(d2, "src", "b") == 2 * MiB + 64 * 1024

@@ -295,3 +295,21 @@ def test_quit_during_a_backup_keeps_every_dirty_bit_on_disk(make_daemon, tmp_pat
     d2 = make_daemon()
     add_qcow2(d2, "src", src)
     assert count(d2, "src", "b") == 2 * MiB + 64 * 1024
+
+
+@pytest.mark.parametrize("name", ["cbw0", None])
+def test_filter_node_shows_while_the_job_runs(env, name):
+    extra = {"filter_node_name": name} if name else {}
+    before = {n["node-name"] for n in env.nodes()}
+    assert backup(env, "j", "src", "tgt", "full", speed=1, **extra) == {"return": {}}
+    new = [n for n in env.nodes() if n["node-name"] not in before]
+    assert [n["drv"] for n in new] == ["copy-before-write"]
+    if name:
+        assert new[0]["node-name"] == name
+        err = env.err("blockdev-add", {"driver": "null-co", "node-name": name})
+        assert err == {"class": "GenericError", "desc": f"Duplicate nodes with node-name='{name}'"}
+    else:
+        assert new[0]["node-name"].startswith("#block")
+    env.ok("job-cancel", id="j")
+    job_events(env, "j")
+    assert {n["node-name"] for n in env.nodes()} == before

@@ -190,6 +190,47 @@ impl Graph {
         r
     }
 
+    /// Put a node built elsewhere (a backup's copy-before-write filter) into the name table,
+    /// named `name` or a generated name. Take it out with [`Graph::remove_internal`].
+    pub fn insert_internal(
+        &mut self,
+        name: Option<&str>,
+        driver: Box<dyn Driver>,
+        children: Vec<Child>,
+    ) -> Result<NodeRef> {
+        let (name, auto) = match name {
+            Some(n) => {
+                check_node_name(n)?;
+                if self.get(n).is_some() {
+                    return Err(Error::generic(format!(
+                        "Duplicate nodes with node-name='{n}'"
+                    )));
+                }
+                (n.to_string(), false)
+            }
+            None => (self.generate_name(), true),
+        };
+        let node = Arc::new(Node::new(
+            name,
+            auto,
+            driver,
+            children,
+            false,
+            NodeFlags::default(),
+        ));
+        self.nodes.push(node.clone());
+        Ok(node)
+    }
+
+    /// Take a node put in with [`Graph::insert_internal`] out of the table (its children stay).
+    pub fn remove_internal(&mut self, node: &NodeRef) {
+        self.nodes.retain(|n| !Arc::ptr_eq(n, node));
+        if let Err(e) = node.close() {
+            tracing::warn!(node = node.name(), error = %e, "closing filter failed");
+        }
+        let _ = self.refresh_locks();
+    }
+
     fn add_node(&mut self, opts: &NodeOptions, depth: usize) -> Result<NodeRef> {
         let name = match &opts.node_name {
             Some(n) => {

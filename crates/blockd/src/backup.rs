@@ -5,10 +5,13 @@
 
 use std::sync::{Arc, Weak};
 
+use std::sync::Mutex;
+
+use block::backup::filter::CbwFilter;
 use block::backup::{self, BackupEnv, BackupParams, BitmapMode, Perf, SyncMode};
 use block::graph::{probe_format, ChildRef, DriverOptions, NodeOptions};
 use block::job::OnError;
-use block::node::{NodeFlags, NodeRef};
+use block::node::{Child, NodeFlags, NodeRef};
 use block::{Error, Result};
 use qapi::types::{
     BackupCommon, BitmapSyncMode, BlockdevBackup, BlockdevOnError, DriveBackup, MirrorSyncMode,
@@ -71,6 +74,13 @@ fn params(c: &BackupCommon, source: NodeRef, target: NodeRef, sync: SyncMode) ->
     }
 }
 
+/// The filter node of a starting job: not yet shown, shown, or the job already ended.
+enum FilterSlot {
+    Pending,
+    Shown(NodeRef),
+    Done,
+}
+
 /// Start the job with the target held for writing; `opened` is a target this command opened
 /// (drive-backup), closed again when the job ends or fails to start.
 fn start(d: &Arc<Daemon>, p: BackupParams, opened: Option<NodeRef>) -> Result<()> {
@@ -84,19 +94,58 @@ fn start(d: &Arc<Daemon>, p: BackupParams, opened: Option<NodeRef>) -> Result<()
     let weak: Weak<Daemon> = Arc::downgrade(d);
     let t = target.clone();
     let o = opened.clone();
+    let filter_slot: Arc<Mutex<FilterSlot>> = Arc::new(Mutex::new(FilterSlot::Pending));
+    let slot = filter_slot.clone();
     let on_clean: Box<dyn Fn() + Send + Sync> = Box::new(move || {
         t.set_writer(false);
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        let filter = std::mem::replace(&mut *slot, FilterSlot::Done);
         if let Some(d) = weak.upgrade() {
+            if let FilterSlot::Shown(f) = filter {
+                f.remove_user(backup::TARGET_USER);
+                d.graph().remove_internal(&f);
+            }
             release(&d, &t, o.as_ref());
         }
     });
+    let source = p.source.clone();
+    let filter_name = p.filter_node_name.clone();
     let graph_names = |name: &str| d.graph().get(name).is_some();
     let env = BackupEnv {
         name_taken: &graph_names,
         on_clean: Some(on_clean),
     };
     match backup::start(&d.jobs, p, env) {
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            // The filter as QEMU shows it (its name was checked by `start`).
+            let children = vec![
+                Child {
+                    role: "file",
+                    node: source.clone(),
+                },
+                Child {
+                    role: "target",
+                    node: target.clone(),
+                },
+            ];
+            let mut slot = filter_slot.lock().unwrap_or_else(|p| p.into_inner());
+            if matches!(*slot, FilterSlot::Done) {
+                // The job already ended.
+                return Ok(());
+            }
+            match d.graph().insert_internal(
+                filter_name.as_deref(),
+                Box::new(CbwFilter::new(source)),
+                children,
+            ) {
+                Ok(f) => {
+                    f.add_user(backup::TARGET_USER.to_string());
+                    *slot = FilterSlot::Shown(f);
+                }
+                Err(e) => tracing::warn!(error = %e, "backup filter node not shown"),
+            }
+            Ok(())
+        }
         Err(e) => {
             target.set_writer(false);
             release(d, &target, opened.as_ref());

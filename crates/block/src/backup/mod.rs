@@ -8,6 +8,7 @@
 
 mod bitmaps;
 mod copy;
+pub mod filter;
 mod run;
 
 use std::sync::atomic::Ordering;

@@ -8,7 +8,7 @@
 //!   marks dirty bitmaps.
 //! - [`graph`]: the node-name table: create from options, look up, delete, close.
 //! - [`bitmap`], [`bitmap_ops`]: named dirty bitmaps and the commands on them.
-//! - [`job`]: the job state machine shared by every job type.
+//! - [`job`]: the job state machine shared by every job type; [`backup`]: backup jobs.
 //!
 //! ```text
 //!   Graph ──owns names──> Node ──driver──> Driver (raw, qcow2 ...) ──child──> Node (file) ──> FileDriver

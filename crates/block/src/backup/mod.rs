@@ -2,9 +2,9 @@
 //! starts, the point-in-time start (bitmap freeze and copy-before-write hook installed while
 //! the source is quiesced), and the job body.
 //!
-//! - [`copy`]: what is still to copy, claims, the copy-before-write hook.
-//! - [`bitmaps`]: sync bitmap freeze (successor) and its fate at the end (`bitmap-mode`).
-//! - [`run`]: the job body (workers, progress, speed, error policies, pause, cancel).
+//! - `copy`: what is still to copy, claims, the copy-before-write hook.
+//! - `bitmaps`: sync bitmap freeze (successor) and its fate at the end (`bitmap-mode`).
+//! - `run`: the job body (workers, progress, speed, error policies, pause, cancel).
 
 mod bitmaps;
 mod copy;

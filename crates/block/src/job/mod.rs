@@ -1,4 +1,7 @@
-//! Jobs: the lifecycle every long-running operation shares (create, later backup).
+//! Jobs: the lifecycle every long-running operation shares (create, backup).
+//!
+//! - `tables`: statuses, verbs and QEMU's two tables; `policy`: the rate limiter and the
+//!   error policies; `group`: jobs that end together (transactions).
 //!
 //! The lifecycle is two tables, as QEMU defines them: which status may follow which
 //! ([`allowed_transition`]) and which verbs each status accepts ([`verb_allowed`]). Status only
@@ -7,175 +10,28 @@
 //! A job runs as one tokio task: `created → running → (body) → waiting → pending → concluded →
 //! null` on success, `running → aborting → concluded → null` on failure or cancel. The body is a
 //! [`JobBody`]; it reports progress, honours pause points and watches the cancellation token
-//! through its [`JobCtx`].
+//! through its [`JobCtx`] and must return once cancelled: the job waits for its body (so its
+//! I/O has stopped) before `abort` and `clean`. A body that panics concludes the job with an
+//! error. Every job task is tracked; shutdown cancels and awaits them all.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, ErrorKind, Result};
 
-/// QEMU's BlockdevOnError: what a job does about an I/O error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnError {
-    /// Fail the job.
-    #[default]
-    Report,
-    /// Go on; the failed work is retried.
-    Ignore,
-    /// Stop on ENOSPC, report otherwise.
-    Enospc,
-    /// Stop (pause as if by the user) until resumed or cancelled.
-    Stop,
-    /// For jobs: as `Enospc`.
-    Auto,
-}
+mod group;
+mod policy;
+mod tables;
 
-/// What the job core decided about one I/O error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorAction {
-    /// Fail the job with the error.
-    Report,
-    /// Retry the failed work later.
-    Ignore,
-    /// The job is now stopped; retry after it resumes (the body's next pause point waits).
-    Stop,
-}
-
-/// The rate limiter every job uses: a byte budget per time slice derived from the job's
-/// `speed`, so a job never runs more than one slice ahead of its limit.
-#[derive(Debug)]
-struct RateState {
-    /// When the work done so far is "paid for" at the current speed.
-    next: Option<Instant>,
-}
-
-/// Longest time a job runs ahead of its speed limit (the burst the limiter allows).
-const RATE_SLICE: Duration = Duration::from_millis(100);
-
-/// QEMU's JobStatus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobStatus {
-    /// Not yet created.
-    Undefined,
-    /// Created, not started.
-    Created,
-    /// Running.
-    Running,
-    /// Paused.
-    Paused,
-    /// Ready to complete (mirror-like jobs).
-    Ready,
-    /// Paused while ready.
-    Standby,
-    /// Finished its work, waiting for its transaction group.
-    Waiting,
-    /// Waiting to be finalized.
-    Pending,
-    /// Being aborted.
-    Aborting,
-    /// Done; waits for dismiss.
-    Concluded,
-    /// Gone.
-    Null,
-}
-
-impl JobStatus {
-    /// The QAPI name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Undefined => "undefined",
-            JobStatus::Created => "created",
-            JobStatus::Running => "running",
-            JobStatus::Paused => "paused",
-            JobStatus::Ready => "ready",
-            JobStatus::Standby => "standby",
-            JobStatus::Waiting => "waiting",
-            JobStatus::Pending => "pending",
-            JobStatus::Aborting => "aborting",
-            JobStatus::Concluded => "concluded",
-            JobStatus::Null => "null",
-        }
-    }
-}
-
-/// QEMU's JobVerb.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobVerb {
-    /// cancel
-    Cancel,
-    /// pause
-    Pause,
-    /// resume
-    Resume,
-    /// set-speed
-    SetSpeed,
-    /// complete
-    Complete,
-    /// finalize
-    Finalize,
-    /// dismiss
-    Dismiss,
-    /// change
-    Change,
-}
-
-impl JobVerb {
-    /// The QAPI name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobVerb::Cancel => "cancel",
-            JobVerb::Pause => "pause",
-            JobVerb::Resume => "resume",
-            JobVerb::SetSpeed => "set-speed",
-            JobVerb::Complete => "complete",
-            JobVerb::Finalize => "finalize",
-            JobVerb::Dismiss => "dismiss",
-            JobVerb::Change => "change",
-        }
-    }
-}
-
-/// The transition table.
-pub fn allowed_transition(from: JobStatus, to: JobStatus) -> bool {
-    use JobStatus::*;
-    matches!(
-        (from, to),
-        (Undefined, Created)
-            | (Created, Running | Aborting | Null)
-            | (Running, Paused | Ready | Waiting | Aborting)
-            | (Paused, Running)
-            | (Ready, Standby | Waiting | Aborting)
-            | (Standby, Ready)
-            | (Waiting, Pending | Aborting)
-            | (Pending, Concluded | Aborting)
-            | (Aborting, Concluded | Aborting)
-            | (Concluded, Null)
-    )
-}
-
-/// The verb table.
-pub fn verb_allowed(verb: JobVerb, status: JobStatus) -> bool {
-    use JobStatus::*;
-    use JobVerb::*;
-    match verb {
-        Cancel => matches!(
-            status,
-            Created | Running | Paused | Ready | Standby | Waiting | Pending
-        ),
-        Pause | Resume | SetSpeed | Change => {
-            matches!(status, Created | Running | Paused | Ready | Standby)
-        }
-        JobVerb::Complete => matches!(status, Ready | Standby),
-        Finalize => status == Pending,
-        Dismiss => status == Concluded,
-    }
-}
+pub use group::JobGroup;
+use policy::RateState;
+pub use policy::{ErrorAction, OnError};
+pub use tables::{allowed_transition, verb_allowed, JobStatus, JobVerb};
 
 /// Job events the core emits; the daemon turns them into QMP events.
 #[derive(Debug, Clone)]
@@ -297,95 +153,6 @@ pub struct Job {
     group: Mutex<Option<Arc<JobGroup>>>,
 }
 
-/// Jobs that end together (the jobs of one transaction): a member whose work is done waits
-/// in `waiting` until every member's work is done; when one fails or is cancelled, every
-/// other member is cancelled and all abort.
-#[derive(Default)]
-pub struct JobGroup {
-    state: Mutex<GroupState>,
-    changed: Notify,
-}
-
-#[derive(Default)]
-struct GroupState {
-    members: Vec<std::sync::Weak<Job>>,
-    done: usize,
-    failed: bool,
-}
-
-impl JobGroup {
-    /// An empty group.
-    pub fn new() -> Arc<JobGroup> {
-        Arc::new(JobGroup::default())
-    }
-
-    fn lock(&self) -> MutexGuard<'_, GroupState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Put a job (not yet started) into the group.
-    pub fn add(self: &Arc<Self>, job: &Arc<Job>) {
-        self.lock().members.push(Arc::downgrade(job));
-        *job.group.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.clone());
-    }
-
-    /// A member's body ended (`ok` or not). A failure cancels every other member.
-    fn body_done(&self, job: &Arc<Job>, ok: bool) {
-        self.lock().done += 1;
-        if !ok {
-            self.fail(job);
-        }
-        self.changed.notify_waiters();
-    }
-
-    /// One member failed or was cancelled: cancel every other member.
-    fn fail(&self, job: &Arc<Job>) {
-        let others = {
-            let mut st = self.lock();
-            if st.failed {
-                Vec::new()
-            } else {
-                st.failed = true;
-                st.members.iter().filter_map(|w| w.upgrade()).collect()
-            }
-        };
-        for other in others.iter().filter(|o| !Arc::ptr_eq(o, job)) {
-            {
-                let mut st = other.lock();
-                st.cancelled = true;
-                st.user_paused = false;
-            }
-            other.cancel.cancel();
-            other.wake.notify_waiters();
-        }
-        self.changed.notify_waiters();
-    }
-
-    /// Wait until every member's body ended or one failed; true when all succeeded. A cancel
-    /// of the waiting member fails the whole group.
-    async fn wait_all(&self, job: &Arc<Job>) -> bool {
-        loop {
-            let notified = self.changed.notified();
-            {
-                let st = self.lock();
-                if st.failed {
-                    return false;
-                }
-                if st.done >= st.members.len() {
-                    return true;
-                }
-            }
-            tokio::select! {
-                _ = notified => {}
-                _ = job.cancel.cancelled() => {
-                    self.fail(job);
-                    return false;
-                }
-            }
-        }
-    }
-}
-
 /// What a job body uses to cooperate with its job.
 #[derive(Clone)]
 pub struct JobCtx {
@@ -426,121 +193,6 @@ impl JobCtx {
     /// The job id.
     pub fn id(&self) -> &str {
         &self.job.id
-    }
-    /// Account `bytes` of work against the speed limit and wait while the job is ahead of
-    /// it. The wait is a pause point (a pause takes effect during it), returns at once on
-    /// cancel, and follows speed changes (block-job-set-speed) while it lasts.
-    pub async fn rate_limit(&self, bytes: u64) {
-        let mut speed = self.speed();
-        let mut next = {
-            let mut rs = self.job.rate.lock().unwrap_or_else(|p| p.into_inner());
-            if speed == 0 {
-                rs.next = None;
-                return;
-            }
-            let now = Instant::now();
-            // Budget left unused for more than a slice is forfeited: no burst after idling.
-            let floor = now.checked_sub(RATE_SLICE).unwrap_or(now);
-            let base = rs.next.map_or(now, |n| n.max(floor));
-            let n = base + Duration::from_secs_f64(bytes as f64 / speed as f64);
-            rs.next = Some(n);
-            n
-        };
-        loop {
-            if self.is_cancelled() {
-                return;
-            }
-            if self.job.lock().user_paused {
-                self.pause_point().await;
-                continue;
-            }
-            let now = Instant::now();
-            let wait = next.saturating_duration_since(now);
-            if wait.is_zero() {
-                return;
-            }
-            let notified = self.job.wake.notified();
-            self.job.lock().sleeping = true;
-            tokio::select! {
-                _ = tokio::time::sleep(wait.min(RATE_SLICE)) => {}
-                _ = self.job.cancel.cancelled() => {}
-                _ = notified => {}
-            }
-            self.job.lock().sleeping = false;
-            if self.is_cancelled() {
-                return;
-            }
-            let new_speed = self.speed();
-            if new_speed != speed {
-                let mut rs = self.job.rate.lock().unwrap_or_else(|p| p.into_inner());
-                if new_speed == 0 {
-                    rs.next = None;
-                    return;
-                }
-                let now = Instant::now();
-                let left = next.saturating_duration_since(now).as_secs_f64();
-                next = now + Duration::from_secs_f64(left * speed as f64 / new_speed as f64);
-                rs.next = Some(next);
-                speed = new_speed;
-            }
-        }
-    }
-    /// Decide what to do about an I/O error under `policy` (QEMU's block_job_error_action):
-    /// emits BLOCK_JOB_ERROR, and for a stop sets `io-status` and pauses the job as a user
-    /// pause would (the body's next pause point waits for job-resume or cancel).
-    pub fn error_action(
-        &self,
-        policy: OnError,
-        is_read: bool,
-        err: &std::io::Error,
-    ) -> ErrorAction {
-        let nospace = err.raw_os_error() == Some(libc::ENOSPC);
-        let action = match policy {
-            OnError::Report => ErrorAction::Report,
-            OnError::Ignore => ErrorAction::Ignore,
-            OnError::Stop => ErrorAction::Stop,
-            OnError::Enospc | OnError::Auto if nospace => ErrorAction::Stop,
-            OnError::Enospc | OnError::Auto => ErrorAction::Report,
-        };
-        let name = match action {
-            ErrorAction::Report => "report",
-            ErrorAction::Ignore => "ignore",
-            ErrorAction::Stop => "stop",
-        };
-        self.report_error(if is_read { "read" } else { "write" }, name);
-        if action == ErrorAction::Stop {
-            let mut st = self.job.lock();
-            st.user_paused = true;
-            st.io_status = if nospace { "nospace" } else { "failed" };
-        }
-        action
-    }
-    /// Has the user (or a stop on error) asked the job to pause?
-    pub fn pause_requested(&self) -> bool {
-        self.job.lock().user_paused && !self.job.cancel.is_cancelled()
-    }
-    /// A point where the job may pause: waits while the user has it paused.
-    pub async fn pause_point(&self) {
-        loop {
-            let notified = self.job.wake.notified();
-            let paused = {
-                let st = self.job.lock();
-                st.user_paused && !self.job.cancel.is_cancelled()
-            };
-            if !paused {
-                if self.job.lock().status == JobStatus::Paused {
-                    self.job.transition(JobStatus::Running);
-                }
-                return;
-            }
-            if self.job.lock().status == JobStatus::Running {
-                self.job.transition(JobStatus::Paused);
-            }
-            tokio::select! {
-                _ = notified => {}
-                _ = self.job.cancel.cancelled() => {}
-            }
-        }
     }
     /// Report an I/O error event.
     pub fn report_error(&self, operation: &'static str, action: &'static str) {

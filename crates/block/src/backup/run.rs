@@ -66,6 +66,9 @@ pub(super) async fn run(job: Arc<BackupJob>, ctx: JobCtx) -> Result<(), String> 
     let mut set: JoinSet<Done> = JoinSet::new();
     let mut cursor = 0u64;
     let mut failure: Option<String> = None;
+    // After a stop, errors of copies still in flight are not reported again (their runs are
+    // back in `todo` and are retried after the resume), as QEMU reports one error per stop.
+    let mut stopping = false;
     loop {
         // Fill the workers.
         while failure.is_none()
@@ -121,6 +124,7 @@ pub(super) async fn run(job: Arc<BackupJob>, ctx: JobCtx) -> Result<(), String> 
             }
             if ctx.pause_requested() {
                 ctx.pause_point().await;
+                stopping = false;
                 continue;
             }
             let (todo, inflight) = c.work_left();
@@ -141,6 +145,7 @@ pub(super) async fn run(job: Arc<BackupJob>, ctx: JobCtx) -> Result<(), String> 
         }
         match r {
             Ok(()) => {}
+            Err(_) if failure.is_some() || stopping => {}
             Err(e) => {
                 let policy = if e.is_read {
                     job.on_source_error
@@ -155,7 +160,7 @@ pub(super) async fn run(job: Arc<BackupJob>, ctx: JobCtx) -> Result<(), String> 
                         // Retried later (the run is back in `todo`); don't spin on it.
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
-                    ErrorAction::Stop => {}
+                    ErrorAction::Stop => stopping = true,
                 }
             }
         }

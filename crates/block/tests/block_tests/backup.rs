@@ -548,3 +548,35 @@ async fn cancelling_a_waiting_member_cancels_the_group() {
     wait_status(&slow, JobStatus::Concluded).await;
     assert_eq!(slow.snapshot().error.as_deref(), Some("Operation canceled"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_error_event_per_report_or_stop_with_parallel_workers() {
+    for policy in [OnError::Report, OnError::Stop] {
+        let (jobs, events) = manager();
+        let size = 32 * MIB;
+        let (src, _) = MemDisk::node("src", pattern(size, 1), libc::EIO);
+        let (tgt, tgt_disk) = MemDisk::node("tgt", vec![0; size], libc::EIO);
+        tgt_disk.fail_writes(u32::MAX);
+        let mut p = params("j", &src, &tgt, SyncMode::Full);
+        p.on_target_error = policy;
+        p.perf.max_chunk = 1 << 20;
+        let job = start(&jobs, p);
+        let end = if policy == OnError::Stop {
+            JobStatus::Paused
+        } else {
+            JobStatus::Concluded
+        };
+        wait_status(&job, end).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let errors = events
+            .trace()
+            .iter()
+            .filter(|t| t.starts_with("ERROR"))
+            .count();
+        assert_eq!(errors, 1, "{policy:?}: {:?}", events.trace());
+        if policy == OnError::Stop {
+            jobs.cancel(&job).unwrap();
+            wait_status(&job, JobStatus::Concluded).await;
+        }
+    }
+}

@@ -201,6 +201,74 @@ impl Graph {
                 "'node-name' must be specified for the root node",
             ));
         }
+        self.add_tree(opts)
+    }
+
+    /// Open a root node with a generated name (drive-backup's target), with the same
+    /// all-or-nothing open as [`Graph::add`]. Remove it with [`Graph::remove_unnamed`].
+    pub fn add_unnamed(&mut self, opts: &NodeOptions) -> Result<NodeRef> {
+        self.add_tree(opts)
+    }
+
+    /// Remove a node opened with [`Graph::add_unnamed`] and its inline children, if nothing
+    /// uses it any more.
+    pub fn remove_unnamed(&mut self, node: &NodeRef) -> Result<()> {
+        if !self.nodes.iter().any(|n| Arc::ptr_eq(n, node)) {
+            return Ok(());
+        }
+        if !self.parents(node).is_empty()
+            || node.first_user().is_some()
+            || self.root_on(node).is_some()
+        {
+            return Err(Error::generic(format!("Node {} is in use", node.name())));
+        }
+        let r = self.remove_tree(node);
+        let _ = self.refresh_locks();
+        r
+    }
+
+    /// Put a node built elsewhere (a backup's copy-before-write filter) into the name table,
+    /// named `name` or a generated name. Take it out with [`Graph::remove_internal`].
+    pub fn insert_internal(
+        &mut self,
+        name: Option<&str>,
+        driver: Box<dyn crate::driver::Driver>,
+        children: Vec<crate::node::Child>,
+    ) -> Result<NodeRef> {
+        let (name, auto) = match name {
+            Some(n) => {
+                check_node_name(n)?;
+                if self.get(n).is_some() {
+                    return Err(Error::generic(format!(
+                        "Duplicate nodes with node-name='{n}'"
+                    )));
+                }
+                (n.to_string(), false)
+            }
+            None => (self.generate_name(), true),
+        };
+        let node = Arc::new(crate::node::Node::new(
+            name,
+            auto,
+            driver,
+            children,
+            false,
+            NodeFlags::default(),
+        ));
+        self.nodes.push(node.clone());
+        Ok(node)
+    }
+
+    /// Take a node put in with [`Graph::insert_internal`] out of the table (its children stay).
+    pub fn remove_internal(&mut self, node: &NodeRef) {
+        self.nodes.retain(|n| !Arc::ptr_eq(n, node));
+        if let Err(e) = node.close() {
+            tracing::warn!(node = node.name(), error = %e, "closing filter failed");
+        }
+        let _ = self.refresh_locks();
+    }
+
+    fn add_tree(&mut self, opts: &NodeOptions) -> Result<NodeRef> {
         let before = self.nodes.len();
         let opened = self.add_node(opts, 0, false).and_then(|n| {
             self.pending.clear();

@@ -15,7 +15,7 @@
 //! - [`tracking`]: requests in flight per node, serialising overlapping ones for jobs.
 //! - [`testing`]: a driver for tests that holds, delays, fails and logs requests.
 //! - [`bitmap`], [`bitmap_ops`]: named dirty bitmaps and the commands on them.
-//! - [`job`]: the job state machine shared by every job type.
+//! - [`job`]: the job state machine shared by every job type; [`backup`]: backup jobs.
 //!
 //! ```text
 //!   Graph ──owns names──> Node ──driver──> Driver (raw, qcow2 ...) ──child──> Node (file) ──> FileDriver
@@ -23,6 +23,7 @@
 //!                          └── Mutex<BitmapList>: marked after every write, write-zeroes, discard
 //! ```
 
+pub mod backup;
 pub mod bitmap;
 pub mod bitmap_ops;
 pub mod create;

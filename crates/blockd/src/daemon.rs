@@ -136,6 +136,15 @@ impl Daemon {
 
     /// blockdev-del.
     pub fn blockdev_del(&self, name: &str) -> Result<()> {
+        if let Some(node) = self.graph().get(name) {
+            // As QEMU words it for a backup job's target and source.
+            if node.has_user(block::backup::TARGET_USER) {
+                return Err(block::backup::busy_error(name));
+            }
+            if node.has_user(block::backup::SOURCE_USER) {
+                return Err(Error::generic(format!("Block device {name} is in use")));
+            }
+        }
         if lock(&self.devices)
             .iter()
             .any(|d| d.root.node().name() == name)

@@ -10,6 +10,7 @@
 //!   [`export`]: a node as an NBD export.
 
 mod checkpoint;
+mod backup;
 mod cli;
 mod convert;
 mod daemon;

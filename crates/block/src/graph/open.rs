@@ -319,6 +319,7 @@ fn load_persistent_bitmaps(node: &NodeRef) -> Result<()> {
             busy: false,
             inconsistent: b.inconsistent,
             readonly: node.read_only(),
+            frozen: false,
         });
     }
     node.refresh_recording(&list);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::rewire::reaches;
 use super::{ChildRef, DriverOptions, Graph, NodeOptions};
-use crate::create::{create_image, CreateSpec};
+use crate::create::{create, CreateSpec};
 use crate::edge::{ChildEdge, Root};
 use crate::error::{Error, Result};
 use crate::node::NodeRef;
@@ -274,7 +274,7 @@ impl Graph {
             }
             other => return Err(Error::generic(format!("Unknown file format '{other}'"))),
         }
-        create_image(&CreateSpec::File {
+        create(&CreateSpec::File {
             filename: req.file.clone(),
             size: 0,
         })
@@ -300,7 +300,7 @@ impl Graph {
             backing_fmt: Some(node.driver_name().to_string()),
             ..qcow2::CreateOptions::default()
         };
-        let created = create_image(&CreateSpec::Qcow2 {
+        let created = create(&CreateSpec::Qcow2 {
             file: Ok(host.clone()),
             opts,
         });

@@ -81,6 +81,15 @@ impl Node {
         }
     }
 
+    /// Is `who` registered as a user?
+    pub fn has_user(&self, who: &str) -> bool {
+        self.users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|u| u.who == who)
+    }
+
     /// First registered user, if any.
     pub fn first_user(&self) -> Option<String> {
         self.users

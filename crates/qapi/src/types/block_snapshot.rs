@@ -2,15 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// `NewImageMode`: what `blockdev-snapshot-sync` does with the overlay file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum NewImageMode {
-    /// Open an existing image.
-    Existing,
-    /// Create the image, its backing file named by absolute path.
-    AbsolutePaths,
-}
+pub use super::block_backup::NewImageMode;
 
 /// Arguments of `blockdev-snapshot-sync`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,6 +13,7 @@
 
 pub mod bitmaps;
 pub mod blkdebug;
+pub mod block_backup;
 pub mod block_core;
 pub mod block_create;
 pub mod block_export;
@@ -35,6 +36,7 @@ use crate::Schema;
 
 pub use bitmaps::*;
 pub use blkdebug::*;
+pub use block_backup::*;
 pub use block_core::*;
 pub use block_create::*;
 pub use block_export::*;
@@ -182,6 +184,10 @@ commands! {
     "block-job-dismiss" => BlockJobDismiss(BlockJobIdArgs),
     /// `block-job-finalize`.
     "block-job-finalize" => BlockJobFinalize(BlockJobIdArgs),
+    /// `blockdev-backup`.
+    "blockdev-backup" => BlockdevBackup(BlockdevBackup),
+    /// `drive-backup` (deprecated in QEMU; use `blockdev-backup`).
+    "drive-backup" => DriveBackup(DriveBackup),
     /// `query-jobs`.
     "query-jobs" => QueryJobs,
     /// `job-pause`.

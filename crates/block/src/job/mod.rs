@@ -1,4 +1,7 @@
-//! Jobs: the lifecycle every long-running operation shares (create, later backup).
+//! Jobs: the lifecycle every long-running operation shares (create, backup).
+//!
+//! - `tables`: statuses, verbs and QEMU's two tables; `policy`: the rate limiter and the
+//!   error policies; `group`: jobs that end together (transactions).
 //!
 //! The lifecycle is two tables, as QEMU defines them: which status may follow which
 //! ([`allowed_transition`]) and which verbs each status accepts ([`verb_allowed`]). Status only
@@ -7,7 +10,9 @@
 //! A job runs as one tokio task: `created → running → (body) → waiting → pending → concluded →
 //! null` on success, `running → aborting → concluded → null` on failure or cancel. The body is a
 //! [`JobBody`]; it reports progress, honours pause points and watches the cancellation token
-//! through its [`JobCtx`].
+//! through its [`JobCtx`] and must return once cancelled: the job waits for its body (so its
+//! I/O has stopped) before `abort` and `clean`. A body that panics concludes the job with an
+//! error. Every job task is tracked; shutdown cancels and awaits them all.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,124 +24,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, ErrorKind, Result};
 
-/// QEMU's JobStatus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobStatus {
-    /// Not yet created.
-    Undefined,
-    /// Created, not started.
-    Created,
-    /// Running.
-    Running,
-    /// Paused.
-    Paused,
-    /// Ready to complete (mirror-like jobs).
-    Ready,
-    /// Paused while ready.
-    Standby,
-    /// Finished its work, waiting for its transaction group.
-    Waiting,
-    /// Waiting to be finalized.
-    Pending,
-    /// Being aborted.
-    Aborting,
-    /// Done; waits for dismiss.
-    Concluded,
-    /// Gone.
-    Null,
-}
+mod group;
+mod policy;
+mod tables;
 
-impl JobStatus {
-    /// The QAPI name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Undefined => "undefined",
-            JobStatus::Created => "created",
-            JobStatus::Running => "running",
-            JobStatus::Paused => "paused",
-            JobStatus::Ready => "ready",
-            JobStatus::Standby => "standby",
-            JobStatus::Waiting => "waiting",
-            JobStatus::Pending => "pending",
-            JobStatus::Aborting => "aborting",
-            JobStatus::Concluded => "concluded",
-            JobStatus::Null => "null",
-        }
-    }
-}
-
-/// QEMU's JobVerb.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobVerb {
-    /// cancel
-    Cancel,
-    /// pause
-    Pause,
-    /// resume
-    Resume,
-    /// set-speed
-    SetSpeed,
-    /// complete
-    Complete,
-    /// finalize
-    Finalize,
-    /// dismiss
-    Dismiss,
-    /// change
-    Change,
-}
-
-impl JobVerb {
-    /// The QAPI name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobVerb::Cancel => "cancel",
-            JobVerb::Pause => "pause",
-            JobVerb::Resume => "resume",
-            JobVerb::SetSpeed => "set-speed",
-            JobVerb::Complete => "complete",
-            JobVerb::Finalize => "finalize",
-            JobVerb::Dismiss => "dismiss",
-            JobVerb::Change => "change",
-        }
-    }
-}
-
-/// The transition table.
-pub fn allowed_transition(from: JobStatus, to: JobStatus) -> bool {
-    use JobStatus::*;
-    matches!(
-        (from, to),
-        (Undefined, Created)
-            | (Created, Running | Aborting | Null)
-            | (Running, Paused | Ready | Waiting | Aborting)
-            | (Paused, Running)
-            | (Ready, Standby | Waiting | Aborting)
-            | (Standby, Ready)
-            | (Waiting, Pending | Aborting)
-            | (Pending, Concluded | Aborting)
-            | (Aborting, Concluded | Aborting)
-            | (Concluded, Null)
-    )
-}
-
-/// The verb table.
-pub fn verb_allowed(verb: JobVerb, status: JobStatus) -> bool {
-    use JobStatus::*;
-    use JobVerb::*;
-    match verb {
-        Cancel => matches!(
-            status,
-            Created | Running | Paused | Ready | Standby | Waiting | Pending
-        ),
-        Pause | Resume | SetSpeed | Change => {
-            matches!(status, Created | Running | Paused | Ready | Standby)
-        }
-        JobVerb::Complete => matches!(status, Ready | Standby),
-        Finalize => status == Pending,
-        Dismiss => status == Concluded,
-    }
-}
+pub use group::JobGroup;
+use policy::RateState;
+pub use policy::{ErrorAction, OnError};
+pub use tables::{allowed_transition, verb_allowed, JobStatus, JobVerb};
 
 /// Job events the core emits; the daemon turns them into QMP events.
 #[derive(Debug, Clone)]
@@ -216,6 +111,8 @@ pub struct JobState {
     pub cancelled: bool,
     /// I/O status for query-block-jobs ("ok", "failed", "nospace").
     pub io_status: &'static str,
+    /// Sleeping for the speed limit (query-block-jobs shows `busy: false` then, as QEMU).
+    pub sleeping: bool,
 }
 
 /// What a job does: its body, and what happens to its resources at the end.
@@ -251,6 +148,9 @@ pub struct Job {
     finalize_requested: AtomicBool,
     events: EventSink,
     body: Arc<dyn JobBody>,
+    rate: Mutex<RateState>,
+    drain_at_start: bool,
+    group: Mutex<Option<Arc<JobGroup>>>,
 }
 
 /// What a job body uses to cooperate with its job.
@@ -284,28 +184,15 @@ impl JobCtx {
     pub fn speed(&self) -> u64 {
         self.job.lock().speed
     }
-    /// A point where the job may pause: waits while the user has it paused.
-    pub async fn pause_point(&self) {
-        loop {
-            let notified = self.job.wake.notified();
-            let paused = {
-                let st = self.job.lock();
-                st.user_paused && !self.job.cancel.is_cancelled()
-            };
-            if !paused {
-                if self.job.lock().status == JobStatus::Paused {
-                    self.job.transition(JobStatus::Running);
-                }
-                return;
-            }
-            if self.job.lock().status == JobStatus::Running {
-                self.job.transition(JobStatus::Paused);
-            }
-            tokio::select! {
-                _ = notified => {}
-                _ = self.job.cancel.cancelled() => {}
-            }
-        }
+    /// Set progress outright (work done, total work).
+    pub fn set_progress(&self, current: u64, total: u64) {
+        let mut st = self.job.lock();
+        st.current = current;
+        st.total = total;
+    }
+    /// The job id.
+    pub fn id(&self) -> &str {
+        &self.job.id
     }
     /// Report an I/O error event.
     pub fn report_error(&self, operation: &'static str, action: &'static str) {
@@ -340,6 +227,7 @@ impl Job {
             auto_finalize: self.auto_finalize,
             auto_dismiss: self.auto_dismiss,
             is_block_job: self.is_block_job,
+            busy: st.status == JobStatus::Running && !st.sleeping,
         }
     }
 
@@ -402,6 +290,8 @@ pub struct JobInfo {
     pub auto_dismiss: bool,
     /// Block job.
     pub is_block_job: bool,
+    /// Doing work now (not paused, not sleeping for the speed limit).
+    pub busy: bool,
 }
 
 /// Options for a new job.
@@ -418,12 +308,17 @@ pub struct JobSpec {
     pub auto_dismiss: bool,
     /// Initial speed.
     pub speed: u64,
+    /// Show the pause blip of a drained start (`running → paused → running`), as QEMU's
+    /// backup jobs do.
+    pub drain_at_start: bool,
 }
 
 /// The table of jobs.
 pub struct JobManager {
     jobs: Mutex<Vec<Arc<Job>>>,
     events: EventSink,
+    /// Every job task ever started and not yet reaped: shutdown cancels and awaits them.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// QEMU's rule for ids: a letter first, then letters, digits, '-', '.', '_'.
@@ -439,6 +334,7 @@ impl JobManager {
         Arc::new(JobManager {
             jobs: Mutex::new(Vec::new()),
             events,
+            tasks: Mutex::new(Vec::new()),
         })
     }
 
@@ -492,12 +388,16 @@ impl JobManager {
                 error: None,
                 cancelled: false,
                 io_status: "ok",
+                sleeping: false,
             }),
             cancel: CancellationToken::new(),
             wake: Notify::new(),
             finalize_requested: AtomicBool::new(false),
             events: self.events.clone(),
             body,
+            rate: Mutex::new(RateState { next: None }),
+            drain_at_start: spec.drain_at_start,
+            group: Mutex::new(None),
         });
         jobs.push(job.clone());
         drop(jobs);
@@ -509,9 +409,27 @@ impl JobManager {
     /// cancel that arrives before the task first runs cancels it instead of discarding it.
     pub fn start(self: &Arc<Self>, job: &Arc<Job>) {
         job.transition(JobStatus::Running);
+        if job.drain_at_start {
+            job.transition(JobStatus::Paused);
+            job.transition(JobStatus::Running);
+        }
         let manager = self.clone();
         let job = job.clone();
-        tokio::spawn(async move { manager.run(job).await });
+        let handle = tokio::spawn(async move { manager.run(job).await });
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(handle);
+    }
+
+    /// A job whose creation failed after QEMU would have created it (a bad speed):
+    /// `JOB_STATUS_CHANGE` created then null, as QEMU emits them; nothing is kept.
+    pub fn announce_failed_creation(&self, id: &str) {
+        for status in [JobStatus::Created, JobStatus::Null] {
+            (self.events)(JobEvent::StatusChange {
+                id: id.to_string(),
+                status,
+            });
+        }
     }
 
     /// Drop a created-but-never-started job (aborted transaction): created → aborting →
@@ -527,9 +445,18 @@ impl JobManager {
 
     async fn run(self: Arc<Self>, job: Arc<Job>) {
         let ctx = JobCtx { job: job.clone() };
-        let result = tokio::select! {
-            r = job.body.clone().run(ctx.clone()) => r,
-            _ = job.cancel.cancelled() => Err("Operation canceled".to_string()),
+        // The body runs as its own task so that a panic in it is caught here and concludes
+        // the job with an error. A cancel does not drop the body: the body watches the token
+        // and returns once its I/O has stopped, and only then do abort and clean run.
+        let body = tokio::spawn(job.body.clone().run(ctx.clone()));
+        let result = match body.await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => {
+                let msg = panic_message(e.into_panic());
+                tracing::error!(job = %job.id, panic = %msg, "job body panicked");
+                Err(format!("job panicked: {msg}"))
+            }
+            Err(e) => Err(format!("job task failed: {e}")),
         };
         // A body dropped at a pause point leaves it (paused → running) before ending: paused
         // cannot go to aborting directly.
@@ -541,9 +468,19 @@ impl JobManager {
         } else {
             result
         };
+        let group = job.group.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(g) = &group {
+            g.body_done(&job, result.is_ok());
+        }
         match result {
             Ok(()) => {
                 job.transition(JobStatus::Waiting);
+                if let Some(g) = &group {
+                    if !g.wait_all(&job).await || job.cancel.is_cancelled() {
+                        self.finish_failed(&job, "Operation canceled".to_string());
+                        return;
+                    }
+                }
                 job.transition(JobStatus::Pending);
                 if !job.auto_finalize {
                     if job.is_block_job {
@@ -651,13 +588,17 @@ impl JobManager {
         Ok(())
     }
 
-    /// job-resume.
+    /// job-resume (also clears an error's io-status, as QEMU does).
     pub fn resume(&self, job: &Arc<Job>) -> Result<()> {
         if !job.lock().user_paused {
             return Err(Error::generic("Can't resume a job that was not paused"));
         }
         job.check_verb(JobVerb::Resume)?;
-        job.lock().user_paused = false;
+        {
+            let mut st = job.lock();
+            st.user_paused = false;
+            st.io_status = "ok";
+        }
         job.wake.notify_waiters();
         Ok(())
     }
@@ -695,23 +636,40 @@ impl JobManager {
         Ok(())
     }
 
-    /// Cancel every job and wait (bounded) for them to end (shutdown).
+    /// Cancel every job and wait for every job task to end (shutdown); a task that
+    /// panicked is reported. Jobs waiting in `pending` are cancelled too.
     pub async fn cancel_all(&self) {
         let jobs: Vec<_> = self.jobs().clone();
         for j in &jobs {
-            let _ = self.cancel(j);
-        }
-        for _ in 0..500 {
-            let active = self.jobs().iter().any(|j| {
-                !matches!(
-                    j.lock().status,
-                    JobStatus::Concluded | JobStatus::Null | JobStatus::Created
-                )
-            });
-            if !active {
-                break;
+            if j.lock().status == JobStatus::Created {
+                self.discard_unstarted(j);
+            } else if !matches!(j.lock().status, JobStatus::Concluded | JobStatus::Null) {
+                let _ = self.cancel(j);
             }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            if let Err(e) = t.await {
+                tracing::error!(error = %e, "job task ended abnormally");
+            }
+        }
+    }
+
+    /// Number of job tasks still running (tests, shutdown diagnostics).
+    pub fn running_tasks(&self) -> usize {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.len()
+    }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
     }
 }

@@ -1,0 +1,192 @@
+//! The backup job body: compute the source map once, then a few workers claim runs still to
+//! copy and copy them on the blocking pool with reused buffers; progress, speed limit, error
+//! policies, pause and cancel are handled between runs. A cancel stops claiming and waits for
+//! the copies in flight before the body returns (so abort runs after the I/O stopped).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+
+use super::copy::{Copier, CopyError};
+use super::{BackupJob, SyncMode};
+use crate::error::strerror;
+use crate::job::{ErrorAction, JobCtx};
+
+/// Copy request size without a speed limit, and with one (so the limit is followed closely).
+const CHUNK_FAST: u64 = 8 << 20;
+const CHUNK_LIMITED: u64 = 1 << 20;
+/// Workers (parallel copies) at most: the machine has few cores, the disks like big requests.
+const MAX_WORKERS: usize = 3;
+
+/// Copied bytes, the buffer back, and the first error of a batch.
+type Done = (u64, Vec<u8>, Result<(), CopyError>);
+/// Runs one worker takes at once.
+const MAX_RUNS: usize = 64;
+
+fn progress(ctx: &JobCtx, c: &Copier) {
+    ctx.set_progress(
+        c.done.load(Ordering::Acquire),
+        c.total.load(Ordering::Acquire),
+    );
+}
+
+pub(super) async fn run(job: Arc<BackupJob>, ctx: JobCtx) -> Result<(), String> {
+    let c = job.copier.clone();
+    progress(&ctx, &c);
+    let top = job.sync == SyncMode::Top;
+    let cm = c.clone();
+    tokio::task::spawn_blocking(move || cm.compute_map(top))
+        .await
+        .map_err(|e| format!("backup task failed: {e}"))?
+        .map_err(|e| strerror(&e))?;
+    progress(&ctx, &c);
+    if job.sync == SyncMode::None {
+        // Copy-before-write only: runs until cancelled.
+        while !ctx.is_cancelled() {
+            ctx.pause_point().await;
+            progress(&ctx, &c);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        return finish(&ctx, &c).await;
+    }
+    let limited = ctx.speed() > 0;
+    let mut chunk = if limited { CHUNK_LIMITED } else { CHUNK_FAST };
+    if job.perf.max_chunk > 0 {
+        chunk = chunk.min(job.perf.max_chunk as u64);
+    }
+    chunk = chunk.max(c.cluster) / c.cluster * c.cluster;
+    let workers = if limited {
+        1
+    } else {
+        (job.perf.max_workers.max(1) as usize).min(MAX_WORKERS)
+    };
+    let mut buffers: Vec<Vec<u8>> = Vec::new();
+    let mut set: JoinSet<Done> = JoinSet::new();
+    let mut cursor = 0u64;
+    let mut failure: Option<String> = None;
+    // After a stop, errors of copies still in flight are not reported again (their runs are
+    // back in `todo` and are retried after the resume), as QEMU reports one error per stop.
+    let mut stopping = false;
+    loop {
+        // Fill the workers.
+        while failure.is_none()
+            && !ctx.is_cancelled()
+            && !ctx.pause_requested()
+            && set.len() < workers
+        {
+            let mut runs = c.claim_batch(cursor, chunk, MAX_RUNS);
+            if runs.is_empty() {
+                runs = c.claim_batch(0, chunk, MAX_RUNS);
+            }
+            let Some(&(last, last_len)) = runs.last() else {
+                break;
+            };
+            cursor = last + last_len;
+            let mut buf = buffers.pop().unwrap_or_default();
+            let cw = c.clone();
+            let discard = c.discard_source;
+            set.spawn_blocking(move || {
+                let mut result = Ok(());
+                let mut done = 0;
+                for (start, len) in runs {
+                    if result.is_err() {
+                        cw.finish(start, len, false);
+                        continue;
+                    }
+                    // Grown to what the claims need (an incremental's single clusters never
+                    // touch a whole chunk's pages), then reused.
+                    if buf.len() < len as usize {
+                        buf.resize(len as usize, 0);
+                    }
+                    let r = cw.copy_run(start, len, &mut buf);
+                    // Finish the claim first: the discard passes the hook, which waits for
+                    // claims in flight over its range.
+                    cw.finish(start, len, r.is_ok());
+                    if r.is_ok() {
+                        done += len;
+                        if discard {
+                            if let Err(e) = cw.source.discard(start, len) {
+                                tracing::debug!(error = %e, "discard-source failed");
+                            }
+                        }
+                    }
+                    result = r;
+                }
+                (done, buf, result)
+            });
+        }
+        let Some(joined) = set.join_next().await else {
+            // Nothing in flight: done, failed, cancelled, or pausing.
+            if failure.is_some() || ctx.is_cancelled() {
+                break;
+            }
+            if ctx.pause_requested() {
+                ctx.pause_point().await;
+                stopping = false;
+                continue;
+            }
+            let (todo, inflight) = c.work_left();
+            if !todo && !inflight {
+                break;
+            }
+            if !todo {
+                // The hook is copying the last runs: wait for it.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            continue;
+        };
+        let (len, buf, r) = joined.map_err(|e| format!("backup worker failed: {e}"))?;
+        buffers.push(buf);
+        progress(&ctx, &c);
+        if len > 0 {
+            ctx.rate_limit(len).await;
+        }
+        match r {
+            Ok(()) => {}
+            Err(_) if failure.is_some() || stopping => {}
+            Err(e) => {
+                let policy = if e.is_read {
+                    job.on_source_error
+                } else {
+                    job.on_target_error
+                };
+                match ctx.error_action(policy, e.is_read, &e.err) {
+                    ErrorAction::Report => {
+                        failure.get_or_insert_with(|| strerror(&e.err));
+                    }
+                    ErrorAction::Ignore => {
+                        // Retried later (the run is back in `todo`); don't spin on it.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    ErrorAction::Stop => stopping = true,
+                }
+            }
+        }
+    }
+    if let Some(f) = failure {
+        wait_idle(&c).await;
+        progress(&ctx, &c);
+        return Err(f);
+    }
+    finish(&ctx, &c).await
+}
+
+async fn wait_idle(c: &Arc<Copier>) {
+    let cw = c.clone();
+    let _ = tokio::task::spawn_blocking(move || cw.wait_idle()).await;
+}
+
+async fn finish(ctx: &JobCtx, c: &Arc<Copier>) -> Result<(), String> {
+    wait_idle(c).await;
+    progress(ctx, c);
+    if !ctx.is_cancelled() {
+        let t = c.target.clone();
+        tokio::task::spawn_blocking(move || t.flush())
+            .await
+            .map_err(|e| format!("backup task failed: {e}"))?
+            .map_err(|e| strerror(&e))?;
+    }
+    Ok(())
+}

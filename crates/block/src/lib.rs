@@ -24,6 +24,7 @@ pub mod drivers;
 pub mod error;
 pub mod graph;
 pub mod job;
+pub mod transaction;
 pub mod node;
 
 pub use error::{Error, ErrorKind, Result};

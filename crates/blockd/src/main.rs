@@ -18,6 +18,7 @@ mod exports;
 mod hmp;
 mod info;
 mod startup;
+mod transaction;
 mod wire;
 
 use std::process::ExitCode;

@@ -33,6 +33,9 @@ pub struct DirtyBitmap {
     pub inconsistent: bool,
     /// Loaded from a read-only image: its bits cannot change (clear, merge into, remove).
     pub readonly: bool,
+    /// Frozen by a backup job: its bits stay as they were at the job's start while its
+    /// anonymous successor records new writes (queries still show it recording).
+    pub frozen: bool,
 }
 
 /// What a caller wants to do with a bitmap, for the refusal rules.
@@ -80,14 +83,17 @@ impl BitmapList {
 
     /// Mark `[offset, offset+len)` in every recording bitmap.
     pub fn mark(&mut self, offset: u64, len: u64) {
-        for bitmap in self.items.iter_mut().filter(|b| b.recording) {
+        for bitmap in self.items.iter_mut().filter(|b| b.recording && !b.frozen) {
             bitmap.bits.set(offset, len);
         }
     }
 
     /// Number of recording bitmaps.
     pub fn recording_count(&self) -> usize {
-        self.items.iter().filter(|b| b.recording).count()
+        self.items
+            .iter()
+            .filter(|b| b.recording && !b.frozen)
+            .count()
     }
 }
 

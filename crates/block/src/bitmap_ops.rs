@@ -50,6 +50,7 @@ pub fn add(
         busy: false,
         inconsistent: false,
         readonly: false,
+        frozen: false,
     });
     node.refresh_recording(&list);
     drop(list);

@@ -61,6 +61,56 @@ fn create(spec: &CreateSpec) -> Result<(), String> {
     }
 }
 
+/// Create an image file of `format` (drive-backup's `absolute-paths` mode): a host file, then
+/// the format inside it, through the same code `blockdev-create` runs.
+pub fn create_image(
+    filename: &str,
+    format: &str,
+    size: u64,
+    backing: Option<(String, String)>,
+) -> Result<(), String> {
+    match format {
+        "raw" | "file" => create(&CreateSpec::File {
+            filename: filename.to_string(),
+            size,
+        }),
+        "qcow2" => {
+            create(&CreateSpec::File {
+                filename: filename.to_string(),
+                size: 0,
+            })?;
+            let driver = FileDriver::open(filename, false)
+                .map_err(|e| format!("Could not open '{filename}': {}", strerror(&e)))?;
+            let node = std::sync::Arc::new(crate::node::Node::new(
+                "#create".to_string(),
+                true,
+                Box::new(driver),
+                Vec::new(),
+                false,
+                crate::node::NodeFlags::default(),
+            ));
+            let (backing_file, backing_fmt) = match backing {
+                Some((f, fmt)) => (Some(f), Some(fmt)),
+                None => (None, None),
+            };
+            let opts = qcow2::CreateOptions {
+                size,
+                backing_file,
+                backing_fmt,
+                ..qcow2::CreateOptions::default()
+            };
+            let r = create(&CreateSpec::Qcow2 {
+                file: Ok(node.clone()),
+                opts,
+            });
+            let closed = node.close();
+            r?;
+            closed.map_err(|e| format!("Could not create '{filename}': {}", strerror(&e)))
+        }
+        other => Err(format!("Driver '{other}' does not support image creation")),
+    }
+}
+
 fn storage_truncate(s: &NodeStorage) -> Result<(), String> {
     use qcow2::Storage;
     s.truncate(0)

@@ -137,6 +137,10 @@ pub trait Driver: Send + Sync {
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Write all of `data` at `offset`.
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Write whole clusters compressed (qcow2); formats without compression: ENOTSUP.
+    fn write_compressed(&self, _offset: u64, _data: &[u8]) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
     /// Make the range read as zeros; `may_unmap` allows deallocating.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
     /// Hint that the range is unused; it may then read as anything the format chooses (zeros here).

@@ -76,7 +76,15 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// The C library's text for an I/O error ("No such file or directory"), without Rust's " (os error 2)".
 pub fn strerror(err: &io::Error) -> String {
     match err.raw_os_error() {
-        Some(code) => nix::errno::Errno::from_raw(code).desc().to_string(),
+        // The C library's own text (glibc: "Input/output error"), as QEMU prints it; Rust
+        // appends " (os error N)" to it, nix has its own shorter table.
+        Some(code) => {
+            let text = io::Error::from_raw_os_error(code).to_string();
+            match text.rfind(" (os error ") {
+                Some(i) => text[..i].to_string(),
+                None => text,
+            }
+        }
         None => err.to_string(),
     }
 }

@@ -162,6 +162,34 @@ impl Graph {
         result
     }
 
+    /// Open a root node with a generated name (drive-backup's target); nothing is left behind
+    /// when it fails. Remove it with [`Graph::remove_unnamed`].
+    pub fn add_unnamed(&mut self, opts: &NodeOptions) -> Result<NodeRef> {
+        let before = self.nodes.len();
+        let result = self.add_node(opts, 0);
+        if result.is_err() {
+            for node in self.nodes.drain(before..).rev() {
+                let _ = node.close();
+            }
+        }
+        let locks = self.refresh_locks();
+        result.and_then(|n| locks.map(|_| n))
+    }
+
+    /// Remove a node opened with [`Graph::add_unnamed`] and its inline children, if nothing
+    /// uses it any more.
+    pub fn remove_unnamed(&mut self, node: &NodeRef) -> Result<()> {
+        if !self.nodes.iter().any(|n| Arc::ptr_eq(n, node)) {
+            return Ok(());
+        }
+        if !self.parents(node).is_empty() || node.first_user().is_some() {
+            return Err(Error::generic(format!("Node {} is in use", node.name())));
+        }
+        let r = self.remove_tree(node);
+        let _ = self.refresh_locks();
+        r
+    }
+
     fn add_node(&mut self, opts: &NodeOptions, depth: usize) -> Result<NodeRef> {
         let name = match &opts.node_name {
             Some(n) => {
@@ -366,6 +394,7 @@ impl Graph {
                 busy: false,
                 inconsistent: b.inconsistent,
                 readonly: node.read_only(),
+                frozen: false,
             });
         }
         node.refresh_recording(&list);

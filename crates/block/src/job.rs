@@ -13,11 +13,50 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, ErrorKind, Result};
+
+/// QEMU's BlockdevOnError: what a job does about an I/O error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnError {
+    /// Fail the job.
+    #[default]
+    Report,
+    /// Go on; the failed work is retried.
+    Ignore,
+    /// Stop on ENOSPC, report otherwise.
+    Enospc,
+    /// Stop (pause as if by the user) until resumed or cancelled.
+    Stop,
+    /// For jobs: as `Enospc`.
+    Auto,
+}
+
+/// What the job core decided about one I/O error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorAction {
+    /// Fail the job with the error.
+    Report,
+    /// Retry the failed work later.
+    Ignore,
+    /// The job is now stopped; retry after it resumes (the body's next pause point waits).
+    Stop,
+}
+
+/// The rate limiter every job uses: a byte budget per time slice derived from the job's
+/// `speed`, so a job never runs more than one slice ahead of its limit.
+#[derive(Debug)]
+struct RateState {
+    /// When the work done so far is "paid for" at the current speed.
+    next: Option<Instant>,
+}
+
+/// Longest time a job runs ahead of its speed limit (the burst the limiter allows).
+const RATE_SLICE: Duration = Duration::from_millis(100);
 
 /// QEMU's JobStatus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +290,8 @@ pub struct Job {
     finalize_requested: AtomicBool,
     events: EventSink,
     body: Arc<dyn JobBody>,
+    rate: Mutex<RateState>,
+    drain_at_start: bool,
 }
 
 /// What a job body uses to cooperate with its job.
@@ -283,6 +324,103 @@ impl JobCtx {
     /// Current speed limit.
     pub fn speed(&self) -> u64 {
         self.job.lock().speed
+    }
+    /// Set progress outright (work done, total work).
+    pub fn set_progress(&self, current: u64, total: u64) {
+        let mut st = self.job.lock();
+        st.current = current;
+        st.total = total;
+    }
+    /// The job id.
+    pub fn id(&self) -> &str {
+        &self.job.id
+    }
+    /// Account `bytes` of work against the speed limit and wait while the job is ahead of
+    /// it. The wait is a pause point (a pause takes effect during it), returns at once on
+    /// cancel, and follows speed changes (block-job-set-speed) while it lasts.
+    pub async fn rate_limit(&self, bytes: u64) {
+        let mut speed = self.speed();
+        let mut next = {
+            let mut rs = self.job.rate.lock().unwrap_or_else(|p| p.into_inner());
+            if speed == 0 {
+                rs.next = None;
+                return;
+            }
+            let now = Instant::now();
+            // Budget left unused for more than a slice is forfeited: no burst after idling.
+            let floor = now.checked_sub(RATE_SLICE).unwrap_or(now);
+            let base = rs.next.map_or(now, |n| n.max(floor));
+            let n = base + Duration::from_secs_f64(bytes as f64 / speed as f64);
+            rs.next = Some(n);
+            n
+        };
+        loop {
+            if self.is_cancelled() {
+                return;
+            }
+            if self.job.lock().user_paused {
+                self.pause_point().await;
+                continue;
+            }
+            let now = Instant::now();
+            let wait = next.saturating_duration_since(now);
+            if wait.is_zero() {
+                return;
+            }
+            let notified = self.job.wake.notified();
+            tokio::select! {
+                _ = tokio::time::sleep(wait.min(RATE_SLICE)) => {}
+                _ = self.job.cancel.cancelled() => return,
+                _ = notified => {}
+            }
+            let new_speed = self.speed();
+            if new_speed != speed {
+                let mut rs = self.job.rate.lock().unwrap_or_else(|p| p.into_inner());
+                if new_speed == 0 {
+                    rs.next = None;
+                    return;
+                }
+                let now = Instant::now();
+                let left = next.saturating_duration_since(now).as_secs_f64();
+                next = now + Duration::from_secs_f64(left * speed as f64 / new_speed as f64);
+                rs.next = Some(next);
+                speed = new_speed;
+            }
+        }
+    }
+    /// Decide what to do about an I/O error under `policy` (QEMU's block_job_error_action):
+    /// emits BLOCK_JOB_ERROR, and for a stop sets `io-status` and pauses the job as a user
+    /// pause would (the body's next pause point waits for job-resume or cancel).
+    pub fn error_action(
+        &self,
+        policy: OnError,
+        is_read: bool,
+        err: &std::io::Error,
+    ) -> ErrorAction {
+        let nospace = err.raw_os_error() == Some(libc::ENOSPC);
+        let action = match policy {
+            OnError::Report => ErrorAction::Report,
+            OnError::Ignore => ErrorAction::Ignore,
+            OnError::Stop => ErrorAction::Stop,
+            OnError::Enospc | OnError::Auto if nospace => ErrorAction::Stop,
+            OnError::Enospc | OnError::Auto => ErrorAction::Report,
+        };
+        let name = match action {
+            ErrorAction::Report => "report",
+            ErrorAction::Ignore => "ignore",
+            ErrorAction::Stop => "stop",
+        };
+        self.report_error(if is_read { "read" } else { "write" }, name);
+        if action == ErrorAction::Stop {
+            let mut st = self.job.lock();
+            st.user_paused = true;
+            st.io_status = if nospace { "nospace" } else { "failed" };
+        }
+        action
+    }
+    /// Has the user (or a stop on error) asked the job to pause?
+    pub fn pause_requested(&self) -> bool {
+        self.job.lock().user_paused && !self.job.cancel.is_cancelled()
     }
     /// A point where the job may pause: waits while the user has it paused.
     pub async fn pause_point(&self) {
@@ -418,12 +556,17 @@ pub struct JobSpec {
     pub auto_dismiss: bool,
     /// Initial speed.
     pub speed: u64,
+    /// Show the pause blip of a drained start (`running → paused → running`), as QEMU's
+    /// backup jobs do.
+    pub drain_at_start: bool,
 }
 
 /// The table of jobs.
 pub struct JobManager {
     jobs: Mutex<Vec<Arc<Job>>>,
     events: EventSink,
+    /// Every job task ever started and not yet reaped: shutdown cancels and awaits them.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// QEMU's rule for ids: a letter first, then letters, digits, '-', '.', '_'.
@@ -439,6 +582,7 @@ impl JobManager {
         Arc::new(JobManager {
             jobs: Mutex::new(Vec::new()),
             events,
+            tasks: Mutex::new(Vec::new()),
         })
     }
 
@@ -498,6 +642,8 @@ impl JobManager {
             finalize_requested: AtomicBool::new(false),
             events: self.events.clone(),
             body,
+            rate: Mutex::new(RateState { next: None }),
+            drain_at_start: spec.drain_at_start,
         });
         jobs.push(job.clone());
         drop(jobs);
@@ -509,9 +655,27 @@ impl JobManager {
     /// cancel that arrives before the task first runs cancels it instead of discarding it.
     pub fn start(self: &Arc<Self>, job: &Arc<Job>) {
         job.transition(JobStatus::Running);
+        if job.drain_at_start {
+            job.transition(JobStatus::Paused);
+            job.transition(JobStatus::Running);
+        }
         let manager = self.clone();
         let job = job.clone();
-        tokio::spawn(async move { manager.run(job).await });
+        let handle = tokio::spawn(async move { manager.run(job).await });
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(handle);
+    }
+
+    /// A job whose creation failed after QEMU would have created it (a bad speed):
+    /// `JOB_STATUS_CHANGE` created then null, as QEMU emits them; nothing is kept.
+    pub fn announce_failed_creation(&self, id: &str) {
+        for status in [JobStatus::Created, JobStatus::Null] {
+            (self.events)(JobEvent::StatusChange {
+                id: id.to_string(),
+                status,
+            });
+        }
     }
 
     /// Drop a created-but-never-started job (aborted transaction): created → aborting →
@@ -527,9 +691,18 @@ impl JobManager {
 
     async fn run(self: Arc<Self>, job: Arc<Job>) {
         let ctx = JobCtx { job: job.clone() };
-        let result = tokio::select! {
-            r = job.body.clone().run(ctx.clone()) => r,
-            _ = job.cancel.cancelled() => Err("Operation canceled".to_string()),
+        // The body runs as its own task so that a panic in it is caught here and concludes
+        // the job with an error. A cancel does not drop the body: the body watches the token
+        // and returns once its I/O has stopped, and only then do abort and clean run.
+        let body = tokio::spawn(job.body.clone().run(ctx.clone()));
+        let result = match body.await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => {
+                let msg = panic_message(e.into_panic());
+                tracing::error!(job = %job.id, panic = %msg, "job body panicked");
+                Err(format!("job panicked: {msg}"))
+            }
+            Err(e) => Err(format!("job task failed: {e}")),
         };
         // A body dropped at a pause point leaves it (paused → running) before ending: paused
         // cannot go to aborting directly.
@@ -651,13 +824,17 @@ impl JobManager {
         Ok(())
     }
 
-    /// job-resume.
+    /// job-resume (also clears an error's io-status, as QEMU does).
     pub fn resume(&self, job: &Arc<Job>) -> Result<()> {
         if !job.lock().user_paused {
             return Err(Error::generic("Can't resume a job that was not paused"));
         }
         job.check_verb(JobVerb::Resume)?;
-        job.lock().user_paused = false;
+        {
+            let mut st = job.lock();
+            st.user_paused = false;
+            st.io_status = "ok";
+        }
         job.wake.notify_waiters();
         Ok(())
     }
@@ -695,23 +872,40 @@ impl JobManager {
         Ok(())
     }
 
-    /// Cancel every job and wait (bounded) for them to end (shutdown).
+    /// Cancel every job and wait for every job task to end (shutdown); a task that
+    /// panicked is reported. Jobs waiting in `pending` are cancelled too.
     pub async fn cancel_all(&self) {
         let jobs: Vec<_> = self.jobs().clone();
         for j in &jobs {
-            let _ = self.cancel(j);
-        }
-        for _ in 0..500 {
-            let active = self.jobs().iter().any(|j| {
-                !matches!(
-                    j.lock().status,
-                    JobStatus::Concluded | JobStatus::Null | JobStatus::Created
-                )
-            });
-            if !active {
-                break;
+            if j.lock().status == JobStatus::Created {
+                self.discard_unstarted(j);
+            } else if !matches!(j.lock().status, JobStatus::Concluded | JobStatus::Null) {
+                let _ = self.cancel(j);
             }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            if let Err(e) = t.await {
+                tracing::error!(error = %e, "job task ended abnormally");
+            }
+        }
+    }
+
+    /// Number of job tasks still running (tests, shutdown diagnostics).
+    pub fn running_tasks(&self) -> usize {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.len()
+    }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
     }
 }

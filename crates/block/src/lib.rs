@@ -16,6 +16,7 @@
 //!                          └── Mutex<BitmapList>: marked after every write, write-zeroes, discard
 //! ```
 
+pub mod backup;
 pub mod bitmap;
 pub mod bitmap_ops;
 pub mod create;

@@ -267,6 +267,26 @@ impl Node {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Hold off writes to this node (those already past the gate finish first) while the guard
+    /// lives: a point in time for starting a backup (bitmap freeze and hook install together).
+    /// Never hold it across I/O on this node.
+    pub fn quiesce(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.checkpoint_gate
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Write whole clusters compressed (formats that can: qcow2), then mark bitmaps.
+    pub fn write_compressed(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let len = data.len() as u64;
+        self.check_write(offset, len)?;
+        let _gate = self.gate();
+        self.run_hooks(offset, len)?;
+        let result = self.driver.write_compressed(offset, data);
+        self.mark_dirty(offset, len);
+        result
+    }
+
     /// Note that bitmaps changed other than by a write (merge, clear, add, enable, ...).
     pub fn note_bitmaps_changed(&self) {
         self.bitmaps_changed.store(true, Ordering::Release);

@@ -195,6 +195,8 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         Command::BlockJobComplete(a) => job_verb(d, Verb::Complete, &a.device, true),
         Command::BlockJobDismiss(a) => job_verb(d, Verb::Dismiss, &a.id, true),
         Command::BlockJobFinalize(a) => job_verb(d, Verb::Finalize, &a.id, true),
+        Command::BlockdevBackup(a) => done(crate::backup::blockdev_backup(d, a)),
+        Command::DriveBackup(a) => done(crate::backup::drive_backup(d, a)),
         Command::QueryJobs => {
             let jobs = d.jobs.list();
             Ok(Value::Array(
@@ -288,6 +290,7 @@ fn blockdev_create(d: &Arc<Daemon>, a: BlockdevCreateArgs) -> CmdResult {
         auto_finalize: true,
         auto_dismiss: false,
         speed: 0,
+        drain_at_start: false,
     };
     let job = d.jobs.create(spec_job, CreateJob::new(spec))?;
     d.jobs.start(&job);

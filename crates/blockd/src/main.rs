@@ -9,6 +9,7 @@
 //! - [`info`]: query results; [`hmp`]: the `qemu-io` subset of `human-monitor-command`;
 //!   [`export`]: a node as an NBD export.
 
+mod backup;
 mod cli;
 mod convert;
 mod daemon;

@@ -435,11 +435,18 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Whether unallocated clusters may read other than zeros: a backing file named in the
+    /// header, or a backing image attached at open (`backing` given by node, e.g. a fleecing
+    /// overlay whose header names none).
+    fn may_read_backing(&self) -> bool {
+        self.backing_file.is_some() || self.backing.read().map_or(true, |b| b.is_some())
+    }
+
     /// Zero whole clusters `[c0, c1)` of a v2 image (no zero flag): write zeros except where
     /// the cluster already reads as zero (unallocated without a backing file).
     fn zero_v2(&self, c0: u64, c1: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
-        let has_backing = self.backing_file.is_some();
+        let has_backing = self.may_read_backing();
         let mut c = c0;
         while c < c1 {
             let skip = {
@@ -480,7 +487,7 @@ impl Qcow2 {
     /// Under the lock: zero or discard one guest cluster.
     fn unmap_one(&self, m: &mut Meta, gc: GuestCluster, mode: Unmap) -> Result<()> {
         let entry = m.l2_entry(gc)?;
-        let has_backing = self.backing_file.is_some();
+        let has_backing = self.may_read_backing();
         let zero_flag = self.version >= 3;
         let (raw, free) = match (mode, entry) {
             (_, L2Entry::Unallocated) if !has_backing => return Ok(()),

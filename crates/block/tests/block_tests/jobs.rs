@@ -70,6 +70,7 @@ fn spec(id: &str, block: bool, auto_finalize: bool, auto_dismiss: bool) -> JobSp
         auto_finalize,
         auto_dismiss,
         speed: 0,
+        drain_at_start: false,
     }
 }
 
@@ -80,7 +81,7 @@ enum Script {
     Succeed,
     /// Fail with "boom".
     Fail,
-    /// Loop on pause points forever (until cancelled).
+    /// Loop on pause points until cancelled.
     Forever,
 }
 
@@ -114,10 +115,15 @@ impl JobBody for Body {
                     Ok(())
                 }
                 Script::Fail => Err("boom".to_string()),
-                Script::Forever => loop {
-                    ctx.pause_point().await;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                },
+                // Bodies watch the cancellation token and return: the job ends only
+                // once its body has stopped.
+                Script::Forever => {
+                    while !ctx.is_cancelled() {
+                        ctx.pause_point().await;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Ok(())
+                }
             }
         })
     }

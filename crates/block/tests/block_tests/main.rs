@@ -3,6 +3,7 @@
 //! One test binary (modules below) so the suite links once. Every test builds its own graph over
 //! temporary files; nothing is shared between tests.
 
+mod backup;
 mod bitmaps;
 mod common;
 mod concurrency;

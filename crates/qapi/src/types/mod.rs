@@ -12,6 +12,7 @@
 //! The tests check every command, reply and event type here against the schema.
 
 pub mod bitmaps;
+pub mod block_backup;
 pub mod block_core;
 pub mod block_create;
 pub mod block_export;
@@ -33,6 +34,7 @@ use crate::error::QapiError;
 use crate::Schema;
 
 pub use bitmaps::*;
+pub use block_backup::*;
 pub use block_core::*;
 pub use block_create::*;
 pub use block_export::*;
@@ -178,6 +180,10 @@ commands! {
     "block-job-dismiss" => BlockJobDismiss(BlockJobIdArgs),
     /// `block-job-finalize`.
     "block-job-finalize" => BlockJobFinalize(BlockJobIdArgs),
+    /// `blockdev-backup`.
+    "blockdev-backup" => BlockdevBackup(BlockdevBackup),
+    /// `drive-backup` (deprecated in QEMU; use `blockdev-backup`).
+    "drive-backup" => DriveBackup(DriveBackup),
     /// `query-jobs`.
     "query-jobs" => QueryJobs,
     /// `job-pause`.

@@ -1,0 +1,349 @@
+//! The copy engine of a backup: which clusters are still to copy, who is copying which right
+//! now, and the copy-before-write hook that keeps the backup at its point in time.
+//!
+//! One lock ([`Copier::state`]) guards `todo` (clusters not yet copied, at the job's cluster
+//! size) and `inflight` (runs someone is copying). Whoever copies a run first *claims* it:
+//! removes it from `todo` and lists it in `inflight`, under the lock; the copy itself runs
+//! without the lock. So the hook and the job's workers never copy a cluster twice, and a
+//! guest write to a cluster whose copy is in flight waits (condvar) until that copy is done.
+//! A failed copy puts its run back into `todo`: nothing is ever lost.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use hbitmap::HBitmap;
+
+use crate::driver::BlockStatus;
+use crate::node::{Node, NodeRef, WriteHook};
+
+/// A copy failure: which side failed (read = source).
+#[derive(Debug)]
+pub(crate) struct CopyError {
+    pub is_read: bool,
+    pub err: io::Error,
+}
+
+pub(crate) struct CopyState {
+    /// Clusters still to copy.
+    pub todo: HBitmap,
+    /// Runs being copied now: (start, end).
+    pub inflight: Vec<(u64, u64)>,
+}
+
+/// What regions of the source read as zeros, or are to be skipped, computed once.
+pub(crate) struct SourceMap {
+    /// Whole clusters that read as zeros at the start.
+    pub zero: HBitmap,
+}
+
+/// Shared between the job body, its workers and the write hook.
+pub(crate) struct Copier {
+    pub source: NodeRef,
+    pub target: NodeRef,
+    pub cluster: u64,
+    pub size: u64,
+    pub compress: bool,
+    pub discard_source: bool,
+    /// The target has no backing: unmapping zeros is safe there.
+    pub may_unmap: bool,
+    state: Mutex<CopyState>,
+    cv: Condvar,
+    /// Bytes copied (job progress).
+    pub done: AtomicU64,
+    /// Bytes to copy (job progress).
+    pub total: AtomicU64,
+    /// Set once the map is known (the hook works without it).
+    pub map: Mutex<Option<std::sync::Arc<SourceMap>>>,
+    /// The job ended: the hook lets writes through untouched.
+    pub stopped: AtomicBool,
+}
+
+impl Copier {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        source: NodeRef,
+        target: NodeRef,
+        cluster: u64,
+        todo: HBitmap,
+        compress: bool,
+        discard_source: bool,
+    ) -> Copier {
+        let size = source.size();
+        let total = clipped_count(&todo, size);
+        let may_unmap = target.child("backing").is_none();
+        Copier {
+            source,
+            target,
+            cluster,
+            size,
+            compress,
+            discard_source,
+            may_unmap,
+            state: Mutex::new(CopyState {
+                todo,
+                inflight: Vec::new(),
+            }),
+            cv: Condvar::new(),
+            done: AtomicU64::new(0),
+            total: AtomicU64::new(total),
+            map: Mutex::new(None),
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, CopyState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn align(&self, offset: u64, len: u64) -> (u64, u64) {
+        let start = offset / self.cluster * self.cluster;
+        let end = offset
+            .saturating_add(len)
+            .div_ceil(self.cluster)
+            .saturating_mul(self.cluster)
+            .min(self.size);
+        (start, end)
+    }
+
+    /// Claim the first run still to copy at or after `from` (at most `max` bytes), for the
+    /// job's workers. `None` when nothing is left at or after `from`.
+    pub fn claim_next(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+        let mut st = self.lock();
+        let (start, len) = st.todo.next_dirty_area(from, self.size, max)?;
+        st.todo.reset(start, len);
+        st.inflight.push((start, start + len));
+        Some((start, len))
+    }
+
+    /// Whether anything is left to copy or being copied.
+    pub fn work_left(&self) -> (bool, bool) {
+        let st = self.lock();
+        (!st.todo.is_empty(), !st.inflight.is_empty())
+    }
+
+    /// Claim every cluster of `[start, end)` still to copy, waiting for copies in flight that
+    /// overlap it (the hook: the write may proceed once this returns and the claims are copied).
+    fn claim_range(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut st = self.lock();
+        loop {
+            let busy = st.inflight.iter().any(|&(s, e)| s < end && start < e);
+            if !busy {
+                break;
+            }
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        let runs: Vec<(u64, u64)> = st.todo.dirty_ranges(start, end).collect();
+        for &(s, l) in &runs {
+            st.todo.reset(s, l);
+            st.inflight.push((s, s + l));
+        }
+        runs
+    }
+
+    /// End a claim: on failure the run goes back to `todo`.
+    pub fn finish(&self, start: u64, len: u64, ok: bool) {
+        let mut st = self.lock();
+        if let Some(i) = st.inflight.iter().position(|&r| r == (start, start + len)) {
+            st.inflight.swap_remove(i);
+        }
+        if ok {
+            self.done.fetch_add(len, Ordering::AcqRel);
+        } else {
+            st.todo.set(start, len);
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// Copy one claimed run from source to target with `buf` (at least `len` bytes).
+    pub fn copy_run(&self, start: u64, len: u64, buf: &mut [u8]) -> Result<(), CopyError> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let end = start + len;
+        let mut off = start;
+        while off < end {
+            // Split the run into pieces that are all-zero at the start or all data.
+            let (zero, piece_end) = match &map {
+                Some(m) if m.zero.get(off) => (true, m.zero.next_clean(off, end).unwrap_or(end)),
+                Some(m) => (false, m.zero.next_dirty(off, end).unwrap_or(end)),
+                None => (false, end),
+            };
+            let n = piece_end - off;
+            if zero {
+                self.target
+                    .write_zeroes(off, n, self.may_unmap)
+                    .map_err(|err| CopyError {
+                        is_read: false,
+                        err,
+                    })?;
+            } else {
+                self.copy_data(off, n, buf)?;
+            }
+            off = piece_end;
+        }
+        Ok(())
+    }
+
+    fn copy_data(&self, off: u64, n: u64, buf: &mut [u8]) -> Result<(), CopyError> {
+        let mut done = 0u64;
+        while done < n {
+            let step = (n - done).min(buf.len() as u64);
+            let b = &mut buf[..step as usize];
+            let at = off + done;
+            self.source
+                .read(at, b)
+                .map_err(|err| CopyError { is_read: true, err })?;
+            let w = if self.compress {
+                self.write_compressed(at, b)
+            } else if is_zero(b) {
+                self.target.write_zeroes(at, step, self.may_unmap)
+            } else {
+                self.target.write(at, b)
+            };
+            w.map_err(|err| CopyError {
+                is_read: false,
+                err,
+            })?;
+            done += step;
+        }
+        Ok(())
+    }
+
+    fn write_compressed(&self, at: u64, b: &[u8]) -> io::Result<()> {
+        // Whole clusters of the target (the last one may end at the disk end); all-zero
+        // clusters become zero writes, as QEMU's block-copy does.
+        for (i, chunk) in b.chunks(self.cluster as usize).enumerate() {
+            let off = at + (i as u64) * self.cluster;
+            if is_zero(chunk) {
+                self.target
+                    .write_zeroes(off, chunk.len() as u64, self.may_unmap)?;
+            } else {
+                self.target.write_compressed(off, chunk)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait until no copy is in flight (the job's end).
+    pub fn wait_idle(&self) {
+        let mut st = self.lock();
+        while !st.inflight.is_empty() {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Compute the source map (once, at the job's start) and, for `top`, drop the clusters
+    /// the top layer does not hold from `todo`. Returns the bytes dropped.
+    pub fn compute_map(&self, top_only: bool) -> io::Result<u64> {
+        let mut zero =
+            HBitmap::new(self.size, self.cluster).map_err(|e| io::Error::other(e.to_string()))?;
+        let mut skip: Vec<(u64, u64)> = Vec::new();
+        let mut off = 0u64;
+        while off < self.size {
+            let want = (self.size - off).min(1 << 30);
+            let (is_zero, is_skip, n) = if top_only {
+                let (st, n) = self.source.block_status(off, want)?;
+                (st == BlockStatus::Zero, st == BlockStatus::Unallocated, n)
+            } else {
+                let (st, depth, n) = self.source.status_above(off, want)?;
+                let z = st == BlockStatus::Zero || (st == BlockStatus::Unallocated && depth == 0);
+                (z, false, n)
+            };
+            let n = n.max(1).min(want);
+            if is_zero || is_skip {
+                let first = off.div_ceil(self.cluster) * self.cluster;
+                let last = if off + n >= self.size {
+                    self.size
+                } else {
+                    (off + n) / self.cluster * self.cluster
+                };
+                if last > first {
+                    if is_zero {
+                        zero.set(first, last - first);
+                    } else {
+                        skip.push((first, last - first));
+                    }
+                }
+            }
+            off += n;
+        }
+        *self.map.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::sync::Arc::new(SourceMap { zero }));
+        let mut dropped = 0;
+        if !skip.is_empty() {
+            let mut st = self.lock();
+            for (s, l) in skip {
+                // Only what is still to copy (a write may have claimed it already).
+                let runs: Vec<_> = st.todo.dirty_ranges(s, s + l).collect();
+                for (rs, rl) in runs {
+                    st.todo.reset(rs, rl);
+                    dropped += rl;
+                }
+            }
+            self.total.fetch_sub(dropped, Ordering::AcqRel);
+        }
+        Ok(dropped)
+    }
+
+    /// The clusters not copied (for bitmap-mode `always` on failure).
+    pub fn not_copied(&self) -> HBitmap {
+        self.lock().todo.clone()
+    }
+}
+
+/// Dirty bytes of a bitmap clipped to the disk size.
+pub(crate) fn clipped_count(b: &HBitmap, size: u64) -> u64 {
+    let mut count = b.count();
+    let g = b.granularity();
+    if !size.is_multiple_of(g) && b.get(size - 1) {
+        count -= g - size % g;
+    }
+    count
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(16);
+    let body = words
+        .by_ref()
+        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0);
+    body && words.remainder().iter().all(|&x| x == 0)
+}
+
+/// The copy-before-write hook on the source node.
+pub(crate) struct CbwHook {
+    pub copier: std::sync::Arc<Copier>,
+    /// One reusable buffer per hook call site is not possible (writers run on any thread):
+    /// hooks allocate a cluster-run buffer, bounded by the write's size rounded to clusters.
+    pub max_buf: usize,
+}
+
+impl WriteHook for CbwHook {
+    fn before_write(&self, _node: &Node, offset: u64, len: u64) -> io::Result<()> {
+        let c = &self.copier;
+        if c.stopped.load(Ordering::Acquire) || offset >= c.size {
+            return Ok(());
+        }
+        let (start, end) = c.align(offset, len);
+        let runs = c.claim_range(start, end);
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let biggest = runs.iter().map(|r| r.1).max().unwrap_or(0);
+        let mut buf = vec![0u8; (biggest as usize).min(self.max_buf)];
+        let mut result = Ok(());
+        for (s, l) in runs {
+            if result.is_err() {
+                c.finish(s, l, false);
+                continue;
+            }
+            match c.copy_run(s, l, &mut buf) {
+                Ok(()) => c.finish(s, l, true),
+                Err(e) => {
+                    c.finish(s, l, false);
+                    result = Err(e.err);
+                }
+            }
+        }
+        result
+    }
+}

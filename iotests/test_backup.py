@@ -1,0 +1,226 @@
+"""blockdev-backup / drive-backup: every refusal with QEMU's class and text, and the job's
+event sequences (start blip, success with and without auto-finalize/-dismiss, pause, resume,
+cancel, verbs refused by state). Texts and sequences observed on qemu-storage-daemon 10.0.2.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import iotests
+import data_nbd
+from backup_helpers import (MiB, add_qcow2, add_raw, backup, block_job, close, collapse_blips, compare,
+                            count, fill, finish_writer, job_events, nbd, qcow2, raw, statuses,
+                            wait_status, writer)
+
+SIZE = 4 * MiB
+
+
+@pytest.fixture
+def make_daemon(make_daemon):
+    return data_nbd.ready_factory(make_daemon)
+
+
+@pytest.fixture
+def env(make_daemon, tmp_path):
+    """A daemon with qcow2 source `src` (bitmap `b`), qcow2 target `tgt`, raw targets `traw`
+    and `small` (half the size)."""
+    src = qcow2(tmp_path / "src.qcow2", SIZE)
+    fill(src, "write -P 0x11 0 1M", "write -z 2M 64k", "write -P 0x22 3M 64k")
+    qcow2(tmp_path / "tgt.qcow2", SIZE)
+    raw(tmp_path / "tgt.raw", SIZE)
+    raw(tmp_path / "small.raw", SIZE // 2)
+    d = make_daemon()
+    add_qcow2(d, "src", src)
+    add_qcow2(d, "tgt", tmp_path / "tgt.qcow2")
+    add_raw(d, "traw", tmp_path / "tgt.raw")
+    add_raw(d, "small", tmp_path / "small.raw")
+    d.ok("block-dirty-bitmap-add", node="src", name="b")
+    return d
+
+
+REFUSALS = [
+    ({"sync": "incremental"}, "must provide a valid bitmap name for 'incremental' sync mode"),
+    ({"sync": "bitmap"}, "must provide a valid bitmap name for 'bitmap' sync mode"),
+    ({"sync": "full", "bitmap-mode": "never"}, "Cannot specify bitmap sync mode without a bitmap"),
+    ({"sync": "full", "bitmap": "b"}, "Bitmap sync mode must be given when providing a bitmap"),
+    ({"sync": "incremental", "bitmap": "b", "bitmap-mode": "never"},
+     "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'"),
+    ({"sync": "incremental", "bitmap": "b", "bitmap-mode": "always"},
+     "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'"),
+    ({"sync": "full", "bitmap": "b", "bitmap-mode": "never"},
+     "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode 'full'"),
+    ({"sync": "top", "bitmap": "b", "bitmap-mode": "never"},
+     "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode 'top'"),
+    ({"sync": "none", "bitmap": "b", "bitmap-mode": "never"},
+     "sync mode 'none' does not produce meaningful bitmap outputs"),
+    ({"sync": "none", "bitmap": "b", "bitmap-mode": "on-success"},
+     "sync mode 'none' does not produce meaningful bitmap outputs"),
+    ({"sync": "bitmap", "bitmap": "nosuch", "bitmap-mode": "never"}, "Bitmap 'nosuch' could not be found"),
+    ({"sync": "full", "target": "src"}, "Source and target cannot be the same"),
+    ({"sync": "full", "target": "small"}, "Source and target image have different sizes"),
+    ({"sync": "full", "target": "nosuch"}, "Cannot find device='nosuch' nor node-name='nosuch'"),
+    ({"sync": "full", "device": "nosuch"}, "Cannot find device='nosuch' nor node-name='nosuch'"),
+    ({"sync": "full", "job-id": "bad id!"}, "Invalid job ID 'bad id!'"),
+    ({"sync": "full", "job-id": None}, "Invalid job ID ''"),
+    ({"sync": "full", "x-perf": {"max-workers": 0}}, "max-workers must be between 1 and 2147483647"),
+    ({"sync": "full", "x-perf": {"max-workers": -1}}, "max-workers must be between 1 and 2147483647"),
+    ({"sync": "full", "x-perf": {"max-chunk": -1}}, "max-chunk must be zero (which means no limit) or positive"),
+    ({"sync": "full", "x-perf": {"max-chunk": 1000}},
+     "Required max-chunk (1000) is less than backup cluster size (65536)"),
+    ({"sync": "full", "x-perf": {"min-cluster-size": 1000}},
+     "Could not create node: Cannot create block-copy-state: min-cluster-size needs to be a power of 2"),
+    ({"sync": "full", "compress": True, "target": "traw"}, "Compression is not supported for this drive "),
+    ({"sync": "full", "filter-node-name": "bad name"}, "Could not create node: Invalid node-name: 'bad name'"),
+    ({"sync": "full", "filter-node-name": "src"}, "Could not create node: Duplicate nodes with node-name='src'"),
+]
+
+
+@pytest.mark.parametrize("args,desc", REFUSALS, ids=[d for _, d in REFUSALS])
+def test_refusal_has_qemus_class_and_text_and_changes_nothing(env, args, desc):
+    a = {"job-id": "j", "device": "src", "target": "tgt"}
+    a.update(args)
+    a = {k: v for k, v in a.items() if v is not None}
+    before = env.bitmaps("src")
+    err = env.err("blockdev-backup", a)
+    assert err == {"class": "GenericError", "desc": desc}
+    assert env.ok("query-jobs") == []
+    assert env.bitmaps("src") == before
+
+
+def test_negative_speed_is_refused_after_the_job_was_created(env):
+    err = env.err("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt",
+                                      "sync": "full", "speed": -1})
+    assert err == {"class": "GenericError", "desc": "Parameter 'speed' expects a non-negative value"}
+    evs = [(e["event"], e["data"]) for e in env.get_events(wait=0.3)]
+    assert evs == [("JOB_STATUS_CHANGE", {"status": "created", "id": "j"}),
+                   ("JOB_STATUS_CHANGE", {"status": "null", "id": "j"})]
+    assert env.ok("query-jobs") == []
+
+
+@iotests.qsd_crashes
+def test_huge_min_cluster_size_is_refused(env):
+    err = env.err("blockdev-backup", {"job-id": "j", "device": "src", "target": "tgt",
+                                      "sync": "full", "x-perf": {"min-cluster-size": 1 << 40}})
+    assert err["class"] == "GenericError"
+    assert env.ok("query-jobs") == []
+
+
+def test_busy_target_duplicate_id_and_busy_bitmap_are_refused(env):
+    data_nbd.node_io(env, "src", "write -P 0x33 0 3M")
+    assert backup(env, "j", "src", "tgt", "bitmap", bitmap="b", bitmap_mode="never", speed=1) == {"return": {}}
+    err = env.err("blockdev-backup", {"job-id": "j2", "device": "src", "target": "tgt", "sync": "full"})
+    assert err == {"class": "GenericError",
+                   "desc": "Node 'tgt' is busy: block device is in use by block job: backup"}
+    err = env.err("blockdev-backup", {"job-id": "j", "device": "src", "target": "traw", "sync": "full"})
+    assert err == {"class": "GenericError", "desc": "Job ID 'j' already in use"}
+    err = env.err("blockdev-backup", {"job-id": "j2", "device": "src", "target": "traw",
+                                      "sync": "incremental", "bitmap": "b"})
+    assert err == {"class": "GenericError",
+                   "desc": "Bitmap 'b' is currently in use by another operation and cannot be used"}
+    busy = env.bitmap("src", "b")
+    assert busy["busy"] is True and busy["recording"] is True
+    env.ok("job-cancel", id="j")
+    job_events(env, "j")
+    assert env.bitmap("src", "b")["busy"] is False
+
+
+def test_full_backup_events_progress_and_data(env, tmp_path):
+    assert backup(env, "j", "src", "tgt", "full") == {"return": {}}
+    evs = job_events(env, "j")
+    assert statuses(evs) == ["created", "running", "paused", "running", "waiting", "pending",
+                             "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    done = evs[6][1]
+    assert done == {"device": "j", "len": SIZE, "offset": SIZE, "speed": 0, "type": "backup"}
+    close(env, "tgt", "src")
+    compare(tmp_path / "tgt.qcow2", tmp_path / "src.qcow2", "qcow2", "qcow2")
+
+
+def test_manual_finalize_and_dismiss(env, tmp_path):
+    assert backup(env, "j", "src", "traw", "full", auto_finalize=False, auto_dismiss=False) == {"return": {}}
+    evs = job_events(env, "j", until="pending")
+    assert statuses(evs)[-2:] == ["waiting", "pending"]
+    # BLOCK_JOB_PENDING follows the status change (only without auto-finalize).
+    evs = [("BLOCK_JOB_PENDING", e["data"]) for e in env.get_events(wait=0.5)
+           if e["event"] == "BLOCK_JOB_PENDING"]
+    assert evs == [("BLOCK_JOB_PENDING", {"type": "backup", "id": "j"})]
+    err = env.err("job-dismiss", id="j")
+    assert err["desc"] == "Job 'j' in state 'pending' cannot accept command verb 'dismiss'"
+    env.ok("job-finalize", id="j")
+    evs = job_events(env, "j", until="concluded")
+    assert statuses(evs) == ["BLOCK_JOB_COMPLETED", "concluded"]
+    [info] = env.ok("query-jobs")
+    assert info == {"id": "j", "type": "backup", "status": "concluded",
+                    "current-progress": SIZE, "total-progress": SIZE}
+    env.ok("job-dismiss", id="j")
+    assert statuses(job_events(env, "j")) == ["null"]
+    close(env, "traw", "src")
+    compare(tmp_path / "tgt.raw", tmp_path / "src.qcow2", "raw", "qcow2")
+
+
+def test_pause_resume_cancel_sequence_and_bitmap_kept(env):
+    data_nbd.node_io(env, "src", "write -P 0x33 1M 3M")
+    before = count(env, "src", "b")
+    assert before == 3 * MiB
+    assert backup(env, "j", "src", "tgt", "incremental", bitmap="b", speed=1) == {"return": {}}
+    err = env.err("job-finalize", id="j")
+    assert err["desc"] == "Job 'j' in state 'running' cannot accept command verb 'finalize'"
+    env.ok("job-pause", id="j")
+    wait_status(env, "j", "paused")
+    assert block_job(env, "j")["paused"] is True
+    assert env.err("job-pause", id="j")["desc"] == "Job is already paused"
+    env.ok("job-resume", id="j")
+    wait_status(env, "j", "running")
+    assert env.err("job-resume", id="j")["desc"] == "Can't resume a job that was not paused"
+    env.ok("job-cancel", id="j")
+    seq = statuses(job_events(env, "j"))
+    assert seq == ["created", "running", "paused", "running", "paused", "running",
+                   "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+    b = env.bitmap("src", "b")
+    assert b["busy"] is False and b["count"] == before
+    assert len([x for x in env.bitmaps("src") if "name" not in x]) == 0
+
+
+def test_cancel_keeps_writes_made_during_the_job_in_the_bitmap(env):
+    # Writers write through an export made before the job (QEMU puts its filter under it).
+    uri = nbd(env, "src", "w", writable=True)
+    finish_writer(writer(uri, [(0x33, 0, 2 * MiB)]))
+    assert backup(env, "j", "src", "tgt", "incremental", bitmap="b", speed=1) == {"return": {}}
+    finish_writer(writer(uri, [(0x44, 3 * MiB, 64 * 1024)]))
+    # While the job runs the original is frozen and the nameless successor records.
+    assert count(env, "src", "b") == 2 * MiB
+    succ = [x for x in env.bitmaps("src") if "name" not in x]
+    assert 64 * 1024 in [s["count"] for s in succ]
+    env.ok("job-cancel", id="j")
+    job_events(env, "j")
+    assert count(env, "src", "b") == 2 * MiB + 64 * 1024
+
+
+def test_unknown_job_for_verbs(env):
+    assert env.err("job-cancel", id="nosuch") == {"class": "GenericError", "desc": "Job not found"}
+    assert env.err("block-job-cancel", device="nosuch") == {
+        "class": "DeviceNotActive", "desc": "Block job 'nosuch' not found"}
+
+
+def test_query_block_jobs_while_running(env):
+    assert backup(env, "j", "src", "tgt", "full", speed=1, auto_dismiss=False) == {"return": {}}
+    info = block_job(env, "j")
+    assert {k: info[k] for k in ("type", "device", "len", "speed", "io-status", "ready",
+                                 "status", "auto-finalize", "auto-dismiss", "paused")} == {
+        "type": "backup", "device": "j", "len": SIZE, "speed": 1, "io-status": "ok",
+        "ready": False, "status": "running", "auto-finalize": True, "auto-dismiss": False,
+        "paused": False}
+    env.ok("block-job-set-speed", device="j", speed=0)
+    wait_status(env, "j", "concluded")
+    [info] = env.ok("query-jobs")
+    assert info["current-progress"] == SIZE and "error" not in info
+    env.ok("job-dismiss", id="j")
+
+
+def test_cancelled_concluded_job_reports_operation_canceled(env):
+    assert backup(env, "j", "src", "tgt", "full", speed=1, auto_dismiss=False) == {"return": {}}
+    env.ok("job-cancel", id="j")
+    wait_status(env, "j", "concluded")
+    [info] = env.ok("query-jobs")
+    assert info["error"] == "Operation canceled"
+    env.ok("job-dismiss", id="j")

@@ -204,7 +204,16 @@ def test_unknown_job_for_verbs(env):
 
 def test_query_block_jobs_while_running(env):
     assert backup(env, "j", "src", "tgt", "full", speed=1, auto_dismiss=False) == {"return": {}}
+    import time
+    for _ in range(100):
+        info = block_job(env, "j")
+        if info["offset"] > 0:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
     info = block_job(env, "j")
+    # Sleeping for the speed limit after the first chunk: not busy.
+    assert info["busy"] is False and info["offset"] == MiB
     assert {k: info[k] for k in ("type", "device", "len", "speed", "io-status", "ready",
                                  "status", "auto-finalize", "auto-dismiss", "paused")} == {
         "type": "backup", "device": "j", "len": SIZE, "speed": 1, "io-status": "ok",

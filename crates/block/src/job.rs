@@ -255,6 +255,8 @@ pub struct JobState {
     pub cancelled: bool,
     /// I/O status for query-block-jobs ("ok", "failed", "nospace").
     pub io_status: &'static str,
+    /// Sleeping for the speed limit (query-block-jobs shows `busy: false` then, as QEMU).
+    pub sleeping: bool,
 }
 
 /// What a job does: its body, and what happens to its resources at the end.
@@ -292,6 +294,81 @@ pub struct Job {
     body: Arc<dyn JobBody>,
     rate: Mutex<RateState>,
     drain_at_start: bool,
+    group: Mutex<Option<Arc<JobGroup>>>,
+}
+
+/// Jobs that end together (the jobs of one transaction): a member whose work is done waits
+/// in `waiting` until every member's work is done; when one fails or is cancelled, every
+/// other member is cancelled and all abort.
+#[derive(Default)]
+pub struct JobGroup {
+    state: Mutex<GroupState>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct GroupState {
+    members: Vec<std::sync::Weak<Job>>,
+    done: usize,
+    failed: bool,
+}
+
+impl JobGroup {
+    /// An empty group.
+    pub fn new() -> Arc<JobGroup> {
+        Arc::new(JobGroup::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GroupState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Put a job (not yet started) into the group.
+    pub fn add(self: &Arc<Self>, job: &Arc<Job>) {
+        self.lock().members.push(Arc::downgrade(job));
+        *job.group.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.clone());
+    }
+
+    /// A member's body ended (`ok` or not). A failure cancels every other member.
+    fn body_done(&self, job: &Arc<Job>, ok: bool) {
+        let others = {
+            let mut st = self.lock();
+            st.done += 1;
+            if ok || st.failed {
+                Vec::new()
+            } else {
+                st.failed = true;
+                st.members.iter().filter_map(|w| w.upgrade()).collect()
+            }
+        };
+        for other in others.iter().filter(|o| !Arc::ptr_eq(o, job)) {
+            {
+                let mut st = other.lock();
+                st.cancelled = true;
+                st.user_paused = false;
+            }
+            other.cancel.cancel();
+            other.wake.notify_waiters();
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Wait until every member's body ended or one failed; true when all succeeded.
+    async fn wait_all(&self) -> bool {
+        loop {
+            let notified = self.changed.notified();
+            {
+                let st = self.lock();
+                if st.failed {
+                    return false;
+                }
+                if st.done >= st.members.len() {
+                    return true;
+                }
+            }
+            notified.await;
+        }
+    }
 }
 
 /// What a job body uses to cooperate with its job.
@@ -368,10 +445,15 @@ impl JobCtx {
                 return;
             }
             let notified = self.job.wake.notified();
+            self.job.lock().sleeping = true;
             tokio::select! {
                 _ = tokio::time::sleep(wait.min(RATE_SLICE)) => {}
-                _ = self.job.cancel.cancelled() => return,
+                _ = self.job.cancel.cancelled() => {}
                 _ = notified => {}
+            }
+            self.job.lock().sleeping = false;
+            if self.is_cancelled() {
+                return;
             }
             let new_speed = self.speed();
             if new_speed != speed {
@@ -478,6 +560,7 @@ impl Job {
             auto_finalize: self.auto_finalize,
             auto_dismiss: self.auto_dismiss,
             is_block_job: self.is_block_job,
+            busy: st.status == JobStatus::Running && !st.sleeping,
         }
     }
 
@@ -540,6 +623,8 @@ pub struct JobInfo {
     pub auto_dismiss: bool,
     /// Block job.
     pub is_block_job: bool,
+    /// Doing work now (not paused, not sleeping for the speed limit).
+    pub busy: bool,
 }
 
 /// Options for a new job.
@@ -636,6 +721,7 @@ impl JobManager {
                 error: None,
                 cancelled: false,
                 io_status: "ok",
+                sleeping: false,
             }),
             cancel: CancellationToken::new(),
             wake: Notify::new(),
@@ -644,6 +730,7 @@ impl JobManager {
             body,
             rate: Mutex::new(RateState { next: None }),
             drain_at_start: spec.drain_at_start,
+            group: Mutex::new(None),
         });
         jobs.push(job.clone());
         drop(jobs);
@@ -714,9 +801,19 @@ impl JobManager {
         } else {
             result
         };
+        let group = job.group.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(g) = &group {
+            g.body_done(&job, result.is_ok());
+        }
         match result {
             Ok(()) => {
                 job.transition(JobStatus::Waiting);
+                if let Some(g) = &group {
+                    if !g.wait_all().await || job.cancel.is_cancelled() {
+                        self.finish_failed(&job, "Operation canceled".to_string());
+                        return;
+                    }
+                }
                 job.transition(JobStatus::Pending);
                 if !job.auto_finalize {
                     if job.is_block_job {

@@ -37,7 +37,7 @@ pub fn block_job_info(j: &JobInfo) -> Result<Value, block::Error> {
         device: j.id.clone(),
         len: j.total as i64,
         offset: j.current as i64,
-        busy: j.status == block::job::JobStatus::Running,
+        busy: j.busy,
         paused: j.user_paused,
         speed: j.speed as i64,
         io_status: qapi_enum(j.io_status)?,

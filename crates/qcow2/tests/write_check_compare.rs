@@ -532,3 +532,40 @@ fn zeroing_without_unmap_keeps_clusters_preallocated() {
     shadow[4096..4196].fill(9);
     verify(&dir, &path, &shadow);
 }
+
+/// An overlay whose header names no backing file but which has a backing image attached (a
+/// fleecing target given `backing` by node): zeroing must set the zero flag, or the
+/// "zeroed" clusters would read the backing image's data.
+#[test]
+fn zeroing_with_an_attached_backing_reads_zeros() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = TempDir::new("attached");
+    let base = dir.path("base.qcow2");
+    let top = dir.path("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().expect("p"),
+        "2M",
+    ]);
+    qemu_io(&base, &["write -P 0x5a 0 2M"]);
+    let opts = CreateOptions {
+        size: 2 << 20,
+        ..Default::default()
+    };
+    let img = create(&top, &opts);
+    img.set_backing(Some(Arc::new(ImageStorage(Arc::new(open(&base, false))))));
+    img.write_zeroes(0, 1 << 20, false).expect("zero");
+    img.write_zeroes(1 << 20, 512 << 10, true)
+        .expect("zero, may unmap");
+    let data = read_all(&img, 1 << 20);
+    assert!(
+        data[..(3 << 20) / 2].iter().all(|&b| b == 0),
+        "zeroed range reads backing data"
+    );
+    assert!(data[(3 << 20) / 2..].iter().all(|&b| b == 0x5a));
+}

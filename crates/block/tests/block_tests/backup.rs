@@ -501,3 +501,31 @@ async fn shutdown_cancels_and_waits_for_every_task() {
     assert_eq!(jobs.running_tasks(), 0);
     assert_eq!(job.snapshot().status, JobStatus::Concluded);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_members_wait_for_each_other_and_abort_together() {
+    use block::job::JobGroup;
+    // Both succeed: the quick one waits in `waiting` until the slow one is done.
+    let (jobs, events) = manager();
+    let group = JobGroup::new();
+    let fast = jobs.create(spec("fast", 0), body("rate")).unwrap();
+    let slow = jobs.create(spec("slow", 0), body("slow-stop")).unwrap();
+    group.add(&fast);
+    group.add(&slow);
+    jobs.start(&fast);
+    jobs.start(&slow);
+    wait_status(&fast, JobStatus::Waiting).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(fast.snapshot().status, JobStatus::Waiting);
+    // Cancelling the slow one aborts the waiting one too.
+    jobs.cancel(&slow).unwrap();
+    wait_status(&slow, JobStatus::Concluded).await;
+    wait_status(&fast, JobStatus::Concluded).await;
+    assert_eq!(fast.snapshot().error.as_deref(), Some("Operation canceled"));
+    let cancelled = events
+        .trace()
+        .iter()
+        .filter(|t| t.as_str() == "CANCELLED")
+        .count();
+    assert_eq!(cancelled, 2);
+}

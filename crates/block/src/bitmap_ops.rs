@@ -60,30 +60,80 @@ pub fn add(
 
 /// `block-dirty-bitmap-remove`: also deletes a persistent bitmap from the image at once.
 pub fn remove(node: &NodeRef, name: &str) -> Result<()> {
-    let persistent = {
-        let list = node.bitmaps();
-        let b = list.find(name)?;
-        if b.busy {
-            check_usable(b, name, BitmapUse::Read)?;
-        }
-        if b.readonly {
-            check_usable(b, name, BitmapUse::Modify)?;
-        }
-        b.persistent
-    };
-    if persistent && !node.read_only() {
-        if let Some(store) = node.driver().bitmap_store() {
-            match store.remove(name) {
-                // Added since the last store: not in the image yet, nothing to delete there.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                r => r.map_err(|e| Error::io(format!("Failed to remove bitmap '{name}'"), &e))?,
-            }
-        }
+    let persistent = check_removable(node, name)?;
+    if persistent {
+        remove_stored(node, name)?;
     }
+    discard(node, name);
+    Ok(())
+}
+
+/// Can `name` be removed? Returns whether it is persistent; QEMU's texts otherwise.
+fn check_removable(node: &NodeRef, name: &str) -> Result<bool> {
+    let list = node.bitmaps();
+    let b = list.find(name)?;
+    if b.busy {
+        check_usable(b, name, BitmapUse::Read)?;
+    }
+    if b.readonly {
+        check_usable(b, name, BitmapUse::Modify)?;
+    }
+    Ok(b.persistent)
+}
+
+/// Delete the image's stored copy of a persistent bitmap (the in-memory one stays).
+pub fn remove_stored(node: &NodeRef, name: &str) -> Result<()> {
+    if node.read_only() {
+        return Ok(());
+    }
+    match node.driver().bitmap_store() {
+        Some(store) => match store.remove(name) {
+            // Added since the last store: not in the image yet, nothing to delete there.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r.map_err(|e| Error::io(format!("Failed to remove bitmap '{name}'"), &e)),
+        },
+        None => Ok(()),
+    }
+}
+
+/// Drop a bitmap from the node's list (no checks; its stored copy, if any, is not touched).
+pub fn discard(node: &NodeRef, name: &str) {
     let mut list = node.bitmaps();
     list.items.retain(|b| b.name.as_deref() != Some(name));
     node.refresh_recording(&list);
+}
+
+/// A transaction's remove, first half: check, delete the stored copy as the plain command
+/// does, and hold the bitmap busy so later actions cannot use it. [`discard`] finishes it;
+/// [`remove_abort`] undoes it.
+pub fn remove_prepare(node: &NodeRef, name: &str) -> Result<()> {
+    let persistent = check_removable(node, name)?;
+    if persistent {
+        remove_stored(node, name)?;
+    }
+    if let Some(b) = node.bitmaps().get_mut(name) {
+        b.busy = true;
+    }
     Ok(())
+}
+
+/// Undo [`remove_prepare`]: the bitmap is usable again, and a persistent one is stored again
+/// at the next checkpoint (its stored copy was deleted).
+pub fn remove_abort(node: &NodeRef, name: &str) {
+    let persistent = match node.bitmaps().get_mut(name) {
+        Some(b) => {
+            b.busy = false;
+            b.persistent
+        }
+        None => false,
+    };
+    if persistent {
+        node.note_bitmaps_changed();
+        if let Err(e) = node.checkpoint_bitmaps() {
+            tracing::warn!(node = node.name(), bitmap = name, error = %e,
+                "storing a bitmap again after an aborted remove failed; it is stored at close");
+        }
+    }
 }
 
 /// `block-dirty-bitmap-clear`; returns the old bits (for a transaction's undo).
@@ -159,6 +209,7 @@ pub fn restore(node: &NodeRef, name: &str, bits: HBitmap) {
     if let Some(b) = node.bitmaps().get_mut(name) {
         b.bits = bits;
     }
+    node.note_bitmaps_changed();
 }
 
 /// `x-debug-block-dirty-bitmap-sha256`: hex SHA-256 over the bits as QEMU lays them out.

@@ -33,6 +33,7 @@ pub mod edge;
 pub mod error;
 pub mod graph;
 pub mod job;
+pub mod transaction;
 pub mod node;
 pub mod perm;
 pub mod testing;

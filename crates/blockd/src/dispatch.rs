@@ -189,6 +189,7 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
             let sources: Vec<_> = a.bitmaps.iter().map(bitmap_source).collect();
             done(d.bitmap_merge(&a.node, &a.target, &sources))
         }
+        Command::Transaction(a) => done(crate::transaction::run(d, a)),
         Command::XDebugBlockDirtyBitmapSha256(a) => {
             Ok(json!({"sha256": bitmap_ops::sha256(&d.bitmap_node(&a.node)?, &a.name)?}))
         }

@@ -22,6 +22,7 @@ mod image;
 mod info;
 mod snapshot;
 mod startup;
+mod transaction;
 mod wire;
 
 use std::process::ExitCode;

@@ -26,6 +26,7 @@ pub mod events;
 pub mod job;
 pub mod misc;
 pub mod sockets;
+pub mod transaction;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -49,6 +50,7 @@ pub use events::*;
 pub use job::*;
 pub use misc::*;
 pub use sockets::*;
+pub use transaction::*;
 
 /// Moves the members named in `keys` out of `map` into a new map.
 pub(crate) fn take_keys(map: &mut Map<String, Value>, keys: &[&str]) -> Map<String, Value> {
@@ -166,6 +168,8 @@ commands! {
     "block-dirty-bitmap-disable" => BlockDirtyBitmapDisable(BlockDirtyBitmap),
     /// `block-dirty-bitmap-merge`.
     "block-dirty-bitmap-merge" => BlockDirtyBitmapMerge(BlockDirtyBitmapMerge),
+    /// `transaction`.
+    "transaction" => Transaction(TransactionArgs),
     /// `x-debug-block-dirty-bitmap-sha256`.
     "x-debug-block-dirty-bitmap-sha256" => XDebugBlockDirtyBitmapSha256(BlockDirtyBitmap),
     /// `query-block-jobs`.

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import pytest
 
+import time
+
+import backup_helpers
+import iotests
 from iotests import create_image, is_qsd, qemu_img
 
 MiB = 1 << 20
@@ -160,12 +164,133 @@ def test_malformed_actions_are_refused_and_the_daemon_goes_on(disk, actions, fra
     disk.ok("block-dirty-bitmap-add", node="d0", name="after")
 
 
-def test_ten_thousand_actions_fail_cleanly(disk):
-    # QSD needs ~12 s for 10,000 (it looks bitmaps up by a linear scan); 2,000 keeps its run
-    # inside the QMP timeout while still checking the same outcome.
-    n = 2000 if is_qsd() else 10000
-    actions = [act("block-dirty-bitmap-add", node="d0", name=f"b{i}") for i in range(n)]
+def test_thousands_of_actions_fail_cleanly(disk):
+    actions = [act("block-dirty-bitmap-add", node="d0", name=f"b{i}") for i in range(2000)]
     actions.append(act("abort"))
     err = disk.err("transaction", actions=actions)
     assert err["desc"] == "Transaction aborted using Abort action"
     assert names(disk) == []
+
+
+def test_ten_thousand_actions_are_refused_cleanly(disk):
+    actions = [act("block-dirty-bitmap-add", node="d0", name=f"b{i}") for i in range(10000)]
+    actions.append(act("abort"))
+    if is_qsd():
+        # QSD parses and runs them all (about 12 s here) and fails at the abort.
+        pytest.skip("QSD's answer is the abort's error after ~12 s; checked with 2,000 above")
+    # blockd bounds one message at 65,536 JSON tokens: the command is refused before parsing
+    # finishes, nothing is changed and the connection goes on.
+    err = disk.err("transaction", actions=actions)
+    assert err == {"class": "GenericError", "desc": "JSON token count limit exceeded"}
+    assert names(disk) == []
+    disk.ok("block-dirty-bitmap-add", node="d0", name="after")
+
+
+# ------------------------------------------------------------ job and snapshot actions
+
+def _drives(d, tmp_path, names, size=SIZE):
+    """qcow2 nodes ``names`` over files, each with 0x11 at 0 and 0x22 at 1 MiB, plus a qcow2
+    target ``<name>-t`` of the same size for each."""
+    for n in names:
+        img = create_image(tmp_path / f"{n}.qcow2", size, "qcow2")
+        backup_helpers.fill(img, "write -P 0x11 0 64k", "write -P 0x22 1M 64k")
+        backup_helpers.add_qcow2(d, n, img)
+        tgt = create_image(tmp_path / f"{n}-t.qcow2", size, "qcow2")
+        backup_helpers.add_qcow2(d, f"{n}-t", tgt)
+
+
+def test_bitmap_add_and_full_backup_start_one_chain(daemon, tmp_path):
+    _drives(daemon, tmp_path, ["a"])
+    daemon.ok("transaction", actions=[
+        act("block-dirty-bitmap-add", node="a", name="b0"),
+        act("blockdev-backup", job_id="j", device="a", target="a-t", sync="full"),
+    ])
+    seq = backup_helpers.statuses(backup_helpers.job_events(daemon, "j"))
+    assert "BLOCK_JOB_COMPLETED" in seq and seq[-1] == "null"
+    assert daemon.bitmap("a", "b0")["count"] == 0
+    backup_helpers.close(daemon, "a-t", "a")
+    backup_helpers.compare(tmp_path / "a-t.qcow2", tmp_path / "a.qcow2", "qcow2", "qcow2")
+
+
+def test_backup_then_abort_creates_no_job_and_sends_no_block_job_event(daemon, tmp_path):
+    _drives(daemon, tmp_path, ["a"])
+    daemon.ok("block-dirty-bitmap-add", node="a", name="b0")
+    daemon.node_io("a", "write -P 0x33 2M 64k")
+    err = daemon.err("transaction", actions=[
+        act("blockdev-backup", job_id="j", device="a", target="a-t", sync="incremental",
+            bitmap="b0"),
+        act("abort"),
+    ])
+    assert err["desc"] == "Transaction aborted using Abort action"
+    seq = backup_helpers.statuses(backup_helpers.job_events(daemon, "j"))
+    assert seq == ["created", "aborting", "concluded", "null"]
+    assert daemon.ok("query-jobs") == []
+    b0 = daemon.bitmap("a", "b0")
+    assert b0["count"] == 65536 and b0["busy"] is False
+    assert [b.get("name") for b in daemon.bitmaps("a")] == ["b0"]
+
+
+def _completed(d, jobs, timeout=30):
+    """BLOCK_JOB_COMPLETED's error (None when it succeeded) of every job in ``jobs``, once
+    all of them are gone."""
+    done, gone = {}, set()
+    deadline = time.monotonic() + timeout
+    while gone != jobs and time.monotonic() < deadline:
+        for ev in d.get_events(wait=0.2):
+            data = ev.get("data", {})
+            if ev["event"] == "BLOCK_JOB_COMPLETED" and data.get("device") in jobs:
+                done[data["device"]] = data.get("error")
+            if ev["event"] == "JOB_STATUS_CHANGE" and data.get("status") == "null":
+                gone.add(data.get("id"))
+    assert gone == jobs, f"jobs left: {jobs - gone}"
+    return done
+
+
+def test_incremental_backups_of_two_drives_grouped_complete_together(daemon, tmp_path):
+    _drives(daemon, tmp_path, ["a", "b"])
+    for n in ("a", "b"):
+        daemon.ok("block-dirty-bitmap-add", node=n, name="b0")
+        daemon.node_io(n, "write -P 0x44 3M 64k")
+    daemon.ok("transaction", actions=[
+        act("blockdev-backup", job_id="ja", device="a", target="a-t", sync="incremental",
+            bitmap="b0"),
+        act("blockdev-backup", job_id="jb", device="b", target="b-t", sync="incremental",
+            bitmap="b0"),
+    ], properties={"completion-mode": "grouped"})
+    completed = _completed(daemon, {"ja", "jb"})
+    assert completed == {"ja": None, "jb": None}
+    for n in ("a", "b"):
+        assert daemon.bitmap(n, "b0")["count"] == 0
+    backup_helpers.close(daemon, "a-t", "b-t")
+    for n in ("a", "b"):
+        out = iotests.qemu_io("-f", "qcow2", "-c", "read -P 0x44 3M 64k",
+                              str(tmp_path / f"{n}-t.qcow2"))
+        assert "Pattern verification failed" not in out and "read 65536/65536" in out
+
+
+def test_snapshot_sync_of_two_drives_at_once_and_abort_undoes_both(daemon, tmp_path):
+    _drives(daemon, tmp_path, ["a", "b"])
+    err = daemon.err("transaction", actions=[
+        act("blockdev-snapshot-sync", node_name="a", snapshot_file=str(tmp_path / "a-o.qcow2"),
+            snapshot_node_name="a-o", format="qcow2"),
+        act("blockdev-snapshot-sync", node_name="b", snapshot_file=str(tmp_path / "b-o.qcow2"),
+            snapshot_node_name="b-o", format="qcow2"),
+        act("abort"),
+    ])
+    assert err["desc"] == "Transaction aborted using Abort action"
+    names = {n["node-name"] for n in daemon.nodes()}
+    assert "a-o" not in names and "b-o" not in names
+    assert daemon.node("a")["ro"] is False
+    # Without the abort both overlays go on top (kept: exported, so they have a user).
+    for n in ("a", "b"):
+        backup_helpers.nbd(daemon, n, f"e{n}", writable=True)
+    daemon.ok("transaction", actions=[
+        act("blockdev-snapshot-sync", node_name="a", snapshot_file=str(tmp_path / "a-o.qcow2"),
+            snapshot_node_name="a-o", format="qcow2", mode="absolute-paths"),
+        act("blockdev-snapshot-sync", node_name="b", snapshot_file=str(tmp_path / "b-o.qcow2"),
+            snapshot_node_name="b-o", format="qcow2", mode="absolute-paths"),
+    ])
+    for n in ("a", "b"):
+        info = daemon.node(f"{n}-o")
+        assert info["backing_file"].endswith(f"{n}.qcow2")
+        assert daemon.node(n)["ro"] is True

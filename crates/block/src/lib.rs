@@ -33,11 +33,11 @@ pub mod edge;
 pub mod error;
 pub mod graph;
 pub mod job;
-pub mod transaction;
 pub mod node;
 pub mod perm;
 pub mod testing;
 pub mod tracking;
+pub mod transaction;
 
 pub use error::{Error, ErrorKind, Result};
 pub use graph::Graph;

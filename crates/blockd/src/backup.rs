@@ -81,9 +81,71 @@ enum FilterSlot {
     Done,
 }
 
-/// Start the job with the target held for writing; `opened` is a target this command opened
-/// (drive-backup), closed again when the job ends or fails to start.
-fn start(d: &Arc<Daemon>, p: BackupParams, opened: Option<NodeRef>) -> Result<()> {
+/// A backup job created but not started: a transaction's backup action between prepare and
+/// commit (or abort).
+pub struct Prepared {
+    daemon: Arc<Daemon>,
+    job: Arc<block::job::Job>,
+    filter_slot: Arc<Mutex<FilterSlot>>,
+    source: NodeRef,
+    target: NodeRef,
+    filter_name: Option<String>,
+}
+
+impl Prepared {
+    /// The job.
+    pub fn job(&self) -> &Arc<block::job::Job> {
+        &self.job
+    }
+
+    /// Start the job, and show its filter node as QEMU does.
+    pub fn commit(self) {
+        self.daemon.jobs.start(&self.job);
+        // The filter as QEMU shows it (its name was checked by `prepare`).
+        let children = vec![
+            Child {
+                role: "file",
+                node: self.source.clone(),
+            },
+            Child {
+                role: "target",
+                node: self.target.clone(),
+            },
+        ];
+        let mut slot = self.filter_slot.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*slot, FilterSlot::Done) {
+            // The job already ended.
+            return;
+        }
+        match self.daemon.graph().insert_internal(
+            self.filter_name.as_deref(),
+            Box::new(CbwFilter::new(self.source.clone())),
+            children,
+        ) {
+            Ok(f) => {
+                f.add_user(backup::TARGET_USER.to_string());
+                *slot = FilterSlot::Shown(f);
+            }
+            Err(e) => tracing::warn!(error = %e, "backup filter node not shown"),
+        }
+    }
+
+    /// Drop the job before it ever ran: everything it took is given back, no BLOCK_JOB_*
+    /// event is sent (QEMU's created → aborting → concluded → null).
+    pub fn abort(self) {
+        self.daemon.jobs.discard_unstarted(&self.job);
+    }
+}
+
+/// Create the job with the target held for writing; `opened` is a target this command opened
+/// (drive-backup), closed again when the job ends or fails to start. `source_quiesced`: the
+/// caller holds writes to the source off (a transaction).
+fn prepare(
+    d: &Arc<Daemon>,
+    p: BackupParams,
+    opened: Option<NodeRef>,
+    source_quiesced: bool,
+) -> Result<Prepared> {
     let target = p.target.clone();
     target.set_writer(true);
     if let Err(e) = d.graph().refresh_locks() {
@@ -114,38 +176,17 @@ fn start(d: &Arc<Daemon>, p: BackupParams, opened: Option<NodeRef>) -> Result<()
     let env = BackupEnv {
         name_taken: &graph_names,
         on_clean: Some(on_clean),
+        source_quiesced,
     };
-    match backup::start(&d.jobs, p, env) {
-        Ok(_) => {
-            // The filter as QEMU shows it (its name was checked by `start`).
-            let children = vec![
-                Child {
-                    role: "file",
-                    node: source.clone(),
-                },
-                Child {
-                    role: "target",
-                    node: target.clone(),
-                },
-            ];
-            let mut slot = filter_slot.lock().unwrap_or_else(|p| p.into_inner());
-            if matches!(*slot, FilterSlot::Done) {
-                // The job already ended.
-                return Ok(());
-            }
-            match d.graph().insert_internal(
-                filter_name.as_deref(),
-                Box::new(CbwFilter::new(source)),
-                children,
-            ) {
-                Ok(f) => {
-                    f.add_user(backup::TARGET_USER.to_string());
-                    *slot = FilterSlot::Shown(f);
-                }
-                Err(e) => tracing::warn!(error = %e, "backup filter node not shown"),
-            }
-            Ok(())
-        }
+    match backup::prepare(&d.jobs, p, env) {
+        Ok(job) => Ok(Prepared {
+            daemon: d.clone(),
+            job,
+            filter_slot,
+            source,
+            target,
+            filter_name,
+        }),
         Err(e) => {
             target.set_writer(false);
             release(d, &target, opened.as_ref());
@@ -168,14 +209,32 @@ fn release(d: &Daemon, target: &NodeRef, opened: Option<&NodeRef>) {
 
 /// `blockdev-backup`.
 pub fn blockdev_backup(d: &Arc<Daemon>, a: BlockdevBackup) -> Result<()> {
-    let source = d.lookup_node(&a.common.device)?;
-    let target = d.lookup_node(&a.target)?;
-    let p = params(&a.common, source, target, sync_mode(a.common.sync));
-    start(d, p, None)
+    prepare_blockdev_backup(d, a, false).map(Prepared::commit)
 }
 
 /// `drive-backup`.
 pub fn drive_backup(d: &Arc<Daemon>, a: DriveBackup) -> Result<()> {
+    prepare_drive_backup(d, a, false).map(Prepared::commit)
+}
+
+/// `blockdev-backup` up to a created job (see [`Prepared`]).
+pub fn prepare_blockdev_backup(
+    d: &Arc<Daemon>,
+    a: BlockdevBackup,
+    source_quiesced: bool,
+) -> Result<Prepared> {
+    let source = d.lookup_node(&a.common.device)?;
+    let target = d.lookup_node(&a.target)?;
+    let p = params(&a.common, source, target, sync_mode(a.common.sync));
+    prepare(d, p, None, source_quiesced)
+}
+
+/// `drive-backup` up to a created job (see [`Prepared`]).
+pub fn prepare_drive_backup(
+    d: &Arc<Daemon>,
+    a: DriveBackup,
+    source_quiesced: bool,
+) -> Result<Prepared> {
     let source = d.lookup_node(&a.common.device)?;
     let mode = a.mode.unwrap_or(NewImageMode::AbsolutePaths);
     let mut sync = sync_mode(a.common.sync);
@@ -258,5 +317,5 @@ pub fn drive_backup(d: &Arc<Daemon>, a: DriveBackup) -> Result<()> {
     };
     let target = d.graph().add_unnamed(&opts)?;
     let p = params(&a.common, source, target.clone(), sync);
-    start(d, p, Some(target))
+    prepare(d, p, Some(target), source_quiesced)
 }

@@ -9,8 +9,8 @@
 //! - [`info`]: query results; [`hmp`]: the `qemu-io` subset of `human-monitor-command`;
 //!   [`export`]: a node as an NBD export.
 
-mod checkpoint;
 mod backup;
+mod checkpoint;
 mod cli;
 mod convert;
 mod daemon;

@@ -24,24 +24,31 @@ impl Daemon {
             .map(|d| d.root.node())
     }
 
-    /// Commit a prepared snapshot of `node` (devices, as roots, followed it at prepare; the
-    /// base goes read-only).
-    fn finish_snapshot(&self, _node: &NodeRef, prepared: SnapshotUndo) {
-        prepared.commit(&mut self.graph());
-    }
-
     /// `blockdev-snapshot`.
     pub fn blockdev_snapshot(&self, a: &BlockdevSnapshot) -> Result<()> {
-        let node = self.lookup_node(&a.node)?;
-        self.graph().snapshot_check_base(&node)?;
-        let overlay = self.lookup_node(&a.overlay)?;
-        let prepared = self.graph().snapshot_prepare(&node, &overlay)?;
-        self.finish_snapshot(&node, prepared);
-        Ok(())
+        let prepared = self.prepare_blockdev_snapshot(a)?;
+        self.commit_snapshot(prepared, false)
     }
 
     /// `blockdev-snapshot-sync`.
     pub fn blockdev_snapshot_sync(&self, a: &BlockdevSnapshotSync) -> Result<()> {
+        let prepared = self.prepare_blockdev_snapshot_sync(a)?;
+        self.commit_snapshot(prepared, true)
+    }
+
+    /// `blockdev-snapshot` up to the undoable step: the overlay is in place, the base still
+    /// writable (a transaction's prepare).
+    pub fn prepare_blockdev_snapshot(&self, a: &BlockdevSnapshot) -> Result<SnapshotUndo> {
+        let node = self.lookup_node(&a.node)?;
+        self.graph().snapshot_check_base(&node)?;
+        let overlay = self.lookup_node(&a.overlay)?;
+        let prepared = self.graph().snapshot_prepare(&node, &overlay)?;
+        Ok(prepared)
+    }
+
+    /// `blockdev-snapshot-sync` up to the undoable step (see
+    /// [`Daemon::prepare_blockdev_snapshot`]).
+    pub fn prepare_blockdev_snapshot_sync(&self, a: &BlockdevSnapshotSync) -> Result<SnapshotUndo> {
         let found = a
             .device
             .as_deref()
@@ -69,11 +76,18 @@ impl Daemon {
             format: a.format.clone().unwrap_or_else(|| "qcow2".to_string()),
             existing: a.mode == Some(NewImageMode::Existing),
         };
-        let prepared = self.graph().snapshot_sync_prepare(&node, &req)?;
+        self.graph().snapshot_sync_prepare(&node, &req)
+    }
+
+    /// Make a prepared snapshot final (the base goes read-only). `created`: the overlay was
+    /// made by blockdev-snapshot-sync; with no user at all (no parent, export or device)
+    /// QEMU drops it at once and only the file stays. So does blockd.
+    pub fn commit_snapshot(&self, prepared: SnapshotUndo, created: bool) -> Result<()> {
         let overlay = prepared.overlay().clone();
-        self.finish_snapshot(&node, prepared);
-        // The overlay belongs to the node's users, not to the monitor: with none (no parent,
-        // export or device), QEMU drops it at once and only the file stays. So does blockd.
+        prepared.commit(&mut self.graph());
+        if !created {
+            return Ok(());
+        }
         let on_device = self.devices_on(&overlay);
         let mut graph = self.graph();
         let unused = !on_device
@@ -84,5 +98,11 @@ impl Daemon {
             graph.del(overlay.name())?;
         }
         Ok(())
+    }
+
+    /// Undo a prepared snapshot (a transaction's abort): everything as before; a created
+    /// overlay file stays, as in QEMU.
+    pub fn abort_snapshot(&self, prepared: SnapshotUndo) {
+        prepared.undo(&mut self.graph());
     }
 }

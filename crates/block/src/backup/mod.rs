@@ -212,11 +212,22 @@ pub struct BackupEnv<'a> {
     pub name_taken: &'a dyn Fn(&str) -> bool,
     /// Called once when the job has released everything (drive-backup closes its target).
     pub on_clean: Option<Box<dyn Fn() + Send + Sync>>,
+    /// The caller already holds writes to the source off ([`Node::quiesce`]): a transaction
+    /// quiesces every source of its backups together, so they share one point in time.
+    pub source_quiesced: bool,
 }
 
 /// Check everything, freeze the bitmap and install the copy-before-write hook (the point in
 /// time), create the job and start it. Nothing changes when it fails.
 pub fn start(jobs: &Arc<JobManager>, p: BackupParams, env: BackupEnv<'_>) -> Result<Arc<Job>> {
+    let job = prepare(jobs, p, env)?;
+    jobs.start(&job);
+    Ok(job)
+}
+
+/// [`start`] without starting: the job is left `created` (a transaction starts it at commit,
+/// or drops it with [`JobManager::discard_unstarted`] at abort, which undoes everything).
+pub fn prepare(jobs: &Arc<JobManager>, p: BackupParams, env: BackupEnv<'_>) -> Result<Arc<Job>> {
     let mode = check_arguments(&p)?;
     if Arc::ptr_eq(&p.source, &p.target) {
         return Err(Error::generic("Source and target cannot be the same"));
@@ -319,7 +330,7 @@ pub fn start(jobs: &Arc<JobManager>, p: BackupParams, env: BackupEnv<'_>) -> Res
     let frozen;
     {
         // The point in time: no write is between its hook and its bitmap marks meanwhile.
-        let _quiet = p.source.quiesce();
+        let _quiet = (!env.source_quiesced).then(|| p.source.quiesce());
         frozen = match (&p.bitmap, mode) {
             (Some(name), Some(m)) => Some(bitmaps::freeze(&p.source, name, m)?),
             _ => None,
@@ -370,10 +381,7 @@ pub fn start(jobs: &Arc<JobManager>, p: BackupParams, env: BackupEnv<'_>) -> Res
         drain_at_start: true,
     };
     match jobs.create(spec, body.clone()) {
-        Ok(job) => {
-            jobs.start(&job);
-            Ok(job)
-        }
+        Ok(job) => Ok(job),
         Err(e) => {
             body.abort();
             body.clean();

@@ -171,6 +171,7 @@ fn start(jobs: &Arc<JobManager>, p: BackupParams) -> Arc<Job> {
         BackupEnv {
             name_taken: &taken,
             on_clean: None,
+            source_quiesced: false,
         },
     )
     .unwrap()

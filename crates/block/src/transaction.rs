@@ -145,7 +145,9 @@ mod tests {
         }
     }
 
-    fn probes(fail_at: Option<usize>, n: usize) -> (Vec<Box<dyn Action>>, Arc<Mutex<Vec<String>>>) {
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    fn probes(fail_at: Option<usize>, n: usize) -> (Vec<Box<dyn Action>>, Log) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let actions = (0..n)
             .map(|id| {

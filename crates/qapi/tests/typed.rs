@@ -65,6 +65,14 @@ fn examples() -> Vec<(&'static str, Value)> {
             json!({"node": "drive0", "target": "b0", "bitmaps": ["b1", {"node": "other", "name": "b2"}]}),
         ),
         (
+            "transaction",
+            json!({"actions": [
+                {"type": "block-dirty-bitmap-add", "data": {"node": "drive0", "name": "b0"}},
+                {"type": "blockdev-backup", "data": {"device": "drive0", "target": "t", "sync": "full"}},
+                {"type": "abort", "data": {}}
+            ], "properties": {"completion-mode": "grouped"}}),
+        ),
+        (
             "x-debug-block-dirty-bitmap-sha256",
             json!({"node": "drive0", "name": "b0"}),
         ),

@@ -570,13 +570,15 @@ impl Qcow2 {
             for e in &mut entries {
                 e.flags |= FLAG_IN_USE;
             }
-            m.rewrite_flags(entries)?;
+            // The new log first, synced: flags in use without it would read as a crash the log
+            // cannot cover (inconsistent). A new log without the flags is harmless: bitmaps not
+            // in use load exactly as stored.
             if log_changed {
                 m.write_header()?;
+                m.sync()?;
             }
-            // The in_use flags (and the new log) must be on disk before the modification they
-            // announce. Either may land first: flags without the new log leave the stored
-            // bitmaps exact (nothing was written yet), a new log without flags is unused.
+            m.rewrite_flags(entries)?;
+            // The in_use flags must be on disk before the modification they announce.
             m.sync()?;
         } else if log_changed {
             m.write_header()?;

@@ -244,8 +244,9 @@ fn bitmap_that_cannot_be_loaded_changes_nothing() {
         .unwrap();
     let bad = u64::from_be_bytes(raw) | 0x2; // a reserved bit
     patch(&c.top, entry, &bad.to_be_bytes());
+    // Byte-identical files (checked by the helper) include the bitmap's in_use flag; the
+    // qcow2 crate itself refuses this table at open, so it cannot be read back through it.
     let _ = refused_and_untouched(&c, "bitmap 'b'", vec![]);
-    assert_eq!(in_use(&c.top), vec![("b".to_string(), false)]);
 }
 
 #[test]

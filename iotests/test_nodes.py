@@ -51,6 +51,17 @@ def test_file_node_reports_protocol_fields(daemon, raw_img):
     assert "dirty-bitmaps" not in n
 
 
+def test_virtual_size_counts_whole_sectors(daemon, tmp_path):
+    # QEMU counts lengths in 512-byte sectors, rounded up: a 1000-byte file reports 1024.
+    img = tmp_path / "odd.raw"
+    img.write_bytes(b"\x01" * 1000)
+    daemon.ok("blockdev-add", driver="raw", node_name="r0", file={
+        "driver": "file", "filename": str(img), "node-name": "f0"})
+    assert daemon.node("f0")["image"]["virtual-size"] == 1024
+    assert daemon.node("r0")["image"]["virtual-size"] == 1024
+    assert img.stat().st_size == 1000
+
+
 def test_raw_node_with_offset_and_size_has_that_virtual_size(daemon, raw_img):
     daemon.ok("blockdev-add", driver="file", node_name="f0", filename=str(raw_img))
     daemon.ok("blockdev-add", driver="raw", node_name="r0", file="f0", offset=4096, size=65536)

@@ -354,14 +354,16 @@ def test_device_follows_the_snapshot_in_query_block(tmp_path):
         qmp = iotests.RawQmp(qmp_sock)
         qmp.greeting()
         qmp.negotiate()
-        # The short form's export holds the node directly: it goes first (blockd refuses to
-        # leave a writer under an overlay).
         e = qmp.execute("blockdev-snapshot", {"node": "drive0", "overlay": "nope"})["error"]
-        assert e["desc"] == "Node 'drive0-fmt' is in use by export 'drive0', which cannot move to an overlay"
-        assert qmp.execute("block-export-del", {"id": "drive0"}) == {"return": {}}
+        assert e["desc"] == "Cannot find device='nope' nor node-name='nope'"
         snap = tmp_path / "snap.qcow2"
         assert qmp.execute("blockdev-snapshot-sync", {
             "device": "drive0", "snapshot-file": str(snap), "snapshot-node-name": "snap"}) == {"return": {}}
+
+        # The short form's writable export follows the device onto the overlay too.
+        [exp] = qmp.execute("query-block-exports")["return"]
+        assert (exp["id"], exp["node-name"]) == ("drive0", "snap")
+        io(data_nbd.uri(nbd_sock, "drive0"), "write -P 0x56 128k 64k", "read -P 0x12 0 64k")
 
         [dev] = qmp.execute("query-block")["return"]
         assert dev["device"] == "drive0"
@@ -378,4 +380,5 @@ def test_device_follows_the_snapshot_in_query_block(tmp_path):
             proc.kill()
         proc.wait()
     iotests.qemu_img("compare", str(tmp_path / "disk-before.qcow2"), str(img))
-    iotests.qemu_io("-c", "read -P 0x12 0 64k", "-c", "read -P 0x34 64k 64k", str(snap))
+    iotests.qemu_io("-c", "read -P 0x12 0 64k", "-c", "read -P 0x34 64k 64k",
+                    "-c", "read -P 0x56 128k 64k", str(snap))

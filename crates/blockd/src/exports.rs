@@ -33,8 +33,6 @@ pub enum NbdAddr {
 pub struct ExportRec {
     /// Export id.
     pub id: String,
-    /// Node name.
-    pub node_name: String,
     /// Name on the wire.
     pub name: String,
     /// Its edge into the graph (follows re-wiring; holds the export's permissions).
@@ -242,7 +240,6 @@ impl Daemon {
         }
         self.exports().push(ExportRec {
             id: args.id,
-            node_name: args.node_name,
             name,
             root,
             bitmaps: held,
@@ -314,7 +311,12 @@ impl Daemon {
     pub fn query_exports(&self) -> Result<Value> {
         let exports = self.exports();
         let infos = exports.iter().rev();
-        let infos = infos.map(|e| crate::wire::export_info(&e.id, &e.node_name, e.shutting_down));
+        // The node the export's root points at now: it follows re-wiring (a snapshot moves
+        // it onto the overlay), as QEMU reports the backend's current node.
+        let infos = infos.map(|e| {
+            let node = e.root.node();
+            crate::wire::export_info(&e.id, node.name(), e.shutting_down)
+        });
         Ok(Value::Array(infos.collect::<Result<_>>()?))
     }
 }

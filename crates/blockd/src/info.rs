@@ -101,7 +101,9 @@ pub fn image_info(node: &NodeRef, chain: bool) -> t::ImageInfo {
         // snapshot-access has no image info to give (QEMU's get_info fails): no dirty flag.
         dirty_flag: (node.driver_name() != "snapshot-access").then_some(facts.dirty_flag),
         actual_size: facts.actual_size.map(|a| a as i64),
-        virtual_size: node.size() as i64,
+        // QEMU counts a node's length in 512-byte sectors, rounded up (a file of 196616
+        // bytes has virtual-size 197120).
+        virtual_size: node.size().div_ceil(512).saturating_mul(512) as i64,
         cluster_size: facts.cluster_size.map(|c| c as i64),
         encrypted: None,
         compressed: None,

@@ -76,6 +76,10 @@ impl Storage for EdgeStorage {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.0.node().discard(offset, len)
     }
+    fn debug_event(&self, event: &'static str) {
+        // To the node below now (blkdebug injects its faults there).
+        self.0.node().debug_event(event);
+    }
 }
 
 /// An open qcow2 image.

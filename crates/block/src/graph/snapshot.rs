@@ -99,7 +99,8 @@ impl Graph {
     /// QEMU's op blocker on a node that is already some overlay's backing child.
     ///
     /// blockd refuses too while the node has users that hold it directly instead of through a
-    /// [`Root`] (they could not follow it onto the overlay and would go on writing under it).
+    /// [`Root`] (jobs, which hold plain nodes: they could not follow it onto the overlay and
+    /// would go on using it under it). Exports and devices are roots and follow.
     pub fn snapshot_check_base(&self, node: &NodeRef) -> Result<()> {
         if let Some((p, _)) = self
             .parents(node)

@@ -301,8 +301,14 @@ mod tests {
         assert_eq!(target.perm, Perm::WRITE);
         assert_eq!(target.shared, Perm::ALL & !Perm::RESIZE);
         let mut writer = Needs::default();
-        writer.add(Perm::CONSISTENT_READ | Perm::WRITE, Perm::ALL & !Perm::RESIZE);
-        assert_eq!(child_needs(Role::Unused, true, true, writer), Needs::default());
+        writer.add(
+            Perm::CONSISTENT_READ | Perm::WRITE,
+            Perm::ALL & !Perm::RESIZE,
+        );
+        assert_eq!(
+            child_needs(Role::Unused, true, true, writer),
+            Needs::default()
+        );
     }
 
     #[test]

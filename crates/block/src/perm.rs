@@ -127,6 +127,16 @@ pub enum Role {
     Filtered,
     /// A backing file: reads only.
     Backing,
+    /// copy-before-write's `file` (the source): a filter's child, but once the filter has any
+    /// parent it reads it consistently and lets nobody else write or resize it (the old data
+    /// must be copied before it changes; QEMU's `cbw_child_perm`).
+    CbwSource,
+    /// copy-before-write's `target`: written whatever the parents do; others may do all but
+    /// resize (the size is checked once, at open).
+    CbwTarget,
+    /// A child reached only through a side API (snapshot-access over copy-before-write): takes
+    /// nothing, shares everything.
+    Unused,
 }
 
 impl Role {
@@ -168,12 +178,27 @@ impl Needs {
 
 /// What a node whose own parents need `parent` asks from a child in `role`. `writable`: the
 /// node itself is read-write (a format may then write metadata even when nobody above writes).
-pub fn child_needs(role: Role, writable: bool, parent: Needs) -> Needs {
+/// `has_parents`: the node has at least one parent edge or user, whatever it needs.
+pub fn child_needs(role: Role, writable: bool, has_parents: bool, parent: Needs) -> Needs {
     // Filters forward the passthrough permissions and share what their parents share.
     let mut perm = parent.perm & Perm::PASSTHROUGH;
     let mut shared = (parent.shared & Perm::PASSTHROUGH) | (Perm::ALL & !Perm::PASSTHROUGH);
     match role {
         Role::Filtered => {}
+        Role::CbwSource => {
+            if has_parents {
+                perm |= Perm::CONSISTENT_READ;
+                shared &= !(Perm::WRITE | Perm::RESIZE);
+            }
+        }
+        Role::CbwTarget => {
+            perm = Perm::WRITE;
+            shared = Perm::ALL & !Perm::RESIZE;
+        }
+        Role::Unused => {
+            perm = Perm::NONE;
+            shared = Perm::ALL;
+        }
         Role::Backing => {
             perm &= Perm::CONSISTENT_READ;
             shared = if parent.shared.contains(Perm::WRITE) {
@@ -251,7 +276,7 @@ mod tests {
 
     #[test]
     fn writable_format_takes_write_and_resize_and_shares_only_reads() {
-        let n = child_needs(Role::Storage, true, Needs::default());
+        let n = child_needs(Role::Storage, true, false, Needs::default());
         assert_eq!(n.perm, Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE);
         assert_eq!(
             n.shared,
@@ -261,8 +286,29 @@ mod tests {
 
     #[test]
     fn unused_filter_needs_nothing_and_shares_everything() {
-        let n = child_needs(Role::Filtered, true, Needs::default());
+        let n = child_needs(Role::Filtered, true, false, Needs::default());
         assert_eq!(n, Needs::default());
+    }
+
+    #[test]
+    fn cbw_source_is_a_plain_filter_child_until_the_filter_is_used() {
+        let idle = child_needs(Role::CbwSource, true, false, Needs::default());
+        assert_eq!(idle, Needs::default());
+        let used = child_needs(Role::CbwSource, true, true, Needs::default());
+        assert_eq!(used.perm, Perm::CONSISTENT_READ);
+        assert_eq!(used.shared, Perm::ALL & !(Perm::WRITE | Perm::RESIZE));
+        let target = child_needs(Role::CbwTarget, true, false, Needs::default());
+        assert_eq!(target.perm, Perm::WRITE);
+        assert_eq!(target.shared, Perm::ALL & !Perm::RESIZE);
+        let mut writer = Needs::default();
+        writer.add(
+            Perm::CONSISTENT_READ | Perm::WRITE,
+            Perm::ALL & !Perm::RESIZE,
+        );
+        assert_eq!(
+            child_needs(Role::Unused, true, true, writer),
+            Needs::default()
+        );
     }
 
     #[test]

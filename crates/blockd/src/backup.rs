@@ -148,7 +148,9 @@ fn prepare(
 ) -> Result<Prepared> {
     let target = p.target.clone();
     target.set_writer(true);
-    if let Err(e) = d.graph().refresh_locks() {
+    // The graph lock must be released before `release` takes it again.
+    let refreshed = d.graph().refresh_locks();
+    if let Err(e) = refreshed {
         target.set_writer(false);
         release(d, &target, opened.as_ref());
         return Err(e);

@@ -136,7 +136,12 @@ impl Daemon {
 
     /// blockdev-del.
     pub fn blockdev_del(&self, name: &str) -> Result<()> {
-        if let Some(node) = self.graph().get(name) {
+        let graph = self.graph();
+        if let Some(node) = graph.get(name) {
+            // QEMU checks for a BlockBackend (an export) before the job's op blocker.
+            if graph.root_on(&node).is_some() {
+                return Err(Error::generic(format!("Node {name} is in use")));
+            }
             // As QEMU words it for a backup job's target and source.
             if node.has_user(block::backup::TARGET_USER) {
                 return Err(block::backup::busy_error(name));
@@ -145,6 +150,7 @@ impl Daemon {
                 return Err(Error::generic(format!("Block device {name} is in use")));
             }
         }
+        drop(graph);
         if lock(&self.devices)
             .iter()
             .any(|d| d.root.node().name() == name)

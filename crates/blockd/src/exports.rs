@@ -149,14 +149,6 @@ impl Daemon {
         if args.writable && node.read_only() {
             return Err(Error::generic("Cannot export read-only node as writable"));
         }
-        {
-            let graph = self.graph();
-            block::drivers::cbw::check_new_user(&graph, &node)?;
-            if args.writable {
-                block::drivers::cbw::check_new_writer(&graph, &node)?;
-                block::drivers::cbw::check_filter_writer(&graph, &node)?;
-            }
-        }
         let mut contexts = vec![Context::Allocation];
         if args.allocation_depth {
             contexts.push(Context::Depth);

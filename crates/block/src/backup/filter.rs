@@ -8,6 +8,7 @@ use std::io;
 
 use crate::driver::{BlockStatus, Driver, ImageFacts};
 use crate::node::NodeRef;
+use crate::perm::Role;
 
 /// The filter's driver: everything forwarded to the source.
 pub struct CbwFilter {
@@ -59,5 +60,14 @@ impl Driver for CbwFilter {
     }
     fn status_is_cheap(&self) -> bool {
         self.source.driver().status_is_cheap()
+    }
+    fn child_role(&self, child: &str) -> Role {
+        // QEMU's filter unshares write on the source because it moves the source's writers
+        // above itself. Here the writers stay on the source and the job's write hook copies for
+        // every one of them, so the source edge only passes the filter's own needs through.
+        match child {
+            "target" => Role::CbwTarget,
+            _ => Role::Filtered,
+        }
     }
 }

@@ -29,6 +29,7 @@ use hbitmap::HBitmap;
 use crate::driver::{BlockStatus, Driver, ImageFacts, SnapshotApi};
 use crate::error::errno;
 use crate::node::NodeRef;
+use crate::perm::Role;
 
 /// Smallest copy granularity (QEMU's block-copy default cluster size).
 pub const DEFAULT_CLUSTER: u64 = 64 * 1024;
@@ -499,104 +500,19 @@ impl Driver for CbwDriver {
     fn snapshot_api(&self) -> Option<&dyn SnapshotApi> {
         Some(self)
     }
+    fn child_role(&self, child: &str) -> Role {
+        // The source becomes exclusive to the filter's writers once the filter is used.
+        match child {
+            "target" => Role::CbwTarget,
+            _ => Role::CbwSource,
+        }
+    }
     fn internal_bitmaps(&self) -> Vec<(u64, u64)> {
         // QEMU lists the access, done and copy bitmaps (newest first).
         let (to_copy, done, access) = self.counts();
         let g = self.shared.cluster;
         vec![(g, access), (g, done), (g, to_copy)]
     }
-}
-
-/// QEMU's permission text when a writer meets a copy-before-write filter that unshares write.
-fn write_conflict(disk: &str, writer: &str, cbw: &str) -> crate::Error {
-    crate::Error::generic(format!(
-        "Permission conflict on node '{disk}': permissions 'write' are both required by \
-         {writer} and unshared by node '{cbw}' (uses node '{disk}' as 'file' child)."
-    ))
-}
-
-fn has_parent_or_user(graph: &crate::Graph, node: &NodeRef) -> bool {
-    node.first_user().is_some() || !graph.parents(node).is_empty()
-}
-
-/// Until the graph has permissions: once a copy-before-write node has a parent or a user it
-/// unshares write on its `file`, so no other writer may come to that node. Call before a
-/// writable export is added on `node`.
-pub fn check_new_writer(graph: &crate::Graph, node: &NodeRef) -> crate::Result<()> {
-    for cbw in graph.nodes() {
-        if cbw.driver_name() == "copy-before-write"
-            && cbw.child("file").is_some_and(|f| Arc::ptr_eq(&f, node))
-            && has_parent_or_user(graph, cbw)
-        {
-            let writer = format!(
-                "an unnamed block device (uses node '{}' as 'root' child)",
-                node.name()
-            );
-            return Err(write_conflict(node.name(), &writer, cbw.name()));
-        }
-    }
-    Ok(())
-}
-
-/// Other copy-before-write nodes over the same `file` as `cbw`.
-fn siblings<'a>(
-    graph: &'a crate::Graph,
-    cbw: &'a NodeRef,
-    disk: &'a NodeRef,
-) -> impl Iterator<Item = &'a NodeRef> {
-    graph.nodes().iter().filter(move |n| {
-        n.driver_name() == "copy-before-write"
-            && !Arc::ptr_eq(n, cbw)
-            && n.child("file").is_some_and(|f| Arc::ptr_eq(&f, disk))
-    })
-}
-
-fn filter_writer(disk: &NodeRef, cbw: &NodeRef) -> String {
-    format!(
-        "node '{}' (uses node '{}' as 'file' child)",
-        cbw.name(),
-        disk.name()
-    )
-}
-
-/// The other half of [`check_new_writer`]: call before `node` gets a parent or a user; when it
-/// is a copy-before-write node getting its first one, nobody else may write its `file`: no
-/// writable export there, no other filter on it written through.
-pub fn check_new_user(graph: &crate::Graph, node: &NodeRef) -> crate::Result<()> {
-    if node.driver_name() != "copy-before-write" || has_parent_or_user(graph, node) {
-        return Ok(());
-    }
-    let Some(disk) = node.child("file") else {
-        return Ok(());
-    };
-    if disk.writers() > 0 {
-        let writer = format!(
-            "an unnamed block device (uses node '{}' as 'root' child)",
-            disk.name()
-        );
-        return Err(write_conflict(disk.name(), &writer, node.name()));
-    }
-    if let Some(other) = siblings(graph, node, &disk).find(|o| o.writers() > 0) {
-        let writer = filter_writer(&disk, other);
-        return Err(write_conflict(disk.name(), &writer, node.name()));
-    }
-    Ok(())
-}
-
-/// Call before a writable export is added on copy-before-write `node`: it then writes its
-/// `file`, which another filter with a parent or user refuses.
-pub fn check_filter_writer(graph: &crate::Graph, node: &NodeRef) -> crate::Result<()> {
-    let Some(disk) = node
-        .child("file")
-        .filter(|_| node.driver_name() == "copy-before-write")
-    else {
-        return Ok(());
-    };
-    if let Some(other) = siblings(graph, node, &disk).find(|o| has_parent_or_user(graph, o)) {
-        let writer = filter_writer(&disk, node);
-        return Err(write_conflict(disk.name(), &writer, other.name()));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

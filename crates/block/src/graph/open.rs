@@ -176,8 +176,8 @@ impl Graph {
             } => {
                 let source = self.child(file, opts, depth)?;
                 let target = self.child(target, opts, depth)?;
-                self.attach_pending(name, !ro, "file", Role::Filtered, &source)?;
-                self.attach_pending(name, !ro, "target", Role::Data, &target)?;
+                self.attach_pending(name, !ro, "file", Role::CbwSource, &source)?;
+                self.attach_pending(name, !ro, "target", Role::CbwTarget, &target)?;
                 let driver = self.open_cbw(source.clone(), target.clone(), bitmap, config)?;
                 let children = vec![
                     ChildEdge::new("file", source),
@@ -187,8 +187,7 @@ impl Graph {
             }
             DriverOptions::SnapshotAccess { file } => {
                 let child = self.child(file, opts, depth)?;
-                crate::drivers::cbw::check_new_user(self, &child)?;
-                self.attach_pending(name, false, "file", Role::Data, &child)?;
+                self.attach_pending(name, false, "file", Role::Unused, &child)?;
                 let driver = SnapshotAccessDriver::new(child.clone());
                 Ok((Box::new(driver), vec![ChildEdge::new("file", child)], ro))
             }

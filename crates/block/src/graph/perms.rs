@@ -103,7 +103,8 @@ impl Graph {
             });
         }
         for p in &self.pending {
-            let needs = child_needs(p.role, p.writable, Needs::default());
+            // The node being opened has no parents yet.
+            let needs = child_needs(p.role, p.writable, false, Needs::default());
             map.entry(key(&p.child)).or_default().push(InEdge {
                 edge: ParentEdge {
                     who: format!("node '{}'", p.parent),
@@ -160,7 +161,8 @@ impl Graph {
             for e in &mut list {
                 if let Some((parent, role)) = &e.from {
                     let pn = resolve(parent, edges, memo);
-                    let cn = child_needs(*role, !parent.read_only(), pn);
+                    let used = edges.get(&key(parent)).is_some_and(|l| !l.is_empty());
+                    let cn = child_needs(*role, !parent.read_only(), used, pn);
                     e.edge.perm = cn.perm;
                     e.edge.shared = cn.shared;
                 }

@@ -379,14 +379,7 @@ fn a_second_power_cut_after_a_read_only_recovery_and_a_writable_claim_loses_noth
 
         // Second life: read-only load, then the writable claim, on the crashed image.
         let rec = Arc::new(Recorder::new(state1.clone()));
-        let ro = Qcow2::open(
-            rec.clone(),
-            OpenOptions {
-                read_only: true,
-                ..Default::default()
-            },
-        )
-        .expect("read-only open");
+        let ro = Qcow2::open(rec.clone(), OpenOptions { read_only: true }).expect("read-only open");
         let loaded = ro.load_bitmaps().expect("read-only load");
         assert!(
             loaded.iter().all(|b| b.recovered && !b.inconsistent),

@@ -39,10 +39,6 @@ from data_nbd import (
 ENOTSUP = 95
 CLUSTER = 64 << 10
 
-_backup_skip = pytest.mark.skipif(
-    not iotests.is_qsd() and os.environ.get("IOTESTS_BACKUP") != "1",
-    reason="needs blockdev-backup (set IOTESTS_BACKUP=1 once blockd has backup jobs)",
-)
 
 
 @pytest.fixture
@@ -571,7 +567,6 @@ def test_snapshot_access_over_a_plain_node_reads_enotsup(make_daemon, tmp_path):
 # ------------------------------------------------------------------ the older job-based pattern
 
 
-@_backup_skip
 def test_sync_none_backup_into_overlay_exported_read_only(make_daemon, tmp_path):
     size = 4 << 20
     disk = filled_qcow2(tmp_path / "disk.qcow2", size, "write -P 0x11 0 2M", "write -P 0x22 2M 1M")

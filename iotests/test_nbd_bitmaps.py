@@ -6,7 +6,6 @@ Counts, extents and error texts were observed on qemu-storage-daemon 10.0.2.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -38,16 +37,12 @@ def make_daemon(make_daemon):
 SIZE = 16 << 20
 BUSY = "Bitmap '{}' is currently in use by another operation and cannot be used"
 
-_backup_skip = pytest.mark.skipif(
-    not iotests.is_qsd() and os.environ.get("IOTESTS_BACKUP") != "1",
-    reason="needs blockdev-backup (set IOTESTS_BACKUP=1 once blockd has backup jobs)",
-)
 
 
 def needs_backup(fn):
-    """Marks a test ``needs_backup`` (select with ``-m``) and skips it on
-    blockd unless IOTESTS_BACKUP=1; it always runs on QSD."""
-    return _backup_skip(pytest.mark.needs_backup(fn))
+    """Marks a test ``needs_backup`` (select with ``-m``); it runs on both daemons (blockd
+    has backup jobs since the merge)."""
+    return pytest.mark.needs_backup(fn)
 
 
 def granules(writes, gran):

@@ -34,6 +34,12 @@
 //!   inconsistent. The log is kept (not cleared) until the next store, since the file's bitmap
 //!   data still lacks those regions. Every covered bitmap gets the regions, a disabled one too
 //!   (it may have been enabled after its store): extra bits, never missing ones.
+//! - **Claim after a crash**: a claim keeps every bitmap that is still `in_use` and covered by
+//!   the valid log found at open, with the log's marks, whether or not this open loaded it: the
+//!   block layer loads the bitmaps through a read-only open and claims them through a second,
+//!   writable one, and the regions recovered by the first must stay covered until the next
+//!   store writes them into the bitmap data (a second crash before it would otherwise make the
+//!   bitmaps inconsistent).
 //!
 //! Contract with the caller (the block core's checkpoint gate keeps it): a store does not run
 //! concurrently with modifications, and bits that reach a bitmap other than through a write
@@ -270,9 +276,10 @@ pub struct Runtime {
     active: AtomicBool,
     /// Regions whose mark is durable, one bit each (set only after the flush).
     marked: Vec<AtomicU64>,
-    /// The valid log found at open (for recovery) and the table offsets recovered from it;
-    /// consumed by the first claim. Guarded by its own lock, taken under the metadata lock.
-    found: Mutex<(Option<LogExt>, Vec<u64>)>,
+    /// The valid log found at open (for recovery, and kept by the first claim for the bitmaps
+    /// it still covers); consumed by that claim. Guarded by its own lock, taken under the
+    /// metadata lock.
+    found: Mutex<Option<LogExt>>,
     /// Regions writers wait to have marked (group commit); taken by the `io` holder.
     pending: Mutex<Vec<u64>>,
     /// Held while marking: one writer writes and flushes the marks of all pending regions.
@@ -353,7 +360,7 @@ impl Runtime {
             capacity,
             active: AtomicBool::new(false),
             marked: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            found: Mutex::new((found, Vec::new())),
+            found: Mutex::new(found),
             pending: Mutex::new(Vec::new()),
             io: Mutex::new(()),
         };
@@ -369,15 +376,14 @@ impl Runtime {
         }
     }
 
-    fn found(&self) -> std::sync::MutexGuard<'_, (Option<LogExt>, Vec<u64>)> {
+    fn found(&self) -> std::sync::MutexGuard<'_, Option<LogExt>> {
         self.found.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Recovery at load: for an `in_use` entry covered by the log found at open, OR the marked
     /// regions into its stored `data` and return true (the bitmap is consistent).
     pub fn recover(&self, e: &BitmapEntry, data: &mut [u8], size: u64) -> bool {
-        let mut f = self.found();
-        let (found, recovered) = &mut *f;
+        let found = self.found();
         let Some(log) = found.as_ref() else {
             return false;
         };
@@ -385,14 +391,12 @@ impl Runtime {
             return false;
         }
         log.apply(data, e.granularity_bits as u32, size);
-        if !recovered.contains(&e.table_offset) {
-            recovered.push(e.table_offset);
-        }
         true
     }
 
     /// Claim: put the new log into the in-memory header (covered: bitmaps exact on disk now,
-    /// plus those recovered at open, whose marks are then kept). The caller writes the header
+    /// plus those still `in_use` and covered by the valid log found at open, whose marks are
+    /// then kept; see "Claim after a crash" above). The caller writes the header
     /// durably and then calls [`Runtime::activate`] with the returned log. Returns whether the
     /// header changed.
     pub fn claim(&self, m: &mut Meta) -> (bool, Option<LogExt>) {
@@ -410,14 +414,16 @@ impl Runtime {
         if self.region_bits == 0 || m.header.raw.size != self.disk_size {
             return None;
         }
-        let mut f = self.found();
-        let (found, recovered) = &mut *f;
+        let found = self.found();
+        // Recoverable from the found log, whichever open loaded them: their stored data still
+        // lacks the marked regions, so the marks stay until a store.
+        let recoverable = |off: &u64| found.as_ref().is_some_and(|l| l.covered.contains(off));
         let mut covered: Vec<u64> = Vec::new();
         let mut keep = false;
         for e in &m.bitmaps {
             if e.flags & FLAG_IN_USE == 0 {
                 covered.push(e.table_offset);
-            } else if recovered.contains(&e.table_offset) {
+            } else if recoverable(&e.table_offset) {
                 covered.push(e.table_offset);
                 keep = true;
             }
@@ -443,8 +449,7 @@ impl Runtime {
 
     /// After the claim's header is durable: start marking, with `log`'s marks as durable.
     pub fn activate(&self, log: Option<LogExt>) {
-        let mut f = self.found();
-        *f = (None, Vec::new());
+        *self.found() = None;
         for w in &self.marked {
             w.store(0, Ordering::Release);
         }

@@ -15,7 +15,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use qcow2::{CreateOptions, FileStorage, MemStorage, OpenOptions, Qcow2, Storage, StoreBitmap};
+use qcow2::{
+    CreateOptions, FileStorage, LoadedBitmap, MemStorage, OpenOptions, Qcow2, Storage, StoreBitmap,
+};
 
 /// One storage operation of a run.
 #[derive(Debug, Clone)]
@@ -167,10 +169,18 @@ fn base_image() -> Vec<u8> {
 /// A write the run saw acknowledged: (operations recorded when it returned, offset, length).
 type Acked = (usize, u64, u64);
 
-/// Drive one run; returns the acknowledged writes.
-fn run(img: &Qcow2, rec: &Recorder, seed: u64, steps: usize) -> Vec<Acked> {
+/// Drive one run on bitmaps `loaded` at open (no checkpoint in the first `quiet` steps);
+/// returns the acknowledged writes and the number of operations recorded before the first
+/// checkpoint.
+fn run(
+    img: &Qcow2,
+    loaded: &[LoadedBitmap],
+    rec: &Recorder,
+    seed: u64,
+    steps: usize,
+    quiet: usize,
+) -> (Vec<Acked>, usize) {
     let mut rng = Rng(seed);
-    let loaded = img.load_bitmaps().expect("load");
     let mut model: Vec<Vec<bool>> = BITMAPS
         .iter()
         .map(|(name, g, _)| {
@@ -181,7 +191,8 @@ fn run(img: &Qcow2, rec: &Recorder, seed: u64, steps: usize) -> Vec<Acked> {
         })
         .collect();
     let mut acked = Vec::new();
-    for _ in 0..steps {
+    let mut first_store = usize::MAX;
+    for step in 0..steps {
         // Writes cluster in a few hot areas, like real guests, so regions get reused.
         let area = rng.below(4) * (DISK / 4);
         let off = (area + rng.below(DISK / 16)) & !511;
@@ -192,6 +203,10 @@ fn run(img: &Qcow2, rec: &Recorder, seed: u64, steps: usize) -> Vec<Acked> {
             10..=11 => img.write_zeroes(off, len, rng.below(2) == 0),
             12 => img.discard(off, len),
             13..=16 => {
+                img.flush().expect("flush");
+                continue;
+            }
+            _ if step < quiet => {
                 img.flush().expect("flush");
                 continue;
             }
@@ -208,6 +223,7 @@ fn run(img: &Qcow2, rec: &Recorder, seed: u64, steps: usize) -> Vec<Acked> {
                         data: to_bytes(bits),
                     })
                     .collect();
+                first_store = first_store.min(rec.len());
                 img.store_bitmaps(&list, false).expect("checkpoint");
                 img.flush().expect("flush");
                 continue;
@@ -221,7 +237,7 @@ fn run(img: &Qcow2, rec: &Recorder, seed: u64, steps: usize) -> Vec<Acked> {
         }
         acked.push((rec.len(), off, len));
     }
-    acked
+    (acked, first_store)
 }
 
 /// Open a crash state and check every bitmap is consistent and covers `must` (writes acked
@@ -304,7 +320,8 @@ fn every_power_cut_state_opens_with_consistent_bitmaps_covering_acknowledged_wri
         let rec = Arc::new(Recorder::new(base.clone()));
         let img = Qcow2::open(rec.clone(), OpenOptions::default()).expect("open");
         assert_eq!(img.dirty_log_region(), REGION);
-        let acked = run(&img, &rec, seed * 0x9e37_79b9, 300);
+        let loaded = img.load_bitmaps().expect("load");
+        let (acked, _) = run(&img, &loaded, &rec, seed * 0x9e37_79b9, 300, 0);
         let ops = rec.ops();
         let mut rng = Rng(seed);
         for k in 0..120 {
@@ -336,6 +353,62 @@ fn every_power_cut_state_opens_with_consistent_bitmaps_covering_acknowledged_wri
         extra_sum / states as u64 / 1024
     );
     assert!(recovered > states / 2, "most cuts fall between checkpoints");
+}
+
+/// The block layer's open of an image: the bitmaps are loaded (and recovered) through a
+/// read-only instance, then a second, writable instance claims them. After a first crash and
+/// such a recovery, every power cut of the second life (before and after its first checkpoint)
+/// must still give consistent bitmaps holding the writes of both lives: the regions recovered
+/// by the read-only instance stay covered until a store writes them into the bitmap data.
+#[test]
+fn a_second_power_cut_after_a_read_only_recovery_and_a_writable_claim_loses_nothing() {
+    qcow2::dirty_log::set_region_bytes(REGION);
+    let base = base_image();
+    let (mut states, mut before_checkpoint) = (0, 0);
+    for seed in 1..=3u64 {
+        // First life, cut after its last operation with a random subset of unflushed writes.
+        let rec = Arc::new(Recorder::new(base.clone()));
+        let img = Qcow2::open(rec.clone(), OpenOptions::default()).expect("open");
+        let loaded = img.load_bitmaps().expect("load");
+        let (acked1, _) = run(&img, &loaded, &rec, seed * 0x51_7cc1, 60, 60);
+        drop(img);
+        let ops = rec.ops();
+        let mut rng = Rng(seed ^ 0xabcd);
+        let state1 = crash_state(&base, &ops, ops.len(), &mut rng);
+        let must1: Vec<(u64, u64)> = acked1.iter().map(|a| (a.1, a.2)).collect();
+
+        // Second life: read-only load, then the writable claim, on the crashed image.
+        let rec = Arc::new(Recorder::new(state1.clone()));
+        let ro = Qcow2::open(rec.clone(), OpenOptions { read_only: true }).expect("read-only open");
+        let loaded = ro.load_bitmaps().expect("read-only load");
+        assert!(
+            loaded.iter().all(|b| b.recovered && !b.inconsistent),
+            "the first crash recovers"
+        );
+        let rw = Qcow2::open(rec.clone(), OpenOptions::default()).expect("writable open");
+        rw.claim_bitmaps().expect("claim");
+        drop(ro);
+        let (acked2, first_store) = run(&rw, &loaded, &rec, seed * 0x9e37_79b9, 80, 40);
+        let ops = rec.ops();
+        for k in 0..80 {
+            let cut = if k == 0 {
+                ops.len()
+            } else {
+                rng.below(ops.len() as u64 + 1) as usize
+            };
+            let state = crash_state(&state1, &ops, cut, &mut rng);
+            let mut must = must1.clone();
+            must.extend(acked2.iter().filter(|a| a.0 <= cut).map(|a| (a.1, a.2)));
+            check_state(state, &must);
+            states += 1;
+            before_checkpoint += (cut < first_store) as usize;
+        }
+    }
+    eprintln!("{states} second-crash states ({before_checkpoint} before any checkpoint) complete");
+    assert!(
+        before_checkpoint > states / 5,
+        "many cuts fall before a checkpoint"
+    );
 }
 
 /// A crashed image (bitmaps in use, log valid), as left by killing the writer.

@@ -40,6 +40,9 @@ pub(crate) struct SourceMap {
     pub zero: HBitmap,
 }
 
+/// A run `[start, end)` of a view read and whether it is still only in the source.
+pub(crate) type ViewRun = (u64, u64, bool);
+
 /// Shared between the job body, its workers and the write hook.
 pub(crate) struct Copier {
     pub source: NodeRef,
@@ -317,7 +320,7 @@ impl Copier {
     /// Hold writes off `[offset, offset+len)` (once no copy of it is in flight) and split it
     /// into runs: `true` = still only in the source, `false` = copied to the target. Give the
     /// hold back with [`Copier::end_view_read`].
-    pub fn begin_view_read(&self, offset: u64, len: u64) -> ((u64, u64), Vec<(u64, u64, bool)>) {
+    pub fn begin_view_read(&self, offset: u64, len: u64) -> ((u64, u64), Vec<ViewRun>) {
         let (start, end) = self.align(offset, len);
         let mut st = self.lock();
         while st.inflight.iter().any(|&(s, e)| s < end && start < e) {

@@ -314,3 +314,26 @@ def test_drive_backup_refusals(make_daemon, tmp_path, args, desc):
     assert d.ok("query-jobs") == []
     # Nothing left open: the source and its file node only.
     assert len(d.nodes()) == 2
+
+
+def test_sync_none_filter_serves_snapshot_access_while_the_source_is_written(make_daemon, tmp_path):
+    """Fleecing through a backup job (what blockd-backup does): snapshot-access over the
+    job's filter reads the start's data while a writer changes the exported source."""
+    src = chain(tmp_path)
+    d = make_daemon()
+    add_qcow2(d, "src", src)
+    uri = nbd(d, "src", "w", writable=True)
+    qcow2(tmp_path / "scratch.qcow2", SIZE)
+    add_qcow2(d, "scratch", tmp_path / "scratch.qcow2")
+    ref = snapshot(d, "src", tmp_path / "ref.raw")
+    assert backup(d, "j", "src", "scratch", "none", filter_node_name="flt")["return"] == {}
+    d.blockdev_add(driver="snapshot-access", node_name="acc", file="flt")
+    finish_writer(writer(uri, DURING))
+    compare(snapshot(d, "acc", tmp_path / "view.raw"), ref, "raw", "raw")
+    now = snapshot(d, "src", tmp_path / "now.raw")
+    out = iotests.qemu_img("compare", "-f", "raw", "-F", "raw", str(now), str(ref), check=False)
+    assert "Content mismatch" in out
+    d.ok("blockdev-del", node_name="acc")
+    d.ok("job-cancel", id="j")
+    seq = statuses(job_events(d, "j"))
+    assert seq[-4:] == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]

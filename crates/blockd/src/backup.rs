@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 
 use std::sync::Mutex;
 
-use block::backup::filter::CbwFilter;
+use block::backup::filter::{CbwFilter, SnapshotView};
 use block::backup::{self, BackupEnv, BackupParams, BitmapMode, Perf, SyncMode};
 use block::graph::{probe_format, ChildRef, DriverOptions, NodeOptions};
 use block::job::OnError;
@@ -90,6 +90,8 @@ pub struct Prepared {
     source: NodeRef,
     target: NodeRef,
     filter_name: Option<String>,
+    /// The point in time of a `sync: none` job, offered by its filter to `snapshot-access`.
+    view: Option<SnapshotView>,
 }
 
 impl Prepared {
@@ -119,7 +121,7 @@ impl Prepared {
         }
         match self.daemon.graph().insert_internal(
             self.filter_name.as_deref(),
-            Box::new(CbwFilter::new(self.source.clone())),
+            Box::new(CbwFilter::with_view(self.source.clone(), self.view)),
             children,
         ) {
             Ok(f) => {
@@ -180,14 +182,15 @@ fn prepare(
         on_clean: Some(on_clean),
         source_quiesced,
     };
-    match backup::prepare(&d.jobs, p, env) {
-        Ok(job) => Ok(Prepared {
+    match backup::prepare_with_view(&d.jobs, p, env) {
+        Ok((job, view)) => Ok(Prepared {
             daemon: d.clone(),
             job,
             filter_slot,
             source,
             target,
             filter_name,
+            view,
         }),
         Err(e) => {
             target.set_writer(false);

@@ -29,6 +29,9 @@ pub(crate) struct CopyState {
     pub todo: HBitmap,
     /// Runs being copied now: (start, end).
     pub inflight: Vec<(u64, u64)>,
+    /// Runs a reader of the point-in-time view is reading now (cluster-aligned): writes
+    /// there wait, so what the reader found still to copy stays unchanged in the source.
+    pub readers: Vec<(u64, u64)>,
 }
 
 /// What regions of the source read as zeros, or are to be skipped, computed once.
@@ -36,6 +39,9 @@ pub(crate) struct SourceMap {
     /// Whole clusters that read as zeros at the start.
     pub zero: HBitmap,
 }
+
+/// A run `[start, end)` of a view read and whether it is still only in the source.
+pub(crate) type ViewRun = (u64, u64, bool);
 
 /// Shared between the job body, its workers and the write hook.
 pub(crate) struct Copier {
@@ -83,6 +89,7 @@ impl Copier {
             state: Mutex::new(CopyState {
                 todo,
                 inflight: Vec::new(),
+                readers: Vec::new(),
             }),
             cv: Condvar::new(),
             done: AtomicU64::new(0),
@@ -137,7 +144,8 @@ impl Copier {
     fn claim_range(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
         let mut st = self.lock();
         loop {
-            let busy = st.inflight.iter().any(|&(s, e)| s < end && start < e);
+            let overlaps = |&(s, e): &(u64, u64)| s < end && start < e;
+            let busy = st.inflight.iter().any(overlaps) || st.readers.iter().any(overlaps);
             if !busy {
                 break;
             }
@@ -307,6 +315,51 @@ impl Copier {
             self.total.fetch_sub(dropped, Ordering::AcqRel);
         }
         Ok(dropped)
+    }
+
+    /// Hold writes off `[offset, offset+len)` (once no copy of it is in flight) and split it
+    /// into runs: `true` = still only in the source, `false` = copied to the target. Give the
+    /// hold back with [`Copier::end_view_read`].
+    pub fn begin_view_read(&self, offset: u64, len: u64) -> ((u64, u64), Vec<ViewRun>) {
+        let (start, end) = self.align(offset, len);
+        let mut st = self.lock();
+        while st.inflight.iter().any(|&(s, e)| s < end && start < e) {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.readers.push((start, end));
+        let mut runs = Vec::new();
+        let mut at = start;
+        for (s, l) in st.todo.dirty_ranges(start, end) {
+            let (s, e) = (s.max(start), (s + l).min(end));
+            if s > at {
+                runs.push((at, s, false));
+            }
+            runs.push((s, e, true));
+            at = e;
+        }
+        if at < end {
+            runs.push((at, end, false));
+        }
+        // Clip to the request.
+        let req_end = offset + len;
+        let runs = runs
+            .into_iter()
+            .filter_map(|(s, e, src)| {
+                let (s, e) = (s.max(offset), e.min(req_end));
+                (s < e).then_some((s, e, src))
+            })
+            .collect();
+        ((start, end), runs)
+    }
+
+    /// End a hold taken by [`Copier::begin_view_read`].
+    pub fn end_view_read(&self, hold: (u64, u64)) {
+        let mut st = self.lock();
+        if let Some(i) = st.readers.iter().position(|&r| r == hold) {
+            st.readers.swap_remove(i);
+        }
+        drop(st);
+        self.cv.notify_all();
     }
 
     /// The clusters not copied (for bitmap-mode `always` on failure).

@@ -228,6 +228,16 @@ pub fn start(jobs: &Arc<JobManager>, p: BackupParams, env: BackupEnv<'_>) -> Res
 /// [`start`] without starting: the job is left `created` (a transaction starts it at commit,
 /// or drops it with [`JobManager::discard_unstarted`] at abort, which undoes everything).
 pub fn prepare(jobs: &Arc<JobManager>, p: BackupParams, env: BackupEnv<'_>) -> Result<Arc<Job>> {
+    prepare_with_view(jobs, p, env).map(|(job, _)| job)
+}
+
+/// [`prepare`], also returning the point-in-time view a `sync: none` job keeps (for its
+/// filter node, which `snapshot-access` reads as in QEMU's fleecing).
+pub fn prepare_with_view(
+    jobs: &Arc<JobManager>,
+    p: BackupParams,
+    env: BackupEnv<'_>,
+) -> Result<(Arc<Job>, Option<filter::SnapshotView>)> {
     let mode = check_arguments(&p)?;
     if Arc::ptr_eq(&p.source, &p.target) {
         return Err(Error::generic("Source and target cannot be the same"));
@@ -361,6 +371,7 @@ pub fn prepare(jobs: &Arc<JobManager>, p: BackupParams, env: BackupEnv<'_>) -> R
     }
     p.target.add_user(TARGET_USER.to_string());
     p.source.add_user(SOURCE_USER.to_string());
+    let view = (p.sync == SyncMode::None).then(|| filter::SnapshotView::new(copier.clone()));
     let body = Arc::new(BackupJob {
         copier,
         hook,
@@ -381,7 +392,7 @@ pub fn prepare(jobs: &Arc<JobManager>, p: BackupParams, env: BackupEnv<'_>) -> R
         drain_at_start: true,
     };
     match jobs.create(spec, body.clone()) {
-        Ok(job) => Ok(job),
+        Ok(job) => Ok((job, view)),
         Err(e) => {
             body.abort();
             body.clean();

@@ -294,3 +294,20 @@ def test_snapshot_sync_of_two_drives_at_once_and_abort_undoes_both(daemon, tmp_p
         info = daemon.node(f"{n}-o")
         assert info["backing_file"].endswith(f"{n}.qcow2")
         assert daemon.node(n)["ro"] is True
+
+
+def test_job_finalize_on_one_member_finalizes_the_whole_group(daemon, tmp_path):
+    _drives(daemon, tmp_path, ["a", "b"])
+    daemon.ok("transaction", actions=[
+        act("blockdev-backup", job_id="ja", device="a", target="a-t", sync="full",
+            auto_finalize=False),
+        act("blockdev-backup", job_id="jb", device="b", target="b-t", sync="full",
+            auto_finalize=False),
+    ], properties={"completion-mode": "grouped"})
+    for j in ("ja", "jb"):
+        backup_helpers.wait_status(daemon, j, "pending")
+    daemon.ok("job-finalize", id="ja")
+    assert _completed(daemon, {"ja", "jb"}) == {"ja": None, "jb": None}
+    backup_helpers.close(daemon, "a-t", "b-t", "a", "b")
+    for n in ("a", "b"):
+        backup_helpers.compare(tmp_path / f"{n}-t.qcow2", tmp_path / f"{n}.qcow2", "qcow2", "qcow2")

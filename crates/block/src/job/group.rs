@@ -47,6 +47,15 @@ impl JobGroup {
         self.changed.notify_waiters();
     }
 
+    /// The members still alive.
+    pub(super) fn members(&self) -> Vec<Arc<Job>> {
+        self.lock()
+            .members
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .collect()
+    }
+
     /// One member failed or was cancelled: cancel every other member.
     fn fail(&self, job: &Arc<Job>) {
         let others = {

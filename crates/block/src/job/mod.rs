@@ -621,10 +621,18 @@ impl JobManager {
     }
 
     /// job-finalize: the task waiting in `pending` commits and concludes.
+    /// A member of a group (one `grouped` transaction) finalizes the whole group, as in QEMU.
     pub fn finalize(&self, job: &Arc<Job>) -> Result<()> {
         job.check_verb(JobVerb::Finalize)?;
-        job.finalize_requested.store(true, Ordering::Release);
-        job.wake.notify_waiters();
+        let group = job.group.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let members = match group {
+            Some(g) => g.members(),
+            None => vec![job.clone()],
+        };
+        for m in members {
+            m.finalize_requested.store(true, Ordering::Release);
+            m.wake.notify_waiters();
+        }
         Ok(())
     }
 

@@ -176,3 +176,79 @@ def test_external_snapshot_of_several_drives_at_once(make_daemon, shm):
         top = data_nbd.qemu_io_uri(str(shm / f"{n}-o.qcow2"), "read -P 0x77 0 64k", "read -P 0x01 64k 64k",
                                    read_only=True, fmt="qcow2")
         assert "Pattern verification failed" not in top.stdout, top.stdout
+
+
+# x-debug-block-dirty-bitmap-sha256 of the libvirt test's bitmaps (4 MiB, 64 KiB granularity),
+# as qemu-storage-daemon 10.0.2 reports them.
+SHA_EMPTY = "af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc"
+SHA_C1 = "a87d7dadce44da08f06da54f970e1f30f497c928912601d2e66117db2ac7f186"
+SHA_C2 = "36ebffba4beef2e8712c48442368b4afc4b649d22b3a47394ec39997dd5ff21b"
+SHA_C3 = "01acecb507abfe1a354aa8064f4af5d3f1acd019e37db3c11c97523b71c76e9d"
+SHA_C1_C2 = "582af898372c354190d0820757db1f7fd2bcb868307b3d79b15af112020f3f1a"
+SHA_C1_C2_C3_W = "34a3824a10eb6152bfdbe9ef17f4dbbe560c43025a9362a461f6eb5158f87d0c"
+
+
+def bitmap_state(d, node):
+    """{name: (count, recording, persistent, sha256)} of the node's named bitmaps."""
+    return {b["name"]: (b["count"], b["recording"], b["persistent"], d.sha256(node, b["name"]))
+            for b in d.bitmaps(node) if "name" in b}
+
+
+def test_libvirt_push_backup_and_checkpoint_delete(make_daemon, shm):
+    """libvirt's sequences on one disk: checkpoint c1 with a full backup; checkpoint c2
+    (disable c1, add c2); a push backup since c1 that also creates checkpoint c3 (disable c2,
+    add c3, add a disabled temporary bitmap, merge c1 and c2 into it, back up with it); then
+    deleting checkpoint c2 (merge into c1, remove) and the current checkpoint c3 (merge into
+    c1, enable c1, remove)."""
+    d = make_daemon()
+    add_drives(d, shm, ["a"])
+    full_targets(d, shm, ["a"], "f")
+    d.ok("transaction", actions=[act("block-dirty-bitmap-add", node="a", name="c1", persistent=True)]
+         + backups(["a"], "f", "full"))
+    succeeded(d, ["a"], "f")
+    write(d, "a", "0 64k", "1M 128k", pattern=0x41)
+    d.ok("transaction", actions=[
+        act("block-dirty-bitmap-disable", node="a", name="c1"),
+        act("block-dirty-bitmap-add", node="a", name="c2", persistent=True),
+    ])
+    write(d, "a", "512k 64k", "1M 64k", "3M 4k", pattern=0x42)
+    frozen = freeze(d, shm, ["a"], "push")
+    inc_targets(d, shm, ["a"], "i", "f")
+    d.ok("transaction", actions=[
+        act("block-dirty-bitmap-disable", node="a", name="c2"),
+        act("block-dirty-bitmap-add", node="a", name="c3", persistent=True),
+        act("block-dirty-bitmap-add", node="a", name="backup-a", persistent=False, disabled=True),
+        act("block-dirty-bitmap-merge", node="a", target="backup-a", bitmaps=["c1", "c2"]),
+        act("blockdev-backup", job_id="ja-i", device="a", target="a-i", sync="incremental",
+            bitmap="backup-a"),
+    ])
+    succeeded(d, ["a"], "i")
+    write(d, "a", "2M 64k", pattern=0x43)
+    # The temporary bitmap was cleared by the successful job and stays disabled; c1 and c2
+    # are untouched, c3 has the write after the backup.
+    assert bitmap_state(d, "a") == {
+        "backup-a": (0, False, False, SHA_EMPTY),
+        "c1": (3 * 64 * KiB, False, True, SHA_C1),
+        "c2": (3 * 64 * KiB, False, True, SHA_C2),
+        "c3": (64 * KiB, True, True, SHA_C3),
+    }
+    d.ok("block-dirty-bitmap-remove", node="a", name="backup-a")
+    restored_equals_frozen(d, shm, ["a"], "i", frozen, "a-f")
+    # Delete checkpoint c2 (its parent c1 takes its changes), then the current one, c3.
+    d.ok("transaction", actions=[
+        act("block-dirty-bitmap-merge", node="a", target="c1", bitmaps=["c2"]),
+        act("block-dirty-bitmap-remove", node="a", name="c2"),
+    ])
+    assert bitmap_state(d, "a") == {
+        "c1": (5 * 64 * KiB, False, True, SHA_C1_C2),
+        "c3": (64 * KiB, True, True, SHA_C3),
+    }
+    d.ok("transaction", actions=[
+        act("block-dirty-bitmap-merge", node="a", target="c1", bitmaps=["c3"]),
+        act("block-dirty-bitmap-enable", node="a", name="c1"),
+        act("block-dirty-bitmap-remove", node="a", name="c3"),
+    ])
+    write(d, "a", "3584k 64k", pattern=0x44)
+    assert bitmap_state(d, "a") == {"c1": (7 * 64 * KiB, True, True, SHA_C1_C2_C3_W)}
+    d.shutdown()
+    assert data_nbd.on_disk_bitmaps(shm / "a.qcow2") == {"c1": {"flags": ["auto"], "granularity": 64 * KiB}}

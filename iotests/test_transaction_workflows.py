@@ -13,6 +13,7 @@ import pytest
 import data_nbd
 from backup_helpers import MiB, add_qcow2, add_raw, close, compare, count, qcow2, raw, snapshot
 from test_backup_errors import blkdebug_raw
+from iotests import is_qsd
 from txn_helpers import SIZE, SLOTS, GenWriter, act, add_drives, job_log, of_job, tmpfs_dir
 
 #: Bytes per second per job when a job must still be running while something else happens.
@@ -252,3 +253,78 @@ def test_libvirt_push_backup_and_checkpoint_delete(make_daemon, shm):
     assert bitmap_state(d, "a") == {"c1": (7 * 64 * KiB, True, True, SHA_C1_C2_C3_W)}
     d.shutdown()
     assert data_nbd.on_disk_bitmaps(shm / "a.qcow2") == {"c1": {"flags": ["auto"], "granularity": 64 * KiB}}
+
+
+def grouped_failure(make_daemon, shm):
+    """Grouped incrementals of a, b and c; b's target fails (EIO) at 1.5 MiB while a and c
+    are still copying (slow). Writes land on every drive while the jobs run. Returns the
+    daemon, the job events and the clusters written meanwhile per drive."""
+    names = ["a", "b", "c"]
+    d = make_daemon()
+    exports = add_drives(d, shm, names)
+    for n in names:
+        d.ok("block-dirty-bitmap-add", node=n, name="b0")
+        write(d, n, "0 3M", pattern=0x51)
+        assert count(d, n, "b0") == 3 * MiB
+    for n in ("a", "c"):
+        add_qcow2(d, f"{n}-t", qcow2(shm / f"{n}-t.qcow2", SIZE))
+    bad = raw(shm / "b-bad.raw", SIZE)
+    d.blockdev_add(driver="raw", node_name="b-t", file={
+        "driver": "blkdebug", "image": {"driver": "file", "filename": str(bad)},
+        "inject-error": [{"event": "write_aio", "errno": 5, "sector": (3 * MiB // 2) // 512}]})
+    clients = {}
+    for n in names:
+        clients[n] = data_nbd.WireClient(d.nbd_sock)
+        clients[n].go(exports[n])
+    d.ok("transaction", actions=[
+        act("blockdev-backup", job_id=f"j{n}", device=n, target=f"{n}-t", sync="incremental",
+            bitmap="b0", speed=MiB)
+        for n in names
+    ], properties={"completion-mode": "grouped"})
+    # New writes while the jobs run, outside the dirty area: a 4 clusters, b 2, c 1.
+    new = {"a": 4, "b": 2, "c": 1}
+    for n, k in new.items():
+        for i in range(k):
+            assert clients[n].write(3 * MiB + i * 64 * KiB, b"\x52" * 4096)[0] == 0
+    running = {j["id"]: j["status"] for j in d.ok("query-jobs")}
+    assert running == {"ja": "running", "jb": "running", "jc": "running"}
+    log = job_log(d, {"ja", "jb", "jc"})
+    for c in clients.values():
+        c.disconnect()
+    return d, log, new
+
+
+def test_grouped_one_failing_job_cancels_the_others_and_restores_every_bitmap(make_daemon, shm):
+    d, log, new = grouped_failure(make_daemon, shm)
+    start = ["created", "running", "paused", "running"]
+    end = ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+    assert of_job(log, "ja") == start + end
+    assert of_job(log, "jc") == start + end
+    assert of_job(log, "jb") == start + ["BLOCK_JOB_ERROR", "aborting",
+                                         ("BLOCK_JOB_COMPLETED", "Input/output error"), "concluded", "null"]
+    for n, k in new.items():
+        b = d.bitmap(n, "b0")
+        assert (b["count"], b["recording"], b["busy"]) == (3 * MiB + k * 64 * KiB, True, False)
+        assert [x.get("name") for x in d.bitmaps(n)] == ["b0"]
+    assert d.ok("query-jobs") == []
+
+
+# blockd's order differs (known gap, README): it starts each job with its whole pause blip in
+# turn, and ends the failed job before the others reach aborting.
+@pytest.mark.xfail(not is_qsd(), strict=True, reason="blockd orders a grouped abort's events differently")
+def test_grouped_failure_events_come_in_qemus_order(make_daemon, shm):
+    """QEMU commits newest first (c, b, a start, each pausing in the transaction's drained
+    section), resumes them in that order, moves every member to aborting once one failed, then
+    ends them newest first."""
+    _, log, _ = grouped_failure(make_daemon, shm)
+    seq = [(j, detail if ev == "JOB_STATUS_CHANGE" else ev) for ev, j, detail in log]
+    assert seq == [
+        ("ja", "created"), ("jb", "created"), ("jc", "created"),
+        ("jc", "running"), ("jc", "paused"), ("jb", "running"), ("jb", "paused"),
+        ("ja", "running"), ("ja", "paused"),
+        ("jc", "running"), ("jb", "running"), ("ja", "running"),
+        ("jb", "BLOCK_JOB_ERROR"), ("jb", "aborting"), ("jc", "aborting"), ("ja", "aborting"),
+        ("jc", "BLOCK_JOB_CANCELLED"), ("jc", "concluded"), ("jc", "null"),
+        ("jb", "BLOCK_JOB_COMPLETED"), ("jb", "concluded"), ("jb", "null"),
+        ("ja", "BLOCK_JOB_CANCELLED"), ("ja", "concluded"), ("ja", "null"),
+    ]

@@ -13,7 +13,6 @@ import pytest
 import data_nbd
 from backup_helpers import MiB, add_qcow2, add_raw, close, compare, count, qcow2, raw, snapshot
 from test_backup_errors import blkdebug_raw
-from iotests import is_qsd
 from txn_helpers import SIZE, SLOTS, GenWriter, act, add_drives, job_log, of_job, tmpfs_dir
 
 #: Bytes per second per job when a job must still be running while something else happens.
@@ -309,9 +308,6 @@ def test_grouped_one_failing_job_cancels_the_others_and_restores_every_bitmap(ma
     assert d.ok("query-jobs") == []
 
 
-# blockd's order differs (known gap, README): it starts each job with its whole pause blip in
-# turn, and ends the failed job before the others reach aborting.
-@pytest.mark.xfail(not is_qsd(), strict=True, reason="blockd orders a grouped abort's events differently")
 def test_grouped_failure_events_come_in_qemus_order(make_daemon, shm):
     """QEMU commits newest first (c, b, a start, each pausing in the transaction's drained
     section), resumes them in that order, moves every member to aborting once one failed, then

@@ -102,7 +102,22 @@ impl Prepared {
 
     /// Start the job, and show its filter node as QEMU does.
     pub fn commit(self) {
-        self.daemon.jobs.start(&self.job);
+        let jobs = self.daemon.jobs.clone();
+        let job = self.commit_held();
+        jobs.resume_held(&job);
+    }
+
+    /// Like [`Prepared::commit`], but the job waits (paused) until the caller passes the
+    /// returned job to `JobManager::resume_held`: a transaction resumes its jobs together
+    /// once every action has committed.
+    pub fn commit_held(self) -> Arc<block::job::Job> {
+        self.daemon.jobs.start_held(&self.job);
+        let job = self.job.clone();
+        self.show_filter();
+        job
+    }
+
+    fn show_filter(self) {
         // The filter as QEMU shows it (its name was checked by `prepare`).
         let children = vec![
             Child {

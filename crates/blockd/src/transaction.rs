@@ -10,9 +10,9 @@
 //! transaction each backup holds its own source off only while it prepares, since a snapshot
 //! drains the node itself.)
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use block::job::JobGroup;
+use block::job::{Job, JobGroup};
 use block::transaction::bitmaps::{Add, Merge, NodeLookup, OnBitmap, Op};
 use block::transaction::{self, AbortAction, Action, CompletionMode};
 use block::{Error, NodeRef, Result};
@@ -39,7 +39,12 @@ struct BackupAction {
     group: Option<Arc<JobGroup>>,
     source_quiesced: bool,
     prepared: Option<Prepared>,
+    started: Started,
 }
+
+/// The jobs a transaction's commits started, in commit order (newest action first); they run
+/// once every action has committed.
+type Started = Arc<Mutex<Vec<Arc<Job>>>>;
 
 impl Action for BackupAction {
     fn kind(&self) -> &'static str {
@@ -66,7 +71,11 @@ impl Action for BackupAction {
     }
     fn commit(&mut self) {
         if let Some(p) = self.prepared.take() {
-            p.commit();
+            let job = p.commit_held();
+            self.started
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(job);
         }
     }
     fn abort(&mut self) {
@@ -181,11 +190,19 @@ pub fn run(d: &Arc<Daemon>, args: TransactionArgs) -> Result<()> {
         lookup: Arc::new(DaemonLookup(d.clone())),
         group: (mode == CompletionMode::Grouped).then(JobGroup::new),
         quiesced: !sources.is_empty(),
+        started: Started::default(),
     };
     let mut actions: Vec<Box<dyn Action>> =
         args.actions.into_iter().map(|a| action(&ctx, a)).collect();
     let _quiet: Vec<_> = sources.iter().map(|n| n.quiesce()).collect();
-    transaction::run(&mut actions, mode)
+    let result = transaction::run(&mut actions, mode);
+    // The jobs resume together, in the order they started, as QEMU's do when the
+    // transaction's drained section ends.
+    let started = std::mem::take(&mut *ctx.started.lock().unwrap_or_else(|p| p.into_inner()));
+    for job in &started {
+        d.jobs.resume_held(job);
+    }
+    result
 }
 
 /// What every action of one transaction shares.
@@ -194,6 +211,7 @@ struct Ctx {
     lookup: Arc<dyn NodeLookup>,
     group: Option<Arc<JobGroup>>,
     quiesced: bool,
+    started: Started,
 }
 
 fn action(ctx: &Ctx, a: TransactionAction) -> Box<dyn Action> {
@@ -205,6 +223,7 @@ fn action(ctx: &Ctx, a: TransactionAction) -> Box<dyn Action> {
             group: ctx.group.clone(),
             source_quiesced: ctx.quiesced,
             prepared: None,
+            started: ctx.started.clone(),
         })
     };
     let snapshot = |args| -> Box<dyn Action> {

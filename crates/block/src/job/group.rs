@@ -4,11 +4,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use super::Job;
+use super::{Job, JobManager, JobStatus};
 
 /// Jobs that end together (the jobs of one transaction): a member whose work is done waits
 /// in `waiting` until every member's work is done; when one fails or is cancelled, every
-/// other member is cancelled and all abort.
+/// other member is cancelled and all abort. The aborted group ends as QEMU ends an aborted
+/// job transaction: the failing member goes to `aborting` at once; once every member's work
+/// has stopped the others go to `aborting` and then all end, newest first.
 #[derive(Default)]
 pub struct JobGroup {
     state: Mutex<GroupState>,
@@ -20,6 +22,10 @@ struct GroupState {
     members: Vec<std::sync::Weak<Job>>,
     done: usize,
     failed: bool,
+    /// The member whose failure or cancel aborted the group.
+    culprit: Option<std::sync::Weak<Job>>,
+    /// Members of the failed group whose work has stopped.
+    settled: usize,
 }
 
 impl JobGroup {
@@ -64,10 +70,11 @@ impl JobGroup {
                 Vec::new()
             } else {
                 st.failed = true;
+                st.culprit = Some(Arc::downgrade(job));
                 st.members.iter().filter_map(|w| w.upgrade()).collect()
             }
         };
-        for other in others.iter().filter(|o| !Arc::ptr_eq(o, job)) {
+        for other in others.iter().rev().filter(|o| !Arc::ptr_eq(o, job)) {
             {
                 let mut st = other.lock();
                 st.cancelled = true;
@@ -77,6 +84,31 @@ impl JobGroup {
             other.wake.notify_waiters();
         }
         self.changed.notify_waiters();
+    }
+
+    /// Whether `job` is the member that aborted the group.
+    pub(super) fn is_culprit(&self, job: &Arc<Job>) -> bool {
+        let st = self.lock();
+        st.culprit
+            .as_ref()
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(job)))
+    }
+
+    /// A member of the failed group stopped its work. For the last one, every member, newest
+    /// first (QEMU's job transaction lists the newest job first): the caller ends them all.
+    pub(super) fn settle(&self) -> Option<Vec<Arc<Job>>> {
+        let mut st = self.lock();
+        st.settled += 1;
+        if st.settled != st.members.len() {
+            return None;
+        }
+        Some(
+            st.members
+                .iter()
+                .rev()
+                .filter_map(|w| w.upgrade())
+                .collect(),
+        )
     }
 
     /// Wait until every member's body ended or one failed; true when all succeeded. A cancel
@@ -100,6 +132,33 @@ impl JobGroup {
                     return false;
                 }
             }
+        }
+    }
+}
+
+impl JobManager {
+    /// A member of a failed group stopped its work: the member that failed goes to
+    /// `aborting` now; the last member to stop moves the others there and then ends every
+    /// member, newest first (QEMU's order for an aborted job transaction).
+    pub(super) fn abort_in_group(&self, job: &Arc<Job>, group: &JobGroup, error: String) {
+        if group.is_culprit(job) {
+            job.transition(JobStatus::Aborting);
+        }
+        job.lock().error = Some(error);
+        let Some(members) = group.settle() else {
+            return;
+        };
+        for m in &members {
+            if !group.is_culprit(m) {
+                m.transition(JobStatus::Aborting);
+            }
+        }
+        for m in &members {
+            m.body.abort();
+            m.body.clean();
+            let error = m.lock().error.clone();
+            self.emit_end(m, error);
+            self.conclude(m);
         }
     }
 }

@@ -408,9 +408,24 @@ impl JobManager {
     /// Start a created job's task. The job is `running` when this returns (as in QEMU), so a
     /// cancel that arrives before the task first runs cancels it instead of discarding it.
     pub fn start(self: &Arc<Self>, job: &Arc<Job>) {
+        self.start_held(job);
+        self.resume_held(job);
+    }
+
+    /// Start a created job inside a drained section that ends later (a transaction's): the
+    /// job is `running` (then `paused`, for a job that shows a drained start) when this
+    /// returns, and runs from [`JobManager::resume_held`] on, as QEMU's jobs started by one
+    /// transaction all resume when its drained section ends.
+    pub fn start_held(&self, job: &Arc<Job>) {
         job.transition(JobStatus::Running);
         if job.drain_at_start {
             job.transition(JobStatus::Paused);
+        }
+    }
+
+    /// Run a job started by [`JobManager::start_held`].
+    pub fn resume_held(self: &Arc<Self>, job: &Arc<Job>) {
+        if job.drain_at_start {
             job.transition(JobStatus::Running);
         }
         let manager = self.clone();
@@ -469,15 +484,15 @@ impl JobManager {
             result
         };
         let group = job.group.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Some(g) = &group {
-            g.body_done(&job, result.is_ok());
-        }
         match result {
             Ok(()) => {
+                if let Some(g) = &group {
+                    g.body_done(&job, true);
+                }
                 job.transition(JobStatus::Waiting);
                 if let Some(g) = &group {
                     if !g.wait_all(&job).await || job.cancel.is_cancelled() {
-                        self.finish_failed(&job, "Operation canceled".to_string());
+                        self.abort_in_group(&job, g, "Operation canceled".to_string());
                         return;
                     }
                 }
@@ -511,7 +526,13 @@ impl JobManager {
                     self.conclude(&job);
                 }
             }
-            Err(e) => self.finish_failed(&job, e),
+            Err(e) => match &group {
+                Some(g) => {
+                    g.body_done(&job, false);
+                    self.abort_in_group(&job, g, e);
+                }
+                None => self.finish_failed(&job, e),
+            },
         }
     }
 

@@ -398,6 +398,10 @@ impl JobBody for Body {
             match self.kind {
                 "panic" => panic!("body exploded"),
                 "panic-free" => Ok(()),
+                "fail" => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Err("Input/output error".to_string())
+                }
                 "slow-stop" => {
                     while !ctx.is_cancelled() {
                         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -580,4 +584,58 @@ async fn one_error_event_per_report_or_stop_with_parallel_workers() {
             wait_status(&job, JobStatus::Concluded).await;
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_group_ends_in_qemus_order() {
+    use block::job::JobGroup;
+    // QEMU: the failing job goes to aborting, then the others (newest first) once their work
+    // stopped, then every job ends, newest first.
+    let (jobs, events) = manager();
+    let group = JobGroup::new();
+    let a = jobs.create(spec("a", 0), body("slow-stop")).unwrap();
+    let b = jobs.create(spec("b", 0), body("fail")).unwrap();
+    let c = jobs.create(spec("c", 0), body("slow-stop")).unwrap();
+    for j in [&a, &b, &c] {
+        group.add(j);
+    }
+    for j in [&c, &b, &a] {
+        jobs.start(j);
+    }
+    for j in [&a, &b, &c] {
+        wait_status(j, JobStatus::Concluded).await;
+    }
+    let ends: Vec<String> = events
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            JobEvent::StatusChange { id, status }
+                if matches!(status, JobStatus::Aborting | JobStatus::Concluded) =>
+            {
+                Some(format!("{id}:{}", status.as_str()))
+            }
+            JobEvent::Completed { device, error, .. } => Some(format!(
+                "{device}:COMPLETED({})",
+                error.clone().unwrap_or_default()
+            )),
+            JobEvent::Cancelled { device, .. } => Some(format!("{device}:CANCELLED")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        ends,
+        [
+            "b:aborting",
+            "c:aborting",
+            "a:aborting",
+            "c:CANCELLED",
+            "c:concluded",
+            "b:COMPLETED(Input/output error)",
+            "b:concluded",
+            "a:CANCELLED",
+            "a:concluded",
+        ]
+    );
 }

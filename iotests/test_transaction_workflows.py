@@ -256,7 +256,8 @@ def test_libvirt_push_backup_and_checkpoint_delete(make_daemon, shm):
 
 def grouped_failure(make_daemon, shm):
     """Grouped incrementals of a, b and c; b's target fails (EIO) at 1.5 MiB while a and c
-    are still copying (slow). Writes land on every drive while the jobs run. Returns the
+    are still copying (slow: one 64 KiB copy at a time, else QEMU copies everything in one
+    burst of parallel requests and only then waits for the rate limit). Writes land on every drive while the jobs run. Returns the
     daemon, the job events and the clusters written meanwhile per drive."""
     names = ["a", "b", "c"]
     d = make_daemon()
@@ -277,7 +278,7 @@ def grouped_failure(make_daemon, shm):
         clients[n].go(exports[n])
     d.ok("transaction", actions=[
         act("blockdev-backup", job_id=f"j{n}", device=n, target=f"{n}-t", sync="incremental",
-            bitmap="b0", speed=MiB)
+            bitmap="b0", speed=MiB, x_perf={"max-workers": 1, "max-chunk": 64 * KiB})
         for n in names
     ], properties={"completion-mode": "grouped"})
     # New writes while the jobs run, outside the dirty area: a 4 clusters, b 2, c 1.

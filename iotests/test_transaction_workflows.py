@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 import data_nbd
-from backup_helpers import MiB, add_qcow2, add_raw, close, compare, count, qcow2, raw, snapshot
+from backup_helpers import MiB, add_qcow2, close, compare, count, qcow2, raw, snapshot
 from test_backup_errors import blkdebug_raw
 from txn_helpers import SIZE, SLOTS, GenWriter, act, add_drives, job_log, of_job, tmpfs_dir
 
@@ -171,7 +171,8 @@ def test_external_snapshot_of_several_drives_at_once(make_daemon, shm):
         data_nbd.assert_io_ok(out.stdout)
     d.shutdown()
     for n in names:
-        base = data_nbd.qemu_io_uri(str(shm / f"{n}.qcow2"), "read -P 0x01 0 64k", read_only=True, fmt="qcow2")
+        base = data_nbd.qemu_io_uri(str(shm / f"{n}.qcow2"), "read -P 0x01 0 64k", read_only=True,
+                                    fmt="qcow2")
         assert "Pattern verification failed" not in base.stdout, base.stdout
         top = data_nbd.qemu_io_uri(str(shm / f"{n}-o.qcow2"), "read -P 0x77 0 64k", "read -P 0x01 64k 64k",
                                    read_only=True, fmt="qcow2")
@@ -257,8 +258,9 @@ def test_libvirt_push_backup_and_checkpoint_delete(make_daemon, shm):
 def grouped_failure(make_daemon, shm):
     """Grouped incrementals of a, b and c; b's target fails (EIO) at 1.5 MiB while a and c
     are still copying (slow: one 64 KiB copy at a time, else QEMU copies everything in one
-    burst of parallel requests and only then waits for the rate limit). Writes land on every drive while the jobs run. Returns the
-    daemon, the job events and the clusters written meanwhile per drive."""
+    burst of parallel requests and only then waits for the rate limit). Writes land on every
+    drive while the jobs run. Returns the daemon, the job events and the clusters written
+    meanwhile per drive."""
     names = ["a", "b", "c"]
     d = make_daemon()
     exports = add_drives(d, shm, names)

@@ -1,11 +1,11 @@
 //! The transmission phase of one connection.
 //!
 //! ```text
-//!   socket ──> reader (this task) ──spawn──> request task ──spawn_blocking──> backend
-//!                 │  waits for budget            │
-//!                 │  before reading a payload    └──> reply (+ budget permits) ──┐
-//!                 │                                                              v
-//!                 └── immediate error replies ──────────────────────────> writer task ──> socket
+//!   socket ──> reader (this task) ──spawn_blocking──> request (backend call, reply built)
+//!                 │  waits for budget                      │
+//!                 │  before reading a payload              └──> reply (+ budget permits) ──┐
+//!                 │                                                                        v
+//!                 └── immediate error replies ────────────────────────────────────> writer task ──> socket
 //! ```
 //!
 //! Requests run concurrently and replies go out in completion order. Memory per connection is
@@ -15,6 +15,7 @@
 //! written it.
 
 use std::io::{self, IoSlice};
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -281,32 +282,33 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             Ok(cmd) => {
                 let conn = conn.clone();
-                tracker.spawn(async move {
+                // The request runs on the blocking pool and hands its reply to the writer task
+                // from there: no hop back through an async task, whose wake-up waits for a
+                // runtime worker (those also copy every reply into the socket, so under load
+                // that hop added about as much latency per read as the read itself).
+                tracker.spawn_blocking(move || {
                     let backend = conn.backend();
-                    let job_conn = conn.clone();
-                    let job = move || {
-                        let c = &*job_conn;
-                        let reply = execute(
+                    let run = || {
+                        execute(
                             &*backend,
                             reply_to,
                             cmd,
                             &data,
-                            &c.session.contexts,
-                            &c.pool,
-                        );
-                        c.pool.put(data);
-                        reply
+                            &conn.session.contexts,
+                            &conn.pool,
+                        )
                     };
-                    let (head, data) = match tokio::task::spawn_blocking(job).await {
+                    let (head, out) = match std::panic::catch_unwind(AssertUnwindSafe(run)) {
                         Ok(reply) => reply,
-                        Err(e) => {
-                            tracing::warn!("nbd: request task failed: {e}");
+                        Err(_) => {
+                            tracing::warn!("nbd: request handler panicked");
                             let mut head = Vec::new();
                             reply_to.put_error(&mut head, proto::EIO, "internal error");
                             (head, Buf::default())
                         }
                     };
-                    conn.send(head, data, Some(permits));
+                    conn.pool.put(data);
+                    conn.send(head, out, Some(permits));
                 });
             }
         }

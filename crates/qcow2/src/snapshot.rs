@@ -4,8 +4,8 @@
 //! snapshots' tables are indexed as metadata (so no write can land on them), and an L2 table
 //! still shared with a snapshot (L1 entry without COPIED) is copied before its first change.
 //! Data clusters shared with snapshots have COPIED clear in their L2 entries and are
-//! copied-on-write by the ordinary write path. Creating, applying or deleting snapshots is not
-//! supported.
+//! copied-on-write by the ordinary write path. Creating and deleting snapshots is in
+//! `snapshot_ops`; applying (reverting to) one is not supported.
 
 use crate::error::{invalid, Error, Result};
 use crate::header::{check_table, MAX_L1_BYTES};

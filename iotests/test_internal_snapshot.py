@@ -140,6 +140,7 @@ def test_delete_returns_the_snapshot_and_frees_it(make_daemon, tmp_path):
     data_nbd.nbd_io(d, "n", "write -P 0x33 64k 128k")
     listed = snapshots(d, "n")
     gone = d.ok("blockdev-snapshot-delete-internal-sync", device="n", name="a")
+    assert d.get_events(wait=0.1) == []
     assert gone == listed[0]
     assert snapshots(d, "n") == listed[1:]
     d.ok("blockdev-snapshot-internal-sync", device="n", name="c")
@@ -313,3 +314,24 @@ def test_refusals_change_nothing(make_daemon, tmp_path, cmd, args, desc):
     assert ro.read_bytes() == files[ro]
     assert qemu_list(n) == [("1", "have")]
     assert_check_clean(n)
+
+
+def test_nodes_of_a_running_backup_are_not_roots(make_daemon, tmp_path):
+    """While a backup job holds them, neither its source nor its target takes or
+    deletes internal snapshots: "Need a root block node" on both daemons."""
+    src = new_image(tmp_path / "src.qcow2")
+    iotests.qemu_io("-c", f"write -P 0x77 0 {SIZE}", str(src))
+    tgt = new_image(tmp_path / "tgt.qcow2")
+    d = make_daemon()
+    d.ok("blockdev-add", qcow2("src", src))
+    d.ok("blockdev-add", qcow2("tgt", tgt))
+    d.ok("blockdev-backup", device="src", target="tgt", sync="full", speed=1, **{"job-id": "j"})
+    for node in ("src", "tgt"):
+        assert d.err("blockdev-snapshot-internal-sync", device=node, name="x")["desc"] == \
+            "Need a root block node"
+        assert d.err("blockdev-snapshot-delete-internal-sync", device=node, name="x")["desc"] == \
+            "Need a root block node"
+    d.ok("block-job-cancel", device="j", force=True)
+    d.event_wait("BLOCK_JOB_CANCELLED")
+    assert d.shutdown() == 0
+    assert qemu_list(src) == [] and qemu_list(tgt) == []

@@ -50,14 +50,7 @@ impl Meta {
         let g = self.geo;
         let cs = g.cluster_size();
         let limit = self.file_limit();
-        let avail = limit
-            .saturating_sub(r.snapshots_offset)
-            .min(crate::snapshot_table::MAX_TABLE_BYTES);
-        let mut table = vec![0u8; avail as usize];
-        self.file
-            .read_at(&mut table, r.snapshots_offset)
-            .map_err(|e| Error::io(e, "reading the snapshot table"))?;
-        let (entries, pos) = crate::snapshot_table::parse(&table, r.nb_snapshots)?;
+        let (entries, pos) = self.read_snapshot_table_len()?;
         let mut l1s = Vec::new();
         for (i, e) in entries.iter().enumerate() {
             let head = e.head;

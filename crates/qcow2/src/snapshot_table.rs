@@ -163,15 +163,23 @@ pub fn serialize(entries: &[Entry]) -> Result<Vec<u8>> {
 }
 
 /// Parse `nb` entries from the start of `table`; also returns the bytes they occupy.
-pub fn parse(table: &[u8], nb: u32) -> Result<(Vec<Entry>, usize)> {
+#[cfg(test)]
+fn parse(table: &[u8], nb: u32) -> Result<(Vec<Entry>, usize)> {
+    parse_prefix(table, nb)?
+        .ok_or_else(|| invalid("the snapshot table runs past the end of the file"))
+}
+
+/// Like [`parse`], but None when `table` ends before the last entry (read more).
+fn parse_prefix(table: &[u8], nb: u32) -> Result<Option<(Vec<Entry>, usize)>> {
     if nb > MAX_SNAPSHOTS {
         return Err(invalid(format!("too many snapshots ({nb})")));
     }
     let mut pos = 0usize;
     let mut out = Vec::new();
     for i in 0..nb {
-        let head = SnapshotHead::load(&table[pos.min(table.len())..])
-            .ok_or_else(|| invalid(format!("snapshot table entry {i} is truncated")))?;
+        let Some(head) = SnapshotHead::load(&table[pos.min(table.len())..]) else {
+            return Ok(None);
+        };
         if head.extra_data_size > MAX_EXTRA_DATA {
             return Err(invalid(format!("snapshot {i}: extra data too large")));
         }
@@ -180,9 +188,7 @@ pub fn parse(table: &[u8], nb: u32) -> Result<(Vec<Entry>, usize)> {
         let namep = idp + head.id_str_size as usize;
         let end = namep + head.name_size as usize;
         if end > table.len() {
-            return Err(invalid(format!(
-                "snapshot table entry {i} runs past the end of the file"
-            )));
+            return Ok(None);
         }
         out.push(Entry {
             head,
@@ -192,25 +198,40 @@ pub fn parse(table: &[u8], nb: u32) -> Result<(Vec<Entry>, usize)> {
         });
         pos = end.div_ceil(8) * 8;
     }
-    Ok((out, pos.min(table.len())))
+    Ok(Some((out, pos.min(table.len()))))
 }
 
 impl Meta {
-    /// Read the whole snapshot table from the file.
-    pub fn read_snapshot_table(&mut self) -> Result<Vec<Entry>> {
+    /// Read the whole snapshot table from the file, reading only as much as it needs (a
+    /// first guess, grown while entries run past it). Also returns its length in bytes.
+    pub fn read_snapshot_table_len(&mut self) -> Result<(Vec<Entry>, usize)> {
         let r = self.header.raw;
         if r.nb_snapshots == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), 0));
         }
-        let limit = self.file_limit();
-        let avail = limit
+        let limit = self
+            .file_limit()
             .saturating_sub(r.snapshots_offset)
-            .min(MAX_TABLE_BYTES);
-        let mut table = vec![0u8; avail as usize];
-        self.file
-            .read_at(&mut table, r.snapshots_offset)
-            .map_err(|e| Error::io(e, "reading the snapshot table"))?;
-        Ok(parse(&table, r.nb_snapshots)?.0)
+            .min(MAX_TABLE_BYTES) as usize;
+        let mut want = limit.min(64 << 10);
+        loop {
+            let mut table = vec![0u8; want];
+            self.file
+                .read_at(&mut table, r.snapshots_offset)
+                .map_err(|e| Error::io(e, "reading the snapshot table"))?;
+            if let Some(parsed) = parse_prefix(&table, r.nb_snapshots)? {
+                return Ok(parsed);
+            }
+            if want >= limit {
+                return Err(invalid("the snapshot table runs past the end of the file"));
+            }
+            want = want.saturating_mul(4).min(limit);
+        }
+    }
+
+    /// Read the whole snapshot table from the file.
+    pub fn read_snapshot_table(&mut self) -> Result<Vec<Entry>> {
+        Ok(self.read_snapshot_table_len()?.0)
     }
 }
 

@@ -472,3 +472,38 @@ fn persistent_bitmaps_survive_snapshots() {
     assert!(t[..1 << 20].iter().all(|&b| b == 0x11));
     assert!(t[2 << 20..(2 << 20) + 65536].iter().all(|&b| b == 0x22));
 }
+
+/// A snapshot table larger than the first read (64 KiB) is read whole, by us and by QEMU.
+#[test]
+fn a_large_snapshot_table_reads_back_whole() {
+    assert!(have_qemu());
+    let dir = TempDir::new("snapbig");
+    let path = dir.path("big.qcow2");
+    let p = path.to_str().expect("p");
+    qemu_img(&["create", "-q", "-f", "qcow2", p, "1M"]);
+    qemu_io(&path, &["write -P 0x11 0 64k"]);
+    let img = open(&path, true);
+    let names: Vec<String> = (0..200)
+        .map(|i| format!("{i:03}-{}", "n".repeat(400)))
+        .collect();
+    for (i, n) in names.iter().enumerate() {
+        img.create_snapshot(n, when(i as u32)).expect("create");
+    }
+    img.close().expect("close");
+    let img = open(&path, true);
+    let listed: Vec<String> = img
+        .snapshots()
+        .expect("list")
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(listed, names);
+    img.delete_snapshot(Some("100"), None)
+        .expect("delete")
+        .expect("found");
+    img.close().expect("close");
+    assert_check_clean(&path);
+    let q: Vec<String> = qemu_list(&path).into_iter().map(|r| r.1).collect();
+    assert_eq!(q.len(), 199);
+    assert!(!q.contains(&names[99]));
+}

@@ -335,3 +335,26 @@ def test_nodes_of_a_running_backup_are_not_roots(make_daemon, tmp_path):
     d.event_wait("BLOCK_JOB_CANCELLED")
     assert d.shutdown() == 0
     assert qemu_list(src) == [] and qemu_list(tgt) == []
+
+
+def test_one_bit_refcounts_refuse_with_qemus_text(make_daemon, tmp_path):
+    """refcount_bits=1 cannot count a second reference: both daemons refuse with
+    EINVAL's text. blockd checks before writing anything; QSD leaves a leaked cluster."""
+    img = tmp_path / "one.qcow2"
+    iotests.qemu_img("create", "-q", "-f", "qcow2", "-o", "refcount_bits=1", str(img), "1M")
+    iotests.qemu_io("-c", "write -P 0x12 0 64k", str(img))
+    before = img.read_bytes()
+    d = make_daemon()
+    d.ok("blockdev-add", qcow2("n", img))
+    assert d.err("blockdev-snapshot-internal-sync", device="n", name="x") == {
+        "class": "GenericError",
+        "desc": "Failed to create snapshot 'x' on device 'n': Invalid argument"}
+    assert snapshots(d, "n") == []
+    assert d.shutdown() == 0
+    assert qemu_list(img) == []
+    if iotests.is_qsd():
+        out = iotests.qemu_img("check", str(img), check=False)
+        assert "1 leaked clusters were found" in out, out
+    else:
+        assert img.read_bytes() == before
+        assert_check_clean(img)

@@ -230,8 +230,9 @@ impl Meta {
     fn create_snapshot(&mut self, name: &str, when: SnapshotTime) -> Result<SnapshotInfo> {
         let g = self.geo;
         if g.max_refcount() < 2 {
+            // EINVAL, as QEMU answers (its refcount update overflows).
             return Err(Error::new(
-                ErrorKind::Unsupported,
+                ErrorKind::InvalidArgument,
                 "internal snapshots need refcounts of at least 2 bits",
             ));
         }
@@ -359,7 +360,7 @@ impl Meta {
 
 fn too_many_refs() -> Error {
     Error::new(
-        ErrorKind::NoSpace,
+        ErrorKind::InvalidArgument,
         "a cluster's refcount would exceed the refcount width",
     )
 }

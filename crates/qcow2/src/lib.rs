@@ -2,8 +2,9 @@
 //!
 //! [`Qcow2`] opens an image on a [`Storage`], reads and writes guest data with cluster
 //! allocation, refcounting, zero clusters, discard and copy-on-write from a backing image,
-//! creates new images ([`Qcow2::create`]), and loads/stores persistent dirty bitmaps
-//! (the bitmaps extension). All I/O methods take `&self` and may run on many threads at once.
+//! creates new images ([`Qcow2::create`]), loads/stores persistent dirty bitmaps
+//! (the bitmaps extension), and lists, creates and deletes internal snapshots
+//! ([`Qcow2::create_snapshot`]). All I/O methods take `&self` and may run on many threads at once.
 //!
 //! # Layout
 //! - [`storage`]: the [`Storage`] trait below the format, [`FileStorage`], [`MemStorage`].

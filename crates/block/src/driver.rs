@@ -238,6 +238,10 @@ pub trait Driver: Send + Sync {
     /// Read unallocated data through `edge` from now on (`None`: no backing). Only called
     /// when [`Driver::supports_backing`].
     fn attach_backing(&self, _edge: Option<std::sync::Arc<crate::edge::ChildEdge>>) {}
+    /// Internal snapshots kept in the image (qcow2). Default: none.
+    fn internal_snapshots(&self) -> Option<&dyn crate::internal_snapshot::InternalSnapshots> {
+        None
+    }
     /// The point-in-time view a copy-before-write filter offers to `snapshot-access`.
     fn snapshot_api(&self) -> Option<&dyn SnapshotApi> {
         None

@@ -32,6 +32,7 @@ pub mod drivers;
 pub mod edge;
 pub mod error;
 pub mod graph;
+pub mod internal_snapshot;
 pub mod job;
 pub mod node;
 pub mod perm;

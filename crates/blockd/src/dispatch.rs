@@ -162,6 +162,15 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         Command::BlockdevCreate(a) => blockdev_create(d, a),
         Command::BlockdevSnapshot(a) => done(d.blockdev_snapshot(&a)),
         Command::BlockdevSnapshotSync(a) => done(d.blockdev_snapshot_sync(&a)),
+        Command::BlockdevSnapshotInternalSync(a) => {
+            off_reactor(d, move |d| done(d.take_internal_snapshot(&a))).await
+        }
+        Command::BlockdevSnapshotDeleteInternalSync(a) => {
+            off_reactor(d, move |d| {
+                Ok(crate::info::to_value(&d.delete_internal_snapshot(&a)?))
+            })
+            .await
+        }
         Command::BlockDirtyBitmapAdd(a) => done(d.bitmap_add(
             &a.node,
             &a.name,

@@ -113,7 +113,7 @@ pub fn image_info(node: &NodeRef, chain: bool) -> t::ImageInfo {
             .and(facts.backing_format.clone()),
         backing_filename: facts.backing_filename.clone(),
         full_backing_filename: full_backing,
-        snapshots: None,
+        snapshots: crate::internal_snapshot::image_snapshots(node),
         format_specific: facts.format_specific.as_ref().map(format_specific),
         backing_image: if chain {
             node.child("backing")

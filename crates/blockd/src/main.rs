@@ -20,6 +20,7 @@ mod exports;
 mod hmp;
 mod image;
 mod info;
+mod internal_snapshot;
 mod snapshot;
 mod startup;
 mod transaction;

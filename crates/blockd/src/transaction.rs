@@ -2,8 +2,9 @@
 //! the list through [`block::transaction::run`], which decides the order of prepare, commit,
 //! abort and clean.
 //!
-//! One instant for every backup: before the first action is prepared, writes to the source of
-//! every backup action are held off together, and they stay held off until every action has
+//! One instant for every backup and internal snapshot: before the first action is prepared,
+//! writes to the source of every backup action and to every node an internal snapshot is
+//! taken of are held off together, and they stay held off until every action has
 //! committed (the jobs have started and their copy-before-write hooks are in place). A write
 //! that reached one source before that instant reached it before any backup's point in time;
 //! a write after it is seen by every backup's hook. (With a snapshot action in the same
@@ -15,15 +16,16 @@ use std::sync::{Arc, Mutex};
 use block::job::{Job, JobGroup};
 use block::transaction::bitmaps::{Add, Merge, NodeLookup, OnBitmap, Op};
 use block::transaction::{self, AbortAction, Action, CompletionMode};
-use block::{Error, NodeRef, Result};
+use block::{NodeRef, Result};
 use qapi::types::{
-    ActionCompletionMode, BlockdevBackup, BlockdevSnapshot, BlockdevSnapshotSync, DriveBackup,
-    TransactionAction, TransactionArgs,
+    ActionCompletionMode, BlockdevBackup, BlockdevSnapshot, BlockdevSnapshotInternal,
+    BlockdevSnapshotSync, DriveBackup, TransactionAction, TransactionArgs,
 };
 
 use crate::backup::{prepare_blockdev_backup, prepare_drive_backup, Prepared};
 use crate::convert::bitmap_source;
 use crate::daemon::Daemon;
+use crate::internal_snapshot::TakenSnapshot;
 
 /// The arguments of a backup action.
 enum BackupArgs {
@@ -141,19 +143,29 @@ impl NodeLookup for DaemonLookup {
     }
 }
 
-/// An action blockd does not do yet: refused at prepare, so nothing of the transaction
-/// takes effect.
-struct NotSupported(&'static str);
+/// `blockdev-snapshot-internal-sync`: the snapshot is taken at prepare and deleted again at
+/// abort, as QEMU does.
+struct InternalSnapshotAction {
+    daemon: Arc<Daemon>,
+    args: BlockdevSnapshotInternal,
+    taken: Option<TakenSnapshot>,
+}
 
-impl Action for NotSupported {
+impl Action for InternalSnapshotAction {
     fn kind(&self) -> &'static str {
-        self.0
+        "blockdev-snapshot-internal-sync"
     }
     fn prepare(&mut self) -> Result<()> {
-        Err(Error::generic(format!(
-            "Transaction action '{}' is not supported by blockd yet",
-            self.0
-        )))
+        self.taken = Some(self.daemon.take_internal_snapshot(&self.args)?);
+        Ok(())
+    }
+    fn commit(&mut self) {
+        self.taken = None;
+    }
+    fn abort(&mut self) {
+        if let Some(t) = self.taken.take() {
+            t.undo();
+        }
     }
 }
 
@@ -176,6 +188,7 @@ pub fn run(d: &Arc<Daemon>, args: TransactionArgs) -> Result<()> {
             let device = match a {
                 TransactionAction::BlockdevBackup(b) => &b.common.device,
                 TransactionAction::DriveBackup(b) => &b.common.device,
+                TransactionAction::BlockdevSnapshotInternalSync(s) => &s.device,
                 _ => continue,
             };
             if let Ok(n) = d.lookup_node(device) {
@@ -260,8 +273,10 @@ fn action(ctx: &Ctx, a: TransactionAction) -> Box<dyn Action> {
         TransactionAction::DriveBackup(b) => backup(BackupArgs::Drive(b)),
         TransactionAction::BlockdevSnapshot(s) => snapshot(SnapshotArgs::Existing(s)),
         TransactionAction::BlockdevSnapshotSync(s) => snapshot(SnapshotArgs::Sync(s)),
-        TransactionAction::BlockdevSnapshotInternalSync(_) => {
-            Box::new(NotSupported("blockdev-snapshot-internal-sync"))
-        }
+        TransactionAction::BlockdevSnapshotInternalSync(args) => Box::new(InternalSnapshotAction {
+            daemon: ctx.daemon.clone(),
+            args,
+            taken: None,
+        }),
     }
 }

@@ -132,6 +132,14 @@ fn examples() -> Vec<(&'static str, Value)> {
                    "snapshot-node-name": "s0", "format": "qcow2", "mode": "absolute-paths"}),
         ),
         ("blockdev-snapshot", json!({"node": "n0", "overlay": "o0"})),
+        (
+            "blockdev-snapshot-internal-sync",
+            json!({"device": "n0", "name": "s"}),
+        ),
+        (
+            "blockdev-snapshot-delete-internal-sync",
+            json!({"device": "n0", "id": "1", "name": "s"}),
+        ),
     ]
 }
 

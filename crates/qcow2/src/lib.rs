@@ -2,8 +2,9 @@
 //!
 //! [`Qcow2`] opens an image on a [`Storage`], reads and writes guest data with cluster
 //! allocation, refcounting, zero clusters, discard and copy-on-write from a backing image,
-//! creates new images ([`Qcow2::create`]), and loads/stores persistent dirty bitmaps
-//! (the bitmaps extension). All I/O methods take `&self` and may run on many threads at once.
+//! creates new images ([`Qcow2::create`]), loads/stores persistent dirty bitmaps
+//! (the bitmaps extension), and lists, creates and deletes internal snapshots
+//! ([`Qcow2::create_snapshot`]). All I/O methods take `&self` and may run on many threads at once.
 //!
 //! # Layout
 //! - [`storage`]: the [`Storage`] trait below the format, [`FileStorage`], [`MemStorage`].
@@ -19,6 +20,7 @@
 //! - `bitmaps`: the bitmaps extension (directory, tables, data).
 //! - [`dirty_log`]: the dirty-region log that lets bitmaps survive a crash consistent.
 //! - `snapshot`: internal snapshots (indexing their tables, unsharing L2 tables on write).
+//! - `snapshot_table`: snapshot table entries; `snapshot_ops`: creating and deleting snapshots.
 //! - `create`: new images.
 //! - `inflate`: raw deflate decoder for compressed clusters.
 //! - [`fuzzing`]: the entry point shared by the fuzz target and the corpus test.
@@ -57,6 +59,8 @@ mod overlap;
 mod rebuild;
 mod refcount;
 mod snapshot;
+mod snapshot_ops;
+mod snapshot_table;
 pub mod storage;
 pub mod types;
 
@@ -66,6 +70,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 pub use bitmaps::{BitmapInfo, LoadedBitmap, StoreBitmap};
 pub use create::CreateOptions;
 pub use error::{Error, ErrorKind, Result};
+pub use snapshot_table::{SnapshotInfo, SnapshotTime};
 pub use storage::{FileStorage, MemStorage, Storage};
 
 use bitmaps::FLAG_IN_USE;

@@ -147,6 +147,11 @@ impl Meta {
         }
         self.set_refcount(c, rc - 1)?;
         if rc == 1 {
+            // Never pack a later compressed stream into a cluster that is free (and may be
+            // handed out for anything) from now on.
+            if self.compressed_tail >> self.geo.cluster_bits == c {
+                self.compressed_tail = 0;
+            }
             self.forget_guest_ref(c);
             self.file.debug_event("cluster_free");
             self.free_hint = self.free_hint.min(c);

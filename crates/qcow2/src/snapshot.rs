@@ -4,8 +4,8 @@
 //! snapshots' tables are indexed as metadata (so no write can land on them), and an L2 table
 //! still shared with a snapshot (L1 entry without COPIED) is copied before its first change.
 //! Data clusters shared with snapshots have COPIED clear in their L2 entries and are
-//! copied-on-write by the ordinary write path. Creating, applying or deleting snapshots is not
-//! supported.
+//! copied-on-write by the ordinary write path. Creating and deleting snapshots is in
+//! `snapshot_ops`; applying (reverting to) one is not supported.
 
 use crate::error::{invalid, Error, Result};
 use crate::header::{check_table, MAX_L1_BYTES};
@@ -15,8 +15,6 @@ use crate::ondisk::{decode_u64_table, on_disk_struct};
 
 /// Total bytes of snapshot L1 tables we are willing to index at a writable open.
 const MAX_SNAPSHOT_L1_BYTES: u64 = 256 << 20;
-/// Largest extra data per snapshot entry (QEMU's limit).
-const MAX_EXTRA_DATA: u32 = 1024;
 
 on_disk_struct! {
     /// The fixed part of a snapshot table entry (followed by extra data, id, name, padding).
@@ -52,29 +50,10 @@ impl Meta {
         let g = self.geo;
         let cs = g.cluster_size();
         let limit = self.file_limit();
-        let avail = limit.saturating_sub(r.snapshots_offset).min(64 << 20);
-        let mut table = vec![0u8; avail as usize];
-        self.file
-            .read_at(&mut table, r.snapshots_offset)
-            .map_err(|e| Error::io(e, "reading the snapshot table"))?;
-        let mut pos = 0usize;
+        let (entries, pos) = self.read_snapshot_table_len()?;
         let mut l1s = Vec::new();
-        for i in 0..r.nb_snapshots {
-            let head = SnapshotHead::load(&table[pos.min(table.len())..])
-                .ok_or_else(|| invalid(format!("snapshot table entry {i} is truncated")))?;
-            if head.extra_data_size > MAX_EXTRA_DATA {
-                return Err(invalid(format!("snapshot {i}: extra data too large")));
-            }
-            let len = SnapshotHead::SIZE
-                + head.extra_data_size as usize
-                + head.id_str_size as usize
-                + head.name_size as usize;
-            pos += len.div_ceil(8) * 8;
-            if pos > table.len() {
-                return Err(invalid(format!(
-                    "snapshot table entry {i} runs past the end of the file"
-                )));
-            }
+        for (i, e) in entries.iter().enumerate() {
+            let head = e.head;
             if head.l1_size as u64 * 8 > MAX_L1_BYTES {
                 return Err(invalid(format!("snapshot {i}: L1 table too large")));
             }

@@ -17,6 +17,7 @@ use crate::driver::{
 };
 use crate::drivers::qcow2_cache::{CacheCleaner, CachePlan, Qcow2CacheOptions};
 use crate::edge::ChildEdge;
+use crate::internal_snapshot::{InternalSnapshot, InternalSnapshots, SnapshotClock};
 use crate::node::NodeRef;
 
 /// A node seen as qcow2 storage.
@@ -368,6 +369,47 @@ impl Driver for Qcow2Driver {
     }
     fn attach_backing(&self, edge: Option<Arc<ChildEdge>>) {
         self.set_backing_edge(edge);
+    }
+    fn internal_snapshots(&self) -> Option<&dyn InternalSnapshots> {
+        Some(self)
+    }
+}
+
+fn snapshot_info(s: qcow2::SnapshotInfo) -> InternalSnapshot {
+    InternalSnapshot {
+        id: s.id,
+        name: s.name,
+        vm_state_size: s.vm_state_size,
+        date_sec: s.date_sec,
+        date_nsec: s.date_nsec,
+        vm_clock_nsec: s.vm_clock_nsec,
+        icount: s.icount,
+    }
+}
+
+impl InternalSnapshots for Qcow2Driver {
+    fn list(&self) -> io::Result<Vec<InternalSnapshot>> {
+        let list = self.img().snapshots().map_err(|e| self.io_err(e))?;
+        Ok(list.into_iter().map(snapshot_info).collect())
+    }
+    fn create(&self, name: &str, when: SnapshotClock) -> io::Result<InternalSnapshot> {
+        let when = qcow2::SnapshotTime {
+            date_sec: when.date_sec,
+            date_nsec: when.date_nsec,
+            vm_clock_nsec: when.vm_clock_nsec,
+        };
+        let info = self
+            .img()
+            .create_snapshot(name, when)
+            .map_err(|e| self.io_err(e))?;
+        Ok(snapshot_info(info))
+    }
+    fn delete(&self, id: Option<&str>, name: Option<&str>) -> io::Result<Option<InternalSnapshot>> {
+        let gone = self
+            .img()
+            .delete_snapshot(id, name)
+            .map_err(|e| self.io_err(e))?;
+        Ok(gone.map(snapshot_info))
     }
 }
 

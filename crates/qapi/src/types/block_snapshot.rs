@@ -36,3 +36,17 @@ pub struct BlockdevSnapshot {
     /// The overlay node to put on top of it.
     pub overlay: String,
 }
+
+/// Arguments of `blockdev-snapshot-delete-internal-sync`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevSnapshotDeleteInternal {
+    /// Device or node name.
+    pub device: String,
+    /// Snapshot id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Snapshot name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}

@@ -156,6 +156,11 @@ commands! {
     "blockdev-snapshot-sync" => BlockdevSnapshotSync(BlockdevSnapshotSync),
     /// `blockdev-snapshot`.
     "blockdev-snapshot" => BlockdevSnapshot(BlockdevSnapshot),
+    /// `blockdev-snapshot-internal-sync`.
+    "blockdev-snapshot-internal-sync" => BlockdevSnapshotInternalSync(BlockdevSnapshotInternal),
+    /// `blockdev-snapshot-delete-internal-sync`.
+    "blockdev-snapshot-delete-internal-sync" =>
+        BlockdevSnapshotDeleteInternalSync(BlockdevSnapshotDeleteInternal),
     /// `block-dirty-bitmap-add`.
     "block-dirty-bitmap-add" => BlockDirtyBitmapAdd(BlockDirtyBitmapAdd),
     /// `block-dirty-bitmap-remove`.

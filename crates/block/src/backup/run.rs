@@ -10,15 +10,13 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 
 use super::copy::{Copier, CopyError};
-use super::{BackupJob, SyncMode};
+use super::{BackupJob, SyncMode, DEFAULT_WORKERS, MAX_WORKERS};
 use crate::error::strerror;
 use crate::job::{ErrorAction, JobCtx};
 
 /// Copy request size without a speed limit, and with one (so the limit is followed closely).
 const CHUNK_FAST: u64 = 8 << 20;
 const CHUNK_LIMITED: u64 = 1 << 20;
-/// Workers (parallel copies) at most: the machine has few cores, the disks like big requests.
-const MAX_WORKERS: usize = 3;
 
 /// Copied bytes, the buffer back, and the first error of a batch.
 type Done = (u64, Vec<u8>, Result<(), CopyError>);
@@ -60,7 +58,10 @@ pub(super) async fn run(job: Arc<BackupJob>, ctx: JobCtx) -> Result<(), String> 
     let workers = if limited {
         1
     } else {
-        (job.perf.max_workers.max(1) as usize).min(MAX_WORKERS)
+        match job.perf.max_workers {
+            Some(w) => usize::try_from(w.max(1)).unwrap_or(1).min(MAX_WORKERS),
+            None => DEFAULT_WORKERS,
+        }
     };
     let mut buffers: Vec<Vec<u8>> = Vec::new();
     let mut set: JoinSet<Done> = JoinSet::new();

@@ -158,8 +158,13 @@ pub(super) async fn run(job: Arc<BackupJob>, ctx: JobCtx) -> Result<(), String> 
                         failure.get_or_insert_with(|| strerror(&e.err));
                     }
                     ErrorAction::Ignore => {
-                        // Retried later (the run is back in `todo`); don't spin on it.
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        // As QEMU: the run is dirty again and copying moves on past it; it is
+                        // retried on the next pass over the disk (one error event per failed
+                        // attempt; a region that always fails is retried until the job is
+                        // cancelled). From here on claims are QEMU's 1 MiB, so one bad
+                        // sector holds back only its own megabyte.
+                        chunk = chunk.min(CHUNK_LIMITED.max(c.cluster));
+                        tokio::task::yield_now().await;
                     }
                     ErrorAction::Stop => stopping = true,
                 }

@@ -118,6 +118,21 @@ impl Storage for FileStorage {
         self.file.sync_data()
     }
 
+    fn host_io(&self) -> bool {
+        true
+    }
+
+    fn read_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> io::Result<bool> {
+        if offset.saturating_add(len) > self.size()? {
+            return Ok(false);
+        }
+        f(&self.file, offset, len).map(|()| true)
+    }
+
+    fn write_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> io::Result<bool> {
+        f(&self.file, offset, len).map(|()| true)
+    }
+
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         // SAFETY: fallocate on a file descriptor we own; no memory is passed.

@@ -136,6 +136,21 @@ def test_full_backup_events_progress_and_data(env, tmp_path):
     compare(tmp_path / "tgt.qcow2", tmp_path / "src.qcow2", "qcow2", "qcow2")
 
 
+@pytest.mark.parametrize("perf", [{"use-copy-range": True}, {"use-copy-range": False, "max-workers": 1},
+                                  {"max-workers": 200, "max-chunk": 65536}])
+@pytest.mark.parametrize("target", ["tgt", "traw"])
+def test_x_perf_settings_copy_the_same_data(env, tmp_path, perf, target):
+    """Copy offloading on and off, one worker, many workers with cluster-sized requests: the
+    same backup, into a qcow2 and a raw target."""
+    assert backup(env, "j", "src", target, "full", x_perf=perf) == {"return": {}}
+    evs = job_events(env, "j")
+    done = [data for ev, data in evs if ev == "BLOCK_JOB_COMPLETED"]
+    assert done == [{"device": "j", "len": SIZE, "offset": SIZE, "speed": 0, "type": "backup"}]
+    close(env, target, "src")
+    path, fmt = (tmp_path / "tgt.qcow2", "qcow2") if target == "tgt" else (tmp_path / "tgt.raw", "raw")
+    compare(path, tmp_path / "src.qcow2", fmt, "qcow2")
+
+
 def test_manual_finalize_and_dismiss(env, tmp_path):
     assert backup(env, "j", "src", "traw", "full", auto_finalize=False, auto_dismiss=False) == {"return": {}}
     evs = job_events(env, "j", until="pending")

@@ -7,6 +7,8 @@ from the blkdebug work).
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import data_nbd
@@ -156,3 +158,38 @@ def test_always_mode_failure_leaves_exactly_the_uncopied_regions(setup):
     done = [data for ev, data in evs if ev == "BLOCK_JOB_COMPLETED"][0]
     # Nothing was written: every dirty region is still dirty.
     assert count(d, "src", "b") == done["len"] - done["offset"] == 3 * MiB
+
+
+def test_ignore_moves_past_a_region_that_always_fails_and_retries_it_each_pass(make_daemon, tmp_path):
+    """A write error at 1 MiB that never clears, `ignore`: the job copies everything else
+    (QEMU's 1 MiB tasks: progress stops at exactly 3 of 4 MiB), retries the bad region on every
+    pass with one BLOCK_JOB_ERROR each (QEMU retries as fast as it fails, no delay), never
+    concludes on its own, and a cancel ends it."""
+    src = raw(tmp_path / "src.raw", SIZE)
+    fill(src, "write -P 0x21 0 4M", fmt="raw")
+    d = make_daemon()
+    add_raw(d, "src", src)
+    raw(tmp_path / "t.raw", SIZE)
+    rule = {"event": "write_aio", "errno": 5, "once": False, "sector": 2048}
+    d.blockdev_add(driver="raw", node_name="t", file={
+        "driver": "blkdebug", "inject-error": [rule],
+        "image": {"driver": "file", "filename": str(tmp_path / "t.raw")}})
+    assert backup(d, "j", "src", "t", "full", on_target_error="ignore")["return"] == {}
+    # Both daemons fail hundreds of times a second on an idle machine; a loaded one is slower.
+    deadline = time.monotonic() + 10
+    evs: list = []
+    progress = None
+    while time.monotonic() < deadline:
+        evs += d.get_events(wait=0.1)
+        job = wait_status(d, "j", "running")
+        progress = (job["current-progress"], job["total-progress"])
+        if progress == (3 * MiB, 4 * MiB) and len([e for e in evs if e["event"] == "BLOCK_JOB_ERROR"]) >= 20:
+            break
+    errors = [e["data"] for e in evs if e["event"] == "BLOCK_JOB_ERROR"]
+    assert len(errors) >= 20, len(errors)
+    assert all(e == {"device": "j", "operation": "write", "action": "ignore"} for e in errors)
+    assert "BLOCK_JOB_COMPLETED" not in [e["event"] for e in evs]
+    assert progress == (3 * MiB, 4 * MiB)
+    d.ok("job-cancel", id="j")
+    seq = [s for s in statuses(job_events(d, "j")) if s != "BLOCK_JOB_ERROR"]
+    assert seq[-4:] == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]

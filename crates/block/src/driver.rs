@@ -129,6 +129,9 @@ pub trait BitmapStore: Send + Sync {
     fn remove(&self, name: &str) -> io::Result<()>;
 }
 
+/// A callback taking host-file pieces (file, offset in it, length) for a kernel-side copy.
+pub use qcow2::HostFn;
+
 /// A node's implementation. All offsets are guest bytes of this node.
 pub trait Driver: Send + Sync {
     /// Driver name as QEMU reports it in `drv` ("file", "raw", "qcow2", "null-co").
@@ -150,6 +153,21 @@ pub trait Driver: Send + Sync {
     /// `bdrv_supports_compressed_writes`, which backup `compress: true` checks).
     fn supports_compressed_writes(&self) -> bool {
         false
+    }
+    /// Whether [`Driver::read_host`] / [`Driver::write_host`] can work here (the bytes live
+    /// in a plain file the kernel can copy). Default: no.
+    fn host_io(&self) -> bool {
+        false
+    }
+    /// Hand the host-file pieces holding `[offset, offset+len)` to `f`, in order.
+    /// `Ok(false)` (and `f` not called): not plain file data; use [`Driver::read`].
+    fn read_host(&self, _offset: u64, _len: u64, _f: &mut HostFn<'_>) -> io::Result<bool> {
+        Ok(false)
+    }
+    /// Let `f` fill the host-file pieces of `[offset, offset+len)`, in order, allocating as a
+    /// write does. `Ok(false)` (nothing changed, `f` not called): use [`Driver::write`].
+    fn write_host(&self, _offset: u64, _len: u64, _f: &mut HostFn<'_>) -> io::Result<bool> {
+        Ok(false)
     }
     /// Make the range read as zeros; `may_unmap` allows deallocating.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;

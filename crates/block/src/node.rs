@@ -12,6 +12,7 @@ use crate::error::errno;
 use crate::perm::Needs;
 use crate::tracking::{Tracked, Tracker};
 
+mod host_io;
 mod users;
 pub use users::User;
 

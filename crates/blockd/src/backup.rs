@@ -67,7 +67,8 @@ fn params(c: &BackupCommon, source: NodeRef, target: NodeRef, sync: SyncMode) ->
         filter_node_name: c.filter_node_name.clone(),
         discard_source: c.discard_source.unwrap_or(false),
         perf: Perf {
-            max_workers: perf.max_workers.unwrap_or(64),
+            use_copy_range: perf.use_copy_range.unwrap_or(false),
+            max_workers: perf.max_workers,
             max_chunk: perf.max_chunk.unwrap_or(0),
             min_cluster_size: perf.min_cluster_size.unwrap_or(0),
         },

@@ -4,6 +4,8 @@
 //! Each request is planned under the metadata lock (mappings looked up, clusters allocated and
 //! marked in flight), executed without it (data I/O), then published under it again.
 
+mod host;
+
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -239,8 +241,21 @@ impl Qcow2 {
     /// Write with the gate held shared; returns whether enough clusters await freeing that a
     /// flush should run.
     fn write_inner(&self, buf: &[u8], offset: u64) -> Result<bool> {
-        let cs = self.geo.cluster_size();
         let end = offset + buf.len() as u64;
+        self.write_planned(offset, end, |plan| {
+            self.execute_write(plan, buf, offset, end)
+        })
+    }
+
+    /// Plan `[offset, end)` (allocating), run `exec` on the plan without the lock, then
+    /// publish it (or give the allocations back when `exec` failed).
+    fn write_planned(
+        &self,
+        offset: u64,
+        end: u64,
+        exec: impl FnOnce(&WritePlan) -> Result<()>,
+    ) -> Result<bool> {
+        let cs = self.geo.cluster_size();
         let (first, last) = (offset / cs, (end - 1) / cs);
         let plan = {
             let mut m = self.lock()?;
@@ -249,7 +264,7 @@ impl Qcow2 {
             }
             self.plan_write(&mut m, offset, end)?
         };
-        let io = self.execute_write(&plan, buf, offset, end);
+        let io = exec(&plan);
         let mut m = self.lock()?;
         let result = match io {
             Ok(()) => self.publish(&mut m, &plan),

@@ -71,7 +71,7 @@ pub use bitmaps::{BitmapInfo, LoadedBitmap, StoreBitmap};
 pub use create::CreateOptions;
 pub use error::{Error, ErrorKind, Result};
 pub use snapshot_table::{SnapshotInfo, SnapshotTime};
-pub use storage::{FileStorage, MemStorage, Storage};
+pub use storage::{FileStorage, HostFn, MemStorage, Storage};
 
 use bitmaps::FLAG_IN_USE;
 use header::{Header, AUTOCLEAR_KNOWN, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};

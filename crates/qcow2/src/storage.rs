@@ -11,6 +11,10 @@ use std::path::Path;
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
+/// A consumer of host-file pieces for a copy done by the kernel (`splice`, `copy_file_range`):
+/// called with the file, the offset in it and the length, piece after piece in guest order.
+pub type HostFn<'a> = dyn FnMut(&File, u64, u64) -> io::Result<()> + 'a;
+
 /// Positioned, thread-safe, blocking I/O on the layer below (the graph's `file` node, or memory).
 pub trait Storage: Send + Sync {
     /// Fill `buf` from `offset`. Bytes past the end of the storage read as zero.
@@ -30,6 +34,21 @@ pub trait Storage: Send + Sync {
     /// A debug event (QEMU's `BlkdebugEvent` name, e.g. "l2_load") fired on the storage, for
     /// fault injection below the format. Default: ignored.
     fn debug_event(&self, _event: &'static str) {}
+    /// Whether [`Storage::read_host`] and [`Storage::write_host`] work here (a plain file
+    /// whose bytes the kernel may copy). Default: no.
+    fn host_io(&self) -> bool {
+        false
+    }
+    /// Hand `[offset, offset + len)` of the host file to `f` for reading (bytes past the end
+    /// are not allowed). `Ok(false)`: not possible here, `f` was not called.
+    fn read_host(&self, _offset: u64, _len: u64, _f: &mut HostFn<'_>) -> io::Result<bool> {
+        Ok(false)
+    }
+    /// Let `f` write `[offset, offset + len)` of the host file (it may grow the file), with the
+    /// bookkeeping of a write. `Ok(false)`: not possible here, `f` was not called.
+    fn write_host(&self, _offset: u64, _len: u64, _f: &mut HostFn<'_>) -> io::Result<bool> {
+        Ok(false)
+    }
 }
 
 /// A [`Storage`] over a `std::fs::File`, using `pread`/`pwrite`.
@@ -97,6 +116,21 @@ impl Storage for FileStorage {
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn host_io(&self) -> bool {
+        true
+    }
+
+    fn read_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> io::Result<bool> {
+        if offset.saturating_add(len) > self.size()? {
+            return Ok(false);
+        }
+        f(&self.file, offset, len).map(|()| true)
+    }
+
+    fn write_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> io::Result<bool> {
+        f(&self.file, offset, len).map(|()| true)
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

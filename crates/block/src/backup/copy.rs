@@ -8,12 +8,16 @@
 //! guest write to a cluster whose copy is in flight waits (condvar) until that copy is done.
 //! A failed copy puts its run back into `todo`: nothing is ever lost.
 
+use std::cell::Cell;
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use hbitmap::HBitmap;
 
+use super::kcopy;
 use crate::driver::BlockStatus;
 use crate::node::{Node, NodeRef, WriteHook};
 
@@ -51,6 +55,9 @@ pub(crate) struct Copier {
     pub size: u64,
     pub compress: bool,
     pub discard_source: bool,
+    /// `x-perf.use-copy-range`: offload copies with `copy_file_range` (which may share
+    /// extents with the source or copy on a server) before falling back to `splice`.
+    pub offload: bool,
     /// The target has no backing: unmapping zeros is safe there.
     pub may_unmap: bool,
     state: Mutex<CopyState>,
@@ -74,6 +81,7 @@ impl Copier {
         todo: HBitmap,
         compress: bool,
         discard_source: bool,
+        offload: bool,
     ) -> Copier {
         let size = source.size();
         let total = clipped_count(&todo, size);
@@ -85,6 +93,7 @@ impl Copier {
             size,
             compress,
             discard_source,
+            offload,
             may_unmap,
             state: Mutex::new(CopyState {
                 todo,
@@ -206,8 +215,12 @@ impl Copier {
         let mut done = 0u64;
         while done < n {
             let step = (n - done).min(buf.len() as u64);
-            let b = &mut buf[..step as usize];
             let at = off + done;
+            if !self.compress && self.copy_host(at, step, &mut buf[..step as usize])? {
+                done += step;
+                continue;
+            }
+            let b = &mut buf[..step as usize];
             self.source
                 .read(at, b)
                 .map_err(|err| CopyError { is_read: true, err })?;
@@ -225,6 +238,60 @@ impl Copier {
             done += step;
         }
         Ok(())
+    }
+
+    /// Copy `[off, off+n)` without our memory where both nodes map it to plain files (the
+    /// kernel moves the bytes: one page copy instead of two); `buf` (at least `n` bytes) serves
+    /// source pieces that are not plain data. `Ok(false)`: nothing done, the target takes no
+    /// kernel copies (filters, detect-zeroes, unaligned ends); copy through memory.
+    fn copy_host(&self, off: u64, n: u64, buf: &mut [u8]) -> Result<bool, CopyError> {
+        // Which side failed, for the error policies.
+        let side: Cell<Option<bool>> = Cell::new(None);
+        let mut guest = off;
+        let (source, offload) = (&self.source, self.offload);
+        let r = self
+            .target
+            .write_host(off, n, &mut |tf: &File, th: u64, tn: u64| {
+                let g = guest;
+                guest += tn;
+                let mut tpos = 0u64;
+                let got = source.read_host(g, tn, &mut |sf: &File, sh: u64, sn: u64| {
+                    let r = kcopy::copy(sf, sh, tf, th + tpos, sn, offload);
+                    tpos += sn;
+                    r.map_err(|e| {
+                        side.set(Some(e.is_read));
+                        e.err
+                    })
+                });
+                match got {
+                    Ok(true) => Ok(()),
+                    Ok(false) => {
+                        // Zero, backing or compressed clusters of the source: through memory.
+                        let mut at = 0;
+                        while at < tn {
+                            let k = (tn - at).min(buf.len() as u64);
+                            let b = &mut buf[..k as usize];
+                            source
+                                .read(g + at, b)
+                                .inspect_err(|_| side.set(Some(true)))?;
+                            tf.write_all_at(b, th + at)
+                                .inspect_err(|_| side.set(Some(false)))?;
+                            at += k;
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        if side.get().is_none() {
+                            side.set(Some(true));
+                        }
+                        Err(e)
+                    }
+                }
+            });
+        r.map_err(|err| CopyError {
+            is_read: side.get().unwrap_or(false),
+            err,
+        })
     }
 
     fn write_compressed(&self, at: u64, b: &[u8]) -> io::Result<()> {

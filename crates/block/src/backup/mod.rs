@@ -9,6 +9,7 @@
 mod bitmaps;
 mod copy;
 pub mod filter;
+mod kcopy;
 mod run;
 
 use std::sync::atomic::Ordering;
@@ -75,24 +76,17 @@ impl BitmapMode {
 }
 
 /// `x-perf`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Perf {
-    /// Parallel copy requests (QEMU's default 64; blockd uses at most a few).
-    pub max_workers: i64,
+    /// Copy offloading (`copy_file_range`, which may share extents); QEMU's default is off.
+    pub use_copy_range: bool,
+    /// Parallel copy requests as given (1 to 2^31-1; QEMU's default 64). Without a value
+    /// blockd runs [`DEFAULT_WORKERS`]; a given value is followed up to [`MAX_WORKERS`].
+    pub max_workers: Option<i64>,
     /// Largest copy request in bytes (0: default).
     pub max_chunk: i64,
     /// Smallest copy unit (0: default).
     pub min_cluster_size: u64,
-}
-
-impl Default for Perf {
-    fn default() -> Perf {
-        Perf {
-            max_workers: 64,
-            max_chunk: 0,
-            min_cluster_size: 0,
-        }
-    }
 }
 
 /// Everything a backup needs, with the nodes already looked up.
@@ -128,6 +122,13 @@ pub struct BackupParams {
     /// Tuning.
     pub perf: Perf,
 }
+
+/// Copy workers of a job without `x-perf.max-workers`: QEMU runs 64 coroutines on one thread;
+/// blockd's workers are threads, and a few large requests keep the disks and cores busy.
+pub const DEFAULT_WORKERS: usize = 2;
+/// Most copy workers a job runs, whatever `x-perf.max-workers` asks (each holds a buffer of
+/// up to one chunk, and a thread of the blocking pool).
+pub const MAX_WORKERS: usize = 64;
 
 /// Default copy unit, and the smallest one.
 pub const MIN_CLUSTER: u64 = 64 * 1024;
@@ -260,7 +261,10 @@ pub fn prepare_with_view(
             p.target.name()
         )));
     }
-    if p.perf.max_workers < 1 || p.perf.max_workers > i64::from(i32::MAX) {
+    if p.perf
+        .max_workers
+        .is_some_and(|w| w < 1 || w > i64::from(i32::MAX))
+    {
         return Err(Error::generic(format!(
             "max-workers must be between 1 and {}",
             i32::MAX
@@ -362,6 +366,7 @@ pub fn prepare_with_view(
             todo,
             p.compress,
             p.discard_source,
+            p.perf.use_copy_range,
         ));
         hook = Arc::new(CbwHook {
             copier: copier.clone(),

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::lock::{lock_image, lock_perm, unlock_image};
-use crate::driver::{BlockStatus, Driver, FormatSpecific, ImageFacts, LockMode};
+use crate::driver::{BlockStatus, Driver, FormatSpecific, HostFn, ImageFacts, LockMode};
 use crate::perm::Perm;
 
 /// A host file.
@@ -153,6 +153,30 @@ impl Driver for FileDriver {
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.write_at(offset, data)
+    }
+
+    fn host_io(&self) -> bool {
+        true
+    }
+
+    fn read_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> io::Result<bool> {
+        // Past the end reads as zeros, which only a buffer gives.
+        if offset.saturating_add(len) > self.size() {
+            return Ok(false);
+        }
+        f(&self.file, offset, len).map(|()| true)
+    }
+
+    fn write_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> io::Result<bool> {
+        let result = f(&self.file, offset, len);
+        match &result {
+            Ok(()) => {
+                self.len
+                    .fetch_max(offset.saturating_add(len), Ordering::AcqRel);
+            }
+            Err(_) => self.refresh_len(),
+        }
+        result.map(|()| true)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {

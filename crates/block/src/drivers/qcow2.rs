@@ -7,7 +7,7 @@
 use std::io;
 use std::sync::{Arc, RwLock};
 
-use qcow2::{BlockStatus as QStatus, Qcow2, Storage};
+use qcow2::{BlockStatus as QStatus, HostFn, Qcow2, Storage};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -80,6 +80,15 @@ impl Storage for EdgeStorage {
     fn debug_event(&self, event: &'static str) {
         // To the node below now (blkdebug injects its faults there).
         self.0.node().debug_event(event);
+    }
+    fn host_io(&self) -> bool {
+        self.0.node().host_io()
+    }
+    fn read_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> io::Result<bool> {
+        self.0.node().read_host(offset, len, f)
+    }
+    fn write_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> io::Result<bool> {
+        self.0.node().write_host(offset, len, f)
     }
 }
 
@@ -268,6 +277,19 @@ impl Driver for Qcow2Driver {
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.img().read_at(buf, offset).map_err(|e| self.io_err(e))
+    }
+    fn host_io(&self) -> bool {
+        self.img().host_io()
+    }
+    fn read_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> io::Result<bool> {
+        self.img()
+            .read_host(offset, len, f)
+            .map_err(|e| self.io_err(e))
+    }
+    fn write_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> io::Result<bool> {
+        self.img()
+            .write_host(offset, len, f)
+            .map_err(|e| self.io_err(e))
     }
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.img()

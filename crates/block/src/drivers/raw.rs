@@ -2,7 +2,7 @@
 
 use std::io;
 
-use crate::driver::{BlockStatus, Driver, ImageFacts};
+use crate::driver::{BlockStatus, Driver, HostFn, ImageFacts};
 use std::sync::Arc;
 
 use crate::edge::ChildEdge;
@@ -72,6 +72,25 @@ impl Driver for RawDriver {
         let child = self.child.node();
         child.debug_event("write_aio");
         child.write(self.offset + offset, data)
+    }
+    fn host_io(&self) -> bool {
+        self.child.node().host_io()
+    }
+    fn read_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> io::Result<bool> {
+        let child = self.child.node();
+        if !child.host_io() {
+            return Ok(false);
+        }
+        child.debug_event("read_aio");
+        child.read_host(self.offset + offset, len, f)
+    }
+    fn write_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> io::Result<bool> {
+        let child = self.child.node();
+        if !child.host_io() {
+            return Ok(false);
+        }
+        child.debug_event("write_aio");
+        child.write_host(self.offset + offset, len, f)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
         self.child

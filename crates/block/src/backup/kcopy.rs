@@ -1,0 +1,234 @@
+//! Copies the kernel does between two host files, without the data passing through our
+//! memory: `splice` through a per-thread pipe (one page copy into the target, never shared
+//! extents), or `copy_file_range` when the job asks for copy offloading
+//! (`x-perf.use-copy-range`, which may share extents or copy on a server), falling back to
+//! `splice` where the file systems refuse it.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// Pipe capacity asked for (the kernel may give less; the loop follows what it gets).
+const PIPE_SIZE: usize = 1 << 20;
+
+/// A copy failure and its side.
+#[derive(Debug)]
+pub(crate) struct KernelCopyError {
+    /// The source side failed (else the target).
+    pub is_read: bool,
+    pub err: io::Error,
+}
+
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    size: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two descriptors we then own.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETPIPE_SZ on our pipe; the result is the capacity granted.
+        let got = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as i32) };
+        let size = usize::try_from(got)
+            .ok()
+            .filter(|&s| s > 0)
+            .unwrap_or(64 << 10);
+        Ok(Pipe { read, write, size })
+    }
+}
+
+thread_local! {
+    /// One pipe per worker thread, kept empty between copies (dropped after a failure, which
+    /// may leave bytes in it).
+    static PIPE: RefCell<Option<Pipe>> = const { RefCell::new(None) };
+}
+
+/// Copy `len` bytes from `src` at `soff` to `dst` at `doff` in the kernel.
+pub(crate) fn copy(
+    src: &File,
+    soff: u64,
+    dst: &File,
+    doff: u64,
+    len: u64,
+    offload: bool,
+) -> Result<(), KernelCopyError> {
+    let mut done = 0;
+    if offload {
+        done = copy_range(src, soff, dst, doff, len);
+    }
+    if done < len {
+        splice_copy(src, soff + done, dst, doff + done, len - done)?;
+    }
+    Ok(())
+}
+
+/// `copy_file_range` as far as it goes; returns the bytes copied (the rest is left to
+/// `splice`, which also reports any real I/O error with its side).
+fn copy_range(src: &File, soff: u64, dst: &File, doff: u64, len: u64) -> u64 {
+    let mut done = 0u64;
+    while done < len {
+        let (Ok(mut so), Ok(mut d)) = (i64::try_from(soff + done), i64::try_from(doff + done))
+        else {
+            break;
+        };
+        let want = usize::try_from(len - done)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        // SAFETY: both descriptors are open files; the offsets are our own variables.
+        let n = unsafe {
+            libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, want, 0)
+        };
+        match n {
+            n if n > 0 => done += n as u64,
+            0 => break,
+            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+            _ => break,
+        }
+    }
+    done
+}
+
+fn splice_copy(
+    src: &File,
+    soff: u64,
+    dst: &File,
+    doff: u64,
+    len: u64,
+) -> Result<(), KernelCopyError> {
+    PIPE.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(Pipe::new().map_err(|err| KernelCopyError { is_read: true, err })?);
+        }
+        let Some(pipe) = slot.as_ref() else {
+            return Err(KernelCopyError {
+                is_read: true,
+                err: io::Error::other("no pipe"),
+            });
+        };
+        let r = splice_through(pipe, src, soff, dst, doff, len);
+        if r.is_err() {
+            // The pipe may hold bytes that were never written out.
+            *slot = None;
+        }
+        r
+    })
+}
+
+fn splice_through(
+    pipe: &Pipe,
+    src: &File,
+    soff: u64,
+    dst: &File,
+    doff: u64,
+    len: u64,
+) -> Result<(), KernelCopyError> {
+    let rd = |err| KernelCopyError { is_read: true, err };
+    let wr = |err| KernelCopyError {
+        is_read: false,
+        err,
+    };
+    let mut done = 0u64;
+    while done < len {
+        let want = usize::try_from(len - done)
+            .unwrap_or(usize::MAX)
+            .min(pipe.size);
+        let mut so = i64::try_from(soff + done)
+            .map_err(|_| rd(io::Error::from_raw_os_error(libc::EINVAL)))?;
+        // SAFETY: descriptors are open; the offset is our variable; no user memory is passed.
+        let n = unsafe {
+            libc::splice(
+                src.as_raw_fd(),
+                &mut so,
+                pipe.write.as_raw_fd(),
+                std::ptr::null_mut(),
+                want,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(rd(e));
+        }
+        if n == 0 {
+            // The file ended early (someone shrank it).
+            return Err(rd(io::Error::from_raw_os_error(libc::EIO)));
+        }
+        let mut left = n as usize;
+        while left > 0 {
+            let mut d = i64::try_from(doff + done)
+                .map_err(|_| wr(io::Error::from_raw_os_error(libc::EINVAL)))?;
+            // SAFETY: as above.
+            let m = unsafe {
+                libc::splice(
+                    pipe.read.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    dst.as_raw_fd(),
+                    &mut d,
+                    left,
+                    libc::SPLICE_F_MOVE,
+                )
+            };
+            if m < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(wr(e));
+            }
+            if m == 0 {
+                return Err(wr(io::Error::from_raw_os_error(libc::EIO)));
+            }
+            left -= m as usize;
+            done += m as u64;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn splice_and_offload_copy_exact_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("s"))
+            .unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        src.write_all_at(&data, 0).unwrap();
+        for offload in [false, true] {
+            let dst = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.path().join("d"))
+                .unwrap();
+            copy(&src, 12345, &dst, 65536, 2_500_000, offload).unwrap();
+            let mut back = vec![0u8; 2_500_000];
+            dst.read_exact_at(&mut back, 65536).unwrap();
+            assert_eq!(back, data[12345..12345 + 2_500_000]);
+            // Reading past the source's end is a read error, not silent zeros.
+            let e = copy(&src, 2_999_000, &dst, 0, 10_000, offload).unwrap_err();
+            assert!(e.is_read);
+        }
+    }
+}

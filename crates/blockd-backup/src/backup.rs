@@ -66,7 +66,9 @@ pub struct Options {
 /// One disk's plan.
 #[derive(Debug, Clone)]
 struct Plan {
-    /// Node name.
+    /// The disk's name in the repository (as given with `--disk`).
+    disk: String,
+    /// Node name the daemon's commands address.
     node: String,
     /// Kind to take.
     kind: DiskKind,
@@ -101,6 +103,7 @@ fn latest_records(all: &[Manifest]) -> HashMap<String, DiskRecord> {
 fn plan_disk(
     repo: &Repo<'_>,
     nodes: &[Value],
+    disk: &str,
     node: &str,
     want: Want,
     prev: Option<&DiskRecord>,
@@ -109,9 +112,15 @@ fn plan_disk(
         .iter()
         .find(|n| n["node-name"] == node)
         .ok_or_else(|| Error::new(Kind::Usage, format!("no node '{node}' on the daemon")))?;
+    let named = if disk == node {
+        format!("'{disk}'")
+    } else {
+        format!("'{disk}' (node '{node}')")
+    };
     let size = info["image"]["virtual-size"].as_u64().unwrap_or(0);
     let persistent = info["drv"] == "qcow2";
     let mut plan = Plan {
+        disk: disk.to_string(),
         node: node.to_string(),
         kind: DiskKind::Full,
         reason: None,
@@ -180,7 +189,7 @@ fn plan_disk(
             return Err(Error::new(
                 Kind::Repository,
                 format!(
-                    "cannot take {} backup of '{node}': {reason} (use 'auto' or 'full')",
+                    "cannot take {} backup of {named}: {reason} (use 'auto' or 'full')",
                     kind.as_str()
                 ),
             ))
@@ -227,18 +236,21 @@ impl Names {
 }
 
 /// Bitmaps to keep per node: the latest backup's tracking and full-anchor bitmaps.
+/// `targets` pairs each disk name with its node. A node's bitmaps recorded under another disk
+/// name (the same disk named by its device once, by its node another time) are kept too.
 fn keep_set(
     latest: &HashMap<String, DiskRecord>,
-    disks: &[String],
+    targets: &[(String, String)],
 ) -> HashMap<String, HashSet<String>> {
-    disks
-        .iter()
-        .filter_map(|d| {
-            latest
-                .get(d)
-                .map(|r| (d.clone(), [r.bitmap.clone(), r.full_bitmap.clone()].into()))
-        })
-        .collect()
+    let mut keep: HashMap<String, HashSet<String>> = HashMap::new();
+    for (d, node) in targets {
+        let set = keep.entry(node.clone()).or_default();
+        for r in latest.values().filter(|r| r.name == *d || r.node == *node) {
+            set.insert(r.bitmap.clone());
+            set.insert(r.full_bitmap.clone());
+        }
+    }
+    keep
 }
 
 /// Run a backup. Returns the manifest written (None for `--estimate`).
@@ -257,9 +269,12 @@ pub fn run(
     }
     let all = repo.backups()?;
     let latest = latest_records(&all);
-    let keep = keep_set(&latest, &opts.disks);
+    // A disk is a node name, or a device (QEMU: `query-block`'s device or qdev id).
+    let targets = fleece::resolve_disks(q, &opts.disks)?;
+    let target_nodes: Vec<String> = targets.iter().map(|(_, n)| n.clone()).collect();
+    let keep = keep_set(&latest, &targets);
     if !opts.estimate {
-        for what in fleece::cleanup(q, &opts.tag, &opts.disks, &keep)? {
+        for what in fleece::cleanup(q, &opts.tag, &target_nodes, &keep)? {
             progress.event(
                 "cleanup",
                 &format!("removed leftover {what}"),
@@ -277,18 +292,18 @@ pub fn run(
     }
     let nodes = q.nodes()?;
     let mut plans = Vec::new();
-    for d in &opts.disks {
-        plans.push(plan_disk(repo, &nodes, d, opts.want, latest.get(d))?);
+    for (d, node) in &targets {
+        plans.push(plan_disk(repo, &nodes, d, node, opts.want, latest.get(d))?);
     }
     for p in &plans {
         let msg = match &p.reason {
-            Some(r) => format!("{}: full ({r}), ~{} bytes", p.node, p.estimate),
-            None => format!("{}: {}, ~{} bytes", p.node, p.kind.as_str(), p.estimate),
+            Some(r) => format!("{}: full ({r}), ~{} bytes", p.disk, p.estimate),
+            None => format!("{}: {}, ~{} bytes", p.disk, p.kind.as_str(), p.estimate),
         };
         progress.event(
             "plan",
             &msg,
-            json!({"disk": p.node, "kind": p.kind.as_str(), "reason": p.reason, "estimate": p.estimate}),
+            json!({"disk": p.disk, "kind": p.kind.as_str(), "reason": p.reason, "estimate": p.estimate}),
         );
     }
     if opts.estimate {
@@ -354,7 +369,7 @@ impl Run<'_, '_> {
         let mut files = Vec::new();
         for (i, p) in self.plans.clone().iter().enumerate() {
             let n = Names::new(&self.opts.tag, &self.id, i);
-            let name = self.repo.disk_file(&p.node, &self.id);
+            let name = self.repo.disk_file(&p.disk, &self.id);
             let path = self.repo.store.local_path(&name)?;
             let parent_path = match p.parent.last() {
                 Some(f) => Some(self.repo.store.local_path(&f.name)?),
@@ -362,7 +377,7 @@ impl Run<'_, '_> {
             };
             self.created_files.push(name.clone());
             let img = chain::create(&path, p.size, parent_path.as_deref())
-                .ctx(|| format!("creating the backup file of '{}'", p.node))?;
+                .ctx(|| format!("creating the backup file of '{}'", p.disk))?;
             if self.opts.push {
                 img.close()?;
                 drop(img);
@@ -456,7 +471,7 @@ impl Run<'_, '_> {
                     .ok_or_else(|| Error::new(Kind::Io, "no image"))?;
                 copied[i] = self
                     .pull_disk(i, p, img)
-                    .ctx(|| format!("copying disk '{}'", p.node))?;
+                    .ctx(|| format!("copying disk '{}'", p.disk))?;
             }
         }
         self.progress.finish();
@@ -481,16 +496,16 @@ impl Run<'_, '_> {
                 .map(|f| self.repo.store.local_path(&f.name))
                 .collect::<Result<Vec<PathBuf>>>()?;
             let point = chain::open_chain(&paths)?;
-            let prev = self.prev_sums(&p.node, p.parent.last().map(|f| f.name.as_str()));
+            let prev = self.prev_sums(&p.disk, p.parent.last().map(|f| f.name.as_str()));
             let hashes =
-                chain::point_hashes(&point, prev).ctx(|| format!("hashing disk {}", p.node))?;
+                chain::point_hashes(&point, prev).ctx(|| format!("hashing disk {}", p.disk))?;
             let content = chain::digest(&hashes);
-            let sums = self.repo.sums_name(&p.node, &self.id);
+            let sums = self.repo.sums_name(&p.disk, &self.id);
             self.created_files.push(sums.clone());
             self.repo.store.put(&sums, &hashes.concat())?;
             let n = Names::new(&self.opts.tag, &self.id, i);
             disks.push(DiskRecord {
-                name: p.node.clone(),
+                name: p.disk.clone(),
                 node: p.node.clone(),
                 kind: p.kind,
                 reason: p.reason.clone(),
@@ -620,13 +635,20 @@ impl Run<'_, '_> {
     /// bitmap and the full anchor, in one transaction when the daemon is live.
     fn retire(&mut self, m: &Manifest) -> Result<()> {
         let nodes = self.q.nodes()?;
+        // The chains of other disk names on the same node (see `keep_set`) keep their bitmaps.
+        let latest = latest_records(&self.repo.backups()?);
+        let targets: Vec<(String, String)> = m
+            .disks
+            .iter()
+            .map(|d| (d.name.clone(), d.node.clone()))
+            .collect();
+        let keep = keep_set(&latest, &targets);
         let mut actions = Vec::new();
         for d in &m.disks {
             for b in bitmaps_of(&nodes, &d.node) {
                 let name = b["name"].as_str().unwrap_or("");
                 if name.starts_with(&fleece::prefix(&self.opts.tag))
-                    && name != d.bitmap
-                    && name != d.full_bitmap
+                    && !keep.get(&d.node).is_some_and(|k| k.contains(name))
                 {
                     actions.push(action(
                         "block-dirty-bitmap-remove",

@@ -293,3 +293,72 @@ pub fn wait_push_jobs(q: &mut Qmp, ids: &[String], progress: &Progress) -> Resul
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Whether `qdev` (a `query-block` entry's `qdev`: an id, or a QOM path such as
+/// `/machine/peripheral/vda/virtio-backend`) names the device `id`.
+fn qdev_is(qdev: &str, id: &str) -> bool {
+    if qdev == id {
+        return true;
+    }
+    qdev.strip_prefix("/machine/peripheral/")
+        .and_then(|rest| rest.split('/').next())
+        .is_some_and(|first| first == id)
+}
+
+/// Pair each disk name with the node to address: a node name stands for itself; otherwise
+/// the name of a device in `query-block` (QEMU: a `-drive` id, or a `-device` id, whose
+/// root node may have a generated name) gives its inserted root node.
+pub fn resolve_disks(q: &mut Qmp, disks: &[String]) -> Result<Vec<(String, String)>> {
+    let nodes = q.nodes()?;
+    let mut block: Option<Vec<Value>> = None;
+    let mut out = Vec::with_capacity(disks.len());
+    for d in disks {
+        if nodes.iter().any(|n| node_name(n) == d) {
+            out.push((d.clone(), d.clone()));
+            continue;
+        }
+        let devices = match &block {
+            Some(b) => b,
+            None => block.insert(
+                q.execute("query-block", json!({}))?
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
+        };
+        let node = devices
+            .iter()
+            .find(|b| b["device"] == d.as_str() || b["qdev"].as_str().is_some_and(|x| qdev_is(x, d)))
+            .and_then(|b| b["inserted"]["node-name"].as_str())
+            .ok_or_else(|| {
+                Error::new(
+                    Kind::Usage,
+                    format!("no node or device '{d}' with a medium on the daemon"),
+                )
+            })?;
+        out.push((d.clone(), node.to_string()));
+    }
+    let mut seen = HashSet::new();
+    if let Some((d, n)) = out.iter().find(|(_, n)| !seen.insert(n.clone())) {
+        return Err(Error::new(
+            Kind::Usage,
+            format!("disk '{d}' is node '{n}', which is already named by another --disk"),
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::qdev_is;
+
+    #[test]
+    fn qdev_ids_and_paths() {
+        assert!(qdev_is("vda", "vda"));
+        assert!(qdev_is("/machine/peripheral/vda/virtio-backend", "vda"));
+        assert!(qdev_is("/machine/peripheral/vda", "vda"));
+        assert!(!qdev_is("/machine/peripheral/vdab/virtio-backend", "vda"));
+        assert!(!qdev_is("/machine/peripheral-anon/device[0]/virtio-backend", "vda"));
+        assert!(!qdev_is("/machine/unattached/vda", "vda"));
+    }
+}

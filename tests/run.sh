@@ -20,6 +20,20 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
 fi
+# QEMU itself, for blockd-backup against a running QEMU (iotests/test_backup_tool_qemu.py). It must
+# be the same version as qemu-utils (10.0 from bookworm-backports): bookworm's own 7.2 package
+# would replace qemu-utils 10 by 7.2, so it comes from backports too.
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    echo "== installing qemu-system-x86 (bookworm-backports)"
+    if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+    if ! grep -rqs '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        echo "deb http://deb.debian.org/debian bookworm-backports main" |
+            $SUDO tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null
+    fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        -t bookworm-backports qemu-system-x86
+fi
 if ! python3 -c 'import qemu.qmp, pytest, pytest_timeout, pytest_rerunfailures' 2>/dev/null; then
     echo "== installing Python packages"
     python3 -m pip install -q -r iotests/requirements.txt

@@ -447,6 +447,7 @@ impl Run<'_, '_> {
         let total: u64 = self.plans.iter().map(|p| p.estimate).sum();
         self.progress.start(&format!("backup {}", self.id), total);
         let mut copied = vec![0u64; self.plans.len()];
+        let mut known: Vec<Option<copy::KnownHashes>> = vec![None; self.plans.len()];
         if self.opts.push {
             let ids: Vec<String> = (0..self.plans.len())
                 .map(|i| Names::new(&self.opts.tag, &self.id, i).job)
@@ -469,9 +470,11 @@ impl Run<'_, '_> {
                     .2
                     .clone()
                     .ok_or_else(|| Error::new(Kind::Io, "no image"))?;
-                copied[i] = self
+                let (n, sums) = self
                     .pull_disk(i, p, img)
                     .ctx(|| format!("copying disk '{}'", p.disk))?;
+                copied[i] = n;
+                known[i] = Some(sums);
             }
         }
         self.progress.finish();
@@ -497,8 +500,8 @@ impl Run<'_, '_> {
                 .collect::<Result<Vec<PathBuf>>>()?;
             let point = chain::open_chain(&paths)?;
             let prev = self.prev_sums(&p.disk, p.parent.last().map(|f| f.name.as_str()));
-            let hashes =
-                chain::point_hashes(&point, prev).ctx(|| format!("hashing disk {}", p.disk))?;
+            let hashes = chain::point_hashes(&point, prev, known[i].as_deref())
+                .ctx(|| format!("hashing disk {}", p.disk))?;
             let content = chain::digest(&hashes);
             let sums = self.repo.sums_name(&p.disk, &self.id);
             self.created_files.push(sums.clone());
@@ -556,7 +559,12 @@ impl Run<'_, '_> {
     }
 
     /// Pull one disk: export its point in time and copy the extents to read.
-    fn pull_disk(&mut self, i: usize, p: &Plan, img: Arc<qcow2::Qcow2>) -> Result<u64> {
+    fn pull_disk(
+        &mut self,
+        i: usize,
+        p: &Plan,
+        img: Arc<qcow2::Qcow2>,
+    ) -> Result<(u64, copy::KnownHashes)> {
         let n = Names::new(&self.opts.tag, &self.id, i);
         let export_node = if self.opts.live {
             self.q.execute(

@@ -127,13 +127,48 @@ pub fn digest(hashes: &[[u8; 32]]) -> String {
     hex(&h.finalize())
 }
 
+/// Hash of one chunk `i` of `img`, read back (an all-zero chunk skips the hashing).
+fn chunk_hash(
+    img: &Qcow2,
+    i: usize,
+    buf: &mut [u8],
+    zero: &mut Option<[u8; 32]>,
+) -> Result<[u8; 32]> {
+    let size = img.virtual_size();
+    let start = i as u64 * HASH_CHUNK;
+    let end = (start + HASH_CHUNK).min(size);
+    let b = &mut buf[..(end - start) as usize];
+    img.read_at(b, start)?;
+    if end - start == HASH_CHUNK && b.iter().all(|&x| x == 0) {
+        return Ok(*zero.get_or_insert_with(|| Sha256::digest(&*b).into()));
+    }
+    Ok(Sha256::digest(&*b).into())
+}
+
 /// Chunk hashes of the point `img` (a chain's top). With the previous point's hashes `prev`,
-/// only chunks that `img`'s own file allocates (what this backup wrote) are read and rehashed.
-pub fn point_hashes(img: &Qcow2, prev: Option<Vec<[u8; 32]>>) -> Result<Vec<[u8; 32]>> {
+/// only chunks that `img`'s own file allocates (what this backup wrote) are rehashed. `known`
+/// has the hashes of chunks the copy read whole (the content of the point there); the other
+/// chunks needed are read back through the chain.
+pub fn point_hashes(
+    img: &Qcow2,
+    prev: Option<Vec<[u8; 32]>>,
+    known: Option<&[Option<[u8; 32]>]>,
+) -> Result<Vec<[u8; 32]>> {
     let size = img.virtual_size();
     let n = size.div_ceil(HASH_CHUNK) as usize;
+    let known_at = |i: usize| known.and_then(|k| k.get(i).copied().flatten());
+    let mut buf = vec![0u8; HASH_CHUNK as usize];
+    let mut zero = None;
     let mut hashes = match prev {
         Some(p) if p.len() == n => p,
+        _ if known.is_some() => {
+            return (0..n)
+                .map(|i| match known_at(i) {
+                    Some(h) => Ok(h),
+                    None => chunk_hash(img, i, &mut buf, &mut zero),
+                })
+                .collect();
+        }
         _ => {
             let mut h = ContentHasher::default();
             read_all(img, |_, b| {
@@ -158,13 +193,11 @@ pub fn point_hashes(img: &Qcow2, prev: Option<Vec<[u8; 32]>>) -> Result<Vec<[u8;
         }
         off += len;
     }
-    let mut buf = vec![0u8; HASH_CHUNK as usize];
     for (i, slot) in hashes.iter_mut().enumerate().filter(|(i, _)| touched[*i]) {
-        let start = i as u64 * HASH_CHUNK;
-        let end = (start + HASH_CHUNK).min(size);
-        let b = &mut buf[..(end - start) as usize];
-        img.read_at(b, start)?;
-        *slot = Sha256::digest(&*b).into();
+        *slot = match known_at(i) {
+            Some(h) => h,
+            None => chunk_hash(img, i, &mut buf, &mut zero)?,
+        };
     }
     Ok(hashes)
 }

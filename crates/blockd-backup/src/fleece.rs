@@ -328,7 +328,9 @@ pub fn resolve_disks(q: &mut Qmp, disks: &[String]) -> Result<Vec<(String, Strin
         };
         let node = devices
             .iter()
-            .find(|b| b["device"] == d.as_str() || b["qdev"].as_str().is_some_and(|x| qdev_is(x, d)))
+            .find(|b| {
+                b["device"] == d.as_str() || b["qdev"].as_str().is_some_and(|x| qdev_is(x, d))
+            })
             .and_then(|b| b["inserted"]["node-name"].as_str())
             .ok_or_else(|| {
                 Error::new(
@@ -358,7 +360,10 @@ mod tests {
         assert!(qdev_is("/machine/peripheral/vda/virtio-backend", "vda"));
         assert!(qdev_is("/machine/peripheral/vda", "vda"));
         assert!(!qdev_is("/machine/peripheral/vdab/virtio-backend", "vda"));
-        assert!(!qdev_is("/machine/peripheral-anon/device[0]/virtio-backend", "vda"));
+        assert!(!qdev_is(
+            "/machine/peripheral-anon/device[0]/virtio-backend",
+            "vda"
+        ));
         assert!(!qdev_is("/machine/unattached/vda", "vda"));
     }
 }

@@ -487,21 +487,30 @@ impl Run<'_, '_> {
                 img.close()?;
             }
             self.repo.store.commit_object(name)?;
-            let (sha, len) = chain::file_sha256(path)?;
+            let mut paths = p
+                .parent
+                .iter()
+                .map(|f| self.repo.store.local_path(&f.name))
+                .collect::<Result<Vec<PathBuf>>>()?;
+            paths.push(path.clone());
+            let prev = self.prev_sums(&p.disk, p.parent.last().map(|f| f.name.as_str()));
+            let k = known[i].as_deref();
+            // The file's checksum and the point's content hashes are independent passes (each
+            // a full read and hash of the disk after a push): run them side by side.
+            let (file_sum, hashes) = std::thread::scope(|s| {
+                let f = s.spawn(|| chain::file_sha256(path));
+                let h = chain::open_chain(&paths).and_then(|pt| chain::point_hashes(&pt, prev, k));
+                (f.join(), h)
+            });
+            let (sha, len) = file_sum
+                .map_err(|_| Error::new(Kind::Io, "the file checksum thread panicked"))??;
+            let hashes = hashes.ctx(|| format!("hashing disk {}", p.disk))?;
             let mut chain_recs = p.parent.clone();
             chain_recs.push(FileRecord {
                 name: name.clone(),
                 size: len,
                 sha256: sha,
             });
-            let paths = chain_recs
-                .iter()
-                .map(|f| self.repo.store.local_path(&f.name))
-                .collect::<Result<Vec<PathBuf>>>()?;
-            let point = chain::open_chain(&paths)?;
-            let prev = self.prev_sums(&p.disk, p.parent.last().map(|f| f.name.as_str()));
-            let hashes = chain::point_hashes(&point, prev, known[i].as_deref())
-                .ctx(|| format!("hashing disk {}", p.disk))?;
             let content = chain::digest(&hashes);
             let sums = self.repo.sums_name(&p.disk, &self.id);
             self.created_files.push(sums.clone());

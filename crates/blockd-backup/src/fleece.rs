@@ -27,6 +27,23 @@ pub fn prefix(tag: &str) -> String {
 /// How long teardown waits for a job or export to go away.
 const WAIT: Duration = Duration::from_secs(30);
 
+/// Sleeps between polls of the daemon: 1 ms at first (jobs and exports usually go away at
+/// once), doubling up to 20 ms.
+struct Poll(u64);
+
+impl Poll {
+    /// A fresh back-off.
+    fn new() -> Poll {
+        Poll(1)
+    }
+
+    /// Sleep, then double the next sleep.
+    fn wait(&mut self) {
+        std::thread::sleep(Duration::from_millis(self.0));
+        self.0 = (self.0 * 2).min(20);
+    }
+}
+
 /// Name of a node in a `query-named-block-nodes` entry.
 fn node_name(n: &Value) -> &str {
     n["node-name"].as_str().unwrap_or("")
@@ -44,6 +61,7 @@ pub fn bitmaps_of(nodes: &[Value], node: &str) -> Vec<Value> {
 /// Wait until `query-jobs` no longer lists `id` (dismissing it if it concluded).
 fn wait_job_gone(q: &mut Qmp, id: &str) -> Result<()> {
     let deadline = Instant::now() + WAIT;
+    let mut poll = Poll::new();
     loop {
         let jobs = q.execute("query-jobs", json!({}))?;
         let job = jobs
@@ -59,7 +77,7 @@ fn wait_job_gone(q: &mut Qmp, id: &str) -> Result<()> {
         if Instant::now() > deadline {
             return Err(Error::new(Kind::Daemon, format!("job {id} did not finish")));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        poll.wait();
     }
 }
 
@@ -72,6 +90,7 @@ pub fn del_export(q: &mut Qmp, id: &str) -> Result<()> {
         return Err(e);
     }
     let deadline = Instant::now() + WAIT;
+    let mut poll = Poll::new();
     loop {
         let ex = q.execute("query-block-exports", json!({}))?;
         if !ex
@@ -86,7 +105,7 @@ pub fn del_export(q: &mut Qmp, id: &str) -> Result<()> {
                 format!("export {id} did not go away"),
             ));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        poll.wait();
     }
 }
 
@@ -248,6 +267,7 @@ impl NbdServer {
 /// progress; dismiss them; error if any failed. Polls `query-jobs`, so no event is missed.
 pub fn wait_push_jobs(q: &mut Qmp, ids: &[String], progress: &Progress) -> Result<()> {
     let mut last = 0u64;
+    let mut poll = Poll::new();
     loop {
         let jobs = q.execute("query-jobs", json!({}))?;
         let mine: Vec<Value> = jobs
@@ -290,7 +310,7 @@ pub fn wait_push_jobs(q: &mut Qmp, ids: &[String], progress: &Progress) -> Resul
             }
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(20));
+        poll.wait();
     }
 }
 

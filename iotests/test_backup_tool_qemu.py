@@ -1,17 +1,19 @@
 """blockd-backup against a running QEMU (qemu-system-x86_64), not a storage daemon.
 
-A q35 machine under TCG, paused (``-S``), with two qcow2 ``-blockdev`` disks attached to
-``virtio-blk-pci`` devices, and two QMP monitors (the test's and the tool's). QEMU is the
+A q35 machine under TCG, paused (``-S``), with three qcow2 disks on ``virtio-blk-pci``
+devices (two ``-blockdev``, one legacy ``-drive``), and two QMP monitors (the test's and the tool's). QEMU is the
 daemon here, so the test runs once, in the pass against blockd (the tool itself is the same).
 
 * disk ``da``: device ``vda`` with ``share-rw=on``; the test writes through a writable NBD export
   started in that QEMU (``nbd-server-start``, ``block-export-add``), also *during* live backups;
 * disk ``vdb`` (node ``db``): a device with the default ``share-rw=off``, so nothing but the
   device may write: writes go through HMP ``qemu-io`` on the device's backend, and the tool is
-  given the device id, which it maps to the node through ``query-block``.
+  given the device id, which it maps to the node through ``query-block``;
+* disk ``dc``: a legacy ``-drive if=none,id=dc``, whose root node's name QEMU generates
+  (``#blockNNN``): the tool is given the drive id; writes through HMP ``qemu-io dc``.
 
 Full, incremental (pull, with writes racing the copy), incremental in push mode, and ``auto``;
-every point of both disks restored and compared with a frozen copy taken at its instant.
+every point of every disk restored and compared with a frozen copy taken at its instant.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import random
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 
@@ -58,11 +60,17 @@ class QemuVm:
             argv += ["-blockdev", f"driver=file,node-name={node}-f,filename={img}",
                      "-blockdev", f"driver=qcow2,node-name={node},file={node}-f",
                      "-device", f"virtio-blk-pci,drive={node},id={dev},share-rw={share}"]
+        img = tmp / "dc.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", str(img), str(SIZE))
+        argv += ["-drive", f"if=none,id=dc,format=qcow2,file={img}", "-device", "virtio-blk-pci,drive=dc,id=vdc"]
         self.d.start(*argv, raw_argv=True)
         self.nbd = self.d.sock("nbd")
         self.d.ok("nbd-server-start", addr={"type": "unix", "data": {"path": str(self.nbd)}})
         self.d.ok("block-export-add", type="nbd", id="w-da", node_name="da", name="w-da", writable=True)
         self.d.ok("block-export-add", type="nbd", id="r-db", node_name="db", name="r-db")
+        self.dc_node = [b["inserted"]["node-name"] for b in self.d.ok("query-block") if b["device"] == "dc"][0]
+        assert self.dc_node.startswith("#block"), self.dc_node
+        self.d.ok("block-export-add", type="nbd", id="r-dc", node_name=self.dc_node, name="r-dc")
         self.repo = tmp / "repo"
 
     def base_args(self) -> List[str]:
@@ -70,13 +78,13 @@ class QemuVm:
 
     def src_args(self) -> List[str]:
         return ["--qmp", str(self.d.monitor_paths[1]), "--nbd-socket", str(self.nbd),
-                "--disk", "da", "--disk", "vdb"]
+                "--disk", "da", "--disk", "vdb", "--disk", "dc"]
 
     def uri(self, n: str) -> str:
-        return f"nbd+unix:///{'w-da' if n == 'da' else 'r-db'}?socket={self.nbd}"
+        return f"nbd+unix:///{'w-da' if n == 'da' else 'r-' + n}?socket={self.nbd}"
 
     def write_random(self, rng: random.Random, n: str, count: int = 6) -> None:
-        """Random writes (some zeroing) to da through NBD, to db through HMP qemu-io."""
+        """Random writes (some zeroing) to da through NBD, to db and dc through HMP qemu-io."""
         cmds = []
         for _ in range(count):
             ln = rng.choice([512, 4096, 65536, 200000])
@@ -86,16 +94,16 @@ class QemuVm:
         if n == "da":
             qemu_io("-f", "raw", *[a for c in cmds for a in ("-c", c)], self.uri("da"))
             return
+        dev = "-d /machine/peripheral/vdb/virtio-backend" if n == "db" else "dc"
         for c in cmds:
-            out = self.d.ok("human-monitor-command",
-                            command_line=f'qemu-io -d /machine/peripheral/vdb/virtio-backend "{c}"')
+            out = self.d.ok("human-monitor-command", command_line=f'qemu-io {dev} "{c}"')
             assert out == "", out  # qemu-io prints to QEMU's stdout; HMP returns only errors
 
     def frozen(self, n: str, dest: Path) -> str:
         qemu_img("convert", "-f", "raw", "-O", "raw", self.uri(n), str(dest))
         return digest_of(dest)
 
-    def backup(self, cmd: str, extra=(), writer: Writer = None) -> List[dict]:
+    def backup(self, cmd: str, extra=(), writer: Optional[Writer] = None) -> List[dict]:
         e = dict(os.environ)
         p = subprocess.Popen([tool_binary(), *self.base_args(), "--json", cmd, *self.src_args(), *extra],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
@@ -120,11 +128,12 @@ def test_backups_of_a_running_qemu_restore_exactly(tmp_path):
     try:
         rng = random.Random(41)
         qemu_io("-f", "raw", "-c", "write -P 0x11 0 4M", vm.uri("da"))
-        vm.write_random(rng, "db", 4)
         zero = tmp_path / "zero.raw"
         zero.write_bytes(b"")
         os.truncate(zero, SIZE)
-        assert vm.frozen("db", tmp_path / "db.raw") != digest_of(zero), "HMP qemu-io wrote nothing"
+        for n in ("db", "dc"):
+            vm.write_random(rng, n, 4)
+            assert vm.frozen(n, tmp_path / f"{n}.raw") != digest_of(zero), f"HMP qemu-io wrote nothing to {n}"
         writer = Writer(vm, 42)
         frozen: Dict[str, Dict[str, str]] = {}
         plans = []
@@ -134,21 +143,22 @@ def test_backups_of_a_running_qemu_restore_exactly(tmp_path):
                 if step:
                     vm.write_random(rng, "da")
                     vm.write_random(rng, "db", 3)
-                want = {n: vm.frozen(n, tmp_path / f"{n}.raw") for n in ("da", "db")}
+                    vm.write_random(rng, "dc", 2)
+                want = {n: vm.frozen(n, tmp_path / f"{n}.raw") for n in ("da", "db", "dc")}
                 evs = vm.backup(cmd, extra, writer=writer if live_writes else None)
                 snap = [e["id"] for e in evs if e["event"] == "snapshot"]
                 assert len(snap) == 1, evs
-                frozen[snap[0]] = {"da": want["da"], "vdb": want["db"]}
+                frozen[snap[0]] = {"da": want["da"], "vdb": want["db"], "dc": want["dc"]}
                 plans.append({e["disk"]: e["kind"] for e in evs if e["event"] == "plan"})
         finally:
             writer.close()
-        assert plans == [{"da": "full", "vdb": "full"}] + [{"da": "inc", "vdb": "inc"}] * 3, plans
+        assert plans == [dict.fromkeys(("da", "vdb", "dc"), "full")] + [dict.fromkeys(("da", "vdb", "dc"), "inc")] * 3, plans
         # The tool's jobs, exports and nodes are gone from QEMU; of its bitmaps only the
         # latest backup's and the full's anchor stay on each disk.
         assert vm.d.ok("query-jobs") == []
-        assert sorted(e["id"] for e in vm.d.ok("query-block-exports")) == ["r-db", "w-da"]
+        assert sorted(e["id"] for e in vm.d.ok("query-block-exports")) == ["r-db", "r-dc", "w-da"]
         assert not [n["node-name"] for n in vm.d.nodes() if n["node-name"].startswith("bb-")]
-        for node in ("da", "db"):
+        for node in ("da", "db", vm.dc_node):
             bms = [b["name"] for b in vm.d.bitmaps(node) if b["name"].startswith("bb-")]
             assert len(bms) == 2, (node, bms)
         for point, want in frozen.items():
@@ -157,7 +167,7 @@ def test_backups_of_a_running_qemu_restore_exactly(tmp_path):
         listed = json.loads(run_tool(*vm.base_args(), "--json", "list").stdout)
         assert [m["id"] for m in listed] == list(frozen)
         for d in listed[-1]["disks"]:
-            assert d["node"] == {"da": "da", "vdb": "db"}[d["name"]], d
+            assert d["node"] == {"da": "da", "vdb": "db", "dc": vm.dc_node}[d["name"]], d
             qemu_img("check", "-q", str(vm.repo / d["chain"][-1]["name"]))
         run_tool(*vm.base_args(), "verify", "--at", "latest")
     finally:

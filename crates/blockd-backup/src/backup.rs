@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::chain;
+use crate::chain::{self, HashAlgo};
 use crate::copy::{self, Job};
 use crate::error::{Context, Error, Kind, Result};
 use crate::fleece::{self, action, bitmaps_of, NbdServer};
@@ -498,8 +498,9 @@ impl Run<'_, '_> {
             // The file's checksum and the point's content hashes are independent passes (each
             // a full read and hash of the disk after a push): run them side by side.
             let (file_sum, hashes) = std::thread::scope(|s| {
-                let f = s.spawn(|| chain::file_sha256(path));
-                let h = chain::open_chain(&paths).and_then(|pt| chain::point_hashes(&pt, prev, k));
+                let f = s.spawn(|| chain::file_checksum(path, HashAlgo::NEW));
+                let h = chain::open_chain(&paths)
+                    .and_then(|pt| chain::point_hashes(&pt, HashAlgo::NEW, prev, k));
                 (f.join(), h)
             });
             let (sha, len) = file_sum
@@ -509,9 +510,10 @@ impl Run<'_, '_> {
             chain_recs.push(FileRecord {
                 name: name.clone(),
                 size: len,
-                sha256: sha,
+                checksum: sha,
+                hash: HashAlgo::NEW,
             });
-            let content = chain::digest(&hashes);
+            let content = chain::digest(HashAlgo::NEW, &hashes);
             let sums = self.repo.sums_name(&p.disk, &self.id);
             self.created_files.push(sums.clone());
             self.repo.store.put(&sums, &hashes.concat())?;
@@ -526,12 +528,13 @@ impl Run<'_, '_> {
                 chain: chain_recs,
                 bitmap: n.bitmap.clone(),
                 full_bitmap: p.full_bitmap.clone().unwrap_or(n.bitmap),
-                content_sha256: content,
+                content_digest: content,
                 sums: Some(sums),
             });
         }
         let m = Manifest {
             version: MANIFEST_VERSION,
+            hash: HashAlgo::NEW,
             id: self.id.clone(),
             machine: self.repo.machine.clone(),
             time: instant,
@@ -547,13 +550,15 @@ impl Run<'_, '_> {
         Ok(m)
     }
 
-    /// Chunk hashes recorded for the point whose top file is `top` (None: hash everything).
+    /// Chunk hashes recorded for the point whose top file is `top` (None: hash everything,
+    /// also when they were taken with another algorithm than new backups use).
     fn prev_sums(&self, disk: &str, top: Option<&str>) -> Option<Vec<[u8; 32]>> {
         let top = top?;
         let all = self.repo.backups().ok()?;
         let rec = all
             .iter()
             .rev()
+            .filter(|m| m.hash == HashAlgo::NEW)
             .flat_map(|m| m.disks.iter())
             .find(|d| d.name == disk && d.chain.last().is_some_and(|f| f.name == top))?;
         let data = self.repo.store.get(rec.sums.as_deref()?).ok()?;
@@ -609,6 +614,7 @@ impl Run<'_, '_> {
             },
             connections: self.opts.connections.max(1),
             incremental: p.src_bitmap.is_some(),
+            algo: HashAlgo::NEW,
         };
         let copied = copy::run(&job, &img, self.progress)?;
         fleece::del_export(self.q, &n.export)?;

@@ -9,9 +9,7 @@ use std::sync::Mutex;
 
 use qcow2::Qcow2;
 
-use sha2::{Digest, Sha256};
-
-use crate::chain::HASH_CHUNK;
+use crate::chain::{HashAlgo, HASH_CHUNK};
 use crate::error::{Error, Kind, Result};
 use crate::nbd::{map_all, NbdClient};
 use crate::progress::Progress;
@@ -34,6 +32,8 @@ pub struct Job {
     pub connections: usize,
     /// The target is backed by an earlier point: zeros must be written as zero clusters.
     pub incremental: bool,
+    /// Hash of the content chunks (see [`KnownHashes`]).
+    pub algo: HashAlgo,
 }
 
 /// The ranges to read: dirty extents, or everything not a hole/zero for a full.
@@ -73,7 +73,7 @@ pub type KnownHashes = Vec<Option<[u8; 32]>>;
 
 /// Hashes of the hash chunks lying wholly inside the piece `b` read at `off` of a disk of
 /// `size` bytes (the last chunk may be short).
-fn whole_chunk_hashes(off: u64, b: &[u8], size: u64) -> Vec<(usize, [u8; 32])> {
+fn whole_chunk_hashes(algo: HashAlgo, off: u64, b: &[u8], size: u64) -> Vec<(usize, [u8; 32])> {
     let end = off + b.len() as u64;
     let mut out = Vec::new();
     let mut i = off.div_ceil(HASH_CHUNK);
@@ -84,7 +84,7 @@ fn whole_chunk_hashes(off: u64, b: &[u8], size: u64) -> Vec<(usize, [u8; 32])> {
             break;
         }
         let piece = &b[(start - off) as usize..(stop - off) as usize];
-        out.push((i as usize, Sha256::digest(piece).into()));
+        out.push((i as usize, algo.digest(piece)));
         i += 1;
     }
     out
@@ -134,7 +134,7 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<(u64, KnownHas
                         let Some((off, len)) = next else { break };
                         let b = &mut buf[..len as usize];
                         c.read(off, b)?;
-                        let sums = whole_chunk_hashes(off, b, size);
+                        let sums = whole_chunk_hashes(job.algo, off, b, size);
                         if let Ok(mut k) = known.lock() {
                             for (i, h) in sums {
                                 if let Some(slot) = k.get_mut(i) {
@@ -180,33 +180,20 @@ mod tests {
 
     #[test]
     fn only_whole_hash_chunks_are_hashed_while_copying() {
-        let c = HASH_CHUNK;
-        let data: Vec<u8> = (0..3 * c as usize).map(|i| (i % 253) as u8).collect();
+        let c = HASH_CHUNK as usize;
+        let a = HashAlgo::Blake3;
+        let data: Vec<u8> = (0..3 * c).map(|i| (i % 253) as u8).collect();
         // A piece from the middle of chunk 0 to the end of chunk 2: chunks 1 and 2 are whole.
-        let got = whole_chunk_hashes(512, &data[512..], 3 * c);
+        let got = whole_chunk_hashes(a, 512, &data[512..], 3 * c as u64);
         let want: Vec<(usize, [u8; 32])> = (1..3)
-            .map(|i| {
-                (
-                    i,
-                    Sha256::digest(&data[i * c as usize..(i + 1) * c as usize]).into(),
-                )
-            })
+            .map(|i| (i, a.digest(&data[i * c..(i + 1) * c])))
             .collect();
         assert_eq!(got, want);
         // The disk's short last chunk counts as whole when the piece reaches the disk's end.
-        let got = whole_chunk_hashes(
-            2 * c,
-            &data[2 * c as usize..2 * c as usize + 100],
-            2 * c + 100,
-        );
-        assert_eq!(
-            got,
-            vec![(
-                2,
-                Sha256::digest(&data[2 * c as usize..2 * c as usize + 100]).into()
-            )]
-        );
-        assert!(whole_chunk_hashes(0, &data[..100], 3 * c).is_empty());
+        let tail = &data[2 * c..2 * c + 100];
+        let got = whole_chunk_hashes(a, 2 * c as u64, tail, 2 * c as u64 + 100);
+        assert_eq!(got, vec![(2, a.digest(tail))]);
+        assert!(whole_chunk_hashes(a, 0, &data[..100], 3 * c as u64).is_empty());
     }
 
     #[test]

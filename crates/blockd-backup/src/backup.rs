@@ -11,19 +11,17 @@
 //! Until the manifest is written nothing old is touched: the previous bitmap keeps recording,
 //! so a run killed at any point costs nothing but its leftovers, which the next run removes.
 
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::chain::{self, HashAlgo};
 use crate::copy::{self, Job};
 use crate::error::{Context, Error, Kind, Result};
 use crate::fleece::{self, action, bitmaps_of, NbdServer};
-use crate::manifest::{
-    now_secs, DiskKind, DiskRecord, FileRecord, Lock, Manifest, Repo, MANIFEST_VERSION,
-};
+use crate::manifest::{now_secs, DiskRecord, FileRecord, Lock, Manifest, Repo, MANIFEST_VERSION};
+use crate::plan::{keep_set, latest_records, plan_disk, Plan};
 use crate::progress::Progress;
 use crate::qmp::Qmp;
 
@@ -63,141 +61,6 @@ pub struct Options {
     pub tag: String,
 }
 
-/// One disk's plan.
-#[derive(Debug, Clone)]
-struct Plan {
-    /// The disk's name in the repository (as given with `--disk`).
-    disk: String,
-    /// Node name the daemon's commands address.
-    node: String,
-    /// Kind to take.
-    kind: DiskKind,
-    /// Why a full was chosen instead of an incremental.
-    reason: Option<String>,
-    /// Virtual size.
-    size: u64,
-    /// Bitmap whose frozen copy says what to read (inc/diff).
-    src_bitmap: Option<String>,
-    /// Chain the new file is backed by (base first); empty for a full.
-    parent: Vec<FileRecord>,
-    /// The bitmap since the last full, carried on (inc/diff).
-    full_bitmap: Option<String>,
-    /// Bytes expected to be read.
-    estimate: u64,
-    /// The node can store persistent bitmaps (qcow2).
-    persistent: bool,
-}
-
-/// The latest backup record of each disk.
-fn latest_records(all: &[Manifest]) -> HashMap<String, DiskRecord> {
-    let mut m = HashMap::new();
-    for b in all {
-        for d in &b.disks {
-            m.insert(d.name.clone(), d.clone());
-        }
-    }
-    m
-}
-
-/// Plan one disk.
-fn plan_disk(
-    repo: &Repo<'_>,
-    nodes: &[Value],
-    disk: &str,
-    node: &str,
-    want: Want,
-    prev: Option<&DiskRecord>,
-) -> Result<Plan> {
-    let info = nodes
-        .iter()
-        .find(|n| n["node-name"] == node)
-        .ok_or_else(|| Error::new(Kind::Usage, format!("no node '{node}' on the daemon")))?;
-    let named = if disk == node {
-        format!("'{disk}'")
-    } else {
-        format!("'{disk}' (node '{node}')")
-    };
-    let size = info["image"]["virtual-size"].as_u64().unwrap_or(0);
-    let persistent = info["drv"] == "qcow2";
-    let mut plan = Plan {
-        disk: disk.to_string(),
-        node: node.to_string(),
-        kind: DiskKind::Full,
-        reason: None,
-        size,
-        src_bitmap: None,
-        parent: Vec::new(),
-        full_bitmap: None,
-        estimate: size,
-        persistent,
-    };
-    if want == Want::Full {
-        return Ok(plan);
-    }
-    let kind = if want == Want::Diff {
-        DiskKind::Diff
-    } else {
-        DiskKind::Inc
-    };
-    let why_not = (|| -> std::result::Result<(String, u64, Vec<FileRecord>, String), String> {
-        let p = prev.ok_or("no earlier backup of this disk")?;
-        let bm = if kind == DiskKind::Diff {
-            &p.full_bitmap
-        } else {
-            &p.bitmap
-        };
-        let b = bitmaps_of(nodes, node)
-            .into_iter()
-            .find(|b| b["name"] == bm.as_str())
-            .ok_or_else(|| format!("bitmap '{bm}' is missing on node '{node}'"))?;
-        if b["inconsistent"] == true {
-            return Err(format!(
-                "bitmap '{bm}' is inconsistent (the image was not closed cleanly)"
-            ));
-        }
-        if b["recording"] != true {
-            return Err(format!("bitmap '{bm}' is not recording"));
-        }
-        if p.size != size {
-            return Err(format!("disk size changed from {} to {size}", p.size));
-        }
-        let chain: Vec<FileRecord> = if kind == DiskKind::Diff {
-            p.chain.iter().take(1).cloned().collect()
-        } else {
-            p.chain.clone()
-        };
-        if let Some(f) = chain.iter().find(|f| !repo.store.exists(&f.name)) {
-            return Err(format!("chain file {} is missing", f.name));
-        }
-        Ok((
-            bm.clone(),
-            b["count"].as_u64().unwrap_or(size),
-            chain,
-            p.full_bitmap.clone(),
-        ))
-    })();
-    match why_not {
-        Ok((bm, count, chain, full_bm)) => {
-            plan.kind = kind;
-            plan.src_bitmap = Some(bm);
-            plan.estimate = count;
-            plan.parent = chain;
-            plan.full_bitmap = Some(full_bm);
-        }
-        Err(reason) if want == Want::Auto => plan.reason = Some(reason),
-        Err(reason) => {
-            return Err(Error::new(
-                Kind::Repository,
-                format!(
-                    "cannot take {} backup of {named}: {reason} (use 'auto' or 'full')",
-                    kind.as_str()
-                ),
-            ))
-        }
-    }
-    Ok(plan)
-}
-
 /// Names used on the daemon for disk number `i` of backup `id`.
 struct Names {
     /// New tracking bitmap.
@@ -233,24 +96,6 @@ impl Names {
             export: format!("{p}e{i}"),
         }
     }
-}
-
-/// Bitmaps to keep per node: the latest backup's tracking and full-anchor bitmaps.
-/// `targets` pairs each disk name with its node. A node's bitmaps recorded under another disk
-/// name (the same disk named by its device once, by its node another time) are kept too.
-fn keep_set(
-    latest: &HashMap<String, DiskRecord>,
-    targets: &[(String, String)],
-) -> HashMap<String, HashSet<String>> {
-    let mut keep: HashMap<String, HashSet<String>> = HashMap::new();
-    for (d, node) in targets {
-        let set = keep.entry(node.clone()).or_default();
-        for r in latest.values().filter(|r| r.name == *d || r.node == *node) {
-            set.insert(r.bitmap.clone());
-            set.insert(r.full_bitmap.clone());
-        }
-    }
-    keep
 }
 
 /// Run a backup. Returns the manifest written (None for `--estimate`).

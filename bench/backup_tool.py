@@ -11,8 +11,13 @@ with a writable NBD export; then
   the hand-written push sequence `transaction [bitmap-add new, add+merge frozen copy,
   blockdev-backup sync=incremental]`.
 
-Daemons without backup jobs (blockd today) run the tool with `--offline` (no fleecing) and the
-hand sequence "export + qemu-img convert" for the full only.
+Both blockd and QSD have backup jobs, so both run live (fleecing / push). A daemon without them
+(an old blockd) runs the tool with `--offline` (no fleecing) and the hand sequence "export +
+qemu-img convert" for the full only.
+
+The tool does more than the hand script: it checksums the new file (SHA-256) and every 64 KiB of
+the point's content (hashed while copying in pull mode, read back after a push), writes and
+fsyncs a manifest, and cleans up and retires bitmaps.
 
     python3 bench/backup_tool.py [--size-gib 2] [--daemons qsd,blockd] [--dir /dev/shm]
 

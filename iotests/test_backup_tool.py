@@ -36,7 +36,9 @@ SIZE = 64 << 20
 # of run the whole month has: the first full, incrementals, pushes (days 3, 10, 17) and a
 # differential on day 5 and again on day 15 (after an earlier one); the 4 points kept by the
 # prune come after the last differential, so pruning must merge their chain into one base.
-# BLOCKD_BACKUP_TEST_DAYS=30 runs the whole month.
+# The issue asks for 30 backups; CI runs 20 to stay within its time budget (the two modes take
+# ~2 min at 20 days, ~3 min at 30 on a loaded machine, per daemon). BLOCKD_BACKUP_TEST_DAYS=30
+# runs the whole month: it passed on blockd and QSD on 2026-12-03 (172 s and 174 s, both modes).
 MONTH_DAYS = int(os.environ.get("BLOCKD_BACKUP_TEST_DAYS", "20"))
 assert MONTH_DAYS >= 20 and not any(d % 10 == 5 for d in range(MONTH_DAYS - 4, MONTH_DAYS)), \
     "BLOCKD_BACKUP_TEST_DAYS: at least 20, and no differential among the last 4 days"

@@ -11,14 +11,32 @@ cd "$(dirname "$0")/.."
 unset BLOCKD_ALLOW_MISSING_ORACLES
 
 need_apt=()
-command -v qemu-storage-daemon >/dev/null || need_apt+=(qemu-utils)
+# QEMU 10.0 comes from bookworm-backports: qemu-utils (qemu-storage-daemon, qemu-img, qemu-io; the
+# iotests' oracle is QSD 10.0.2) and qemu-system-x86 (blockd-backup against a running QEMU,
+# iotests/test_backup_tool_qemu.py) in the same version. bookworm's own 7.2 packages would not
+# do, and installing bookworm's qemu-system-x86 would replace qemu-utils 10 by 7.2.
+need_bpo=()
+command -v qemu-storage-daemon >/dev/null || need_bpo+=(qemu-utils)
+command -v qemu-system-x86_64 >/dev/null || need_bpo+=(qemu-system-x86)
 command -v nbdinfo >/dev/null || need_apt+=(libnbd-bin)
 command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
-if [ ${#need_apt[@]} -gt 0 ]; then
-    echo "== installing Debian packages: ${need_apt[*]}"
+if [ ${#need_apt[@]} -gt 0 ] || [ ${#need_bpo[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+    if [ ${#need_bpo[@]} -gt 0 ] &&
+        ! grep -rqs '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        echo "deb http://deb.debian.org/debian bookworm-backports main" |
+            $SUDO tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null
+    fi
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+    if [ ${#need_bpo[@]} -gt 0 ]; then
+        echo "== installing Debian packages from bookworm-backports: ${need_bpo[*]}"
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+            -t bookworm-backports "${need_bpo[@]}"
+    fi
+    if [ ${#need_apt[@]} -gt 0 ]; then
+        echo "== installing Debian packages: ${need_apt[*]}"
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+    fi
 fi
 if ! python3 -c 'import qemu.qmp, pytest, pytest_timeout, pytest_rerunfailures' 2>/dev/null; then
     echo "== installing Python packages"

@@ -11,19 +11,17 @@
 //! Until the manifest is written nothing old is touched: the previous bitmap keeps recording,
 //! so a run killed at any point costs nothing but its leftovers, which the next run removes.
 
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::chain;
+use crate::chain::{self, HashAlgo};
 use crate::copy::{self, Job};
 use crate::error::{Context, Error, Kind, Result};
 use crate::fleece::{self, action, bitmaps_of, NbdServer};
-use crate::manifest::{
-    now_secs, DiskKind, DiskRecord, FileRecord, Lock, Manifest, Repo, MANIFEST_VERSION,
-};
+use crate::manifest::{now_secs, DiskRecord, FileRecord, Lock, Manifest, Repo, MANIFEST_VERSION};
+use crate::plan::{keep_set, latest_records, plan_disk, Plan};
 use crate::progress::Progress;
 use crate::qmp::Qmp;
 
@@ -63,132 +61,6 @@ pub struct Options {
     pub tag: String,
 }
 
-/// One disk's plan.
-#[derive(Debug, Clone)]
-struct Plan {
-    /// Node name.
-    node: String,
-    /// Kind to take.
-    kind: DiskKind,
-    /// Why a full was chosen instead of an incremental.
-    reason: Option<String>,
-    /// Virtual size.
-    size: u64,
-    /// Bitmap whose frozen copy says what to read (inc/diff).
-    src_bitmap: Option<String>,
-    /// Chain the new file is backed by (base first); empty for a full.
-    parent: Vec<FileRecord>,
-    /// The bitmap since the last full, carried on (inc/diff).
-    full_bitmap: Option<String>,
-    /// Bytes expected to be read.
-    estimate: u64,
-    /// The node can store persistent bitmaps (qcow2).
-    persistent: bool,
-}
-
-/// The latest backup record of each disk.
-fn latest_records(all: &[Manifest]) -> HashMap<String, DiskRecord> {
-    let mut m = HashMap::new();
-    for b in all {
-        for d in &b.disks {
-            m.insert(d.name.clone(), d.clone());
-        }
-    }
-    m
-}
-
-/// Plan one disk.
-fn plan_disk(
-    repo: &Repo<'_>,
-    nodes: &[Value],
-    node: &str,
-    want: Want,
-    prev: Option<&DiskRecord>,
-) -> Result<Plan> {
-    let info = nodes
-        .iter()
-        .find(|n| n["node-name"] == node)
-        .ok_or_else(|| Error::new(Kind::Usage, format!("no node '{node}' on the daemon")))?;
-    let size = info["image"]["virtual-size"].as_u64().unwrap_or(0);
-    let persistent = info["drv"] == "qcow2";
-    let mut plan = Plan {
-        node: node.to_string(),
-        kind: DiskKind::Full,
-        reason: None,
-        size,
-        src_bitmap: None,
-        parent: Vec::new(),
-        full_bitmap: None,
-        estimate: size,
-        persistent,
-    };
-    if want == Want::Full {
-        return Ok(plan);
-    }
-    let kind = if want == Want::Diff {
-        DiskKind::Diff
-    } else {
-        DiskKind::Inc
-    };
-    let why_not = (|| -> std::result::Result<(String, u64, Vec<FileRecord>, String), String> {
-        let p = prev.ok_or("no earlier backup of this disk")?;
-        let bm = if kind == DiskKind::Diff {
-            &p.full_bitmap
-        } else {
-            &p.bitmap
-        };
-        let b = bitmaps_of(nodes, node)
-            .into_iter()
-            .find(|b| b["name"] == bm.as_str())
-            .ok_or_else(|| format!("bitmap '{bm}' is missing on node '{node}'"))?;
-        if b["inconsistent"] == true {
-            return Err(format!(
-                "bitmap '{bm}' is inconsistent (the image was not closed cleanly)"
-            ));
-        }
-        if b["recording"] != true {
-            return Err(format!("bitmap '{bm}' is not recording"));
-        }
-        if p.size != size {
-            return Err(format!("disk size changed from {} to {size}", p.size));
-        }
-        let chain: Vec<FileRecord> = if kind == DiskKind::Diff {
-            p.chain.iter().take(1).cloned().collect()
-        } else {
-            p.chain.clone()
-        };
-        if let Some(f) = chain.iter().find(|f| !repo.store.exists(&f.name)) {
-            return Err(format!("chain file {} is missing", f.name));
-        }
-        Ok((
-            bm.clone(),
-            b["count"].as_u64().unwrap_or(size),
-            chain,
-            p.full_bitmap.clone(),
-        ))
-    })();
-    match why_not {
-        Ok((bm, count, chain, full_bm)) => {
-            plan.kind = kind;
-            plan.src_bitmap = Some(bm);
-            plan.estimate = count;
-            plan.parent = chain;
-            plan.full_bitmap = Some(full_bm);
-        }
-        Err(reason) if want == Want::Auto => plan.reason = Some(reason),
-        Err(reason) => {
-            return Err(Error::new(
-                Kind::Repository,
-                format!(
-                    "cannot take {} backup of '{node}': {reason} (use 'auto' or 'full')",
-                    kind.as_str()
-                ),
-            ))
-        }
-    }
-    Ok(plan)
-}
-
 /// Names used on the daemon for disk number `i` of backup `id`.
 struct Names {
     /// New tracking bitmap.
@@ -226,21 +98,6 @@ impl Names {
     }
 }
 
-/// Bitmaps to keep per node: the latest backup's tracking and full-anchor bitmaps.
-fn keep_set(
-    latest: &HashMap<String, DiskRecord>,
-    disks: &[String],
-) -> HashMap<String, HashSet<String>> {
-    disks
-        .iter()
-        .filter_map(|d| {
-            latest
-                .get(d)
-                .map(|r| (d.clone(), [r.bitmap.clone(), r.full_bitmap.clone()].into()))
-        })
-        .collect()
-}
-
 /// Run a backup. Returns the manifest written (None for `--estimate`).
 pub fn run(
     q: &mut Qmp,
@@ -257,9 +114,12 @@ pub fn run(
     }
     let all = repo.backups()?;
     let latest = latest_records(&all);
-    let keep = keep_set(&latest, &opts.disks);
+    // A disk is a node name, or a device (QEMU: `query-block`'s device or qdev id).
+    let targets = fleece::resolve_disks(q, &opts.disks)?;
+    let target_nodes: Vec<String> = targets.iter().map(|(_, n)| n.clone()).collect();
+    let keep = keep_set(&latest, &targets);
     if !opts.estimate {
-        for what in fleece::cleanup(q, &opts.tag, &opts.disks, &keep)? {
+        for what in fleece::cleanup(q, &opts.tag, &target_nodes, &keep)? {
             progress.event(
                 "cleanup",
                 &format!("removed leftover {what}"),
@@ -277,18 +137,18 @@ pub fn run(
     }
     let nodes = q.nodes()?;
     let mut plans = Vec::new();
-    for d in &opts.disks {
-        plans.push(plan_disk(repo, &nodes, d, opts.want, latest.get(d))?);
+    for (d, node) in &targets {
+        plans.push(plan_disk(repo, &nodes, d, node, opts.want, latest.get(d))?);
     }
     for p in &plans {
         let msg = match &p.reason {
-            Some(r) => format!("{}: full ({r}), ~{} bytes", p.node, p.estimate),
-            None => format!("{}: {}, ~{} bytes", p.node, p.kind.as_str(), p.estimate),
+            Some(r) => format!("{}: full ({r}), ~{} bytes", p.disk, p.estimate),
+            None => format!("{}: {}, ~{} bytes", p.disk, p.kind.as_str(), p.estimate),
         };
         progress.event(
             "plan",
             &msg,
-            json!({"disk": p.node, "kind": p.kind.as_str(), "reason": p.reason, "estimate": p.estimate}),
+            json!({"disk": p.disk, "kind": p.kind.as_str(), "reason": p.reason, "estimate": p.estimate}),
         );
     }
     if opts.estimate {
@@ -354,7 +214,7 @@ impl Run<'_, '_> {
         let mut files = Vec::new();
         for (i, p) in self.plans.clone().iter().enumerate() {
             let n = Names::new(&self.opts.tag, &self.id, i);
-            let name = self.repo.disk_file(&p.node, &self.id);
+            let name = self.repo.disk_file(&p.disk, &self.id);
             let path = self.repo.store.local_path(&name)?;
             let parent_path = match p.parent.last() {
                 Some(f) => Some(self.repo.store.local_path(&f.name)?),
@@ -362,7 +222,7 @@ impl Run<'_, '_> {
             };
             self.created_files.push(name.clone());
             let img = chain::create(&path, p.size, parent_path.as_deref())
-                .ctx(|| format!("creating the backup file of '{}'", p.node))?;
+                .ctx(|| format!("creating the backup file of '{}'", p.disk))?;
             if self.opts.push {
                 img.close()?;
                 drop(img);
@@ -432,6 +292,7 @@ impl Run<'_, '_> {
         let total: u64 = self.plans.iter().map(|p| p.estimate).sum();
         self.progress.start(&format!("backup {}", self.id), total);
         let mut copied = vec![0u64; self.plans.len()];
+        let mut known: Vec<Option<copy::KnownHashes>> = vec![None; self.plans.len()];
         if self.opts.push {
             let ids: Vec<String> = (0..self.plans.len())
                 .map(|i| Names::new(&self.opts.tag, &self.id, i).job)
@@ -454,9 +315,11 @@ impl Run<'_, '_> {
                     .2
                     .clone()
                     .ok_or_else(|| Error::new(Kind::Io, "no image"))?;
-                copied[i] = self
+                let (n, sums) = self
                     .pull_disk(i, p, img)
-                    .ctx(|| format!("copying disk '{}'", p.node))?;
+                    .ctx(|| format!("copying disk '{}'", p.disk))?;
+                copied[i] = n;
+                known[i] = Some(sums);
             }
         }
         self.progress.finish();
@@ -469,28 +332,39 @@ impl Run<'_, '_> {
                 img.close()?;
             }
             self.repo.store.commit_object(name)?;
-            let (sha, len) = chain::file_sha256(path)?;
+            let mut paths = p
+                .parent
+                .iter()
+                .map(|f| self.repo.store.local_path(&f.name))
+                .collect::<Result<Vec<PathBuf>>>()?;
+            paths.push(path.clone());
+            let prev = self.prev_sums(&p.disk, p.parent.last().map(|f| f.name.as_str()));
+            let k = known[i].as_deref();
+            // The file's checksum and the point's content hashes are independent passes (each
+            // a full read and hash of the disk after a push): run them side by side.
+            let (file_sum, hashes) = std::thread::scope(|s| {
+                let f = s.spawn(|| chain::file_checksum(path, HashAlgo::NEW));
+                let h = chain::open_chain(&paths)
+                    .and_then(|pt| chain::point_hashes(&pt, HashAlgo::NEW, prev, k));
+                (f.join(), h)
+            });
+            let (sha, len) = file_sum
+                .map_err(|_| Error::new(Kind::Io, "the file checksum thread panicked"))??;
+            let hashes = hashes.ctx(|| format!("hashing disk {}", p.disk))?;
             let mut chain_recs = p.parent.clone();
             chain_recs.push(FileRecord {
                 name: name.clone(),
                 size: len,
-                sha256: sha,
+                checksum: sha,
+                hash: HashAlgo::NEW,
             });
-            let paths = chain_recs
-                .iter()
-                .map(|f| self.repo.store.local_path(&f.name))
-                .collect::<Result<Vec<PathBuf>>>()?;
-            let point = chain::open_chain(&paths)?;
-            let prev = self.prev_sums(&p.node, p.parent.last().map(|f| f.name.as_str()));
-            let hashes =
-                chain::point_hashes(&point, prev).ctx(|| format!("hashing disk {}", p.node))?;
-            let content = chain::digest(&hashes);
-            let sums = self.repo.sums_name(&p.node, &self.id);
+            let content = chain::digest(HashAlgo::NEW, &hashes);
+            let sums = self.repo.sums_name(&p.disk, &self.id);
             self.created_files.push(sums.clone());
             self.repo.store.put(&sums, &hashes.concat())?;
             let n = Names::new(&self.opts.tag, &self.id, i);
             disks.push(DiskRecord {
-                name: p.node.clone(),
+                name: p.disk.clone(),
                 node: p.node.clone(),
                 kind: p.kind,
                 reason: p.reason.clone(),
@@ -499,12 +373,13 @@ impl Run<'_, '_> {
                 chain: chain_recs,
                 bitmap: n.bitmap.clone(),
                 full_bitmap: p.full_bitmap.clone().unwrap_or(n.bitmap),
-                content_sha256: content,
+                content_digest: content,
                 sums: Some(sums),
             });
         }
         let m = Manifest {
             version: MANIFEST_VERSION,
+            hash: HashAlgo::NEW,
             id: self.id.clone(),
             machine: self.repo.machine.clone(),
             time: instant,
@@ -520,13 +395,15 @@ impl Run<'_, '_> {
         Ok(m)
     }
 
-    /// Chunk hashes recorded for the point whose top file is `top` (None: hash everything).
+    /// Chunk hashes recorded for the point whose top file is `top` (None: hash everything,
+    /// also when they were taken with another algorithm than new backups use).
     fn prev_sums(&self, disk: &str, top: Option<&str>) -> Option<Vec<[u8; 32]>> {
         let top = top?;
         let all = self.repo.backups().ok()?;
         let rec = all
             .iter()
             .rev()
+            .filter(|m| m.hash == HashAlgo::NEW)
             .flat_map(|m| m.disks.iter())
             .find(|d| d.name == disk && d.chain.last().is_some_and(|f| f.name == top))?;
         let data = self.repo.store.get(rec.sums.as_deref()?).ok()?;
@@ -541,7 +418,12 @@ impl Run<'_, '_> {
     }
 
     /// Pull one disk: export its point in time and copy the extents to read.
-    fn pull_disk(&mut self, i: usize, p: &Plan, img: Arc<qcow2::Qcow2>) -> Result<u64> {
+    fn pull_disk(
+        &mut self,
+        i: usize,
+        p: &Plan,
+        img: Arc<qcow2::Qcow2>,
+    ) -> Result<(u64, copy::KnownHashes)> {
         let n = Names::new(&self.opts.tag, &self.id, i);
         let export_node = if self.opts.live {
             self.q.execute(
@@ -577,6 +459,7 @@ impl Run<'_, '_> {
             },
             connections: self.opts.connections.max(1),
             incremental: p.src_bitmap.is_some(),
+            algo: HashAlgo::NEW,
         };
         let copied = copy::run(&job, &img, self.progress)?;
         fleece::del_export(self.q, &n.export)?;
@@ -620,13 +503,20 @@ impl Run<'_, '_> {
     /// bitmap and the full anchor, in one transaction when the daemon is live.
     fn retire(&mut self, m: &Manifest) -> Result<()> {
         let nodes = self.q.nodes()?;
+        // The chains of other disk names on the same node (see `keep_set`) keep their bitmaps.
+        let latest = latest_records(&self.repo.backups()?);
+        let targets: Vec<(String, String)> = m
+            .disks
+            .iter()
+            .map(|d| (d.name.clone(), d.node.clone()))
+            .collect();
+        let keep = keep_set(&latest, &targets);
         let mut actions = Vec::new();
         for d in &m.disks {
             for b in bitmaps_of(&nodes, &d.node) {
                 let name = b["name"].as_str().unwrap_or("");
                 if name.starts_with(&fleece::prefix(&self.opts.tag))
-                    && name != d.bitmap
-                    && name != d.full_bitmap
+                    && !keep.get(&d.node).is_some_and(|k| k.contains(name))
                 {
                     actions.push(action(
                         "block-dirty-bitmap-remove",

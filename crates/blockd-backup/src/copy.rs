@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use qcow2::Qcow2;
 
+use crate::chain::{HashAlgo, HASH_CHUNK};
 use crate::error::{Error, Kind, Result};
 use crate::nbd::{map_all, NbdClient};
 use crate::progress::Progress;
@@ -31,6 +32,8 @@ pub struct Job {
     pub connections: usize,
     /// The target is backed by an earlier point: zeros must be written as zero clusters.
     pub incremental: bool,
+    /// Hash of the content chunks (see [`KnownHashes`]).
+    pub algo: HashAlgo,
 }
 
 /// The ranges to read: dirty extents, or everything not a hole/zero for a full.
@@ -64,8 +67,32 @@ fn chunks(ranges: &[(u64, u64)]) -> VecDeque<(u64, u64)> {
     q
 }
 
-/// Copy everything `job` selects into `img`. Returns the bytes read.
-pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<u64> {
+/// Content hashes of the [`HASH_CHUNK`]s a copy read whole, by chunk index: the data flows
+/// through the tool anyway, so hashing it here saves reading the point back afterwards.
+pub type KnownHashes = Vec<Option<[u8; 32]>>;
+
+/// Hashes of the hash chunks lying wholly inside the piece `b` read at `off` of a disk of
+/// `size` bytes (the last chunk may be short).
+fn whole_chunk_hashes(algo: HashAlgo, off: u64, b: &[u8], size: u64) -> Vec<(usize, [u8; 32])> {
+    let end = off + b.len() as u64;
+    let mut out = Vec::new();
+    let mut i = off.div_ceil(HASH_CHUNK);
+    while i * HASH_CHUNK < end {
+        let start = i * HASH_CHUNK;
+        let stop = (start + HASH_CHUNK).min(size);
+        if stop > end {
+            break;
+        }
+        let piece = &b[(start - off) as usize..(stop - off) as usize];
+        out.push((i as usize, algo.digest(piece)));
+        i += 1;
+    }
+    out
+}
+
+/// Copy everything `job` selects into `img`. Returns the bytes read and the hashes of the
+/// content chunks read whole (see [`KnownHashes`]).
+pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<(u64, KnownHashes)> {
     let contexts: Vec<&str> = match &job.context {
         Some(c) => vec![c.as_str()],
         None => vec!["base:allocation"],
@@ -82,6 +109,8 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<u64> {
         ));
     }
     let todo = chunks(&ranges(&mut first, job)?);
+    let size = first.size;
+    let known: Mutex<KnownHashes> = Mutex::new(vec![None; size.div_ceil(HASH_CHUNK) as usize]);
     let queue = Mutex::new(todo);
     let failed = AtomicBool::new(false);
     let copied = AtomicU64::new(0);
@@ -105,6 +134,14 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<u64> {
                         let Some((off, len)) = next else { break };
                         let b = &mut buf[..len as usize];
                         c.read(off, b)?;
+                        let sums = whole_chunk_hashes(job.algo, off, b, size);
+                        if let Ok(mut k) = known.lock() {
+                            for (i, h) in sums {
+                                if let Some(slot) = k.get_mut(i) {
+                                    *slot = Some(h);
+                                }
+                            }
+                        }
                         if b.iter().all(|&x| x == 0) {
                             if job.incremental {
                                 img.write_zeroes(off, len, false)?;
@@ -131,12 +168,33 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<u64> {
     if let Some(e) = first_err.into_inner().ok().flatten() {
         return Err(e);
     }
-    Ok(copied.load(Ordering::Relaxed))
+    let known = known
+        .into_inner()
+        .map_err(|_| Error::new(Kind::Io, "a copy thread panicked"))?;
+    Ok((copied.load(Ordering::Relaxed), known))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_whole_hash_chunks_are_hashed_while_copying() {
+        let c = HASH_CHUNK as usize;
+        let a = HashAlgo::Blake3;
+        let data: Vec<u8> = (0..3 * c).map(|i| (i % 253) as u8).collect();
+        // A piece from the middle of chunk 0 to the end of chunk 2: chunks 1 and 2 are whole.
+        let got = whole_chunk_hashes(a, 512, &data[512..], 3 * c as u64);
+        let want: Vec<(usize, [u8; 32])> = (1..3)
+            .map(|i| (i, a.digest(&data[i * c..(i + 1) * c])))
+            .collect();
+        assert_eq!(got, want);
+        // The disk's short last chunk counts as whole when the piece reaches the disk's end.
+        let tail = &data[2 * c..2 * c + 100];
+        let got = whole_chunk_hashes(a, 2 * c as u64, tail, 2 * c as u64 + 100);
+        assert_eq!(got, vec![(2, a.digest(tail))]);
+        assert!(whole_chunk_hashes(a, 0, &data[..100], 3 * c as u64).is_empty());
+    }
 
     #[test]
     fn chunks_split_long_ranges_and_keep_short_ones() {

@@ -27,6 +27,23 @@ pub fn prefix(tag: &str) -> String {
 /// How long teardown waits for a job or export to go away.
 const WAIT: Duration = Duration::from_secs(30);
 
+/// Sleeps between polls of the daemon: 1 ms at first (jobs and exports usually go away at
+/// once), doubling up to 20 ms.
+struct Poll(u64);
+
+impl Poll {
+    /// A fresh back-off.
+    fn new() -> Poll {
+        Poll(1)
+    }
+
+    /// Sleep, then double the next sleep.
+    fn wait(&mut self) {
+        std::thread::sleep(Duration::from_millis(self.0));
+        self.0 = (self.0 * 2).min(20);
+    }
+}
+
 /// Name of a node in a `query-named-block-nodes` entry.
 fn node_name(n: &Value) -> &str {
     n["node-name"].as_str().unwrap_or("")
@@ -44,6 +61,7 @@ pub fn bitmaps_of(nodes: &[Value], node: &str) -> Vec<Value> {
 /// Wait until `query-jobs` no longer lists `id` (dismissing it if it concluded).
 fn wait_job_gone(q: &mut Qmp, id: &str) -> Result<()> {
     let deadline = Instant::now() + WAIT;
+    let mut poll = Poll::new();
     loop {
         let jobs = q.execute("query-jobs", json!({}))?;
         let job = jobs
@@ -59,7 +77,7 @@ fn wait_job_gone(q: &mut Qmp, id: &str) -> Result<()> {
         if Instant::now() > deadline {
             return Err(Error::new(Kind::Daemon, format!("job {id} did not finish")));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        poll.wait();
     }
 }
 
@@ -72,6 +90,7 @@ pub fn del_export(q: &mut Qmp, id: &str) -> Result<()> {
         return Err(e);
     }
     let deadline = Instant::now() + WAIT;
+    let mut poll = Poll::new();
     loop {
         let ex = q.execute("query-block-exports", json!({}))?;
         if !ex
@@ -86,7 +105,7 @@ pub fn del_export(q: &mut Qmp, id: &str) -> Result<()> {
                 format!("export {id} did not go away"),
             ));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        poll.wait();
     }
 }
 
@@ -248,6 +267,7 @@ impl NbdServer {
 /// progress; dismiss them; error if any failed. Polls `query-jobs`, so no event is missed.
 pub fn wait_push_jobs(q: &mut Qmp, ids: &[String], progress: &Progress) -> Result<()> {
     let mut last = 0u64;
+    let mut poll = Poll::new();
     loop {
         let jobs = q.execute("query-jobs", json!({}))?;
         let mine: Vec<Value> = jobs
@@ -290,6 +310,80 @@ pub fn wait_push_jobs(q: &mut Qmp, ids: &[String], progress: &Progress) -> Resul
             }
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(20));
+        poll.wait();
+    }
+}
+
+/// Whether `qdev` (a `query-block` entry's `qdev`: an id, or a QOM path such as
+/// `/machine/peripheral/vda/virtio-backend`) names the device `id`.
+fn qdev_is(qdev: &str, id: &str) -> bool {
+    if qdev == id {
+        return true;
+    }
+    qdev.strip_prefix("/machine/peripheral/")
+        .and_then(|rest| rest.split('/').next())
+        .is_some_and(|first| first == id)
+}
+
+/// Pair each disk name with the node to address: a node name stands for itself; otherwise
+/// the name of a device in `query-block` (QEMU: a `-drive` id, or a `-device` id, whose
+/// root node may have a generated name) gives its inserted root node.
+pub fn resolve_disks(q: &mut Qmp, disks: &[String]) -> Result<Vec<(String, String)>> {
+    let nodes = q.nodes()?;
+    let mut block: Option<Vec<Value>> = None;
+    let mut out = Vec::with_capacity(disks.len());
+    for d in disks {
+        if nodes.iter().any(|n| node_name(n) == d) {
+            out.push((d.clone(), d.clone()));
+            continue;
+        }
+        let devices = match &block {
+            Some(b) => b,
+            None => block.insert(
+                q.execute("query-block", json!({}))?
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
+        };
+        let node = devices
+            .iter()
+            .find(|b| {
+                b["device"] == d.as_str() || b["qdev"].as_str().is_some_and(|x| qdev_is(x, d))
+            })
+            .and_then(|b| b["inserted"]["node-name"].as_str())
+            .ok_or_else(|| {
+                Error::new(
+                    Kind::Usage,
+                    format!("no node or device '{d}' with a medium on the daemon"),
+                )
+            })?;
+        out.push((d.clone(), node.to_string()));
+    }
+    let mut seen = HashSet::new();
+    if let Some((d, n)) = out.iter().find(|(_, n)| !seen.insert(n.clone())) {
+        return Err(Error::new(
+            Kind::Usage,
+            format!("disk '{d}' is node '{n}', which is already named by another --disk"),
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::qdev_is;
+
+    #[test]
+    fn qdev_ids_and_paths() {
+        assert!(qdev_is("vda", "vda"));
+        assert!(qdev_is("/machine/peripheral/vda/virtio-backend", "vda"));
+        assert!(qdev_is("/machine/peripheral/vda", "vda"));
+        assert!(!qdev_is("/machine/peripheral/vdab/virtio-backend", "vda"));
+        assert!(!qdev_is(
+            "/machine/peripheral-anon/device[0]/virtio-backend",
+            "vda"
+        ));
+        assert!(!qdev_is("/machine/unattached/vda", "vda"));
     }
 }

@@ -20,6 +20,7 @@ mod fleece;
 mod manifest;
 mod nbd;
 mod ops;
+mod plan;
 mod progress;
 mod qmp;
 mod store;

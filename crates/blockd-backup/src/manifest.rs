@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Kind, Result};
 use crate::store::Store;
 
-/// Manifest format version.
-pub const MANIFEST_VERSION: u32 = 1;
+/// Manifest format version: 2 names its checksums' algorithm (`hash`; version 1 was SHA-256
+/// throughout, in fields `sha256` / `content_sha256`, still read).
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// How one disk was backed up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,8 +48,13 @@ pub struct FileRecord {
     pub name: String,
     /// Length of the file in bytes.
     pub size: u64,
-    /// SHA-256 of the file's bytes, hex.
-    pub sha256: String,
+    /// Checksum of the file's bytes (algorithm `hash`), hex.
+    #[serde(rename = "checksum", alias = "sha256")]
+    pub checksum: String,
+    /// The algorithm of `checksum`: a file keeps the one it was recorded with, also in the
+    /// manifests of later backups whose chains it is part of (absent: SHA-256, version 1).
+    #[serde(default)]
+    pub hash: crate::chain::HashAlgo,
 }
 
 /// One disk of a backup.
@@ -73,10 +79,11 @@ pub struct DiskRecord {
     pub bitmap: String,
     /// The bitmap started at the last full backup (records changes since it, for `diff`).
     pub full_bitmap: String,
-    /// Content digest of the disk at this point (see `chain::ContentHasher`): what a restore
-    /// of the point must hash to.
-    pub content_sha256: String,
-    /// Object holding the per-chunk hashes behind `content_sha256` (speeds up the next backup).
+    /// Content digest of the disk at this point (see `chain::ContentHasher`, the manifest's
+    /// `hash`): what a restore of the point must hash to.
+    #[serde(rename = "content_digest", alias = "content_sha256")]
+    pub content_digest: String,
+    /// Object holding the per-chunk hashes behind `content_digest` (speeds up the next backup).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sums: Option<String>,
 }
@@ -93,6 +100,10 @@ impl DiskRecord {
 pub struct Manifest {
     /// Format version.
     pub version: u32,
+    /// The algorithm of the content digests and chunk sums (absent in version 1: SHA-256);
+    /// each file's checksum names its own.
+    #[serde(default)]
+    pub hash: crate::chain::HashAlgo,
     /// Backup id (sortable by time).
     pub id: String,
     /// Machine name.

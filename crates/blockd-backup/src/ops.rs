@@ -74,8 +74,8 @@ pub fn list(repo: &Repo<'_>, json_out: bool) -> Result<()> {
 /// Check one chain file's recorded checksum and run `qemu-img check` on it.
 fn verify_file(repo: &Repo<'_>, f: &FileRecord) -> Result<()> {
     let p = repo.store.local_path(&f.name)?;
-    let (sha, len) = chain::file_sha256(&p)?;
-    if sha != f.sha256 || len != f.size {
+    let (sum, len) = chain::file_checksum(&p, f.hash)?;
+    if sum != f.checksum || len != f.size {
         return Err(Error::new(
             Kind::Verify,
             format!("{}: checksum mismatch (file changed or damaged)", f.name),
@@ -112,14 +112,14 @@ pub fn verify(repo: &Repo<'_>, point: &str, progress: &Progress) -> Result<()> {
         }
         let img = chain::open_chain(&chain_paths(repo, d)?)?;
         progress.start(&format!("verify {}", d.name), d.size);
-        let mut h = chain::ContentHasher::default();
+        let mut h = chain::ContentHasher::new(m.hash);
         chain::read_all(&img, |_, b| {
             h.update(b);
             progress.add(b.len() as u64);
             Ok(())
         })?;
         progress.finish();
-        if h.finish().0 != d.content_sha256 {
+        if h.finish().0 != d.content_digest {
             return Err(Error::new(
                 Kind::Verify,
                 format!(
@@ -159,7 +159,7 @@ pub fn restore(
     let m = repo.find(point)?;
     let d = pick_disk(&m, disk)?;
     let img = chain::open_chain(&chain_paths(repo, d)?)?;
-    let mut h = chain::ContentHasher::default();
+    let mut h = chain::ContentHasher::new(m.hash);
     progress.start(&format!("restore {}", d.name), d.size);
     match target {
         Target::Raw(p) => {
@@ -216,7 +216,7 @@ pub fn restore(
         }
     }
     progress.finish();
-    if h.finish().0 != d.content_sha256 {
+    if h.finish().0 != d.content_digest {
         return Err(Error::new(
             Kind::Verify,
             "restored content does not match the recorded checksum",
@@ -380,19 +380,26 @@ pub fn prune(repo: &Repo<'_>, keep: usize, progress: &Progress) -> Result<()> {
         }
     }
     // 3. New checksums of changed files, manifests rewritten, unreferenced files removed.
+    // A changed file is checksummed anew with the algorithm new backups use.
+    let algo = chain::HashAlgo::NEW;
     let mut sums = std::collections::HashMap::new();
-    for f in &changed {
-        sums.insert(f.clone(), chain::file_sha256(&repo.store.local_path(f)?)?);
-    }
     for m in kept.iter_mut() {
         for d in m.disks.iter_mut() {
-            for f in d.chain.iter_mut() {
-                if let Some((sha, len)) = sums.get(&f.name) {
-                    f.sha256 = sha.clone();
+            for f in d.chain.iter_mut().filter(|f| changed.contains(&f.name)) {
+                let key = f.name.clone();
+                if !sums.contains_key(&key) {
+                    let sum = chain::file_checksum(&repo.store.local_path(&f.name)?, algo)?;
+                    sums.insert(key.clone(), sum);
+                }
+                if let Some((sum, len)) = sums.get(&key) {
+                    f.checksum = sum.clone();
                     f.size = *len;
+                    f.hash = algo;
                 }
             }
         }
+        // Written in the current format (the algorithm named), whatever version it was read as.
+        m.version = crate::manifest::MANIFEST_VERSION;
         repo.write_manifest(m)?;
     }
     for f in repo.orphans()? {

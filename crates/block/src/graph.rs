@@ -16,6 +16,7 @@ mod reopen;
 mod rewire;
 mod snapshot;
 
+pub use rewire::Drained;
 pub use snapshot::{SnapshotSync, SnapshotUndo};
 
 pub(crate) use perms::PendingEdge;

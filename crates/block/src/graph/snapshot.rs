@@ -191,7 +191,7 @@ impl Graph {
                 }
             }
             for r in g.roots() {
-                if Arc::ptr_eq(&r.node(), node) {
+                if r.follows() && Arc::ptr_eq(&r.node(), node) {
                     r.set_node(overlay.clone());
                     swaps.push(Swap::Root(r));
                 }

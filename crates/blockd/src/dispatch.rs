@@ -160,8 +160,12 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
             off_reactor(d, move |d| done(d.blockdev_del(&a.node_name))).await
         }
         Command::BlockdevCreate(a) => blockdev_create(d, a),
-        Command::BlockdevSnapshot(a) => done(d.blockdev_snapshot(&a)),
-        Command::BlockdevSnapshotSync(a) => done(d.blockdev_snapshot_sync(&a)),
+        Command::BlockdevSnapshot(a) => {
+            off_reactor(d, move |d| done(d.blockdev_snapshot(&a))).await
+        }
+        Command::BlockdevSnapshotSync(a) => {
+            off_reactor(d, move |d| done(d.blockdev_snapshot_sync(&a))).await
+        }
         Command::BlockDirtyBitmapAdd(a) => done(d.bitmap_add(
             &a.node,
             &a.name,
@@ -189,7 +193,9 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
             let sources: Vec<_> = a.bitmaps.iter().map(bitmap_source).collect();
             done(d.bitmap_merge(&a.node, &a.target, &sources))
         }
-        Command::Transaction(a) => done(crate::transaction::run(d, a)),
+        Command::Transaction(a) => {
+            off_reactor(d, move |d| done(crate::transaction::run(d, a))).await
+        }
         Command::XDebugBlockDirtyBitmapSha256(a) => {
             Ok(json!({"sha256": bitmap_ops::sha256(&d.bitmap_node(&a.node)?, &a.name)?}))
         }
@@ -212,8 +218,12 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         Command::BlockJobComplete(a) => job_verb(d, Verb::Complete, &a.device, true),
         Command::BlockJobDismiss(a) => job_verb(d, Verb::Dismiss, &a.id, true),
         Command::BlockJobFinalize(a) => job_verb(d, Verb::Finalize, &a.id, true),
-        Command::BlockdevBackup(a) => done(crate::backup::blockdev_backup(d, a)),
-        Command::DriveBackup(a) => done(crate::backup::drive_backup(d, a)),
+        Command::BlockdevBackup(a) => {
+            off_reactor(d, move |d| done(crate::backup::blockdev_backup(d, a))).await
+        }
+        Command::DriveBackup(a) => {
+            off_reactor(d, move |d| done(crate::backup::drive_backup(d, a))).await
+        }
         Command::QueryJobs => {
             let jobs = d.jobs.list();
             Ok(Value::Array(

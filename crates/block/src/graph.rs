@@ -16,6 +16,7 @@ mod reopen;
 mod rewire;
 mod snapshot;
 
+pub use reopen::ChildChange;
 pub use rewire::Drained;
 pub use snapshot::{SnapshotSync, SnapshotUndo};
 

@@ -389,3 +389,22 @@ def test_writers_keep_going_while_a_transaction_inserts_and_a_job_removes_filter
     with open(head, "rb") as f:
         assert f.read(2 * MiB) == b"\x11" * (2 * MiB)
 
+
+
+def test_an_aborted_transaction_takes_the_filter_out_again(env):
+    """The backup action's filter is inserted at prepare (QEMU creates the job there): when a
+    later action fails, the abort takes it out and the source's export is back on the source,
+    with nothing left behind (no job, no filter node, the target free)."""
+    sock = data_nbd.start_unix_server(env, "bk")
+    data_nbd.export(env, "src", "guest", "guest", writable=True)
+    err = env.err("transaction", actions=[
+        {"type": "blockdev-backup", "data": {"job-id": "j", "device": "src", "target": "tgt",
+                                             "sync": "full", "filter-node-name": "bf"}},
+        {"type": "abort", "data": {}}])
+    assert err["desc"] == "Transaction aborted using Abort action"
+    assert [(e["id"], e["node-name"]) for e in env.ok("query-block-exports")] == [("guest", "src")]
+    assert "bf" not in [n["node-name"] for n in env.ok("query-named-block-nodes", flat=True)]
+    assert env.ok("query-jobs") == []
+    finish_writer(writer(data_nbd.uri(sock, "guest"), [(0x3c, 0, 64 * 1024)]))
+    data_nbd.unexport(env, "guest")
+    env.ok("blockdev-del", node_name="tgt")

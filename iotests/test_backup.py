@@ -408,3 +408,19 @@ def test_an_aborted_transaction_takes_the_filter_out_again(env):
     finish_writer(writer(data_nbd.uri(sock, "guest"), [(0x3c, 0, 64 * 1024)]))
     data_nbd.unexport(env, "guest")
     env.ok("blockdev-del", node_name="tgt")
+
+
+def test_a_read_only_source_can_be_backed_up(make_daemon, tmp_path):
+    src = qcow2(tmp_path / "src.qcow2", SIZE)
+    fill(src, "write -P 0x11 0 1M")
+    qcow2(tmp_path / "tgt.qcow2", SIZE)
+    d = make_daemon()
+    add_qcow2(d, "src", src, read_only=True)
+    add_qcow2(d, "tgt", tmp_path / "tgt.qcow2")
+    nbd(d, "src", "ro")
+    assert backup(d, "j", "src", "tgt", "full", filter_node_name="bf") == {"return": {}}
+    job_events(d, "j")
+    assert [(e["id"], e["node-name"]) for e in d.ok("query-block-exports")] == [("ro", "src")]
+    data_nbd.unexport(d, "ro")
+    close(d, "src", "tgt")
+    compare(tmp_path / "tgt.qcow2", src, "qcow2", "qcow2")

@@ -328,3 +328,114 @@ def test_filter_node_shows_while_the_job_runs(env, name):
     env.ok("job-cancel", id="j")
     job_events(env, "j")
     assert {n["node-name"] for n in env.nodes()} == before
+
+
+def test_a_running_backup_holds_its_nodes_through_its_filter(env, tmp_path):
+    """The job's copy-before-write filter takes over the source's parents and lets nobody
+    else write the source; the job blocks its filter and target; QSD's texts. When the job
+    ends the filter is gone and the exports it took are back on the source."""
+    assert backup(env, "j", "src", "tgt", "full", speed=1, filter_node_name="bf") == {"return": {}}
+    err = env.err("blockdev-backup", {"job-id": "j3", "device": "traw", "target": "src", "sync": "full",
+                                      "filter-node-name": "bf3"})
+    assert err["desc"] == (
+        "Could not create node: Permission conflict on node 'src': permissions 'write' are both "
+        "required by node 'bf3' (uses node 'src' as 'target' child) and unshared by node 'bf' "
+        "(uses node 'src' as 'file' child).")
+    err = env.err("blockdev-backup", {"job-id": "j4", "device": "traw", "target": "bf", "sync": "full"})
+    assert err["desc"] == "Node 'bf' is busy: block device is in use by block job: backup"
+    sock = data_nbd.start_unix_server(env, "bk")
+    err = env.err("block-export-add", {"type": "nbd", "id": "w", "node-name": "src", "writable": True})
+    assert err["desc"] == (
+        "Permission conflict on node 'src': permissions 'write' are both required by an unnamed "
+        "block device (uses node 'src' as 'root' child) and unshared by node 'bf' (uses node 'src' "
+        "as 'file' child).")
+    data_nbd.export(env, "src", "r", "r")
+    data_nbd.export(env, "bf", "wf", "wf", writable=True)
+    assert sorted((e["id"], e["node-name"]) for e in env.ok("query-block-exports")) == [
+        ("r", "src"), ("wf", "bf")]
+    assert env.err("blockdev-del", node_name="bf")["desc"] == "Node bf is in use"
+    assert env.err("blockdev-del", node_name="tgt")["desc"] == \
+        "Node 'tgt' is busy: block device is in use by block job: backup"
+    # writes through the filter land on the source; the backup keeps the point in time
+    finish_writer(writer(data_nbd.uri(sock, "wf"), [(0x5a, 0, 64 * 1024)]))
+    out = data_nbd.qemu_io_uri(data_nbd.uri(sock, "r"), "read -P 0x5a 0 64k", read_only=True)
+    assert out.returncode == 0 and "Pattern verification failed" not in out.stdout, out.stdout
+    env.ok("job-cancel", id="j")
+    job_events(env, "j")
+    nodes = [n["node-name"] for n in env.ok("query-named-block-nodes", flat=True)]
+    assert "bf" not in nodes
+    assert sorted((e["id"], e["node-name"]) for e in env.ok("query-block-exports")) == [
+        ("r", "src"), ("wf", "src")]
+    # with the filter gone, the source may be written by others again
+    data_nbd.export(env, "src", "w2", "w2", writable=True)
+    for eid in ("r", "wf", "w2"):
+        data_nbd.unexport(env, eid)
+
+
+def test_writers_keep_going_while_a_transaction_inserts_and_a_job_removes_filters(make_daemon, tmp_path):
+    """A writer through an export of the source runs while a transaction starts a backup (its
+    filter inserted above the exported source with every source held off) and while the job
+    ends (the filter removed): nothing hangs, every write lands in order, and the target is
+    the source at the transaction's instant in the half the writer never touches."""
+    src = qcow2(tmp_path / "src.qcow2", SIZE)
+    fill(src, "write -P 0x11 0 4M")
+    qcow2(tmp_path / "tgt.qcow2", SIZE)
+    expect = tmp_path / "expect.raw"
+    iotests.qemu_img("convert", "-f", "qcow2", "-O", "raw", str(src), str(expect))
+    writes = [(0x20 + i % 0x50, 2 * MiB + (i % 32) * 65536, 65536) for i in range(400)]
+    fill(expect, *[f"write -P {p:#x} {o} {n}" for p, o, n in writes], fmt="raw")
+    d = make_daemon()
+    add_qcow2(d, "src", src)
+    add_qcow2(d, "tgt", tmp_path / "tgt.qcow2")
+    uri = nbd(d, "src", "guest", writable=True)
+    w = writer(uri, writes)
+    d.ok("transaction", actions=[
+        {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b"}},
+        {"type": "blockdev-backup", "data": {"job-id": "j", "device": "src", "target": "tgt",
+                                             "sync": "full", "filter-node-name": "bf"}}])
+    job_events(d, "j")
+    finish_writer(w)
+    assert d.ok("query-block-exports")[0]["node-name"] == "src"
+    data_nbd.unexport(d, "guest")
+    close(d, "src", "tgt")
+    compare(src, expect)
+    head = tmp_path / "head.raw"
+    iotests.qemu_img("convert", "-f", "qcow2", "-O", "raw", str(tmp_path / "tgt.qcow2"), str(head))
+    with open(head, "rb") as f:
+        assert f.read(2 * MiB) == b"\x11" * (2 * MiB)
+
+
+
+def test_an_aborted_transaction_takes_the_filter_out_again(env):
+    """The backup action's filter is inserted at prepare (QEMU creates the job there): when a
+    later action fails, the abort takes it out and the source's export is back on the source,
+    with nothing left behind (no job, no filter node, the target free)."""
+    sock = data_nbd.start_unix_server(env, "bk")
+    data_nbd.export(env, "src", "guest", "guest", writable=True)
+    err = env.err("transaction", actions=[
+        {"type": "blockdev-backup", "data": {"job-id": "j", "device": "src", "target": "tgt",
+                                             "sync": "full", "filter-node-name": "bf"}},
+        {"type": "abort", "data": {}}])
+    assert err["desc"] == "Transaction aborted using Abort action"
+    assert [(e["id"], e["node-name"]) for e in env.ok("query-block-exports")] == [("guest", "src")]
+    assert "bf" not in [n["node-name"] for n in env.ok("query-named-block-nodes", flat=True)]
+    assert env.ok("query-jobs") == []
+    finish_writer(writer(data_nbd.uri(sock, "guest"), [(0x3c, 0, 64 * 1024)]))
+    data_nbd.unexport(env, "guest")
+    env.ok("blockdev-del", node_name="tgt")
+
+
+def test_a_read_only_source_can_be_backed_up(make_daemon, tmp_path):
+    src = qcow2(tmp_path / "src.qcow2", SIZE)
+    fill(src, "write -P 0x11 0 1M")
+    qcow2(tmp_path / "tgt.qcow2", SIZE)
+    d = make_daemon()
+    add_qcow2(d, "src", src, read_only=True)
+    add_qcow2(d, "tgt", tmp_path / "tgt.qcow2")
+    nbd(d, "src", "ro")
+    assert backup(d, "j", "src", "tgt", "full", filter_node_name="bf") == {"return": {}}
+    job_events(d, "j")
+    assert [(e["id"], e["node-name"]) for e in d.ok("query-block-exports")] == [("ro", "src")]
+    data_nbd.unexport(d, "ro")
+    close(d, "src", "tgt")
+    compare(tmp_path / "tgt.qcow2", src, "qcow2", "qcow2")

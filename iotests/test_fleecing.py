@@ -701,13 +701,6 @@ def test_snapshot_access_over_a_plain_node_reads_enotsup(make_daemon, tmp_path):
 # ------------------------------------------------------------------ the older job-based pattern
 
 
-@pytest.mark.xfail(
-    condition=not iotests.is_qsd(),
-    strict=True,
-    reason="not done in blockd: a backup job's filter node is shown in the graph but does not "
-    "take over the source's parents and exports (the copy-before-write is a hook on the "
-    "source), so query-block-exports still names the source",
-)
 def test_sync_none_backup_into_overlay_exported_read_only(make_daemon, tmp_path):
     size = 4 << 20
     disk = filled_qcow2(tmp_path / "disk.qcow2", size, "write -P 0x11 0 2M", "write -P 0x22 2M 1M")

@@ -55,12 +55,24 @@ struct Gate {
     in_flight: usize,
 }
 
+/// What kind of user a [`Root`] is (QEMU's BlockBackend versus a job's own child edge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootKind {
+    /// An export, a device, a job's main node: follows re-wiring (`Graph::replace_node`
+    /// moves it) and makes the node "in use" for `blockdev-del`.
+    Backend,
+    /// A job's hold on a node it works on (a backup's target): stays at its node when the
+    /// graph is re-wired, as QEMU's job children do, and only takes permissions and drains.
+    Job,
+}
+
 /// A user's handle on the graph (export, device, job): a swappable node plus permissions.
 pub struct Root {
     /// Identity in "in use by" messages and removal: "export 'e'".
     pub who: String,
     /// In permission conflicts: "an unnamed block device".
     pub desc: String,
+    kind: RootKind,
     perms: Mutex<(Perm, Perm)>,
     seq: u64,
     node: RwLock<NodeRef>,
@@ -93,9 +105,22 @@ impl Root {
     /// A root over `node` needing `perm` and sharing `shared`. Register it with
     /// `Graph::attach_root`, which checks the permissions.
     pub fn new(who: String, desc: String, node: NodeRef, perm: Perm, shared: Perm) -> Arc<Root> {
+        Root::with_kind(RootKind::Backend, who, desc, node, perm, shared)
+    }
+
+    /// A root of the given kind (see [`RootKind`]).
+    pub fn with_kind(
+        kind: RootKind,
+        who: String,
+        desc: String,
+        node: NodeRef,
+        perm: Perm,
+        shared: Perm,
+    ) -> Arc<Root> {
         Arc::new(Root {
             who,
             desc,
+            kind,
             perms: Mutex::new((perm, shared)),
             seq: next_seq(),
             node: RwLock::new(node),
@@ -111,6 +136,16 @@ impl Root {
     /// The node it points at now (for queries; I/O goes through [`Root::begin`]).
     pub fn node(&self) -> NodeRef {
         self.node.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Backend or job edge.
+    pub fn kind(&self) -> RootKind {
+        self.kind
+    }
+
+    /// Does it follow re-wiring (a backend)?
+    pub fn follows(&self) -> bool {
+        self.kind == RootKind::Backend
     }
 
     /// (perm, shared).

@@ -16,6 +16,8 @@ mod reopen;
 mod rewire;
 mod snapshot;
 
+pub use reopen::ChildChange;
+pub use rewire::Drained;
 pub use snapshot::{SnapshotSync, SnapshotUndo};
 
 pub(crate) use perms::PendingEdge;
@@ -334,17 +336,24 @@ impl Graph {
         if !parents.is_empty() {
             return Err(Error::generic(format!("Block device {name} is in use")));
         }
-        // What can fail at close (storing persistent bitmaps, flushing) is done first, with
-        // the node still in place: a failed blockdev-del changes nothing. (QSD deletes the
-        // node anyway and loses the bitmaps, "Lost persistent bitmaps during inactivation".)
-        node.store_bitmaps(false)?;
-        node.flush()
-            .map_err(|e| Error::io(format!("Flushing node '{name}'"), &e))?;
-        if let Err(e) = self.remove_tree(&node) {
-            tracing::warn!(node = name, error = %e, "close after blockdev-del failed");
-        }
-        let _ = self.refresh_locks();
-        Ok(())
+        // In a drained section: roots that reach the node stop (none can, by the checks
+        // above, but the section is the rule for graph changes) and requests that reach it
+        // some other way (a job's direct I/O, qemu-io) finish before it is closed.
+        self.drained(std::slice::from_ref(&node), |g| {
+            node.wait_idle();
+            // What can fail at close (storing persistent bitmaps, flushing) is done first,
+            // with the node still in place: a failed blockdev-del changes nothing. (QSD
+            // deletes the node anyway and loses the bitmaps, "Lost persistent bitmaps during
+            // inactivation".)
+            node.store_bitmaps(false)?;
+            node.flush()
+                .map_err(|e| Error::io(format!("Flushing node '{name}'"), &e))?;
+            if let Err(e) = g.remove_tree(&node) {
+                tracing::warn!(node = name, error = %e, "close after blockdev-del failed");
+            }
+            let _ = g.refresh_locks();
+            Ok(())
+        })
     }
 
     /// Make every node hold the image locks its users need now (see [`Graph::refresh_perms`]).

@@ -5,13 +5,10 @@
 
 use std::sync::{Arc, Weak};
 
-use std::sync::Mutex;
-
-use block::backup::filter::{CbwFilter, SnapshotView};
 use block::backup::{self, BackupEnv, BackupParams, BitmapMode, Perf, SyncMode};
 use block::graph::{probe_format, ChildRef, DriverOptions, NodeOptions};
 use block::job::OnError;
-use block::node::{Child, NodeFlags, NodeRef};
+use block::node::{NodeFlags, NodeRef};
 use block::{Error, Result};
 use qapi::types::{
     BackupCommon, BitmapSyncMode, BlockdevBackup, BlockdevOnError, DriveBackup, MirrorSyncMode,
@@ -75,24 +72,22 @@ fn params(c: &BackupCommon, source: NodeRef, target: NodeRef, sync: SyncMode) ->
     }
 }
 
-/// The filter node of a starting job: not yet shown, shown, or the job already ended.
-enum FilterSlot {
-    Pending,
-    Shown(NodeRef),
-    Done,
+/// Gives backup jobs the daemon's graph (for their filter nodes), while the daemon lives.
+struct DaemonGraph(Weak<Daemon>);
+
+impl backup::filter::GraphHost for DaemonGraph {
+    fn with_graph(&self, f: &mut dyn FnMut(&mut block::Graph)) {
+        if let Some(d) = self.0.upgrade() {
+            f(&mut d.graph());
+        }
+    }
 }
 
 /// A backup job created but not started: a transaction's backup action between prepare and
-/// commit (or abort).
+/// commit (or abort). Its filter node is already above the source.
 pub struct Prepared {
     daemon: Arc<Daemon>,
     job: Arc<block::job::Job>,
-    filter_slot: Arc<Mutex<FilterSlot>>,
-    source: NodeRef,
-    target: NodeRef,
-    filter_name: Option<String>,
-    /// The point in time of a `sync: none` job, offered by its filter to `snapshot-access`.
-    view: Option<SnapshotView>,
 }
 
 impl Prepared {
@@ -101,7 +96,7 @@ impl Prepared {
         &self.job
     }
 
-    /// Start the job, and show its filter node as QEMU does.
+    /// Start the job.
     pub fn commit(self) {
         let jobs = self.daemon.jobs.clone();
         let job = self.commit_held();
@@ -113,51 +108,20 @@ impl Prepared {
     /// once every action has committed.
     pub fn commit_held(self) -> Arc<block::job::Job> {
         self.daemon.jobs.start_held(&self.job);
-        let job = self.job.clone();
-        self.show_filter();
-        job
+        self.job.clone()
     }
 
-    fn show_filter(self) {
-        // The filter as QEMU shows it (its name was checked by `prepare`).
-        let children = vec![
-            Child {
-                role: "file",
-                node: self.source.clone(),
-            },
-            Child {
-                role: "target",
-                node: self.target.clone(),
-            },
-        ];
-        let mut slot = self.filter_slot.lock().unwrap_or_else(|p| p.into_inner());
-        if matches!(*slot, FilterSlot::Done) {
-            // The job already ended.
-            return;
-        }
-        match self.daemon.graph().insert_internal(
-            self.filter_name.as_deref(),
-            Box::new(CbwFilter::with_view(self.source.clone(), self.view)),
-            children,
-        ) {
-            Ok(f) => {
-                f.add_user(backup::TARGET_USER.to_string());
-                *slot = FilterSlot::Shown(f);
-            }
-            Err(e) => tracing::warn!(error = %e, "backup filter node not shown"),
-        }
-    }
-
-    /// Drop the job before it ever ran: everything it took is given back, no BLOCK_JOB_*
-    /// event is sent (QEMU's created → aborting → concluded → null).
+    /// Drop the job before it ever ran: everything it took is given back (its filter node
+    /// taken out), no BLOCK_JOB_* event is sent (QEMU's created → aborting → concluded → null).
     pub fn abort(self) {
         self.daemon.jobs.discard_unstarted(&self.job);
     }
 }
 
-/// Create the job with the target held for writing; `opened` is a target this command opened
-/// (drive-backup), closed again when the job ends or fails to start. `source_quiesced`: the
-/// caller holds writes to the source off (a transaction).
+/// Create the job (its filter node takes write on the target and is inserted above the
+/// source); `opened` is a target this command opened (drive-backup), closed again when the job
+/// ends or fails to start. `source_quiesced`: the caller holds writes to the source off (a
+/// transaction).
 fn prepare(
     d: &Arc<Daemon>,
     p: BackupParams,
@@ -165,51 +129,27 @@ fn prepare(
     source_quiesced: bool,
 ) -> Result<Prepared> {
     let target = p.target.clone();
-    target.set_writer(true);
-    // The graph lock must be released before `release` takes it again.
-    let refreshed = d.graph().refresh_locks();
-    if let Err(e) = refreshed {
-        target.set_writer(false);
-        release(d, &target, opened.as_ref());
-        return Err(e);
-    }
     let weak: Weak<Daemon> = Arc::downgrade(d);
     let t = target.clone();
     let o = opened.clone();
-    let filter_slot: Arc<Mutex<FilterSlot>> = Arc::new(Mutex::new(FilterSlot::Pending));
-    let slot = filter_slot.clone();
     let on_clean: Box<dyn Fn() + Send + Sync> = Box::new(move || {
-        t.set_writer(false);
-        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-        let filter = std::mem::replace(&mut *slot, FilterSlot::Done);
         if let Some(d) = weak.upgrade() {
-            if let FilterSlot::Shown(f) = filter {
-                f.remove_user(backup::TARGET_USER);
-                d.graph().remove_internal(&f);
-            }
             release(&d, &t, o.as_ref());
         }
     });
-    let source = p.source.clone();
-    let filter_name = p.filter_node_name.clone();
     let graph_names = |name: &str| d.graph().get(name).is_some();
     let env = BackupEnv {
         name_taken: &graph_names,
         on_clean: Some(on_clean),
         source_quiesced,
+        host: Some(Arc::new(DaemonGraph(Arc::downgrade(d)))),
     };
     match backup::prepare_with_view(&d.jobs, p, env) {
-        Ok((job, view)) => Ok(Prepared {
+        Ok((job, _filter)) => Ok(Prepared {
             daemon: d.clone(),
             job,
-            filter_slot,
-            source,
-            target,
-            filter_name,
-            view,
         }),
         Err(e) => {
-            target.set_writer(false);
             release(d, &target, opened.as_ref());
             Err(e)
         }

@@ -233,6 +233,19 @@ impl Daemon {
             let _ = self.nbd_server_stop().await;
         }
         lock(&self.devices).clear();
-        self.graph().close_all();
+        // Flushing, storing bitmaps and closing are disk I/O: off the reactor, so the
+        // monitors and whatever else still runs stay responsive meanwhile.
+        let nodes = std::mem::take(&mut *self.graph());
+        let closed = tokio::task::spawn_blocking(move || {
+            let mut nodes = nodes;
+            nodes.close_all();
+            nodes
+        })
+        .await;
+        match closed {
+            // Put the (now empty) graph back, keeping its event sink and counters.
+            Ok(g) => *self.graph() = g,
+            Err(e) => tracing::error!(error = %e, "closing the block graph failed"),
+        }
     }
 }

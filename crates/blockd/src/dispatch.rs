@@ -9,8 +9,9 @@ use std::sync::{Arc, OnceLock};
 use serde_json::{json, Map, Value};
 
 use block::create::CreateJob;
+use block::graph::ChildChange;
 use block::job::JobSpec;
-use block::{bitmap_ops, ErrorKind};
+use block::{bitmap_ops, ErrorKind, NodeRef};
 use qapi::types::{
     BlockExportRemoveMode, BlockdevCreateArgs, BlockdevReopenArgs, Command,
     HumanMonitorCommandArgs, NbdServerAddArgs, NbdServerStartArgs, SocketAddressLegacy,
@@ -160,8 +161,12 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
             off_reactor(d, move |d| done(d.blockdev_del(&a.node_name))).await
         }
         Command::BlockdevCreate(a) => blockdev_create(d, a),
-        Command::BlockdevSnapshot(a) => done(d.blockdev_snapshot(&a)),
-        Command::BlockdevSnapshotSync(a) => done(d.blockdev_snapshot_sync(&a)),
+        Command::BlockdevSnapshot(a) => {
+            off_reactor(d, move |d| done(d.blockdev_snapshot(&a))).await
+        }
+        Command::BlockdevSnapshotSync(a) => {
+            off_reactor(d, move |d| done(d.blockdev_snapshot_sync(&a))).await
+        }
         Command::BlockdevSnapshotInternalSync(a) => {
             off_reactor(d, move |d| done(d.take_internal_snapshot(&a))).await
         }
@@ -198,7 +203,9 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
             let sources: Vec<_> = a.bitmaps.iter().map(bitmap_source).collect();
             done(d.bitmap_merge(&a.node, &a.target, &sources))
         }
-        Command::Transaction(a) => done(crate::transaction::run(d, a)),
+        Command::Transaction(a) => {
+            off_reactor(d, move |d| done(crate::transaction::run(d, a))).await
+        }
         Command::XDebugBlockDirtyBitmapSha256(a) => {
             Ok(json!({"sha256": bitmap_ops::sha256(&d.bitmap_node(&a.node)?, &a.name)?}))
         }
@@ -221,8 +228,12 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         Command::BlockJobComplete(a) => job_verb(d, Verb::Complete, &a.device, true),
         Command::BlockJobDismiss(a) => job_verb(d, Verb::Dismiss, &a.id, true),
         Command::BlockJobFinalize(a) => job_verb(d, Verb::Finalize, &a.id, true),
-        Command::BlockdevBackup(a) => done(crate::backup::blockdev_backup(d, a)),
-        Command::DriveBackup(a) => done(crate::backup::drive_backup(d, a)),
+        Command::BlockdevBackup(a) => {
+            off_reactor(d, move |d| done(crate::backup::blockdev_backup(d, a))).await
+        }
+        Command::DriveBackup(a) => {
+            off_reactor(d, move |d| done(crate::backup::drive_backup(d, a))).await
+        }
         Command::QueryJobs => {
             let jobs = d.jobs.list();
             Ok(Value::Array(
@@ -324,8 +335,9 @@ fn blockdev_create(d: &Arc<Daemon>, a: BlockdevCreateArgs) -> CmdResult {
 }
 
 fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
-    // Check the names first, then switch node by node through the graph (permissions before
-    // bytes, drained); a refusal puts back the nodes already switched: all or nothing.
+    // Check every entry first, then change node by node through the graph (child changes,
+    // then read-only; permissions before bytes, drained); a refusal puts back everything
+    // already changed, newest first: all or nothing.
     let mut plan = Vec::new();
     for o in &a.options {
         let Some(name) = o.node_name.as_deref() else {
@@ -339,23 +351,50 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
             return Err(generic("Cannot change the option 'driver'"));
         }
         let opts = node_options(o).map_err(generic)?;
-        d.graph().check_reopen(&node, &opts)?;
-        plan.push((node, o.read_only.unwrap_or(false)));
+        let children = d.graph().check_reopen(&node, &opts)?;
+        plan.push((node, children, o.read_only.unwrap_or(false)));
+    }
+    enum Undo {
+        Child(NodeRef, ChildChange),
+        ReadOnly(NodeRef, bool),
     }
     let mut graph = d.graph();
-    let mut done = Vec::new();
-    for (node, ro) in plan {
-        let was = node.read_only();
-        if let Err(e) = graph.reopen_read_only(&node, ro) {
-            for (n, was) in done.into_iter().rev() {
-                if let Err(e) = graph.reopen_read_only(&n, was) {
-                    tracing::warn!(node = n.name(), error = %e, "undoing a reopen failed");
+    let mut done: Vec<Undo> = Vec::new();
+    let mut replaced: Vec<NodeRef> = Vec::new();
+    let mut result = Ok(());
+    'plan: for (node, children, ro) in plan {
+        for c in &children {
+            match graph.reopen_child(&node, c) {
+                Ok(undo) => {
+                    replaced.extend(undo.to.clone());
+                    done.push(Undo::Child(node.clone(), undo));
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break 'plan;
                 }
             }
-            return Err(e);
         }
-        done.push((node, was));
+        let was = node.read_only();
+        if let Err(e) = graph.reopen_read_only(&node, ro) {
+            result = Err(e);
+            break;
+        }
+        done.push(Undo::ReadOnly(node, was));
     }
+    if let Err(e) = result {
+        for u in done.into_iter().rev() {
+            let undone = match &u {
+                Undo::Child(n, c) => graph.reopen_child(n, c).map(|_| ()),
+                Undo::ReadOnly(n, was) => graph.reopen_read_only(n, *was),
+            };
+            if let Err(e) = undone {
+                tracing::warn!(error = %e, "undoing a reopen failed");
+            }
+        }
+        return Err(e);
+    }
+    graph.close_orphans(&replaced);
     Ok(json!({}))
 }
 

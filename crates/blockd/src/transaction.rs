@@ -9,7 +9,8 @@
 //! that reached one source before that instant reached it before any backup's point in time;
 //! a write after it is seen by every backup's hook. (With a snapshot action in the same
 //! transaction each backup holds its own source off only while it prepares, since a snapshot
-//! drains the node itself.)
+//! drains the node itself.) The hold is a drained section over the sources plus their write
+//! gates; each backup's filter node is inserted above its source in a nested drained section.
 
 use std::sync::{Arc, Mutex};
 
@@ -207,6 +208,11 @@ pub fn run(d: &Arc<Daemon>, args: TransactionArgs) -> Result<()> {
     };
     let mut actions: Vec<Box<dyn Action>> =
         args.actions.into_iter().map(|a| action(&ctx, a)).collect();
+    // First a drained section over the sources (exports and devices on them stop, requests in
+    // flight finish), then the sources' write gates (writers that reach them other than through
+    // a root). Each backup inserts its filter in a nested drained section, which finds the
+    // roots already idle; gates go first, the section last (reverse order of the locals).
+    let _drained = d.graph().drain_begin(&sources);
     let _quiet: Vec<_> = sources.iter().map(|n| n.quiesce()).collect();
     let result = transaction::run(&mut actions, mode);
     // The jobs resume together, in the order they started, as QEMU's do when the

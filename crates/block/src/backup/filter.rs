@@ -1,8 +1,16 @@
-//! The copy-before-write filter as a node: it shows in the graph under `filter-node-name` (or
-//! a generated name) while a backup runs, as QEMU's does, with the source as its `file` child
-//! and the target as its `target` child. I/O through it goes to the source, whose write hook
-//! does the copy-before-write (the hook, not this node, keeps the point in time: writers that
-//! use the source directly are covered too).
+//! The copy-before-write filter as a node, as QEMU's backup job has it: named
+//! `filter-node-name` (or a generated name), with the source as its `file` child and the target
+//! as its `target` child. It is created before the point in time is taken (its `target` edge
+//! holds the write permission on the target from then on), inserted above the source once the
+//! job exists (every parent and backend of the source, exports and devices included, now uses
+//! the filter; the filter then lets nobody else write the source), and removed again when the
+//! job is cleaned up, each re-wiring in a drained section. I/O through it goes to the source,
+//! whose write hook does the copy-before-write (writers that reach the source some other way,
+//! such as a job, are covered too).
+//!
+//! The job holds its nodes through roots with QEMU's backup permissions: a backend on the
+//! filter (its main node) and a job edge on the target, both needing nothing and sharing
+//! everything.
 //!
 //! For a `sync: none` job it also offers the point-in-time view to `snapshot-access` (image
 //! fleecing through a backup job, as with QEMU's filter): clusters the hook has not copied
@@ -10,13 +18,153 @@
 
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::copy::Copier;
 use crate::driver::{BlockStatus, Driver, ImageFacts, SnapshotApi};
-use crate::error::errno;
-use crate::node::NodeRef;
-use crate::perm::Role;
+use crate::edge::{Root, RootKind};
+use crate::error::{errno, Error, Result};
+use crate::graph::Graph;
+use crate::node::{Child, NodeRef};
+use crate::perm::{Perm, Role};
+
+/// Gives a backup job the graph for its filter node (the daemon keeps it behind a lock).
+pub trait GraphHost: Send + Sync {
+    /// Run `f` on the graph; does nothing once the graph is gone (shutdown).
+    fn with_graph(&self, f: &mut dyn FnMut(&mut Graph));
+}
+
+/// Where a `sync: none` job's point-in-time view goes once it exists (the filter is created
+/// before it).
+pub type ViewSlot = Arc<OnceLock<SnapshotView>>;
+
+/// A job's filter node and its holds on the graph.
+pub(crate) struct Installed {
+    host: Arc<dyn GraphHost>,
+    filter: NodeRef,
+    source: NodeRef,
+    /// The job's roots (main node: the filter; the target), once inserted.
+    roots: Vec<Arc<Root>>,
+}
+
+fn on_graph<T>(host: &dyn GraphHost, f: impl FnOnce(&mut Graph) -> Result<T>) -> Result<T> {
+    let mut f = Some(f);
+    let mut out = None;
+    host.with_graph(&mut |g| {
+        if let Some(f) = f.take() {
+            out = Some(f(g));
+        }
+    });
+    out.unwrap_or_else(|| Err(Error::generic("the block graph is shut down")))
+}
+
+impl Installed {
+    /// Put the filter node in the graph (not yet above the source) and take its permissions:
+    /// from here on its `target` edge holds write on the target. QEMU's "Could not create
+    /// node: " errors.
+    pub(crate) fn create(
+        host: Arc<dyn GraphHost>,
+        name: Option<&str>,
+        source: &NodeRef,
+        target: &NodeRef,
+        view: ViewSlot,
+    ) -> Result<Installed> {
+        let children = vec![
+            Child {
+                role: "file",
+                node: source.clone(),
+            },
+            Child {
+                role: "target",
+                node: target.clone(),
+            },
+        ];
+        let driver = Box::new(CbwFilter::with_view(source.clone(), view));
+        let filter = on_graph(&*host, |g| {
+            let filter = g.insert_internal(name, driver, children)?;
+            if let Err(e) = g.refresh_perms() {
+                g.remove_internal(&filter);
+                return Err(e);
+            }
+            Ok(filter)
+        })
+        .map_err(|e| e.context("Could not create node"))?;
+        Ok(Installed {
+            host,
+            filter,
+            source: source.clone(),
+            roots: Vec::new(),
+        })
+    }
+
+    /// Insert the filter above the source (drained; QEMU's "Could not replace node: "), then
+    /// attach the job's roots: `job_id`'s main node (the filter) and its target.
+    pub(crate) fn insert(&mut self, job_id: &str, target: &NodeRef) -> Result<()> {
+        let (filter, source) = (self.filter.clone(), self.source.clone());
+        let roots = on_graph(&*self.host, |g| {
+            g.replace_node(&source, &filter)
+                .map_err(|e| e.context("Could not replace node"))?;
+            let main = Root::new(
+                format!("block job '{job_id}'"),
+                format!("block job '{job_id}'"),
+                filter.clone(),
+                Perm::NONE,
+                Perm::ALL,
+            );
+            let held = Root::with_kind(
+                RootKind::Job,
+                format!("block job '{job_id}'"),
+                format!("backup job '{job_id}'"),
+                target.clone(),
+                Perm::NONE,
+                Perm::ALL,
+            );
+            let attached = g
+                .attach_root(&main)
+                .and_then(|_| g.attach_root(&held).inspect_err(|_| g.detach_root(&main)));
+            if let Err(e) = attached {
+                if let Err(e) = g.replace_node(&filter, &source) {
+                    tracing::warn!(error = %e, "taking a backup filter out again");
+                }
+                return Err(e);
+            }
+            // QEMU's job blocks every operation on its main node, as on its target.
+            filter.add_user(super::TARGET_USER.to_string());
+            Ok(vec![main, held])
+        })?;
+        self.roots = roots;
+        Ok(())
+    }
+
+    /// The filter node.
+    pub(crate) fn node(&self) -> &NodeRef {
+        &self.filter
+    }
+
+    /// Undo everything, in QEMU's order: the job's roots go, then the filter is taken out
+    /// (drained) and closed.
+    pub(crate) fn remove(self) {
+        let Installed {
+            host,
+            filter,
+            source,
+            roots,
+        } = self;
+        let _ = on_graph(&*host, |g| {
+            if !roots.is_empty() {
+                filter.remove_user(super::TARGET_USER);
+            }
+            for r in roots.iter().rev() {
+                g.detach_root(r);
+            }
+            if let Err(e) = g.replace_node(&filter, &source) {
+                tracing::warn!(node = filter.name(), error = %e, "taking a backup filter out");
+            }
+            g.remove_internal(&filter);
+            Ok(())
+        });
+    }
+}
 
 /// The point in time a running `sync: none` backup keeps (see [`super::prepare_with_view`]).
 pub struct SnapshotView {
@@ -96,17 +244,18 @@ impl SnapshotApi for SnapshotView {
 /// The filter's driver: everything forwarded to the source.
 pub struct CbwFilter {
     source: NodeRef,
-    view: Option<SnapshotView>,
+    view: ViewSlot,
 }
 
 impl CbwFilter {
     /// A filter over `source`.
     pub fn new(source: NodeRef) -> CbwFilter {
-        CbwFilter { source, view: None }
+        CbwFilter::with_view(source, ViewSlot::default())
     }
 
-    /// A filter over `source` that offers `view` to `snapshot-access`.
-    pub fn with_view(source: NodeRef, view: Option<SnapshotView>) -> CbwFilter {
+    /// A filter over `source` that offers the view put in `view` (if any) to
+    /// `snapshot-access`.
+    pub fn with_view(source: NodeRef, view: ViewSlot) -> CbwFilter {
         CbwFilter { source, view }
     }
 }
@@ -151,15 +300,14 @@ impl Driver for CbwFilter {
         self.source.driver().status_is_cheap()
     }
     fn snapshot_api(&self) -> Option<&dyn SnapshotApi> {
-        self.view.as_ref().map(|v| v as &dyn SnapshotApi)
+        self.view.get().map(|v| v as &dyn SnapshotApi)
     }
     fn child_role(&self, child: &str) -> Role {
-        // QEMU's filter unshares write on the source because it moves the source's writers
-        // above itself. Here the writers stay on the source and the job's write hook copies for
-        // every one of them, so the source edge only passes the filter's own needs through.
+        // As QEMU's: once the filter has parents (the job's main node at least) it has moved
+        // the source's writers above itself and lets nobody else write or resize the source.
         match child {
             "target" => Role::CbwTarget,
-            _ => Role::Filtered,
+            _ => Role::CbwSource,
         }
     }
 }

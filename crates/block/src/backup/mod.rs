@@ -216,6 +216,9 @@ pub struct BackupEnv<'a> {
     /// The caller already holds writes to the source off ([`Node::quiesce`]): a transaction
     /// quiesces every source of its backups together, so they share one point in time.
     pub source_quiesced: bool,
+    /// The graph, for the job's copy-before-write filter node and its roots (see
+    /// [`filter`]); `None`: no filter node (tests of the job alone).
+    pub host: Option<Arc<dyn filter::GraphHost>>,
 }
 
 /// Check everything, freeze the bitmap and install the copy-before-write hook (the point in
@@ -232,13 +235,13 @@ pub fn prepare(jobs: &Arc<JobManager>, p: BackupParams, env: BackupEnv<'_>) -> R
     prepare_with_view(jobs, p, env).map(|(job, _)| job)
 }
 
-/// [`prepare`], also returning the point-in-time view a `sync: none` job keeps (for its
-/// filter node, which `snapshot-access` reads as in QEMU's fleecing).
+/// The job's filter node (when the daemon gave a graph), the point-in-time view a `sync: none`
+/// job offers through it to `snapshot-access` (as in QEMU's fleecing), and the job itself.
 pub fn prepare_with_view(
     jobs: &Arc<JobManager>,
     p: BackupParams,
     env: BackupEnv<'_>,
-) -> Result<(Arc<Job>, Option<filter::SnapshotView>)> {
+) -> Result<(Arc<Job>, Option<NodeRef>)> {
     let mode = check_arguments(&p)?;
     if Arc::ptr_eq(&p.source, &p.target) {
         return Err(Error::generic("Source and target cannot be the same"));
@@ -254,8 +257,8 @@ pub fn prepare_with_view(
     if p.target.has_user(TARGET_USER) {
         return Err(busy_error(p.target.name()));
     }
-    if p.target.has_user(SOURCE_USER) {
-        // QEMU: the running job's filter does not share 'write' on its source.
+    if env.host.is_none() && p.target.has_user(SOURCE_USER) {
+        // Without a filter node nothing else sees the conflict QEMU's filter reports.
         return Err(Error::generic(format!(
             "Could not create node: Permission conflict on node '{}': permissions 'write' are both required by a backup target and unshared by the copy-before-write filter of another backup job",
             p.target.name()
@@ -339,6 +342,24 @@ pub fn prepare_with_view(
 
     let size = p.source.size();
     let mut todo = HBitmap::new(size, cluster).map_err(|e| Error::generic(e.to_string()))?;
+    // The filter node first, as QEMU creates it before the job: its target edge holds write
+    // on the target before the copy-before-write hook may write there.
+    let view_slot = filter::ViewSlot::default();
+    let mut installed = match env.host.clone() {
+        Some(host) => Some(filter::Installed::create(
+            host,
+            p.filter_node_name.as_deref(),
+            &p.source,
+            &p.target,
+            view_slot.clone(),
+        )?),
+        None => None,
+    };
+    let drop_filter = |installed: Option<filter::Installed>| {
+        if let Some(i) = installed {
+            i.remove();
+        }
+    };
     let copier;
     let hook: Arc<dyn WriteHook>;
     let frozen;
@@ -346,15 +367,33 @@ pub fn prepare_with_view(
         // The point in time: no write is between its hook and its bitmap marks meanwhile.
         let _quiet = (!env.source_quiesced).then(|| p.source.quiesce());
         frozen = match (&p.bitmap, mode) {
-            (Some(name), Some(m)) => Some(bitmaps::freeze(&p.source, name, m)?),
+            (Some(name), Some(m)) => match bitmaps::freeze(&p.source, name, m) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    drop(_quiet);
+                    drop_filter(installed);
+                    return Err(e);
+                }
+            },
             _ => None,
         };
         match (p.sync, &frozen) {
             (SyncMode::Bitmap | SyncMode::Incremental, Some(f)) => {
                 let list = p.source.bitmaps();
                 if let Some(b) = list.get(&f.name) {
-                    todo.merge(&b.bits)
-                        .map_err(|e| Error::generic(e.to_string()))?;
+                    // Same granularity rules as the bitmap's own: cannot fail for a bitmap
+                    // of this node, but a failure must not leave the bitmap frozen.
+                    if let Err(e) = todo.merge(&b.bits) {
+                        drop(list);
+                        drop(_quiet);
+                        if let Some(f) = frozen {
+                            // Nothing was copied.
+                            todo.set_all();
+                            bitmaps::finish(&p.source, f, false, &todo);
+                        }
+                        drop_filter(installed);
+                        return Err(Error::generic(e.to_string()));
+                    }
                 }
             }
             _ => todo.set_all(),
@@ -376,7 +415,15 @@ pub fn prepare_with_view(
     }
     p.target.add_user(TARGET_USER.to_string());
     p.source.add_user(SOURCE_USER.to_string());
-    let view = (p.sync == SyncMode::None).then(|| filter::SnapshotView::new(copier.clone()));
+    if p.sync == SyncMode::None {
+        let _ = view_slot.set(filter::SnapshotView::new(copier.clone()));
+    }
+    // Everything that used the source now uses the filter; the job holds its nodes.
+    let inserted = match installed.as_mut() {
+        Some(i) => i.insert(&p.job_id, &p.target),
+        None => Ok(()),
+    };
+    let filter_node = installed.as_ref().map(|i| i.node().clone());
     let body = Arc::new(BackupJob {
         copier,
         hook,
@@ -385,8 +432,14 @@ pub fn prepare_with_view(
         on_source_error: p.on_source_error,
         on_target_error: p.on_target_error,
         perf: p.perf,
+        filter: Mutex::new(installed),
         on_clean: Mutex::new(env.on_clean),
     });
+    if let Err(e) = inserted {
+        body.abort();
+        body.clean();
+        return Err(e);
+    }
     let spec = JobSpec {
         id: p.job_id.clone(),
         job_type: "backup",
@@ -397,7 +450,7 @@ pub fn prepare_with_view(
         drain_at_start: true,
     };
     match jobs.create(spec, body.clone()) {
-        Ok(job) => Ok((job, view)),
+        Ok(job) => Ok((job, filter_node)),
         Err(e) => {
             body.abort();
             body.clean();
@@ -415,6 +468,8 @@ pub struct BackupJob {
     on_source_error: OnError,
     on_target_error: OnError,
     perf: Perf,
+    /// The filter node and the job's roots, until clean.
+    filter: Mutex<Option<filter::Installed>>,
     on_clean: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
@@ -452,6 +507,11 @@ impl JobBody for BackupJob {
         c.source.remove_hook(&self.hook);
         c.target.remove_user(TARGET_USER);
         c.source.remove_user(SOURCE_USER);
+        // The job's roots go, then the filter is taken out (drained) and closed.
+        let installed = self.filter.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(i) = installed {
+            i.remove();
+        }
         let cb = self
             .on_clean
             .lock()

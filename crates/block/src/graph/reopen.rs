@@ -1,28 +1,33 @@
-//! Changing a node between read-only and read-write (blockdev-reopen's `read-only`).
+//! blockdev-reopen: changing a node between read-only and read-write, and changing its
+//! `file` / `backing` child to another node (or `backing` to none), as QEMU 10 allows.
 //!
 //! Going read-write: the permissions first (the node's edges to its children now ask for
 //! write; refused with QEMU's conflict text or a lock failure, changing nothing), then the
 //! driver reopens for writing. Going read-only: persistent bitmaps are stored and the image
 //! flushed while write access is still held, then the driver gives it up and the locks drop.
 //! Inline (auto-named) `file` children follow their parent, as QEMU's inherited options do.
+//!
+//! A child change is a re-wiring in a drained section with the permissions checked (a lock
+//! that cannot be had refuses it, changing nothing). Like QEMU, blockd does not check that a
+//! new `file` holds the same image: that is the caller's promise (the use is putting a filter
+//! between a format and its file).
 
+use std::sync::Arc;
+
+use super::rewire::reaches;
 use super::{ChildRef, DriverOptions, Graph, NodeOptions};
+use crate::edge::ChildEdge;
 use crate::error::{Error, Result};
 use crate::node::NodeRef;
 use crate::perm::Perm;
 
-/// A child option of a reopen against the current child: unchanged, or refused.
-fn same_child(node: &NodeRef, role: &str, new: &ChildRef) -> Result<()> {
-    let current = node.child(role);
-    let same = match new {
-        ChildRef::Name(n) => current.as_ref().is_some_and(|c| c.name() == n),
-        ChildRef::Inline(_) => false,
-    };
-    if same {
-        Ok(())
-    } else {
-        Err(not_yet(role))
-    }
+/// A child a reopen changes: `role` of the node becomes `to` (`None`: no backing).
+#[derive(Clone)]
+pub struct ChildChange {
+    /// "file" or "backing".
+    pub role: &'static str,
+    /// The new child.
+    pub to: Option<NodeRef>,
 }
 
 /// What QEMU can change on reopen but blockd cannot yet: refused rather than ignored.
@@ -33,10 +38,47 @@ fn not_yet(option: &str) -> Error {
 }
 
 impl Graph {
+    /// A reopen's `file` or `backing` option against the current child: unchanged (`None`),
+    /// a change to make, or QEMU's refusal.
+    fn child_option(
+        &self,
+        node: &NodeRef,
+        role: &'static str,
+        new: Option<&ChildRef>,
+    ) -> Result<Option<ChildChange>> {
+        let current = node.child(role);
+        let Some(new) = new else {
+            return Ok((current.is_some()).then_some(ChildChange { role, to: None }));
+        };
+        let to = match new {
+            ChildRef::Name(n) => self.get(n).ok_or_else(|| {
+                Error::generic(format!("Cannot find device='' nor node-name='{n}'"))
+            })?,
+            ChildRef::Inline(_) => {
+                return Err(Error::generic(format!(
+                    "Cannot change the option '{role}.driver'"
+                )))
+            }
+        };
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &to)) {
+            return Ok(None);
+        }
+        if reaches(&to, node) {
+            return Err(Error::generic(format!(
+                "Making '{}' a {role} child of '{}' would create a cycle",
+                to.name(),
+                node.name()
+            )));
+        }
+        Ok(Some(ChildChange { role, to: Some(to) }))
+    }
+
     /// Check a reopen's options for `node` against how it is open: every option other than
-    /// `read-only` must be unchanged. QEMU's refusals keep QEMU's text ("Cannot change the
-    /// option 'filename'"); changes QEMU makes but blockd cannot yet are refused as such.
-    pub fn check_reopen(&self, node: &NodeRef, new: &NodeOptions) -> Result<()> {
+    /// `read-only`, `file` and `backing` must be unchanged. Returns the child changes to make.
+    /// QEMU's refusals keep QEMU's text ("Cannot change the option 'filename'"); changes QEMU
+    /// makes but blockd cannot yet are refused as such.
+    pub fn check_reopen(&self, node: &NodeRef, new: &NodeOptions) -> Result<Vec<ChildChange>> {
+        let mut changes = Vec::new();
         let f = node.flags();
         let nf = &new.flags;
         if nf.detect_zeroes != f.detect_zeroes {
@@ -52,7 +94,7 @@ impl Graph {
             return Err(not_yet("cache.no-flush"));
         }
         let Some(old) = node.opened_with() else {
-            return Ok(());
+            return Ok(changes);
         };
         let cannot = |o: &str| Error::generic(format!("Cannot change the option '{o}'"));
         match (old, &new.driver) {
@@ -78,7 +120,7 @@ impl Graph {
                     size: nsize,
                 },
             ) => {
-                same_child(node, "file", file)?;
+                changes.extend(self.child_option(node, "file", Some(file))?);
                 if offset.unwrap_or(0) != noffset.unwrap_or(0) {
                     return Err(not_yet("offset"));
                 }
@@ -111,18 +153,85 @@ impl Graph {
                 if cache != old {
                     return Err(not_yet("cache-size"));
                 }
-                same_child(node, "file", file)?;
+                // QEMU looks at `backing` first, then `file`.
                 match backing {
-                    // Not given: the current backing stays.
-                    None => {}
-                    Some(None) if node.child("backing").is_none() => {}
-                    Some(None) => return Err(not_yet("backing")),
-                    Some(Some(b)) => same_child(node, "backing", b)?,
+                    // Absent means "no backing" to blockdev-reopen, which QEMU refuses for a
+                    // node that has one (or names one in its image).
+                    None => {
+                        let named = node.facts().backing_filename.is_some();
+                        if node.child("backing").is_some() || named {
+                            return Err(Error::generic(format!(
+                                "backing is missing for '{}'",
+                                node.name()
+                            )));
+                        }
+                    }
+                    Some(b) => changes.extend(self.child_option(node, "backing", b.as_ref())?),
                 }
+                changes.extend(self.child_option(node, "file", Some(file))?);
             }
             _ => {}
         }
-        Ok(())
+        Ok(changes)
+    }
+
+    /// Make one child change of a reopen (drained, permissions checked, undone if refused);
+    /// returns the change that undoes it.
+    pub fn reopen_child(&mut self, node: &NodeRef, change: &ChildChange) -> Result<ChildChange> {
+        let role = change.role;
+        let undo = ChildChange {
+            role,
+            to: node.child(role),
+        };
+        let edge = node.edges().into_iter().find(|e| e.role() == role);
+        match (&change.to, edge) {
+            (Some(to), Some(_)) => self.set_child(node, role, to)?,
+            (Some(to), None) => {
+                let involved = [node.clone(), to.clone()];
+                self.drained(&involved, |g| {
+                    let edge = ChildEdge::new(role, to.clone());
+                    node.push_edge(edge.clone());
+                    node.driver().attach_backing(Some(edge.clone()));
+                    if let Err(e) = g.refresh_perms() {
+                        node.driver().attach_backing(None);
+                        node.remove_edge(&edge);
+                        if let Err(e) = g.refresh_perms() {
+                            tracing::warn!(error = %e, "restoring permissions after a refused reopen");
+                        }
+                        return Err(e);
+                    }
+                    Ok(())
+                })?
+            }
+            (None, Some(edge)) => {
+                let involved = [node.clone(), edge.node()];
+                self.drained(&involved, |g| {
+                    node.driver().attach_backing(None);
+                    node.remove_edge(&edge);
+                    g.refresh_perms()
+                })?
+            }
+            (None, None) => {}
+        }
+        Ok(undo)
+    }
+
+    /// After a reopen succeeded: close the auto-named children it left without any user
+    /// (a backing file opened from the image's header that was replaced), as QEMU drops them.
+    pub fn close_orphans(&mut self, old: &[NodeRef]) {
+        for n in old {
+            let orphan = n.auto_named()
+                && self.nodes.iter().any(|x| Arc::ptr_eq(x, n))
+                && self.parents(n).is_empty()
+                && n.first_user().is_none()
+                && !self.roots().iter().any(|r| Arc::ptr_eq(&r.node(), n));
+            if orphan {
+                if let Err(e) = self.remove_tree(n) {
+                    tracing::warn!(node = n.name(), error = %e, "closing a replaced child");
+                }
+            }
+        }
+        let _ = self.refresh_perms();
     }
 
     /// Switch `node` (and its inline file child) to `read_only`, all or nothing.

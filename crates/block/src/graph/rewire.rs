@@ -20,6 +20,20 @@ pub(crate) fn reaches(from: &NodeRef, target: &NodeRef) -> bool {
     Arc::ptr_eq(from, target) || from.children().iter().any(|c| reaches(&c.node, target))
 }
 
+/// A drained section in force (see [`Graph::drain_begin`]); the roots resume when it is
+/// dropped.
+pub struct Drained {
+    roots: Vec<Arc<Root>>,
+}
+
+impl Drop for Drained {
+    fn drop(&mut self) {
+        for r in &self.roots {
+            r.resume();
+        }
+    }
+}
+
 /// One swap made by a re-wiring, so it can be undone.
 enum Swap {
     Edge(Arc<crate::edge::ChildEdge>, NodeRef),
@@ -69,16 +83,19 @@ impl Graph {
         }
     }
 
-    /// The first root pointing at `node`.
+    /// The first backend (export, device, job's main node) pointing at `node`: what makes
+    /// QEMU say "Node X is in use". A job's hold on its target is not one.
     pub fn root_on(&self, node: &NodeRef) -> Option<Arc<Root>> {
         self.roots()
             .into_iter()
-            .find(|r| Arc::ptr_eq(&r.node(), node))
+            .find(|r| r.follows() && Arc::ptr_eq(&r.node(), node))
     }
 
-    /// Run `f` with every root that reaches one of `nodes` quiesced (no new requests, none in
-    /// flight). Blocking.
-    pub fn drained<T>(&mut self, nodes: &[NodeRef], f: impl FnOnce(&mut Graph) -> T) -> T {
+    /// Begin a drained section over `nodes`: every root that reaches one of them stops taking
+    /// new requests, and this waits for those in flight. The section lasts until the returned
+    /// guard is dropped, and sections nest: a drained section (a re-wiring) started while an
+    /// outer one holds the same roots finds them idle and does not wait. Blocking.
+    pub fn drain_begin(&self, nodes: &[NodeRef]) -> Drained {
         let roots: Vec<Arc<Root>> = self
             .roots()
             .into_iter()
@@ -90,10 +107,15 @@ impl Graph {
         for r in &roots {
             r.quiesce();
         }
+        Drained { roots }
+    }
+
+    /// Run `f` with every root that reaches one of `nodes` quiesced (no new requests, none in
+    /// flight); see [`Graph::drain_begin`]. Blocking.
+    pub fn drained<T>(&mut self, nodes: &[NodeRef], f: impl FnOnce(&mut Graph) -> T) -> T {
+        let section = self.drain_begin(nodes);
         let out = f(self);
-        for r in &roots {
-            r.resume();
-        }
+        drop(section);
         out
     }
 
@@ -117,7 +139,7 @@ impl Graph {
                 }
             }
             for r in g.roots() {
-                if Arc::ptr_eq(&r.node(), from) {
+                if r.follows() && Arc::ptr_eq(&r.node(), from) {
                     swaps.push(Swap::Root(r.clone(), r.set_node(to.clone())));
                 }
             }

@@ -98,9 +98,9 @@ impl Graph {
     /// The first check of a snapshot of `node` (before its overlay is looked up or created):
     /// QEMU's op blocker on a node that is already some overlay's backing child.
     ///
-    /// blockd refuses too while the node has users that hold it directly instead of through a
-    /// [`Root`] (jobs, which hold plain nodes: they could not follow it onto the overlay and
-    /// would go on using it under it). Exports and devices are roots and follow.
+    /// blockd refuses too while the node has registered users (a backup job's source or
+    /// target: the job's I/O uses the node directly and could not follow it onto the
+    /// overlay). Exports and devices are backends and follow.
     pub fn snapshot_check_base(&self, node: &NodeRef) -> Result<()> {
         if let Some((p, _)) = self
             .parents(node)
@@ -191,7 +191,7 @@ impl Graph {
                 }
             }
             for r in g.roots() {
-                if Arc::ptr_eq(&r.node(), node) {
+                if r.follows() && Arc::ptr_eq(&r.node(), node) {
                     r.set_node(overlay.clone());
                     swaps.push(Swap::Root(r));
                 }

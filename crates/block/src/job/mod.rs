@@ -451,8 +451,10 @@ impl JobManager {
     /// concluded → null, with no BLOCK_JOB_* event.
     pub fn discard_unstarted(&self, job: &Arc<Job>) {
         job.transition(JobStatus::Aborting);
-        job.body.abort();
-        job.body.clean();
+        off_worker(|| {
+            job.body.abort();
+            job.body.clean();
+        });
         job.transition(JobStatus::Concluded);
         job.transition(JobStatus::Null);
         self.jobs().retain(|j| !Arc::ptr_eq(j, job));
@@ -520,8 +522,10 @@ impl JobManager {
                 if job.cancel.is_cancelled() {
                     self.finish_failed(&job, "Operation canceled".to_string());
                 } else {
-                    job.body.commit();
-                    job.body.clean();
+                    off_worker(|| {
+                        job.body.commit();
+                        job.body.clean();
+                    });
                     self.emit_end(&job, None);
                     self.conclude(&job);
                 }
@@ -539,8 +543,10 @@ impl JobManager {
     fn finish_failed(&self, job: &Arc<Job>, error: String) {
         job.transition(JobStatus::Aborting);
         job.lock().error = Some(error.clone());
-        job.body.abort();
-        job.body.clean();
+        off_worker(|| {
+            job.body.abort();
+            job.body.clean();
+        });
         self.emit_end(job, Some(error));
         self.conclude(job);
     }
@@ -690,6 +696,18 @@ impl JobManager {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         tasks.retain(|t| !t.is_finished());
         tasks.len()
+    }
+}
+
+/// Run a job's commit/abort/clean, which may block (a backup takes its filter out in a
+/// drained section, waiting for requests in flight): on a multi-thread runtime's worker the
+/// worker hands its other tasks (QMP, NBD) to the others first.
+fn off_worker<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 

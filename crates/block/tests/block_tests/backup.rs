@@ -172,6 +172,7 @@ fn start(jobs: &Arc<JobManager>, p: BackupParams) -> Arc<Job> {
             name_taken: &taken,
             on_clean: None,
             source_quiesced: false,
+            host: None,
         },
     )
     .unwrap()

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use block::edge::Root;
+use block::edge::{Root, RootKind};
 use block::graph::{ChildRef, DriverOptions, NodeOptions};
 use block::perm::Perm;
 use block::Graph;
@@ -162,4 +162,72 @@ fn writers_keep_every_write_in_order_while_a_filter_comes_and_goes() {
     }
     assert_eq!(root.in_flight(), 0);
     assert!(Arc::ptr_eq(&root.node(), &disk));
+}
+
+/// A transaction's hold on a source: a drained section, then the node's write gate. A filter
+/// inserted inside it (a nested drained section) must not wait for the writers the outer
+/// section already stopped, and a job's root stays on its node while backends move.
+#[test]
+fn a_nested_drained_section_inside_a_held_one_does_not_wait() {
+    const BLOCK: usize = 4096;
+    let img = image(64 * BLOCK, 0);
+    let (graph, disk) = raw_graph(&path(&img));
+    let graph = Arc::new(Mutex::new(graph));
+    let root = rw_root(&mut graph.lock().unwrap(), &disk);
+    let job = Root::with_kind(
+        RootKind::Job,
+        "block job 'j'".into(),
+        "backup job 'j'".into(),
+        disk.clone(),
+        Perm::NONE,
+        Perm::ALL,
+    );
+    graph.lock().unwrap().attach_root(&job).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (root, stop) = (root.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let val = (n % 251 + 1) as u8;
+                root.begin()
+                    .write((n % 64) * BLOCK as u64, &[val; BLOCK])
+                    .expect("write");
+                n += 1;
+            }
+            n
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    {
+        let (graph, disk) = (graph.clone(), disk.clone());
+        std::thread::spawn(move || {
+            let mut g = graph.lock().unwrap();
+            let outer = g.drain_begin(std::slice::from_ref(&disk));
+            let gate = disk.quiesce();
+            // Writers that try now wait at the root, not at the gate.
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            let f = g.insert_above(&disk, &filter_opts("f", "disk"));
+            drop(gate);
+            drop(outer);
+            let _ = done_tx.send(f.map(|f| f.name().to_string()));
+        });
+    }
+    let inserted = done_rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the nested drained section deadlocked");
+    assert_eq!(inserted.expect("insert"), "f");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    stop.store(true, Ordering::Release);
+    assert!(writer.join().unwrap() > 0);
+    let g = graph.lock().unwrap();
+    let f = g.get("f").unwrap();
+    assert!(
+        Arc::ptr_eq(&root.node(), &f),
+        "the export moved onto the filter"
+    );
+    assert!(Arc::ptr_eq(&job.node(), &disk), "the job's root stayed");
+    assert!(g.root_on(&disk).is_none(), "a job root is not a backend");
+    assert!(g.root_on(&f).is_some());
 }

@@ -137,3 +137,38 @@ fn fast_zero_is_claimed_only_where_zeroing_writes_no_data() {
         "drivers that cannot say are slow"
     );
 }
+
+/// blockdev-del runs in a drained section: a request that reached the node (here without a
+/// root, as a job's copy does) finishes before the node is flushed and closed.
+#[test]
+fn blockdev_del_waits_for_the_nodes_requests_in_flight() {
+    let (node, ctl) = TestDriver::node("t", 1 << 16);
+    let mut graph = block::Graph::new();
+    graph.add_node_ref(node.clone()).unwrap();
+    ctl.hold(Op::Write);
+    let written = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (node, written) = (node.clone(), written.clone());
+        std::thread::spawn(move || {
+            node.write(0, &[7; 4096]).unwrap();
+            written.store(true, std::sync::atomic::Ordering::Release);
+        })
+    };
+    ctl.wait_for_waiting(1);
+    let deleter = {
+        let written = written.clone();
+        std::thread::spawn(move || {
+            graph.del("t").unwrap();
+            written.load(std::sync::atomic::Ordering::Acquire)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!deleter.is_finished(), "the delete must wait for the write");
+    ctl.release(Op::Write);
+    writer.join().unwrap();
+    assert!(
+        deleter.join().unwrap(),
+        "the write finished before the node was closed"
+    );
+    assert_eq!(node.in_flight(), 0);
+}

@@ -561,8 +561,17 @@ impl Qcow2 {
         Ok(out)
     }
 
-    /// Mark every bitmap in the file in_use (once per open).
+    /// Mark every bitmap in the file in_use (once per open, and again after each store that
+    /// left them not in use).
+    ///
+    /// Idempotent: checked again under the metadata lock, because concurrent first writers each
+    /// see `bitmaps_claimed` clear before one of them takes the lock. A repeated claim would find
+    /// every bitmap already in use and so write a log covering none of them, silently ending
+    /// the crash protection of bitmaps the first claim flagged in use.
     fn claim_locked(&self, m: &mut Meta) -> Result<()> {
+        if self.bitmaps_claimed.load(Ordering::Acquire) {
+            return Ok(());
+        }
         // The new dirty-region log goes into the same header write as the in_use flags.
         let (log_changed, log) = self.log.claim(m);
         if m.bitmaps.iter().any(|b| b.flags & FLAG_IN_USE == 0) {

@@ -113,8 +113,9 @@ pub struct BitmapToStore {
     pub recording: bool,
     /// Keep it marked in use (an inconsistent bitmap stays so).
     pub inconsistent: bool,
-    /// Serialised bits.
-    pub data: Vec<u8>,
+    /// The bits, a (sparse) copy taken under the bitmap lock; `None` for an inconsistent
+    /// bitmap (nothing to write). Formats serialise it piece by piece, never as a whole.
+    pub bits: Option<hbitmap::HBitmap>,
 }
 
 /// Storage of persistent bitmaps inside an image (qcow2's bitmaps extension).

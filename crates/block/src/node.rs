@@ -671,27 +671,25 @@ fn snapshot_persistent(list: &BitmapList) -> Vec<BitmapToStore> {
             granularity: b.bits.granularity(),
             recording: b.recording,
             inconsistent: b.inconsistent,
-            data: if b.inconsistent {
-                Vec::new()
-            } else {
-                stored_bits(list, i, b)
-            },
+            bits: (!b.inconsistent).then(|| stored_bits(list, i, b)),
         })
         .collect()
 }
 
 /// The bits to store for a bitmap: a bitmap frozen by a backup also holds the writes its
 /// successor (the nameless entry right after it) recorded since, so a stored bitmap never
-/// misses a write, whatever becomes of the job.
-fn stored_bits(list: &BitmapList, i: usize, b: &crate::bitmap::DirtyBitmap) -> Vec<u8> {
+/// misses a write, whatever becomes of the job. A copy in the bitmap's own sparse form (its
+/// memory follows the dirty data), so the store runs without the bitmap lock and without a
+/// dense serialisation of the whole bitmap.
+fn stored_bits(list: &BitmapList, i: usize, b: &crate::bitmap::DirtyBitmap) -> hbitmap::HBitmap {
+    let mut bits = b.bits.clone();
     match list.items.get(i + 1) {
         Some(succ) if b.frozen && succ.name.is_none() => {
-            let mut bits = b.bits.clone();
             if let Err(e) = bits.merge(&succ.bits) {
                 tracing::error!(error = %e, "merging a successor for storing failed");
             }
-            bits.to_bytes()
         }
-        _ => b.bits.to_bytes(),
+        _ => {}
     }
+    bits
 }

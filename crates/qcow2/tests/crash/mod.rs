@@ -144,6 +144,36 @@ pub fn durable_state(base: &[u8], ops: &[Op], cut: usize, keep_unflushed: bool) 
     img
 }
 
+/// The states a power cut right after operation `cut - 1` leaves when that operation is a
+/// write of at most 8 sectors that tears: every earlier write landed, and each subset of the
+/// last write's 512-byte sectors (empty when that operation is no such write).
+pub fn torn_states(base: &[u8], ops: &[Op], cut: usize) -> Vec<Vec<u8>> {
+    let Some(Op::Write(off, data)) = cut.checked_sub(1).map(|i| &ops[i]) else {
+        return Vec::new();
+    };
+    let sectors = data.len().div_ceil(512);
+    if !(2..=8).contains(&sectors) {
+        return Vec::new();
+    }
+    let before = durable_state(base, ops, cut - 1, true);
+    (1..(1u32 << sectors) - 1)
+        .map(|subset| {
+            let mut img = before.clone();
+            let end = *off as usize + data.len();
+            if img.len() < end {
+                img.resize(end, 0);
+            }
+            for (k, sector) in data.chunks(512).enumerate() {
+                if subset & (1 << k) != 0 {
+                    let at = *off as usize + k * 512;
+                    img[at..at + sector.len()].copy_from_slice(sector);
+                }
+            }
+            img
+        })
+        .collect()
+}
+
 pub const DISK: u64 = 64 << 20;
 pub const REGION: u64 = 1 << 20;
 /// The bitmaps of the run: (name, granularity, recording).

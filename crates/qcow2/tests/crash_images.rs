@@ -174,8 +174,12 @@ fn a_second_power_cut_after_a_read_only_recovery_and_a_writable_claim_loses_noth
         let (acked2, first_store) = run(&rw, &loaded, &rec, seed * 0x9e37_79b9, 80, 40);
         let ops = rec.ops();
         for k in 0..80 {
+            // Every other cut falls before the first checkpoint (the window where the marks
+            // recovered by the first life must still be covered), the rest anywhere.
             let cut = if k == 0 {
                 ops.len()
+            } else if k % 2 == 1 {
+                rng.below(first_store.min(ops.len()) as u64 + 1) as usize
             } else {
                 rng.below(ops.len() as u64 + 1) as usize
             };

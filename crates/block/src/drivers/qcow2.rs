@@ -404,8 +404,9 @@ impl BitmapStore for Qcow2Driver {
             .can_store_bitmap(name, granularity)
             .map_err(|e| e.to_string())
     }
-    fn store(&self, bitmaps: &[BitmapToStore], in_use: bool) -> io::Result<()> {
-        let sources: Vec<StoredBits<'_>> = bitmaps.iter().map(|b| StoredBits(&b.bits)).collect();
+    fn store(&self, bitmaps: &[BitmapToStore<'_>], in_use: bool) -> io::Result<()> {
+        let sources: Vec<StoredBits<'_, '_>> =
+            bitmaps.iter().map(|b| StoredBits(&b.bits)).collect();
         let list: Vec<qcow2::StoreBitmapRef<'_>> = bitmaps
             .iter()
             .zip(&sources)
@@ -435,11 +436,11 @@ impl BitmapStore for Qcow2Driver {
     }
 }
 
-/// A bitmap's bits as the qcow2 store reads them: one cluster of serialised bytes at a time,
-/// zero clusters answered from the bitmap's summary without serialising them.
-struct StoredBits<'a>(&'a Option<hbitmap::HBitmap>);
+/// A bitmap's bits as the qcow2 store reads them: one cluster of serialised bytes at a time
+/// from the live bitmap, zero clusters answered from its summary without serialising them.
+struct StoredBits<'a, 'b>(&'a Option<crate::node::LiveBits<'b>>);
 
-impl qcow2::BitmapData for StoredBits<'_> {
+impl qcow2::BitmapData for StoredBits<'_, '_> {
     fn len(&self) -> u64 {
         self.0.as_ref().map_or(0, |b| b.serialized_len() as u64)
     }
@@ -460,6 +461,6 @@ impl qcow2::BitmapData for StoredBits<'_> {
             .saturating_add(len)
             .saturating_mul(8)
             .saturating_mul(g);
-        b.next_dirty(start, end).is_none()
+        !b.any_dirty(start, end)
     }
 }

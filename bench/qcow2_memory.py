@@ -22,6 +22,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -52,13 +53,31 @@ def offsets(disk_gib, written_gib, seed=7):
     return sorted(rng.sample(range(clusters), n))
 
 
-def scatter_writes(d, offs):
-    """Write 64 KiB at each offset through qemu-io on the NBD export, then flush."""
-    script = "".join(f"write -P 0x5a {c * CLUSTER} {CLUSTER}\n" for c in offs) + "flush\nquit\n"
-    r = subprocess.run(["qemu-io", "-f", "raw", d.uri], input=script.encode(),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if r.returncode != 0:
-        raise RuntimeError(f"qemu-io failed on {d.kind}: {r.stderr.decode(errors='replace')}")
+def scatter_writes(d, offs, jobs=1):
+    """Write 64 KiB at each offset through qemu-io on the NBD export, then flush; with
+    `jobs` > 1 the offsets are dealt round-robin to that many qemu-io clients at once."""
+    procs = []
+    for j in range(jobs):
+        part = offs[j::jobs]
+        script = "".join(f"write -P 0x5a {c * CLUSTER} {CLUSTER}\n" for c in part) + "flush\nquit\n"
+        p = subprocess.Popen(["qemu-io", "-f", "raw", d.uri], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append((p, script.encode()))
+    # Feed each client in a thread so no pipe blocks the others.
+    errs = []
+
+    def run(p, data):
+        _, err = p.communicate(data)
+        if p.returncode != 0:
+            errs.append(err.decode(errors="replace"))
+
+    threads = [threading.Thread(target=run, args=pd) for pd in procs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errs:
+        raise RuntimeError(f"qemu-io failed on {d.kind}: {errs[0]}")
 
 
 def measure(kind, binary, work, a, bitmaps, offs):
@@ -70,7 +89,7 @@ def measure(kind, binary, work, a, bitmaps, offs):
     try:
         time.sleep(0.5)
         idle = proc_kib(d.proc.pid, "VmRSS")
-        scatter_writes(d, offs)
+        scatter_writes(d, offs, a.jobs)
         time.sleep(a.settle)
         rss = proc_kib(d.proc.pid, "VmRSS")
         hwm = proc_kib(d.proc.pid, "VmHWM")
@@ -89,6 +108,8 @@ def main():
     ap.add_argument("--bitmaps", default="1,8,64")
     ap.add_argument("--written-gib", default="1,64")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds between the flush and the reading")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="qemu-io clients writing at once (default 1; the offsets are the same)")
     ap.add_argument("--quick", action="store_true", help="1 and 8 bitmaps, 1 GiB written")
     a = ap.parse_args()
     if a.quick:
@@ -97,7 +118,7 @@ def main():
     benchlib.install_cleanup()
     print(benchlib.machine_line())
     print(f"# {a.disk_gib} GiB qcow2, 64 KiB clusters, bitmaps at 64 KiB granularity, "
-          f"64 KiB writes at random offsets, default cache options; MiB")
+          f"64 KiB writes at random offsets ({a.jobs} client(s)), default cache options; MiB")
     rows = []
     for written in [int(x) for x in a.written_gib.split(",")]:
         offs = offsets(a.disk_gib, written)
@@ -111,7 +132,7 @@ def main():
             rows.append([f"{n}", f"{written} GiB", f"{b[0]:.1f}", f"{q[0]:.1f}",
                          f"{b[1]:.1f}", f"{q[1]:.1f}", f"{b[2]:.1f}", f"{q[2]:.1f}",
                          f"**{b[1] / q[1]:.2f}**"])
-            print(f"# done: {n} bitmaps, {written} GiB", flush=True)
+            print(f"# done: {' | '.join(rows[-1])}", flush=True)
     benchlib.print_table(["bitmaps", "written", "idle blockd", "idle QSD", "RSS blockd",
                           "RSS QSD", "peak blockd", "peak QSD", "RSS blockd/QSD"], rows)
 

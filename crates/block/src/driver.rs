@@ -104,7 +104,7 @@ pub struct StoredBitmap {
 
 /// A bitmap to be written into an image.
 #[derive(Debug, Clone)]
-pub struct BitmapToStore {
+pub struct BitmapToStore<'a> {
     /// Bitmap name.
     pub name: String,
     /// Granularity in bytes.
@@ -113,8 +113,9 @@ pub struct BitmapToStore {
     pub recording: bool,
     /// Keep it marked in use (an inconsistent bitmap stays so).
     pub inconsistent: bool,
-    /// Serialised bits.
-    pub data: Vec<u8>,
+    /// The bits, read piece by piece from the live bitmap (never copied whole); `None` for an
+    /// inconsistent bitmap (nothing to write).
+    pub bits: Option<crate::node::LiveBits<'a>>,
 }
 
 /// Storage of persistent bitmaps inside an image (qcow2's bitmaps extension).
@@ -124,7 +125,7 @@ pub trait BitmapStore: Send + Sync {
     /// Can a persistent bitmap of this name and granularity be stored? Err(message) if not.
     fn can_store(&self, name: &str, granularity: u64) -> Result<(), String>;
     /// Replace the stored set; `in_use` leaves them flagged in use (a write-back while running).
-    fn store(&self, bitmaps: &[BitmapToStore], in_use: bool) -> io::Result<()>;
+    fn store(&self, bitmaps: &[BitmapToStore<'_>], in_use: bool) -> io::Result<()>;
     /// Delete one bitmap from the file now.
     fn remove(&self, name: &str) -> io::Result<()>;
 }

@@ -13,7 +13,10 @@ use crate::perm::Needs;
 use crate::tracking::{Tracked, Tracker};
 
 mod host_io;
+mod stored;
 mod users;
+
+pub use stored::LiveBits;
 pub use users::User;
 
 /// Attachment order of nodes and users (QEMU checks the newest parent first).
@@ -412,7 +415,7 @@ impl Node {
         if self.read_only() {
             return Ok(());
         }
-        let list = snapshot_persistent(&self.bitmaps());
+        let list = snapshot_persistent(&self.bitmaps(), &self.bitmaps);
         store
             .store(&list, in_use)
             .map_err(|e| crate::Error::io("Could not store bitmaps", &e))
@@ -662,37 +665,19 @@ impl Drop for Node {
     }
 }
 
-fn snapshot_persistent(list: &BitmapList) -> Vec<BitmapToStore> {
+fn snapshot_persistent<'a>(
+    list: &BitmapList,
+    lock: &'a Mutex<BitmapList>,
+) -> Vec<BitmapToStore<'a>> {
     list.items
         .iter()
-        .enumerate()
-        .filter(|(_, b)| b.persistent && b.name.is_some())
-        .map(|(i, b)| BitmapToStore {
+        .filter(|b| b.persistent && b.name.is_some())
+        .map(|b| BitmapToStore {
             name: b.name.clone().unwrap_or_default(),
             granularity: b.bits.granularity(),
             recording: b.recording,
             inconsistent: b.inconsistent,
-            data: if b.inconsistent {
-                Vec::new()
-            } else {
-                stored_bits(list, i, b)
-            },
+            bits: (!b.inconsistent).then(|| LiveBits::new(lock, b)),
         })
         .collect()
-}
-
-/// The bits to store for a bitmap: a bitmap frozen by a backup also holds the writes its
-/// successor (the nameless entry right after it) recorded since, so a stored bitmap never
-/// misses a write, whatever becomes of the job.
-fn stored_bits(list: &BitmapList, i: usize, b: &crate::bitmap::DirtyBitmap) -> Vec<u8> {
-    match list.items.get(i + 1) {
-        Some(succ) if b.frozen && succ.name.is_none() => {
-            let mut bits = b.bits.clone();
-            if let Err(e) = bits.merge(&succ.bits) {
-                tracing::error!(error = %e, "merging a successor for storing failed");
-            }
-            bits.to_bytes()
-        }
-        _ => b.bits.to_bytes(),
-    }
 }

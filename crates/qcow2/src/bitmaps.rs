@@ -408,31 +408,33 @@ impl Meta {
         gbits: u8,
         flags: u32,
         new: &mut Vec<u64>,
+        buf: &mut [u8],
     ) -> Result<BitmapEntry> {
         let g = self.geo;
         let cs = g.cluster_size() as usize;
         let len = data_len(self.header.raw.size, gbits as u32) as usize;
-        // The caller's bytes are used in place (no copy of the whole bitmap): only the data
-        // within `len` counts, and the bits past the disk are cleared cluster by cluster.
-        let data = &b.data[..b.data.len().min(len)];
+        // The bits are read one cluster at a time into `buf` (no copy of the whole bitmap):
+        // zero clusters are skipped unread, the bits past the disk cleared in the last one.
         let table_size = len.div_ceil(cs).max(1);
         let mut table = vec![0u64; table_size];
-        for (k, chunk) in data.chunks(cs).enumerate() {
-            if chunk.iter().all(|&x| x == 0) {
+        for (k, slot) in table.iter_mut().enumerate().take(len.div_ceil(cs)) {
+            let start = k * cs;
+            let n = cs.min(len - start);
+            if b.data.is_zero(start as u64, n as u64) {
                 continue;
             }
-            let mut buf = chunk.to_vec();
-            if k * cs + chunk.len() == len {
-                mask_tail(&mut buf, self.header.raw.size, gbits as u32);
-                if buf.iter().all(|&x| x == 0) {
-                    continue;
-                }
+            buf.fill(0);
+            b.data.read(start as u64, &mut buf[..n]);
+            if start + n == len {
+                mask_tail(&mut buf[..n], self.header.raw.size, gbits as u32);
+            }
+            if buf[..n].iter().all(|&x| x == 0) {
+                continue;
             }
             let c = self.alloc_clusters(1)?;
             new.push(c);
-            buf.resize(cs, 0);
-            self.write_raw(&buf, c << g.cluster_bits, "bitmap data")?;
-            table[k] = c << g.cluster_bits;
+            self.write_raw(buf, c << g.cluster_bits, "bitmap data")?;
+            *slot = c << g.cluster_bits;
         }
         let tclusters = g.clusters_for(table_size as u64 * 8);
         let tc = self.alloc_clusters(tclusters)?;
@@ -585,6 +587,8 @@ impl Meta {
         let mut new = Vec::new();
         let mut entries = Vec::with_capacity(list.len());
         let mut kept = Vec::new();
+        // One cluster buffer for the data of every bitmap.
+        let mut buf = vec![0u8; self.geo.cluster_size() as usize];
         for (b, &gb) in list.iter().zip(&gbits) {
             let keep = old_entries
                 .iter()
@@ -601,7 +605,7 @@ impl Meta {
             } else {
                 0
             } | if b.auto { FLAG_AUTO } else { 0 };
-            match self.write_bitmap(b, gb, flags, &mut new) {
+            match self.write_bitmap(b, gb, flags, &mut new, &mut buf) {
                 Ok(e) => entries.push(e),
                 Err(err) => {
                     for c in new {

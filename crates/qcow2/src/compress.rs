@@ -51,6 +51,7 @@ impl Qcow2 {
             ));
         }
         self.claim_bitmaps()?;
+        self.log_modification(offset, data.len() as u64)?;
         for (i, chunk) in data.chunks(cs as usize).enumerate() {
             let guest = offset + i as u64 * cs;
             self.write_one_compressed(guest, chunk)?;

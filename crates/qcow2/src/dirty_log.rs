@@ -27,8 +27,9 @@
 //!   Later writes into a marked region cost one atomic load. Concurrent writers needing marks
 //!   share one sector write and one flush (group commit); a writer into a region whose mark is
 //!   not yet durable waits for it.
-//! - **Store** (checkpoint or close): the covered list is emptied in the header the store
-//!   writes anyway; the next claim starts a new log.
+//! - **Store** (checkpoint or close): marking stops; the header write that switches to the new
+//!   directory still carries the old log (every header write is synced); only then a second
+//!   header write empties the covered list. The next claim starts a new log.
 //! - **Recovery** (load at open): a bitmap found `in_use` whose table offset is covered by a
 //!   valid log is loaded as `stored ∪ marked regions` and reported `recovered` instead of
 //!   inconsistent. The log is kept (not cleared) until the next store, since the file's bitmap
@@ -69,7 +70,9 @@
 //!   the whole header, but the extension keeps its length for the whole open, so no byte after
 //!   it moves; a mix of old and new sectors gives either the old or the new directory with
 //!   either log, and every such pair is safe: a log is only ever applied to `in_use` bitmaps it
-//!   names, and a store empties the list before the tables it names are freed.
+//!   names; the directory switch keeps the old log (so the old, `in use` directory with new
+//!   log sectors is still covered), and the list is emptied, durably, before the tables it
+//!   names can be reused. A claim is synced before the flags it announces are written.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -462,7 +465,12 @@ impl Runtime {
         self.active.store(covers, Ordering::Release);
     }
 
-    /// Before a store or resize: stop marking and empty the covered list in the in-memory header
+    /// Stop marking (before a store: the caller empties the log once the store is durable).
+    pub fn stop(&self) {
+        self.active.store(false, Ordering::Release);
+    }
+
+    /// Before a resize, after a store: stop marking and empty the covered list in the in-memory header
     /// (written by the caller's header write). Bitmaps then written exact need no log; bitmaps
     /// left `in_use` fall back to inconsistent.
     pub fn retire(&self, m: &mut Meta) {

@@ -41,6 +41,7 @@
 
 #![deny(missing_docs)]
 
+mod bitmap_data;
 mod bitmaps;
 mod cache;
 mod compress;
@@ -67,6 +68,7 @@ pub mod types;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
+pub use bitmap_data::BitmapData;
 pub use bitmaps::{BitmapInfo, LoadedBitmap, StoreBitmap};
 pub use create::CreateOptions;
 pub use error::{Error, ErrorKind, Result};
@@ -566,8 +568,17 @@ impl Qcow2 {
         Ok(out)
     }
 
-    /// Mark every bitmap in the file in_use (once per open).
+    /// Mark every bitmap in the file in_use (once per open, and again after each store that
+    /// left them not in use).
+    ///
+    /// Idempotent: checked again under the metadata lock, because concurrent first writers each
+    /// see `bitmaps_claimed` clear before one of them takes the lock. A repeated claim would find
+    /// every bitmap already in use and so write a log covering none of them, silently ending
+    /// the crash protection of bitmaps the first claim flagged in use.
     fn claim_locked(&self, m: &mut Meta) -> Result<()> {
+        if self.bitmaps_claimed.load(Ordering::Acquire) {
+            return Ok(());
+        }
         // The new dirty-region log goes into the same header write as the in_use flags.
         let (log_changed, log) = self.log.claim(m);
         if m.bitmaps.iter().any(|b| b.flags & FLAG_IN_USE == 0) {
@@ -619,8 +630,19 @@ impl Qcow2 {
         if bitmaps.is_empty() && m.bitmaps.is_empty() && m.header.bitmaps.is_none() {
             return Ok(());
         }
+        // Marks stop now, but the log keeps naming the old tables in the header write that
+        // switches the directory: a torn write of it may pair the old (in use) directory with
+        // the new log sectors, so those must still cover it. Only once the new directory is
+        // durable does a second header write empty the log (its own tear is harmless: the
+        // directory it names is the new one, exact or in use without cover either way).
+        self.log.stop();
+        let stored = m.store(bitmaps, in_use);
+        // Also after a failed store: writes from now on are not marked, so the log must not
+        // cover the old tables any more (they fall back to inconsistent after a crash).
         self.log.retire(&mut m);
-        m.store(bitmaps, in_use)?;
+        let emptied = m.write_header(); // synced
+        stored?;
+        emptied?;
         self.bitmaps_claimed
             .store(in_use || m.bitmaps.is_empty(), Ordering::Release);
         Ok(())
@@ -645,7 +667,7 @@ impl Qcow2 {
 }
 
 /// A bitmap to write, its data lent by the caller (see [`StoreBitmap`] for the fields).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub struct StoreBitmapRef<'a> {
     /// Name (1..=1023 bytes, unique).
     pub name: &'a str,
@@ -655,8 +677,9 @@ pub struct StoreBitmapRef<'a> {
     pub auto: bool,
     /// Loaded inconsistent: keep it in_use with its on-disk data as is.
     pub inconsistent_keep_in_use: bool,
-    /// Serialized bits; missing bytes count as zero, extra ones are ignored.
-    pub data: &'a [u8],
+    /// Serialized bits, read one cluster at a time; missing bytes count as zero, extra ones
+    /// are ignored.
+    pub data: &'a dyn BitmapData,
 }
 
 impl<'a> From<&'a StoreBitmap> for StoreBitmapRef<'a> {

@@ -468,15 +468,18 @@ impl BitmapStore for Qcow2Driver {
             .can_store_bitmap(name, granularity)
             .map_err(|e| e.to_string())
     }
-    fn store(&self, bitmaps: &[BitmapToStore], in_use: bool) -> io::Result<()> {
+    fn store(&self, bitmaps: &[BitmapToStore<'_>], in_use: bool) -> io::Result<()> {
+        let sources: Vec<StoredBits<'_, '_>> =
+            bitmaps.iter().map(|b| StoredBits(&b.bits)).collect();
         let list: Vec<qcow2::StoreBitmapRef<'_>> = bitmaps
             .iter()
-            .map(|b| qcow2::StoreBitmapRef {
+            .zip(&sources)
+            .map(|(b, src)| qcow2::StoreBitmapRef {
                 name: &b.name,
                 granularity: b.granularity,
                 auto: b.recording,
                 inconsistent_keep_in_use: b.inconsistent,
-                data: &b.data,
+                data: src,
             })
             .collect();
         // The caller frees its serialized bitmaps after this returns; the next flush (the
@@ -494,5 +497,34 @@ impl BitmapStore for Qcow2Driver {
             return Ok(());
         }
         image.remove_bitmap(name).map_err(|e| self.io_err(e))
+    }
+}
+
+/// A bitmap's bits as the qcow2 store reads them: one cluster of serialised bytes at a time
+/// from the live bitmap, zero clusters answered from its summary without serialising them.
+struct StoredBits<'a, 'b>(&'a Option<crate::node::LiveBits<'b>>);
+
+impl qcow2::BitmapData for StoredBits<'_, '_> {
+    fn len(&self) -> u64 {
+        self.0.as_ref().map_or(0, |b| b.serialized_len() as u64)
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) {
+        match self.0 {
+            Some(b) => b.serialize_part(offset.saturating_mul(8), buf),
+            None => buf.fill(0),
+        }
+    }
+    fn is_zero(&self, offset: u64, len: u64) -> bool {
+        let Some(b) = self.0 else {
+            return true;
+        };
+        // Bytes -> granules -> disk bytes.
+        let g = b.granularity();
+        let start = offset.saturating_mul(8).saturating_mul(g);
+        let end = offset
+            .saturating_add(len)
+            .saturating_mul(8)
+            .saturating_mul(g);
+        !b.any_dirty(start, end)
     }
 }

@@ -3,7 +3,8 @@
 //! error texts, and the timer thread that drops idle cache entries.
 //!
 //! The L2 cache holds whole tables: a byte budget is turned into a number of tables (at least
-//! two). `l2-cache-entry-size` is validated as QEMU does and otherwise only shapes the budget.
+//! two). `l2-cache-entry-size` is validated as QEMU does (same texts); a valid value other than
+//! the cluster size, which QEMU would honour with smaller cache entries, is refused.
 
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
@@ -105,6 +106,14 @@ impl Qcow2CacheOptions {
         if entry < 512 || entry > cs || !entry.is_power_of_two() {
             return Err(format!(
                 "L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"
+            ));
+        }
+        if entry_set.is_some_and(|e| e != cs) {
+            // QEMU caches L2 slices of this size; blockd's cache holds whole tables, and
+            // accepting the value without honouring it would misstate the memory bound.
+            return Err(format!(
+                "l2-cache-entry-size other than the cluster size ({cs}) is not supported by \
+                 blockd: its L2 cache holds whole tables"
             ));
         }
         let l2_entries = (l2 / entry).max(MIN_L2_ENTRIES);
@@ -284,6 +293,11 @@ mod tests {
                 "L2 cache entry size must be a power of two between 512 and the cluster size (65536)"
             );
         }
-        assert!(plan(entry(4096), GIB).is_ok());
+        assert_eq!(
+            err(entry(4096)),
+            "l2-cache-entry-size other than the cluster size (65536) is not supported by blockd: \
+             its L2 cache holds whole tables"
+        );
+        assert!(plan(entry(65536), GIB).is_ok());
     }
 }

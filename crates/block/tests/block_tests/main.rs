@@ -15,6 +15,7 @@ mod jobs;
 mod open_atomic;
 mod perm_props;
 mod qcow2_hostile;
+mod qcow2_store;
 mod rewire;
 mod snapshot;
 mod tracking;

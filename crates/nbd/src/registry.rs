@@ -64,14 +64,6 @@ impl PeerProbe {
         Arc::new(PeerProbe { fd: Mutex::new(fd) })
     }
 
-    /// A probe on no socket: the peer counts as connected until detached.
-    #[cfg(test)]
-    pub(crate) fn connected() -> Arc<PeerProbe> {
-        Arc::new(PeerProbe {
-            fd: Mutex::new(None),
-        })
-    }
-
     fn fd(&self) -> MutexGuard<'_, Option<OwnedFd>> {
         self.fd.lock().unwrap_or_else(|e| e.into_inner())
     }

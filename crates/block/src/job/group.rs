@@ -77,6 +77,17 @@ impl JobGroup {
     }
 
     fn abort(&self, job: &Arc<Job>, from_pending: bool) {
+        // From `pending`, a member with auto-finalize on may have ended already: it has nothing
+        // left to abort and will not settle, so it leaves the group.
+        let ended: Vec<*const Job> = if from_pending {
+            self.members()
+                .iter()
+                .filter(|m| matches!(m.lock().status, JobStatus::Concluded | JobStatus::Null))
+                .map(Arc::as_ptr)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let others = {
             let mut st = self.lock();
             if st.failed {
@@ -84,7 +95,10 @@ impl JobGroup {
             } else {
                 st.failed = true;
                 st.from_pending = from_pending;
-                if !from_pending {
+                if from_pending {
+                    st.members
+                        .retain(|w| w.strong_count() > 0 && !ended.contains(&w.as_ptr()));
+                } else {
                     st.culprit = Some(Arc::downgrade(job));
                 }
                 st.members.iter().filter_map(|w| w.upgrade()).collect()

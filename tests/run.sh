@@ -63,10 +63,8 @@ echo "== QMP wire bytes: blockd against qemu-storage-daemon on the recorded exch
 BLOCKD="$PWD/target/release/blockd" python3 crates/qmp/tests/oracle/compare_with_qsd.py
 
 echo "== iotests against blockd"
-# One rerun of a failed test, listed as RERUN in the output: two known timing races under load
-# (a block-export-del right after an NBD client disconnects; a SIGTERM during start-up) are
-# open bugs, see the README's "Not yet". A test that fails twice fails the run.
-IOTESTS_DAEMON=blockd BLOCKD="$PWD/target/release/blockd" python3 -m pytest -q -rR --reruns 1 iotests
+# No reruns: a blockd test that fails once fails the run.
+IOTESTS_DAEMON=blockd BLOCKD="$PWD/target/release/blockd" python3 -m pytest -q iotests
 
 if [ -z "${SKIP_QSD:-}" ]; then
     # The oracle run keeps the tests honest. QSD 10.0.2 has a rare start-up race under load

@@ -38,6 +38,9 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: a SIGTERM/SIGINT/SIGHUP from here on waits (pending) until start-up
+    // has its handlers, instead of killing the process with sockets and images half set up.
+    startup::hold_termination_signals();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opts = match cli::parse(&args) {
         Ok(cli::Parsed::Help) => {

@@ -31,6 +31,8 @@ pub fn daemonize() -> Result<OwnedFd, String> {
     match unsafe { nix::unistd::fork() }.map_err(|e| e.to_string())? {
         nix::unistd::ForkResult::Parent { .. } => {
             drop(wr);
+            // The parent creates nothing: a signal may end it the default way.
+            release_termination_signals();
             let mut byte = [0u8; 1];
             let ok =
                 matches!(nix::unistd::read(rd.as_raw_fd(), &mut byte), Ok(1) if byte[0] == b'1');
@@ -175,37 +177,71 @@ fn image_options(format: &str, path: &str) -> Result<BlockdevOptions, String> {
     serde_json::from_value(v).map_err(|e| e.to_string())
 }
 
-/// Everything the options set up before serving.
+/// Everything the options set up before serving; on a failed or interrupted start-up, what to
+/// remove again.
+#[derive(Default)]
 struct Setup {
+    /// Chardevs bound and not (yet) claimed by a `--monitor`.
+    chardevs: HashMap<String, Listener>,
     monitors: Vec<Listener>,
     pidfile: Option<PathBuf>,
 }
 
-async fn apply(daemon: &Arc<Daemon>, opts: &[Opt]) -> Result<Setup, String> {
-    let mut chardevs: HashMap<String, Listener> = HashMap::new();
-    let mut setup = Setup {
-        monitors: Vec::new(),
-        pidfile: None,
-    };
+impl Setup {
+    /// Remove the socket files bound and the pid file written (start-up did not complete).
+    fn undo(self) {
+        let listeners = self.chardevs.into_values().chain(self.monitors);
+        for l in listeners {
+            if let Listener::Unix(l, path) = l {
+                drop(l);
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        if let Some(p) = self.pidfile {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Why start-up stopped before serving.
+enum Stopped {
+    /// An option failed: the message to print, exit status 1.
+    Failed(String),
+    /// A termination signal (or nothing else to do): a clean exit, status 0.
+    Interrupted,
+}
+
+impl From<String> for Stopped {
+    fn from(e: String) -> Self {
+        Stopped::Failed(e)
+    }
+}
+
+async fn apply(daemon: &Arc<Daemon>, opts: &[Opt], setup: &mut Setup) -> Result<(), Stopped> {
     let schema = qapi::Schema::get();
     let mut short_qmp: Option<String> = None;
     let mut short_image = false;
     let create = crate::image::create_option(opts)?;
     for opt in opts {
+        // A termination signal during start-up: stop before the next option, then clean up.
+        if daemon.shutdown.is_cancelled() {
+            return Err(Stopped::Interrupted);
+        }
         let ctx = |name: &str, v: &str, e: String| format!("--{name} {v}: {e}");
         match opt {
             Opt::Chardev(v) => {
                 let m = keyval(v, Some("backend")).map_err(|e| ctx("chardev", v, e))?;
                 let (id, l) = bind_chardev(&m).map_err(|e| ctx("chardev", v, e))?;
-                if chardevs.contains_key(&id) {
-                    return Err(ctx("chardev", v, format!("Duplicate chardev id '{id}'")));
+                if setup.chardevs.contains_key(&id) {
+                    return Err(ctx("chardev", v, format!("Duplicate chardev id '{id}'")).into());
                 }
-                chardevs.insert(id, l);
+                setup.chardevs.insert(id, l);
             }
             Opt::Monitor(v) => {
                 let m = keyval(v, Some("chardev")).map_err(|e| ctx("monitor", v, e))?;
                 let id = m.get("chardev").and_then(Value::as_str).unwrap_or("");
-                let l = chardevs
+                let l = setup
+                    .chardevs
                     .remove(id)
                     .ok_or_else(|| ctx("monitor", v, format!("chardev \"{id}\" not found")))?;
                 setup.monitors.push(l);
@@ -312,7 +348,10 @@ async fn apply(daemon: &Arc<Daemon>, opts: &[Opt]) -> Result<Setup, String> {
         eprintln!("blockd: QMP on {path}");
         setup.monitors.push(l);
     }
-    Ok(setup)
+    if daemon.shutdown.is_cancelled() {
+        return Err(Stopped::Interrupted);
+    }
+    Ok(())
 }
 
 /// Run the daemon until `quit` or a signal; returns the exit status.
@@ -330,15 +369,26 @@ pub async fn run(opts: Vec<Opt>, ready: Option<OwnedFd>) -> ExitCode {
     let server = qmp::Server::new(dispatcher.clone(), events, greeting);
     dispatcher.set_server(server.clone());
 
-    let setup = match apply(&daemon, &opts).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("blockd: {e}");
-            daemon.close_all().await;
-            return ExitCode::from(1);
-        }
-    };
-    for l in setup.monitors {
+    // First of all, before anything exists that needs cleaning up: signals end start-up
+    // cleanly from now on (until here they were held pending, see `hold_termination_signals`).
+    watch_termination_signals(&daemon);
+
+    let mut setup = Setup::default();
+    if let Err(stopped) = apply(&daemon, &opts, &mut setup).await {
+        daemon.close_all().await;
+        setup.undo();
+        return match stopped {
+            Stopped::Failed(e) => {
+                eprintln!("blockd: {e}");
+                ExitCode::from(1)
+            }
+            Stopped::Interrupted => {
+                tracing::info!("terminated during start-up");
+                ExitCode::SUCCESS
+            }
+        };
+    }
+    for l in std::mem::take(&mut setup.monitors) {
         let added = match l {
             Listener::Unix(l, path) => tokio::net::UnixListener::from_std(l)
                 .map(|l| server.add_unix_monitor(l, Some(path))),
@@ -348,6 +398,10 @@ pub async fn run(opts: Vec<Opt>, ready: Option<OwnedFd>) -> ExitCode {
         };
         if let Err(e) = added {
             eprintln!("blockd: monitor: {e}");
+            server.begin_shutdown();
+            daemon.close_all().await;
+            server.shutdown().await;
+            setup.undo();
             return ExitCode::from(1);
         }
     }
@@ -388,19 +442,58 @@ fn configure_dirty_log() {
 }
 
 async fn wait_for_shutdown(daemon: &Arc<Daemon>) {
+    daemon.shutdown.cancelled().await;
+}
+
+/// The signals that ask the daemon to end (QSD's: SIGTERM, SIGINT, SIGHUP).
+fn termination_sigset() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(sig);
+    }
+    set
+}
+
+/// Block the termination signals in the calling thread (and every thread it starts later):
+/// one arriving from now on stays pending instead of killing the process before its handlers
+/// exist. Called first thing in `main`; [`watch_termination_signals`] takes them over.
+pub fn hold_termination_signals() {
+    if let Err(e) = termination_sigset().thread_block() {
+        tracing::warn!("cannot block termination signals: {e}");
+    }
+}
+
+/// Unblock the termination signals in the calling thread: a pending one is delivered now.
+fn release_termination_signals() {
+    if let Err(e) = termination_sigset().thread_unblock() {
+        tracing::warn!("cannot unblock termination signals: {e}");
+    }
+}
+
+/// Install the handlers, then unblock the signals in this (the main) thread, which then takes
+/// every termination signal, one held since `main` began included. Any of them cancels
+/// `daemon.shutdown`: start-up stops before its next option, a running daemon shuts down.
+/// The runtime's worker threads keep them blocked (they were started with the mask of `main`).
+fn watch_termination_signals(daemon: &Arc<Daemon>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+    match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
-    ) else {
-        daemon.shutdown.cancelled().await;
-        return;
-    };
-    tokio::select! {
-        _ = daemon.shutdown.cancelled() => {}
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        _ = hup.recv() => {}
+    ) {
+        (Ok(mut term), Ok(mut int), Ok(mut hup)) => {
+            let token = daemon.shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    _ = term.recv() => token.cancel(),
+                    _ = int.recv() => token.cancel(),
+                    _ = hup.recv() => token.cancel(),
+                }
+            });
+        }
+        _ => tracing::warn!("cannot install signal handlers; signals end blockd abruptly"),
     }
+    release_termination_signals();
 }

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::meta::{match_contexts, QueryMode};
 use crate::proto::{self, Cursor, HeaderMode};
-use crate::registry::{Export, Lease, Registry};
+use crate::registry::{Export, Lease, PeerProbe, Registry};
 
 /// Longest option data read into memory; longer known options get `NBD_REP_ERR_TOO_BIG`.
 const MAX_OPTION_DATA: u32 = 256 * 1024;
@@ -210,6 +210,8 @@ fn read_name<'a>(c: &mut Cursor<'a>) -> Result<&'a [u8], Option<Refusal>> {
 /// Negotiation state that options change.
 struct State<'r> {
     registry: &'r Registry,
+    /// The connection's socket, for the lease (safe-mode removal asks it).
+    peer: &'r Arc<PeerProbe>,
     multi_conn: bool,
     mode: HeaderMode,
     /// The last `NBD_OPT_SET_META_CONTEXT`: which export, which contexts.
@@ -221,6 +223,7 @@ pub(crate) async fn negotiate<R, W>(
     r: &mut R,
     w: &mut W,
     registry: &Registry,
+    peer: &Arc<PeerProbe>,
     multi_conn: bool,
 ) -> io::Result<Outcome>
 where
@@ -238,6 +241,7 @@ where
     let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
     let mut st = State {
         registry,
+        peer,
         multi_conn,
         mode: HeaderMode::Simple,
         meta: None,
@@ -417,7 +421,7 @@ fn info(
     // GO takes its lease before answering, so a removal racing with it either hides the
     // export (ERR_UNKNOWN) or finds this client counted.
     let (export, lease) = if go {
-        match st.registry.lease(name) {
+        match st.registry.lease(name, st.peer) {
             Some(l) => (l.export().clone(), Some(l)),
             None => {
                 return (
@@ -509,7 +513,7 @@ where
             "NBD_OPT_EXPORT_NAME after extended headers".into(),
         ));
     }
-    let Some(lease) = st.registry.lease(&name) else {
+    let Some(lease) = st.registry.lease(&name, st.peer) else {
         return Err(protocol(not_present(&name)));
     };
     let export = lease.export().clone();

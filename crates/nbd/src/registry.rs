@@ -3,15 +3,17 @@
 //! ```text
 //!  Registry ──(std Mutex)──> Vec<Arc<Export>>        lookup by name, LIST order = insertion
 //!                               │
-//!  Export ──(std Mutex)──> ExportState { clients, removed, on_gone }
+//!  Export ──(std Mutex)──> ExportState { clients, removed, on_gone, peers }
 //!     └── kill: CancellationToken   (hard removal closes every connection of the export)
 //!
 //!  Lease (one per connection that reached transmission; cloned into every in-flight request)
 //!     drop of the last clone ─> clients -= 1 ─> if removed && clients == 0: fire on_gone
 //! ```
 //!
-//! Lock order: the registry lock, then an export's state lock. Neither is held across `.await`.
+//! Lock order: the registry lock, then an export's state lock, then a connection's
+//! [`PeerProbe`] lock. None is held across `.await`.
 
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
@@ -39,6 +41,55 @@ struct ExportState {
     removed: bool,
     /// Notified once no client (and no in-flight request) of a removed export remains.
     on_gone: Vec<oneshot::Sender<()>>,
+    /// One probe per counted connection, to tell a client that has already hung up (its
+    /// socket closed, the server not yet at the end of its stream) from a live one.
+    peers: Vec<Arc<PeerProbe>>,
+}
+
+/// Whether the client of one connection has hung up, asked of its socket directly.
+///
+/// Holds a duplicate of the connection's socket descriptor until [`detach`](Self::detach)
+/// (called when the connection task ends, so the duplicate never keeps the socket open
+/// longer than the connection itself); detached means the connection has ended.
+#[derive(Debug)]
+pub(crate) struct PeerProbe {
+    fd: Mutex<Option<OwnedFd>>,
+}
+
+impl PeerProbe {
+    /// A probe on `sock`. If the descriptor cannot be duplicated the probe reports the peer
+    /// as connected (the connection then counts until the server sees it end).
+    pub(crate) fn new(sock: &impl AsFd) -> Arc<PeerProbe> {
+        let fd = sock.as_fd().try_clone_to_owned().ok();
+        Arc::new(PeerProbe { fd: Mutex::new(fd) })
+    }
+
+    fn fd(&self) -> MutexGuard<'_, Option<OwnedFd>> {
+        self.fd.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connection ended: close the duplicate descriptor.
+    pub(crate) fn detach(&self) {
+        self.fd().take();
+    }
+
+    /// True once the client can send nothing more: it shut its side of the socket down or
+    /// closed it (`POLLRDHUP`/`POLLHUP`/`POLLERR`), or the connection task has ended.
+    fn peer_gone(&self) -> bool {
+        let guard = self.fd();
+        let Some(fd) = guard.as_ref() else {
+            return true;
+        };
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, a descriptor we own for the duration of the call, and a
+        // zero timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
 }
 
 impl Export {
@@ -54,6 +105,7 @@ pub(crate) struct Lease(Arc<LeaseInner>);
 
 struct LeaseInner {
     export: Arc<Export>,
+    peer: Arc<PeerProbe>,
 }
 
 impl Lease {
@@ -68,6 +120,7 @@ impl Drop for LeaseInner {
         let waiters = {
             let mut st = self.export.state();
             st.clients = st.clients.saturating_sub(1);
+            st.peers.retain(|p| !Arc::ptr_eq(p, &self.peer));
             if st.removed && st.clients == 0 {
                 std::mem::take(&mut st.on_gone)
             } else {
@@ -143,14 +196,22 @@ impl Registry {
     }
 
     /// Look an export up and take a client lease on it, atomically with respect to removal.
-    pub(crate) fn lease(&self, name: &[u8]) -> Option<Lease> {
+    /// `peer` tells whether the connection's client has hung up (see [`remove`](Self::remove)).
+    pub(crate) fn lease(&self, name: &[u8], peer: &Arc<PeerProbe>) -> Option<Lease> {
         let table = self.table();
         let export = table
             .iter()
             .find(|e| e.cfg.name.as_bytes() == name)?
             .clone();
-        export.state().clients += 1;
-        Some(Lease(Arc::new(LeaseInner { export })))
+        {
+            let mut st = export.state();
+            st.clients += 1;
+            st.peers.push(peer.clone());
+        }
+        Some(Lease(Arc::new(LeaseInner {
+            export,
+            peer: peer.clone(),
+        })))
     }
 
     /// Snapshot of all exports, in insertion order.
@@ -159,7 +220,9 @@ impl Registry {
     }
 
     /// Remove an export. `if_unused` refuses while clients are connected (QEMU's safe mode);
-    /// `hard` closes its connections. The receiver fires once no client remains.
+    /// a client that has already hung up does not count, even if the server has not reached
+    /// the end of its stream yet (its connection is ending; it drains like any other). `hard`
+    /// closes its connections. The receiver fires once no client remains.
     pub(crate) fn remove(
         &self,
         name: &str,
@@ -174,7 +237,7 @@ impl Registry {
                     format!("Export '{name}' is not found"),
                 ));
             };
-            if if_unused && table[pos].state().clients > 0 {
+            if if_unused && table[pos].state().peers.iter().any(|p| !p.peer_gone()) {
                 return Err(Error::new(
                     ErrorKind::ExportInUse,
                     format!("export '{name}' still in use"),

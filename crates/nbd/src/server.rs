@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::backend::ExportConfig;
 use crate::error::Error;
 use crate::handshake::{self, Outcome};
-use crate::registry::Registry;
+use crate::registry::{PeerProbe, Registry};
 use crate::transmission;
 
 /// Server-wide settings.
@@ -226,6 +226,13 @@ type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 impl Stream {
+    fn probe(&self) -> Arc<PeerProbe> {
+        match self {
+            Stream::Unix(s) => PeerProbe::new(s),
+            Stream::Tcp(s) => PeerProbe::new(s),
+        }
+    }
+
     fn split(self) -> (BoxRead, BoxWrite) {
         match self {
             Stream::Unix(s) => {
@@ -280,10 +287,13 @@ where
 
 /// One connection: handshake (bounded in time), then transmission.
 async fn serve(inner: Arc<Inner>, stream: Stream, _permit: Option<OwnedSemaphorePermit>) {
+    let peer = stream.probe();
+    // However this task ends, the probe's descriptor closes with it.
+    let _detach = Detach(peer.clone());
     let (r, mut w) = stream.split();
     let mut r = BufReader::with_capacity(64 * 1024, r);
     let multi_conn = inner.options.max_connections != Some(1);
-    let handshake = handshake::negotiate(&mut r, &mut w, &inner.registry, multi_conn);
+    let handshake = handshake::negotiate(&mut r, &mut w, &inner.registry, &peer, multi_conn);
     let timed = async {
         match inner.options.handshake_timeout {
             Some(t) => tokio::time::timeout(t, handshake)
@@ -304,5 +314,14 @@ async fn serve(inner: Arc<Inner>, stream: Stream, _permit: Option<OwnedSemaphore
         }
         Ok(Outcome::Aborted) => {}
         Err(e) => tracing::debug!("nbd: handshake ended: {e}"),
+    }
+}
+
+/// Closes a connection's [`PeerProbe`] descriptor when the connection task ends.
+struct Detach(Arc<PeerProbe>);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        self.0.detach();
     }
 }

@@ -26,6 +26,9 @@ struct GroupState {
     culprit: Option<std::sync::Weak<Job>>,
     /// Members of the failed group whose work has stopped.
     settled: usize,
+    /// Aborted by cancelling a member waiting in `pending`: QEMU then ends every member in
+    /// turn (aborting, cancelled, concluded), newest first, none singled out.
+    from_pending: bool,
 }
 
 impl JobGroup {
@@ -64,13 +67,40 @@ impl JobGroup {
 
     /// One member failed or was cancelled: cancel every other member.
     fn fail(&self, job: &Arc<Job>) {
+        self.abort(job, false);
+    }
+
+    /// A member waiting in `pending` was cancelled: the whole group aborts (QEMU's
+    /// `job-cancel` of a pending job aborts its transaction).
+    pub(super) fn cancel_pending(&self, job: &Arc<Job>) {
+        self.abort(job, true);
+    }
+
+    fn abort(&self, job: &Arc<Job>, from_pending: bool) {
+        // From `pending`, a member with auto-finalize on may have ended already: it has nothing
+        // left to abort and will not settle, so it leaves the group.
+        let ended: Vec<*const Job> = if from_pending {
+            self.members()
+                .iter()
+                .filter(|m| matches!(m.lock().status, JobStatus::Concluded | JobStatus::Null))
+                .map(Arc::as_ptr)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let others = {
             let mut st = self.lock();
             if st.failed {
                 Vec::new()
             } else {
                 st.failed = true;
-                st.culprit = Some(Arc::downgrade(job));
+                st.from_pending = from_pending;
+                if from_pending {
+                    st.members
+                        .retain(|w| w.strong_count() > 0 && !ended.contains(&w.as_ptr()));
+                } else {
+                    st.culprit = Some(Arc::downgrade(job));
+                }
                 st.members.iter().filter_map(|w| w.upgrade()).collect()
             }
         };
@@ -96,19 +126,20 @@ impl JobGroup {
 
     /// A member of the failed group stopped its work. For the last one, every member, newest
     /// first (QEMU's job transaction lists the newest job first): the caller ends them all.
-    pub(super) fn settle(&self) -> Option<Vec<Arc<Job>>> {
+    /// Also whether the group was aborted from `pending` (see [`cancel_pending`]).
+    pub(super) fn settle(&self) -> Option<(Vec<Arc<Job>>, bool)> {
         let mut st = self.lock();
         st.settled += 1;
         if st.settled != st.members.len() {
             return None;
         }
-        Some(
-            st.members
-                .iter()
-                .rev()
-                .filter_map(|w| w.upgrade())
-                .collect(),
-        )
+        let members = st
+            .members
+            .iter()
+            .rev()
+            .filter_map(|w| w.upgrade())
+            .collect();
+        Some((members, st.from_pending))
     }
 
     /// Wait until every member's body ended or one failed; true when all succeeded. A cancel
@@ -145,15 +176,20 @@ impl JobManager {
             job.transition(JobStatus::Aborting);
         }
         job.lock().error = Some(error);
-        let Some(members) = group.settle() else {
+        let Some((members, from_pending)) = group.settle() else {
             return;
         };
-        for m in &members {
-            if !group.is_culprit(m) {
-                m.transition(JobStatus::Aborting);
+        if !from_pending {
+            for m in &members {
+                if !group.is_culprit(m) {
+                    m.transition(JobStatus::Aborting);
+                }
             }
         }
         for m in &members {
+            if from_pending {
+                m.transition(JobStatus::Aborting);
+            }
             m.body.abort();
             m.body.clean();
             let error = m.lock().error.clone();

@@ -520,7 +520,14 @@ impl JobManager {
                     }
                 }
                 if job.cancel.is_cancelled() {
-                    self.finish_failed(&job, "Operation canceled".to_string());
+                    match &group {
+                        // A cancelled pending member aborts its whole group, as in QEMU.
+                        Some(g) => {
+                            g.cancel_pending(&job);
+                            self.abort_in_group(&job, g, "Operation canceled".to_string());
+                        }
+                        None => self.finish_failed(&job, "Operation canceled".to_string()),
+                    }
                 } else {
                     off_worker(|| {
                         job.body.commit();

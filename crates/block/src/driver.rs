@@ -169,12 +169,6 @@ pub trait Driver: Send + Sync {
     fn write_host(&self, _offset: u64, _len: u64, _f: &mut HostFn<'_>) -> io::Result<bool> {
         Ok(false)
     }
-    /// Write the whole-cluster runs `runs` (ascending) whose data lie back to back in `data`,
-    /// as one request where the format can (qcow2: one allocation, one write, one L2 pass).
-    /// `Ok(false)` (nothing changed): write the runs one by one.
-    fn write_batch(&self, _runs: &[(u64, u64)], _data: &[u8]) -> io::Result<bool> {
-        Ok(false)
-    }
     /// Make the range read as zeros; `may_unmap` allows deallocating.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
     /// Hint that the range is unused; it may then read as anything the format chooses (zeros here).

@@ -211,63 +211,6 @@ impl Copier {
         Ok(())
     }
 
-    /// Copy several claimed runs (an incremental's scattered dirty clusters) as one: each is
-    /// read into `buf` back to back, then the target writes them all in one request (qcow2:
-    /// one contiguous allocation, one write, one L2 pass), or run by run where it cannot.
-    /// `None`: not for this batch (compression, fewer than two runs, zero clusters in the
-    /// source map, more than `max` bytes); copy the runs with [`Copier::copy_run`].
-    pub fn copy_batch(
-        &self,
-        runs: &[(u64, u64)],
-        max: u64,
-        buf: &mut Vec<u8>,
-    ) -> Option<Result<(), CopyError>> {
-        if self.compress || runs.len() < 2 {
-            return None;
-        }
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Some(m) = &map {
-            if runs
-                .iter()
-                .any(|&(s, l)| m.zero.next_dirty(s, s + l).is_some())
-            {
-                return None;
-            }
-        }
-        let total: u64 = runs.iter().map(|r| r.1).sum();
-        let n = usize::try_from(total).ok().filter(|_| total <= max)?;
-        if buf.len() < n {
-            buf.resize(n, 0);
-        }
-        Some(self.copy_batch_with(runs, &mut buf[..n]))
-    }
-
-    fn copy_batch_with(&self, runs: &[(u64, u64)], buf: &mut [u8]) -> Result<(), CopyError> {
-        let mut at = 0;
-        for &(s, l) in runs {
-            let b = &mut buf[at..at + l as usize];
-            self.source
-                .read(s, b)
-                .map_err(|err| CopyError { is_read: true, err })?;
-            at += l as usize;
-        }
-        let write = |err| CopyError {
-            is_read: false,
-            err,
-        };
-        if self.target.write_batch(runs, buf).map_err(write)? {
-            return Ok(());
-        }
-        let mut at = 0;
-        for &(s, l) in runs {
-            self.target
-                .write(s, &buf[at..at + l as usize])
-                .map_err(write)?;
-            at += l as usize;
-        }
-        Ok(())
-    }
-
     fn copy_data(&self, off: u64, n: u64, buf: &mut [u8]) -> Result<(), CopyError> {
         let mut done = 0u64;
         while done < n {

@@ -49,43 +49,6 @@ impl Node {
     }
 }
 
-impl Node {
-    /// Write the runs `runs` (offset, length; ascending, not overlapping) whose data lie back
-    /// to back in `data` as one driver request ([`Driver::write_batch`]), with the checks,
-    /// hooks, request tracking and bitmap marking of a [`Node::write`] per run. `Ok(false)`
-    /// (nothing changed): not possible here (`detect-zeroes`, or the driver declines); write
-    /// the runs one by one.
-    ///
-    /// [`Driver::write_batch`]: crate::driver::Driver::write_batch
-    pub fn write_batch(&self, runs: &[(u64, u64)], data: &[u8]) -> io::Result<bool> {
-        for &(offset, len) in runs {
-            self.check_write(offset, len)?;
-        }
-        if runs.is_empty() || matches!(self.flags.detect_zeroes.as_str(), "on" | "unmap") {
-            return Ok(false);
-        }
-        let _gate = self.gate();
-        for &(offset, len) in runs {
-            self.run_hooks(offset, len)?;
-        }
-        self.driver.debug_event("pwritev");
-        let _t: Vec<_> = runs
-            .iter()
-            .map(|&(offset, len)| self.tracker.begin(offset, len, true, false))
-            .collect();
-        let result = self.driver.write_batch(runs, data);
-        if !matches!(result, Ok(false)) {
-            for &(offset, len) in runs {
-                // Mark even on failure: part of the range may have changed.
-                self.mark_dirty(offset, len);
-                self.observe(offset, len, &result.as_ref().map(|_| ()).map_err(clone_err));
-            }
-        }
-        self.driver.debug_event("pwritev_done");
-        result
-    }
-}
-
 fn clone_err(e: &io::Error) -> io::Error {
     match e.raw_os_error() {
         Some(n) => io::Error::from_raw_os_error(n),

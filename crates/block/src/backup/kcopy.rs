@@ -392,4 +392,48 @@ mod tests {
             assert!(e.is_read);
         }
     }
+
+    #[test]
+    fn funnel_gathers_scattered_pieces_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |n: &str| {
+            File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.path().join(n))
+                .unwrap()
+        };
+        let src = open("s");
+        let data: Vec<u8> = (0..4_000_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        src.write_all_at(&data, 0).unwrap();
+        let dst = open("d");
+        // More than one pipe-full in total, pieces of several sizes, bytes from memory between.
+        let pieces = [
+            (0u64, 65536u64),
+            (3_000_000, 700_000),
+            (123, 4096),
+            (1_000_000, 900_000),
+        ];
+        let mut want = Vec::new();
+        let mut f = Funnel::new(&dst, 4096);
+        for (i, &(o, l)) in pieces.iter().enumerate() {
+            f.push(&src, o, l).unwrap();
+            want.extend_from_slice(&data[o as usize..(o + l) as usize]);
+            if i == 1 {
+                f.push_bytes(&[9u8; 5000]).unwrap();
+                want.extend_from_slice(&[9u8; 5000]);
+            }
+        }
+        f.finish().unwrap();
+        let mut back = vec![0u8; want.len()];
+        dst.read_exact_at(&mut back, 4096).unwrap();
+        assert!(back == want, "funnel output differs");
+        assert_eq!(dst.metadata().unwrap().len(), 4096 + want.len() as u64);
+        // A piece past the source's end is a read error.
+        let mut f = Funnel::new(&dst, 0);
+        let e = f.push(&src, 3_999_000, 10_000).unwrap_err();
+        assert!(e.is_read);
+    }
 }

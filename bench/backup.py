@@ -11,6 +11,8 @@ Every run's target is checked with `qemu-img compare` against the source (point 
 
   python3 bench/backup.py --quick     # 256 MiB full, 1 GiB incremental, 1 rep
   python3 bench/backup.py             # 2 GiB full, 8 GiB incremental, 3 reps
+  python3 bench/backup.py --only incremental --blockd2 /path/to/older/blockd
+                                      # a second blockd build in the same run (before/after)
 """
 
 import argparse
@@ -55,6 +57,12 @@ def run_job(d, target_path, sync, bitmap=None):
     return dt, cpu
 
 
+def order(kinds, rep):
+    """Daemon order for repetition `rep`: rotated, so none always goes first."""
+    k = rep % len(kinds)
+    return kinds[k:] + kinds[:k]
+
+
 def compare(a, fa, b, fb):
     r = subprocess.run(["qemu-img", "compare", "-U", "-f", fa, "-F", fb, a, b],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -80,9 +88,9 @@ def full(args, work, binaries):
     gib = args.size / 1024
     rows.append(["cp (copy limit)", f"{cp:.2f}", f"{args.size / cp:.0f}", "", ""])
     for fmt, src in (("raw", raw), ("qcow2", qc)):
-        res = {"blockd": [], "qsd": []}
+        res = {k: [] for k in binaries}
         for rep in range(args.reps):
-            for kind in benchlib.alternate(rep):
+            for kind in order(list(binaries), rep):
                 img = os.path.join(work, f"{kind}.{fmt}")
                 shutil.copyfile(src, img)
                 devs, node = benchlib.blockdevs_for(fmt, img)
@@ -98,9 +106,9 @@ def full(args, work, binaries):
                 os.unlink(img)
         t = {k: benchlib.median([x[0] for x in v]) for k, v in res.items()}
         c = {k: benchlib.median([x[1] for x in v]) for k, v in res.items()}
-        for k in ("blockd", "qsd"):
+        for k in binaries:
             rows.append([f"full {fmt} {k}", f"{t[k]:.2f}", f"{args.size / t[k]:.0f}",
-                         f"{c[k] / gib:.2f}", f"{benchlib.ratio(t['qsd'], t['blockd']):.2f}" if k == "blockd" else ""])
+                         f"{c[k] / gib:.2f}", f"{benchlib.ratio(t['qsd'], t[k]):.2f}" if k != "qsd" else ""])
     print(f"\nfull backup, {args.size} MiB, qcow2 target")
     benchlib.print_table(["run", "s", "MiB/s", "cpu s/GiB", "blockd/QSD speed"], rows)
 
@@ -124,12 +132,13 @@ def make_incremental_source(path, size, fraction, seed=7):
 def incremental(args, work, binaries):
     rows = []
     size = args.inc_size * MiB
-    for fraction in (0.001, 0.01, 0.1):
+    fractions = [float(x) for x in args.fractions.split(",")] if args.fractions else [0.001, 0.01, 0.1]
+    for fraction in fractions:
         src = os.path.join(work, "inc-src.qcow2")
         dirty = make_incremental_source(src, size, fraction)
-        res = {"blockd": [], "qsd": []}
+        res = {k: [] for k in binaries}
         for rep in range(args.reps):
-            for kind in benchlib.alternate(rep):
+            for kind in order(list(binaries), rep):
                 img = os.path.join(work, f"{kind}-inc.qcow2")
                 shutil.copyfile(src, img)
                 devs, node = benchlib.blockdevs_for("qcow2", img)
@@ -148,10 +157,10 @@ def incremental(args, work, binaries):
         os.unlink(src)
         t = {k: benchlib.median([x[0] for x in v]) for k, v in res.items()}
         c = {k: benchlib.median([x[1] for x in v]) for k, v in res.items()}
-        for k in ("blockd", "qsd"):
+        for k in binaries:
             rows.append([f"{fraction * 100:g} % {k}", f"{dirty / MiB:.0f}", f"{t[k]:.3f}",
                          f"{c[k] / (dirty / (1 << 30)):.2f}",
-                         f"{benchlib.ratio(t['blockd'], t['qsd']):.2f}" if k == "blockd" else ""])
+                         f"{benchlib.ratio(t[k], t['qsd']):.2f}" if k != "qsd" else ""])
     print(f"\nincremental backup, {args.inc_size} MiB qcow2, scattered 64 KiB clusters")
     benchlib.print_table(["dirty", "MiB", "s", "cpu s/GiB", "blockd/QSD time"], rows)
 
@@ -166,15 +175,28 @@ def main():
     p.add_argument("--only", choices=["full", "incremental"])
     p.add_argument("--blockd", default=benchlib.DEFAULT_BLOCKD)
     p.add_argument("--qsd", default=benchlib.DEFAULT_QSD)
+    p.add_argument("--blockd2", action="append", default=[], metavar="[NAME=]PATH",
+                   help="another blockd binary measured in the same run (repeatable; NAME "
+                        "defaults to blockd-old, blockd-old2, ...)")
+    p.add_argument("--fractions", help="incremental dirty fractions, comma-separated (0.001,0.01,0.1)")
     args = p.parse_args()
     q = args.quick
     args.size = args.size or (256 if q else 2048)
     args.inc_size = args.inc_size or (1024 if q else 8192)
     args.reps = args.reps or (1 if q else 3)
-    benchlib.check_tools(args.blockd, args.qsd, "qemu-img", "qemu-io")
+    others = {}
+    for i, spec in enumerate(args.blockd2):
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = f"blockd-old{i + 1 if i else ''}", spec
+        if name in ("blockd", "qsd") or name in others:
+            sys.exit(f"--blockd2: name {name!r} taken")
+        others[name] = path
+    benchlib.check_tools(args.blockd, args.qsd, "qemu-img", "qemu-io", *others.values())
     benchlib.install_cleanup()
     print(benchlib.machine_line())
     binaries = {"blockd": args.blockd, "qsd": args.qsd}
+    binaries.update(others)
     work = tempfile.mkdtemp(prefix="bench-backup-", dir=args.dir)
     try:
         if args.only in (None, "full"):

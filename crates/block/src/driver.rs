@@ -170,6 +170,12 @@ pub trait Driver: Send + Sync {
     fn write_host(&self, _offset: u64, _len: u64, _f: &mut HostFn<'_>) -> io::Result<bool> {
         Ok(false)
     }
+    /// Let `f` fill the whole-cluster runs `runs` (ascending) as one request: host-file
+    /// pieces holding the runs back to back, in order (qcow2: one contiguous allocation, one
+    /// L2 pass). `Ok(false)` (nothing changed, `f` not called): write the runs one by one.
+    fn write_batch_host(&self, _runs: &[(u64, u64)], _f: &mut HostFn<'_>) -> io::Result<bool> {
+        Ok(false)
+    }
     /// Make the range read as zeros; `may_unmap` allows deallocating.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
     /// Hint that the range is unused; it may then read as anything the format chooses (zeros here).

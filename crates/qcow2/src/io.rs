@@ -4,6 +4,7 @@
 //! Each request is planned under the metadata lock (mappings looked up, clusters allocated and
 //! marked in flight), executed without it (data I/O), then published under it again.
 
+mod batch;
 mod host;
 
 use std::sync::Arc;
@@ -265,9 +266,15 @@ impl Qcow2 {
             self.plan_write(&mut m, offset, end)?
         };
         let io = exec(&plan);
+        self.finish_plan(&plan, io)
+    }
+
+    /// Publish an executed plan (or give its allocations back when `io` failed) and take its
+    /// clusters out of flight; returns whether a flush should run.
+    fn finish_plan(&self, plan: &WritePlan, io: Result<()>) -> Result<bool> {
         let mut m = self.lock()?;
         let result = match io {
-            Ok(()) => self.publish(&mut m, &plan),
+            Ok(()) => self.publish(&mut m, plan),
             Err(e) => {
                 for run in &plan.allocs {
                     for k in 0..run.old.len() as u64 {

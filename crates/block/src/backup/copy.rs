@@ -211,6 +211,96 @@ impl Copier {
         Ok(())
     }
 
+    /// Copy several claimed runs (an incremental's scattered dirty clusters) as one target
+    /// request: the target gives one host range for all of them (qcow2: one contiguous
+    /// allocation and one L2 pass) and the source pieces are spliced into it through the
+    /// worker's pipe, which goes out to the target a pipe-full at a time. `None`: not for this
+    /// batch (compression, fewer than two runs, zero clusters in the source map, or a target
+    /// that cannot; nothing was done); copy the runs with [`Copier::copy_run`]. `buf` (grown
+    /// to the largest run) serves source clusters that are not plain file data.
+    pub fn copy_batch(
+        &self,
+        runs: &[(u64, u64)],
+        buf: &mut Vec<u8>,
+    ) -> Option<Result<(), CopyError>> {
+        if self.compress || runs.len() < 2 {
+            return None;
+        }
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(m) = &map {
+            if runs
+                .iter()
+                .any(|&(s, l)| m.zero.next_dirty(s, s + l).is_some())
+            {
+                return None;
+            }
+        }
+        let side: Cell<Option<bool>> = Cell::new(None);
+        let source = &self.source;
+        // Where the next target piece starts: run index and offset inside it.
+        let (mut ri, mut rpos) = (0usize, 0u64);
+        let r = self
+            .target
+            .write_batch_host(runs, &mut |tf: &File, th: u64, tn: u64| {
+                let mut funnel = kcopy::Funnel::new(tf, th);
+                let mut left = tn;
+                while left > 0 {
+                    let Some(&(rs, rl)) = runs.get(ri) else {
+                        side.set(Some(false));
+                        return Err(io::Error::other("batched copy: target range too long"));
+                    };
+                    let k = (rl - rpos).min(left);
+                    let g = rs + rpos;
+                    let got = source.read_host(g, k, &mut |sf: &File, sh: u64, sn: u64| {
+                        funnel.push(sf, sh, sn).map_err(|e| {
+                            side.set(Some(e.is_read));
+                            e.err
+                        })
+                    });
+                    match got {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            // Backing or compressed clusters of the source: through memory.
+                            let n = usize::try_from(k).map_err(io::Error::other)?;
+                            if buf.len() < n {
+                                buf.resize(n, 0);
+                            }
+                            let b = &mut buf[..n];
+                            source.read(g, b).inspect_err(|_| side.set(Some(true)))?;
+                            funnel.push_bytes(b).map_err(|e| {
+                                side.set(Some(e.is_read));
+                                e.err
+                            })?;
+                        }
+                        Err(e) => {
+                            if side.get().is_none() {
+                                side.set(Some(true));
+                            }
+                            return Err(e);
+                        }
+                    }
+                    left -= k;
+                    rpos += k;
+                    if rpos == rl {
+                        ri += 1;
+                        rpos = 0;
+                    }
+                }
+                funnel.finish().map_err(|e| {
+                    side.set(Some(e.is_read));
+                    e.err
+                })
+            });
+        match r {
+            Ok(true) => Some(Ok(())),
+            Ok(false) => None,
+            Err(err) => Some(Err(CopyError {
+                is_read: side.get().unwrap_or(false),
+                err,
+            })),
+        }
+    }
+
     fn copy_data(&self, off: u64, n: u64, buf: &mut [u8]) -> Result<(), CopyError> {
         let mut done = 0u64;
         while done < n {

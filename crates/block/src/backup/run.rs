@@ -99,6 +99,23 @@ pub(super) async fn run(job: Arc<BackupJob>, ctx: JobCtx) -> Result<(), String> 
                 let mut done = 0;
                 let mut runs = runs;
                 loop {
+                    if result.is_ok() {
+                        if let Some(r) = cw.copy_batch(&runs, &mut buf) {
+                            for &(start, len) in &runs {
+                                cw.finish(start, len, r.is_ok());
+                                if r.is_ok() {
+                                    done += len;
+                                    if discard {
+                                        if let Err(e) = cw.source.discard(start, len) {
+                                            tracing::debug!(error = %e, "discard-source failed");
+                                        }
+                                    }
+                                }
+                            }
+                            result = r;
+                            runs = Vec::new();
+                        }
+                    }
                     for (start, len) in runs {
                         if result.is_err() {
                             cw.finish(start, len, false);

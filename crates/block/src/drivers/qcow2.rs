@@ -291,6 +291,11 @@ impl Driver for Qcow2Driver {
             .write_host(offset, len, f)
             .map_err(|e| self.io_err(e))
     }
+    fn write_batch_host(&self, runs: &[(u64, u64)], f: &mut HostFn<'_>) -> io::Result<bool> {
+        self.img()
+            .write_batch_host(runs, f)
+            .map_err(|e| self.io_err(e))
+    }
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.img()
             .write_at(data, offset)

@@ -49,6 +49,43 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Let `f` fill the runs `runs` (offset, length; ascending, not overlapping) as one driver
+    /// request ([`Driver::write_batch_host`]: host-file pieces holding the runs back to back),
+    /// with the checks, hooks, request tracking and bitmap marking of a [`Node::write_host`]
+    /// per run. `Ok(false)` (nothing changed, `f` not called): not possible here; write the
+    /// runs one by one.
+    ///
+    /// [`Driver::write_batch_host`]: crate::driver::Driver::write_batch_host
+    pub fn write_batch_host(&self, runs: &[(u64, u64)], f: &mut HostFn<'_>) -> io::Result<bool> {
+        for &(offset, len) in runs {
+            self.check_write(offset, len)?;
+        }
+        if runs.is_empty() || !self.host_io() {
+            return Ok(false);
+        }
+        let _gate = self.gate();
+        for &(offset, len) in runs {
+            self.run_hooks(offset, len)?;
+        }
+        self.driver.debug_event("pwritev");
+        let _t: Vec<_> = runs
+            .iter()
+            .map(|&(offset, len)| self.tracker.begin(offset, len, true, false))
+            .collect();
+        let result = self.driver.write_batch_host(runs, f);
+        if !matches!(result, Ok(false)) {
+            for &(offset, len) in runs {
+                // Mark even on failure: part of the range may have changed.
+                self.mark_dirty(offset, len);
+                self.observe(offset, len, &result.as_ref().map(|_| ()).map_err(clone_err));
+            }
+        }
+        self.driver.debug_event("pwritev_done");
+        result
+    }
+}
+
 fn clone_err(e: &io::Error) -> io::Error {
     match e.raw_os_error() {
         Some(n) => io::Error::from_raw_os_error(n),

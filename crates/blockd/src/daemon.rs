@@ -30,7 +30,7 @@ pub struct Device {
 /// Everything the daemon holds.
 pub struct Daemon {
     /// The graph. Closed at shutdown.
-    pub graph: Mutex<Graph>,
+    pub graph: Arc<Mutex<Graph>>,
     /// Jobs; cancelled at shutdown.
     pub jobs: Arc<JobManager>,
     /// Events to every monitor.
@@ -78,7 +78,7 @@ impl Daemon {
             ),
         }));
         Arc::new(Daemon {
-            graph: Mutex::new(graph),
+            graph: Arc::new(Mutex::new(graph)),
             jobs,
             events,
             devices: Mutex::new(Vec::new()),
@@ -131,7 +131,8 @@ impl Daemon {
                 )));
             }
         }
-        self.graph().add(opts)
+        // The graph lock is not held while files open (see `Graph::add_staged`).
+        Graph::add_staged(&self.graph, opts)
     }
 
     /// blockdev-del.

@@ -17,4 +17,5 @@ mod perm_props;
 mod qcow2_hostile;
 mod rewire;
 mod snapshot;
+mod staged;
 mod tracking;

@@ -236,7 +236,18 @@ impl Daemon {
         lock(&self.devices).clear();
         // Flushing, storing bitmaps and closing are disk I/O: off the reactor, so the
         // monitors and whatever else still runs stay responsive meanwhile.
-        let nodes = std::mem::take(&mut *self.graph());
+        // A blockdev-add still opening files (it does not hold the graph lock) inserts its
+        // nodes when done: wait for it, so that they are closed with the rest.
+        let nodes = loop {
+            let taken = {
+                let mut g = self.graph();
+                (!g.opening()).then(|| std::mem::take(&mut *g))
+            };
+            match taken {
+                Some(g) => break g,
+                None => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        };
         let closed = tokio::task::spawn_blocking(move || {
             let mut nodes = nodes;
             nodes.close_all();

@@ -84,6 +84,12 @@ fn lock(g: &Mutex<Graph>) -> MutexGuard<'_, Graph> {
 }
 
 impl Graph {
+    /// A staged open is in progress: its nodes are not in the graph yet, and will be.
+    /// Shutdown waits for this to be false before it closes the graph.
+    pub fn opening(&self) -> bool {
+        !self.staged.items.is_empty()
+    }
+
     /// The staged open this graph runs (0: none, the daemon's graph).
     pub(super) fn owner(&self) -> u64 {
         self.scratch.as_ref().map_or(0, |s| s.id)

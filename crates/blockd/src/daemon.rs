@@ -1,7 +1,8 @@
 //! The daemon's state and the handlers that translate commands into core calls.
 //!
 //! Locks: every field below is a std `Mutex` held for short, non-async sections only. QMP
-//! commands are serialised by the qmp crate, so handlers never race each other; I/O paths
+//! commands are serialised by the qmp crate, so handlers never race each other, except
+//! `blockdev-add` (see `block::Graph::add_staged`: it reserves what it uses); I/O paths
 //! (NBD, jobs) clone node handles out and never take these locks.
 
 use std::sync::{Arc, Mutex, MutexGuard};

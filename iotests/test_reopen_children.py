@@ -114,3 +114,35 @@ def test_a_backing_opened_from_the_header_is_dropped_once_replaced(make_daemon, 
     assert files() == []
     # nothing holds base3.qcow2 any more
     iotests.qemu_img("check", str(tmp_path / "base3.qcow2"))
+
+
+def test_backing_null_drops_backing_file_but_not_the_headers_name(make_daemon, tmp_path):
+    """After `backing: null`, QEMU reports no `backing_file` for the node, while its image
+    info still gives the name in the header (which the reopen leaves as it is); and, the
+    header naming a backing file, a later reopen that leaves `backing` out is refused
+    (checked on qemu-storage-daemon 10.0.2)."""
+    d = setup(make_daemon, tmp_path)
+    base = str(tmp_path / "base.qcow2")
+
+    def ov_info():
+        return next(n for n in d.ok("query-named-block-nodes", flat=True)
+                    if n["node-name"] == "ov")
+
+    assert ov_info()["backing_file"] == base
+    assert reopen(d, q("ov", file="ovf", backing=None)) == {"return": {}}
+    info = ov_info()
+    assert "backing_file" not in info, info
+    assert info["backing_file_depth"] == 0
+    assert info["image"]["backing-filename"] == base
+    assert info["image"]["full-backing-filename"] == base
+    assert info["image"]["backing-filename-format"] == "qcow2"
+    assert "backing-image" not in info["image"]
+    reads(d, "ov", 0)
+    r = reopen(d, q("ov", file="ovf"))
+    assert r["error"]["desc"] == "backing is missing for 'ov'", r
+    # the header is unchanged
+    out = iotests.qemu_img("info", "--output=json", "-U", str(tmp_path / "ov.qcow2"))
+    assert base in str(out)
+    assert reopen(d, q("ov", file="ovf", backing="base2")) == {"return": {}}
+    assert ov_info()["backing_file"] == str(tmp_path / "base2.qcow2")
+    reads(d, "ov", 0xb2)

@@ -15,6 +15,7 @@ mod perms;
 mod reopen;
 mod rewire;
 mod snapshot;
+mod staged;
 
 pub use reopen::ChildChange;
 pub use rewire::Drained;
@@ -125,13 +126,19 @@ pub struct CbwOptions {
 #[derive(Default)]
 pub struct Graph {
     nodes: Vec<NodeRef>,
-    counter: u64,
+    /// Generated-name counter, shared with the scratch graphs of staged opens.
+    counter: Arc<std::sync::atomic::AtomicU64>,
     /// Where nodes report events (image corruption); `None` in tests that don't care.
     events: Option<NodeEventSink>,
     /// Edges of nodes being opened (see [`PendingEdge`]).
     pending: Vec<PendingEdge>,
     /// Exports, devices and jobs holding the graph (see [`crate::edge::Root`]).
     roots: Vec<std::sync::Weak<crate::edge::Root>>,
+    /// Staged opens in progress (see [`Graph::add_staged`]): their names and pinned nodes.
+    staged: staged::Reservations,
+    /// In a staged open's scratch graph: the open's id, the existing nodes its tree names and
+    /// the graph it will join. Empty in the daemon's graph.
+    scratch: Option<staged::Scratch>,
 }
 
 /// Longest backing chain opened from names inside images.
@@ -155,7 +162,17 @@ impl Graph {
 
     /// Find a node by name.
     pub fn get(&self, name: &str) -> Option<NodeRef> {
-        self.nodes.iter().find(|n| n.name() == name).cloned()
+        let found = self.nodes.iter().find(|n| n.name() == name);
+        match (found, &self.scratch) {
+            (Some(n), _) => Some(n.clone()),
+            (None, Some(s)) => s.external(name),
+            (None, None) => None,
+        }
+    }
+
+    /// A node of this name exists or a staged open has reserved it.
+    fn name_taken(&self, name: &str) -> bool {
+        self.get(name).is_some() || self.staged.reserved(name)
     }
 
     /// Find a node for commands that name a device or node: QEMU's
@@ -182,13 +199,14 @@ impl Graph {
     }
 
     fn generate_name(&mut self) -> String {
+        let counter = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let rnd = (std::process::id() as u64)
             .wrapping_mul(2654435761)
-            .wrapping_add(self.counter * 7919)
+            .wrapping_add(counter.wrapping_mul(7919))
             % 100;
-        let name = format!("#block{}{:02}", self.counter, rnd);
-        self.counter += 1;
-        name
+        format!("#block{counter}{rnd:02}")
     }
 
     /// Create a root node (named) and whatever inline children it defines.
@@ -219,6 +237,7 @@ impl Graph {
             return Ok(());
         }
         if !self.parents(node).is_empty()
+            || self.staged.pinned(node)
             || node.first_user().is_some()
             || self.root_on(node).is_some()
         {
@@ -240,7 +259,7 @@ impl Graph {
         let (name, auto) = match name {
             Some(n) => {
                 check_node_name(n)?;
-                if self.get(n).is_some() {
+                if self.name_taken(n) {
                     return Err(Error::generic(format!(
                         "Duplicate nodes with node-name='{n}'"
                     )));
@@ -272,8 +291,9 @@ impl Graph {
 
     fn add_tree(&mut self, opts: &NodeOptions) -> Result<NodeRef> {
         let before = self.nodes.len();
+        let owner = self.owner();
         let opened = self.add_node(opts, 0, false).and_then(|n| {
-            self.pending.clear();
+            self.pending.retain(|p| p.owner != owner);
             self.refresh_perms().map(|_| n)
         });
         let (activated, e) = match opened {
@@ -283,7 +303,7 @@ impl Graph {
             },
             Err(e) => (0, e),
         };
-        self.pending.clear();
+        self.pending.retain(|p| p.owner != owner);
         let new: Vec<NodeRef> = self.nodes.drain(before..).collect();
         if let Err(e) = self.refresh_perms() {
             tracing::warn!(error = %e, "restoring permissions after a failed open");
@@ -318,7 +338,11 @@ impl Graph {
         // (jobs: users named "block job: ..."; a backing child is blocked by its overlay),
         // then any other parent.
         let users: Vec<String> = node.users().into_iter().map(|u| u.who).collect();
-        if self.root_on(&node).is_some() || users.iter().any(|u| !u.starts_with("block job")) {
+        // A blockdev-add in progress names it as a child.
+        if self.staged.pinned(&node)
+            || self.root_on(&node).is_some()
+            || users.iter().any(|u| !u.starts_with("block job"))
+        {
             return Err(Error::generic(format!("Node {name} is in use")));
         }
         if let Some(job) = users.first() {
@@ -367,6 +391,7 @@ impl Graph {
         let result = close_node(node);
         for c in node.children() {
             if c.node.auto_named()
+                && !self.staged.pinned(&c.node)
                 && self.parents(&c.node).is_empty()
                 && c.node.first_user().is_none()
             {

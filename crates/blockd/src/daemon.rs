@@ -1,7 +1,8 @@
 //! The daemon's state and the handlers that translate commands into core calls.
 //!
 //! Locks: every field below is a std `Mutex` held for short, non-async sections only. QMP
-//! commands are serialised by the qmp crate, so handlers never race each other; I/O paths
+//! commands are serialised by the qmp crate, so handlers never race each other, except
+//! `blockdev-add` (see `block::Graph::add_staged`: it reserves what it uses); I/O paths
 //! (NBD, jobs) clone node handles out and never take these locks.
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,7 +31,7 @@ pub struct Device {
 /// Everything the daemon holds.
 pub struct Daemon {
     /// The graph. Closed at shutdown.
-    pub graph: Mutex<Graph>,
+    pub graph: Arc<Mutex<Graph>>,
     /// Jobs; cancelled at shutdown.
     pub jobs: Arc<JobManager>,
     /// Events to every monitor.
@@ -78,7 +79,7 @@ impl Daemon {
             ),
         }));
         Arc::new(Daemon {
-            graph: Mutex::new(graph),
+            graph: Arc::new(Mutex::new(graph)),
             jobs,
             events,
             devices: Mutex::new(Vec::new()),
@@ -131,7 +132,8 @@ impl Daemon {
                 )));
             }
         }
-        self.graph().add(opts)
+        // The graph lock is not held while files open (see `Graph::add_staged`).
+        Graph::add_staged(&self.graph, opts)
     }
 
     /// blockdev-del.
@@ -235,7 +237,18 @@ impl Daemon {
         lock(&self.devices).clear();
         // Flushing, storing bitmaps and closing are disk I/O: off the reactor, so the
         // monitors and whatever else still runs stay responsive meanwhile.
-        let nodes = std::mem::take(&mut *self.graph());
+        // A blockdev-add still opening files (it does not hold the graph lock) inserts its
+        // nodes when done: wait for it, so that they are closed with the rest.
+        let nodes = loop {
+            let taken = {
+                let mut g = self.graph();
+                (!g.opening()).then(|| std::mem::take(&mut *g))
+            };
+            match taken {
+                Some(g) => break g,
+                None => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        };
         let closed = tokio::task::spawn_blocking(move || {
             let mut nodes = nodes;
             nodes.close_all();

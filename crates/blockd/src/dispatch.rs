@@ -100,6 +100,13 @@ impl qmp::Dispatcher for QmpDispatcher {
         COMMANDS.contains(&name)
     }
 
+    /// `blockdev-add` opens files without the graph lock (names reserved, named children
+    /// pinned: `block::Graph::add_staged`), so it need not hold up other monitors' commands
+    /// while a slow disk answers; every other command stays serialised.
+    fn runs_unserialised(&self, name: &str) -> bool {
+        name == "blockdev-add"
+    }
+
     fn dispatch(&self, name: &str, args: Map<String, Value>) -> qmp::DispatchFuture {
         let daemon = self.daemon.clone();
         let server = self.server.get().cloned();

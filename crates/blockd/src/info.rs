@@ -151,17 +151,10 @@ pub fn node_info(node: &NodeRef, flat: bool) -> t::BlockDeviceInfo {
         node_name: Some(node.name().to_string()),
         ro: node.read_only(),
         drv: node.driver_name().to_string(),
-        // The backing child's file when there is one (an overlay put on top by a snapshot
-        // names none in its header), as QEMU reports it.
-        backing_file: node
-            .child("backing")
-            .map(|b| b.facts().filename)
-            .or_else(|| {
-                facts
-                    .backing_filename
-                    .as_ref()
-                    .map(|b| resolve_backing_path(&facts.filename, b))
-            }),
+        // The backing child's file, and nothing without one: QEMU reports none after
+        // `backing: null` (at blockdev-add or blockdev-reopen) even though the image's header
+        // still names one (that stays in `image`'s `backing-filename`).
+        backing_file: node.child("backing").map(|b| b.facts().filename),
         backing_file_depth: if flat { 0 } else { backing_depth(node) },
         active: true,
         encrypted: false,

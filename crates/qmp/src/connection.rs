@@ -140,12 +140,17 @@ impl Connection {
         }
     }
 
-    /// Runs one command under the server-wide command lock and sends its reply.
+    /// Runs one command under the server-wide command lock (unless the dispatcher says it
+    /// runs unserialised) and sends its reply.
     async fn execute(&mut self, command: Command) -> Result<(), Stop> {
         let shared = self.shared.clone();
-        let guard = tokio::select! {
-            g = shared.command_lock.lock() => g,
-            _ = shared.shutdown.cancelled() => return Err(Stop),
+        let guard = if shared.dispatcher.runs_unserialised(&command.name) {
+            None
+        } else {
+            Some(tokio::select! {
+                g = shared.command_lock.lock() => g,
+                _ = shared.shutdown.cancelled() => return Err(Stop),
+            })
         };
         if shared.shutdown.is_cancelled() {
             return Err(Stop);

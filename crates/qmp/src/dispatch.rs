@@ -36,4 +36,12 @@ pub trait Dispatcher: Send + Sync + 'static {
     /// [`Server::begin_shutdown`](crate::Server::begin_shutdown) from inside the command makes
     /// sure no other command starts after it; the reply is delivered either way.
     fn dispatch(&self, name: &str, args: Map<String, Value>) -> DispatchFuture;
+
+    /// Does this command run without the server-wide command lock? Only for a command whose
+    /// handler is safe against every other command running meanwhile (blockd: `blockdev-add`,
+    /// which reserves what it needs under its own lock). Default: no command does.
+    fn runs_unserialised(&self, name: &str) -> bool {
+        let _ = name;
+        false
+    }
 }

@@ -35,7 +35,7 @@ impl Graph {
         let name = match &opts.node_name {
             Some(n) => {
                 check_node_name(n)?;
-                if self.get(n).is_some() {
+                if self.name_taken(n) {
                     return Err(Error::generic(format!(
                         "Duplicate nodes with node-name='{n}'"
                     )));

@@ -30,6 +30,8 @@ pub(crate) struct PendingEdge {
     pub child: NodeRef,
     /// Attachment order.
     pub seq: u64,
+    /// The staged open it belongs to (0: an open run under the graph lock).
+    pub owner: u64,
 }
 
 /// One edge into a node: its source (a node, or none for users and pending parents) and how it
@@ -212,14 +214,22 @@ impl Graph {
         role: Role,
         child: &NodeRef,
     ) -> Result<()> {
-        self.pending.push(PendingEdge {
+        let edge = PendingEdge {
             parent: parent.to_string(),
             writable,
             name,
             role,
             child: child.clone(),
             seq: crate::node::next_seq(),
-        });
+            owner: self.owner(),
+        };
+        // An existing node a staged open names: its permissions live in the daemon's graph.
+        if let Some(s) = &self.scratch {
+            if s.is_external(child) {
+                return s.attach_outer(edge);
+            }
+        }
+        self.pending.push(edge);
         self.refresh_perms()
     }
 }

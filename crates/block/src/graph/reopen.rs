@@ -223,6 +223,7 @@ impl Graph {
             let orphan = n.auto_named()
                 && self.nodes.iter().any(|x| Arc::ptr_eq(x, n))
                 && self.parents(n).is_empty()
+                && !self.staged.pinned(n)
                 && n.first_user().is_none()
                 && !self.roots().iter().any(|r| Arc::ptr_eq(&r.node(), n));
             if orphan {

@@ -18,4 +18,5 @@ mod qcow2_hostile;
 mod qcow2_store;
 mod rewire;
 mod snapshot;
+mod staged;
 mod tracking;

@@ -298,16 +298,7 @@ fn crashed_lazy_refcounts_image_is_repaired_at_writable_open() {
     let dir = TempDir::new("lazy");
     let path = dir.path("l.qcow2");
     let p = path.to_str().expect("p");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        p,
-        "16M",
-    ]);
+    qemu_create(&path, "lazy_refcounts=on", "16M");
     qemu_img(&["bitmap", "--add", p, "bm"]);
     // qemu-io's abort leaves the dirty bit set and the refcounts stale.
     let _ = run_status(

@@ -41,7 +41,7 @@ fn pattern(cs: usize, clusters: usize, seed: u64) -> Vec<u8> {
 
 fn create(path: &Path, size: u64, cluster: u64, compat: &str) {
     qemu_create(
-        &path,
+        path,
         &format!("cluster_size={cluster},compat={compat}"),
         &size.to_string(),
     );

@@ -283,10 +283,6 @@ fn concurrent_compressed_writes_pack_safely() {
     assert_compares_to_raw(&dir, &p, &data);
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
 /// Raw L2 entries of the first L2 table and the 16-bit refcounts of the first refcount block,
 /// read straight from the file.
 fn raw_tables(path: &Path) -> (u32, Vec<u64>, Vec<u64>) {

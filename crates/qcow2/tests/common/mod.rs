@@ -254,3 +254,23 @@ pub fn qemu_snapshot_content(dir: &TempDir, path: &Path, name: &str) -> Vec<u8> 
     ]);
     std::fs::read(&out).expect("read raw")
 }
+
+/// The big-endian u32 at `off` in image bytes.
+pub fn be32(b: &[u8], off: usize) -> u32 {
+    u32::from_be_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+}
+
+/// The big-endian u64 at `off` in image bytes.
+pub fn be64(b: &[u8], off: usize) -> u64 {
+    u64::from_be_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+}
+
+/// Store `v` big-endian at `off` in image bytes.
+pub fn put32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Store `v` big-endian at `off` in image bytes.
+pub fn put64(b: &mut [u8], off: usize, v: u64) {
+    b[off..off + 8].copy_from_slice(&v.to_be_bytes());
+}

@@ -11,6 +11,7 @@ Benchmarks report ratios blockd/QSD measured side by side in one run; they never
 """
 
 import atexit
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -246,3 +247,26 @@ def machine_line():
         f"{time.strftime('%Y-%m-%d %H:%M')}  cpus={os.cpu_count()}  "
         f"load={load[0]:.1f},{load[1]:.1f},{load[2]:.1f}"
     )
+
+
+def add_daemon_args(p):
+    """The options every blockd-vs-QSD benchmark takes: --dir, --blockd, --qsd, -v."""
+    p.add_argument("--dir", default="/dev/shm", help="where images live (default /dev/shm)")
+    p.add_argument("--blockd", default=DEFAULT_BLOCKD)
+    p.add_argument("--qsd", default=DEFAULT_QSD)
+    p.add_argument("-v", "--verbose", action="store_true", help="print every sample")
+
+
+@contextlib.contextmanager
+def work_dir(where, prefix="blockd-bench-"):
+    """A scratch directory under `where`. Leaving it stops every daemon started and removes the
+    directory; Ctrl-C ends the benchmark with status 130."""
+    work = tempfile.mkdtemp(prefix=prefix, dir=where)
+    try:
+        yield work
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        _cleanup()
+        shutil.rmtree(work, ignore_errors=True)

@@ -29,7 +29,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 
 import benchlib as bl
@@ -258,11 +257,8 @@ def main():
     p.add_argument("--size", type=int, help="image size in MiB (default 1024)")
     p.add_argument("--count", type=int, help="random writes per measurement (default 100000)")
     p.add_argument("--reps", type=int, help="repetitions (default 3)")
-    p.add_argument("--dir", default="/dev/shm")
-    p.add_argument("--blockd", default=bl.DEFAULT_BLOCKD)
-    p.add_argument("--qsd", default=bl.DEFAULT_QSD)
     p.add_argument("--only", default="throughput,extra,recovery")
-    p.add_argument("-v", "--verbose", action="store_true")
+    bl.add_daemon_args(p)
     opts = p.parse_args()
     opts.size = (opts.size or (256 if opts.quick else 1024)) * bl.MiB
     opts.count = opts.count or (20000 if opts.quick else 100000)
@@ -270,8 +266,7 @@ def main():
     bl.check_tools(opts.blockd, opts.qsd, "nbdcopy", "qemu-img")
     bl.install_cleanup()
     print(f"# dirty_log  {bl.machine_line()}  size={opts.size // bl.MiB}MiB reps={opts.reps} dir={opts.dir}")
-    work = tempfile.mkdtemp(prefix="blockd-dlog-", dir=opts.dir)
-    try:
+    with bl.work_dir(opts.dir, prefix="blockd-dlog-") as work:
         parts = opts.only.split(",")
         if "throughput" in parts:
             throughput(opts, work)
@@ -279,9 +274,6 @@ def main():
             extra_dirty(opts, work)
         if "recovery" in parts:
             recovery_time(opts, work)
-    finally:
-        bl._cleanup()
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -86,11 +85,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="256 MiB, 1 repetition")
     p.add_argument("--size", type=int, help="disk size in MiB (default 2048)")
     p.add_argument("--reps", type=int, help="repetitions per daemon (default 3)")
-    p.add_argument("--dir", default="/dev/shm", help="where images live (default /dev/shm)")
-    p.add_argument("--blockd", default=bl.DEFAULT_BLOCKD)
-    p.add_argument("--qsd", default=bl.DEFAULT_QSD)
     p.add_argument("--no-writer", action="store_true", help="reader alone (one 64 KiB write)")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every sample")
+    bl.add_daemon_args(p)
     opts = p.parse_args()
     opts.size = (opts.size or (256 if opts.quick else 2048)) * bl.MiB
     opts.reps = opts.reps or (1 if opts.quick else 3)
@@ -98,9 +94,8 @@ def main():
     bl.install_cleanup()
 
     print(f"# fleecing  {bl.machine_line()}  size={opts.size // bl.MiB}MiB reps={opts.reps} dir={opts.dir}")
-    work = tempfile.mkdtemp(prefix="blockd-bench-", dir=opts.dir)
     samples = {}
-    try:
+    with bl.work_dir(opts.dir) as work:
         src = os.path.join(work, "src.raw")
         bl.random_raw(src, opts.size)
         base = os.path.join(work, "base.qcow2")
@@ -115,12 +110,6 @@ def main():
                 if opts.verbose:
                     print(f"  {kind}: read {r['read']:.0f} MiB/s, write {r['write']:.0f} MiB/s, "
                           f"scratch {r['scratch']:.0f} MiB, CPU {r['cpu']:.2f} s", flush=True)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        bl._cleanup()
-        shutil.rmtree(work, ignore_errors=True)
 
     rows = []
     for key, label in (("read", "reader MiB/s"), ("write", "writer MiB/s"), ("scratch", "scratch MiB"),

@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import benchlib as bl
@@ -89,10 +88,7 @@ def main():
     p.add_argument("--reps", type=int, help="repetitions per daemon (default 5)")
     p.add_argument("--bitmaps", type=int, default=8, help="bitmaps in the second series (default 8)")
     p.add_argument("--formats", default="raw,qcow2", help="comma list of raw,qcow2")
-    p.add_argument("--dir", default="/dev/shm", help="where images live (default /dev/shm)")
-    p.add_argument("--blockd", default=bl.DEFAULT_BLOCKD)
-    p.add_argument("--qsd", default=bl.DEFAULT_QSD)
-    p.add_argument("-v", "--verbose", action="store_true", help="print every sample")
+    bl.add_daemon_args(p)
     opts = p.parse_args()
     quick = opts.quick
     opts.size = opts.size or (128 if quick else 256)
@@ -102,19 +98,12 @@ def main():
     bl.install_cleanup()
 
     print(f"# nbd_throughput  {bl.machine_line()}  size={opts.size // bl.MiB}MiB reps={opts.reps} dir={opts.dir}")
-    work = tempfile.mkdtemp(prefix="blockd-bench-", dir=opts.dir)
     results = {}
-    try:
+    with bl.work_dir(opts.dir) as work:
         src = os.path.join(work, "src.raw")
         bl.random_raw(src, opts.size)
         for fmt in opts.formats.split(","):
             results[fmt] = run_format(fmt, opts, work, src)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        bl._cleanup()
-        shutil.rmtree(work, ignore_errors=True)
 
     nb = opts.bitmaps
     rows = []

@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import benchlib as bl
 
@@ -81,10 +80,7 @@ def main():
         help="raw: a raw file node instead, as a baseline for the NBD layer (no alloc jobs)",
     )
     p.add_argument("--jobs", default="", help="comma list of job labels to run (default all)")
-    p.add_argument("--dir", default="/dev/shm", help="where images live (default /dev/shm)")
-    p.add_argument("--blockd", default=bl.DEFAULT_BLOCKD)
-    p.add_argument("--qsd", default=bl.DEFAULT_QSD)
-    p.add_argument("-v", "--verbose", action="store_true", help="print every sample")
+    bl.add_daemon_args(p)
     opts = p.parse_args()
     # --quick changes only the values not given explicitly.
     for name, full, quick in (("size", 1024, 128), ("reps", 3, 2), ("runtime", 3, 0.75), ("ramp", 0, 0)):
@@ -102,10 +98,9 @@ def main():
         f"# qcow2_io  {bl.machine_line()}  size={opts.size}MiB reps={opts.reps} "
         f"runtime={opts.runtime}s iodepth={opts.iodepth} format={opts.format} dir={opts.dir}"
     )
-    work = tempfile.mkdtemp(prefix="blockd-bench-", dir=opts.dir)
     samples = {}  # (label, kind) -> [result dict]
     daemons = {}
-    try:
+    with bl.work_dir(opts.dir) as work:
         src = os.path.join(work, "src.raw")
         bl.random_raw(src, size)
         for kind in ("blockd", "qsd"):
@@ -143,12 +138,6 @@ def main():
                             f"CPU {r['cpu_us']:.1f} us/IO",
                             flush=True,
                         )
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        bl._cleanup()
-        shutil.rmtree(work, ignore_errors=True)
 
     def med(label, kind, key):
         return bl.median([s[key] for s in samples[(label, kind)]])

@@ -250,11 +250,9 @@ def test_cancelled_concluded_job_reports_operation_canceled(env):
     env.ok("job-dismiss", id="j")
 
 
-@iotests.blockd_only
-def test_checkpoint_during_a_backup_stores_the_successors_writes(make_daemon, tmp_path, monkeypatch):
-    """blockd stores persistent bitmaps while running (checkpoints): during a backup the stored
-    bitmap is the frozen one plus its successor, so a crash loses no write."""
-    monkeypatch.setenv("BLOCKD_BITMAP_CHECKPOINT_SECS", "1")
+def slow_incremental_backup_with_writes(make_daemon, tmp_path):
+    """A daemon running a slow incremental backup of src (bitmap b, 2 MiB written before) to
+    tgt, with 64 KiB written through an NBD export since it started; returns (daemon, src)."""
     src = qcow2(tmp_path / "src.qcow2", SIZE)
     iotests.qemu_img("bitmap", "--add", str(src), "b")
     qcow2(tmp_path / "tgt.qcow2", SIZE)
@@ -265,6 +263,15 @@ def test_checkpoint_during_a_backup_stores_the_successors_writes(make_daemon, tm
     finish_writer(writer(uri, [(0x11, 0, 2 * MiB)]))
     assert backup(d, "j", "src", "tgt", "incremental", bitmap="b", speed=1)["return"] == {}
     finish_writer(writer(uri, [(0x12, 3 * MiB, 64 * 1024)]))
+    return d, src
+
+
+@iotests.blockd_only
+def test_checkpoint_during_a_backup_stores_the_successors_writes(make_daemon, tmp_path, monkeypatch):
+    """blockd stores persistent bitmaps while running (checkpoints): during a backup the stored
+    bitmap is the frozen one plus its successor, so a crash loses no write."""
+    monkeypatch.setenv("BLOCKD_BITMAP_CHECKPOINT_SECS", "1")
+    d, src = slow_incremental_backup_with_writes(make_daemon, tmp_path)
     import time
     time.sleep(2.5)
     d.kill()
@@ -293,16 +300,7 @@ def test_nodes_of_a_running_backup_cannot_be_deleted_or_reused(env):
 
 
 def test_quit_during_a_backup_keeps_every_dirty_bit_on_disk(make_daemon, tmp_path):
-    src = qcow2(tmp_path / "src.qcow2", SIZE)
-    iotests.qemu_img("bitmap", "--add", str(src), "b")
-    qcow2(tmp_path / "tgt.qcow2", SIZE)
-    d = make_daemon()
-    add_qcow2(d, "src", src)
-    add_qcow2(d, "tgt", tmp_path / "tgt.qcow2")
-    uri = nbd(d, "src", "w", writable=True)
-    finish_writer(writer(uri, [(0x11, 0, 2 * MiB)]))
-    assert backup(d, "j", "src", "tgt", "incremental", bitmap="b", speed=1)["return"] == {}
-    finish_writer(writer(uri, [(0x12, 3 * MiB, 64 * 1024)]))
+    d, src = slow_incremental_backup_with_writes(make_daemon, tmp_path)
     d.cmd("quit")
     assert d.wait_exit() == 0
     info = iotests.qemu_img("info", "--output=json", str(src))

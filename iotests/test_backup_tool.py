@@ -92,6 +92,35 @@ def require_live_backup(d) -> None:
     assert not missing, f"{iotests.DAEMON_KIND} lacks {', '.join(missing)} (live backups need them)"
 
 
+def backup_events(args: List[str], env: dict, writer=None) -> List[dict]:
+    """Run the tool with `args` (which include --json) and return its events; resume `writer`
+    once the snapshot is taken and pause it at the end. The run must succeed."""
+    p = subprocess.Popen([tool_binary(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    evs = []
+    assert p.stdout is not None
+    for line in p.stdout:
+        ev = json.loads(line)
+        evs.append(ev)
+        if ev["event"] == "snapshot" and writer:
+            writer.resume()
+    err = p.stderr.read() if p.stderr else ""
+    rc = p.wait(120)
+    if writer:
+        writer.pause()
+    assert rc == 0, f"{args} -> {rc}: {err}\n{evs}"
+    return evs
+
+
+def vm_in_mode(make_daemon, tmp_path: Path, mode: str) -> "Vm":
+    """A Vm backed up "live" (through the daemon; skipped where it cannot) or "offline"."""
+    vm = Vm(make_daemon, tmp_path)
+    if mode == "live":
+        require_live_backup(vm.d)
+    vm.offline = mode == "offline"
+    return vm
+
+
 class Vm:
     """A daemon serving qcow2 disks, each with a writable NBD export w-NAME."""
 
@@ -147,21 +176,7 @@ class Vm:
     def backup(self, cmd: str, extra=(), writer: Optional["Writer"] = None) -> List[dict]:
         """Run a backup with --json; resume `writer` once the snapshot is taken."""
         e = dict(os.environ, BLOCKD_BACKUP_DAEMON=iotests.daemon_binary())
-        p = subprocess.Popen([tool_binary(), *self.base_args(), "--json", cmd, *self.src_args(), *extra],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
-        evs = []
-        assert p.stdout is not None
-        for line in p.stdout:
-            ev = json.loads(line)
-            evs.append(ev)
-            if ev["event"] == "snapshot" and writer:
-                writer.resume()
-        err = p.stderr.read() if p.stderr else ""
-        rc = p.wait(120)
-        if writer:
-            writer.pause()
-        assert rc == 0, f"{cmd} -> {rc}: {err}\n{evs}"
-        return evs
+        return backup_events([*self.base_args(), "--json", cmd, *self.src_args(), *extra], e, writer)
 
 
 class Writer:
@@ -219,11 +234,7 @@ def restore_and_compare(vm: Vm, point: str, disk: str, want: str, tmp: Path) -> 
 def test_month_of_backups_restores_every_point_exactly(make_daemon, tmp_path, mode):
     """live: the writer runs during each backup (fleecing); offline: it stays paused and the
     tool reads the disks directly (--offline), which needs no backup job in the daemon."""
-    vm = Vm(make_daemon, tmp_path)
-    if mode == "live":
-        require_live_backup(vm.d)
-    else:
-        vm.offline = True
+    vm = vm_in_mode(make_daemon, tmp_path, mode)
     rng = random.Random(14)
     qemu_io("-f", "raw", "-c", "write -P 0x11 0 8M", "-c", "write -P 0x22 40M 4M", vm.uri("disk0"))
     writer = Writer(vm, 99)
@@ -300,10 +311,7 @@ def test_several_disks_are_taken_at_one_instant_and_one_full_falls_back(make_dae
 @pytest.mark.parametrize("mode", ["live", "offline"])
 @pytest.mark.parametrize("phase", ["prepared", "snapshot", "copy", "written", "manifest"])
 def test_tool_killed_at_every_phase_then_run_again(make_daemon, tmp_path, phase, mode):
-    vm = Vm(make_daemon, tmp_path)
-    if mode == "live":
-        require_live_backup(vm.d)
-    vm.offline = mode == "offline"
+    vm = vm_in_mode(make_daemon, tmp_path, mode)
     rng = random.Random(7)
     vm.write_random(rng, "disk0", 20)
     vm.backup("full")
@@ -366,10 +374,7 @@ def test_daemon_killed_during_backup_costs_a_full_then_exact(make_daemon, tmp_pa
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["live", "offline"])
 def test_repository_disk_full_fails_cleanly_then_succeeds(make_daemon, tmp_path, mode):
-    vm = Vm(make_daemon, tmp_path)
-    if mode == "live":
-        require_live_backup(vm.d)
-    vm.offline = mode == "offline"
+    vm = vm_in_mode(make_daemon, tmp_path, mode)
     rng = random.Random(9)
     vm.write_random(rng, "disk0", 10)
     small = tmp_path / "small"

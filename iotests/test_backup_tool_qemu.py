@@ -22,7 +22,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -30,7 +29,7 @@ import pytest
 
 import iotests
 from iotests import Daemon, qemu_img, qemu_io
-from test_backup_tool import Writer, digest_of, restore_and_compare, run_tool, tool_binary
+from test_backup_tool import Writer, backup_events, digest_of, restore_and_compare, run_tool
 
 QEMU = "qemu-system-x86_64"
 SIZE = 32 << 20
@@ -104,22 +103,8 @@ class QemuVm:
         return digest_of(dest)
 
     def backup(self, cmd: str, extra=(), writer: Optional[Writer] = None) -> List[dict]:
-        e = dict(os.environ)
-        p = subprocess.Popen([tool_binary(), *self.base_args(), "--json", cmd, *self.src_args(), *extra],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
-        evs = []
-        assert p.stdout is not None
-        for line in p.stdout:
-            ev = json.loads(line)
-            evs.append(ev)
-            if ev["event"] == "snapshot" and writer:
-                writer.resume()
-        err = p.stderr.read() if p.stderr else ""
-        rc = p.wait(120)
-        if writer:
-            writer.pause()
-        assert rc == 0, f"{cmd} -> {rc}: {err}\n{evs}"
-        return evs
+        return backup_events([*self.base_args(), "--json", cmd, *self.src_args(), *extra],
+                             dict(os.environ), writer)
 
 
 @pytest.mark.timeout(300)

@@ -123,6 +123,20 @@ def io_args(cmds) -> List[str]:
     return argv
 
 
+def frozen_plus_writes(tmp_path, frozen, cmds):
+    """A raw copy of the frozen content with the writer's `cmds` applied: what the disk must
+    hold once the writer is done."""
+    expect = tmp_path / "expect.raw"
+    check_run(["cp", str(frozen), str(expect)])
+    iotests.qemu_io("-f", "raw", *io_args(cmds), str(expect))
+    return expect
+
+
+def assert_frozen_plus_writes(tmp_path, disk, frozen, cmds) -> None:
+    """The qcow2 `disk` holds exactly the frozen data plus what the writer wrote."""
+    compare(disk, frozen_plus_writes(tmp_path, frozen, cmds), "qcow2", "raw")
+
+
 def start_writer(target: str, cmds) -> subprocess.Popen:
     return subprocess.Popen(["qemu-io", "-f", "raw", *io_args(cmds), target],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -241,10 +255,7 @@ def test_pull_incremental_with_bitmap_while_writer_busy(make_daemon, tmp_path):
     d.ok("blockdev-del", node_name="disk")
     d.ok("blockdev-del", node_name="disk-file")
     # the disk holds exactly the frozen data plus what the writer wrote
-    expect = tmp_path / "expect.raw"
-    check_run(["cp", str(frozen), str(expect)])
-    iotests.qemu_io("-f", "raw", *io_args(cmds), str(expect))
-    compare(disk, expect, "qcow2", "raw")
+    assert_frozen_plus_writes(tmp_path, disk, frozen, cmds)
 
 
 def test_pull_full_view_with_nbdcopy_while_writer_busy(make_daemon, tmp_path):
@@ -266,9 +277,7 @@ def test_pull_full_view_with_nbdcopy_while_writer_busy(make_daemon, tmp_path):
     data = [(o, n) for o, n, f in view_map if f & 1 == 0]
     assert data[0] == (0, 3 << 20) and data[-1][0] + data[-1][1] == size
     # the guest export shows the new data, the view still the old
-    expect = tmp_path / "expect.raw"
-    check_run(["cp", str(frozen), str(expect)])
-    iotests.qemu_io("-f", "raw", *io_args(cmds), str(expect))
+    expect = frozen_plus_writes(tmp_path, frozen, cmds)
     now = tmp_path / "now.raw"
     check_run(["nbdcopy", uri(sock, "guest"), str(now)], timeout=60)
     compare(now, expect)
@@ -737,10 +746,7 @@ def test_sync_none_backup_into_overlay_exported_read_only(make_daemon, tmp_path)
     unexport_idle(d, "guest")
     d.ok("blockdev-del", node_name="disk")
     d.ok("blockdev-del", node_name="disk-file")
-    expect = tmp_path / "expect.raw"
-    check_run(["cp", str(frozen), str(expect)])
-    iotests.qemu_io("-f", "raw", *io_args(cmds), str(expect))
-    compare(disk, expect, "qcow2", "raw")
+    assert_frozen_plus_writes(tmp_path, disk, frozen, cmds)
 
 
 def test_filter_with_a_user_unshares_write_on_the_disk(make_daemon, tmp_path):

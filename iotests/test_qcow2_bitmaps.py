@@ -45,6 +45,15 @@ def open_image(make_daemon, img, name=""):
     return make_daemon(*qcow2_node_args(img), name=name)
 
 
+def crash_after_io(make_daemon, image, *cmds):
+    """The daemon opens `image`, adds the persistent bitmap p, runs `cmds` on the node and is
+    killed (-9), leaving what a crash leaves."""
+    d = open_image(make_daemon, image, "first")
+    bitmap_add(d, "n", "p", persistent=True)
+    node_io(d, "n", *cmds)
+    d.kill()
+
+
 def test_persistent_bitmap_is_stored_at_quit_with_auto(make_daemon, image):
     d = open_image(make_daemon, image)
     bitmap_add(d, "n", "p", persistent=True)
@@ -304,10 +313,7 @@ def test_bitmap_flushed_before_kill_is_exact_after_restart(make_daemon, image):
     """Beyond QEMU (which stores bitmaps only at close): a flush checkpoints the
     persistent bitmaps exactly, so after kill -9 they load consistent, recording,
     with every write made before the flush."""
-    d = open_image(make_daemon, image, "first")
-    bitmap_add(d, "n", "p", persistent=True)
-    node_io(d, "n", "write 0 64k", "write 1M 1", "flush")
-    d.kill()
+    crash_after_io(make_daemon, image, "write 0 64k", "write 1M 1", "flush")
 
     d = open_image(make_daemon, image, "second")
     b = d.bitmap("n", "p")
@@ -349,10 +355,7 @@ def test_write_after_checkpoint_then_kill_recovers_bitmap_from_the_dirty_log(mak
 @iotests.blockd_only
 def test_crash_recovery_survives_a_second_crash_before_a_checkpoint(make_daemon, image):
     """After a recovery the log keeps its marks until the next checkpoint."""
-    d = open_image(make_daemon, image, "first")
-    bitmap_add(d, "n", "p", persistent=True)
-    node_io(d, "n", "flush", "write 1M 1")
-    d.kill()
+    crash_after_io(make_daemon, image, "flush", "write 1M 1")
     d = open_image(make_daemon, image, "second")
     node_io(d, "n", "write 9M 1")
     d.kill()
@@ -366,10 +369,7 @@ def test_crash_recovery_survives_a_second_crash_before_a_checkpoint(make_daemon,
 @iotests.blockd_only
 def test_after_qemu_opened_a_crashed_image_writable_bitmaps_are_inconsistent(make_daemon, image):
     """QEMU clears the log's autoclear bit: blockd no longer trusts the log."""
-    d = open_image(make_daemon, image, "first")
-    bitmap_add(d, "n", "p", persistent=True)
-    node_io(d, "n", "flush", "write 2M 64k")
-    d.kill()
+    crash_after_io(make_daemon, image, "flush", "write 2M 64k")
     qemu_opens_writable(image)
 
     d = open_image(make_daemon, image, "second")
@@ -402,10 +402,7 @@ def test_qsd_on_an_image_blockd_crashed_on_sees_inconsistent_bitmaps_and_so_does
     """QEMU's view of an image with a dirty-region log is what it always was: after a blockd
     crash QSD loads the bitmaps inconsistent and works normally; its writable open invalidates
     the log, so blockd then loads them inconsistent too (never wrong)."""
-    d = open_image(make_daemon, image, "first")
-    bitmap_add(d, "n", "p", persistent=True)
-    node_io(d, "n", "flush", "write 2M 64k")
-    d.kill()
+    crash_after_io(make_daemon, image, "flush", "write 2M 64k")
     image_check(image)
     qsd_bin = shutil.which("qemu-storage-daemon")
     assert qsd_bin, "qemu-storage-daemon is required for this test"

@@ -23,7 +23,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::mapping::{L2Entry, COMPRESSED};
 use crate::meta::Meta;
 use crate::types::GuestCluster;
-use crate::Qcow2;
+use crate::{gate_poisoned, Qcow2};
 
 impl Qcow2 {
     /// Write `data` at guest `offset` as compressed clusters (see the module rules).
@@ -204,10 +204,6 @@ impl Meta {
         // Do not pack into space whose cluster may just have been freed.
         self.compressed_tail = 0;
     }
-}
-
-fn gate_poisoned() -> Error {
-    Error::new(ErrorKind::Io, "I/O gate poisoned")
 }
 
 #[cfg(test)]

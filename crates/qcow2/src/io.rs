@@ -14,7 +14,7 @@ use crate::inflate::inflate;
 use crate::mapping::{L2Entry, COPIED, ZERO};
 use crate::meta::Meta;
 use crate::types::{GuestCluster, GuestOffset};
-use crate::{BlockStatus, Qcow2};
+use crate::{gate_poisoned, BlockStatus, Qcow2};
 
 /// Unmapped clusters waiting for a flush before a flush is forced.
 const PENDING_LIMIT: usize = 8192;
@@ -596,9 +596,4 @@ enum Unmap {
     },
     /// Discard it.
     Discard,
-}
-
-/// Error for a poisoned lock.
-fn gate_poisoned() -> Error {
-    Error::new(ErrorKind::Io, "lock poisoned by a panic")
 }

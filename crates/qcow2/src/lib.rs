@@ -66,7 +66,7 @@ pub mod storage;
 pub mod types;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 
 pub use bitmap_data::BitmapData;
 pub use bitmaps::{BitmapInfo, LoadedBitmap, StoreBitmap};
@@ -170,6 +170,11 @@ impl std::fmt::Debug for Qcow2 {
 pub struct ImageStorage(pub Arc<Qcow2>);
 
 /// Convert a driver error for the `Storage` interface.
+/// The error for a lock poisoned by a panicking thread.
+pub(crate) fn gate_poisoned() -> Error {
+    Error::new(ErrorKind::Io, "lock poisoned by a panic")
+}
+
 fn to_io(e: Error) -> std::io::Error {
     std::io::Error::from_raw_os_error(e.errno())
 }
@@ -471,6 +476,11 @@ impl Qcow2 {
         self.flush_inner()
     }
 
+    /// Wait until no data request is in flight, and keep new ones out while the guard lives.
+    fn exclusive(&self) -> Result<RwLockWriteGuard<'_, ()>> {
+        self.gate.write().map_err(|_| gate_poisoned())
+    }
+
     /// Flush implementation (also used at close).
     fn flush_inner(&self) -> Result<()> {
         let pending = {
@@ -481,10 +491,7 @@ impl Qcow2 {
         };
         if !pending.is_empty() {
             // Wait until no data I/O that may still use these clusters is in flight.
-            let _exclusive = self
-                .gate
-                .write()
-                .map_err(|_| Error::new(ErrorKind::Io, "I/O gate poisoned"))?;
+            let _exclusive = self.exclusive()?;
             self.lock()?.apply_frees(pending)?;
         }
         Ok(())

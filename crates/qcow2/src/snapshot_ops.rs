@@ -49,10 +49,7 @@ impl Qcow2 {
                 "snapshot name too long",
             ));
         }
-        let _exclusive = self
-            .gate
-            .write()
-            .map_err(|_| Error::new(ErrorKind::Io, "I/O gate poisoned"))?;
+        let _exclusive = self.exclusive()?;
         let mut m = self.lock()?;
         m.settle()?;
         let info = m.create_snapshot(name, when)?;
@@ -67,10 +64,7 @@ impl Qcow2 {
         name: Option<&str>,
     ) -> Result<Option<SnapshotInfo>> {
         self.check_writable()?;
-        let _exclusive = self
-            .gate
-            .write()
-            .map_err(|_| Error::new(ErrorKind::Io, "I/O gate poisoned"))?;
+        let _exclusive = self.exclusive()?;
         let mut m = self.lock()?;
         m.settle()?;
         m.delete_snapshot(id, name)

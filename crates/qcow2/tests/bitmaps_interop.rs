@@ -38,7 +38,7 @@ fn qemu_bitmaps(path: &Path) -> Vec<(String, u64, Vec<String>)> {
 fn qemu_image_with_bitmaps(dir: &TempDir) -> std::path::PathBuf {
     let path = dir.path("b.qcow2");
     let p = path.to_str().expect("p");
-    qemu_img(&["create", "-q", "-f", "qcow2", p, "64M"]);
+    qemu_create(&path, "", "64M");
     qemu_img(&["bitmap", "--add", p, "b1"]);
     qemu_img(&["bitmap", "--add", "-g", "128K", "--disable", p, "b2"]);
     qemu_io(&path, &["write 0 4k", "write 1M 64k"]);

@@ -10,8 +10,7 @@ fn no_compressed_stream_lands_in_a_freed_and_reused_cluster() {
     assert!(have_qemu());
     let dir = TempDir::new("tailreuse");
     let path = dir.path("t.qcow2");
-    let p = path.to_str().expect("p");
-    qemu_img(&["create", "-q", "-f", "qcow2", p, "4M"]);
+    qemu_create(&path, "", "4M");
     let img = open(&path, true);
     let cs = 65536usize;
     // Compressible cluster: small stream, tail stays inside its host cluster.

@@ -40,60 +40,16 @@ fn pattern(cs: usize, clusters: usize, seed: u64) -> Vec<u8> {
 }
 
 fn create(path: &Path, size: u64, cluster: u64, compat: &str) {
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
+    qemu_create(
+        path,
         &format!("cluster_size={cluster},compat={compat}"),
-        path.to_str().expect("p"),
         &size.to_string(),
-    ]);
-}
-
-/// `qemu-img map --output=json` extents as (start, length, compressed, data).
-fn map(path: &Path) -> Vec<(u64, u64, bool, bool)> {
-    let out = qemu_img(&[
-        "map",
-        "--output=json",
-        "-f",
-        "qcow2",
-        path.to_str().expect("p"),
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&out).expect("map json");
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|e| {
-            (
-                e["start"].as_u64().expect("start"),
-                e["length"].as_u64().expect("length"),
-                e["compressed"].as_bool().unwrap_or(false),
-                e["data"].as_bool().expect("data"),
-            )
-        })
-        .collect()
-}
-
-fn compare_with_raw(dir: &TempDir, img: &Path, data: &[u8]) {
-    let raw = dir.path("expected.raw");
-    std::fs::write(&raw, data).expect("write raw");
-    let out = qemu_img(&[
-        "compare",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        img.to_str().expect("p"),
-        raw.to_str().expect("p"),
-    ]);
-    assert!(out.contains("Images are identical."), "{out}");
+    );
 }
 
 /// Compressed data clusters per `qemu-img map`, in bytes.
 fn compressed_bytes(img: &Path) -> u64 {
-    map(img).iter().filter(|e| e.2).map(|e| e.1).sum()
+    qemu_map(img).iter().filter(|e| e.2).map(|e| e.1).sum()
 }
 
 fn write_and_check(cluster: u64, compat: &str) {
@@ -115,7 +71,7 @@ fn write_and_check(cluster: u64, compat: &str) {
         img.close().expect("close");
     }
     assert_check_clean(&img_path);
-    compare_with_raw(&dir, &img_path, &data);
+    assert_compares_to_raw(&dir, &img_path, &data);
     // Text and run clusters are compressed; noise stays a normal cluster. Zero clusters are
     // compressed too when written (as QEMU does for backup chunks).
     let compressed = compressed_bytes(&img_path);
@@ -123,9 +79,9 @@ fn write_and_check(cluster: u64, compat: &str) {
     assert!(
         compressed >= expected_min && compressed < size,
         "cluster {cluster}: {compressed} compressed bytes, map {:?}",
-        map(&img_path)
+        qemu_map(&img_path)
     );
-    for e in map(&img_path) {
+    for e in qemu_map(&img_path) {
         if e.2 {
             assert!(e.3, "compressed extents are data: {e:?}");
         }
@@ -170,7 +126,7 @@ fn random_data_is_stored_uncompressed() {
     img.write_compressed(0, &data).expect("write");
     img.close().expect("close");
     assert_check_clean(&p);
-    compare_with_raw(&dir, &p, &data);
+    assert_compares_to_raw(&dir, &p, &data);
     assert_eq!(compressed_bytes(&p), 0);
 }
 
@@ -184,7 +140,7 @@ fn zero_data_compresses_and_packs_streams() {
     img.write_compressed(0, &data).expect("write");
     img.close().expect("close");
     assert_check_clean(&p);
-    compare_with_raw(&dir, &p, &data);
+    assert_compares_to_raw(&dir, &p, &data);
     assert_eq!(compressed_bytes(&p), 4 << 20);
     // 64 streams of a few bytes share one host cluster: the image stays small.
     let len = std::fs::metadata(&p).expect("stat").len();
@@ -235,7 +191,7 @@ fn request_rules_match_qemu() {
     assert_eq!(kind(img.write_compressed(0, &text[..65536])), ErrorKind::Io);
     img.close().expect("close");
     assert_check_clean(&p);
-    compare_with_raw(&dir, &p, &text);
+    assert_compares_to_raw(&dir, &p, &text);
     assert_eq!(compressed_bytes(&p), 100 << 10);
 }
 
@@ -257,7 +213,7 @@ fn normal_write_over_our_compressed_cluster() {
     data[70_000..71_000].fill(0xee);
     img.close().expect("close");
     assert_check_clean(&p);
-    compare_with_raw(&dir, &p, &data);
+    assert_compares_to_raw(&dir, &p, &data);
     assert_eq!(compressed_bytes(&p), 15 * 65536);
 }
 
@@ -274,7 +230,7 @@ fn qemu_io_reads_and_rewrites_our_streams() {
     let mut expected = data.clone();
     expected[8192..12288].fill(0x5a);
     assert_check_clean(&p);
-    compare_with_raw(&dir, &p, &expected);
+    assert_compares_to_raw(&dir, &p, &expected);
     // And QEMU's compressed writes land after ours without disturbing them.
     let q = dir.path("q.qcow2");
     create(&q, 1 << 20, 4096, "1.1");
@@ -291,7 +247,7 @@ fn qemu_io_reads_and_rewrites_our_streams() {
     exp[..65536].copy_from_slice(&data[..65536]);
     exp[65536..69632].fill(0x11);
     exp[69632..139264].copy_from_slice(&data[69632..139264]);
-    compare_with_raw(&dir, &q, &exp);
+    assert_compares_to_raw(&dir, &q, &exp);
 }
 
 #[test]
@@ -324,11 +280,7 @@ fn concurrent_compressed_writes_pack_safely() {
     );
     img.close().expect("close");
     assert_check_clean(&p);
-    compare_with_raw(&dir, &p, &data);
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+    assert_compares_to_raw(&dir, &p, &data);
 }
 
 /// Raw L2 entries of the first L2 table and the 16-bit refcounts of the first refcount block,
@@ -397,21 +349,12 @@ fn l2_descriptors_and_shared_refcounts_decode_as_specified() {
 fn one_bit_refcounts_give_every_stream_its_own_cluster() {
     let dir = TempDir::new("cw-rc1");
     let p = dir.path("c.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096,refcount_bits=1",
-        p.to_str().expect("p"),
-        "1M",
-    ]);
+    qemu_create(&p, "cluster_size=4096,refcount_bits=1", "1M");
     let data: Vec<u8> = b"refcount ".iter().cycle().take(1 << 20).copied().collect();
     let img = open(&p, true);
     img.write_compressed(0, &data).expect("write");
     img.close().expect("close");
     assert_check_clean(&p);
-    compare_with_raw(&dir, &p, &data);
+    assert_compares_to_raw(&dir, &p, &data);
     assert_eq!(compressed_bytes(&p), 1 << 20);
 }

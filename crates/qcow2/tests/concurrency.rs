@@ -114,21 +114,7 @@ fn eight_writer_threads_leave_a_consistent_image() {
     assert_same(&read_all(&img, 1 << 20), &shadow, "after workload");
     img.close().expect("close");
     assert_check_clean(&path);
-    let raw = dir.path("shadow.raw");
-    std::fs::write(&raw, &shadow).expect("write");
-    let (ok, text) = run_status(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            path.to_str().expect("p"),
-            raw.to_str().expect("p"),
-        ],
-    );
-    assert!(ok, "compare: {text}");
+    assert_compares_to_raw(&dir, &path, &shadow);
 }
 
 #[test]

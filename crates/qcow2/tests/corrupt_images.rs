@@ -24,19 +24,6 @@ fn good_image() -> Vec<u8> {
     mem.to_bytes()
 }
 
-fn be32(b: &[u8], off: usize) -> u32 {
-    u32::from_be_bytes(b[off..off + 4].try_into().expect("4"))
-}
-fn be64(b: &[u8], off: usize) -> u64 {
-    u64::from_be_bytes(b[off..off + 8].try_into().expect("8"))
-}
-fn put32(b: &mut [u8], off: usize, v: u32) {
-    b[off..off + 4].copy_from_slice(&v.to_be_bytes());
-}
-fn put64(b: &mut [u8], off: usize, v: u64) {
-    b[off..off + 8].copy_from_slice(&v.to_be_bytes());
-}
-
 /// Open bytes, returning the error kind and message.
 fn open_err(bytes: Vec<u8>, read_only: bool) -> (ErrorKind, String) {
     let mem = Arc::new(MemStorage::from_bytes(bytes));
@@ -298,16 +285,7 @@ fn crashed_lazy_refcounts_image_is_repaired_at_writable_open() {
     let dir = TempDir::new("lazy");
     let path = dir.path("l.qcow2");
     let p = path.to_str().expect("p");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        p,
-        "16M",
-    ]);
+    qemu_create(&path, "lazy_refcounts=on", "16M");
     qemu_img(&["bitmap", "--add", p, "bm"]);
     // qemu-io's abort leaves the dirty bit set and the refcounts stale.
     let _ = run_status(

@@ -30,7 +30,7 @@ fn fill(img: &qcow2::Qcow2, off: u64, data: &[u8]) -> bool {
 fn write_host_then_read_back_everywhere() {
     let dir = TempDir::new("host-io");
     let p = dir.path("h.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().expect("p"), "8M"]);
+    qemu_create(&p, "", "8M");
     let mut want = vec![0u8; 8 << 20];
     let img = open(&p, true);
     let mut rng = Rng(5);

@@ -2,19 +2,12 @@
 //! memory, a damaged refcount under guest data, bitmap tables overlapping other metadata.
 //! Each is built with the crate itself, then patched byte by byte.
 
+mod common;
+
 use std::sync::Arc;
 
+use common::{be32, be64, put64};
 use qcow2::{CreateOptions, ErrorKind, MemStorage, OpenOptions, Qcow2, StoreBitmap};
-
-fn be32(b: &[u8], off: usize) -> u32 {
-    u32::from_be_bytes(b[off..off + 4].try_into().expect("4 bytes"))
-}
-fn be64(b: &[u8], off: usize) -> u64 {
-    u64::from_be_bytes(b[off..off + 8].try_into().expect("8 bytes"))
-}
-fn put64(b: &mut [u8], off: usize, v: u64) {
-    b[off..off + 8].copy_from_slice(&v.to_be_bytes());
-}
 
 /// An image of `size` bytes (clusters of `1 << cluster_bits`) with guest data in cluster 0
 /// and the named bitmaps stored (not in use) at `granularity`, as bytes.

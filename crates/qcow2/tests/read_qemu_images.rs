@@ -15,17 +15,11 @@ fn check_qemu_image(opts: &str, cluster: u64, size: u64) {
     }
     let dir = TempDir::new("read");
     let img = dir.path("a.qcow2");
-    let p = img.to_str().expect("p");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
+    qemu_create(
+        &img,
         &format!("{opts},cluster_size={cluster}"),
-        p,
         &size.to_string(),
-    ]);
+    );
     let l2_span = cluster * (cluster / 8);
     let cmds = [
         "write -P 0xab 0 4k".to_string(),
@@ -99,14 +93,7 @@ fn header_fields_are_reported() {
     let dir = TempDir::new("hdr");
     let base = dir.path("base.qcow2");
     let img = dir.path("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().expect("p"),
-        "10M",
-    ]);
+    qemu_create(&base, "", "10M");
     qemu_img(&[
         "create",
         "-q",
@@ -137,16 +124,7 @@ fn backing_chain_reads_like_qemu() {
     let base = dir.path("base.qcow2");
     let top = dir.path("top.qcow2");
     let (b, t) = (base.to_str().expect("p"), top.to_str().expect("p"));
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        b,
-        "8M",
-    ]);
+    qemu_create(&base, "cluster_size=65536", "8M");
     qemu_io(&base, &["write -P 0x5a 0 8M"]);
     // The overlay is larger than its backing file: bytes past the base read as zeros.
     qemu_img(&[
@@ -185,14 +163,7 @@ fn unallocated_clusters_read_zero_without_backing_attached() {
     }
     let dir = TempDir::new("nob");
     let img = dir.path("a.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        img.to_str().expect("p"),
-        "1M",
-    ]);
+    qemu_create(&img, "", "1M");
     let q = open(&img, false);
     let mut buf = vec![0xffu8; 4096];
     q.read_at(&mut buf, 8192).expect("read");
@@ -206,14 +177,7 @@ fn block_status_distinguishes_data_zero_and_unallocated() {
     }
     let dir = TempDir::new("bs");
     let img = dir.path("a.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        img.to_str().expect("p"),
-        "4M",
-    ]);
+    qemu_create(&img, "", "4M");
     qemu_io(&img, &["write -P 1 0 128k", "write -z 128k 64k"]);
     let q = open(&img, false);
     assert_eq!(
@@ -237,14 +201,7 @@ fn read_only_open_refuses_writes() {
     }
     let dir = TempDir::new("ro");
     let img = dir.path("a.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        img.to_str().expect("p"),
-        "1M",
-    ]);
+    qemu_create(&img, "", "1M");
     let st = FileStorage::open(&img, false).expect("open");
     let q = Qcow2::open(Arc::new(st), qcow2::OpenOptions { read_only: true }).expect("open");
     let err = q.write_at(&[1], 0).expect_err("must fail");
@@ -258,16 +215,7 @@ fn format_info_matches_qemu_img_info() {
     }
     let dir = TempDir::new("fmtinfo");
     let img = dir.path("a.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on,refcount_bits=8",
-        img.to_str().expect("p"),
-        "1M",
-    ]);
+    qemu_create(&img, "lazy_refcounts=on,refcount_bits=8", "1M");
     let info = open(&img, false).format_info();
     assert_eq!(
         info,

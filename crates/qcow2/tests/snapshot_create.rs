@@ -20,23 +20,6 @@ fn when(sec: u32) -> SnapshotTime {
     }
 }
 
-/// The guest content of snapshot `name`, as QEMU reads it.
-fn qemu_snapshot_content(dir: &TempDir, path: &Path, name: &str) -> Vec<u8> {
-    let out = dir.path("snap.raw");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "qcow2",
-        "-O",
-        "raw",
-        "-l",
-        &format!("snapshot.name={name}"),
-        path.to_str().expect("p"),
-        out.to_str().expect("p"),
-    ]);
-    std::fs::read(&out).expect("read raw")
-}
-
 /// `qemu-img snapshot -l` rows as (id, tag).
 fn qemu_list(path: &Path) -> Vec<(String, String)> {
     let out = qemu_img(&["snapshot", "-l", path.to_str().expect("p")]);
@@ -71,17 +54,7 @@ fn snapshots_we_take_read_back_in_qemu_and_stay_unchanged_by_later_writes() {
     assert!(have_qemu());
     let dir = TempDir::new("snapc");
     let path = dir.path("s.qcow2");
-    let p = path.to_str().expect("p");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        p,
-        "6M",
-    ]);
+    qemu_create(&path, "cluster_size=4096", "6M");
     // Data, compressed data and zeros from QEMU first.
     qemu_io(
         &path,
@@ -152,7 +125,7 @@ fn qemu_snapshots_deleted_by_us_and_ours_by_qemu() {
     let dir = TempDir::new("snapx");
     let path = dir.path("x.qcow2");
     let p = path.to_str().expect("p");
-    qemu_img(&["create", "-q", "-f", "qcow2", p, "4M"]);
+    qemu_create(&path, "", "4M");
     qemu_io(&path, &["write -P 0x11 0 1M"]);
     qemu_img(&["snapshot", "-c", "qemu1", p]);
     let q1 = to_raw(&dir, &path);
@@ -196,17 +169,7 @@ fn one_bit_refcounts_refuse_snapshots_and_leave_the_file_alone() {
     assert!(have_qemu());
     let dir = TempDir::new("snap1bit");
     let path = dir.path("r.qcow2");
-    let p = path.to_str().expect("p");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "refcount_bits=1",
-        p,
-        "1M",
-    ]);
+    qemu_create(&path, "refcount_bits=1", "1M");
     qemu_io(&path, &["write -P 0x11 0 64k"]);
     let before = std::fs::read(&path).expect("read");
     let img = open(&path, true);
@@ -223,7 +186,7 @@ fn read_only_images_refuse_snapshot_changes() {
     let dir = TempDir::new("snapro");
     let path = dir.path("r.qcow2");
     let p = path.to_str().expect("p");
-    qemu_img(&["create", "-q", "-f", "qcow2", p, "1M"]);
+    qemu_create(&path, "", "1M");
     qemu_img(&["snapshot", "-c", "q", p]);
     let img = open(&path, false);
     assert_eq!(img.snapshots().expect("list").len(), 1);
@@ -284,16 +247,7 @@ fn a_power_cut_at_any_point_leaves_the_old_or_the_new_state() {
     let dir = TempDir::new("snapcrash");
     let path = dir.path("c.qcow2");
     let p = path.to_str().expect("p");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        p,
-        "1M",
-    ]);
+    qemu_create(&path, "cluster_size=4096", "1M");
     qemu_io(&path, &["write -P 0x11 0 300k", "write -c -P 0x22 600k 8k"]);
     qemu_img(&["snapshot", "-c", "old", p]);
     qemu_io(&path, &["write -P 0x33 100k 100k"]);
@@ -355,17 +309,7 @@ fn snapshots_taken_under_concurrent_writers_hold_whole_writes() {
     assert!(have_qemu());
     let dir = TempDir::new("snapconc");
     let path = dir.path("c.qcow2");
-    let p = path.to_str().expect("p");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        p,
-        "4M",
-    ]);
+    qemu_create(&path, "cluster_size=4096", "4M");
     // Every block written once before: the writers overwrite clusters the snapshots share.
     qemu_io(&path, &["write -P 0xee 0 4M"]);
     let img = Arc::new(open(&path, true));
@@ -439,7 +383,7 @@ fn persistent_bitmaps_survive_snapshots() {
     let dir = TempDir::new("snapbm");
     let path = dir.path("b.qcow2");
     let p = path.to_str().expect("p");
-    qemu_img(&["create", "-q", "-f", "qcow2", p, "4M"]);
+    qemu_create(&path, "", "4M");
     qemu_img(&["bitmap", "--add", p, "b1"]);
     qemu_io(&path, &["write -P 0x11 0 1M"]);
     let img = open(&path, true);
@@ -480,8 +424,7 @@ fn a_large_snapshot_table_reads_back_whole() {
     assert!(have_qemu());
     let dir = TempDir::new("snapbig");
     let path = dir.path("big.qcow2");
-    let p = path.to_str().expect("p");
-    qemu_img(&["create", "-q", "-f", "qcow2", p, "1M"]);
+    qemu_create(&path, "", "1M");
     qemu_io(&path, &["write -P 0x11 0 64k"]);
     let img = open(&path, true);
     let names: Vec<String> = (0..200)

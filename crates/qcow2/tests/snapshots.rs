@@ -4,14 +4,6 @@ mod common;
 
 use common::*;
 
-/// Raw content of the image after applying snapshot `name` (on a copy).
-fn snapshot_content(dir: &TempDir, path: &std::path::Path, name: &str) -> Vec<u8> {
-    let copy = dir.path("applied.qcow2");
-    std::fs::copy(path, &copy).expect("copy");
-    qemu_img(&["snapshot", "-a", name, copy.to_str().expect("p")]);
-    to_raw(dir, &copy)
-}
-
 #[test]
 fn active_layer_of_an_image_with_snapshots_reads_like_qemu() {
     if !have_qemu() {
@@ -20,7 +12,7 @@ fn active_layer_of_an_image_with_snapshots_reads_like_qemu() {
     let dir = TempDir::new("snap-read");
     let path = dir.path("s.qcow2");
     let p = path.to_str().expect("p");
-    qemu_img(&["create", "-q", "-f", "qcow2", p, "4M"]);
+    qemu_create(&path, "", "4M");
     qemu_io(&path, &["write -P 0x11 0 64k"]);
     qemu_img(&["snapshot", "-c", "snap1", p]);
     qemu_io(&path, &["write -P 0x22 0 4k"]);
@@ -36,16 +28,7 @@ fn writes_beside_snapshots_keep_the_snapshots_intact() {
     let dir = TempDir::new("snap-write");
     let path = dir.path("s.qcow2");
     let p = path.to_str().expect("p");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        p,
-        "8M",
-    ]);
+    qemu_create(&path, "cluster_size=4096", "8M");
     qemu_io(&path, &["write -P 0x11 0 6M", "write -c -P 0x33 6M 64k"]);
     qemu_img(&["snapshot", "-c", "s1", p]);
     let s1 = to_raw(&dir, &path);
@@ -78,16 +61,24 @@ fn writes_beside_snapshots_keep_the_snapshots_intact() {
     img.close().expect("close");
     assert_check_clean(&path);
     assert_same(&to_raw(&dir, &path), &shadow, "active layer");
-    assert_same(&snapshot_content(&dir, &path, "s1"), &s1, "snapshot s1");
+    assert_same(
+        &qemu_snapshot_content(&dir, &path, "s1"),
+        &s1,
+        "snapshot s1",
+    );
     // A second snapshot over our writes, then more writes.
     qemu_img(&["snapshot", "-c", "s2", p]);
     let img = open(&path, true);
     img.write_at(&vec![0x44; 3 << 20], 1 << 20).expect("write");
     img.close().expect("close");
     assert_check_clean(&path);
-    assert_same(&snapshot_content(&dir, &path, "s2"), &shadow, "snapshot s2");
     assert_same(
-        &snapshot_content(&dir, &path, "s1"),
+        &qemu_snapshot_content(&dir, &path, "s2"),
+        &shadow,
+        "snapshot s2",
+    );
+    assert_same(
+        &qemu_snapshot_content(&dir, &path, "s1"),
         &s1,
         "snapshot s1 again",
     );

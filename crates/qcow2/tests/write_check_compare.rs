@@ -18,21 +18,7 @@ fn create(path: &Path, opts: &CreateOptions) -> Qcow2 {
 /// Write the shadow to a raw file and run qemu-img check + compare against it.
 fn verify(dir: &TempDir, img: &Path, shadow: &[u8]) {
     assert_check_clean(img);
-    let raw = dir.path("shadow.raw");
-    std::fs::write(&raw, shadow).expect("write shadow");
-    let (ok, text) = run_status(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            img.to_str().expect("p"),
-            raw.to_str().expect("p"),
-        ],
-    );
-    assert!(ok, "qemu-img compare: {text}");
+    assert_compares_to_raw(dir, img, shadow);
 }
 
 /// Random writes (aligned and not, some spanning L2 tables), zeroes and discards, mirrored
@@ -264,14 +250,7 @@ fn writes_to_a_qemu_created_image_match_raw() {
     }
     let dir = TempDir::new("qemu-made");
     let path = dir.path("a.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        path.to_str().expect("p"),
-        "32M",
-    ]);
+    qemu_create(&path, "", "32M");
     qemu_io(&path, &["write -P 0x77 1M 3M"]);
     let mut shadow = vec![0u8; 32 << 20];
     shadow[1 << 20..4 << 20].fill(0x77);
@@ -289,14 +268,7 @@ fn overlay_partial_writes_copy_on_write_from_backing() {
     let dir = TempDir::new("cow");
     let base = dir.path("base.qcow2");
     let top = dir.path("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().expect("p"),
-        "6M",
-    ]);
+    qemu_create(&base, "", "6M");
     qemu_io(&base, &["write -P 0x5a 0 6M"]);
     let opts = CreateOptions {
         size: 8 << 20,
@@ -324,19 +296,7 @@ fn overlay_partial_writes_copy_on_write_from_backing() {
     assert_same(&read_all(&img, 1 << 20), &shadow, "overlay read");
     img.close().expect("close");
     assert_check_clean(&top);
-    let raw = dir.path("expect.raw");
-    std::fs::write(&raw, &shadow).expect("write");
-    let (ok, text) = run_status(
-        "qemu-img",
-        &[
-            "compare",
-            "-F",
-            "raw",
-            top.to_str().expect("p"),
-            raw.to_str().expect("p"),
-        ],
-    );
-    assert!(ok, "compare: {text}");
+    assert_compares_to_raw(&dir, &top, &shadow);
 }
 
 #[test]
@@ -544,14 +504,7 @@ fn zeroing_with_an_attached_backing_reads_zeros() {
     let dir = TempDir::new("attached");
     let base = dir.path("base.qcow2");
     let top = dir.path("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().expect("p"),
-        "2M",
-    ]);
+    qemu_create(&base, "", "2M");
     qemu_io(&base, &["write -P 0x5a 0 2M"]);
     let opts = CreateOptions {
         size: 2 << 20,

@@ -14,6 +14,8 @@ use block::driver::{BlockStatus, Driver, ImageFacts};
 use block::job::{Job, JobBody, JobCtx, JobEvent, JobManager, JobSpec, JobStatus, OnError};
 use block::node::{Node, NodeFlags, NodeRef};
 
+use crate::common::wait_status;
+
 const MIB: usize = 1 << 20;
 
 /// An in-memory disk whose reads or writes can be made to fail.
@@ -176,20 +178,6 @@ fn start(jobs: &Arc<JobManager>, p: BackupParams) -> Arc<Job> {
         },
     )
     .unwrap()
-}
-
-async fn wait_status(job: &Arc<Job>, status: JobStatus) {
-    for _ in 0..2000 {
-        if job.snapshot().status == status {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!(
-        "job stuck in {:?}, wanted {:?}",
-        job.snapshot().status,
-        status
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,10 +1,17 @@
 //! Helpers shared by the tests: temporary images and node options.
 
 use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
+use block::edge::Root;
 use block::graph::{ChildRef, DriverOptions, NodeOptions};
+use block::job::{Job, JobStatus};
 use block::node::NodeFlags;
+use block::perm::Perm;
 use block::{Graph, NodeRef};
+use qcow2::{CreateOptions, FileStorage, Qcow2};
 use tempfile::NamedTempFile;
 
 /// A temporary file of `size` bytes, every byte `fill`.
@@ -126,4 +133,77 @@ impl<T> Refused for block::Result<T> {
             Err(e) => e,
         }
     }
+}
+
+/// A new qcow2 image of `size` bytes at `path`, over the qcow2 file `backing` if given.
+pub fn create_qcow2(path: &Path, size: u64, backing: Option<&str>) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .expect("create image file");
+    let opts = CreateOptions {
+        size,
+        backing_file: backing.map(str::to_string),
+        backing_fmt: backing.map(|_| "qcow2".to_string()),
+        ..CreateOptions::default()
+    };
+    Qcow2::create(&FileStorage::new(file), &opts).expect("create qcow2");
+}
+
+/// Options for a `qcow2` node over an inline locking `file` child of `path`.
+pub fn qcow2_opts(
+    name: &str,
+    path: &Path,
+    read_only: bool,
+    backing: Option<Option<ChildRef>>,
+) -> NodeOptions {
+    let file = NodeOptions {
+        driver: DriverOptions::File {
+            filename: path.to_str().expect("utf-8 path").to_string(),
+            locking: true,
+        },
+        ..NodeOptions::default()
+    };
+    NodeOptions {
+        node_name: Some(name.to_string()),
+        read_only,
+        driver: DriverOptions::Qcow2 {
+            file: ChildRef::Inline(Box::new(file)),
+            backing,
+            cache: Default::default(),
+        },
+        ..NodeOptions::default()
+    }
+}
+
+/// A root writing through `node` as an export does, attached to `graph`.
+pub fn writer_root(graph: &mut Graph, node: &NodeRef) -> Arc<Root> {
+    let root = Root::new(
+        "export 'e'".into(),
+        "an unnamed block device".into(),
+        node.clone(),
+        Perm::CONSISTENT_READ | Perm::WRITE,
+        Perm::ALL & !Perm::RESIZE,
+    );
+    graph.attach_root(&root).expect("attach root");
+    root
+}
+
+/// Wait (in virtual or real time, about 10 s at most) until the job reaches `status`.
+pub async fn wait_status(job: &Arc<Job>, status: JobStatus) {
+    for _ in 0..2000 {
+        if job.snapshot().status == status {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!(
+        "job {} stuck in {:?}, wanted {:?}",
+        job.id,
+        job.snapshot().status,
+        status
+    );
 }

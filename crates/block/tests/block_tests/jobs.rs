@@ -9,7 +9,7 @@ use block::create::{CreateJob, CreateSpec};
 use block::job::{Job, JobBody, JobCtx, JobEvent, JobManager, JobSpec, JobStatus};
 use block::ErrorKind;
 
-use crate::common::Refused;
+use crate::common::{wait_status, Refused};
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
@@ -136,22 +136,6 @@ impl JobBody for Body {
     fn clean(&self) {
         self.calls.lock().unwrap().push("clean");
     }
-}
-
-/// Wait (in virtual or real time) until the job reaches `status`.
-async fn wait_status(job: &Arc<Job>, status: JobStatus) {
-    for _ in 0..1000 {
-        if job.snapshot().status == status {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!(
-        "job {} stuck in {:?}, wanted {:?}",
-        job.id,
-        job.snapshot().status,
-        status
-    );
 }
 
 /// Wait until the manager no longer lists `id`.

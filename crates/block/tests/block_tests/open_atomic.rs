@@ -9,9 +9,9 @@ use block::drivers::lock::lock_perm;
 use block::graph::{ChildRef, DriverOptions, NodeOptions};
 use block::perm::Perm;
 use block::Graph;
-use qcow2::{CreateOptions, FileStorage, Qcow2};
+use qcow2::{FileStorage, Qcow2};
 
-use crate::common::Refused;
+use crate::common::{create_qcow2, qcow2_opts, Refused};
 
 const SIZE: u64 = 1 << 20;
 
@@ -23,56 +23,14 @@ struct Chain {
     base: PathBuf,
 }
 
-fn create(path: &Path, backing: Option<&str>) {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .expect("create image file");
-    let opts = CreateOptions {
-        size: SIZE,
-        backing_file: backing.map(str::to_string),
-        backing_fmt: backing.map(|_| "qcow2".to_string()),
-        ..CreateOptions::default()
-    };
-    Qcow2::create(&FileStorage::new(file), &opts).expect("create qcow2");
-}
-
-fn qcow2_opts(
-    name: &str,
-    path: &Path,
-    read_only: bool,
-    backing: Option<Option<ChildRef>>,
-) -> NodeOptions {
-    let file = NodeOptions {
-        driver: DriverOptions::File {
-            filename: path.to_str().expect("utf-8 path").to_string(),
-            locking: true,
-        },
-        ..NodeOptions::default()
-    };
-    NodeOptions {
-        node_name: Some(name.to_string()),
-        read_only,
-        driver: DriverOptions::Qcow2 {
-            file: ChildRef::Inline(Box::new(file)),
-            backing,
-            cache: Default::default(),
-        },
-        ..NodeOptions::default()
-    }
-}
-
 fn chain() -> Chain {
     let dir = tempfile::tempdir().expect("temp dir");
     let base = dir.path().join("base.qcow2");
     let mid = dir.path().join("mid.qcow2");
     let top = dir.path().join("top.qcow2");
-    create(&base, None);
-    create(&mid, Some("base.qcow2"));
-    create(&top, Some("mid.qcow2"));
+    create_qcow2(&base, SIZE, None);
+    create_qcow2(&mid, SIZE, Some("base.qcow2"));
+    create_qcow2(&top, SIZE, Some("mid.qcow2"));
     let mut graph = Graph::new();
     let node = graph
         .add(&qcow2_opts("t", &top, false, Some(None)))

@@ -16,24 +16,12 @@ fn filter_opts(name: &str, below: &str) -> NodeOptions {
     raw_opts(name, ChildRef::Name(below.to_string()))
 }
 
-fn rw_root(graph: &mut Graph, node: &block::NodeRef) -> Arc<Root> {
-    let root = Root::new(
-        "export 'e'".into(),
-        "an unnamed block device".into(),
-        node.clone(),
-        Perm::CONSISTENT_READ | Perm::WRITE,
-        Perm::ALL & !Perm::RESIZE,
-    );
-    graph.attach_root(&root).expect("attach root");
-    root
-}
-
 #[test]
 fn insert_and_remove_a_filter_moves_roots_and_parents() {
     let img = image(1 << 20, 0);
     let (mut graph, disk) = raw_graph(&path(&img));
     let top = graph.add(&filter_opts("top", "disk")).unwrap();
-    let root = rw_root(&mut graph, &disk);
+    let root = writer_root(&mut graph, &disk);
 
     let f = graph
         .insert_above(&disk, &filter_opts("f", "disk"))
@@ -72,7 +60,7 @@ fn refused_replace_leaves_the_wiring_and_locks_as_they_were() {
     }
     let a = locked("a", &path(&img));
     let b = locked("b", &path(&other));
-    let root = rw_root(&mut graph, &a);
+    let root = writer_root(&mut graph, &a);
     // Someone else holds `other` exclusively: moving the writer onto it must fail.
     let holder = std::fs::File::open(other.path()).unwrap();
     block::drivers::lock::lock_perm(&holder, 0x3, 0).unwrap();
@@ -105,7 +93,7 @@ fn writers_keep_every_write_in_order_while_a_filter_comes_and_goes() {
     let img = image(WRITERS * 8 * BLOCK, 0);
     let (graph, disk) = raw_graph(&path(&img));
     let graph = Arc::new(Mutex::new(graph));
-    let root = rw_root(&mut graph.lock().unwrap(), &disk);
+    let root = writer_root(&mut graph.lock().unwrap(), &disk);
     let stop = Arc::new(AtomicBool::new(false));
 
     let rewirer = {
@@ -173,7 +161,7 @@ fn a_nested_drained_section_inside_a_held_one_does_not_wait() {
     let img = image(64 * BLOCK, 0);
     let (graph, disk) = raw_graph(&path(&img));
     let graph = Arc::new(Mutex::new(graph));
-    let root = rw_root(&mut graph.lock().unwrap(), &disk);
+    let root = writer_root(&mut graph.lock().unwrap(), &disk);
     let job = Root::with_kind(
         RootKind::Job,
         "block job 'j'".into(),

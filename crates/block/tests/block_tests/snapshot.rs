@@ -2,63 +2,15 @@
 //! (writes land in the overlay, unwritten reads come from the base); undo puts the graph,
 //! the roots and every file back as they were; refusals change nothing.
 
-use std::fs::OpenOptions;
-use std::path::Path;
 use std::sync::Arc;
 
 use block::edge::Root;
-use block::graph::{ChildRef, DriverOptions, NodeOptions, SnapshotSync};
-use block::perm::Perm;
-use block::{Graph, NodeRef};
-use qcow2::{CreateOptions, FileStorage, Qcow2};
+use block::graph::{ChildRef, SnapshotSync};
+use block::Graph;
+
+use crate::common::{create_qcow2, qcow2_opts, raw_opts, writer_root};
 
 const SIZE: u64 = 1 << 20;
-
-fn create(path: &Path) {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .expect("create image file");
-    let opts = CreateOptions {
-        size: SIZE,
-        ..CreateOptions::default()
-    };
-    Qcow2::create(&FileStorage::new(file), &opts).expect("create qcow2");
-}
-
-fn qcow2_opts(name: &str, path: &Path, backing: Option<Option<ChildRef>>) -> NodeOptions {
-    let file = NodeOptions {
-        driver: DriverOptions::File {
-            filename: path.to_str().expect("utf-8 path").to_string(),
-            locking: true,
-        },
-        ..NodeOptions::default()
-    };
-    NodeOptions {
-        node_name: Some(name.to_string()),
-        driver: DriverOptions::Qcow2 {
-            file: ChildRef::Inline(Box::new(file)),
-            backing,
-            cache: Default::default(),
-        },
-        ..NodeOptions::default()
-    }
-}
-
-fn writer(graph: &mut Graph, node: &NodeRef) -> Arc<Root> {
-    let root = Root::new(
-        "export 'e'".into(),
-        "an unnamed block device".into(),
-        node.clone(),
-        Perm::CONSISTENT_READ | Perm::WRITE,
-        Perm::ALL & !Perm::RESIZE,
-    );
-    graph.attach_root(&root).expect("attach root");
-    root
-}
 
 fn write_through(root: &Arc<Root>, offset: u64, byte: u8) {
     let n = root.begin();
@@ -92,24 +44,20 @@ fn wiring(graph: &Graph) -> Vec<(String, Vec<(String, String)>)> {
 fn prepare_moves_the_writer_onto_the_overlay_and_undo_puts_everything_back() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (base_p, ov_p) = (dir.path().join("base.qcow2"), dir.path().join("ov.qcow2"));
-    create(&base_p);
-    create(&ov_p);
+    create_qcow2(&base_p, SIZE, None);
+    create_qcow2(&ov_p, SIZE, None);
     let mut graph = Graph::new();
-    let base = graph.add(&qcow2_opts("base", &base_p, None)).unwrap();
-    let top = graph
-        .add(&NodeOptions {
-            node_name: Some("top".into()),
-            driver: DriverOptions::Raw {
-                file: ChildRef::Name("base".into()),
-                offset: None,
-                size: None,
-            },
-            ..NodeOptions::default()
-        })
+    let base = graph
+        .add(&qcow2_opts("base", &base_p, false, None))
         .unwrap();
-    let root = writer(&mut graph, &base);
+    let top = graph
+        .add(&raw_opts("top", ChildRef::Name("base".into())))
+        .unwrap();
+    let root = writer_root(&mut graph, &base);
     write_through(&root, 0, 0x11);
-    let ov = graph.add(&qcow2_opts("ov", &ov_p, Some(None))).unwrap();
+    let ov = graph
+        .add(&qcow2_opts("ov", &ov_p, false, Some(None)))
+        .unwrap();
     let before = wiring(&graph);
     let needs_before: Vec<_> = graph.nodes().iter().map(|n| n.applied_needs()).collect();
 
@@ -150,11 +98,13 @@ fn sync_prepare_creates_and_opens_the_overlay_and_undo_closes_it() {
     let dir = tempfile::tempdir().expect("temp dir");
     let base_p = dir.path().join("base.qcow2");
     let snap_p = dir.path().join("snap.qcow2");
-    create(&base_p);
+    create_qcow2(&base_p, SIZE, None);
     let mut graph = Graph::new();
-    let base = graph.add(&qcow2_opts("base", &base_p, None)).unwrap();
+    let base = graph
+        .add(&qcow2_opts("base", &base_p, false, None))
+        .unwrap();
     base.write(0, &[0x33; 4096]).unwrap();
-    let root = writer(&mut graph, &base);
+    let root = writer_root(&mut graph, &base);
     let names_before: Vec<String> = graph.nodes().iter().map(|n| n.name().into()).collect();
     let req = SnapshotSync {
         file: snap_p.to_str().unwrap().to_string(),
@@ -180,7 +130,7 @@ fn sync_prepare_creates_and_opens_the_overlay_and_undo_closes_it() {
     assert!(snap_p.exists(), "a created file stays, as in QEMU");
     // Nothing holds the created file any more: it opens read-write again.
     let again = graph
-        .add(&qcow2_opts("again", &snap_p, Some(None)))
+        .add(&qcow2_opts("again", &snap_p, false, Some(None)))
         .expect("created file released");
     assert_eq!(again.size(), SIZE);
     drop(root);
@@ -192,17 +142,20 @@ fn refusals_change_nothing() {
     let dir = tempfile::tempdir().expect("temp dir");
     let p = |n: &str| dir.path().join(n);
     for n in ["base.qcow2", "ov.qcow2", "b2.qcow2"] {
-        create(&p(n));
+        create_qcow2(&p(n), SIZE, None);
     }
     let mut graph = Graph::new();
     let base = graph
-        .add(&qcow2_opts("base", &p("base.qcow2"), None))
+        .add(&qcow2_opts("base", &p("base.qcow2"), false, None))
         .unwrap();
-    let b2 = graph.add(&qcow2_opts("b2", &p("b2.qcow2"), None)).unwrap();
+    let b2 = graph
+        .add(&qcow2_opts("b2", &p("b2.qcow2"), false, None))
+        .unwrap();
     let hasb = graph
         .add(&qcow2_opts(
             "ov",
             &p("ov.qcow2"),
+            false,
             Some(Some(ChildRef::Name("b2".into()))),
         ))
         .unwrap();
@@ -230,9 +183,9 @@ fn refusals_change_nothing() {
         "Node 'b2' is busy: node is used as backing hd of 'ov'"
     );
     // A user holding the node directly could not follow it onto the overlay.
-    create(&p("o2.qcow2"));
+    create_qcow2(&p("o2.qcow2"), SIZE, None);
     let o2 = graph
-        .add(&qcow2_opts("o2", &p("o2.qcow2"), Some(None)))
+        .add(&qcow2_opts("o2", &p("o2.qcow2"), false, Some(None)))
         .unwrap();
     base.add_user("job 'j'".into());
     assert_eq!(
@@ -243,26 +196,18 @@ fn refusals_change_nothing() {
     graph.del("o2").unwrap();
     assert_eq!(wiring(&graph), before);
     let raw = graph
-        .add(&NodeOptions {
-            node_name: Some("raw".into()),
-            driver: DriverOptions::Raw {
-                file: ChildRef::Name("b2".into()),
-                offset: None,
-                size: None,
-            },
-            ..NodeOptions::default()
-        })
+        .add(&raw_opts("raw", ChildRef::Name("b2".into())))
         .unwrap();
     assert_eq!(
         err(graph.snapshot_prepare(&base, &raw)),
         "The overlay does not support backing images"
     );
     assert!(raw.child("backing").is_none());
-    create(&p("free.qcow2"));
+    create_qcow2(&p("free.qcow2"), SIZE, None);
     let free = graph
-        .add(&qcow2_opts("free", &p("free.qcow2"), Some(None)))
+        .add(&qcow2_opts("free", &p("free.qcow2"), false, Some(None)))
         .unwrap();
-    let reader = writer(&mut graph, &free);
+    let reader = writer_root(&mut graph, &free);
     let before = wiring(&graph);
     assert_eq!(
         err(graph.snapshot_prepare(&base, &free)),
@@ -278,12 +223,16 @@ fn refusals_change_nothing() {
 fn writers_running_through_a_snapshot_lose_nothing_and_switch_once() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (base_p, ov_p) = (dir.path().join("base.qcow2"), dir.path().join("ov.qcow2"));
-    create(&base_p);
-    create(&ov_p);
+    create_qcow2(&base_p, SIZE, None);
+    create_qcow2(&ov_p, SIZE, None);
     let mut graph = Graph::new();
-    let base = graph.add(&qcow2_opts("base", &base_p, None)).unwrap();
-    let ov = graph.add(&qcow2_opts("ov", &ov_p, Some(None))).unwrap();
-    let root = writer(&mut graph, &base);
+    let base = graph
+        .add(&qcow2_opts("base", &base_p, false, None))
+        .unwrap();
+    let ov = graph
+        .add(&qcow2_opts("ov", &ov_p, false, Some(None)))
+        .unwrap();
+    let root = writer_root(&mut graph, &base);
     // 512-byte blocks: the writer stops 50 writes after it saw the overlay (or at the end).
     const BS: u64 = 512;
     const BLOCKS: u64 = SIZE / BS;

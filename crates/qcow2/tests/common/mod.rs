@@ -180,3 +180,97 @@ impl Rng {
 
 #[allow(unused_imports)]
 pub use qcow2::ImageStorage;
+
+/// `qemu-img create -q -f qcow2 [-o <opts>] <path> <size>`; an empty `opts` keeps QEMU's
+/// defaults.
+pub fn qemu_create(path: &Path, opts: &str, size: &str) {
+    let p = path.to_str().expect("utf-8 path");
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([p, size]);
+    qemu_img(&args);
+}
+
+/// `qemu-img map --output=json` extents as (start, length, compressed, data).
+pub fn qemu_map(path: &Path) -> Vec<(u64, u64, bool, bool)> {
+    let out = qemu_img(&[
+        "map",
+        "--output=json",
+        "-f",
+        "qcow2",
+        path.to_str().expect("p"),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("map json");
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|e| {
+            (
+                e["start"].as_u64().expect("start"),
+                e["length"].as_u64().expect("length"),
+                e["compressed"].as_bool().unwrap_or(false),
+                e["data"].as_bool().expect("data"),
+            )
+        })
+        .collect()
+}
+
+/// `qemu-img compare` finds the qcow2 image `img` identical to `data` (written to a raw file
+/// in `dir`).
+pub fn assert_compares_to_raw(dir: &TempDir, img: &Path, data: &[u8]) {
+    let raw = dir.path("expected.raw");
+    std::fs::write(&raw, data).expect("write raw");
+    let (ok, text) = run_status(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            img.to_str().expect("p"),
+            raw.to_str().expect("p"),
+        ],
+    );
+    assert!(ok, "qemu-img compare: {text}");
+    assert!(text.contains("Images are identical."), "{text}");
+}
+
+/// The guest content of snapshot `name`, as QEMU reads it.
+pub fn qemu_snapshot_content(dir: &TempDir, path: &Path, name: &str) -> Vec<u8> {
+    let out = dir.path("snap.raw");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        "-l",
+        &format!("snapshot.name={name}"),
+        path.to_str().expect("p"),
+        out.to_str().expect("p"),
+    ]);
+    std::fs::read(&out).expect("read raw")
+}
+
+/// The big-endian u32 at `off` in image bytes.
+pub fn be32(b: &[u8], off: usize) -> u32 {
+    u32::from_be_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+}
+
+/// The big-endian u64 at `off` in image bytes.
+pub fn be64(b: &[u8], off: usize) -> u64 {
+    u64::from_be_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+}
+
+/// Store `v` big-endian at `off` in image bytes.
+pub fn put32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Store `v` big-endian at `off` in image bytes.
+pub fn put64(b: &mut [u8], off: usize, v: u64) {
+    b[off..off + 8].copy_from_slice(&v.to_be_bytes());
+}

@@ -169,12 +169,12 @@ impl std::fmt::Debug for Qcow2 {
 #[derive(Debug, Clone)]
 pub struct ImageStorage(pub Arc<Qcow2>);
 
-/// Convert a driver error for the `Storage` interface.
 /// The error for a lock poisoned by a panicking thread.
 pub(crate) fn gate_poisoned() -> Error {
     Error::new(ErrorKind::Io, "lock poisoned by a panic")
 }
 
+/// Convert a driver error for the `Storage` interface.
 fn to_io(e: Error) -> std::io::Error {
     std::io::Error::from_raw_os_error(e.errno())
 }

@@ -14,7 +14,7 @@ MiB = 1 << 20
 NAMES = ["a", "b", "c"]
 
 
-def pending_group(make_daemon, tmp_path):
+def pending_group(make_daemon, tmp_path, auto=()):
     args = []
     for n in NAMES:
         src = create_image(tmp_path / f"{n}.qcow2", 4 * MiB, "qcow2")
@@ -29,11 +29,12 @@ def pending_group(make_daemon, tmp_path):
         d.node_io(n, "write -P 0x5a 0 1M")
     d.ok("transaction", actions=[
         act("blockdev-backup", job_id=f"j{n}", device=n, target=f"{n}-t", sync="incremental",
-            bitmap="b0", auto_finalize=False)
+            bitmap="b0", auto_finalize=n in auto)
         for n in NAMES
     ], properties={"completion-mode": "grouped"})
-    for _ in NAMES:
-        d.event_wait("BLOCK_JOB_PENDING")
+    for n in NAMES:
+        if n not in auto:
+            d.event_wait("BLOCK_JOB_PENDING")
     assert {j["id"]: j["status"] for j in d.ok("query-jobs")} == {f"j{n}": "pending" for n in NAMES}
     return d
 
@@ -63,3 +64,20 @@ def test_cancelling_a_pending_member_ends_the_group_in_qemus_order(make_daemon, 
     # is not singled out).
     assert seq == [(j, x) for j in ("jc", "jb", "ja")
                    for x in ("aborting", "BLOCK_JOB_CANCELLED", "concluded", "null")]
+
+
+def test_a_member_with_auto_finalize_waits_for_the_group_and_is_cancelled_with_it(
+        make_daemon, tmp_path):
+    # While any member needs a manual job-finalize, no member of the group finalizes on its
+    # own: the auto-finalize member waits in pending too, so cancelling another member still
+    # aborts it and its bitmap keeps its clusters.
+    d = pending_group(make_daemon, tmp_path, auto=("a",))
+
+    d.ok("job-cancel", id="jb")
+
+    log = job_log(d, {f"j{n}" for n in NAMES})
+    for n in NAMES:
+        assert of_job(log, f"j{n}")[-3:] == ["BLOCK_JOB_CANCELLED", "concluded", "null"], log
+        b = d.bitmap(n, "b0")
+        assert (b["count"], b["recording"], b["busy"]) == (MiB, True, False)
+    assert d.ok("query-jobs") == []

@@ -499,8 +499,14 @@ impl JobManager {
                     }
                 }
                 job.transition(JobStatus::Pending);
-                if !job.auto_finalize {
-                    if job.is_block_job {
+                // As in QEMU, no member of a group finalizes on its own while any member
+                // waits for a manual job-finalize (which finalizes the whole group).
+                let manual = !job.auto_finalize
+                    || group
+                        .as_ref()
+                        .is_some_and(|g| g.members().iter().any(|m| !m.auto_finalize));
+                if manual {
+                    if job.is_block_job && !job.auto_finalize {
                         (self.events)(JobEvent::Pending {
                             job_type: job.job_type,
                             id: job.id.clone(),

@@ -133,10 +133,6 @@ fn splice_through(
     len: u64,
 ) -> Result<(), KernelCopyError> {
     let rd = |err| KernelCopyError { is_read: true, err };
-    let wr = |err| KernelCopyError {
-        is_read: false,
-        err,
-    };
     let mut done = 0u64;
     while done < len {
         let want = usize::try_from(len - done)
@@ -166,34 +162,9 @@ fn splice_through(
             // The file ended early (someone shrank it).
             return Err(rd(io::Error::from_raw_os_error(libc::EIO)));
         }
-        let mut left = n as usize;
-        while left > 0 {
-            let mut d = i64::try_from(doff + done)
-                .map_err(|_| wr(io::Error::from_raw_os_error(libc::EINVAL)))?;
-            // SAFETY: as above.
-            let m = unsafe {
-                libc::splice(
-                    pipe.read.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    dst.as_raw_fd(),
-                    &mut d,
-                    left,
-                    libc::SPLICE_F_MOVE,
-                )
-            };
-            if m < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(wr(e));
-            }
-            if m == 0 {
-                return Err(wr(io::Error::from_raw_os_error(libc::EIO)));
-            }
-            left -= m as usize;
-            done += m as u64;
-        }
+        // The pipe now holds `n` bytes: write them all out before reading more.
+        splice_out(pipe, dst, doff + done, n as usize)?;
+        done += n as u64;
     }
     Ok(())
 }

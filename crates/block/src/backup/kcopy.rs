@@ -132,38 +132,14 @@ fn splice_through(
     doff: u64,
     len: u64,
 ) -> Result<(), KernelCopyError> {
-    let rd = |err| KernelCopyError { is_read: true, err };
     let mut done = 0u64;
     while done < len {
         let want = usize::try_from(len - done)
             .unwrap_or(usize::MAX)
             .min(pipe.size);
-        let mut so = i64::try_from(soff + done)
-            .map_err(|_| rd(io::Error::from_raw_os_error(libc::EINVAL)))?;
-        // SAFETY: descriptors are open; the offset is our variable; no user memory is passed.
-        let n = unsafe {
-            libc::splice(
-                src.as_raw_fd(),
-                &mut so,
-                pipe.write.as_raw_fd(),
-                std::ptr::null_mut(),
-                want,
-                libc::SPLICE_F_MOVE,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(rd(e));
-        }
-        if n == 0 {
-            // The file ended early (someone shrank it).
-            return Err(rd(io::Error::from_raw_os_error(libc::EIO)));
-        }
+        let n = splice_in(pipe, src, soff + done, want)?;
         // The pipe now holds `n` bytes: write them all out before reading more.
-        splice_out(pipe, dst, doff + done, n as usize)?;
+        splice_out(pipe, dst, doff + done, n)?;
         done += n as u64;
     }
     Ok(())

@@ -7,10 +7,12 @@ use super::bitmaps::BlockDirtyBitmapOrStr;
 use super::sockets::{SocketAddress, SocketAddressLegacy};
 use super::{from_map, take_keys, to_map};
 
-/// Arguments of `nbd-server-start`.
+/// The NBD server's settings (QEMU's `NbdServerOptionsBase` plus an address). The command
+/// takes the legacy address union, the command line the flat one:
+/// [`NbdServerStartArgs`] and [`NbdServerOptions`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct NbdServerStartArgs {
+pub struct NbdServerSettings<A> {
     /// Seconds a client may take for the handshake (default 10; 0 = no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handshake_max_seconds: Option<u32>,
@@ -24,29 +26,15 @@ pub struct NbdServerStartArgs {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
     /// Where to listen.
-    pub addr: SocketAddressLegacy,
+    pub addr: A,
 }
+
+/// Arguments of `nbd-server-start`.
+pub type NbdServerStartArgs = NbdServerSettings<SocketAddressLegacy>;
 
 /// `NbdServerOptions`: the `--nbd-server` command-line option (convert it with
 /// [`crate::Schema::coerce_keyval`]`("NbdServerOptions", ..)`, no implied key).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct NbdServerOptions {
-    /// Seconds a client may take for the handshake (default 10; 0 = no limit).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub handshake_max_seconds: Option<u32>,
-    /// TLS credentials object id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_creds: Option<String>,
-    /// Authorization object id for TLS clients.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_authz: Option<String>,
-    /// Most clients at once (0 = unlimited).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_connections: Option<u32>,
-    /// Where to listen.
-    pub addr: SocketAddress,
-}
+pub type NbdServerOptions = NbdServerSettings<SocketAddress>;
 
 /// Arguments of `nbd-server-add`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

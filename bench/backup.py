@@ -5,7 +5,9 @@ Workloads (images on tmpfs by default):
   * full: `blockdev-backup sync=full` of a SIZE image (raw source and qcow2 source, random data)
     into an empty qcow2 target, beside `cp` of the same bytes (the machine's copy limit);
   * incremental: `blockdev-backup sync=incremental` of an INC_SIZE qcow2 image whose persistent
-    bitmap marks 0.1 %, 1 % and 10 % scattered dirty 64 KiB clusters, into an empty qcow2.
+    bitmap marks 0.1 %, 1 % and 10 % scattered dirty 64 KiB clusters, into an empty qcow2,
+    beside the copy floor of those bytes (their host ranges copied in the kernel into a new
+    file, no metadata; same run).
 Reported: seconds (median), throughput, blockd/QSD speed ratio, daemon CPU seconds per GiB.
 Every run's target is checked with `qemu-img compare` against the source (point in time).
 
@@ -16,6 +18,7 @@ Every run's target is checked with `qemu-img compare` against the source (point 
 """
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -129,6 +132,42 @@ def make_incremental_source(path, size, fraction, seed=7):
     return n * CLUSTER
 
 
+def host_extents(path):
+    """The host-file ranges (offset, length) holding the data of a qcow2 image, in guest
+    order, adjacent ones merged (`qemu-img map`)."""
+    out = subprocess.run(["qemu-img", "map", "-U", "--output=json", "-f", "qcow2", path],
+                         check=True, stdout=subprocess.PIPE).stdout
+    ext = []
+    for e in json.loads(out):
+        if not e.get("data") or "offset" not in e:
+            continue
+        if ext and ext[-1][0] + ext[-1][1] == e["offset"]:
+            ext[-1] = (ext[-1][0], ext[-1][1] + e["length"])
+        else:
+            ext.append((e["offset"], e["length"]))
+    return ext
+
+
+def copy_floor(src, extents, dst):
+    """Seconds to copy the given host ranges of `src` back to back into a new file `dst` in the
+    kernel (`copy_file_range`, which tmpfs serves by splicing: one page copy, as the backup's
+    copy), with no metadata: what any backup of these bytes must at least spend here."""
+    t0 = time.perf_counter()
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        at = 0
+        for off, n in extents:
+            done = 0
+            while done < n:
+                k = os.copy_file_range(fi.fileno(), fo.fileno(), n - done, off + done, at + done)
+                if k <= 0:
+                    raise RuntimeError("copy_file_range made no progress")
+                done += k
+            at += n
+    dt = time.perf_counter() - t0
+    os.unlink(dst)
+    return dt
+
+
 def incremental(args, work, binaries):
     rows = []
     size = args.inc_size * MiB
@@ -137,7 +176,11 @@ def incremental(args, work, binaries):
         src = os.path.join(work, "inc-src.qcow2")
         dirty = make_incremental_source(src, size, fraction)
         res = {k: [] for k in binaries}
+        extents = host_extents(src)
+        floors = []
         for rep in range(args.reps):
+            # The copy floor of these dirty bytes, in the same run as the daemons.
+            floors.append(copy_floor(src, extents, os.path.join(work, "floor.out")))
             for kind in order(list(binaries), rep):
                 img = os.path.join(work, f"{kind}-inc.qcow2")
                 shutil.copyfile(src, img)
@@ -157,6 +200,9 @@ def incremental(args, work, binaries):
         os.unlink(src)
         t = {k: benchlib.median([x[0] for x in v]) for k, v in res.items()}
         c = {k: benchlib.median([x[1] for x in v]) for k, v in res.items()}
+        floor = benchlib.median(floors)
+        rows.append([f"{fraction * 100:g} % copy floor", f"{dirty / MiB:.0f}", f"{floor:.3f}", "",
+                     f"(QSD/3: {t['qsd'] / 3:.3f} s)"])
         for k in binaries:
             rows.append([f"{fraction * 100:g} % {k}", f"{dirty / MiB:.0f}", f"{t[k]:.3f}",
                          f"{c[k] / (dirty / (1 << 30)):.2f}",

@@ -27,6 +27,9 @@ impl Req {
 struct State {
     next: u64,
     reqs: Vec<Req>,
+    /// Threads waiting on `changed` (a request's end wakes nobody when this is 0: a notify
+    /// is a system call even without waiters, and every request of a node ends here).
+    waiters: usize,
 }
 
 /// The requests in flight on a node.
@@ -46,7 +49,9 @@ impl Drop for Tracked<'_> {
     fn drop(&mut self) {
         let mut s = self.tracker.lock();
         s.reqs.retain(|r| r.id != self.id);
-        self.tracker.changed.notify_all();
+        if s.waiters > 0 {
+            self.tracker.changed.notify_all();
+        }
     }
 }
 
@@ -68,7 +73,7 @@ impl Tracker {
             if !blocked {
                 break;
             }
-            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            s = self.wait(s);
         }
         s.next += 1;
         let id = s.next;
@@ -91,7 +96,18 @@ impl Tracker {
     pub fn wait_idle(&self) {
         let mut s = self.lock();
         while !s.reqs.is_empty() {
-            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            s = self.wait(s);
         }
+    }
+
+    /// Wait for a change, counted in `waiters` (both under the lock, so no wake-up is lost).
+    fn wait<'a>(
+        &'a self,
+        mut s: std::sync::MutexGuard<'a, State>,
+    ) -> std::sync::MutexGuard<'a, State> {
+        s.waiters += 1;
+        let mut s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        s.waiters -= 1;
+        s
     }
 }

@@ -36,6 +36,9 @@ pub(crate) struct CopyState {
     /// Runs a reader of the point-in-time view is reading now (cluster-aligned): writes
     /// there wait, so what the reader found still to copy stays unchanged in the source.
     pub readers: Vec<(u64, u64)>,
+    /// Threads waiting on the condvar: the end of a claim wakes nobody when this is 0 (a
+    /// notify is a system call even without waiters; claims end once per copied run).
+    waiters: usize,
 }
 
 /// What regions of the source read as zeros, or are to be skipped, computed once.
@@ -99,6 +102,7 @@ impl Copier {
                 todo,
                 inflight: Vec::new(),
                 readers: Vec::new(),
+                waiters: 0,
             }),
             cv: Condvar::new(),
             done: AtomicU64::new(0),
@@ -110,6 +114,22 @@ impl Copier {
 
     pub fn lock(&self) -> MutexGuard<'_, CopyState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait for the end of a claim or a read hold, counted in `waiters` (both under the lock,
+    /// so no wake-up is lost).
+    fn wait<'a>(&'a self, mut st: MutexGuard<'a, CopyState>) -> MutexGuard<'a, CopyState> {
+        st.waiters += 1;
+        let mut st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        st.waiters -= 1;
+        st
+    }
+
+    /// Wake the waiters, if any (call with the lock released).
+    fn wake(&self, waiters: usize) {
+        if waiters > 0 {
+            self.cv.notify_all();
+        }
     }
 
     fn align(&self, offset: u64, len: u64) -> (u64, u64) {
@@ -158,7 +178,7 @@ impl Copier {
             if !busy {
                 break;
             }
-            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self.wait(st);
         }
         let runs: Vec<(u64, u64)> = st.todo.dirty_ranges(start, end).collect();
         for &(s, l) in &runs {
@@ -170,17 +190,26 @@ impl Copier {
 
     /// End a claim: on failure the run goes back to `todo`.
     pub fn finish(&self, start: u64, len: u64, ok: bool) {
+        self.finish_many(&[(start, len)], ok);
+    }
+
+    /// End the claims of `runs` (one lock round for a worker's batch): on failure the runs
+    /// go back to `todo`.
+    pub fn finish_many(&self, runs: &[(u64, u64)], ok: bool) {
         let mut st = self.lock();
-        if let Some(i) = st.inflight.iter().position(|&r| r == (start, start + len)) {
-            st.inflight.swap_remove(i);
+        for &(start, len) in runs {
+            if let Some(i) = st.inflight.iter().position(|&r| r == (start, start + len)) {
+                st.inflight.swap_remove(i);
+            }
+            if ok {
+                self.done.fetch_add(len, Ordering::AcqRel);
+            } else {
+                st.todo.set(start, len);
+            }
         }
-        if ok {
-            self.done.fetch_add(len, Ordering::AcqRel);
-        } else {
-            st.todo.set(start, len);
-        }
+        let waiters = st.waiters;
         drop(st);
-        self.cv.notify_all();
+        self.wake(waiters);
     }
 
     /// Copy one claimed run from source to target with `buf` (at least `len` bytes).
@@ -403,7 +432,7 @@ impl Copier {
     pub fn wait_idle(&self) {
         let mut st = self.lock();
         while !st.inflight.is_empty() {
-            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self.wait(st);
         }
     }
 
@@ -481,7 +510,7 @@ impl Copier {
         let (start, end) = self.align(offset, len);
         let mut st = self.lock();
         while st.inflight.iter().any(|&(s, e)| s < end && start < e) {
-            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self.wait(st);
         }
         st.readers.push((start, end));
         let mut runs = Vec::new();
@@ -515,8 +544,9 @@ impl Copier {
         if let Some(i) = st.readers.iter().position(|&r| r == hold) {
             st.readers.swap_remove(i);
         }
+        let waiters = st.waiters;
         drop(st);
-        self.cv.notify_all();
+        self.wake(waiters);
     }
 
     /// The clusters not copied (for bitmap-mode `always` on failure).

@@ -101,8 +101,10 @@ pub(super) async fn run(job: Arc<BackupJob>, ctx: JobCtx) -> Result<(), String> 
                 loop {
                     if result.is_ok() {
                         if let Some(r) = cw.copy_batch(&runs, &mut buf) {
+                            // One lock round for the batch's claims; discards after it (they
+                            // pass the hook, which waits for claims in flight).
+                            cw.finish_many(&runs, r.is_ok());
                             for &(start, len) in &runs {
-                                cw.finish(start, len, r.is_ok());
                                 if r.is_ok() {
                                     done += len;
                                     if discard {

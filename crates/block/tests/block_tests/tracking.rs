@@ -146,29 +146,29 @@ fn blockdev_del_waits_for_the_nodes_requests_in_flight() {
     let mut graph = block::Graph::new();
     graph.add_node_ref(node.clone()).unwrap();
     ctl.hold(Op::Write);
-    let written = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
-        let (node, written) = (node.clone(), written.clone());
-        std::thread::spawn(move || {
-            node.write(0, &[7; 4096]).unwrap();
-            written.store(true, std::sync::atomic::Ordering::Release);
-        })
+        let node = node.clone();
+        std::thread::spawn(move || node.write(0, &[7; 4096]).unwrap())
     };
     ctl.wait_for_waiting(1);
+    // Set just before the held write is let through: a delete that returns with it unset
+    // did not wait for the write.
+    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let deleter = {
-        let written = written.clone();
+        let released = released.clone();
         std::thread::spawn(move || {
             graph.del("t").unwrap();
-            written.load(std::sync::atomic::Ordering::Acquire)
+            released.load(std::sync::atomic::Ordering::Acquire)
         })
     };
     std::thread::sleep(Duration::from_millis(50));
     assert!(!deleter.is_finished(), "the delete must wait for the write");
+    released.store(true, std::sync::atomic::Ordering::Release);
     ctl.release(Op::Write);
     writer.join().unwrap();
     assert!(
         deleter.join().unwrap(),
-        "the write finished before the node was closed"
+        "the node was closed before its write was let through"
     );
     assert_eq!(node.in_flight(), 0);
 }

@@ -256,3 +256,37 @@ impl Daemon {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use block::graph::{DriverOptions, NodeOptions};
+
+    fn null(name: &str) -> NodeOptions {
+        NodeOptions {
+            node_name: Some(name.to_string()),
+            driver: DriverOptions::Null {
+                size: 4096,
+                read_zeroes: true,
+            },
+            ..NodeOptions::default()
+        }
+    }
+
+    /// Once shutdown has closed the graph, a late `blockdev-add` (one that took the graph
+    /// lock after shutdown did) is refused instead of opening a node nobody will close.
+    #[tokio::test]
+    async fn an_add_after_shutdown_closed_the_graph_is_refused() {
+        let d = super::Daemon::new(qmp::EventBus::new());
+        d.blockdev_add(&null("a")).expect("add before shutdown");
+        d.close_all().await;
+        assert!(d.graph().nodes().is_empty(), "every node is closed");
+        let late = d.blockdev_add(&null("b")).map(|_| ());
+        assert_eq!(
+            late.expect_err("refused").to_string(),
+            "blockd is shutting down"
+        );
+        assert!(d.graph().nodes().is_empty());
+        let del = d.blockdev_del("a").expect_err("refused");
+        assert_eq!(del.to_string(), "blockd is shutting down");
+    }
+}

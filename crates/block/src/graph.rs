@@ -10,6 +10,7 @@ use crate::driver::NodeEventSink;
 use crate::error::{Error, Result};
 use crate::node::{NodeFlags, NodeRef};
 
+mod close;
 mod open;
 mod perms;
 mod reopen;
@@ -17,6 +18,7 @@ mod rewire;
 mod snapshot;
 mod staged;
 
+pub use close::Detached;
 pub use reopen::ChildChange;
 pub use rewire::Drained;
 pub use snapshot::{SnapshotSync, SnapshotUndo};
@@ -139,6 +141,13 @@ pub struct Graph {
     /// In a staged open's scratch graph: the open's id, the existing nodes its tree names and
     /// the graph it will join. Empty in the daemon's graph.
     scratch: Option<staged::Scratch>,
+    /// Nodes out of the name table whose close is in progress (see [`Detached`]): their
+    /// names stay taken and their edges keep their permissions until they are closed.
+    closing: Vec<NodeRef>,
+    /// Nodes a `blockdev-del` is storing and flushing before it detaches them.
+    deleting: Vec<NodeRef>,
+    /// Shutdown has begun: adds and deletes are refused.
+    shut: bool,
 }
 
 /// Longest backing chain opened from names inside images.
@@ -172,7 +181,10 @@ impl Graph {
 
     /// A node of this name exists or a staged open has reserved it.
     fn name_taken(&self, name: &str) -> bool {
-        self.get(name).is_some() || self.staged.reserved(name)
+        self.get(name).is_some()
+            || self.staged.reserved(name)
+            || self.closing_name(name)
+            || self.scratch.as_ref().is_some_and(|s| s.is_taken(name))
     }
 
     /// Find a node for commands that name a device or node: QEMU's
@@ -230,11 +242,11 @@ impl Graph {
         self.add_tree(opts)
     }
 
-    /// Remove a node opened with [`Graph::add_unnamed`] and its inline children, if nothing
-    /// uses it any more.
-    pub fn remove_unnamed(&mut self, node: &NodeRef) -> Result<()> {
+    /// Take a node opened with [`Graph::add_unnamed`] and its inline children out of the
+    /// graph, if nothing uses it any more; the caller closes them (see [`Detached`]).
+    pub fn remove_unnamed(&mut self, node: &NodeRef) -> Result<Detached> {
         if !self.nodes.iter().any(|n| Arc::ptr_eq(n, node)) {
-            return Ok(());
+            return Ok(Detached::none());
         }
         if !self.parents(node).is_empty()
             || self.staged.pinned(node)
@@ -243,9 +255,7 @@ impl Graph {
         {
             return Err(Error::generic(format!("Node {} is in use", node.name())));
         }
-        let r = self.remove_tree(node);
-        let _ = self.refresh_locks();
-        r
+        Ok(self.detach_tree(node))
     }
 
     /// Put a node built elsewhere (a backup's copy-before-write filter) into the name table,
@@ -280,13 +290,15 @@ impl Graph {
         Ok(node)
     }
 
-    /// Take a node put in with [`Graph::insert_internal`] out of the table (its children stay).
-    pub fn remove_internal(&mut self, node: &NodeRef) {
-        self.nodes.retain(|n| !Arc::ptr_eq(n, node));
-        if let Err(e) = node.close() {
-            tracing::warn!(node = node.name(), error = %e, "closing filter failed");
+    /// Take a node put in with [`Graph::insert_internal`] out of the table (its children
+    /// stay); the caller closes it (see [`Detached`]).
+    pub fn remove_internal(&mut self, node: &NodeRef) -> Detached {
+        if !self.nodes.iter().any(|n| Arc::ptr_eq(n, node)) {
+            return Detached::none();
         }
-        let _ = self.refresh_locks();
+        self.nodes.retain(|n| !Arc::ptr_eq(n, node));
+        self.closing.push(node.clone());
+        Detached::of(vec![node.clone()])
     }
 
     fn add_tree(&mut self, opts: &NodeOptions) -> Result<NodeRef> {
@@ -322,86 +334,13 @@ impl Graph {
         Err(e)
     }
 
-    /// Delete a root node (blockdev-del), refusing while anything uses it.
-    pub fn del(&mut self, name: &str) -> Result<()> {
-        let Some(node) = self.get(name) else {
-            return Err(Error::generic(format!(
-                "Failed to find node with node-name='{name}'"
-            )));
-        };
-        if node.auto_named() {
-            return Err(Error::generic(format!(
-                "Node {name} is not owned by the monitor"
-            )));
-        }
-        // QEMU's order: users with a BlockBackend (exports, devices) first, then op blockers
-        // (jobs: users named "block job: ..."; a backing child is blocked by its overlay),
-        // then any other parent.
-        let users: Vec<String> = node.users().into_iter().map(|u| u.who).collect();
-        // A blockdev-add in progress names it as a child.
-        if self.staged.pinned(&node)
-            || self.root_on(&node).is_some()
-            || users.iter().any(|u| !u.starts_with("block job"))
-        {
-            return Err(Error::generic(format!("Node {name} is in use")));
-        }
-        if let Some(job) = users.first() {
-            return Err(Error::generic(format!(
-                "Node '{name}' is busy: block device is in use by {job}"
-            )));
-        }
-        let parents = self.parents(&node);
-        if let Some((overlay, _)) = parents.iter().find(|(_, role)| *role == "backing") {
-            return Err(Error::generic(format!(
-                "Node '{name}' is busy: node is used as backing hd of '{}'",
-                overlay.name()
-            )));
-        }
-        if !parents.is_empty() {
-            return Err(Error::generic(format!("Block device {name} is in use")));
-        }
-        // In a drained section: roots that reach the node stop (none can, by the checks
-        // above, but the section is the rule for graph changes) and requests that reach it
-        // some other way (a job's direct I/O, qemu-io) finish before it is closed.
-        self.drained(std::slice::from_ref(&node), |g| {
-            node.wait_idle();
-            // What can fail at close (storing persistent bitmaps, flushing) is done first,
-            // with the node still in place: a failed blockdev-del changes nothing. (QSD
-            // deletes the node anyway and loses the bitmaps, "Lost persistent bitmaps during
-            // inactivation".)
-            node.store_bitmaps(false)?;
-            node.flush()
-                .map_err(|e| Error::io(format!("Flushing node '{name}'"), &e))?;
-            if let Err(e) = g.remove_tree(&node) {
-                tracing::warn!(node = name, error = %e, "close after blockdev-del failed");
-            }
-            let _ = g.refresh_locks();
-            Ok(())
-        })
-    }
-
     /// Make every node hold the image locks its users need now (see [`Graph::refresh_perms`]).
     pub fn refresh_locks(&self) -> Result<()> {
         self.refresh_perms()
     }
 
-    /// Remove `node` and then every inline (auto-named) child left without parents.
-    fn remove_tree(&mut self, node: &NodeRef) -> Result<()> {
-        self.nodes.retain(|n| !Arc::ptr_eq(n, node));
-        let result = close_node(node);
-        for c in node.children() {
-            if c.node.auto_named()
-                && !self.staged.pinned(&c.node)
-                && self.parents(&c.node).is_empty()
-                && c.node.first_user().is_none()
-            {
-                let _ = self.remove_tree(&c.node);
-            }
-        }
-        result
-    }
-
-    /// Close every node, parents before children (shutdown).
+    /// Close every node, parents before children, under the caller's lock (tests, the image
+    /// tool; the daemon uses [`Graph::begin_shutdown`] and closes without the lock).
     pub fn close_all(&mut self) {
         while let Some(node) = self.nodes.pop() {
             if let Err(e) = close_node(&node) {

@@ -29,6 +29,8 @@ pub enum Op {
     Discard,
     /// flush
     Flush,
+    /// close (the node's last call; holding it keeps a close in progress)
+    Close,
 }
 
 #[derive(Default)]
@@ -213,6 +215,6 @@ impl Driver for TestDriver {
         ImageFacts::default()
     }
     fn close(&self) -> io::Result<()> {
-        Ok(())
+        self.ctl.enter(Op::Close, 0, 0)
     }
 }

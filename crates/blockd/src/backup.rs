@@ -158,14 +158,19 @@ fn prepare(
 
 fn release(d: &Daemon, target: &NodeRef, opened: Option<&NodeRef>) {
     let mut g = d.graph();
+    let mut closing = block::graph::Detached::none();
     if let Some(n) = opened {
-        if let Err(e) = g.remove_unnamed(n) {
-            tracing::warn!(node = n.name(), error = %e, "closing backup target failed");
+        match g.remove_unnamed(n) {
+            Ok(detached) => closing = detached,
+            Err(e) => tracing::warn!(node = n.name(), error = %e, "closing backup target failed"),
         }
     }
     if let Err(e) = g.refresh_locks() {
         tracing::warn!(node = target.name(), error = %e, "releasing backup target locks failed");
     }
+    drop(g);
+    // Its close (bitmaps, flush) runs without the graph lock.
+    block::Graph::close_detached(&d.graph, closing);
 }
 
 /// `blockdev-backup`.

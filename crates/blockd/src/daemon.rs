@@ -159,7 +159,8 @@ impl Daemon {
         {
             return Err(Error::generic(format!("Node {name} is in use")));
         }
-        self.graph().del(name)
+        // Stores, flushes and closes without holding the graph lock (see `Graph::del_staged`).
+        Graph::del_staged(&self.graph, name)
     }
 
     /// Attach a named device over a node (short form).
@@ -235,30 +236,57 @@ impl Daemon {
             let _ = self.nbd_server_stop().await;
         }
         lock(&self.devices).clear();
-        // Flushing, storing bitmaps and closing are disk I/O: off the reactor, so the
-        // monitors and whatever else still runs stay responsive meanwhile.
-        // A blockdev-add still opening files (it does not hold the graph lock) inserts its
-        // nodes when done: wait for it, so that they are closed with the rest.
+        // Flushing, storing bitmaps and closing are disk I/O: off the reactor and without the
+        // graph lock, so the monitors and whatever else still runs stay responsive meanwhile.
+        // From here on new adds and deletes are refused; one still opening files (it does not
+        // hold the graph lock) inserts its nodes when done and one still closing finishes:
+        // wait for them, so that every node is closed (bitmaps stored) with the rest.
         let nodes = loop {
-            let taken = {
-                let mut g = self.graph();
-                (!g.opening()).then(|| std::mem::take(&mut *g))
-            };
+            let taken = self.graph().begin_shutdown();
             match taken {
-                Some(g) => break g,
+                Some(d) => break d,
                 None => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
             }
         };
-        let closed = tokio::task::spawn_blocking(move || {
-            let mut nodes = nodes;
-            nodes.close_all();
-            nodes
-        })
-        .await;
-        match closed {
-            // Put the (now empty) graph back, keeping its event sink and counters.
-            Ok(g) => *self.graph() = g,
-            Err(e) => tracing::error!(error = %e, "closing the block graph failed"),
+        let graph = self.graph.clone();
+        let closed =
+            tokio::task::spawn_blocking(move || Graph::close_detached(&graph, nodes)).await;
+        if let Err(e) = closed {
+            tracing::error!(error = %e, "closing the block graph failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use block::graph::{DriverOptions, NodeOptions};
+
+    fn null(name: &str) -> NodeOptions {
+        NodeOptions {
+            node_name: Some(name.to_string()),
+            driver: DriverOptions::Null {
+                size: 4096,
+                read_zeroes: true,
+            },
+            ..NodeOptions::default()
+        }
+    }
+
+    /// Once shutdown has closed the graph, a late `blockdev-add` (one that took the graph
+    /// lock after shutdown did) is refused instead of opening a node nobody will close.
+    #[tokio::test]
+    async fn an_add_after_shutdown_closed_the_graph_is_refused() {
+        let d = super::Daemon::new(qmp::EventBus::new());
+        d.blockdev_add(&null("a")).expect("add before shutdown");
+        d.close_all().await;
+        assert!(d.graph().nodes().is_empty(), "every node is closed");
+        let late = d.blockdev_add(&null("b")).map(|_| ());
+        assert_eq!(
+            late.expect_err("refused").to_string(),
+            "blockd is shutting down"
+        );
+        assert!(d.graph().nodes().is_empty());
+        let del = d.blockdev_del("a").expect_err("refused");
+        assert_eq!(del.to_string(), "blockd is shutting down");
     }
 }

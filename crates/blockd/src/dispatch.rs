@@ -101,10 +101,12 @@ impl qmp::Dispatcher for QmpDispatcher {
     }
 
     /// `blockdev-add` opens files without the graph lock (names reserved, named children
-    /// pinned: `block::Graph::add_staged`), so it need not hold up other monitors' commands
-    /// while a slow disk answers; every other command stays serialised.
+    /// pinned: `block::Graph::add_staged`) and `blockdev-del` stores, flushes and closes
+    /// without it (the node marked as being deleted, then detached: `Graph::del_staged`), so
+    /// neither holds up other monitors' commands while a slow disk answers; every other
+    /// command stays serialised.
     fn runs_unserialised(&self, name: &str) -> bool {
-        name == "blockdev-add"
+        name == "blockdev-add" || name == "blockdev-del"
     }
 
     fn dispatch(&self, name: &str, args: Map<String, Value>) -> qmp::DispatchFuture {
@@ -401,7 +403,10 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
         }
         return Err(e);
     }
-    graph.close_orphans(&replaced);
+    // A replaced backing opened from an image header is closed without the graph lock.
+    let orphans = graph.close_orphans(&replaced);
+    drop(graph);
+    block::graph::Graph::close_detached(&d.graph, orphans);
     Ok(json!({}))
 }
 

@@ -83,7 +83,9 @@ impl Installed {
         let filter = on_graph(&*host, |g| {
             let filter = g.insert_internal(name, driver, children)?;
             if let Err(e) = g.refresh_perms() {
-                g.remove_internal(&filter);
+                // Never used: nothing to flush.
+                let d = g.remove_internal(&filter);
+                g.close_detached_now(d);
                 return Err(e);
             }
             Ok(filter)
@@ -150,7 +152,7 @@ impl Installed {
             source,
             roots,
         } = self;
-        let _ = on_graph(&*host, |g| {
+        let detached = on_graph(&*host, |g| {
             if !roots.is_empty() {
                 filter.remove_user(super::TARGET_USER);
             }
@@ -160,9 +162,16 @@ impl Installed {
             if let Err(e) = g.replace_node(&filter, &source) {
                 tracing::warn!(node = filter.name(), error = %e, "taking a backup filter out");
             }
-            g.remove_internal(&filter);
-            Ok(())
+            Ok(g.remove_internal(&filter))
         });
+        // Taken out under the graph lock; closed without it.
+        if let Ok(d) = detached {
+            d.close();
+            let _ = on_graph(&*host, |g| {
+                g.closed(d);
+                Ok(())
+            });
+        }
     }
 }
 

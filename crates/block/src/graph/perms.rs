@@ -53,7 +53,8 @@ impl Graph {
     /// Every edge into every node, keyed by the child.
     fn in_edges(&self) -> HashMap<usize, Vec<InEdge>> {
         let mut map: HashMap<usize, Vec<InEdge>> = HashMap::new();
-        for n in &self.nodes {
+        // Nodes being closed keep their edges' permissions until they are closed.
+        for n in self.nodes.iter().chain(self.closing_nodes()) {
             for c in n.children() {
                 map.entry(key(&c.node)).or_default().push(InEdge {
                     edge: ParentEdge {

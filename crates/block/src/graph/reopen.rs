@@ -216,23 +216,31 @@ impl Graph {
         Ok(undo)
     }
 
-    /// After a reopen succeeded: close the auto-named children it left without any user
+    /// After a reopen succeeded: take out the auto-named children it left without any user
     /// (a backing file opened from the image's header that was replaced), as QEMU drops them.
-    pub fn close_orphans(&mut self, old: &[NodeRef]) {
+    /// The caller closes them without the graph lock (see [`super::Detached`]).
+    pub fn close_orphans(&mut self, old: &[NodeRef]) -> super::Detached {
+        let mut out = Vec::new();
         for n in old {
-            let orphan = n.auto_named()
-                && self.nodes.iter().any(|x| Arc::ptr_eq(x, n))
-                && self.parents(n).is_empty()
-                && !self.staged.pinned(n)
-                && n.first_user().is_none()
-                && !self.roots().iter().any(|r| Arc::ptr_eq(&r.node(), n));
-            if orphan {
-                if let Err(e) = self.remove_tree(n) {
-                    tracing::warn!(node = n.name(), error = %e, "closing a replaced child");
-                }
+            if self.is_orphan(n) {
+                out.extend(self.detach_tree(n).take());
+            } else if self.staged.pinned(n) {
+                // An open in progress names it: closed when that open ends, if still unused.
+                self.staged.defer(n);
             }
         }
         let _ = self.refresh_perms();
+        super::Detached::of(out)
+    }
+
+    /// An auto-named node in the graph that nothing uses any more.
+    pub(super) fn is_orphan(&self, n: &NodeRef) -> bool {
+        n.auto_named()
+            && self.nodes.iter().any(|x| Arc::ptr_eq(x, n))
+            && self.parents(n).is_empty()
+            && !self.staged.pinned(n)
+            && n.first_user().is_none()
+            && !self.roots().iter().any(|r| Arc::ptr_eq(&r.node(), n))
     }
 
     /// Switch `node` (and its inline file child) to `read_only`, all or nothing.

@@ -65,6 +65,15 @@ impl Graph {
 
     /// Register a root and take its permissions; refused (and not registered) on conflict.
     pub fn attach_root(&mut self, root: &Arc<Root>) -> Result<()> {
+        // A node a blockdev-del is closing is gone for new users (a command that looked it
+        // up before the delete detached it).
+        let node = root.node();
+        if self.is_closing(&node) && !self.nodes.iter().any(|n| Arc::ptr_eq(n, &node)) {
+            let name = node.name();
+            return Err(Error::generic(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            )));
+        }
         self.roots.retain(|r| r.strong_count() > 0);
         self.roots.push(Arc::downgrade(root));
         if let Err(e) = self.refresh_perms() {

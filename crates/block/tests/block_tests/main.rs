@@ -5,6 +5,7 @@
 
 mod backup;
 mod bitmaps;
+mod close;
 mod common;
 mod compressed;
 mod concurrency;

@@ -1,0 +1,390 @@
+//! Closing nodes without the graph lock over disk I/O ([`Graph::del_staged`], detached
+//! closes, the staged add's fallback and orphans, shutdown): a held flush or close leaves
+//! queries, adds and deletes of other nodes running, and each still ends as QEMU's would.
+
+use std::fs::OpenOptions;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use block::graph::{CbwOptions, ChildChange, ChildRef, DriverOptions, NodeOptions};
+use block::node::{Child, Node, NodeFlags};
+use block::testing::{Controls, Op, TestDriver};
+use block::{Graph, NodeRef};
+
+use crate::common::{file_opts, names, null_opts};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn lock(g: &Mutex<Graph>) -> MutexGuard<'_, Graph> {
+    g.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Wait until `n` requests are held in `ctl`'s driver (bounded, so a bug fails the test).
+fn held(ctl: &Controls, n: usize) {
+    let start = Instant::now();
+    while ctl.waiting() < n {
+        assert!(
+            start.elapsed() < WAIT,
+            "the request never reached the driver"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A graph with a test node "t" and a null node "other".
+fn graph_with_test_node() -> (Arc<Mutex<Graph>>, NodeRef, Arc<Controls>) {
+    let graph = Arc::new(Mutex::new(Graph::new()));
+    let (t, ctl) = TestDriver::node("t", 1 << 20);
+    lock(&graph).add_node_ref(t.clone()).expect("add t");
+    lock(&graph)
+        .add(&null_opts("other", 4096))
+        .expect("add other");
+    (graph, t, ctl)
+}
+
+fn start_del(graph: &Arc<Mutex<Graph>>, name: &str) -> thread::JoinHandle<block::Result<()>> {
+    let g = graph.clone();
+    let name = name.to_string();
+    thread::spawn(move || Graph::del_staged(&g, &name))
+}
+
+#[test]
+fn del_does_not_hold_the_graph_over_a_flush() {
+    let (graph, t, ctl) = graph_with_test_node();
+    ctl.hold(Op::Flush);
+    let del = start_del(&graph, "t");
+    held(&ctl, 1);
+
+    // Meanwhile, on another thread (a lock held over the flush fails the test, not hangs it).
+    let (tx, rx) = mpsc::channel();
+    let g = graph.clone();
+    thread::spawn(move || {
+        let listed = names(&lock(&g));
+        let dup = Graph::add_staged(&g, &null_opts("t", 512)).map(|_| ());
+        let added = Graph::add_staged(&g, &null_opts("n2", 512)).map(|_| ());
+        let del_other = Graph::del_staged(&g, "other");
+        let _ = tx.send((listed, dup, added, del_other));
+    });
+    let got = rx.recv_timeout(WAIT);
+    ctl.release(Op::Flush);
+    let deleted = del.join().expect("del thread");
+    let (listed, dup, added, del_other) = got.expect("graph commands waited for the flush");
+
+    // While it flushes the node is still in the graph, its name taken.
+    assert_eq!(listed, ["t", "other"]);
+    assert_eq!(
+        dup.expect_err("name in use").to_string(),
+        "Duplicate nodes with node-name='t'"
+    );
+    added.expect("an unrelated add runs");
+    del_other.expect("an unrelated del runs");
+    deleted.expect("the delete completes");
+    assert_eq!(names(&lock(&graph)), ["n2"]);
+    assert!(
+        t.write(0, &[1; 512]).is_err(),
+        "the deleted node is closed when del returns"
+    );
+    assert!(ctl.log().iter().any(|(op, ..)| *op == Op::Close));
+}
+
+#[test]
+fn del_with_a_failed_flush_changes_nothing() {
+    let (graph, t, ctl) = graph_with_test_node();
+    ctl.fail(Op::Flush, libc::EIO, 1);
+    let err = Graph::del_staged(&graph, "t").expect_err("flush fails");
+    assert!(
+        err.to_string().starts_with("Flushing node 't'"),
+        "unexpected error: {err}"
+    );
+    assert_eq!(names(&lock(&graph)), ["t", "other"]);
+    t.write(0, &[1; 512]).expect("the node is still open");
+    assert!(!ctl.log().iter().any(|(op, ..)| *op == Op::Close));
+    Graph::del_staged(&graph, "t").expect("del once the flush works");
+    assert_eq!(names(&lock(&graph)), ["other"]);
+}
+
+#[test]
+fn a_closing_node_keeps_its_name_and_its_edges_until_closed() {
+    let graph = Arc::new(Mutex::new(Graph::new()));
+    let (f, _) = TestDriver::node("f", 1 << 20);
+    lock(&graph).add_node_ref(f.clone()).expect("add f");
+    let (d, ctl) = TestDriver::new(1 << 20);
+    let p: NodeRef = Arc::new(Node::new(
+        "p".to_string(),
+        false,
+        Box::new(d),
+        vec![Child {
+            role: "file",
+            node: f.clone(),
+        }],
+        false,
+        NodeFlags::default(),
+    ));
+    lock(&graph).add_node_ref(p).expect("add p");
+    ctl.hold(Op::Close);
+    let del = start_del(&graph, "p");
+    held(&ctl, 1);
+
+    let (tx, rx) = mpsc::channel();
+    let g = graph.clone();
+    let adder = thread::spawn(move || {
+        let r = Graph::add_staged(&g, &null_opts("p", 512)).map(|_| ());
+        let _ = tx.send(());
+        r
+    });
+    // Detached, but its name is not free yet: the add waits for the close.
+    thread::sleep(Duration::from_millis(300));
+    let during = {
+        let g = lock(&graph);
+        let edges: Vec<String> = g.edges_into(&f).into_iter().map(|e| e.who).collect();
+        (names(&g), edges, g.get("p").is_none())
+    };
+    let waited = rx.try_recv().is_err();
+    let again = Graph::del_staged(&graph, "p");
+    ctl.release(Op::Close);
+    del.join().expect("del thread").expect("del p");
+    adder
+        .join()
+        .expect("add thread")
+        .expect("add after the close");
+
+    assert_eq!(during.0, ["f"], "p is out of the name table while closing");
+    assert!(during.2);
+    assert_eq!(
+        during.1,
+        ["node 'p'"],
+        "the closing node keeps its edge onto f"
+    );
+    assert!(
+        waited,
+        "an add of the closing node's name waits for the close"
+    );
+    assert_eq!(
+        again.expect_err("gone").to_string(),
+        "Failed to find node with node-name='p'"
+    );
+    let g = lock(&graph);
+    assert_eq!(names(&g), ["f", "p"]);
+    assert!(
+        g.edges_into(&f).is_empty(),
+        "the closed node's edge is gone"
+    );
+}
+
+/// A FIFO in `dir` (opening it read-only stalls until a writer comes).
+fn fifo(dir: &tempfile::TempDir) -> String {
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    fifo.to_str().expect("utf-8 path").to_string()
+}
+
+fn unstall(fifo: &str) {
+    drop(
+        OpenOptions::new()
+            .write(true)
+            .open(fifo)
+            .expect("open FIFO writer"),
+    );
+}
+
+/// A read-only copy-before-write "x": its `file` an inline file over `fifo` (opened first,
+/// stalls), its `target` `target`.
+fn cbw_opts(fifo: &str, target: ChildRef) -> NodeOptions {
+    NodeOptions {
+        node_name: Some("x".to_string()),
+        read_only: true,
+        driver: DriverOptions::CopyBeforeWrite {
+            file: ChildRef::Inline(Box::new(file_opts(None, fifo))),
+            target,
+            bitmap: None,
+            config: CbwOptions::default(),
+        },
+        ..NodeOptions::default()
+    }
+}
+
+#[test]
+fn an_add_that_must_fail_opens_without_the_lock_and_gives_the_plain_error() {
+    let cases = [
+        (
+            ChildRef::Inline(Box::new(null_opts("other", 512))),
+            "Duplicate nodes with node-name='other'",
+        ),
+        (
+            ChildRef::Name("ghost".to_string()),
+            "Cannot find device='ghost' nor node-name='ghost'",
+        ),
+    ];
+    for (target, want) in cases {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fifo = fifo(&dir);
+        let graph = Arc::new(Mutex::new(Graph::new()));
+        lock(&graph)
+            .add(&null_opts("other", 4096))
+            .expect("add other");
+        let g = graph.clone();
+        let opts = cbw_opts(&fifo, target);
+        let adder = thread::spawn(move || Graph::add_staged(&g, &opts));
+        // The open stalls in its first child; the graph answers meanwhile.
+        let (tx, rx) = mpsc::channel();
+        let g = graph.clone();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(200));
+            let listed = names(&lock(&g));
+            let added = Graph::add_staged(&g, &null_opts("n2", 512)).map(|_| ());
+            let _ = tx.send((listed, added));
+        });
+        let got = rx.recv_timeout(WAIT);
+        unstall(&fifo);
+        let Err(err) = adder.join().expect("add thread") else {
+            panic!("the add must fail");
+        };
+        let (listed, added) = got.expect("the graph was locked over the open");
+        assert_eq!(listed, ["other"]);
+        added.expect("another add runs");
+        assert_eq!(err.to_string(), want);
+        assert_eq!(names(&lock(&graph)), ["other", "n2"]);
+        let g = lock(&graph);
+        let other = g.get("other").expect("other");
+        assert!(g.edges_into(&other).is_empty());
+    }
+}
+
+/// Open file descriptors of this process on `path`.
+fn fds_on(path: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("list fds")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t == path)
+        .count()
+}
+
+fn qemu_img(args: &[&str]) {
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img must be installed for this test");
+    assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
+}
+
+#[test]
+fn an_orphan_backing_pinned_by_a_failed_add_is_closed_when_the_add_ends() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let base = dir.path().join("base.raw");
+    let top = dir.path().join("top.qcow2");
+    let (bs, ts) = (base.to_str().expect("utf-8"), top.to_str().expect("utf-8"));
+    qemu_img(&["create", "-q", "-f", "raw", bs, "1M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", bs, "-F", "raw", ts]);
+    let fifo = fifo(&dir);
+    let base = std::fs::canonicalize(&base).expect("canonical path");
+
+    let graph = Arc::new(Mutex::new(Graph::new()));
+    let top_opts = NodeOptions {
+        node_name: Some("top".to_string()),
+        driver: DriverOptions::Qcow2 {
+            file: ChildRef::Inline(Box::new(file_opts(None, ts))),
+            backing: None,
+            cache: Default::default(),
+        },
+        ..NodeOptions::default()
+    };
+    let top = lock(&graph).add(&top_opts).expect("open top");
+    let backing = top.child("backing").expect("backing from the header");
+    let backing_name = backing.name().to_string();
+    assert!(fds_on(&base) > 0);
+
+    // An add naming the backing, stalled in its first child, then failing (an empty FIFO
+    // is no qcow2 image).
+    let g = graph.clone();
+    let opts = NodeOptions {
+        node_name: Some("y".to_string()),
+        read_only: true,
+        driver: DriverOptions::Qcow2 {
+            file: ChildRef::Inline(Box::new(file_opts(None, &fifo))),
+            backing: Some(Some(ChildRef::Name(backing.name().to_string()))),
+            cache: Default::default(),
+        },
+        ..NodeOptions::default()
+    };
+    let adder = thread::spawn(move || Graph::add_staged(&g, &opts));
+    let start = Instant::now();
+    while !lock(&graph).opening() {
+        assert!(start.elapsed() < WAIT, "the add never started");
+        thread::sleep(Duration::from_millis(5));
+    }
+    // A reopen drops the backing meanwhile: an orphan, but pinned by the add.
+    let orphans = {
+        let mut g = lock(&graph);
+        g.reopen_child(
+            &top,
+            &ChildChange {
+                role: "backing",
+                to: None,
+            },
+        )
+        .expect("drop backing");
+        g.close_orphans(std::slice::from_ref(&backing))
+    };
+    assert!(orphans.nodes().is_empty(), "pinned: not closed yet");
+    Graph::close_detached(&graph, orphans);
+    assert!(lock(&graph).get(backing.name()).is_some());
+    unstall(&fifo);
+    let result = adder.join().expect("add thread");
+    assert!(result.is_err(), "the add must fail");
+    assert!(
+        lock(&graph).get(&backing_name).is_none(),
+        "the orphan left the graph when the add ended"
+    );
+    drop(backing);
+    assert_eq!(fds_on(&base), 0, "the orphan's file is closed");
+    let left = names(&lock(&graph));
+    assert_eq!(left.len(), 2, "top and its file: {left:?}");
+    assert_eq!(left[1], "top");
+}
+
+#[test]
+fn shutdown_waits_for_an_add_in_progress_and_refuses_new_ones() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fifo = fifo(&dir);
+    let graph = Arc::new(Mutex::new(Graph::new()));
+    let g = graph.clone();
+    let slow = NodeOptions {
+        node_name: Some("slow".to_string()),
+        read_only: true,
+        driver: DriverOptions::Raw {
+            file: ChildRef::Inline(Box::new(file_opts(None, &fifo))),
+            offset: None,
+            size: None,
+        },
+        ..NodeOptions::default()
+    };
+    let adder = thread::spawn(move || Graph::add_staged(&g, &slow));
+    let start = Instant::now();
+    while !lock(&graph).opening() {
+        assert!(start.elapsed() < WAIT, "the add never started");
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert!(lock(&graph).begin_shutdown().is_none(), "an add is opening");
+    let late = Graph::add_staged(&graph, &null_opts("late", 512));
+    let Err(late) = late else {
+        panic!("an add after shutdown began must be refused");
+    };
+    assert_eq!(late.to_string(), "blockd is shutting down");
+    unstall(&fifo);
+    adder
+        .join()
+        .expect("add thread")
+        .expect("the add in progress completes");
+    let closing = lock(&graph).begin_shutdown().expect("nothing in progress");
+    let closed: Vec<&str> = closing.nodes().iter().map(|n| n.name()).collect();
+    assert_eq!(closed.len(), 2);
+    assert_eq!(closed[0], "slow", "parents first");
+    Graph::close_detached(&graph, closing);
+    assert!(names(&lock(&graph)).is_empty());
+}

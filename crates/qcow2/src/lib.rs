@@ -53,6 +53,7 @@ pub mod fuzzing;
 mod header;
 mod inflate;
 mod io;
+mod l2table;
 mod mapping;
 mod meta;
 mod ondisk;
@@ -328,6 +329,14 @@ impl Qcow2 {
     /// The defaults are QEMU's: L2 tables for the whole disk up to 32 MiB, 4 refcount blocks.
     pub fn set_cache_capacity(&self, l2_tables: usize, refblocks: usize) -> Result<()> {
         self.lock()?.set_cache_capacity(l2_tables, refblocks)
+    }
+
+    /// Cache L2 tables in slices of `bytes` (QEMU's `l2-cache-entry-size`: a power of two from
+    /// 512 to the cluster size; the cluster size caches whole tables, the default). The L2
+    /// capacity of [`Qcow2::set_cache_capacity`] then counts slices. Dirty mappings are written
+    /// back and the L2 cache emptied first.
+    pub fn set_l2_slice_size(&self, bytes: usize) -> Result<()> {
+        self.lock()?.set_l2_slice_size(bytes)
     }
 
     /// Drop the cached tables not used since the previous call (dirty ones stay until written

@@ -370,14 +370,14 @@ mod tests {
     fn every_kind_of_entry_round_trips_exactly() {
         let n = 512;
         let odd = [
-            (0, ZERO),                              // zero, no preallocation
-            (1, ZERO | COPIED | (7 << CB)),         // zero, preallocated
-            (2, COPIED),                            // flag only
-            (3, COMPRESSED | (3 << 54) | 0x1234_5), // compressed
-            (4, (9 << CB) | 0x200),                 // unaligned (corrupt): kept as is
-            (5, (1 << 55) | COPIED),                // host cluster beyond 2^30
-            (6, 1 << 60),                           // reserved bit
-            (7, COPIED | (5 << CB)),                // plain data
+            (0, ZERO),                             // zero, no preallocation
+            (1, ZERO | COPIED | (7 << CB)),        // zero, preallocated
+            (2, COPIED),                           // flag only
+            (3, COMPRESSED | (3 << 54) | 0x12345), // compressed
+            (4, (9 << CB) | 0x200),                // unaligned (corrupt): kept as is
+            (5, (1 << 55) | COPIED),               // host cluster beyond 2^30
+            (6, 1 << 60),                          // reserved bit
+            (7, COPIED | (5 << CB)),               // plain data
         ];
         let t = L2Table::from_bytes(&bytes(&odd, n), CB);
         for &(i, v) in &odd {

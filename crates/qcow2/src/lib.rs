@@ -361,6 +361,11 @@ impl Qcow2 {
             .unwrap_or(0)
     }
 
+    /// Heap bytes of the cached L2 tables or slices alone: at most their on-disk size each.
+    pub fn l2_cache_memory(&self) -> usize {
+        self.lock().map(|m| m.l2.heap_bytes()).unwrap_or(0)
+    }
+
     /// Whether the image was opened read-only.
     pub fn is_read_only(&self) -> bool {
         self.read_only

@@ -5,59 +5,29 @@
 //! the owner loads tables, writes back dirty ones in the order the format requires, and decides
 //! what to do with a dirty victim on eviction.
 //!
-//! A cache of 64-bit-entry tables (L2) may keep a mostly empty table sparsely: only its
-//! non-zero entries, sorted by index. Scattered writes on a large disk leave most L2 tables
-//! nearly empty, so the cache's memory then follows the mapped data rather than the number of
-//! tables. A table turns dense once more than an eighth of its entries are in use.
+//! A cache of L2 tables (or slices of them, see `l2-cache-entry-size`) keeps each in the compact
+//! form of [`L2Table`]: its memory follows the mapped entries, and never exceeds the table's
+//! on-disk size.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
+use crate::l2table::L2Table;
 use crate::ondisk::{be64_at, put_be64_at};
 
 /// A table's contents.
 #[derive(Debug, Clone)]
 enum Table {
-    /// The on-disk bytes.
-    Dense(Vec<u8>),
-    /// `len` bytes of big-endian u64 entries, all zero except `entries` (index, value),
-    /// sorted by index, values non-zero.
-    Sparse {
-        /// Size of the table in bytes.
-        len: usize,
-        /// The non-zero entries.
-        entries: Vec<(u32, u64)>,
-    },
-}
-
-impl Table {
-    /// Most non-zero entries a sparse table of `len` bytes holds (an eighth of its entries).
-    fn sparse_limit(len: usize) -> usize {
-        len / 64
-    }
-
-    /// Keep `data` (a table of u64 entries) sparsely if few entries are in use.
-    fn from_u64_bytes(data: Vec<u8>) -> Table {
-        let len = data.len();
-        let limit = Table::sparse_limit(len);
-        let mut entries = Vec::new();
-        for i in 0..len / 8 {
-            let v = be64_at(&data, i);
-            if v != 0 {
-                if entries.len() == limit {
-                    return Table::Dense(data);
-                }
-                entries.push((i as u32, v));
-            }
-        }
-        Table::Sparse { len, entries }
-    }
+    /// The on-disk bytes (refcount blocks).
+    Raw(Vec<u8>),
+    /// An L2 table or slice, compact.
+    L2(L2Table),
 }
 
 /// One cached table.
 #[derive(Debug)]
 pub struct Slot {
-    /// The table's contents, exactly one cluster.
+    /// The table's contents.
     data: Table,
     /// Byte range `[start, end)` modified since the last write-back, if any.
     pub dirty: Option<(usize, usize)>,
@@ -74,84 +44,68 @@ impl Slot {
         });
     }
 
-    /// The table's bytes (built for a sparse table).
+    /// The table's bytes (built for an L2 table).
     pub fn bytes(&self) -> Cow<'_, [u8]> {
         match &self.data {
-            Table::Dense(d) => Cow::Borrowed(d),
-            Table::Sparse { len, entries } => {
-                let mut d = vec![0u8; *len];
-                for &(i, v) in entries {
-                    put_be64_at(&mut d, i as usize, v);
-                }
-                Cow::Owned(d)
-            }
+            Table::Raw(d) => Cow::Borrowed(d),
+            Table::L2(t) => Cow::Owned(t.bytes_of(0, t.entries())),
         }
     }
 
-    /// The table's bytes for modification (a sparse table becomes dense).
+    /// The on-disk bytes `[start, end)` (clamped to the table).
+    pub fn bytes_range(&self, start: usize, end: usize) -> Vec<u8> {
+        match &self.data {
+            Table::Raw(d) => {
+                let end = end.min(d.len());
+                d[start.min(end)..end].to_vec()
+            }
+            // Callers pass entry-aligned ranges (dirty ranges are whole entries or sectors).
+            Table::L2(t) => t.bytes_of(start / 8, end.div_ceil(8)),
+        }
+    }
+
+    /// The table's bytes for modification. Only raw tables (refcount blocks) are modified
+    /// bytewise; an L2 table is made raw first (never done by the owner, which uses
+    /// [`Slot::set_u64`]).
     pub fn bytes_mut(&mut self) -> &mut [u8] {
-        if let Table::Sparse { .. } = self.data {
-            self.data = Table::Dense(self.bytes().into_owned());
+        if let Table::L2(t) = &self.data {
+            self.data = Table::Raw(t.bytes_of(0, t.entries()));
         }
         match &mut self.data {
-            Table::Dense(d) => d,
-            Table::Sparse { .. } => unreachable!("made dense above"),
+            Table::Raw(d) => d,
+            Table::L2(_) => unreachable!("made raw above"),
         }
     }
 
     /// The table's bytes, by value.
     pub fn into_bytes(self) -> Vec<u8> {
         match self.data {
-            Table::Dense(d) => d,
-            sparse => Slot {
-                data: sparse,
-                dirty: None,
-                tick: 0,
-            }
-            .bytes()
-            .into_owned(),
+            Table::Raw(d) => d,
+            Table::L2(t) => t.bytes_of(0, t.entries()),
         }
     }
 
     /// Big-endian u64 entry `i`.
     pub fn u64_at(&self, i: usize) -> u64 {
         match &self.data {
-            Table::Dense(d) => be64_at(d, i),
-            Table::Sparse { entries, .. } => entries
-                .binary_search_by_key(&(i as u32), |e| e.0)
-                .map_or(0, |k| entries[k].1),
+            Table::Raw(d) => be64_at(d, i),
+            Table::L2(t) => t.get(i),
         }
     }
 
     /// Set big-endian u64 entry `i` (the caller marks the range dirty).
     pub fn set_u64(&mut self, i: usize, v: u64) {
-        let densify = match &mut self.data {
-            Table::Dense(d) => {
-                put_be64_at(d, i, v);
-                false
-            }
-            Table::Sparse { len, entries } => {
-                match (entries.binary_search_by_key(&(i as u32), |e| e.0), v) {
-                    (Ok(k), 0) => {
-                        entries.remove(k);
-                    }
-                    (Ok(k), v) => entries[k].1 = v,
-                    (Err(_), 0) => {}
-                    (Err(k), v) => entries.insert(k, (i as u32, v)),
-                }
-                entries.len() > Table::sparse_limit(*len)
-            }
-        };
-        if densify {
-            self.bytes_mut();
+        match &mut self.data {
+            Table::Raw(d) => put_be64_at(d, i, v),
+            Table::L2(t) => t.set(i, v),
         }
     }
 
     /// Heap bytes this table uses (for tests and measurements).
     pub fn heap_bytes(&self) -> usize {
         match &self.data {
-            Table::Dense(d) => d.capacity(),
-            Table::Sparse { entries, .. } => entries.capacity() * 16,
+            Table::Raw(d) => d.capacity(),
+            Table::L2(t) => t.heap_bytes(),
         }
     }
 }
@@ -169,8 +123,8 @@ pub struct TableCache {
     tick: u64,
     /// The counter at the last `clean_unused`: slots not used since then are idle.
     clean_mark: u64,
-    /// Tables are u64 entries that may be kept sparsely (L2 tables).
-    sparse: bool,
+    /// Tables are L2 tables (or slices) of an image with these cluster bits, kept compact.
+    l2_cluster_bits: Option<u32>,
 }
 
 impl TableCache {
@@ -182,14 +136,14 @@ impl TableCache {
             lru: BTreeMap::new(),
             tick: 0,
             clean_mark: 0,
-            sparse: false,
+            l2_cluster_bits: None,
         }
     }
 
-    /// An empty cache of u64-entry tables (L2) that keeps mostly empty tables sparsely.
-    pub fn new_sparse(capacity: usize) -> TableCache {
+    /// An empty cache of L2 tables of an image with `cluster_bits`, kept compact.
+    pub fn new_l2(capacity: usize, cluster_bits: u32) -> TableCache {
         TableCache {
-            sparse: true,
+            l2_cluster_bits: Some(cluster_bits),
             ..TableCache::new(capacity)
         }
     }
@@ -248,6 +202,13 @@ impl TableCache {
         Some(slot)
     }
 
+    /// Drop the table at `key` (clean or not), if cached.
+    pub fn remove(&mut self, key: u64) {
+        if let Some(slot) = self.slots.remove(&key) {
+            self.lru.remove(&slot.tick);
+        }
+    }
+
     /// Whether `key` is cached.
     pub fn contains(&self, key: u64) -> bool {
         self.slots.contains_key(&key)
@@ -269,10 +230,9 @@ impl TableCache {
     pub fn insert(&mut self, key: u64, data: Vec<u8>, dirty: bool) {
         self.tick += 1;
         let len = data.len();
-        let data = if self.sparse {
-            Table::from_u64_bytes(data)
-        } else {
-            Table::Dense(data)
+        let data = match self.l2_cluster_bits {
+            Some(cb) => Table::L2(L2Table::from_bytes(&data, cb)),
+            None => Table::Raw(data),
         };
         let slot = Slot {
             data,
@@ -333,22 +293,22 @@ mod tests {
     }
 
     #[test]
-    fn mostly_empty_tables_are_kept_sparse_until_an_eighth_is_used() {
-        let mut c = TableCache::new_sparse(2);
+    fn l2_tables_are_kept_compact_and_read_back_exactly() {
+        let mut c = TableCache::new_l2(2, 16);
         c.insert(1, vec![0; 4096], true);
         let s = c.get(1).expect("cached");
         assert_eq!(s.heap_bytes(), 0);
-        s.set_u64(7, 0x1234);
+        s.set_u64(7, 0x1234 << 16);
         s.set_u64(3, 5);
-        assert_eq!((s.u64_at(3), s.u64_at(7), s.u64_at(4)), (5, 0x1234, 0));
-        assert_eq!(&s.bytes()[56..64], &0x1234u64.to_be_bytes());
+        assert_eq!(
+            (s.u64_at(3), s.u64_at(7), s.u64_at(4)),
+            (5, 0x1234 << 16, 0)
+        );
+        assert_eq!(&s.bytes()[56..64], &(0x1234u64 << 16).to_be_bytes());
+        assert_eq!(s.bytes_range(56, 64), (0x1234u64 << 16).to_be_bytes());
         s.set_u64(3, 0);
-        assert_eq!(s.u64_at(3), 0);
-        for i in 0..=64 {
-            s.set_u64(100 + i, 1);
-        }
-        assert_eq!(s.heap_bytes(), 4096, "65 of 512 entries: dense");
-        assert_eq!((s.u64_at(7), s.u64_at(164), s.u64_at(165)), (0x1234, 1, 0));
+        // Entry 3 (reserved bit 2 set) made the table wide; it stays wide until reloaded.
+        assert_eq!((s.u64_at(3), s.heap_bytes()), (0, 10));
         let mut dense = vec![0u8; 4096];
         dense[8..16].copy_from_slice(&9u64.to_be_bytes());
         c.insert(2, dense.clone(), false);

@@ -53,6 +53,7 @@ pub mod fuzzing;
 mod header;
 mod inflate;
 mod io;
+mod l2table;
 mod mapping;
 mod meta;
 mod ondisk;
@@ -330,6 +331,14 @@ impl Qcow2 {
         self.lock()?.set_cache_capacity(l2_tables, refblocks)
     }
 
+    /// Cache L2 tables in slices of `bytes` (QEMU's `l2-cache-entry-size`: a power of two from
+    /// 512 to the cluster size; the cluster size caches whole tables, the default). The L2
+    /// capacity of [`Qcow2::set_cache_capacity`] then counts slices. Dirty mappings are written
+    /// back and the L2 cache emptied first.
+    pub fn set_l2_slice_size(&self, bytes: usize) -> Result<()> {
+        self.lock()?.set_l2_slice_size(bytes)
+    }
+
     /// Drop the cached tables not used since the previous call (dirty ones stay until written
     /// back), as QEMU's `cache-clean-interval` timer does. Returns how many were dropped.
     pub fn clean_caches(&self) -> usize {
@@ -350,6 +359,11 @@ impl Qcow2 {
         self.lock()
             .map(|m| m.l2.heap_bytes() + m.rb.heap_bytes())
             .unwrap_or(0)
+    }
+
+    /// Heap bytes of the cached L2 tables or slices alone: at most their on-disk size each.
+    pub fn l2_cache_memory(&self) -> usize {
+        self.lock().map(|m| m.l2.heap_bytes()).unwrap_or(0)
     }
 
     /// Whether the image was opened read-only.

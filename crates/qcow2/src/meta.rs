@@ -50,8 +50,11 @@ pub struct Meta {
     pub l1: Vec<u64>,
     /// Range of L1 entries modified since the last write-back.
     pub l1_dirty: Option<(usize, usize)>,
-    /// Cached L2 tables.
+    /// Cached L2 tables, or slices of `l2_slice` bytes of them (keyed by host offset).
     pub l2: TableCache,
+    /// Bytes of one L2 cache entry (`l2-cache-entry-size`): the cluster size, or a power of
+    /// two from 512 below it.
+    pub l2_slice: usize,
     /// The refcount table (raw entries).
     pub rt: Vec<u64>,
     /// Range of refcount table entries modified since the last write-back.
@@ -116,9 +119,11 @@ impl Meta {
             writable,
             l1,
             l1_dirty: None,
-            l2: TableCache::new_sparse(
+            l2: TableCache::new_l2(
                 l2_tables_for_disk(r.size, geo).min(DEFAULT_L2_CACHE_MAX_BYTES / cs) as usize,
+                geo.cluster_bits,
             ),
+            l2_slice: cs as usize,
             rt,
             rt_dirty: None,
             rb: TableCache::new(DEFAULT_REFBLOCK_CACHE_TABLES),
@@ -281,13 +286,27 @@ impl Meta {
         Ok(())
     }
 
-    /// Ensure the L2 table at `off` is cached.
-    fn load_l2(&mut self, off: u64) -> Result<()> {
-        if self.l2.contains(off) {
+    /// The cache key (host offset of the slice) and the index in that slice of entry `idx` of
+    /// the L2 table at `off`.
+    pub fn l2_slice_of(&self, off: u64, idx: usize) -> (u64, usize) {
+        let per = self.l2_slice / 8;
+        (off + (idx / per * self.l2_slice) as u64, idx % per)
+    }
+
+    /// Cache keys of the slices of the L2 table at `off`.
+    fn l2_slice_keys(&self, off: u64) -> impl Iterator<Item = u64> {
+        let step = self.l2_slice as u64;
+        (0..self.geo.cluster_size() / step).map(move |k| off + k * step)
+    }
+
+    /// Ensure the L2 slice at `key` is cached.
+    fn load_l2(&mut self, key: u64) -> Result<()> {
+        if self.l2.contains(key) {
             return Ok(());
         }
         self.make_l2_room()?;
-        let mut data = vec![0u8; self.geo.cluster_size() as usize];
+        let off = key;
+        let mut data = vec![0u8; self.l2_slice];
         self.file.debug_event("l2_load");
         self.file
             .read_at(&mut data, off)
@@ -306,19 +325,48 @@ impl Meta {
                 .is_some_and(|e| e & COPIED != 0)
     }
 
-    /// A copy of the L2 table at `off`.
+    /// A copy of the L2 table at `off` (loading its slices into the cache).
     pub fn l2_table_copy(&mut self, off: u64) -> Result<Vec<u8>> {
-        self.load_l2(off)?;
-        self.l2
-            .get(off)
-            .map(|s| s.bytes().into_owned())
-            .ok_or_else(|| Error::new(ErrorKind::Io, "L2 table vanished from the cache"))
+        let mut out = Vec::with_capacity(self.geo.cluster_size() as usize);
+        for key in self.l2_slice_keys(off).collect::<Vec<_>>() {
+            self.load_l2(key)?;
+            let slot = self
+                .l2
+                .get(key)
+                .ok_or_else(|| Error::new(ErrorKind::Io, "L2 table vanished from the cache"))?;
+            out.extend_from_slice(&slot.bytes());
+        }
+        Ok(out)
     }
 
-    /// Put a new, dirty L2 table into the cache.
+    /// The L2 table at `off` as it is now, into `buf` (one cluster): the cached slices, the
+    /// file for the rest; nothing is loaded into the cache.
+    pub fn l2_table_peek(&mut self, off: u64, buf: &mut [u8]) -> Result<()> {
+        let keys: Vec<u64> = self.l2_slice_keys(off).collect();
+        if !keys.iter().all(|&k| self.l2.contains(k)) {
+            self.file
+                .read_at(buf, off)
+                .map_err(|e| Error::io(e, "reading an L2 table"))?;
+        }
+        for key in keys {
+            if let Some(slot) = self.l2.peek_mut(key) {
+                let at = (key - off) as usize;
+                buf[at..at + self.l2_slice].copy_from_slice(&slot.bytes());
+            }
+        }
+        Ok(())
+    }
+
+    /// Put a new, dirty L2 table (one cluster of bytes) into the cache, slice by slice.
     pub fn insert_l2(&mut self, off: u64, data: Vec<u8>) -> Result<()> {
-        self.make_l2_room()?;
-        self.l2.insert(off, data, true);
+        for (key, chunk) in self
+            .l2_slice_keys(off)
+            .zip(data.chunks(self.l2_slice))
+            .collect::<Vec<_>>()
+        {
+            self.make_l2_room()?;
+            self.l2.insert(key, chunk.to_vec(), true);
+        }
         Ok(())
     }
 
@@ -327,9 +375,9 @@ impl Meta {
         let Some(off) = self.l2_offset(self.geo.l1_index(gc))? else {
             return Ok(0);
         };
-        self.load_l2(off)?;
-        let idx = self.geo.l2_index(gc);
-        match self.l2.get(off) {
+        let (key, idx) = self.l2_slice_of(off, self.geo.l2_index(gc));
+        self.load_l2(key)?;
+        match self.l2.get(key) {
             Some(slot) => Ok(slot.u64_at(idx)),
             None => Err(Error::new(
                 ErrorKind::Io,
@@ -395,9 +443,19 @@ impl Meta {
         let c = self.alloc_clusters(1)?;
         let off = c << self.geo.cluster_bits;
         self.file.debug_event("l2_alloc_write");
-        self.make_l2_room()?;
-        self.l2
-            .insert(off, vec![0u8; self.geo.cluster_size() as usize], true);
+        let cs = self.geo.cluster_size() as usize;
+        if self.l2_slice == cs {
+            self.make_l2_room()?;
+            self.l2.insert(off, vec![0u8; cs], true);
+        } else {
+            // Slices: zero the whole table on disk now (the cluster is ours and nothing points
+            // at it yet); its slices are loaded when used. Slices of an earlier table in this
+            // cluster must not be written back over it.
+            for key in self.l2_slice_keys(off).collect::<Vec<_>>() {
+                self.l2.remove(key);
+            }
+            self.write_raw(&vec![0u8; cs], off, "a new L2 table")?;
+        }
         self.meta_clusters.insert(c);
         self.l1[i] = off | COPIED;
         widen(&mut self.l1_dirty, i, i + 1);
@@ -407,15 +465,21 @@ impl Meta {
     /// Set the raw L2 entry of `gc` (its L2 table must exist, see [`Meta::ensure_l2`]).
     pub fn set_l2_raw(&mut self, gc: GuestCluster, raw: u64) -> Result<()> {
         let off = self.ensure_l2(gc)?;
-        self.load_l2(off)?;
-        let idx = self.geo.l2_index(gc);
+        self.set_l2_table_entry(off, self.geo.l2_index(gc), raw)?;
+        self.note_l2_entry(raw);
+        Ok(())
+    }
+
+    /// Set raw entry `idx` of the L2 table at `off` in the cache (written back later).
+    pub fn set_l2_table_entry(&mut self, off: u64, idx: usize, raw: u64) -> Result<()> {
+        let (key, j) = self.l2_slice_of(off, idx);
+        self.load_l2(key)?;
         let slot = self
             .l2
-            .get(off)
+            .get(key)
             .ok_or_else(|| Error::new(ErrorKind::Io, "L2 table vanished from the cache"))?;
-        slot.set_u64(idx, raw);
-        slot.mark_dirty(idx * 8, idx * 8 + 8);
-        self.note_l2_entry(raw);
+        slot.set_u64(j, raw);
+        slot.mark_dirty(j * 8, j * 8 + 8);
         Ok(())
     }
 
@@ -449,9 +513,7 @@ impl Meta {
         };
         // Write whole 512-byte sectors.
         let (s, e) = (s & !511, e.div_ceil(512) * 512);
-        let data = slot.bytes();
-        let e = e.min(data.len());
-        let bytes = data[s..e].to_vec();
+        let bytes = slot.bytes_range(s, e);
         let what = if l2 {
             "an L2 table"
         } else {
@@ -555,6 +617,30 @@ impl Meta {
 }
 
 impl Meta {
+    /// Cache L2 slices of `bytes` (a power of two from 512 to the cluster size) instead of
+    /// the current size: mappings are written back and the L2 cache emptied first.
+    pub fn set_l2_slice_size(&mut self, bytes: usize) -> Result<()> {
+        let cs = self.geo.cluster_size() as usize;
+        if !(512..=cs).contains(&bytes) || !bytes.is_power_of_two() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "L2 cache entry size must be a power of two between 512 and the cluster \
+                     size ({cs})"
+                ),
+            ));
+        }
+        if bytes == self.l2_slice {
+            return Ok(());
+        }
+        if self.writable {
+            self.flush_mappings()?;
+        }
+        self.l2 = TableCache::new_l2(self.l2.capacity(), self.geo.cluster_bits);
+        self.l2_slice = bytes;
+        Ok(())
+    }
+
     /// Set the cache capacities (in tables), writing back and evicting what no longer fits.
     pub fn set_cache_capacity(&mut self, l2_tables: usize, refblocks: usize) -> Result<()> {
         self.l2.set_capacity(l2_tables);

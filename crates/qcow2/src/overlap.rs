@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 
 use crate::bitmaps::{BitmapEntry, FLAG_IN_USE};
-use crate::error::{invalid, Error, Result};
+use crate::error::{invalid, Result};
 use crate::header::BitmapsExt;
 use crate::mapping::{l1_l2_offset, L2Entry};
 use crate::meta::Meta;
@@ -182,18 +182,8 @@ impl Meta {
             let Ok(Some(off)) = l1_l2_offset(self.l1[i], g) else {
                 continue;
             };
-            let table: &[u8] = match self.l2.peek_mut(off.0) {
-                Some(slot) => {
-                    buf.copy_from_slice(&slot.bytes());
-                    &buf
-                }
-                None => {
-                    self.file
-                        .read_at(&mut buf, off.0)
-                        .map_err(|e| Error::io(e, "reading an L2 table"))?;
-                    &buf
-                }
-            };
+            self.l2_table_peek(off.0, &mut buf)?;
+            let table: &[u8] = &buf;
             for k in 0..g.l2_entries() as usize {
                 let (host, len) = match L2Entry::decode(be64_at(table, k), g) {
                     Ok(L2Entry::Data { host, .. }) => (host.0, cs),

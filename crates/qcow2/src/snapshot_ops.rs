@@ -196,13 +196,8 @@ impl Meta {
             if changes.is_empty() {
                 continue;
             }
-            let slot = self
-                .l2
-                .get(off)
-                .ok_or_else(|| Error::new(ErrorKind::Io, "L2 table vanished from the cache"))?;
             for (j, v) in changes {
-                slot.set_u64(j, v);
-                slot.mark_dirty(j * 8, j * 8 + 8);
+                self.set_l2_table_entry(off, j, v)?;
             }
         }
         Ok(())

@@ -108,3 +108,55 @@ fn scattered_writes_keep_l2_cache_memory_near_the_mapped_data() {
         }
     }
 }
+
+#[test]
+fn l2_cache_memory_stays_within_entries_times_entry_size() {
+    for slice in [512usize, 4096, 65536] {
+        let (mem, img) = image();
+        img.set_l2_slice_size(slice).expect("slice size");
+        img.set_cache_capacity(6, 4).expect("bound");
+        let bound = 6 * slice;
+        let check = |what: &str| {
+            let (held, used) = (img.cached_tables().0, img.l2_cache_memory());
+            assert!(
+                held <= 6 && used <= bound,
+                "{slice}-byte slices, {what}: {held} entries, {used} bytes > {bound}"
+            );
+        };
+        // Dense runs (every entry mapped), compressed (wide) entries, preallocated zeros and
+        // scattered single clusters, in several tables.
+        for t in 0..4u64 {
+            let base = t << 29;
+            img.write_at(&vec![0x11; 8 << 20], base).expect("dense run");
+            check("dense");
+            for k in 0..16u64 {
+                img.write_compressed(base + (16 << 20) + (k << 16), &[k as u8; 65536])
+                    .expect("compressed");
+            }
+            check("compressed");
+            img.write_zeroes(base, 1 << 20, false).expect("zeroes");
+            check("zeroes");
+            for k in 0..64u64 {
+                img.write_at(&[0x22; 512], base + (64 << 20) + (k << 21))
+                    .expect("scattered");
+            }
+            check("scattered");
+        }
+        img.close().expect("close");
+        let img = Qcow2::open(mem, OpenOptions { read_only: true }).expect("reopen");
+        for t in 0..4u64 {
+            let base = t << 29;
+            let mut buf = vec![0u8; 65536];
+            img.read_at(&mut buf, base).expect("read");
+            assert!(buf.iter().all(|&b| b == 0), "zeroed");
+            img.read_at(&mut buf, base + (2 << 20)).expect("read");
+            assert!(buf.iter().all(|&b| b == 0x11), "dense");
+            img.read_at(&mut buf, base + (16 << 20) + (5 << 16))
+                .expect("read");
+            assert!(buf.iter().all(|&b| b == 5), "compressed");
+            img.read_at(&mut buf[..512], base + (64 << 20) + (63 << 21))
+                .expect("read");
+            assert!(buf[..512].iter().all(|&b| b == 0x22), "scattered");
+        }
+    }
+}

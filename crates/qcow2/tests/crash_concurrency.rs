@@ -35,6 +35,16 @@ fn exact_bitmaps(done: &[(u64, u64)]) -> Vec<StoreBitmap> {
         .collect()
 }
 
+/// The base image, a recorder over it and the image opened on the recorder, bitmaps loaded.
+fn recorded_image() -> (Vec<u8>, Arc<Recorder>, Arc<Qcow2>) {
+    qcow2::dirty_log::set_region_bytes(REGION);
+    let base = base_image();
+    let rec = Arc::new(Recorder::new(base.clone()));
+    let img = Arc::new(Qcow2::open(rec.clone(), OpenOptions::default()).expect("open"));
+    img.load_bitmaps().expect("load");
+    (base, rec, img)
+}
+
 /// Every cut of `ops` twice: with only the flushed writes kept and with every write kept; and
 /// when the last write before the cut is a small one (a header), every way it can tear.
 /// Each state must open with consistent bitmaps holding the writes acknowledged before the cut.
@@ -92,11 +102,7 @@ fn wait_until_blocked(tid: u32) {
 /// it (in the suite's concurrent test below that interleaving happened about once in 30 runs).
 #[test]
 fn a_writer_racing_the_first_claim_after_a_checkpoint_leaves_the_bitmaps_covered() {
-    qcow2::dirty_log::set_region_bytes(REGION);
-    let base = base_image();
-    let rec = Arc::new(Recorder::new(base.clone()));
-    let img = Arc::new(Qcow2::open(rec.clone(), OpenOptions::default()).expect("open"));
-    img.load_bitmaps().expect("load");
+    let (base, rec, img) = recorded_image();
     let mut acked: Vec<Acked> = Vec::new();
     img.write_at(&[1u8; 4096], 0).expect("write");
     acked.push((rec.len(), 0, 4096));
@@ -152,11 +158,7 @@ fn a_writer_racing_the_first_claim_after_a_checkpoint_leaves_the_bitmaps_covered
 /// mix of old and new header sectors pairs the old (in use) directory with an emptied log.
 #[test]
 fn every_cut_around_checkpoints_including_torn_header_writes_keeps_bitmaps_consistent() {
-    qcow2::dirty_log::set_region_bytes(REGION);
-    let base = base_image();
-    let rec = Arc::new(Recorder::new(base.clone()));
-    let img = Qcow2::open(rec.clone(), OpenOptions::default()).expect("open");
-    img.load_bitmaps().expect("load");
+    let (base, rec, img) = recorded_image();
     let mut acked: Vec<Acked> = Vec::new();
     for k in 0..4u64 {
         for j in 0..3u64 {
@@ -178,11 +180,7 @@ fn every_cut_around_checkpoints_including_torn_header_writes_keeps_bitmaps_consi
 /// before the data is written.
 #[test]
 fn compressed_writes_are_marked_before_they_land() {
-    qcow2::dirty_log::set_region_bytes(REGION);
-    let base = base_image();
-    let rec = Arc::new(Recorder::new(base.clone()));
-    let img = Qcow2::open(rec.clone(), OpenOptions::default()).expect("open");
-    img.load_bitmaps().expect("load");
+    let (base, rec, img) = recorded_image();
     let mut acked: Vec<Acked> = Vec::new();
     let mut rng = Rng(7);
     for k in 0..6u64 {
@@ -200,11 +198,7 @@ fn compressed_writes_are_marked_before_they_land() {
 
 #[test]
 fn concurrent_writers_sharing_mark_flushes_lose_no_acknowledged_write_at_a_power_cut() {
-    qcow2::dirty_log::set_region_bytes(REGION);
-    let base = base_image();
-    let rec = Arc::new(Recorder::new(base.clone()));
-    let img = Arc::new(Qcow2::open(rec.clone(), OpenOptions::default()).expect("open"));
-    img.load_bitmaps().expect("load");
+    let (base, rec, img) = recorded_image();
     let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
     for phase in 0..4u64 {
         let threads: Vec<_> = (0..4u64)
@@ -233,25 +227,8 @@ fn concurrent_writers_sharing_mark_flushes_lose_no_acknowledged_write_at_a_power
                 .iter()
                 .map(|a| (a.1, a.2))
                 .collect();
-            let list: Vec<StoreBitmap> = BITMAPS
-                .iter()
-                .map(|(n, g, r)| {
-                    let mut bits = vec![false; DISK.div_ceil(*g) as usize];
-                    if *r {
-                        for &(o, l) in &done {
-                            mark(&mut bits, *g, o, l);
-                        }
-                    }
-                    StoreBitmap {
-                        name: n.to_string(),
-                        granularity: *g,
-                        auto: *r,
-                        inconsistent_keep_in_use: false,
-                        data: to_bytes(&bits),
-                    }
-                })
-                .collect();
-            img.store_bitmaps(&list, false).expect("checkpoint");
+            img.store_bitmaps(&exact_bitmaps(&done), false)
+                .expect("checkpoint");
             img.flush().expect("flush");
         }
     }

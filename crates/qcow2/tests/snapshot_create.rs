@@ -451,3 +451,38 @@ fn a_large_snapshot_table_reads_back_whole() {
     assert_eq!(q.len(), 199);
     assert!(!q.contains(&names[99]));
 }
+
+#[test]
+fn snapshots_with_a_cache_of_small_l2_slices() {
+    // Unsharing copies L2 tables through the cache and deleting the last snapshot rewrites
+    // COPIED flags: with 512-byte slices and a cache of three, every table spans many slices.
+    let dir = TempDir::new("snapslice");
+    let path = dir.path("s.qcow2");
+    qemu_create(&path, "cluster_size=4096", "6M");
+    qemu_io(&path, &["write -P 0x11 0 2M", "write -c -P 0x33 3M 64k"]);
+    let mut shadow = to_raw(&dir, &path);
+    let img = open(&path, true);
+    img.set_l2_slice_size(512).expect("slices");
+    img.set_cache_capacity(3, 4).expect("capacity");
+    let mut rng = Rng(17);
+    fill(&img, &mut shadow, &mut rng, 100, 0x40);
+    let s1 = shadow.clone();
+    img.create_snapshot("first", when(100)).expect("create");
+    fill(&img, &mut shadow, &mut rng, 150, 0x80);
+    assert_same(&read_all(&img, 1 << 20), &shadow, "active layer (ours)");
+    img.close().expect("close");
+    assert_check_clean(&path);
+    assert_same(&to_raw(&dir, &path), &shadow, "active layer");
+    assert_same(&qemu_snapshot_content(&dir, &path, "first"), &s1, "first");
+    let img = open(&path, true);
+    img.set_l2_slice_size(1024).expect("slices");
+    img.set_cache_capacity(2, 4).expect("capacity");
+    img.delete_snapshot(None, Some("first"))
+        .expect("delete")
+        .expect("found");
+    fill(&img, &mut shadow, &mut rng, 50, 0x20);
+    img.close().expect("close");
+    assert_check_clean(&path);
+    assert!(qemu_list(&path).is_empty());
+    assert_same(&to_raw(&dir, &path), &shadow, "active layer after delete");
+}

@@ -85,11 +85,19 @@ fn roundtrip(opts: CreateOptions, seed: u64, ops: usize) {
     if !have_qemu() {
         return;
     }
+    roundtrip_with(opts, seed, ops, |_, _| {});
+}
+
+/// [`roundtrip`] with `setup(image, half)` called before the ops (0) and halfway (1).
+fn roundtrip_with(opts: CreateOptions, seed: u64, ops: usize, setup: impl Fn(&Qcow2, u32)) {
     let dir = TempDir::new("rt");
     let path = dir.path("a.qcow2");
     let img = create(&path, &opts);
     let mut shadow = vec![0u8; opts.size as usize];
-    random_ops(&img, &mut shadow, seed, ops);
+    setup(&img, 0);
+    random_ops(&img, &mut shadow, seed, ops / 2);
+    setup(&img, 1);
+    random_ops(&img, &mut shadow, seed + 1000, ops - ops / 2);
     assert_same(&read_all(&img, 1 << 20), &shadow, "full read before close");
     img.close().expect("close");
     verify(&dir, &path, &shadow);
@@ -100,6 +108,32 @@ fn roundtrip(opts: CreateOptions, seed: u64, ops: usize) {
         &shadow,
         "full read after reopen",
     );
+}
+
+#[test]
+fn l2_cache_slices_random_writes_zeroes_discards_match_raw() {
+    // QEMU's l2-cache-entry-size: slices from 512 bytes, a cache of a few slices so they are
+    // evicted and written back all the time; halfway the slice size changes on the open image.
+    for (cluster_size, size, first, second, seed) in [
+        (65536u64, 48u64 << 20, 512usize, 4096usize, 21u64),
+        (4096, 24 << 20, 512, 2048, 22),
+        (65536, 48 << 20, 16384, 512, 23),
+    ] {
+        roundtrip_with(
+            CreateOptions {
+                size,
+                cluster_size,
+                ..Default::default()
+            },
+            seed,
+            400,
+            |img, half| {
+                let bytes = if half == 0 { first } else { second };
+                img.set_l2_slice_size(bytes).expect("slice size");
+                img.set_cache_capacity(3, 4).expect("capacity");
+            },
+        );
+    }
 }
 
 #[test]

@@ -164,9 +164,7 @@ impl Qcow2Driver {
     ) -> Result<Qcow2Driver, String> {
         let image = Arc::new(open_image(&file, true).map_err(|e| e.to_string())?);
         let plan = cache.plan(image.virtual_size(), image.cluster_size())?;
-        image
-            .set_cache_capacity(plan.l2_tables, plan.refcount_tables)
-            .map_err(|e| e.to_string())?;
+        plan.apply(&image).map_err(|e| e.to_string())?;
         let cleaner = CacheCleaner::start(&image, plan.clean_interval);
         let corruption = CorruptionReport {
             node_name: name.to_string(),
@@ -201,7 +199,7 @@ impl Qcow2Driver {
             old.flush()?;
         }
         let image = Arc::new(open_image(&self.file, read_only)?);
-        image.set_cache_capacity(self.cache.l2_tables, self.cache.refcount_tables)?;
+        self.cache.apply(&image)?;
         if let Some(b) = self
             .backing
             .read()

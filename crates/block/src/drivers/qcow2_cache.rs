@@ -2,9 +2,16 @@
 //! `refcount-cache-size`, `cache-clean-interval`) with QEMU's semantics, defaults and
 //! error texts, and the timer thread that drops idle cache entries.
 //!
-//! The L2 cache holds whole tables: a byte budget is turned into a number of tables (at least
-//! two). `l2-cache-entry-size` is validated as QEMU does (same texts); a valid value other than
-//! the cluster size, which QEMU would honour with smaller cache entries, is refused.
+//! How the L2 budget maps onto blockd's cache (QEMU's `l2-cache-size` is the bytes of its cache
+//! of L2 slices, each `l2-cache-entry-size` bytes; blockd keeps each cached table or slice in a
+//! compact form that never takes more than its on-disk size, see `qcow2::l2table`):
+//! - An explicit `l2-cache-size` or `cache-size` (and any explicit `l2-cache-entry-size`): the
+//!   cache has QEMU's geometry exactly, the same number of entries of the same size (slices of
+//!   4 KiB where QEMU picks them). The table data held is then at most what QEMU's cache holds,
+//!   `max(l2-cache-size, 2 entries)` bytes, and usually much less.
+//! - All defaults: whole tables, as many as QEMU's default cache (32 MiB at most) covers in
+//!   QEMU's units: `bytes / cluster size` tables (at least two) map the same guest range as
+//!   QEMU's `bytes / 4 KiB` slices. The bytes held are again at most the budget.
 
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
@@ -39,8 +46,10 @@ pub struct Qcow2CacheOptions {
 /// The caches to set up for one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CachePlan {
-    /// L2 tables held at most.
-    pub l2_tables: usize,
+    /// L2 cache entries (tables or slices) held at most.
+    pub l2_entries: usize,
+    /// Bytes of one L2 cache entry: the cluster size (whole tables) or a slice.
+    pub l2_entry_size: usize,
     /// Refcount blocks held at most.
     pub refcount_tables: usize,
     /// Seconds between drops of idle entries (0: never).
@@ -108,14 +117,6 @@ impl Qcow2CacheOptions {
                 "L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"
             ));
         }
-        if entry_set.is_some_and(|e| e != cs) {
-            // QEMU caches L2 slices of this size; blockd's cache holds whole tables, and
-            // accepting the value without honouring it would misstate the memory bound.
-            return Err(format!(
-                "l2-cache-entry-size other than the cluster size ({cs}) is not supported by \
-                 blockd: its L2 cache holds whole tables"
-            ));
-        }
         let l2_entries = (l2 / entry).max(MIN_L2_ENTRIES);
         if l2_entries > i32::MAX as u64 {
             return Err("L2 cache size too big".into());
@@ -131,13 +132,35 @@ impl Qcow2CacheOptions {
         if clean > u32::MAX as u64 {
             return Err("Cache clean interval too big".into());
         }
-        // Whole tables: the byte budget of the entries, at least two tables.
-        let l2_tables = (l2_entries.saturating_mul(entry) / cs).clamp(2, l2_entries);
+        let explicit = combined.is_some() || l2_set.is_some() || entry_set.is_some();
+        let (l2_entries, entry) = if explicit {
+            (l2_entries, entry)
+        } else {
+            // Defaults: whole tables covering what QEMU's slices cover, at least two.
+            (
+                (l2_entries.saturating_mul(entry) / cs).clamp(2, l2_entries),
+                cs,
+            )
+        };
         Ok(CachePlan {
-            l2_tables: l2_tables as usize,
+            l2_entries: l2_entries as usize,
+            l2_entry_size: entry as usize,
             refcount_tables: rc_tables as usize,
             clean_interval: clean,
         })
+    }
+}
+
+impl CachePlan {
+    /// Set up `image`'s caches by this plan.
+    pub fn apply(&self, image: &Qcow2) -> qcow2::Result<()> {
+        image.set_l2_slice_size(self.l2_entry_size)?;
+        image.set_cache_capacity(self.l2_entries, self.refcount_tables)
+    }
+
+    /// The most bytes of L2 table data the cache holds under this plan.
+    pub fn l2_bound(&self) -> usize {
+        self.l2_entries.max(2) * self.l2_entry_size
     }
 }
 
@@ -226,13 +249,60 @@ mod tests {
     }
 
     #[test]
+    fn the_l2_table_data_held_stays_within_the_planned_bytes() {
+        // A 1 TiB image, scattered writes over 64 L2 tables, dense runs in a few: the default
+        // plan (whole tables), an explicit l2-cache-size (QEMU's 4 KiB slices) and 512-byte
+        // entries; the bytes held never exceed the plan's bound.
+        let opts = [
+            Qcow2CacheOptions::default(),
+            Qcow2CacheOptions {
+                l2_cache_size: Some(64 << 10),
+                ..Default::default()
+            },
+            Qcow2CacheOptions {
+                l2_cache_size: Some(32 << 10),
+                l2_cache_entry_size: Some(512),
+                ..Default::default()
+            },
+        ];
+        for o in opts {
+            let mem = Arc::new(qcow2::MemStorage::new());
+            let create = qcow2::CreateOptions {
+                size: 1 << 40,
+                ..Default::default()
+            };
+            Qcow2::create(mem.as_ref(), &create).expect("create");
+            let image = Qcow2::open(mem, qcow2::OpenOptions::default()).expect("open");
+            let p = o.plan(1 << 40, 65536).expect("plan");
+            p.apply(&image).expect("apply");
+            for t in 0..64u64 {
+                for k in 0..32u64 {
+                    let off = (t << 34) + (k << 24);
+                    image.write_at(&[t as u8 | 1; 4096], off).expect("write");
+                }
+                if t % 16 == 0 {
+                    image.write_at(&vec![3; 4 << 20], t << 34).expect("run");
+                }
+                let (held, bytes) = (image.cached_tables().0, image.l2_cache_memory());
+                assert!(
+                    held <= p.l2_entries && bytes <= p.l2_bound(),
+                    "{o:?}: {held} entries, {bytes} bytes, plan {p:?}"
+                );
+            }
+            image.close().expect("close");
+        }
+    }
+
+    #[test]
     fn defaults_cover_the_disk_up_to_32_mib_with_four_refcount_blocks() {
         let small = plan(Qcow2CacheOptions::default(), GIB).expect("ok");
         // 1 GiB: 16384 entries = 128 KiB of L2 = 2 tables.
-        assert_eq!((small.l2_tables, small.refcount_tables), (2, 4));
-        assert_eq!(small.clean_interval, 600);
+        assert_eq!((small.l2_entries, small.refcount_tables), (2, 4));
+        assert_eq!((small.l2_entry_size, small.clean_interval), (65536, 600));
         let big = plan(Qcow2CacheOptions::default(), 1 << 40).expect("ok");
-        assert_eq!(big.l2_tables, 512, "32 MiB of 64 KiB tables");
+        // QEMU: 8192 slices of 4 KiB (32 MiB); blockd: whole tables covering the same 256 GiB.
+        assert_eq!((big.l2_entries, big.l2_entry_size), (512, 65536));
+        assert_eq!(big.l2_bound(), 32 << 20);
     }
 
     #[test]
@@ -244,7 +314,16 @@ mod tests {
         let p = plan(o, 1 << 40).expect("ok");
         // Not enough for the whole disk: 4 refcount blocks (256 KiB), the rest L2.
         assert_eq!(p.refcount_tables, 4);
-        assert_eq!(p.l2_tables, ((4 << 20) - (256 << 10)) / 65536);
+        // Explicit: QEMU's geometry, 4 KiB slices as the cache does not cover the disk.
+        assert_eq!(p.l2_entries, ((4 << 20) - (256 << 10)) / 4096);
+        assert_eq!(p.l2_entry_size, 4096);
+        assert_eq!(p.l2_bound(), (4 << 20) - (256 << 10));
+        let tiny = Qcow2CacheOptions {
+            l2_cache_size: Some(1),
+            ..Default::default()
+        };
+        let t = plan(tiny, 1 << 40).expect("ok");
+        assert_eq!((t.l2_entries, t.l2_entry_size), (2, 4096), "QEMU's minimum");
     }
 
     #[test]
@@ -293,11 +372,11 @@ mod tests {
                 "L2 cache entry size must be a power of two between 512 and the cluster size (65536)"
             );
         }
-        assert_eq!(
-            err(entry(4096)),
-            "l2-cache-entry-size other than the cluster size (65536) is not supported by blockd: \
-             its L2 cache holds whole tables"
-        );
+        let p = plan(entry(4096), GIB).expect("slices honoured");
+        // 1 GiB: QEMU's cache covers the disk, 128 KiB in 4 KiB slices.
+        assert_eq!((p.l2_entries, p.l2_entry_size), (32, 4096));
+        let p = plan(entry(512), 1 << 40).expect("slices honoured");
+        assert_eq!((p.l2_entries, p.l2_entry_size), ((32 << 20) / 512, 512));
         assert!(plan(entry(65536), GIB).is_ok());
     }
 }

@@ -1,7 +1,6 @@
 //! qcow2 chain files through our own format library (crates/qcow2): create an incremental
 //! backed by its parent, write extents, open a whole chain to read a point in time, hash.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -201,29 +200,74 @@ pub fn digest(algo: HashAlgo, hashes: &[[u8; 32]]) -> String {
     hex(&h.finalize())
 }
 
-/// Hash of one chunk `i` of `img`, read back (an all-zero chunk skips the hashing).
-fn chunk_hash(
-    img: &Qcow2,
-    algo: HashAlgo,
-    i: usize,
-    buf: &mut [u8],
-    zero: &mut Option<[u8; 32]>,
-) -> Result<[u8; 32]> {
-    let size = img.virtual_size();
-    let start = i as u64 * HASH_CHUNK;
-    let end = (start + HASH_CHUNK).min(size);
-    let b = &mut buf[..(end - start) as usize];
-    img.read_at(b, start)?;
-    if end - start == HASH_CHUNK && b.iter().all(|&x| x == 0) {
-        return Ok(*zero.get_or_insert_with(|| algo.digest(b)));
-    }
-    Ok(algo.digest(b))
+/// Threads for hashing passes after the copy (the daemon is idle by then).
+fn hash_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
+
+/// Hashes of the chunks `idx` (ascending) of `img`, read back through the chain on all
+/// cores; runs of consecutive chunks are read [`READ_RUN`] chunks at a time, and an all-zero
+/// chunk reuses the zero chunk's hash.
+fn chunk_hashes(img: &Qcow2, algo: HashAlgo, idx: &[usize]) -> Result<Vec<[u8; 32]>> {
+    let size = img.virtual_size();
+    let zero = algo.digest(&vec![0u8; HASH_CHUNK as usize]);
+    let per = idx.len().div_ceil(hash_threads()).max(1);
+    let parts: Vec<Result<Vec<[u8; 32]>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = idx
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || -> Result<Vec<[u8; 32]>> {
+                    let mut out = Vec::with_capacity(part.len());
+                    let mut buf = vec![0u8; (READ_RUN * HASH_CHUNK) as usize];
+                    let mut rest = part;
+                    while let Some(&first) = rest.first() {
+                        let run = rest
+                            .iter()
+                            .enumerate()
+                            .take(READ_RUN as usize)
+                            .take_while(|&(k, &i)| i == first + k)
+                            .count();
+                        let start = first as u64 * HASH_CHUNK;
+                        let end = ((first + run) as u64 * HASH_CHUNK).min(size);
+                        let b = &mut buf[..(end - start) as usize];
+                        img.read_at(b, start)?;
+                        for c in b.chunks(HASH_CHUNK as usize) {
+                            let all_zero =
+                                c.len() as u64 == HASH_CHUNK && c.iter().all(|&x| x == 0);
+                            out.push(if all_zero { zero } else { algo.digest(c) });
+                        }
+                        rest = &rest[run..];
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::new(
+                        crate::error::Kind::Io,
+                        "a hashing thread panicked",
+                    ))
+                })
+            })
+            .collect()
+    });
+    let mut out = Vec::with_capacity(idx.len());
+    for p in parts {
+        out.extend(p?);
+    }
+    Ok(out)
+}
+
+/// Chunks read back in one request by [`chunk_hashes`] (4 MiB).
+const READ_RUN: u64 = 64;
 
 /// Chunk hashes of the point `img` (a chain's top). With the previous point's hashes `prev`,
 /// only chunks that `img`'s own file allocates (what this backup wrote) are rehashed. `known`
 /// has the hashes of chunks the copy read whole (the content of the point there); the other
-/// chunks needed are read back through the chain.
+/// chunks needed are read back through the chain, on all cores.
 pub fn point_hashes(
     img: &Qcow2,
     algo: HashAlgo,
@@ -233,28 +277,27 @@ pub fn point_hashes(
     let size = img.virtual_size();
     let n = size.div_ceil(HASH_CHUNK) as usize;
     let known_at = |i: usize| known.and_then(|k| k.get(i).copied().flatten());
-    let mut buf = vec![0u8; HASH_CHUNK as usize];
-    let mut zero = None;
-    let mut hashes = match prev {
-        Some(p) if p.len() == n => p,
-        _ if known.is_some() => {
-            return (0..n)
-                .map(|i| match known_at(i) {
-                    Some(h) => Ok(h),
-                    None => chunk_hash(img, algo, i, &mut buf, &mut zero),
-                })
-                .collect();
-        }
-        _ => {
-            let mut h = ContentHasher::new(algo);
-            read_all(img, |_, b| {
-                h.update(b);
-                Ok(())
-            })?;
-            return Ok(h.finish().1);
-        }
+    let (mut hashes, touched) = match prev {
+        Some(p) if p.len() == n => (p, touched_chunks(img, n)?),
+        _ => (vec![[0u8; 32]; n], vec![true; n]),
     };
-    // The chunks this image's own file allocates (data or zero clusters) changed.
+    let mut todo = Vec::new();
+    for (i, slot) in hashes.iter_mut().enumerate().filter(|(i, _)| touched[*i]) {
+        match known_at(i) {
+            Some(h) => *slot = h,
+            None => todo.push(i),
+        }
+    }
+    for (i, h) in todo.iter().zip(chunk_hashes(img, algo, &todo)?) {
+        hashes[*i] = h;
+    }
+    Ok(hashes)
+}
+
+/// Which of the `n` hash chunks of `img` its own file allocates (data or zero clusters):
+/// what changed since its backing file's point.
+fn touched_chunks(img: &Qcow2, n: usize) -> Result<Vec<bool>> {
+    let size = img.virtual_size();
     let mut touched = vec![false; n];
     let mut off = 0u64;
     while off < size {
@@ -269,33 +312,137 @@ pub fn point_hashes(
         }
         off += len;
     }
-    for (i, slot) in hashes.iter_mut().enumerate().filter(|(i, _)| touched[*i]) {
-        *slot = match known_at(i) {
-            Some(h) => h,
-            None => chunk_hash(img, algo, i, &mut buf, &mut zero)?,
-        };
-    }
-    Ok(hashes)
+    Ok(touched)
 }
 
-/// Checksum (`algo`) and length of a file's bytes.
+/// Checksum (`algo`) and length of a file's bytes. BLAKE3 is a tree hash: the file is cut
+/// along the tree's own subtree boundaries and the pieces hashed on all cores, which gives
+/// exactly the hash of one sequential pass.
 pub fn file_checksum(path: &Path, algo: HashAlgo) -> Result<(String, u64)> {
-    let mut f = std::fs::File::open(path)
+    let f = std::fs::File::open(path)
         .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
-    let mut h = algo.hasher();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        total += n as u64;
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io(e, format!("reading {}", path.display())))?
+        .len();
+    let hash = match algo {
+        HashAlgo::Blake3 => blake3_file(&f, len, TREE_LEAF, hash_threads()),
+        HashAlgo::Sha256 => sequential_hash(&f, algo, len),
     }
-    Ok((hex(&h.finalize()), total))
+    .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
+    Ok((hex(&hash), len))
+}
+
+/// Largest piece of a file one thread hashes at a time in [`blake3_file`].
+const TREE_LEAF: u64 = 64 << 20;
+
+/// Hash `len` bytes of `f` in one pass (a file that ends early is an error).
+fn sequential_hash(f: &std::fs::File, algo: HashAlgo, len: u64) -> std::io::Result<[u8; 32]> {
+    let mut h = algo.hasher();
+    read_range(f, 0, len, |b| h.update(b))?;
+    Ok(h.finalize())
+}
+
+/// Feed bytes `off..off + len` of `f` to `feed` in 1 MiB pieces.
+fn read_range(
+    f: &std::fs::File,
+    off: u64,
+    len: u64,
+    mut feed: impl FnMut(&[u8]),
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; (1u64 << 20).min(len.max(1)) as usize];
+    let mut at = off;
+    while at < off + len {
+        let n = (off + len - at).min(buf.len() as u64) as usize;
+        f.read_exact_at(&mut buf[..n], at)?;
+        feed(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// BLAKE3 of the first `len` bytes of `f`, its subtrees of at most `leaf` bytes hashed on
+/// `threads` threads and merged as the BLAKE3 tree does.
+fn blake3_file(
+    f: &std::fs::File,
+    len: u64,
+    leaf: u64,
+    threads: usize,
+) -> std::io::Result<[u8; 32]> {
+    use blake3::hazmat::{
+        left_subtree_len, merge_subtrees_non_root, merge_subtrees_root, HasherExt, Mode,
+    };
+    let leaf = leaf.max(blake3::CHUNK_LEN as u64);
+    if len <= leaf || threads <= 1 {
+        return sequential_hash(f, HashAlgo::Blake3, len);
+    }
+    // The leaves in order: subtrees split at the tree's own boundaries down to `leaf` bytes.
+    fn leaves(off: u64, len: u64, leaf: u64, out: &mut Vec<(u64, u64)>) {
+        if len <= leaf {
+            out.push((off, len));
+        } else {
+            let l = left_subtree_len(len);
+            leaves(off, l, leaf, out);
+            leaves(off + l, len - l, leaf, out);
+        }
+    }
+    let l = left_subtree_len(len);
+    let mut list = Vec::new();
+    leaves(0, l, leaf, &mut list);
+    leaves(l, len - l, leaf, &mut list);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let cvs: Vec<std::sync::Mutex<Option<[u8; 32]>>> =
+        list.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|s| -> std::io::Result<()> {
+        let workers: Vec<_> = (0..threads.min(list.len()))
+            .map(|_| {
+                s.spawn(|| -> std::io::Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&(off, n)) = list.get(i) else {
+                            return Ok(());
+                        };
+                        let mut h = blake3::Hasher::new();
+                        h.set_input_offset(off);
+                        read_range(f, off, n, |b| {
+                            h.update(b);
+                        })?;
+                        if let Ok(mut slot) = cvs[i].lock() {
+                            *slot = Some(h.finalize_non_root());
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("a hashing thread panicked")))?;
+        }
+        Ok(())
+    })?;
+    let mut cvs = cvs
+        .into_iter()
+        .map(|m| m.into_inner().ok().flatten())
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| std::io::Error::other("a piece of the file was not hashed"))?
+        .into_iter();
+    // Merge along the same splits.
+    fn merge(len: u64, leaf: u64, cvs: &mut impl Iterator<Item = [u8; 32]>) -> Option<[u8; 32]> {
+        if len <= leaf {
+            return cvs.next();
+        }
+        let l = left_subtree_len(len);
+        let a = merge(l, leaf, cvs)?;
+        let b = merge(len - l, leaf, cvs)?;
+        Some(merge_subtrees_non_root(&a, &b, Mode::Hash))
+    }
+    let a = merge(l, leaf, &mut cvs);
+    let b = merge(len - l, leaf, &mut cvs);
+    match (a, b) {
+        (Some(a), Some(b)) => Ok(*merge_subtrees_root(&a, &b, Mode::Hash).as_bytes()),
+        _ => Err(std::io::Error::other("a piece of the file was not hashed")),
+    }
 }
 
 /// Lower-case hex.
@@ -332,6 +479,45 @@ mod tests {
             hex(&HashAlgo::Blake3.digest(b"")),
             "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
         );
+    }
+
+    #[test]
+    fn parallel_file_checksum_equals_one_sequential_blake3() {
+        let dir = std::env::temp_dir().join(format!("bb-chain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f");
+        let data: Vec<u8> = (0..(5u64 << 20) + 12_345)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in [0usize, 1, 1024, 1025, 4096, 3 << 20, data.len()] {
+            std::fs::write(&p, &data[..len]).unwrap();
+            let f = std::fs::File::open(&p).unwrap();
+            let want = *blake3::hash(&data[..len]).as_bytes();
+            for (leaf, threads) in [(1024, 3), (64 << 10, 2), (1 << 20, 4), (TREE_LEAF, 2)] {
+                assert_eq!(
+                    blake3_file(&f, len as u64, leaf, threads).unwrap(),
+                    want,
+                    "len {len} leaf {leaf} threads {threads}"
+                );
+            }
+            let (sum, n) = file_checksum(&p, HashAlgo::Blake3).unwrap();
+            assert_eq!((sum, n), (hex(&want), len as u64));
+        }
+        // One flipped byte in any piece changes the checksum (what `verify` relies on).
+        let (good, _) = file_checksum(&p, HashAlgo::Blake3).unwrap();
+        for at in [0, 1 << 20, (4 << 20) + 5, data.len() - 1] {
+            let mut bad = data.clone();
+            bad[at] ^= 0x01;
+            std::fs::write(&p, &bad).unwrap();
+            let f = std::fs::File::open(&p).unwrap();
+            let got = blake3_file(&f, bad.len() as u64, 1 << 20, 2).unwrap();
+            assert_ne!(hex(&got), good, "byte {at}");
+        }
+        // A file shorter than the length asked for is an error, not a hash of less.
+        std::fs::write(&p, &data).unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        assert!(blake3_file(&f, data.len() as u64 + 1, 1 << 20, 2).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -383,7 +383,7 @@ impl Run<'_, '_> {
             // The file's checksum and the point's content hashes are independent passes (each
             // a full read and hash of the disk after a push): run them side by side.
             let (file_sum, hashes) = std::thread::scope(|s| {
-                let f = s.spawn(|| chain::file_checksum(path, HashAlgo::NEW));
+                let f = s.spawn(|| chain::own_file_checksum(path, HashAlgo::NEW));
                 let h = chain::open_chain(&paths)
                     .and_then(|pt| chain::point_hashes(&pt, HashAlgo::NEW, prev, k));
                 (f.join(), h)

@@ -325,30 +325,106 @@ pub fn file_checksum(path: &Path, algo: HashAlgo) -> Result<(String, u64)> {
         .metadata()
         .map_err(|e| Error::io(e, format!("reading {}", path.display())))?
         .len();
+    let read = |off: u64, n: u64, feed: &mut dyn FnMut(&[u8])| read_range(&f, off, n, feed);
     let hash = match algo {
-        HashAlgo::Blake3 => blake3_file(&f, len, TREE_LEAF, hash_threads()),
-        HashAlgo::Sha256 => sequential_hash(&f, algo, len),
+        HashAlgo::Blake3 => blake3_tree(len, TREE_LEAF, hash_threads(), &read),
+        HashAlgo::Sha256 => {
+            let mut h = algo.hasher();
+            read(0, len, &mut |b| h.update(b)).map(|()| h.finalize())
+        }
     }
     .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
     Ok((hex(&hash), len))
 }
 
-/// Largest piece of a file one thread hashes at a time in [`blake3_file`].
-const TREE_LEAF: u64 = 64 << 20;
-
-/// Hash `len` bytes of `f` in one pass (a file that ends early is an error).
-fn sequential_hash(f: &std::fs::File, algo: HashAlgo, len: u64) -> std::io::Result<[u8; 32]> {
-    let mut h = algo.hasher();
-    read_range(f, 0, len, |b| h.update(b))?;
-    Ok(h.finalize())
+/// [`file_checksum`] of a file this run wrote and holds the repository lock for: BLAKE3 is
+/// hashed from a read-only mapping of the file, so its bytes are not copied once more (a
+/// mapped file cut short under us would fault, which only a writer ignoring the lock can do).
+pub fn own_file_checksum(path: &Path, algo: HashAlgo) -> Result<(String, u64)> {
+    if algo != HashAlgo::Blake3 {
+        return file_checksum(path, algo);
+    }
+    let f = std::fs::File::open(path)
+        .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io(e, format!("reading {}", path.display())))?
+        .len();
+    let Some(map) = Mapped::new(&f, len) else {
+        return file_checksum(path, HashAlgo::Blake3);
+    };
+    let bytes = map.bytes();
+    let read = |off: u64, n: u64, feed: &mut dyn FnMut(&[u8])| {
+        let piece = usize::try_from(off)
+            .ok()
+            .zip(usize::try_from(off + n).ok())
+            .and_then(|(a, b)| bytes.get(a..b))
+            .ok_or_else(|| std::io::Error::other("range outside the mapped file"))?;
+        for b in piece.chunks(1 << 20) {
+            feed(b);
+        }
+        Ok(())
+    };
+    let hash = blake3_tree(len, TREE_LEAF, hash_threads(), &read)
+        .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
+    Ok((hex(&hash), len))
 }
 
-/// Feed bytes `off..off + len` of `f` to `feed` in 1 MiB pieces.
+/// A read-only shared mapping of a whole file, unmapped on drop.
+struct Mapped {
+    /// Start of the mapping.
+    ptr: *mut libc::c_void,
+    /// Its length in bytes.
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value; `&Mapped` only hands out `&[u8]`.
+unsafe impl Sync for Mapped {}
+
+impl Mapped {
+    /// Map `len` bytes of `f` (None if empty or the mapping fails: read it instead).
+    fn new(f: &std::fs::File, len: u64) -> Option<Mapped> {
+        use std::os::fd::AsRawFd;
+        let len = usize::try_from(len).ok().filter(|&l| l > 0)?;
+        // SAFETY: a fresh read-only mapping of an open file descriptor; the kernel picks the
+        // address, and the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        (ptr != libc::MAP_FAILED).then_some(Mapped { ptr, len })
+    }
+
+    /// The file's bytes.
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes for as long as `self` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping made in `new`, once.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// Largest piece of a file one thread hashes at a time in [`blake3_tree`].
+const TREE_LEAF: u64 = 64 << 20;
+
+/// Feed bytes `off..off + len` of `f` to `feed` in 1 MiB pieces (a file that ends early is
+/// an error).
 fn read_range(
     f: &std::fs::File,
     off: u64,
     len: u64,
-    mut feed: impl FnMut(&[u8]),
+    feed: &mut dyn FnMut(&[u8]),
 ) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; (1u64 << 20).min(len.max(1)) as usize];
@@ -362,20 +438,27 @@ fn read_range(
     Ok(())
 }
 
-/// BLAKE3 of the first `len` bytes of `f`, its subtrees of at most `leaf` bytes hashed on
-/// `threads` threads and merged as the BLAKE3 tree does.
-fn blake3_file(
-    f: &std::fs::File,
+/// Reads bytes `off..off + len` of the input, feeding them in order.
+type ReadRange<'a> = dyn Fn(u64, u64, &mut dyn FnMut(&[u8])) -> std::io::Result<()> + Sync + 'a;
+
+/// BLAKE3 of `len` bytes given by `read`: subtrees of at most `leaf` bytes are hashed on
+/// `threads` threads and merged as the BLAKE3 tree does (the same hash as one pass).
+fn blake3_tree(
     len: u64,
     leaf: u64,
     threads: usize,
+    read: &ReadRange<'_>,
 ) -> std::io::Result<[u8; 32]> {
     use blake3::hazmat::{
         left_subtree_len, merge_subtrees_non_root, merge_subtrees_root, HasherExt, Mode,
     };
     let leaf = leaf.max(blake3::CHUNK_LEN as u64);
     if len <= leaf || threads <= 1 {
-        return sequential_hash(f, HashAlgo::Blake3, len);
+        let mut h = blake3::Hasher::new();
+        read(0, len, &mut |b| {
+            h.update(b);
+        })?;
+        return Ok(*h.finalize().as_bytes());
     }
     // The leaves in order: subtrees split at the tree's own boundaries down to `leaf` bytes.
     fn leaves(off: u64, len: u64, leaf: u64, out: &mut Vec<(u64, u64)>) {
@@ -405,7 +488,7 @@ fn blake3_file(
                         };
                         let mut h = blake3::Hasher::new();
                         h.set_input_offset(off);
-                        read_range(f, off, n, |b| {
+                        read(off, n, &mut |b| {
                             h.update(b);
                         })?;
                         if let Ok(mut slot) = cvs[i].lock() {
@@ -481,6 +564,17 @@ mod tests {
         );
     }
 
+    /// BLAKE3 of the first `len` bytes of `f` through [`blake3_tree`].
+    fn tree_of(
+        f: &std::fs::File,
+        len: u64,
+        leaf: u64,
+        threads: usize,
+    ) -> std::io::Result<[u8; 32]> {
+        let read = |off: u64, n: u64, feed: &mut dyn FnMut(&[u8])| read_range(f, off, n, feed);
+        blake3_tree(len, leaf, threads, &read)
+    }
+
     #[test]
     fn parallel_file_checksum_equals_one_sequential_blake3() {
         let dir = std::env::temp_dir().join(format!("bb-chain-{}", std::process::id()));
@@ -495,12 +589,14 @@ mod tests {
             let want = *blake3::hash(&data[..len]).as_bytes();
             for (leaf, threads) in [(1024, 3), (64 << 10, 2), (1 << 20, 4), (TREE_LEAF, 2)] {
                 assert_eq!(
-                    blake3_file(&f, len as u64, leaf, threads).unwrap(),
+                    tree_of(&f, len as u64, leaf, threads).unwrap(),
                     want,
                     "len {len} leaf {leaf} threads {threads}"
                 );
             }
             let (sum, n) = file_checksum(&p, HashAlgo::Blake3).unwrap();
+            assert_eq!((sum, n), (hex(&want), len as u64));
+            let (sum, n) = own_file_checksum(&p, HashAlgo::Blake3).unwrap();
             assert_eq!((sum, n), (hex(&want), len as u64));
         }
         // One flipped byte in any piece changes the checksum (what `verify` relies on).
@@ -510,13 +606,18 @@ mod tests {
             bad[at] ^= 0x01;
             std::fs::write(&p, &bad).unwrap();
             let f = std::fs::File::open(&p).unwrap();
-            let got = blake3_file(&f, bad.len() as u64, 1 << 20, 2).unwrap();
+            let got = tree_of(&f, bad.len() as u64, 1 << 20, 2).unwrap();
             assert_ne!(hex(&got), good, "byte {at}");
+            assert_ne!(
+                own_file_checksum(&p, HashAlgo::Blake3).unwrap().0,
+                good,
+                "byte {at}"
+            );
         }
         // A file shorter than the length asked for is an error, not a hash of less.
         std::fs::write(&p, &data).unwrap();
         let f = std::fs::File::open(&p).unwrap();
-        assert!(blake3_file(&f, data.len() as u64 + 1, 1 << 20, 2).is_err());
+        assert!(tree_of(&f, data.len() as u64 + 1, 1 << 20, 2).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

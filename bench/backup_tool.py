@@ -15,14 +15,19 @@ Both blockd and QSD have backup jobs, so both run live (fleecing / push). A daem
 (an old blockd) runs the tool with `--offline` (no fleecing) and the hand sequence "export +
 qemu-img convert" for the full only.
 
-The tool does more than the hand script: it checksums the new file (SHA-256) and every 64 KiB of
+The tool does more than the hand script: it checksums the new file (BLAKE3) and every 64 KiB of
 the point's content (hashed while copying in pull mode, read back after a push), writes and
-fsyncs a manifest, and cleans up and retires bitmaps.
+fsyncs a manifest, and cleans up and retires bitmaps. The hand script waits for jobs and
+exports by polling every 1 ms.
 
-    python3 bench/backup_tool.py [--size-gib 2] [--daemons qsd,blockd] [--dir /dev/shm]
+    python3 bench/backup_tool.py [--size-gib 2] [--reps 3] [--interleave] [--daemons qsd,blockd]
+                                 [--dir /dev/shm]
 
-Prints one table: seconds per run (median of --reps) and the tool / hand ratio (1.10 = 10 %
-slower than by hand).
+Prints per daemon: the median over --reps of wall seconds, CPU seconds of the client (the tool,
+or the hand script with its qemu-img) and of the daemon, for each row; then tool / hand ratios
+of wall time and of CPU (client + daemon) with the 10 % verdict on wall time, and the load
+average before and after. With --interleave the order of tool and hand flips every rep (the
+three 1 % incrementals rotate), so neither always runs first on a machine whose load changes.
 """
 
 import argparse

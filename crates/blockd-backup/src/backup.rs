@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::chain::{self, HashAlgo};
+use crate::chain::{self, Durability, HashAlgo};
 use crate::copy::{self, Job};
 use crate::error::{Context, Error, Kind, Result};
 use crate::fleece::{self, action, bitmaps_of, NbdServer};
@@ -249,7 +249,7 @@ impl Run<'_, '_> {
                 None => None,
             };
             self.created_files.push(name.clone());
-            let img = chain::create(&path, p.size, parent_path.as_deref())
+            let img = chain::create(&path, p.size, parent_path.as_deref(), Durability::Caller)
                 .ctx(|| format!("creating the backup file of '{}'", p.disk))?;
             if self.opts.push {
                 img.close()?;
@@ -266,7 +266,7 @@ impl Run<'_, '_> {
             }
             if pull_fleece {
                 let sp = self.scratch_path(i);
-                chain::create(&sp, p.size, None)?.close()?;
+                chain::create(&sp, p.size, None, Durability::Caller)?.close()?;
                 let file = json!({"driver": "file", "filename": sp.to_string_lossy()});
                 self.q.execute(
                     "blockdev-add",

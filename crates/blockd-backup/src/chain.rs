@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use qcow2::{CreateOptions, FileStorage, ImageStorage, OpenOptions, Qcow2};
+use qcow2::{CreateOptions, FileStorage, HostFn, ImageStorage, OpenOptions, Qcow2, Storage};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -75,12 +75,66 @@ impl Hasher {
 /// Cluster size of the chain files (matches the default bitmap granularity).
 pub const CLUSTER: u64 = 64 << 10;
 
+/// When the files a run writes through the qcow2 library become durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// At each of the library's flushes (a file handed to the user, e.g. a restore).
+    Flushes,
+    /// Only when the caller syncs the file itself (a repository file, fsynced once by
+    /// `Store::commit_object` before a manifest names it; an orphan after a crash is removed by
+    /// the next run), or never (a scratch image): the library's flushes, several per close,
+    /// only order writes for a crash the file never needs to survive.
+    Caller,
+}
+
+/// A file whose flushes are left to its caller (see [`Durability::Caller`]).
+struct Unsynced(FileStorage);
+
+impl Storage for Unsynced {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.0.size()
+    }
+    fn truncate(&self, size: u64) -> std::io::Result<()> {
+        self.0.truncate(size)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.discard(offset, len)
+    }
+    fn host_io(&self) -> bool {
+        self.0.host_io()
+    }
+    fn read_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> std::io::Result<bool> {
+        self.0.read_host(offset, len, f)
+    }
+    fn write_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> std::io::Result<bool> {
+        self.0.write_host(offset, len, f)
+    }
+}
+
 /// Create an empty qcow2 at `path` of `size` bytes, backed by `backing` (a file name in the
 /// same folder, recorded relative so the repository can move) and open it for writing with
 /// that backing attached (partial clusters copy from it).
-pub fn create(path: &Path, size: u64, backing: Option<&Path>) -> Result<Arc<Qcow2>> {
-    let st = FileStorage::create(path)
+pub fn create(
+    path: &Path,
+    size: u64,
+    backing: Option<&Path>,
+    durability: Durability,
+) -> Result<Arc<Qcow2>> {
+    let file = FileStorage::create(path)
         .map_err(|e| Error::io(e, format!("creating {}", path.display())))?;
+    let st: Arc<dyn Storage> = match durability {
+        Durability::Flushes => Arc::new(file),
+        Durability::Caller => Arc::new(Unsynced(file)),
+    };
     let rel = backing.map(|b| {
         b.file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -93,8 +147,8 @@ pub fn create(path: &Path, size: u64, backing: Option<&Path>) -> Result<Arc<Qcow
         backing_fmt: rel.as_ref().map(|_| "qcow2".to_string()),
         ..CreateOptions::default()
     };
-    Qcow2::create(&st, &opts)?;
-    let img = Qcow2::open(Arc::new(st), OpenOptions::default())?;
+    Qcow2::create(st.as_ref(), &opts)?;
+    let img = Qcow2::open(st, OpenOptions::default())?;
     if let Some(b) = backing {
         let parent = open_image(b, None)?;
         img.set_backing(Some(Arc::new(ImageStorage(parent))));
@@ -393,7 +447,7 @@ impl Mapped {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ,
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
                 f.as_raw_fd(),
                 0,
             )

@@ -181,7 +181,7 @@ pub fn restore(
                 .map_err(|e| Error::io(e, format!("syncing {}", p.display())))?;
         }
         Target::Qcow2(p) => {
-            let out = chain::create(p, d.size, None)?;
+            let out = chain::create(p, d.size, None, chain::Durability::Flushes)?;
             chain::read_all(&img, |off, b| {
                 h.update(b);
                 if !b.iter().all(|&x| x == 0) {

@@ -262,7 +262,15 @@ fn hash_threads() -> usize {
 /// Hashes of the chunks `idx` (ascending) of `img`, read back through the chain on all
 /// cores; runs of consecutive chunks are read [`READ_RUN`] chunks at a time, and an all-zero
 /// chunk reuses the zero chunk's hash.
-fn chunk_hashes(img: &Qcow2, algo: HashAlgo, idx: &[usize]) -> Result<Vec<[u8; 32]>> {
+///
+/// With `map`, a read-only mapping of `img`'s own file, runs whose data that file holds are
+/// hashed straight from the mapping (no copy into a buffer).
+fn chunk_hashes(
+    img: &Qcow2,
+    algo: HashAlgo,
+    idx: &[usize],
+    map: Option<&[u8]>,
+) -> Result<Vec<[u8; 32]>> {
     let size = img.virtual_size();
     let zero = algo.digest(&vec![0u8; HASH_CHUNK as usize]);
     let per = idx.len().div_ceil(hash_threads()).max(1);
@@ -283,6 +291,12 @@ fn chunk_hashes(img: &Qcow2, algo: HashAlgo, idx: &[usize]) -> Result<Vec<[u8; 3
                             .count();
                         let start = first as u64 * HASH_CHUNK;
                         let end = ((first + run) as u64 * HASH_CHUNK).min(size);
+                        if let Some(m) = map {
+                            if hash_mapped_run(img, algo, m, start, end, &mut out)? {
+                                rest = &rest[run..];
+                                continue;
+                            }
+                        }
                         let b = &mut buf[..(end - start) as usize];
                         img.read_at(b, start)?;
                         for c in b.chunks(HASH_CHUNK as usize) {
@@ -315,18 +329,65 @@ fn chunk_hashes(img: &Qcow2, algo: HashAlgo, idx: &[usize]) -> Result<Vec<[u8; 3
     Ok(out)
 }
 
+/// Hash the chunks of guest `[start, end)` (chunk-aligned) from `map`, the mapped file of
+/// `img`, into `out`, if that file holds all of their data (`Ok(false)`: it does not, nothing
+/// was hashed; read them through the image instead).
+fn hash_mapped_run(
+    img: &Qcow2,
+    algo: HashAlgo,
+    map: &[u8],
+    start: u64,
+    end: u64,
+    out: &mut Vec<[u8; 32]>,
+) -> Result<bool> {
+    let mut cur = algo.hasher();
+    let mut filled = 0u64;
+    let mut done = Vec::new();
+    let whole = {
+        let mut feed = |_: &std::fs::File, host: u64, n: u64| -> std::io::Result<()> {
+            let mut piece = usize::try_from(host)
+                .ok()
+                .zip(host.checked_add(n).and_then(|e| usize::try_from(e).ok()))
+                .and_then(|(a, b)| map.get(a..b))
+                .ok_or_else(|| std::io::Error::other("host range outside the mapped file"))?;
+            while !piece.is_empty() {
+                let k = ((HASH_CHUNK - filled) as usize).min(piece.len());
+                cur.update(&piece[..k]);
+                filled += k as u64;
+                piece = &piece[k..];
+                if filled == HASH_CHUNK {
+                    done.push(std::mem::replace(&mut cur, algo.hasher()).finalize());
+                    filled = 0;
+                }
+            }
+            Ok(())
+        };
+        img.read_host(start, end - start, &mut feed)?
+    };
+    if !whole {
+        return Ok(false);
+    }
+    if filled > 0 {
+        done.push(cur.finalize());
+    }
+    out.extend(done);
+    Ok(true)
+}
+
 /// Chunks read back in one request by [`chunk_hashes`] (4 MiB).
 const READ_RUN: u64 = 64;
 
 /// Chunk hashes of the point `img` (a chain's top). With the previous point's hashes `prev`,
 /// only chunks that `img`'s own file allocates (what this backup wrote) are rehashed. `known`
 /// has the hashes of chunks the copy read whole (the content of the point there); the other
-/// chunks needed are read back through the chain, on all cores.
+/// chunks needed are read back through the chain, on all cores (from `map`, a mapping of
+/// `img`'s own file, where that file holds the data).
 pub fn point_hashes(
     img: &Qcow2,
     algo: HashAlgo,
     prev: Option<Vec<[u8; 32]>>,
     known: Option<&[Option<[u8; 32]>]>,
+    map: Option<&Mapped>,
 ) -> Result<Vec<[u8; 32]>> {
     let size = img.virtual_size();
     let n = size.div_ceil(HASH_CHUNK) as usize;
@@ -342,7 +403,8 @@ pub fn point_hashes(
             None => todo.push(i),
         }
     }
-    for (i, h) in todo.iter().zip(chunk_hashes(img, algo, &todo)?) {
+    let map = map.map(Mapped::bytes);
+    for (i, h) in todo.iter().zip(chunk_hashes(img, algo, &todo, map)?) {
         hashes[*i] = h;
     }
     Ok(hashes)
@@ -391,21 +453,16 @@ pub fn file_checksum(path: &Path, algo: HashAlgo) -> Result<(String, u64)> {
     Ok((hex(&hash), len))
 }
 
-/// [`file_checksum`] of a file this run wrote and holds the repository lock for: BLAKE3 is
-/// hashed from a read-only mapping of the file, so its bytes are not copied once more (a
-/// mapped file cut short under us would fault, which only a writer ignoring the lock can do).
-pub fn own_file_checksum(path: &Path, algo: HashAlgo) -> Result<(String, u64)> {
-    if algo != HashAlgo::Blake3 {
+/// [`file_checksum`] of a file this run wrote and holds the repository lock for, `map` being
+/// its mapping ([`Mapped::file`]): BLAKE3 is hashed from the mapping, so the bytes are not
+/// copied once more.
+pub fn own_file_checksum(
+    path: &Path,
+    algo: HashAlgo,
+    map: Option<&Mapped>,
+) -> Result<(String, u64)> {
+    let Some(map) = map.filter(|_| algo == HashAlgo::Blake3) else {
         return file_checksum(path, algo);
-    }
-    let f = std::fs::File::open(path)
-        .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
-    let len = f
-        .metadata()
-        .map_err(|e| Error::io(e, format!("reading {}", path.display())))?
-        .len();
-    let Some(map) = Mapped::new(&f, len) else {
-        return file_checksum(path, HashAlgo::Blake3);
     };
     let bytes = map.bytes();
     let read = |off: u64, n: u64, feed: &mut dyn FnMut(&[u8])| {
@@ -419,13 +476,16 @@ pub fn own_file_checksum(path: &Path, algo: HashAlgo) -> Result<(String, u64)> {
         }
         Ok(())
     };
+    let len = bytes.len() as u64;
     let hash = blake3_tree(len, TREE_LEAF, hash_threads(), &read)
         .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
     Ok((hex(&hash), len))
 }
 
-/// A read-only shared mapping of a whole file, unmapped on drop.
-struct Mapped {
+/// A read-only shared mapping of a whole file, unmapped on drop. Only for files this run wrote
+/// and holds the repository lock for: a mapped file cut short under us would fault, which only
+/// a writer ignoring the lock can cause.
+pub struct Mapped {
     /// Start of the mapping.
     ptr: *mut libc::c_void,
     /// Its length in bytes.
@@ -436,6 +496,17 @@ struct Mapped {
 unsafe impl Sync for Mapped {}
 
 impl Mapped {
+    /// Map the whole file at `path` (None if it is empty or cannot be mapped: read it instead).
+    pub fn file(path: &Path) -> Result<Option<Mapped>> {
+        let f = std::fs::File::open(path)
+            .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
+        let len = f
+            .metadata()
+            .map_err(|e| Error::io(e, format!("reading {}", path.display())))?
+            .len();
+        Ok(Mapped::new(&f, len))
+    }
+
     /// Map `len` bytes of `f` (None if empty or the mapping fails: read it instead).
     fn new(f: &std::fs::File, len: u64) -> Option<Mapped> {
         use std::os::fd::AsRawFd;
@@ -456,7 +527,7 @@ impl Mapped {
     }
 
     /// The file's bytes.
-    fn bytes(&self) -> &[u8] {
+    pub fn bytes(&self) -> &[u8] {
         // SAFETY: `ptr` maps `len` readable bytes for as long as `self` lives.
         unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
     }
@@ -650,7 +721,9 @@ mod tests {
             }
             let (sum, n) = file_checksum(&p, HashAlgo::Blake3).unwrap();
             assert_eq!((sum, n), (hex(&want), len as u64));
-            let (sum, n) = own_file_checksum(&p, HashAlgo::Blake3).unwrap();
+            let (sum, n) =
+                own_file_checksum(&p, HashAlgo::Blake3, Mapped::file(&p).unwrap().as_ref())
+                    .unwrap();
             assert_eq!((sum, n), (hex(&want), len as u64));
         }
         // One flipped byte in any piece changes the checksum (what `verify` relies on).
@@ -663,7 +736,9 @@ mod tests {
             let got = tree_of(&f, bad.len() as u64, 1 << 20, 2).unwrap();
             assert_ne!(hex(&got), good, "byte {at}");
             assert_ne!(
-                own_file_checksum(&p, HashAlgo::Blake3).unwrap().0,
+                own_file_checksum(&p, HashAlgo::Blake3, Mapped::file(&p).unwrap().as_ref())
+                    .unwrap()
+                    .0,
                 good,
                 "byte {at}"
             );
@@ -672,6 +747,47 @@ mod tests {
         std::fs::write(&p, &data).unwrap();
         let f = std::fs::File::open(&p).unwrap();
         assert!(tree_of(&f, data.len() as u64 + 1, 1 << 20, 2).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn chunk_hashes_from_the_mapped_file_equal_those_read_through_the_image() {
+        let dir = std::env::temp_dir().join(format!("bb-map-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("a.qcow2");
+        let c = HASH_CHUNK as usize;
+        // 4 MiB of data (one mapped run), then a mixed run, then a short last chunk.
+        let size = (2 * READ_RUN * HASH_CHUNK + 4096) as usize;
+        let mut want = vec![0u8; size];
+        for (i, b) in want.iter_mut().enumerate().take(READ_RUN as usize * c) {
+            *b = (i % 251) as u8 + 1;
+        }
+        want[(READ_RUN as usize + 3) * c..(READ_RUN as usize + 4) * c].fill(7);
+        want[size - 100..].fill(9);
+        let img = create(&p, size as u64, None, Durability::Caller).unwrap();
+        img.write_at(&want[..READ_RUN as usize * c], 0).unwrap();
+        let at = (READ_RUN as usize + 3) * c;
+        img.write_at(&want[at..at + c], at as u64).unwrap();
+        img.write_at(&want[size - 4096..], (size - 4096) as u64)
+            .unwrap();
+        img.flush().unwrap();
+        img.close().unwrap();
+        let top = open_chain(std::slice::from_ref(&p)).unwrap();
+        let map = Mapped::file(&p).unwrap();
+        assert!(map.is_some());
+        let a = HashAlgo::Blake3;
+        let read = point_hashes(&top, a, None, None, None).unwrap();
+        let mapped = point_hashes(&top, a, None, None, map.as_ref()).unwrap();
+        let direct: Vec<[u8; 32]> = want.chunks(c).map(|x| a.digest(x)).collect();
+        assert_eq!(read, direct);
+        assert_eq!(mapped, direct);
+        // The first run really came from the mapping; the mixed one cannot.
+        let bytes = map.as_ref().map(Mapped::bytes).unwrap();
+        let run = READ_RUN * HASH_CHUNK;
+        let mut out = Vec::new();
+        assert!(hash_mapped_run(&top, a, bytes, 0, run, &mut out).unwrap());
+        assert_eq!(out, direct[..READ_RUN as usize]);
+        assert!(!hash_mapped_run(&top, a, bytes, run, 2 * run, &mut out).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -382,9 +382,10 @@ impl Run<'_, '_> {
             let k = known[i].as_deref();
             // The file's checksum and the point's content hashes are independent passes (each
             // a full read and hash of the disk after a push): run them side by side.
-            let map = chain::Mapped::file(path)?;
+            let map = crate::filesum::Mapped::file(path)?;
             let (file_sum, hashes) = std::thread::scope(|s| {
-                let f = s.spawn(|| chain::own_file_checksum(path, HashAlgo::NEW, map.as_ref()));
+                let f = s
+                    .spawn(|| crate::filesum::own_file_checksum(path, HashAlgo::NEW, map.as_ref()));
                 let h = chain::open_chain(&paths)
                     .and_then(|pt| chain::point_hashes(&pt, HashAlgo::NEW, prev, k, map.as_ref()));
                 (f.join(), h)

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::chain::{self, HashAlgo};
+use crate::chain::{self, Durability, HashAlgo};
 use crate::copy::{self, Job};
 use crate::error::{Context, Error, Kind, Result};
 use crate::fleece::{self, action, bitmaps_of, NbdServer};
@@ -114,19 +114,20 @@ pub fn run(
     }
     let all = repo.backups()?;
     let latest = latest_records(&all);
+    let mut nodes = q.nodes()?;
     // A disk is a node name, or a device (QEMU: `query-block`'s device or qdev id).
-    let targets = fleece::resolve_disks(q, &opts.disks)?;
+    let targets = fleece::resolve_disks(q, &nodes, &opts.disks)?;
     let target_nodes: Vec<String> = targets.iter().map(|(_, n)| n.clone()).collect();
     let keep = keep_set(&latest, &targets);
     if !opts.estimate {
-        for what in fleece::cleanup(q, &opts.tag, &target_nodes, &keep)? {
+        for what in fleece::cleanup(q, &opts.tag, &target_nodes, &keep, &mut nodes)? {
             progress.event(
                 "cleanup",
                 &format!("removed leftover {what}"),
                 json!({"what": what}),
             );
         }
-        for f in repo.orphans()? {
+        for f in repo.orphans_of(&all)? {
             repo.store.remove(&f)?;
             progress.event(
                 "cleanup",
@@ -135,7 +136,6 @@ pub fn run(
             );
         }
     }
-    let nodes = q.nodes()?;
     let mut plans = Vec::new();
     for (d, node) in &targets {
         plans.push(plan_disk(repo, &nodes, d, node, opts.want, latest.get(d))?);
@@ -160,7 +160,7 @@ pub fn run(
         );
         return Ok(None);
     }
-    let id = repo.new_id(now_secs())?;
+    let id = repo.new_id(now_secs(), &all)?;
     std::fs::create_dir_all(&opts.work_dir)
         .map_err(|e| Error::io(e, format!("creating {}", opts.work_dir.display())))?;
     let mut run = Run {
@@ -170,6 +170,9 @@ pub fn run(
         progress,
         id: id.clone(),
         plans,
+        all,
+        nodes,
+        made: Made::default(),
         created_files: Vec::new(),
         server: None,
     };
@@ -179,6 +182,25 @@ pub fn run(
             run.rollback();
             Err(e)
         }
+    }
+}
+
+/// Objects a run made on the daemon and has not removed yet: what teardown removes, so it
+/// needs no query to find them.
+#[derive(Default)]
+struct Made {
+    /// Export ids.
+    exports: Vec<String>,
+    /// Node names (snapshot-access, scratch, push target).
+    nodes: Vec<String>,
+    /// Job ids.
+    jobs: Vec<String>,
+}
+
+impl Made {
+    /// Forget `name` in `list` (it was removed).
+    fn gone(list: &mut Vec<String>, name: &str) {
+        list.retain(|x| x != name);
     }
 }
 
@@ -196,6 +218,12 @@ struct Run<'a, 'b> {
     id: String,
     /// Plans, in disk order.
     plans: Vec<Plan>,
+    /// The repository's backups before this run, oldest first.
+    all: Vec<crate::manifest::Manifest>,
+    /// `query-named-block-nodes` after the cleanup (the disks' bitmaps before this run).
+    nodes: Vec<serde_json::Value>,
+    /// What this run made on the daemon and has not removed yet.
+    made: Made,
     /// Repository files created so far.
     created_files: Vec<String>,
     /// The NBD server in use.
@@ -221,7 +249,7 @@ impl Run<'_, '_> {
                 None => None,
             };
             self.created_files.push(name.clone());
-            let img = chain::create(&path, p.size, parent_path.as_deref())
+            let img = chain::create(&path, p.size, parent_path.as_deref(), Durability::Caller)
                 .ctx(|| format!("creating the backup file of '{}'", p.disk))?;
             if self.opts.push {
                 img.close()?;
@@ -231,18 +259,20 @@ impl Run<'_, '_> {
                     "blockdev-add",
                     json!({"driver": "qcow2", "node-name": n.target, "file": file}),
                 )?;
+                self.made.nodes.push(n.target.clone());
                 files.push((name, path, None));
             } else {
                 files.push((name, path, Some(img)));
             }
             if pull_fleece {
                 let sp = self.scratch_path(i);
-                chain::create(&sp, p.size, None)?.close()?;
+                chain::create(&sp, p.size, None, Durability::Caller)?.close()?;
                 let file = json!({"driver": "file", "filename": sp.to_string_lossy()});
                 self.q.execute(
                     "blockdev-add",
                     json!({"driver": "qcow2", "node-name": n.scratch, "file": file}),
                 )?;
+                self.made.nodes.push(n.scratch.clone());
             }
         }
         die_at("prepared");
@@ -282,6 +312,12 @@ impl Run<'_, '_> {
         }
         fleece::run_actions(self.q, &actions, self.opts.live)
             .ctx(|| "taking the snapshot".into())?;
+        if self.opts.push || pull_fleece {
+            for i in 0..self.plans.len() {
+                let job = Names::new(&self.opts.tag, &self.id, i).job;
+                self.made.jobs.push(job);
+            }
+        }
         let instant = now_secs();
         die_at("snapshot");
         self.progress.event(
@@ -298,8 +334,12 @@ impl Run<'_, '_> {
                 .map(|i| Names::new(&self.opts.tag, &self.id, i).job)
                 .collect();
             fleece::wait_push_jobs(self.q, &ids, self.progress)?;
+            self.made.jobs.clear();
             for (i, p) in self.plans.iter().enumerate() {
-                fleece::del_node(self.q, &Names::new(&self.opts.tag, &self.id, i).target)?;
+                let target = Names::new(&self.opts.tag, &self.id, i).target;
+                self.q
+                    .execute("blockdev-del", json!({"node-name": target}))?;
+                Made::gone(&mut self.made.nodes, &target);
                 copied[i] = p.estimate;
             }
         } else {
@@ -342,10 +382,12 @@ impl Run<'_, '_> {
             let k = known[i].as_deref();
             // The file's checksum and the point's content hashes are independent passes (each
             // a full read and hash of the disk after a push): run them side by side.
+            let map = crate::filesum::Mapped::file(path)?;
             let (file_sum, hashes) = std::thread::scope(|s| {
-                let f = s.spawn(|| chain::file_checksum(path, HashAlgo::NEW));
+                let f = s
+                    .spawn(|| crate::filesum::own_file_checksum(path, HashAlgo::NEW, map.as_ref()));
                 let h = chain::open_chain(&paths)
-                    .and_then(|pt| chain::point_hashes(&pt, HashAlgo::NEW, prev, k));
+                    .and_then(|pt| chain::point_hashes(&pt, HashAlgo::NEW, prev, k, map.as_ref()));
                 (f.join(), h)
             });
             let (sha, len) = file_sum
@@ -399,8 +441,8 @@ impl Run<'_, '_> {
     /// also when they were taken with another algorithm than new backups use).
     fn prev_sums(&self, disk: &str, top: Option<&str>) -> Option<Vec<[u8; 32]>> {
         let top = top?;
-        let all = self.repo.backups().ok()?;
-        let rec = all
+        let rec = self
+            .all
             .iter()
             .rev()
             .filter(|m| m.hash == HashAlgo::NEW)
@@ -430,6 +472,7 @@ impl Run<'_, '_> {
                 "blockdev-add",
                 json!({"driver": "snapshot-access", "node-name": n.access, "file": n.filter}),
             )?;
+            self.made.nodes.push(n.access.clone());
             n.access.clone()
         } else {
             p.node.clone()
@@ -444,6 +487,7 @@ impl Run<'_, '_> {
             };
         }
         self.q.execute("block-export-add", ex)?;
+        self.made.exports.push(n.export.clone());
         let sock = self
             .server
             .as_ref()
@@ -463,18 +507,31 @@ impl Run<'_, '_> {
         };
         let copied = copy::run(&job, &img, self.progress)?;
         fleece::del_export(self.q, &n.export)?;
+        Made::gone(&mut self.made.exports, &n.export);
         Ok(copied)
     }
 
-    /// Remove the run's exports, nodes, jobs, scratch files and NBD server (best effort).
+    /// Remove what the run made on the daemon (users before what they use: exports,
+    /// snapshot-access nodes, jobs with their filters, scratch / target nodes), its scratch
+    /// files and NBD server; best effort (the next run's cleanup finds what is left).
     fn teardown(&mut self) {
+        for id in std::mem::take(&mut self.made.exports) {
+            let _ = fleece::del_export(self.q, &id);
+        }
+        let access = fleece::prefix(&self.opts.tag) + "a";
+        let (first, later): (Vec<String>, Vec<String>) = std::mem::take(&mut self.made.nodes)
+            .into_iter()
+            .partition(|n| n.starts_with(&access));
+        for name in first {
+            let _ = self.q.execute("blockdev-del", json!({"node-name": name}));
+        }
+        for id in std::mem::take(&mut self.made.jobs) {
+            let _ = fleece::cancel_job(self.q, &id);
+        }
+        for name in later {
+            let _ = self.q.execute("blockdev-del", json!({"node-name": name}));
+        }
         for i in 0..self.plans.len() {
-            let n = Names::new(&self.opts.tag, &self.id, i);
-            let _ = fleece::del_export(self.q, &n.export);
-            let _ = fleece::del_node(self.q, &n.access);
-            let _ = fleece::cancel_job(self.q, &n.job);
-            let _ = fleece::del_node(self.q, &n.scratch);
-            let _ = fleece::del_node(self.q, &n.target);
             let _ = std::fs::remove_file(self.scratch_path(i));
         }
         if let Some(s) = self.server.take() {
@@ -500,11 +557,39 @@ impl Run<'_, '_> {
     }
 
     /// After the manifest: remove every tool bitmap on the disks except the new tracking
-    /// bitmap and the full anchor, in one transaction when the daemon is live.
+    /// bitmap and the full anchor, in one transaction when the daemon is live. The bitmaps are
+    /// those seen after the cleanup plus the ones this run added; if the daemon's differ (the
+    /// transaction is refused), they are asked for and the removal tried once more.
     fn retire(&mut self, m: &Manifest) -> Result<()> {
+        let mut nodes = self.nodes.clone();
+        for (i, p) in self.plans.iter().enumerate() {
+            let n = Names::new(&self.opts.tag, &self.id, i);
+            let mut added = vec![n.bitmap];
+            if p.src_bitmap.is_some() {
+                added.push(n.frozen);
+            }
+            if let Some(entry) = nodes.iter_mut().find(|e| e["node-name"] == p.node.as_str()) {
+                if !entry["dirty-bitmaps"].is_array() {
+                    entry["dirty-bitmaps"] = json!([]);
+                }
+                if let Some(list) = entry["dirty-bitmaps"].as_array_mut() {
+                    list.extend(added.into_iter().map(|name| json!({"name": name})));
+                }
+            }
+        }
+        if self.retire_from(m, &nodes).is_ok() {
+            return Ok(());
+        }
         let nodes = self.q.nodes()?;
+        self.retire_from(m, &nodes)
+    }
+
+    /// Remove the tool's bitmaps that `nodes` lists on the disks of `m` and no chain keeps.
+    fn retire_from(&mut self, m: &Manifest, nodes: &[serde_json::Value]) -> Result<()> {
         // The chains of other disk names on the same node (see `keep_set`) keep their bitmaps.
-        let latest = latest_records(&self.repo.backups()?);
+        let mut all = self.all.clone();
+        all.push(m.clone());
+        let latest = latest_records(&all);
         let targets: Vec<(String, String)> = m
             .disks
             .iter()
@@ -513,7 +598,7 @@ impl Run<'_, '_> {
         let keep = keep_set(&latest, &targets);
         let mut actions = Vec::new();
         for d in &m.disks {
-            for b in bitmaps_of(&nodes, &d.node) {
+            for b in bitmaps_of(nodes, &d.node) {
                 let name = b["name"].as_str().unwrap_or("");
                 if name.starts_with(&fleece::prefix(&self.opts.tag))
                     && !keep.get(&d.node).is_some_and(|k| k.contains(name))

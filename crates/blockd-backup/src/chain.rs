@@ -1,11 +1,10 @@
 //! qcow2 chain files through our own format library (crates/qcow2): create an incremental
 //! backed by its parent, write extents, open a whole chain to read a point in time, hash.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use qcow2::{CreateOptions, FileStorage, ImageStorage, OpenOptions, Qcow2};
+use qcow2::{CreateOptions, FileStorage, HostFn, ImageStorage, OpenOptions, Qcow2, Storage};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -76,12 +75,66 @@ impl Hasher {
 /// Cluster size of the chain files (matches the default bitmap granularity).
 pub const CLUSTER: u64 = 64 << 10;
 
+/// When the files a run writes through the qcow2 library become durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// At each of the library's flushes (a file handed to the user, e.g. a restore).
+    Flushes,
+    /// Only when the caller syncs the file itself (a repository file, fsynced once by
+    /// `Store::commit_object` before a manifest names it; an orphan after a crash is removed by
+    /// the next run), or never (a scratch image): the library's flushes, several per close,
+    /// only order writes for a crash the file never needs to survive.
+    Caller,
+}
+
+/// A file whose flushes are left to its caller (see [`Durability::Caller`]).
+struct Unsynced(FileStorage);
+
+impl Storage for Unsynced {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.0.size()
+    }
+    fn truncate(&self, size: u64) -> std::io::Result<()> {
+        self.0.truncate(size)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.discard(offset, len)
+    }
+    fn host_io(&self) -> bool {
+        self.0.host_io()
+    }
+    fn read_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> std::io::Result<bool> {
+        self.0.read_host(offset, len, f)
+    }
+    fn write_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> std::io::Result<bool> {
+        self.0.write_host(offset, len, f)
+    }
+}
+
 /// Create an empty qcow2 at `path` of `size` bytes, backed by `backing` (a file name in the
 /// same folder, recorded relative so the repository can move) and open it for writing with
 /// that backing attached (partial clusters copy from it).
-pub fn create(path: &Path, size: u64, backing: Option<&Path>) -> Result<Arc<Qcow2>> {
-    let st = FileStorage::create(path)
+pub fn create(
+    path: &Path,
+    size: u64,
+    backing: Option<&Path>,
+    durability: Durability,
+) -> Result<Arc<Qcow2>> {
+    let file = FileStorage::create(path)
         .map_err(|e| Error::io(e, format!("creating {}", path.display())))?;
+    let st: Arc<dyn Storage> = match durability {
+        Durability::Flushes => Arc::new(file),
+        Durability::Caller => Arc::new(Unsynced(file)),
+    };
     let rel = backing.map(|b| {
         b.file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -94,8 +147,8 @@ pub fn create(path: &Path, size: u64, backing: Option<&Path>) -> Result<Arc<Qcow
         backing_fmt: rel.as_ref().map(|_| "qcow2".to_string()),
         ..CreateOptions::default()
     };
-    Qcow2::create(&st, &opts)?;
-    let img = Qcow2::open(Arc::new(st), OpenOptions::default())?;
+    Qcow2::create(st.as_ref(), &opts)?;
+    let img = Qcow2::open(st, OpenOptions::default())?;
     if let Some(b) = backing {
         let parent = open_image(b, None)?;
         img.set_backing(Some(Arc::new(ImageStorage(parent))));
@@ -201,60 +254,166 @@ pub fn digest(algo: HashAlgo, hashes: &[[u8; 32]]) -> String {
     hex(&h.finalize())
 }
 
-/// Hash of one chunk `i` of `img`, read back (an all-zero chunk skips the hashing).
-fn chunk_hash(
+/// Threads for hashing passes after the copy (the daemon is idle by then).
+pub(crate) fn hash_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
+/// Hashes of the chunks `idx` (ascending) of `img`, read back through the chain on all
+/// cores; runs of consecutive chunks are read [`READ_RUN`] chunks at a time, and an all-zero
+/// chunk reuses the zero chunk's hash.
+///
+/// With `map`, a read-only mapping of `img`'s own file, runs whose data that file holds are
+/// hashed straight from the mapping (no copy into a buffer).
+fn chunk_hashes(
     img: &Qcow2,
     algo: HashAlgo,
-    i: usize,
-    buf: &mut [u8],
-    zero: &mut Option<[u8; 32]>,
-) -> Result<[u8; 32]> {
+    idx: &[usize],
+    map: Option<&[u8]>,
+) -> Result<Vec<[u8; 32]>> {
     let size = img.virtual_size();
-    let start = i as u64 * HASH_CHUNK;
-    let end = (start + HASH_CHUNK).min(size);
-    let b = &mut buf[..(end - start) as usize];
-    img.read_at(b, start)?;
-    if end - start == HASH_CHUNK && b.iter().all(|&x| x == 0) {
-        return Ok(*zero.get_or_insert_with(|| algo.digest(b)));
+    let zero = algo.digest(&vec![0u8; HASH_CHUNK as usize]);
+    let per = idx.len().div_ceil(hash_threads()).max(1);
+    let parts: Vec<Result<Vec<[u8; 32]>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = idx
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || -> Result<Vec<[u8; 32]>> {
+                    let mut out = Vec::with_capacity(part.len());
+                    let mut buf = vec![0u8; (READ_RUN * HASH_CHUNK) as usize];
+                    let mut rest = part;
+                    while let Some(&first) = rest.first() {
+                        let run = rest
+                            .iter()
+                            .enumerate()
+                            .take(READ_RUN as usize)
+                            .take_while(|&(k, &i)| i == first + k)
+                            .count();
+                        let start = first as u64 * HASH_CHUNK;
+                        let end = ((first + run) as u64 * HASH_CHUNK).min(size);
+                        if let Some(m) = map {
+                            if hash_mapped_run(img, algo, m, start, end, &mut out)? {
+                                rest = &rest[run..];
+                                continue;
+                            }
+                        }
+                        let b = &mut buf[..(end - start) as usize];
+                        img.read_at(b, start)?;
+                        for c in b.chunks(HASH_CHUNK as usize) {
+                            let all_zero =
+                                c.len() as u64 == HASH_CHUNK && c.iter().all(|&x| x == 0);
+                            out.push(if all_zero { zero } else { algo.digest(c) });
+                        }
+                        rest = &rest[run..];
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::new(
+                        crate::error::Kind::Io,
+                        "a hashing thread panicked",
+                    ))
+                })
+            })
+            .collect()
+    });
+    let mut out = Vec::with_capacity(idx.len());
+    for p in parts {
+        out.extend(p?);
     }
-    Ok(algo.digest(b))
+    Ok(out)
 }
+
+/// Hash the chunks of guest `[start, end)` (chunk-aligned) from `map`, the mapped file of
+/// `img`, into `out`, if that file holds all of their data (`Ok(false)`: it does not, nothing
+/// was hashed; read them through the image instead).
+fn hash_mapped_run(
+    img: &Qcow2,
+    algo: HashAlgo,
+    map: &[u8],
+    start: u64,
+    end: u64,
+    out: &mut Vec<[u8; 32]>,
+) -> Result<bool> {
+    let mut cur = algo.hasher();
+    let mut filled = 0u64;
+    let mut done = Vec::new();
+    let whole = {
+        let mut feed = |_: &std::fs::File, host: u64, n: u64| -> std::io::Result<()> {
+            let mut piece = usize::try_from(host)
+                .ok()
+                .zip(host.checked_add(n).and_then(|e| usize::try_from(e).ok()))
+                .and_then(|(a, b)| map.get(a..b))
+                .ok_or_else(|| std::io::Error::other("host range outside the mapped file"))?;
+            while !piece.is_empty() {
+                let k = ((HASH_CHUNK - filled) as usize).min(piece.len());
+                cur.update(&piece[..k]);
+                filled += k as u64;
+                piece = &piece[k..];
+                if filled == HASH_CHUNK {
+                    done.push(std::mem::replace(&mut cur, algo.hasher()).finalize());
+                    filled = 0;
+                }
+            }
+            Ok(())
+        };
+        img.read_host(start, end - start, &mut feed)?
+    };
+    if !whole {
+        return Ok(false);
+    }
+    if filled > 0 {
+        done.push(cur.finalize());
+    }
+    out.extend(done);
+    Ok(true)
+}
+
+/// Chunks read back in one request by [`chunk_hashes`] (4 MiB).
+const READ_RUN: u64 = 64;
 
 /// Chunk hashes of the point `img` (a chain's top). With the previous point's hashes `prev`,
 /// only chunks that `img`'s own file allocates (what this backup wrote) are rehashed. `known`
 /// has the hashes of chunks the copy read whole (the content of the point there); the other
-/// chunks needed are read back through the chain.
+/// chunks needed are read back through the chain, on all cores (from `map`, a mapping of
+/// `img`'s own file, where that file holds the data).
 pub fn point_hashes(
     img: &Qcow2,
     algo: HashAlgo,
     prev: Option<Vec<[u8; 32]>>,
     known: Option<&[Option<[u8; 32]>]>,
+    map: Option<&crate::filesum::Mapped>,
 ) -> Result<Vec<[u8; 32]>> {
     let size = img.virtual_size();
     let n = size.div_ceil(HASH_CHUNK) as usize;
     let known_at = |i: usize| known.and_then(|k| k.get(i).copied().flatten());
-    let mut buf = vec![0u8; HASH_CHUNK as usize];
-    let mut zero = None;
-    let mut hashes = match prev {
-        Some(p) if p.len() == n => p,
-        _ if known.is_some() => {
-            return (0..n)
-                .map(|i| match known_at(i) {
-                    Some(h) => Ok(h),
-                    None => chunk_hash(img, algo, i, &mut buf, &mut zero),
-                })
-                .collect();
-        }
-        _ => {
-            let mut h = ContentHasher::new(algo);
-            read_all(img, |_, b| {
-                h.update(b);
-                Ok(())
-            })?;
-            return Ok(h.finish().1);
-        }
+    let (mut hashes, touched) = match prev {
+        Some(p) if p.len() == n => (p, touched_chunks(img, n)?),
+        _ => (vec![[0u8; 32]; n], vec![true; n]),
     };
-    // The chunks this image's own file allocates (data or zero clusters) changed.
+    let mut todo = Vec::new();
+    for (i, slot) in hashes.iter_mut().enumerate().filter(|(i, _)| touched[*i]) {
+        match known_at(i) {
+            Some(h) => *slot = h,
+            None => todo.push(i),
+        }
+    }
+    let map = map.map(crate::filesum::Mapped::bytes);
+    for (i, h) in todo.iter().zip(chunk_hashes(img, algo, &todo, map)?) {
+        hashes[*i] = h;
+    }
+    Ok(hashes)
+}
+
+/// Which of the `n` hash chunks of `img` its own file allocates (data or zero clusters):
+/// what changed since its backing file's point.
+fn touched_chunks(img: &Qcow2, n: usize) -> Result<Vec<bool>> {
+    let size = img.virtual_size();
     let mut touched = vec![false; n];
     let mut off = 0u64;
     while off < size {
@@ -269,33 +428,7 @@ pub fn point_hashes(
         }
         off += len;
     }
-    for (i, slot) in hashes.iter_mut().enumerate().filter(|(i, _)| touched[*i]) {
-        *slot = match known_at(i) {
-            Some(h) => h,
-            None => chunk_hash(img, algo, i, &mut buf, &mut zero)?,
-        };
-    }
-    Ok(hashes)
-}
-
-/// Checksum (`algo`) and length of a file's bytes.
-pub fn file_checksum(path: &Path, algo: HashAlgo) -> Result<(String, u64)> {
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
-    let mut h = algo.hasher();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        total += n as u64;
-    }
-    Ok((hex(&h.finalize()), total))
+    Ok(touched)
 }
 
 /// Lower-case hex.
@@ -332,6 +465,47 @@ mod tests {
             hex(&HashAlgo::Blake3.digest(b"")),
             "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
         );
+    }
+
+    #[test]
+    fn chunk_hashes_from_the_mapped_file_equal_those_read_through_the_image() {
+        let dir = std::env::temp_dir().join(format!("bb-map-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("a.qcow2");
+        let c = HASH_CHUNK as usize;
+        // 4 MiB of data (one mapped run), then a mixed run, then a short last chunk.
+        let size = (2 * READ_RUN * HASH_CHUNK + 4096) as usize;
+        let mut want = vec![0u8; size];
+        for (i, b) in want.iter_mut().enumerate().take(READ_RUN as usize * c) {
+            *b = (i % 251) as u8 + 1;
+        }
+        want[(READ_RUN as usize + 3) * c..(READ_RUN as usize + 4) * c].fill(7);
+        want[size - 100..].fill(9);
+        let img = create(&p, size as u64, None, Durability::Caller).unwrap();
+        img.write_at(&want[..READ_RUN as usize * c], 0).unwrap();
+        let at = (READ_RUN as usize + 3) * c;
+        img.write_at(&want[at..at + c], at as u64).unwrap();
+        img.write_at(&want[size - 4096..], (size - 4096) as u64)
+            .unwrap();
+        img.flush().unwrap();
+        img.close().unwrap();
+        let top = open_chain(std::slice::from_ref(&p)).unwrap();
+        let map = crate::filesum::Mapped::file(&p).unwrap();
+        assert!(map.is_some());
+        let a = HashAlgo::Blake3;
+        let read = point_hashes(&top, a, None, None, None).unwrap();
+        let mapped = point_hashes(&top, a, None, None, map.as_ref()).unwrap();
+        let direct: Vec<[u8; 32]> = want.chunks(c).map(|x| a.digest(x)).collect();
+        assert_eq!(read, direct);
+        assert_eq!(mapped, direct);
+        // The first run really came from the mapping; the mixed one cannot.
+        let bytes = map.as_ref().map(crate::filesum::Mapped::bytes).unwrap();
+        let run = READ_RUN * HASH_CHUNK;
+        let mut out = Vec::new();
+        assert!(hash_mapped_run(&top, a, bytes, 0, run, &mut out).unwrap());
+        assert_eq!(out, direct[..READ_RUN as usize]);
+        assert!(!hash_mapped_run(&top, a, bytes, run, 2 * run, &mut out).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

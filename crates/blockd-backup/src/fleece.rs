@@ -27,22 +27,9 @@ pub fn prefix(tag: &str) -> String {
 /// How long teardown waits for a job or export to go away.
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Sleeps between polls of the daemon: 1 ms at first (jobs and exports usually go away at
-/// once), doubling up to 20 ms.
-struct Poll(u64);
-
-impl Poll {
-    /// A fresh back-off.
-    fn new() -> Poll {
-        Poll(1)
-    }
-
-    /// Sleep, then double the next sleep.
-    fn wait(&mut self) {
-        std::thread::sleep(Duration::from_millis(self.0));
-        self.0 = (self.0 * 2).min(20);
-    }
-}
+/// Longest wait for an event before the daemon is asked again (events only wake a wait up;
+/// the query after them decides, so a missed or stale event costs at most this).
+const EVENT_WAIT: Duration = Duration::from_millis(200);
 
 /// Name of a node in a `query-named-block-nodes` entry.
 fn node_name(n: &Value) -> &str {
@@ -58,10 +45,17 @@ pub fn bitmaps_of(nodes: &[Value], node: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-/// Wait until `query-jobs` no longer lists `id` (dismissing it if it concluded).
+/// Whether `ev`/`data` is a `JOB_STATUS_CHANGE` of job `id` to a status in `to`.
+fn job_event(ev: &str, data: &Value, id: &str, to: &[&str]) -> bool {
+    ev == "JOB_STATUS_CHANGE"
+        && data["id"] == id
+        && data["status"].as_str().is_some_and(|s| to.contains(&s))
+}
+
+/// Wait until `query-jobs` no longer lists `id` (dismissing it if it concluded), waking up on
+/// the job's status events.
 fn wait_job_gone(q: &mut Qmp, id: &str) -> Result<()> {
     let deadline = Instant::now() + WAIT;
-    let mut poll = Poll::new();
     loop {
         let jobs = q.execute("query-jobs", json!({}))?;
         let job = jobs
@@ -71,26 +65,34 @@ fn wait_job_gone(q: &mut Qmp, id: &str) -> Result<()> {
             None => return Ok(()),
             Some(j) if j["status"] == "concluded" => {
                 let _ = q.execute("job-dismiss", json!({"id": id}));
+                continue;
             }
             Some(_) => {}
         }
         if Instant::now() > deadline {
             return Err(Error::new(Kind::Daemon, format!("job {id} did not finish")));
         }
-        poll.wait();
+        q.wait_event(EVENT_WAIT, |ev, d| {
+            job_event(ev, d, id, &["concluded", "null"])
+        })?;
     }
 }
 
-/// Remove export `id` and wait until it is gone.
+/// Remove export `id` and wait until it is gone (`BLOCK_EXPORT_DELETED`, confirmed by
+/// `query-block-exports` unless the event came with the reply).
 pub fn del_export(q: &mut Qmp, id: &str) -> Result<()> {
+    let deleted = |ev: &str, d: &Value| ev == "BLOCK_EXPORT_DELETED" && d["id"] == id;
+    q.drop_events(deleted);
     if let Err(e) = q.execute("block-export-del", json!({"id": id, "mode": "hard"})) {
         if qmp_desc(&e).is_some_and(|d| d.contains("not found")) {
             return Ok(());
         }
         return Err(e);
     }
+    if q.wait_event(Duration::ZERO, deleted)?.is_some() {
+        return Ok(());
+    }
     let deadline = Instant::now() + WAIT;
-    let mut poll = Poll::new();
     loop {
         let ex = q.execute("query-block-exports", json!({}))?;
         if !ex
@@ -105,40 +107,29 @@ pub fn del_export(q: &mut Qmp, id: &str) -> Result<()> {
                 format!("export {id} did not go away"),
             ));
         }
-        poll.wait();
+        if q.wait_event(EVENT_WAIT, deleted)?.is_some() {
+            return Ok(());
+        }
     }
 }
 
-/// Cancel job `id` if it exists and wait until it is gone.
+/// Cancel job `id` (known to exist) and wait until it is gone.
 pub fn cancel_job(q: &mut Qmp, id: &str) -> Result<()> {
-    let jobs = q.execute("query-jobs", json!({}))?;
-    if !jobs
-        .as_array()
-        .is_some_and(|a| a.iter().any(|j| j["id"] == id))
-    {
-        return Ok(());
-    }
+    q.drop_events(|ev, d| ev == "JOB_STATUS_CHANGE" && d["id"] == id);
     let _ = q.execute("job-cancel", json!({"id": id}));
     wait_job_gone(q, id)
 }
 
-/// Delete node `name` if it exists.
-pub fn del_node(q: &mut Qmp, name: &str) -> Result<()> {
-    let nodes = q.nodes()?;
-    if nodes.iter().any(|n| node_name(n) == name) {
-        q.execute("blockdev-del", json!({"node-name": name}))?;
-    }
-    Ok(())
-}
-
 /// Remove every object of an earlier interrupted run: exports, jobs, nodes, and the
-/// bitmaps on `disks` that start with the prefix and are not in `keep[node]`.
+/// bitmaps on `disks` that start with the prefix and are not in `keep[node]`. `nodes` is
+/// `query-named-block-nodes` as of now and is brought up to date if something is removed.
 /// Returns a description of each thing removed.
 pub fn cleanup(
     q: &mut Qmp,
     tag: &str,
     disks: &[String],
     keep: &HashMap<String, HashSet<String>>,
+    nodes: &mut Vec<Value>,
 ) -> Result<Vec<String>> {
     let pre = prefix(tag);
     let mut done = Vec::new();
@@ -158,21 +149,31 @@ pub fn cleanup(
             done.push(format!("job {id}"));
         }
     }
+    if !done.is_empty() {
+        *nodes = q.nodes()?;
+    }
+    // Users before what they use: snapshot-access, job filter, scratch / push target.
     for order in ["a", "f", "s", "t"] {
         let p = format!("{pre}{order}");
-        for n in q.nodes()? {
-            let name = node_name(&n).to_string();
-            if name.starts_with(&p) {
-                q.execute("blockdev-del", json!({"node-name": name}))?;
-                done.push(format!("node {name}"));
-            }
+        let names: Vec<String> = nodes
+            .iter()
+            .map(|n| node_name(n).to_string())
+            .filter(|n| n.starts_with(&p))
+            .collect();
+        if names.is_empty() {
+            continue;
         }
+        for name in names {
+            q.execute("blockdev-del", json!({"node-name": name}))?;
+            done.push(format!("node {name}"));
+        }
+        *nodes = q.nodes()?;
     }
-    let nodes = q.nodes()?;
+    let mut removed = false;
     for d in disks {
         let empty = HashSet::new();
         let k = keep.get(d).unwrap_or(&empty);
-        for b in bitmaps_of(&nodes, d) {
+        for b in bitmaps_of(nodes, d) {
             let name = b["name"].as_str().unwrap_or("");
             if name.starts_with(&pre) && !k.contains(name) {
                 q.execute(
@@ -180,8 +181,12 @@ pub fn cleanup(
                     json!({"node": d, "name": name}),
                 )?;
                 done.push(format!("bitmap {d}/{name}"));
+                removed = true;
             }
         }
+    }
+    if removed {
+        *nodes = q.nodes()?;
     }
     Ok(done)
 }
@@ -264,10 +269,11 @@ impl NbdServer {
 }
 
 /// Wait for push jobs `ids` (started with `auto-dismiss: false`) to conclude, reporting
-/// progress; dismiss them; error if any failed. Polls `query-jobs`, so no event is missed.
+/// progress; dismiss them; error if any failed. Wakes up on the jobs' `JOB_STATUS_CHANGE`
+/// to `concluded` (or every [`EVENT_WAIT`] for progress) and reads their state from
+/// `query-jobs`, so a missed event costs no more than one progress interval.
 pub fn wait_push_jobs(q: &mut Qmp, ids: &[String], progress: &Progress) -> Result<()> {
     let mut last = 0u64;
-    let mut poll = Poll::new();
     loop {
         let jobs = q.execute("query-jobs", json!({}))?;
         let mine: Vec<Value> = jobs
@@ -310,7 +316,16 @@ pub fn wait_push_jobs(q: &mut Qmp, ids: &[String], progress: &Progress) -> Resul
             }
             return Ok(());
         }
-        poll.wait();
+        let waiting: Vec<&str> = mine
+            .iter()
+            .filter(|j| j["status"] != "concluded")
+            .filter_map(|j| j["id"].as_str())
+            .collect();
+        q.wait_event(EVENT_WAIT, |ev, d| {
+            waiting
+                .iter()
+                .any(|id| job_event(ev, d, id, &["concluded"]))
+        })?;
     }
 }
 
@@ -328,8 +343,11 @@ fn qdev_is(qdev: &str, id: &str) -> bool {
 /// Pair each disk name with the node to address: a node name stands for itself; otherwise
 /// the name of a device in `query-block` (QEMU: a `-drive` id, or a `-device` id, whose
 /// root node may have a generated name) gives its inserted root node.
-pub fn resolve_disks(q: &mut Qmp, disks: &[String]) -> Result<Vec<(String, String)>> {
-    let nodes = q.nodes()?;
+pub fn resolve_disks(
+    q: &mut Qmp,
+    nodes: &[Value],
+    disks: &[String],
+) -> Result<Vec<(String, String)>> {
     let mut block: Option<Vec<Value>> = None;
     let mut out = Vec::with_capacity(disks.len());
     for d in disks {

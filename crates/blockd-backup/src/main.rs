@@ -16,6 +16,7 @@ mod chain;
 mod copy;
 mod daemon;
 mod error;
+mod filesum;
 mod fleece;
 mod manifest;
 mod nbd;

@@ -250,14 +250,10 @@ impl<'a> Repo<'a> {
         self.store.put(&self.manifest_name(&m.id), &data)
     }
 
-    /// A fresh backup id, later than every existing one.
-    pub fn new_id(&self, now: u64) -> Result<String> {
+    /// A fresh backup id, later than every one in `all` (this repository's [`Repo::backups`]).
+    pub fn new_id(&self, now: u64, all: &[Manifest]) -> Result<String> {
         let stamp = utc_stamp(now);
-        let last = self
-            .backups()?
-            .last()
-            .map(|m| m.id.clone())
-            .unwrap_or_default();
+        let last = all.last().map(|m| m.id.clone()).unwrap_or_default();
         for seq in 0..1000 {
             let id = format!("{stamp}-{seq:03}");
             if id > last && !self.store.exists(&self.manifest_name(&id)) {
@@ -272,7 +268,12 @@ impl<'a> Repo<'a> {
 
     /// Files under the machine's disks folder that no manifest references.
     pub fn orphans(&self) -> Result<Vec<String>> {
-        let all = self.backups()?;
+        self.orphans_of(&self.backups()?)
+    }
+
+    /// Files under the machine's disks folder that none of `all` (this repository's
+    /// [`Repo::backups`]) references.
+    pub fn orphans_of(&self, all: &[Manifest]) -> Result<Vec<String>> {
         let used: std::collections::HashSet<&str> = all
             .iter()
             .flat_map(|m| m.disks.iter())

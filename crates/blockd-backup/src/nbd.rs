@@ -15,6 +15,16 @@ pub const MAX_REQUEST: u32 = 32 << 20;
 /// Largest option reply or chunk payload accepted from a server.
 const MAX_PAYLOAD: u32 = MAX_REQUEST + 4096;
 
+/// Where a read's data chunks go: the caller's buffer for the request at `offset`.
+struct ReadInto<'a> {
+    /// The buffer of the whole request.
+    buf: &'a mut [u8],
+    /// The request's offset on the export.
+    offset: u64,
+    /// Bytes of data received into it so far.
+    got: u64,
+}
+
 /// An extent reported by block status: length and flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
@@ -236,6 +246,17 @@ impl NbdClient {
     fn replies(
         &mut self,
         cookie: u64,
+        on_chunk: impl FnMut(u16, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.replies_into(cookie, None, on_chunk)
+    }
+
+    /// [`NbdClient::replies`], with the data chunks of a read received straight into `dest`
+    /// (no copy through a buffer of their own).
+    fn replies_into(
+        &mut self,
+        cookie: u64,
+        mut dest: Option<&mut ReadInto<'_>>,
         mut on_chunk: impl FnMut(u16, &[u8]) -> Result<()>,
     ) -> Result<()> {
         loop {
@@ -260,6 +281,23 @@ impl NbdClient {
             let len = self.u32()?;
             if c != cookie || len > MAX_PAYLOAD {
                 return Err(perr("malformed NBD structured reply"));
+            }
+            if let (REPLY_TYPE_OFFSET_DATA, Some(d)) = (ty, dest.as_deref_mut()) {
+                let n = len.checked_sub(8).ok_or_else(|| perr("short chunk"))? as usize;
+                let at = self.u64()?;
+                let dst = at
+                    .checked_sub(d.offset)
+                    .and_then(|s| usize::try_from(s).ok())
+                    .and_then(|s| d.buf.get_mut(s..s.checked_add(n)?))
+                    .ok_or_else(|| perr("chunk outside request"))?;
+                self.s
+                    .read_exact(dst)
+                    .map_err(|e| ioerr(e, "reading from NBD server"))?;
+                d.got += n as u64;
+                if flags & REPLY_FLAG_DONE != 0 {
+                    return Ok(());
+                }
+                continue;
             }
             let data = self.read_n(len as usize)?;
             if ty & (1 << 15) != 0 {
@@ -287,44 +325,38 @@ impl NbdClient {
     /// Read `buf.len()` bytes at `offset` (holes read as zeros).
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = u32::try_from(buf.len()).map_err(|_| perr("read too large"))?;
+        let mut holes: Vec<(usize, usize)> = Vec::new();
         let cookie = self.request(CMD_READ, 0, offset, len, &[])?;
-        let mut got = 0u64;
-        self.replies(cookie, |ty, d| {
-            let at = |d: &[u8]| -> Result<usize> {
-                let o = u64::from_be_bytes(
-                    d.get(..8)
-                        .and_then(|b| b.try_into().ok())
-                        .ok_or_else(|| perr("short chunk"))?,
-                );
-                o.checked_sub(offset)
-                    .map(|x| x as usize)
-                    .ok_or_else(|| perr("chunk outside request"))
-            };
-            match ty {
-                REPLY_TYPE_OFFSET_DATA => {
-                    let s = at(d)?;
-                    let data = &d[8..];
-                    let dst = buf
-                        .get_mut(s..s + data.len())
-                        .ok_or_else(|| perr("chunk outside request"))?;
-                    dst.copy_from_slice(data);
-                    got += data.len() as u64;
-                }
-                REPLY_TYPE_OFFSET_HOLE => {
-                    let s = at(d)?;
-                    let n = d
-                        .get(8..12)
-                        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-                        .unwrap_or(0) as usize;
-                    buf.get_mut(s..s + n)
-                        .ok_or_else(|| perr("hole outside request"))?
-                        .fill(0);
-                    got += n as u64;
-                }
-                _ => {}
+        let mut into = ReadInto {
+            buf,
+            offset,
+            got: 0,
+        };
+        self.replies_into(cookie, Some(&mut into), |ty, d| {
+            if ty == REPLY_TYPE_OFFSET_HOLE {
+                let s = d
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .and_then(|o| o.checked_sub(offset))
+                    .and_then(|s| usize::try_from(s).ok())
+                    .ok_or_else(|| perr("hole outside request"))?;
+                let n = d
+                    .get(8..12)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                    .unwrap_or(0) as usize;
+                holes.push((s, n));
             }
             Ok(())
         })?;
+        let mut got = into.got;
+        for (s, n) in holes {
+            into.buf
+                .get_mut(s..s.saturating_add(n))
+                .ok_or_else(|| perr("hole outside request"))?
+                .fill(0);
+            got += n as u64;
+        }
         if got != u64::from(len) {
             return Err(perr(format!(
                 "NBD read at {offset} returned {got} of {len} bytes"

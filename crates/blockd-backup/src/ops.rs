@@ -9,6 +9,7 @@ use serde_json::json;
 use crate::chain;
 use crate::daemon::Daemon;
 use crate::error::{Context, Error, Kind, Result};
+use crate::filesum;
 use crate::manifest::{DiskRecord, FileRecord, Lock, Manifest, Repo};
 use crate::nbd::NbdClient;
 use crate::progress::Progress;
@@ -74,7 +75,7 @@ pub fn list(repo: &Repo<'_>, json_out: bool) -> Result<()> {
 /// Check one chain file's recorded checksum and run `qemu-img check` on it.
 fn verify_file(repo: &Repo<'_>, f: &FileRecord) -> Result<()> {
     let p = repo.store.local_path(&f.name)?;
-    let (sum, len) = chain::file_checksum(&p, f.hash)?;
+    let (sum, len) = filesum::file_checksum(&p, f.hash)?;
     if sum != f.checksum || len != f.size {
         return Err(Error::new(
             Kind::Verify,
@@ -181,7 +182,7 @@ pub fn restore(
                 .map_err(|e| Error::io(e, format!("syncing {}", p.display())))?;
         }
         Target::Qcow2(p) => {
-            let out = chain::create(p, d.size, None)?;
+            let out = chain::create(p, d.size, None, chain::Durability::Flushes)?;
             chain::read_all(&img, |off, b| {
                 h.update(b);
                 if !b.iter().all(|&x| x == 0) {
@@ -388,7 +389,7 @@ pub fn prune(repo: &Repo<'_>, keep: usize, progress: &Progress) -> Result<()> {
             for f in d.chain.iter_mut().filter(|f| changed.contains(&f.name)) {
                 let key = f.name.clone();
                 if !sums.contains_key(&key) {
-                    let sum = chain::file_checksum(&repo.store.local_path(&f.name)?, algo)?;
+                    let sum = filesum::file_checksum(&repo.store.local_path(&f.name)?, algo)?;
                     sums.insert(key.clone(), sum);
                 }
                 if let Some((sum, len)) = sums.get(&key) {

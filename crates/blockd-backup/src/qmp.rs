@@ -1,6 +1,8 @@
-//! A small synchronous QMP client: greeting, negotiation, commands. Events are skipped
-//! (job progress and completion are polled with `query-jobs`, which cannot be missed).
+//! A small synchronous QMP client: greeting, negotiation, commands, and waiting for events.
+//! Events that arrive while a command runs are kept (the newest [`MAX_EVENTS`]), so a wait
+//! that starts after the command that caused its event still sees it.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -13,12 +15,19 @@ use crate::error::{Error, Kind, Result};
 /// Longest QMP line accepted from the daemon.
 const MAX_LINE: usize = 16 << 20;
 
+/// Events kept for later waits; older ones are dropped (a wait then falls back on its timeout).
+const MAX_EVENTS: usize = 4096;
+
 /// A negotiated QMP connection.
 pub struct Qmp {
     /// Reader half.
     rd: BufReader<UnixStream>,
     /// Writer half.
     wr: UnixStream,
+    /// Bytes of a message not yet complete (a read that timed out keeps what it got).
+    partial: Vec<u8>,
+    /// Events received and not yet taken by a wait, oldest first.
+    events: VecDeque<Value>,
 }
 
 /// A QMP error reply: class and description.
@@ -71,6 +80,8 @@ impl Qmp {
         let mut q = Qmp {
             rd: BufReader::new(s),
             wr,
+            partial: Vec::new(),
+            events: VecDeque::new(),
         };
         let greeting = q.read_msg().map_err(|e| {
             e.context("no QMP greeting within 10 s (is another client using this monitor?)")
@@ -83,25 +94,88 @@ impl Qmp {
         Ok(q)
     }
 
-    /// Read one JSON message.
+    /// Read one JSON message. A read error (also a read timeout) keeps the bytes of a message
+    /// begun, so the next call continues it.
     fn read_msg(&mut self) -> Result<Value> {
-        let mut line = Vec::new();
         loop {
-            line.clear();
-            let n = std::io::Read::take(&mut self.rd, MAX_LINE as u64)
-                .read_until(b'\n', &mut line)
+            let room = (MAX_LINE as u64).saturating_sub(self.partial.len() as u64);
+            let n = std::io::Read::take(&mut self.rd, room)
+                .read_until(b'\n', &mut self.partial)
                 .map_err(|e| Error::caused(Kind::Daemon, "reading from QMP", e))?;
             if n == 0 {
                 return Err(Error::new(
                     Kind::Daemon,
-                    "the daemon closed the QMP connection",
+                    if self.partial.len() >= MAX_LINE {
+                        "a QMP message from the daemon is too long"
+                    } else {
+                        "the daemon closed the QMP connection"
+                    },
                 ));
             }
+            if !self.partial.ends_with(b"\n") && self.partial.len() < MAX_LINE {
+                continue;
+            }
+            let line = std::mem::take(&mut self.partial);
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
             return serde_json::from_slice(&line)
                 .map_err(|e| Error::caused(Kind::Daemon, "parsing a QMP message", e));
+        }
+    }
+
+    /// Keep an event for a later [`Qmp::wait_event`].
+    fn keep_event(&mut self, ev: Value) {
+        if self.events.len() >= MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(ev);
+    }
+
+    /// Forget the kept events `matches` accepts (before a command whose own event a wait
+    /// will look for, so an older one of the same kind cannot answer it).
+    pub fn drop_events(&mut self, mut matches: impl FnMut(&str, &Value) -> bool) {
+        self.events
+            .retain(|e| !matches(e["event"].as_str().unwrap_or(""), &e["data"]));
+    }
+
+    /// Wait up to `timeout` for an event `matches` accepts (kept ones first, then new ones);
+    /// it is taken out of the kept events. `None` when none came in time.
+    pub fn wait_event(
+        &mut self,
+        timeout: Duration,
+        mut matches: impl FnMut(&str, &Value) -> bool,
+    ) -> Result<Option<Value>> {
+        let hit = |ev: &Value, m: &mut dyn FnMut(&str, &Value) -> bool| {
+            m(ev["event"].as_str().unwrap_or(""), &ev["data"])
+        };
+        if let Some(i) = self.events.iter().position(|e| hit(e, &mut matches)) {
+            return Ok(self.events.remove(i));
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.rd
+                .get_ref()
+                .set_read_timeout(Some(left))
+                .map_err(|e| Error::io(e, "setting QMP timeout"))?;
+            let msg = self.read_msg();
+            let _ = self.rd.get_ref().set_read_timeout(None);
+            let m = match msg {
+                Ok(m) => m,
+                Err(e) if is_timeout(&e) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if m.get("event").is_none() {
+                continue;
+            }
+            if hit(&m, &mut matches) {
+                return Ok(Some(m));
+            }
+            self.keep_event(m);
         }
     }
 
@@ -117,6 +191,7 @@ impl Qmp {
         loop {
             let m = self.read_msg()?;
             if m.get("event").is_some() {
+                self.keep_event(m);
                 continue;
             }
             if let Some(r) = m.get("return") {
@@ -138,6 +213,18 @@ impl Qmp {
         let v = self.execute("query-named-block-nodes", json!({"flat": true}))?;
         Ok(v.as_array().cloned().unwrap_or_default())
     }
+}
+
+/// Whether `e` is a read that timed out.
+fn is_timeout(e: &Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            )
+        })
 }
 
 /// The QMP error description of an error, if it is a daemon refusal.

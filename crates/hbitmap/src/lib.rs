@@ -18,7 +18,7 @@
 //! ```text
 //!  HBitmap ─ any_dirty: Summary (bit per chunk: has a dirty granule; multi-level)
 //!          ─ any_clean: Summary (bit per chunk: has a clean granule; multi-level)
-//!          ─ chunks: [Option<Box<Chunk>>]   None = all clean (costs 8 bytes)
+//!          ─ chunks: [Option<Arc<Chunk>>]   None = all clean (costs 8 bytes); shared CoW
 //!                          │
 //!                          Chunk: 4096 leaf words (2^18 granules; sparse, or dense 32 KiB)
 //!                                 nz/nf: bit per word (non-zero / not full) + a top word each
@@ -47,12 +47,16 @@ mod chunk;
 mod error;
 mod serial;
 pub mod sha256;
+mod shared;
 mod summary;
 
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
+mod share_proptests;
+#[cfg(test)]
 mod tests;
 
 pub use bitmap::{DirtyRanges, HBitmap, MAX_GRANULARITY, MAX_GRANULES, MIN_GRANULARITY};
 pub use error::Error;
+pub use shared::Select;

@@ -237,8 +237,16 @@ fn probe_bounds(s: Shape, p: Probe) -> (u64, u64) {
     (off, end)
 }
 
+/// `n` cases, or `PROPTEST_CASES` when set (an explicit count would override it).
+pub(crate) fn cases(n: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n)
+}
+
 fn cfg() -> ProptestConfig {
-    ProptestConfig::with_cases(128)
+    ProptestConfig::with_cases(cases(128))
 }
 
 proptest! {

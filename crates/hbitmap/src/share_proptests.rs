@@ -198,7 +198,7 @@ fn merge(item: &mut Item, src: &HBitmap, src_model: &Model) {
 }
 
 fn cfg() -> ProptestConfig {
-    ProptestConfig::with_cases(256)
+    ProptestConfig::with_cases(crate::proptests::cases(256))
 }
 
 proptest! {

@@ -1,8 +1,10 @@
 //! Named dirty bitmaps of a node and the rules for using them.
 //!
 //! Each node keeps its bitmaps in one `Mutex<BitmapList>` (per node, never global). Every write
-//! through the node marks the recording ones while holding that lock for a few word operations;
-//! no allocation happens on that path. The QMP-visible rules (busy, inconsistent, read-only) are
+//! through the node marks the recording ones together while holding that lock for a few word
+//! operations; a leaf block they share is marked once. The path allocates only on the first
+//! dirtying of a block, or to copy a block (32 KiB, once) that a frozen copy or a bitmap not
+//! being marked still shares with the recording ones. The QMP-visible rules (busy, inconsistent, read-only) are
 //! checked in [`BitmapList::usable`], so every command refuses the same way QEMU does.
 
 use hbitmap::HBitmap;

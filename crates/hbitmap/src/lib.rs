@@ -38,6 +38,11 @@
 //! bytes of directory per chunk plus two summary bits; a chunk's fixed part is ~1 KiB.
 //! A fully dirty bitmap costs ~1 bit per granule plus ~3 %: 64 GiB at 64 KiB ≈ 130 KiB,
 //! 64 TiB at 64 KiB ≈ 130 MiB.
+//!
+//! Sharing (`shared`): chunks are `Arc`s shared copy-on-write between bitmaps of one disk
+//! (clones, merges into clean chunks, [`HBitmap::set_in_all`] marking several bitmaps at
+//! once, [`HBitmap::share_identical`]). A shared chunk changes in place only when every
+//! holder receives the same change; otherwise the changed bitmaps take a copy first.
 
 #![warn(missing_docs)]
 

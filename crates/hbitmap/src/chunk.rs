@@ -391,12 +391,22 @@ impl Chunk {
     /// Whether every local granule in `lo..hi` is already dirty (`lo < hi <= granules()`).
     #[inline]
     pub(crate) fn covers(&self, lo: usize, hi: usize) -> bool {
+        let (first, last) = (lo / WORD_BITS, (hi - 1) / WORD_BITS);
+        if first == last {
+            let mask = mask_incl(lo % WORD_BITS, (hi - 1) % WORD_BITS);
+            return self.words.get(first) & mask == mask;
+        }
         self.next_clean(lo).is_none_or(|l| l >= hi)
     }
 
     /// Whether some local granule in `lo..hi` is dirty.
     #[inline]
     pub(crate) fn any_dirty_in(&self, lo: usize, hi: usize) -> bool {
+        let (first, last) = (lo / WORD_BITS, (hi - 1) / WORD_BITS);
+        if first == last {
+            let mask = mask_incl(lo % WORD_BITS, (hi - 1) % WORD_BITS);
+            return self.words.get(first) & mask != 0;
+        }
         self.next_dirty(lo).is_some_and(|l| l < hi)
     }
 

@@ -48,6 +48,9 @@ impl HBitmap {
             let Some((g0, g1)) = b.granule_span(offset, len) else {
                 continue;
             };
+            if b.set_if_unshared(g0, g1) {
+                continue;
+            }
             let geometry = b.geometry();
             for c in b.chunk_of(g0)..=b.chunk_of(g1 - 1) {
                 let Some(b) = select(&mut items[i]) else {
@@ -67,6 +70,36 @@ impl HBitmap {
                 job.run(items, select, i);
             }
         }
+    }
+
+    /// The common cases of [`HBitmap::set_in_all`] for one bitmap, as cheap as [`HBitmap::set`]:
+    /// granules `g0..g1` lie in one chunk that is already dirty there, or that only this
+    /// bitmap holds. Returns false (nothing done) otherwise.
+    #[inline]
+    fn set_if_unshared(&mut self, g0: u64, g1: u64) -> bool {
+        let c = self.chunk_of(g0);
+        if c != self.chunk_of(g1 - 1) {
+            return false;
+        }
+        let (lo, hi) = (self.local(g0), self.local(g1 - 1) + 1);
+        let Some(ch) = &mut self.chunks[c] else {
+            return false;
+        };
+        if ch.covers(lo, hi) {
+            return true;
+        }
+        if Arc::strong_count(ch) != 1 {
+            return false;
+        }
+        let ch = Arc::make_mut(ch);
+        let before = ch.dirty();
+        ch.set_range(lo, hi);
+        let (after, full) = (ch.dirty(), !ch.has_clean());
+        self.add_dirty(before, after);
+        if full {
+            self.sync(c);
+        }
+        true
     }
 
     /// Makes bitmaps of the same geometry that hold identical bits in a chunk share one

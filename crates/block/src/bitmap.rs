@@ -1,8 +1,10 @@
 //! Named dirty bitmaps of a node and the rules for using them.
 //!
 //! Each node keeps its bitmaps in one `Mutex<BitmapList>` (per node, never global). Every write
-//! through the node marks the recording ones while holding that lock for a few word operations;
-//! no allocation happens on that path. The QMP-visible rules (busy, inconsistent, read-only) are
+//! through the node marks the recording ones together while holding that lock for a few word
+//! operations; a leaf block they share is marked once. The path allocates only on the first
+//! dirtying of a block, or to copy a block (32 KiB, once) that a frozen copy or a bitmap not
+//! being marked still shares with the recording ones. The QMP-visible rules (busy, inconsistent, read-only) are
 //! checked in [`BitmapList::usable`], so every command refuses the same way QEMU does.
 
 use hbitmap::HBitmap;
@@ -81,11 +83,22 @@ impl BitmapList {
         Ok(bitmap)
     }
 
-    /// Mark `[offset, offset+len)` in every recording bitmap.
+    /// Mark `[offset, offset+len)` in every recording bitmap, together: a leaf block the
+    /// recording bitmaps share (and no one else holds) is marked once (see `hbitmap`'s
+    /// `HBitmap::set_in_all`).
     pub fn mark(&mut self, offset: u64, len: u64) {
-        for bitmap in self.items.iter_mut().filter(|b| b.recording && !b.frozen) {
-            bitmap.bits.set(offset, len);
-        }
+        HBitmap::set_in_all(&mut self.items, recording_bits, offset, len);
+    }
+
+    /// Let bitmaps that hold identical bits share their leaf blocks (after loading them
+    /// from an image). Changes no bit.
+    pub fn share_identical(&mut self) {
+        HBitmap::share_identical(&mut self.items, |b: &mut DirtyBitmap| Some(&mut b.bits));
+    }
+
+    /// Heap bytes of all the bitmaps' bits, each shared leaf block counted once.
+    pub fn memory_usage(&self) -> usize {
+        HBitmap::memory_usage_together(self.items.iter().map(|b| &b.bits))
     }
 
     /// Number of recording bitmaps.
@@ -95,6 +108,11 @@ impl BitmapList {
             .filter(|b| b.recording && !b.frozen)
             .count()
     }
+}
+
+/// The bits a guest write marks: those of a recording bitmap that is not frozen.
+fn recording_bits(b: &mut DirtyBitmap) -> Option<&mut HBitmap> {
+    (b.recording && !b.frozen).then_some(&mut b.bits)
 }
 
 /// QEMU's refusal rules for using a bitmap.

@@ -358,6 +358,31 @@ fn bench_eight(gran: u64, offsets: &[u64], t: &mut Table) {
     t.note(format!("memory: 8 bitmaps after {n} writes"), size(total));
 }
 
+/// The same eight bitmaps marked together (`HBitmap::set_in_all`): they share their blocks.
+fn bench_eight_together(gran: u64, offsets: &[u64], t: &mut Table) {
+    let mut bitmaps: Vec<HBitmap> = (0..8).map(|_| new_bitmap(gran)).collect();
+    let mark8 = |bitmaps: &mut Vec<HBitmap>| {
+        for &off in offsets {
+            HBitmap::set_in_all(bitmaps, |b: &mut HBitmap| Some(b), off, 4 * KIB);
+        }
+    };
+    let n = offsets.len() as u64;
+    let took = once(|| mark8(&mut bitmaps));
+    t.time(
+        "8 bitmaps together: per 4 KiB write, cold",
+        n,
+        took,
+        "set_in_all; blocks shared",
+    );
+    let took = best(|| mark8(&mut bitmaps));
+    t.time("8 bitmaps together: per 4 KiB write, warm", n, took, "");
+    let total = HBitmap::memory_usage_together(&bitmaps);
+    t.note(
+        format!("memory: 8 bitmaps together after {n} writes"),
+        size(total),
+    );
+}
+
 fn main() {
     let start = Instant::now();
     for gran in [64 * KIB, 512] {
@@ -368,6 +393,7 @@ fn main() {
         bench_scans(gran, &mut rng, &mut t);
         let eight = if gran < 4 * KIB { 100_000 } else { 200_000 };
         bench_eight(gran, &offsets[..eight], &mut t);
+        bench_eight_together(gran, &offsets[..eight], &mut t);
         t.print(&format!("1 TiB disk, granularity {gran} B"));
     }
     println!("\ntotal {:.1} s", start.elapsed().as_secs_f64());

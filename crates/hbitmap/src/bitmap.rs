@@ -1,6 +1,7 @@
 //! [`HBitmap`]: the public bitmap type, its construction and its byte-range operations.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::bits::{mask_incl, WORD_BITS};
 use crate::chunk::{Chunk, MAX_CHUNK_WORDS};
@@ -41,7 +42,11 @@ pub struct HBitmap {
     /// log2 of granules per chunk (fixed at 18 outside tests).
     chunk_shift: u32,
     /// Leaf chunks; `None` means all clean. A present chunk always has a dirty granule.
-    chunks: Vec<Option<Box<Chunk>>>,
+    /// A chunk may be shared with other bitmaps (clones, merges, bitmaps marked together):
+    /// it is only changed in place while this bitmap is its sole holder, or by
+    /// [`HBitmap::set_in_all`] while every holder is being marked alike; otherwise a change
+    /// first takes a private copy ([`Arc::make_mut`]).
+    pub(crate) chunks: Vec<Option<Arc<Chunk>>>,
     /// Bit `c`: chunk `c` has a dirty granule (so it is present).
     any_dirty: Summary,
     /// Bit `c`: chunk `c` has a clean granule (always the case for an absent chunk).
@@ -133,6 +138,10 @@ impl HBitmap {
         let (lo, hi) = (self.local(g0), self.local(g1 - 1) + 1);
         if c == self.chunk_of(g1 - 1) {
             if let Some(ch) = &mut self.chunks[c] {
+                if ch.covers(lo, hi) {
+                    return;
+                }
+                let ch = Arc::make_mut(ch);
                 let before = ch.dirty();
                 ch.set_range(lo, hi);
                 self.dirty += ch.dirty() - before;
@@ -156,6 +165,10 @@ impl HBitmap {
         let (lo, hi) = (self.local(g0), self.local(g1 - 1) + 1);
         if c == self.chunk_of(g1 - 1) && (lo, hi) != (0, self.chunk_granules(c)) {
             if let Some(ch) = &mut self.chunks[c] {
+                if !ch.any_dirty_in(lo, hi) {
+                    return;
+                }
+                let ch = Arc::make_mut(ch);
                 let before = ch.dirty();
                 ch.clear_range(lo, hi);
                 self.dirty = self.dirty - before + ch.dirty();
@@ -171,12 +184,19 @@ impl HBitmap {
     }
 
     /// Marks every granule dirty (allocates the whole leaf).
+    /// Full chunks of one length are one shared block.
     pub fn set_all(&mut self) {
+        let mut full: Option<Arc<Chunk>> = None;
         for c in 0..self.chunks.len() {
             let granules = self.chunk_granules(c);
             let slot = &mut self.chunks[c];
             if slot.as_ref().is_none_or(|ch| ch.has_clean()) {
-                *slot = Some(Box::new(Chunk::full(granules)));
+                let block = match &full {
+                    Some(f) if f.granules() == granules => Arc::clone(f),
+                    _ => Arc::new(Chunk::full(granules)),
+                };
+                full = Some(Arc::clone(&block));
+                *slot = Some(block);
             }
         }
         self.any_dirty.fill(true);
@@ -252,7 +272,8 @@ impl HBitmap {
 
     /// `self |= src`. Both must cover the same disk size; granularities may differ, in
     /// which case a granule of `self` becomes dirty when its bytes intersect a dirty
-    /// granule of `src` (both clipped to the disk).
+    /// granule of `src` (both clipped to the disk). With the same geometry, a chunk of
+    /// `self` that is clean or a subset of the source's becomes the source's (shared).
     pub fn merge(&mut self, src: &HBitmap) -> Result<(), Error> {
         if src.size != self.size {
             return Err(Error::SizeMismatch {
@@ -269,14 +290,20 @@ impl HBitmap {
         for (c, src_chunk) in src.chunks.iter().enumerate() {
             let Some(src_chunk) = src_chunk else { continue };
             match &mut self.chunks[c] {
+                Some(dst) if Arc::ptr_eq(dst, src_chunk) || src_chunk.is_subset_of(dst) => {}
+                Some(dst) if dst.is_subset_of(src_chunk) => {
+                    self.dirty = self.dirty - dst.dirty() + src_chunk.dirty();
+                    *dst = Arc::clone(src_chunk);
+                }
                 Some(dst) => {
                     let before = dst.dirty();
+                    let dst = Arc::make_mut(dst);
                     dst.or_from(src_chunk);
                     self.dirty = self.dirty - before + dst.dirty();
                 }
                 slot @ None => {
                     self.dirty += src_chunk.dirty();
-                    *slot = Some(src_chunk.clone());
+                    *slot = Some(Arc::clone(src_chunk));
                 }
             }
             self.sync(c);
@@ -298,7 +325,7 @@ impl HBitmap {
             let chunk = if old.granules() == granules {
                 old
             } else {
-                Box::new(Chunk::resized(&old, granules))
+                Arc::new(Chunk::resized(&old, granules))
             };
             new.dirty += chunk.dirty();
             new.chunks[c] = Some(chunk);
@@ -308,10 +335,29 @@ impl HBitmap {
         Ok(())
     }
 
+    /// Heap bytes besides the chunks: the chunk directory and the summaries.
+    pub(crate) fn memory_usage_without_chunks(&self) -> usize {
+        self.chunks.capacity() * std::mem::size_of::<Option<Arc<Chunk>>>()
+            + self.any_dirty.heap_bytes()
+            + self.any_clean.heap_bytes()
+    }
+
+    /// log2 of granules per chunk.
+    pub(crate) fn chunk_shift(&self) -> u32 {
+        self.chunk_shift
+    }
+
+    /// Chunk count went from `before` to `after` dirty granules somewhere.
+    #[inline]
+    pub(crate) fn add_dirty(&mut self, before: u64, after: u64) {
+        self.dirty = self.dirty - before + after;
+    }
+
     /// Approximate heap bytes used: the chunk directory, the summaries and the allocated
-    /// chunks.
+    /// chunks, counting chunks shared with other bitmaps in full (see
+    /// [`HBitmap::memory_usage_together`] for a set of bitmaps).
     pub fn memory_usage(&self) -> usize {
-        self.chunks.capacity() * std::mem::size_of::<Option<Box<Chunk>>>()
+        self.chunks.capacity() * std::mem::size_of::<Option<Arc<Chunk>>>()
             + self.any_dirty.heap_bytes()
             + self.any_clean.heap_bytes()
             + self
@@ -331,7 +377,7 @@ impl HBitmap {
 
     /// The granules `g0..g1` intersecting the byte range clipped to the disk.
     #[inline]
-    fn granule_span(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+    pub(crate) fn granule_span(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
         if len == 0 || offset >= self.size {
             return None;
         }
@@ -393,15 +439,15 @@ impl HBitmap {
             let hi = (g1.min(base + total as u64) - base) as usize;
             let slot = &mut self.chunks[c];
             let before = match slot {
-                Some(ch) if !ch.has_clean() => continue,
+                Some(ch) if ch.covers(lo, hi) => continue,
                 Some(ch) => ch.dirty(),
                 None => 0,
             };
             let after = if lo == 0 && hi == total {
-                *slot = Some(Box::new(Chunk::full(total)));
+                *slot = Some(Arc::new(Chunk::full(total)));
                 total as u64
             } else {
-                let ch = slot.get_or_insert_with(|| Box::new(Chunk::clean(total)));
+                let ch = Arc::make_mut(slot.get_or_insert_with(|| Arc::new(Chunk::clean(total))));
                 ch.set_range(lo, hi);
                 ch.dirty()
             };
@@ -424,7 +470,8 @@ impl HBitmap {
             if lo == 0 && hi == total {
                 self.chunks[c] = None;
                 self.dirty -= before;
-            } else {
+            } else if ch.any_dirty_in(lo, hi) {
+                let ch = Arc::make_mut(ch);
                 ch.clear_range(lo, hi);
                 self.dirty = self.dirty - before + ch.dirty();
             }
@@ -512,9 +559,11 @@ impl HBitmap {
                 let n = ((stop - g) as usize).min(WORD_BITS - lo);
                 let mask = mask_incl(lo, lo + n - 1);
                 let value = (bits(g, n) << lo) & mask;
-                if value != 0 || slot.is_some() {
-                    let ch = slot.get_or_insert_with(|| Box::new(Chunk::clean(granules)));
-                    ch.store(j, (ch.word(j) & !mask) | value);
+                let old = slot.as_ref().map_or(0, |ch| ch.word(j));
+                let new = (old & !mask) | value;
+                if new != old {
+                    let ch = slot.get_or_insert_with(|| Arc::new(Chunk::clean(granules)));
+                    Arc::make_mut(ch).store(j, new);
                 }
                 g += n as u64;
             }

@@ -388,6 +388,77 @@ impl Chunk {
         }
     }
 
+    /// Whether every local granule in `lo..hi` is already dirty (`lo < hi <= granules()`).
+    #[inline]
+    pub(crate) fn covers(&self, lo: usize, hi: usize) -> bool {
+        let (first, last) = (lo / WORD_BITS, (hi - 1) / WORD_BITS);
+        if first == last {
+            let mask = mask_incl(lo % WORD_BITS, (hi - 1) % WORD_BITS);
+            return self.words.get(first) & mask == mask;
+        }
+        self.next_clean(lo).is_none_or(|l| l >= hi)
+    }
+
+    /// Whether some local granule in `lo..hi` is dirty.
+    #[inline]
+    pub(crate) fn any_dirty_in(&self, lo: usize, hi: usize) -> bool {
+        let (first, last) = (lo / WORD_BITS, (hi - 1) / WORD_BITS);
+        if first == last {
+            let mask = mask_incl(lo % WORD_BITS, (hi - 1) % WORD_BITS);
+            return self.words.get(first) & mask != 0;
+        }
+        self.next_dirty(lo).is_some_and(|l| l < hi)
+    }
+
+    /// Whether every dirty granule of `self` is dirty in `other` (same length).
+    pub(crate) fn is_subset_of(&self, other: &Chunk) -> bool {
+        debug_assert_eq!(self.words.len(), other.words.len());
+        if self.dirty > other.dirty {
+            return false;
+        }
+        let mut top = self.nz_top;
+        while top != 0 {
+            let k = lowest(top);
+            top &= top - 1;
+            let mut sub = self.nz[k];
+            while sub != 0 {
+                let j = k * WORD_BITS + lowest(sub);
+                sub &= sub - 1;
+                if self.words.get(j) & !other.words.get(j) != 0 {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Whether both hold the same granules, dirty alike.
+    pub(crate) fn same_bits(&self, other: &Chunk) -> bool {
+        self.words.len() == other.words.len()
+            && self.last_mask == other.last_mask
+            && self.dirty == other.dirty
+            && self.nz == other.nz
+            && self.is_subset_of(other)
+    }
+
+    /// A cheap hash of the words (equal bits give equal hashes), to find identical chunks.
+    pub(crate) fn bits_hash(&self) -> u64 {
+        let mut h = (self.words.len() as u64) ^ (u64::from(self.dirty) << 32);
+        let mut top = self.nz_top;
+        while top != 0 {
+            let k = lowest(top);
+            top &= top - 1;
+            let mut sub = self.nz[k];
+            while sub != 0 {
+                let j = k * WORD_BITS + lowest(sub);
+                sub &= sub - 1;
+                h = (h.rotate_left(5) ^ (j as u64) ^ self.words.get(j))
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            }
+        }
+        h
+    }
+
     /// The first dirty local granule at or after `l`.
     pub(crate) fn next_dirty(&self, l: usize) -> Option<usize> {
         let j = l / WORD_BITS;

@@ -18,7 +18,7 @@
 //! ```text
 //!  HBitmap ─ any_dirty: Summary (bit per chunk: has a dirty granule; multi-level)
 //!          ─ any_clean: Summary (bit per chunk: has a clean granule; multi-level)
-//!          ─ chunks: [Option<Box<Chunk>>]   None = all clean (costs 8 bytes)
+//!          ─ chunks: [Option<Arc<Chunk>>]   None = all clean (costs 8 bytes); shared CoW
 //!                          │
 //!                          Chunk: 4096 leaf words (2^18 granules; sparse, or dense 32 KiB)
 //!                                 nz/nf: bit per word (non-zero / not full) + a top word each
@@ -38,6 +38,11 @@
 //! bytes of directory per chunk plus two summary bits; a chunk's fixed part is ~1 KiB.
 //! A fully dirty bitmap costs ~1 bit per granule plus ~3 %: 64 GiB at 64 KiB ≈ 130 KiB,
 //! 64 TiB at 64 KiB ≈ 130 MiB.
+//!
+//! Sharing (`shared`): chunks are `Arc`s shared copy-on-write between bitmaps of one disk
+//! (clones, merges into clean chunks, [`HBitmap::set_in_all`] marking several bitmaps at
+//! once, [`HBitmap::share_identical`]). A shared chunk changes in place only when every
+//! holder receives the same change; otherwise the changed bitmaps take a copy first.
 
 #![warn(missing_docs)]
 
@@ -47,12 +52,16 @@ mod chunk;
 mod error;
 mod serial;
 pub mod sha256;
+mod shared;
 mod summary;
 
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
+mod share_proptests;
+#[cfg(test)]
 mod tests;
 
 pub use bitmap::{DirtyRanges, HBitmap, MAX_GRANULARITY, MAX_GRANULES, MIN_GRANULARITY};
 pub use error::Error;
+pub use shared::Select;

@@ -11,14 +11,14 @@ const GRANULARITIES: [u64; 5] = [512, 4096, 65536, 1 << 20, 1 << 31];
 
 /// The model: one bool per granule, byte-range semantics written the obvious way.
 #[derive(Clone, Debug)]
-struct Model {
-    size: u64,
-    gran: u64,
-    bits: Vec<bool>,
+pub(crate) struct Model {
+    pub(crate) size: u64,
+    pub(crate) gran: u64,
+    pub(crate) bits: Vec<bool>,
 }
 
 impl Model {
-    fn new(size: u64, gran: u64) -> Model {
+    pub(crate) fn new(size: u64, gran: u64) -> Model {
         Model {
             size,
             gran,
@@ -34,7 +34,7 @@ impl Model {
         (off / self.gran) as usize..((end - 1) / self.gran + 1) as usize
     }
 
-    fn assign(&mut self, off: u64, len: u64, value: bool) {
+    pub(crate) fn assign(&mut self, off: u64, len: u64, value: bool) {
         let span = self.span(off, len);
         self.bits[span].fill(value);
     }
@@ -43,7 +43,7 @@ impl Model {
         off < self.size && self.bits[(off / self.gran) as usize]
     }
 
-    fn dirty(&self) -> u64 {
+    pub(crate) fn dirty(&self) -> u64 {
         self.bits.iter().filter(|b| **b).count() as u64
     }
 
@@ -78,7 +78,7 @@ impl Model {
         self.bits.get(g as usize).copied().unwrap_or(false)
     }
 
-    fn bytes(&self, start: u64, len: usize) -> Vec<u8> {
+    pub(crate) fn bytes(&self, start: u64, len: usize) -> Vec<u8> {
         (0..len as u64)
             .map(|k| {
                 (0..8).fold(0u8, |acc, i| {
@@ -91,10 +91,10 @@ impl Model {
 
 /// A bitmap shape: size, granularity, log2 granules per chunk.
 #[derive(Clone, Copy, Debug)]
-struct Shape {
-    size: u64,
-    gran: u64,
-    chunk_shift: u32,
+pub(crate) struct Shape {
+    pub(crate) size: u64,
+    pub(crate) gran: u64,
+    pub(crate) chunk_shift: u32,
 }
 
 /// One mutation.
@@ -134,13 +134,13 @@ fn shape_with(gran: u64) -> impl Strategy<Value = Shape> {
         })
 }
 
-fn shape() -> impl Strategy<Value = Shape> {
+pub(crate) fn shape() -> impl Strategy<Value = Shape> {
     prop::sample::select(GRANULARITIES.to_vec()).prop_flat_map(shape_with)
 }
 
 /// A byte offset near granule boundaries (often word or chunk aligned), sometimes past
 /// the end.
-fn pick_offset(s: Shape, a: u64, b: u64) -> u64 {
+pub(crate) fn pick_offset(s: Shape, a: u64, b: u64) -> u64 {
     let granules = s.size.div_ceil(s.gran);
     let g = a % (granules + 2);
     match b % 6 {
@@ -152,7 +152,7 @@ fn pick_offset(s: Shape, a: u64, b: u64) -> u64 {
 }
 
 /// A length: usually a few granules or words, sometimes most of the disk or "to infinity".
-fn pick_len(s: Shape, c: u64, d: u64) -> u64 {
+pub(crate) fn pick_len(s: Shape, c: u64, d: u64) -> u64 {
     let granules = s.size.div_ceil(s.gran);
     let sub = if d.is_multiple_of(3) { 0 } else { d % s.gran };
     match c % 10 {
@@ -237,8 +237,16 @@ fn probe_bounds(s: Shape, p: Probe) -> (u64, u64) {
     (off, end)
 }
 
+/// `n` cases, or `PROPTEST_CASES` when set (an explicit count would override it).
+pub(crate) fn cases(n: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n)
+}
+
 fn cfg() -> ProptestConfig {
-    ProptestConfig::with_cases(128)
+    ProptestConfig::with_cases(cases(128))
 }
 
 proptest! {

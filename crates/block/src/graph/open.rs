@@ -321,6 +321,8 @@ fn load_persistent_bitmaps(node: &NodeRef) -> Result<()> {
             frozen: false,
         });
     }
+    // Bitmaps created together and fed the same writes are stored with the same bits.
+    list.share_identical();
     node.refresh_recording(&list);
     Ok(())
 }

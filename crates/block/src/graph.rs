@@ -19,7 +19,7 @@ mod snapshot;
 mod staged;
 
 pub use close::Detached;
-pub use reopen::ChildChange;
+pub use reopen::{ChildChange, ReadOnlyPrep};
 pub use rewire::Drained;
 pub use snapshot::{SnapshotSync, SnapshotUndo};
 
@@ -146,6 +146,13 @@ pub struct Graph {
     closing: Vec<NodeRef>,
     /// Nodes a `blockdev-del` is storing and flushing before it detaches them.
     deleting: Vec<NodeRef>,
+    /// Nodes a read-only `blockdev-reopen` is storing and flushing (drained) before it
+    /// switches them under the lock (see [`reopen::ReadOnlyPrep`]), each with its
+    /// [`crate::node::Node::changes`] reading after the flush.
+    reopening: Vec<(NodeRef, u64)>,
+    /// Signalled (with the graph's mutex) when a close, delete, reopen or staged open ends:
+    /// what waits for one of those waits on it.
+    changed: Arc<std::sync::Condvar>,
     /// Shutdown has begun: adds and deletes are refused.
     shut: bool,
 }

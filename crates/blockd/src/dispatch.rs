@@ -367,6 +367,14 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
         Child(NodeRef, ChildChange),
         ReadOnly(NodeRef, bool),
     }
+    // Nodes going read-only store their bitmaps and flush first, without the graph lock
+    // (drained, marked as being reopened); the switches below then have no I/O left to do.
+    let going_ro: Vec<NodeRef> = plan
+        .iter()
+        .filter(|(n, _, ro)| *ro && !n.read_only())
+        .map(|(n, ..)| n.clone())
+        .collect();
+    let prep = block::Graph::prepare_read_only(&d.graph, &going_ro)?;
     let mut graph = d.graph();
     let mut done: Vec<Undo> = Vec::new();
     let mut replaced: Vec<NodeRef> = Vec::new();
@@ -392,6 +400,7 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
         done.push(Undo::ReadOnly(node, was));
     }
     if let Err(e) = result {
+        // Back to read-write first, while the nodes are still drained and marked.
         for u in done.into_iter().rev() {
             let undone = match &u {
                 Undo::Child(n, c) => graph.reopen_child(n, c).map(|_| ()),
@@ -401,8 +410,10 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
                 tracing::warn!(error = %e, "undoing a reopen failed");
             }
         }
+        graph.reopen_done(prep);
         return Err(e);
     }
+    graph.reopen_done(prep);
     // A replaced backing opened from an image header is closed without the graph lock.
     let orphans = graph.close_orphans(&replaced);
     drop(graph);

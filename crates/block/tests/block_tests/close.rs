@@ -388,3 +388,88 @@ fn shutdown_waits_for_an_add_in_progress_and_refuses_new_ones() {
     Graph::close_detached(&graph, closing);
     assert!(names(&lock(&graph)).is_empty());
 }
+
+fn flushes(ctl: &Controls) -> usize {
+    ctl.log().iter().filter(|(op, ..)| *op == Op::Flush).count()
+}
+
+#[test]
+fn reopen_read_only_does_not_hold_the_graph_over_a_flush() {
+    let (graph, t, ctl) = graph_with_test_node();
+    ctl.hold(Op::Flush);
+    let g = graph.clone();
+    let node = t.clone();
+    let reopen = thread::spawn(move || Graph::reopen_read_only_staged(&g, &node));
+    held(&ctl, 1);
+
+    // Meanwhile, on another thread (a lock held over the flush fails the test, not hangs it).
+    let (tx, rx) = mpsc::channel();
+    let g = graph.clone();
+    thread::spawn(move || {
+        let listed = names(&lock(&g));
+        let added = Graph::add_staged(&g, &null_opts("n2", 512)).map(|_| ());
+        let del_other = Graph::del_staged(&g, "other");
+        let _ = tx.send((listed, added, del_other));
+    });
+    let got = rx.recv_timeout(WAIT);
+    // A delete of the node being reopened waits for the reopen.
+    let del = start_del(&graph, "t");
+    thread::sleep(Duration::from_millis(100));
+    let del_waited = !del.is_finished();
+    assert!(!t.read_only(), "switched before the flush ended");
+    ctl.release(Op::Flush);
+    let reopened = reopen.join().expect("reopen thread");
+    let (listed, added, del_other) = got.expect("graph commands waited for the flush");
+
+    assert_eq!(listed, ["t", "other"]);
+    added.expect("an unrelated add runs");
+    del_other.expect("an unrelated del runs");
+    reopened.expect("the reopen completes");
+    assert!(del_waited, "the delete did not wait for the reopen");
+    del.join()
+        .expect("del thread")
+        .expect("the delete after it");
+    assert_eq!(names(&lock(&graph)), ["n2"]);
+    // One flush by the reopen (none again under the lock), one by the delete.
+    assert_eq!(flushes(&ctl), 2);
+}
+
+#[test]
+fn reopen_read_only_flushes_again_what_was_written_during_its_flush() {
+    let (graph, t, ctl) = graph_with_test_node();
+    ctl.hold(Op::Flush);
+    let g = graph.clone();
+    let node = t.clone();
+    let reopen = thread::spawn(move || Graph::reopen_read_only_staged(&g, &node));
+    held(&ctl, 1);
+    // A direct write (no root to drain) while the reopen flushes.
+    t.write(0, &[7; 512]).expect("still writable");
+    ctl.release(Op::Flush);
+    reopen.join().expect("reopen thread").expect("reopen");
+    assert!(t.read_only());
+    assert_eq!(
+        flushes(&ctl),
+        2,
+        "the write was not flushed before the switch"
+    );
+    let mut buf = [0u8; 512];
+    t.read(0, &mut buf).expect("read");
+    assert_eq!(buf, [7; 512]);
+}
+
+#[test]
+fn reopen_read_only_with_a_failed_flush_changes_nothing() {
+    let (graph, t, ctl) = graph_with_test_node();
+    ctl.fail(Op::Flush, libc::EIO, 1);
+    let err = Graph::reopen_read_only_staged(&graph, &t).expect_err("flush fails");
+    assert!(
+        err.to_string()
+            .starts_with("Could not flush before reopening"),
+        "unexpected error: {err}"
+    );
+    assert!(!t.read_only());
+    t.write(0, &[1; 512]).expect("the node is still writable");
+    // Not left marked as being reopened: a delete goes through at once.
+    Graph::del_staged(&graph, "t").expect("del after the failed reopen");
+    assert_eq!(names(&lock(&graph)), ["other"]);
+}

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use block::graph::{SnapshotSync, SnapshotUndo};
-use block::{Error, NodeRef, Result};
+use block::{Error, Graph, NodeRef, Result};
 use qapi::types::{BlockdevSnapshot, BlockdevSnapshotSync, NewImageMode};
 
 use crate::daemon::Daemon;
@@ -89,13 +89,16 @@ impl Daemon {
             return Ok(());
         }
         let on_device = self.devices_on(&overlay);
-        let mut graph = self.graph();
+        let graph = self.graph();
         let unused = !on_device
             && graph.parents(&overlay).is_empty()
             && graph.root_on(&overlay).is_none()
             && overlay.first_user().is_none();
+        drop(graph);
         if unused {
-            graph.del(overlay.name())?;
+            // Stored, flushed and closed without the graph lock (see `Graph::del_staged`);
+            // if something started using it meanwhile, that came first and it stays.
+            Graph::del_staged(&self.graph, overlay.name())?;
         }
         Ok(())
     }

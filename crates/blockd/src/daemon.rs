@@ -118,9 +118,12 @@ impl Daemon {
     }
 
     /// Find the node a bitmap command names: QEMU's "Node 'X' not found".
-    pub fn bitmap_node(&self, name: &str) -> Result<NodeRef> {
-        self.lookup_node(name)
-            .map_err(|_| Error::generic(format!("Node '{name}' not found")))
+    /// The node is held until the result is dropped: a `blockdev-del` of it waits, and one
+    /// that took it out after the lookup makes this fail as if it had never been there.
+    pub fn bitmap_node(&self, name: &str) -> Result<block::graph::NodeHold> {
+        let not_found = || Error::generic(format!("Node '{name}' not found"));
+        let node = self.lookup_node(name).map_err(|_| not_found())?;
+        Graph::hold_node(&self.graph, &node).ok_or_else(not_found)
     }
 
     /// blockdev-add.
@@ -207,6 +210,11 @@ impl Daemon {
         disabled: bool,
     ) -> Result<()> {
         let n = self.lookup_node(node)?;
+        let n = Graph::hold_node(&self.graph, &n).ok_or_else(|| {
+            Error::generic(format!(
+                "Cannot find device='{node}' nor node-name='{node}'"
+            ))
+        })?;
         bitmap_ops::add(&n, name, granularity, persistent, disabled)
     }
 
@@ -222,10 +230,14 @@ impl Daemon {
         for (sn, name) in sources {
             let src = match sn {
                 Some(sn) => self.bitmap_node(sn)?,
-                None => n.clone(),
+                None => self.bitmap_node(node)?,
             };
             resolved.push((src, name.clone()));
         }
+        let resolved: Vec<(NodeRef, String)> = resolved
+            .iter()
+            .map(|(h, name)| ((**h).clone(), name.clone()))
+            .collect();
         bitmap_ops::merge(&n, target, &resolved).map(|_| ())
     }
 

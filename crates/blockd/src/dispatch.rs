@@ -185,38 +185,68 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
             })
             .await
         }
-        Command::BlockDirtyBitmapAdd(a) => done(d.bitmap_add(
-            &a.node,
-            &a.name,
-            a.granularity.map(u64::from),
-            a.persistent.unwrap_or(false),
-            a.disabled.unwrap_or(false),
-        )),
+        // Off the reactor: a bitmap command waits for a blockdev-del of its node in progress
+        // (see `Daemon::bitmap_node`), and a persistent one may write the image.
+        Command::BlockDirtyBitmapAdd(a) => {
+            off_reactor(d, move |d| {
+                done(d.bitmap_add(
+                    &a.node,
+                    &a.name,
+                    a.granularity.map(u64::from),
+                    a.persistent.unwrap_or(false),
+                    a.disabled.unwrap_or(false),
+                ))
+            })
+            .await
+        }
         Command::BlockDirtyBitmapRemove(a) => {
-            done(bitmap_ops::remove(&d.bitmap_node(&a.node)?, &a.name))
+            off_reactor(d, move |d| {
+                done(bitmap_ops::remove(&*d.bitmap_node(&a.node)?, &a.name))
+            })
+            .await
         }
         Command::BlockDirtyBitmapClear(a) => {
-            done(bitmap_ops::clear(&d.bitmap_node(&a.node)?, &a.name))
+            off_reactor(d, move |d| {
+                done(bitmap_ops::clear(&*d.bitmap_node(&a.node)?, &a.name))
+            })
+            .await
         }
-        Command::BlockDirtyBitmapEnable(a) => done(bitmap_ops::set_recording(
-            &d.bitmap_node(&a.node)?,
-            &a.name,
-            true,
-        )),
-        Command::BlockDirtyBitmapDisable(a) => done(bitmap_ops::set_recording(
-            &d.bitmap_node(&a.node)?,
-            &a.name,
-            false,
-        )),
+        Command::BlockDirtyBitmapEnable(a) => {
+            off_reactor(d, move |d| {
+                done(bitmap_ops::set_recording(
+                    &*d.bitmap_node(&a.node)?,
+                    &a.name,
+                    true,
+                ))
+            })
+            .await
+        }
+        Command::BlockDirtyBitmapDisable(a) => {
+            off_reactor(d, move |d| {
+                done(bitmap_ops::set_recording(
+                    &*d.bitmap_node(&a.node)?,
+                    &a.name,
+                    false,
+                ))
+            })
+            .await
+        }
         Command::BlockDirtyBitmapMerge(a) => {
             let sources: Vec<_> = a.bitmaps.iter().map(bitmap_source).collect();
-            done(d.bitmap_merge(&a.node, &a.target, &sources))
+            off_reactor(d, move |d| {
+                done(d.bitmap_merge(&a.node, &a.target, &sources))
+            })
+            .await
         }
         Command::Transaction(a) => {
             off_reactor(d, move |d| done(crate::transaction::run(d, a))).await
         }
         Command::XDebugBlockDirtyBitmapSha256(a) => {
-            Ok(json!({"sha256": bitmap_ops::sha256(&d.bitmap_node(&a.node)?, &a.name)?}))
+            off_reactor(d, move |d| {
+                let node = d.bitmap_node(&a.node)?;
+                Ok(json!({"sha256": bitmap_ops::sha256(&node, &a.name)?}))
+            })
+            .await
         }
         Command::QueryBlockJobs => {
             let jobs = d.jobs.list();
@@ -376,6 +406,15 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
         .collect();
     let prep = block::Graph::prepare_read_only(&d.graph, &going_ro)?;
     let mut graph = d.graph();
+    // A blockdev-del may have taken a node out since the checks: as if it had come first.
+    if let Some((gone, ..)) = plan.iter().find(|(n, ..)| !graph.contains(n)) {
+        let e = generic(format!(
+            "Failed to find node with node-name='{}'",
+            gone.name()
+        ));
+        graph.reopen_done(prep);
+        return Err(e);
+    }
     let mut done: Vec<Undo> = Vec::new();
     let mut replaced: Vec<NodeRef> = Vec::new();
     let mut result = Ok(());

@@ -243,6 +243,7 @@ impl Graph {
             let busy = g.get(name).is_some_and(|n| {
                 g.deleting.iter().any(|d| Arc::ptr_eq(d, &n))
                     || g.is_reopening(&n)
+                    || g.held.iter().any(|h| Arc::ptr_eq(h, &n))
                     || g.used_by_close(&n)
             });
             if !busy {
@@ -285,6 +286,7 @@ impl Graph {
             || !self.closing.is_empty()
             || !self.deleting.is_empty()
             || !self.reopening.is_empty()
+            || !self.held.is_empty()
         {
             return None;
         }
@@ -297,6 +299,52 @@ impl Graph {
     /// The graph is shutting down (see [`Graph::begin_shutdown`]).
     pub fn is_shut(&self) -> bool {
         self.shut
+    }
+}
+
+/// A node a command looked up and acts on without the graph lock (bitmap commands): while
+/// it lives a `blockdev-del` of the node waits, so the command acts on a node still in the
+/// graph, never on one being closed. Derefs to the node; dropping it lets the delete go on.
+pub struct NodeHold {
+    graph: Arc<Mutex<Graph>>,
+    node: NodeRef,
+}
+
+impl std::ops::Deref for NodeHold {
+    type Target = NodeRef;
+    fn deref(&self) -> &NodeRef {
+        &self.node
+    }
+}
+
+impl Drop for NodeHold {
+    fn drop(&mut self) {
+        let mut g = lock(&self.graph);
+        if let Some(i) = g.held.iter().position(|h| Arc::ptr_eq(h, &self.node)) {
+            g.held.swap_remove(i);
+        }
+        g.notify_changed();
+    }
+}
+
+impl Graph {
+    /// Hold `node`, looked up earlier, for a command (see [`NodeHold`]). A delete of it in
+    /// progress is waited for; `None` when the node is no longer in the graph (deleted or
+    /// being closed meanwhile): the command answers as if it had never existed.
+    /// Do not call it, nor drop the hold, with `graph`'s lock held.
+    pub fn hold_node(graph: &Arc<Mutex<Graph>>, node: &NodeRef) -> Option<NodeHold> {
+        let mut g = lock(graph);
+        while g.deleting.iter().any(|d| Arc::ptr_eq(d, node)) {
+            g = wait_changed(g);
+        }
+        if !g.contains(node) {
+            return None;
+        }
+        g.held.push(node.clone());
+        Some(NodeHold {
+            graph: graph.clone(),
+            node: node.clone(),
+        })
     }
 }
 

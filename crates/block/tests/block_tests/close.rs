@@ -473,3 +473,44 @@ fn reopen_read_only_with_a_failed_flush_changes_nothing() {
     Graph::del_staged(&graph, "t").expect("del after the failed reopen");
     assert_eq!(names(&lock(&graph)), ["other"]);
 }
+
+#[test]
+fn a_command_holding_a_node_delays_its_delete_and_a_deleted_one_is_gone() {
+    let (graph, t, ctl) = graph_with_test_node();
+    // Held first: the delete waits for the command.
+    let hold = Graph::hold_node(&graph, &t).expect("t is in the graph");
+    let del = start_del(&graph, "t");
+    thread::sleep(Duration::from_millis(100));
+    assert!(
+        !del.is_finished(),
+        "the delete did not wait for the command"
+    );
+    assert!(!ctl.log().iter().any(|(op, ..)| *op == Op::Flush));
+    drop(hold);
+    del.join()
+        .expect("del thread")
+        .expect("the delete after it");
+    // Looked up before the delete, held after it: gone.
+    assert!(Graph::hold_node(&graph, &t).is_none());
+
+    // Held while a delete flushes: waits for the delete, then finds the node gone.
+    let other = lock(&graph).get("other").expect("other");
+    let (o, octl) = TestDriver::node("o", 1 << 20);
+    lock(&graph).add_node_ref(o.clone()).expect("add o");
+    octl.hold(Op::Flush);
+    let del = start_del(&graph, "o");
+    held(&octl, 1);
+    let g = graph.clone();
+    let looked_up = o.clone();
+    let late = thread::spawn(move || Graph::hold_node(&g, &looked_up).is_none());
+    thread::sleep(Duration::from_millis(100));
+    assert!(!late.is_finished(), "the hold did not wait for the delete");
+    octl.release(Op::Flush);
+    del.join().expect("del thread").expect("delete");
+    assert!(late.join().expect("hold thread"), "acted on a deleted node");
+    // A node that stays is held at once.
+    assert!(Graph::hold_node(&graph, &other).is_some());
+    // And a reopen of a deleted node gives QEMU's text for an unknown node.
+    let err = Graph::reopen_read_only_staged(&graph, &o).expect_err("gone");
+    assert_eq!(err.to_string(), "Failed to find node with node-name='o'");
+}

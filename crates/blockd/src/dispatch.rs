@@ -160,7 +160,10 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         }
         Command::HumanMonitorCommand(a) => human_monitor_command(d, a).await,
         Command::QueryBlock => Ok(d.query_block()),
-        Command::QueryNamedBlockNodes(a) => Ok(d.query_named_block_nodes(a.flat.unwrap_or(false))),
+        Command::QueryNamedBlockNodes(a) => {
+            let flat = a.flat.unwrap_or(false);
+            off_reactor(d, move |d| Ok(d.query_named_block_nodes(flat))).await
+        }
         Command::BlockdevAdd(o) => {
             let opts = node_options(&o).map_err(generic)?;
             off_reactor(d, move |d| done(d.blockdev_add(&opts))).await

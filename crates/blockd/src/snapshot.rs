@@ -84,7 +84,18 @@ impl Daemon {
     /// QEMU drops it at once and only the file stays. So does blockd.
     pub fn commit_snapshot(&self, prepared: SnapshotUndo, created: bool) -> Result<()> {
         let overlay = prepared.overlay().clone();
-        prepared.commit(&mut self.graph());
+        // The base's bitmaps are stored and it is flushed without the graph lock first (see
+        // `Graph::prepare_read_only`); if that fails, commit tries again under the lock and
+        // leaves the base writable on failure, as before.
+        let base = prepared.base().clone();
+        let ready = Graph::prepare_read_only(&self.graph, std::slice::from_ref(&base));
+        {
+            let mut graph = self.graph();
+            prepared.commit(&mut graph);
+            if let Ok(ready) = ready {
+                graph.reopen_done(ready);
+            }
+        }
         if !created {
             return Ok(());
         }

@@ -18,8 +18,8 @@ mod rewire;
 mod snapshot;
 mod staged;
 
-pub use close::Detached;
-pub use reopen::ChildChange;
+pub use close::{Detached, NodeHold};
+pub use reopen::{ChildChange, ReadOnlyPrep};
 pub use rewire::Drained;
 pub use snapshot::{SnapshotSync, SnapshotUndo};
 
@@ -146,6 +146,16 @@ pub struct Graph {
     closing: Vec<NodeRef>,
     /// Nodes a `blockdev-del` is storing and flushing before it detaches them.
     deleting: Vec<NodeRef>,
+    /// Nodes a read-only `blockdev-reopen` is storing and flushing (drained) before it
+    /// switches them under the lock (see [`reopen::ReadOnlyPrep`]), each with its
+    /// [`crate::node::Node::changes`] reading after the flush.
+    reopening: Vec<(NodeRef, u64)>,
+    /// Nodes a command looked up and is acting on (see [`close::NodeHold`]): a delete of
+    /// one waits until the command is done.
+    held: Vec<NodeRef>,
+    /// Signalled (with the graph's mutex) when a close, delete, reopen or staged open ends:
+    /// what waits for one of those waits on it.
+    changed: Arc<std::sync::Condvar>,
     /// Shutdown has begun: adds and deletes are refused.
     shut: bool,
 }
@@ -167,6 +177,11 @@ impl Graph {
     /// All nodes, oldest first.
     pub fn nodes(&self) -> &[NodeRef] {
         &self.nodes
+    }
+
+    /// `node` is in the name table (not deleted, not being closed).
+    pub fn contains(&self, node: &NodeRef) -> bool {
+        self.nodes.iter().any(|n| Arc::ptr_eq(n, node))
     }
 
     /// Find a node by name.

@@ -103,6 +103,8 @@ pub struct Node {
     last_checkpoint: Mutex<Option<Instant>>,
     /// Bitmaps changed since the last checkpoint.
     bitmaps_changed: AtomicBool,
+    /// Counts writes begun and bitmap changes (see [`Node::changes`]).
+    changes: std::sync::atomic::AtomicU64,
     /// Things other than parent nodes that use this node (exports, jobs).
     users: Mutex<Vec<User>>,
     /// What this node's edges need from it, as last applied to its driver (locks).
@@ -156,6 +158,7 @@ impl Node {
             checkpoint_gate: RwLock::new(()),
             last_checkpoint: Mutex::new(None),
             bitmaps_changed: AtomicBool::new(false),
+            changes: std::sync::atomic::AtomicU64::new(0),
             users: Mutex::new(Vec::new()),
             applied: Mutex::new(Needs::default()),
             seq: next_seq(),
@@ -366,6 +369,7 @@ impl Node {
         if self.read_only() {
             return Err(errno(libc::EPERM));
         }
+        self.changes.fetch_add(1, Ordering::Relaxed);
         if self.closed.load(Ordering::Acquire) {
             return Err(errno(libc::EIO));
         }
@@ -405,6 +409,15 @@ impl Node {
     /// Note that bitmaps changed other than by a write (merge, clear, add, enable, ...).
     pub fn note_bitmaps_changed(&self) {
         self.bitmaps_changed.store(true, Ordering::Release);
+        self.changes.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A count that grows with every write begun on this node and every bitmap change other
+    /// than by a write: equal readings mean nothing was written and no bitmap changed
+    /// between them (a read-only reopen that stored and flushed without the graph lock uses
+    /// it to know whether it must do so again).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
     }
 
     /// Write the persistent bitmaps into the image. `in_use` leaves them flagged as loaded.

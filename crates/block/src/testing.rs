@@ -31,6 +31,8 @@ pub enum Op {
     Flush,
     /// close (the node's last call; holding it keeps a close in progress)
     Close,
+    /// facts (what the queries read: a file's size; holding it is a hung `fstat`)
+    Facts,
 }
 
 #[derive(Default)]
@@ -212,6 +214,8 @@ impl Driver for TestDriver {
         Ok((BlockStatus::Data, len))
     }
     fn facts(&self) -> ImageFacts {
+        // Only a hold matters here: facts cannot fail.
+        let _ = self.ctl.enter(Op::Facts, 0, 0);
         ImageFacts::default()
     }
     fn close(&self) -> io::Result<()> {

@@ -118,9 +118,12 @@ impl Daemon {
     }
 
     /// Find the node a bitmap command names: QEMU's "Node 'X' not found".
-    pub fn bitmap_node(&self, name: &str) -> Result<NodeRef> {
-        self.lookup_node(name)
-            .map_err(|_| Error::generic(format!("Node '{name}' not found")))
+    /// The node is held until the result is dropped: a `blockdev-del` of it waits, and one
+    /// that took it out after the lookup makes this fail as if it had never been there.
+    pub fn bitmap_node(&self, name: &str) -> Result<block::graph::NodeHold> {
+        let not_found = || Error::generic(format!("Node '{name}' not found"));
+        let node = self.lookup_node(name).map_err(|_| not_found())?;
+        Graph::hold_node(&self.graph, &node).ok_or_else(not_found)
     }
 
     /// blockdev-add.
@@ -183,8 +186,12 @@ impl Daemon {
     }
 
     /// query-named-block-nodes.
+    /// The nodes are listed under the graph lock, their facts (a file's size: `fstat`) read
+    /// without it, so a hung file system stalls only this query. Blocking: call it off the
+    /// reactor.
     pub fn query_named_block_nodes(&self, flat: bool) -> Value {
-        info::named_block_nodes(&self.graph(), flat)
+        let nodes: Vec<NodeRef> = self.graph().nodes().to_vec();
+        info::named_block_nodes(&nodes, flat)
     }
 
     /// query-block: one BlockInfo per named device.
@@ -207,6 +214,11 @@ impl Daemon {
         disabled: bool,
     ) -> Result<()> {
         let n = self.lookup_node(node)?;
+        let n = Graph::hold_node(&self.graph, &n).ok_or_else(|| {
+            Error::generic(format!(
+                "Cannot find device='{node}' nor node-name='{node}'"
+            ))
+        })?;
         bitmap_ops::add(&n, name, granularity, persistent, disabled)
     }
 
@@ -222,10 +234,14 @@ impl Daemon {
         for (sn, name) in sources {
             let src = match sn {
                 Some(sn) => self.bitmap_node(sn)?,
-                None => n.clone(),
+                None => self.bitmap_node(node)?,
             };
             resolved.push((src, name.clone()));
         }
+        let resolved: Vec<(NodeRef, String)> = resolved
+            .iter()
+            .map(|(h, name)| ((**h).clone(), name.clone()))
+            .collect();
         bitmap_ops::merge(&n, target, &resolved).map(|_| ())
     }
 
@@ -288,5 +304,51 @@ mod tests {
         assert!(d.graph().nodes().is_empty());
         let del = d.blockdev_del("a").expect_err("refused");
         assert_eq!(del.to_string(), "blockd is shutting down");
+    }
+
+    /// A node whose facts (fstat) hang stalls `query-named-block-nodes` only: the graph
+    /// lock is free meanwhile, and the query answers once the file does.
+    #[test]
+    fn query_named_block_nodes_reads_facts_without_the_graph_lock() {
+        use block::testing::{Op, TestDriver};
+        use std::time::{Duration, Instant};
+
+        let d = super::Daemon::new(qmp::EventBus::new());
+        d.blockdev_add(&null("a")).expect("add a");
+        let (t, ctl) = TestDriver::node("t", 4096);
+        d.graph().add_node_ref(t).expect("add t");
+        ctl.hold(Op::Facts);
+        let q = {
+            let d = d.clone();
+            std::thread::spawn(move || d.query_named_block_nodes(false))
+        };
+        let start = Instant::now();
+        while ctl.waiting() < 1 {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "facts never read"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The graph lock is free while the query waits for the file (a lock held over the
+        // facts fails the test rather than hanging it).
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(d.graph().nodes().len());
+            });
+        }
+        let free = rx.recv_timeout(Duration::from_secs(20));
+        ctl.release(Op::Facts);
+        let answer = q.join().expect("query thread");
+        assert_eq!(free.expect("graph lock held over the facts"), 2);
+        let names: Vec<&str> = answer
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|n| n["node-name"].as_str())
+            .collect();
+        assert_eq!(names, ["t", "a"]);
     }
 }

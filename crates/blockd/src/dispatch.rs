@@ -160,7 +160,10 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         }
         Command::HumanMonitorCommand(a) => human_monitor_command(d, a).await,
         Command::QueryBlock => Ok(d.query_block()),
-        Command::QueryNamedBlockNodes(a) => Ok(d.query_named_block_nodes(a.flat.unwrap_or(false))),
+        Command::QueryNamedBlockNodes(a) => {
+            let flat = a.flat.unwrap_or(false);
+            off_reactor(d, move |d| Ok(d.query_named_block_nodes(flat))).await
+        }
         Command::BlockdevAdd(o) => {
             let opts = node_options(&o).map_err(generic)?;
             off_reactor(d, move |d| done(d.blockdev_add(&opts))).await
@@ -185,38 +188,68 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
             })
             .await
         }
-        Command::BlockDirtyBitmapAdd(a) => done(d.bitmap_add(
-            &a.node,
-            &a.name,
-            a.granularity.map(u64::from),
-            a.persistent.unwrap_or(false),
-            a.disabled.unwrap_or(false),
-        )),
+        // Off the reactor: a bitmap command waits for a blockdev-del of its node in progress
+        // (see `Daemon::bitmap_node`), and a persistent one may write the image.
+        Command::BlockDirtyBitmapAdd(a) => {
+            off_reactor(d, move |d| {
+                done(d.bitmap_add(
+                    &a.node,
+                    &a.name,
+                    a.granularity.map(u64::from),
+                    a.persistent.unwrap_or(false),
+                    a.disabled.unwrap_or(false),
+                ))
+            })
+            .await
+        }
         Command::BlockDirtyBitmapRemove(a) => {
-            done(bitmap_ops::remove(&d.bitmap_node(&a.node)?, &a.name))
+            off_reactor(d, move |d| {
+                done(bitmap_ops::remove(&*d.bitmap_node(&a.node)?, &a.name))
+            })
+            .await
         }
         Command::BlockDirtyBitmapClear(a) => {
-            done(bitmap_ops::clear(&d.bitmap_node(&a.node)?, &a.name))
+            off_reactor(d, move |d| {
+                done(bitmap_ops::clear(&*d.bitmap_node(&a.node)?, &a.name))
+            })
+            .await
         }
-        Command::BlockDirtyBitmapEnable(a) => done(bitmap_ops::set_recording(
-            &d.bitmap_node(&a.node)?,
-            &a.name,
-            true,
-        )),
-        Command::BlockDirtyBitmapDisable(a) => done(bitmap_ops::set_recording(
-            &d.bitmap_node(&a.node)?,
-            &a.name,
-            false,
-        )),
+        Command::BlockDirtyBitmapEnable(a) => {
+            off_reactor(d, move |d| {
+                done(bitmap_ops::set_recording(
+                    &*d.bitmap_node(&a.node)?,
+                    &a.name,
+                    true,
+                ))
+            })
+            .await
+        }
+        Command::BlockDirtyBitmapDisable(a) => {
+            off_reactor(d, move |d| {
+                done(bitmap_ops::set_recording(
+                    &*d.bitmap_node(&a.node)?,
+                    &a.name,
+                    false,
+                ))
+            })
+            .await
+        }
         Command::BlockDirtyBitmapMerge(a) => {
             let sources: Vec<_> = a.bitmaps.iter().map(bitmap_source).collect();
-            done(d.bitmap_merge(&a.node, &a.target, &sources))
+            off_reactor(d, move |d| {
+                done(d.bitmap_merge(&a.node, &a.target, &sources))
+            })
+            .await
         }
         Command::Transaction(a) => {
             off_reactor(d, move |d| done(crate::transaction::run(d, a))).await
         }
         Command::XDebugBlockDirtyBitmapSha256(a) => {
-            Ok(json!({"sha256": bitmap_ops::sha256(&d.bitmap_node(&a.node)?, &a.name)?}))
+            off_reactor(d, move |d| {
+                let node = d.bitmap_node(&a.node)?;
+                Ok(json!({"sha256": bitmap_ops::sha256(&node, &a.name)?}))
+            })
+            .await
         }
         Command::QueryBlockJobs => {
             let jobs = d.jobs.list();
@@ -367,7 +400,24 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
         Child(NodeRef, ChildChange),
         ReadOnly(NodeRef, bool),
     }
+    // Nodes going read-only store their bitmaps and flush first, without the graph lock
+    // (drained, marked as being reopened); the switches below then have no I/O left to do.
+    let going_ro: Vec<NodeRef> = plan
+        .iter()
+        .filter(|(n, _, ro)| *ro && !n.read_only())
+        .map(|(n, ..)| n.clone())
+        .collect();
+    let prep = block::Graph::prepare_read_only(&d.graph, &going_ro)?;
     let mut graph = d.graph();
+    // A blockdev-del may have taken a node out since the checks: as if it had come first.
+    if let Some((gone, ..)) = plan.iter().find(|(n, ..)| !graph.contains(n)) {
+        let e = generic(format!(
+            "Failed to find node with node-name='{}'",
+            gone.name()
+        ));
+        graph.reopen_done(prep);
+        return Err(e);
+    }
     let mut done: Vec<Undo> = Vec::new();
     let mut replaced: Vec<NodeRef> = Vec::new();
     let mut result = Ok(());
@@ -392,6 +442,7 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
         done.push(Undo::ReadOnly(node, was));
     }
     if let Err(e) = result {
+        // Back to read-write first, while the nodes are still drained and marked.
         for u in done.into_iter().rev() {
             let undone = match &u {
                 Undo::Child(n, c) => graph.reopen_child(n, c).map(|_| ()),
@@ -401,8 +452,10 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
                 tracing::warn!(error = %e, "undoing a reopen failed");
             }
         }
+        graph.reopen_done(prep);
         return Err(e);
     }
+    graph.reopen_done(prep);
     // A replaced backing opened from an image header is closed without the graph lock.
     let orphans = graph.close_orphans(&replaced);
     drop(graph);

@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use block::bitmap::DirtyBitmap;
 use block::driver::FormatSpecific;
-use block::graph::{resolve_backing_path, Graph};
+use block::graph::resolve_backing_path;
 use block::NodeRef;
 use qapi::types as t;
 
@@ -196,13 +196,8 @@ pub fn to_value<T: serde::Serialize>(v: &T) -> Value {
 }
 
 /// `query-named-block-nodes`: newest first, as QEMU lists them.
-pub fn named_block_nodes(graph: &Graph, flat: bool) -> Value {
-    let nodes: Vec<t::BlockDeviceInfo> = graph
-        .nodes()
-        .iter()
-        .rev()
-        .map(|n| node_info(n, flat))
-        .collect();
+pub fn named_block_nodes(nodes: &[NodeRef], flat: bool) -> Value {
+    let nodes: Vec<t::BlockDeviceInfo> = nodes.iter().rev().map(|n| node_info(n, flat)).collect();
     to_value(&nodes)
 }
 

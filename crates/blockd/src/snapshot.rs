@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use block::graph::{SnapshotSync, SnapshotUndo};
-use block::{Error, NodeRef, Result};
+use block::{Error, Graph, NodeRef, Result};
 use qapi::types::{BlockdevSnapshot, BlockdevSnapshotSync, NewImageMode};
 
 use crate::daemon::Daemon;
@@ -84,18 +84,32 @@ impl Daemon {
     /// QEMU drops it at once and only the file stays. So does blockd.
     pub fn commit_snapshot(&self, prepared: SnapshotUndo, created: bool) -> Result<()> {
         let overlay = prepared.overlay().clone();
-        prepared.commit(&mut self.graph());
+        // The base's bitmaps are stored and it is flushed without the graph lock first (see
+        // `Graph::prepare_read_only`); if that fails, commit tries again under the lock and
+        // leaves the base writable on failure, as before.
+        let base = prepared.base().clone();
+        let ready = Graph::prepare_read_only(&self.graph, std::slice::from_ref(&base));
+        {
+            let mut graph = self.graph();
+            prepared.commit(&mut graph);
+            if let Ok(ready) = ready {
+                graph.reopen_done(ready);
+            }
+        }
         if !created {
             return Ok(());
         }
         let on_device = self.devices_on(&overlay);
-        let mut graph = self.graph();
+        let graph = self.graph();
         let unused = !on_device
             && graph.parents(&overlay).is_empty()
             && graph.root_on(&overlay).is_none()
             && overlay.first_user().is_none();
+        drop(graph);
         if unused {
-            graph.del(overlay.name())?;
+            // Stored, flushed and closed without the graph lock (see `Graph::del_staged`);
+            // if something started using it meanwhile, that came first and it stays.
+            Graph::del_staged(&self.graph, overlay.name())?;
         }
         Ok(())
     }

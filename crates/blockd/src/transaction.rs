@@ -140,7 +140,7 @@ impl NodeLookup for DaemonLookup {
         self.0.lookup_node(name)
     }
     fn bitmap_node(&self, name: &str) -> Result<NodeRef> {
-        self.0.bitmap_node(name)
+        self.0.bitmap_node(name).map(|h| (*h).clone())
     }
 }
 

@@ -20,8 +20,9 @@ use super::{close_node, Graph};
 use crate::error::{Error, Result};
 use crate::node::NodeRef;
 
-/// How often a command that must wait for a close (or an open) in progress looks again.
-const POLL: Duration = Duration::from_millis(5);
+/// A wait for a close, delete or reopen in progress wakes when one ends (the graph's
+/// condvar); this bounds it anyway, so that a missed signal costs latency, not a hang.
+const WAKE_AT_LEAST: Duration = Duration::from_millis(200);
 
 /// Nodes taken out of the graph that still have to be closed (see the module documentation).
 /// Close them with [`Detached::close`] off the lock, then [`Graph::closed`] under it; or
@@ -66,7 +67,22 @@ fn lock(g: &Mutex<Graph>) -> MutexGuard<'_, Graph> {
     g.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Release the lock until a close, delete, reopen or staged open ends (see
+/// [`Graph::notify_changed`]), then take it again. Callers re-check what they wait for.
+pub(super) fn wait_changed(g: MutexGuard<'_, Graph>) -> MutexGuard<'_, Graph> {
+    let cv = g.changed.clone();
+    match cv.wait_timeout(g, WAKE_AT_LEAST) {
+        Ok((g, _)) => g,
+        Err(e) => e.into_inner().0,
+    }
+}
+
 impl Graph {
+    /// Wake whatever waits for a close, delete, reopen or staged open to end.
+    pub(super) fn notify_changed(&self) {
+        self.changed.notify_all();
+    }
+
     /// A node of this name is being closed.
     pub(super) fn closing_name(&self, name: &str) -> bool {
         self.closing.iter().any(|n| n.name() == name)
@@ -132,6 +148,7 @@ impl Graph {
         if let Err(e) = self.refresh_perms() {
             tracing::warn!(error = %e, "lowering permissions after a close");
         }
+        self.notify_changed();
     }
 
     /// Close detached nodes under the lock the caller holds (for callers that have only the
@@ -221,17 +238,20 @@ impl Graph {
             if g.shut {
                 return Err(shutting_down());
             }
-            // Another delete of this node, or a close that still writes to it: wait for it.
+            // Another delete or a read-only reopen of this node, or a close that still
+            // writes to it: wait for it.
             let busy = g.get(name).is_some_and(|n| {
-                g.deleting.iter().any(|d| Arc::ptr_eq(d, &n)) || g.used_by_close(&n)
+                g.deleting.iter().any(|d| Arc::ptr_eq(d, &n))
+                    || g.is_reopening(&n)
+                    || g.held.iter().any(|h| Arc::ptr_eq(h, &n))
+                    || g.used_by_close(&n)
             });
             if !busy {
                 let node = g.check_del(name)?;
                 g.deleting.push(node.clone());
                 break node;
             }
-            drop(g);
-            std::thread::sleep(POLL);
+            drop(wait_changed(g));
         };
         // Requests that reach the node some other way (a job's direct I/O, qemu-io) finish,
         // then what can fail at close (storing persistent bitmaps, flushing) is done with the
@@ -242,6 +262,7 @@ impl Graph {
         let d = {
             let mut g = lock(graph);
             g.deleting.retain(|d| !Arc::ptr_eq(d, &node));
+            g.notify_changed();
             prepared?;
             // Something may have started using it meanwhile (an export, a parent, a job):
             // then that came first and the delete is refused, with the texts it would get.
@@ -261,7 +282,12 @@ impl Graph {
     /// be closed by the caller; `None` while one still is (call again).
     pub fn begin_shutdown(&mut self) -> Option<Detached> {
         self.shut = true;
-        if self.opening() || !self.closing.is_empty() || !self.deleting.is_empty() {
+        if self.opening()
+            || !self.closing.is_empty()
+            || !self.deleting.is_empty()
+            || !self.reopening.is_empty()
+            || !self.held.is_empty()
+        {
             return None;
         }
         let mut nodes = std::mem::take(&mut self.nodes);
@@ -273,6 +299,52 @@ impl Graph {
     /// The graph is shutting down (see [`Graph::begin_shutdown`]).
     pub fn is_shut(&self) -> bool {
         self.shut
+    }
+}
+
+/// A node a command looked up and acts on without the graph lock (bitmap commands): while
+/// it lives a `blockdev-del` of the node waits, so the command acts on a node still in the
+/// graph, never on one being closed. Derefs to the node; dropping it lets the delete go on.
+pub struct NodeHold {
+    graph: Arc<Mutex<Graph>>,
+    node: NodeRef,
+}
+
+impl std::ops::Deref for NodeHold {
+    type Target = NodeRef;
+    fn deref(&self) -> &NodeRef {
+        &self.node
+    }
+}
+
+impl Drop for NodeHold {
+    fn drop(&mut self) {
+        let mut g = lock(&self.graph);
+        if let Some(i) = g.held.iter().position(|h| Arc::ptr_eq(h, &self.node)) {
+            g.held.swap_remove(i);
+        }
+        g.notify_changed();
+    }
+}
+
+impl Graph {
+    /// Hold `node`, looked up earlier, for a command (see [`NodeHold`]). A delete of it in
+    /// progress is waited for; `None` when the node is no longer in the graph (deleted or
+    /// being closed meanwhile): the command answers as if it had never existed.
+    /// Do not call it, nor drop the hold, with `graph`'s lock held.
+    pub fn hold_node(graph: &Arc<Mutex<Graph>>, node: &NodeRef) -> Option<NodeHold> {
+        let mut g = lock(graph);
+        while g.deleting.iter().any(|d| Arc::ptr_eq(d, node)) {
+            g = wait_changed(g);
+        }
+        if !g.contains(node) {
+            return None;
+        }
+        g.held.push(node.clone());
+        Some(NodeHold {
+            graph: graph.clone(),
+            node: node.clone(),
+        })
     }
 }
 
@@ -292,12 +364,9 @@ pub(super) fn shutting_down() -> Error {
 /// Wait (without the lock) for the closes of these names to end; returns the lock once none
 /// of `names` is closing.
 pub(super) fn wait_names<'a>(graph: &'a Mutex<Graph>, names: &[String]) -> MutexGuard<'a, Graph> {
-    loop {
-        let g = lock(graph);
-        if !names.iter().any(|n| g.closing_name(n)) {
-            return g;
-        }
-        drop(g);
-        std::thread::sleep(POLL);
+    let mut g = lock(graph);
+    while names.iter().any(|n| g.closing_name(n)) {
+        g = wait_changed(g);
     }
+    g
 }

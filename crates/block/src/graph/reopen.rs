@@ -5,6 +5,8 @@
 //! write; refused with QEMU's conflict text or a lock failure, changing nothing), then the
 //! driver reopens for writing. Going read-only: persistent bitmaps are stored and the image
 //! flushed while write access is still held, then the driver gives it up and the locks drop.
+//! The daemon stores and flushes without the graph lock ([`Graph::prepare_read_only`]: the
+//! node drained and marked as being reopened), then switches under it.
 //! Inline (auto-named) `file` children follow their parent, as QEMU's inherited options do.
 //!
 //! A child change is a re-wiring in a drained section with the permissions checked (a lock
@@ -12,9 +14,10 @@
 //! new `file` holds the same image: that is the caller's promise (the use is putting a filter
 //! between a format and its file).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::rewire::reaches;
+use super::close::{shutting_down, wait_changed};
+use super::rewire::{reaches, Drained};
 use super::{ChildRef, DriverOptions, Graph, NodeOptions};
 use crate::edge::ChildEdge;
 use crate::error::{Error, Result};
@@ -28,6 +31,43 @@ pub struct ChildChange {
     pub role: &'static str,
     /// The new child.
     pub to: Option<NodeRef>,
+}
+
+/// Nodes a read-only reopen has stored and flushed without the graph lock
+/// ([`Graph::prepare_read_only`]). Until it is given back with [`Graph::reopen_done`] (under
+/// the lock, after the switch) the roots that reach them stay drained and they are marked as
+/// being reopened: `blockdev-del` and other read-only reopens of them wait.
+#[must_use = "give it back with Graph::reopen_done"]
+pub struct ReadOnlyPrep {
+    nodes: Vec<NodeRef>,
+    _drained: Option<Drained>,
+}
+
+fn lock(g: &Mutex<Graph>) -> MutexGuard<'_, Graph> {
+    g.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `node` and its inline `file` children that are not `read_only` yet: what a switch to
+/// `read_only` changes.
+fn ro_chain(node: &NodeRef, read_only: bool) -> Vec<NodeRef> {
+    let mut chain = vec![node.clone()];
+    while let Some(c) = chain.last().and_then(|n| n.child("file")) {
+        if !c.auto_named() {
+            break;
+        }
+        chain.push(c);
+    }
+    chain.retain(|n| n.read_only() != read_only);
+    chain
+}
+
+/// Store a node's persistent bitmaps and flush it: what must be done before it gives up
+/// write access.
+fn store_and_flush(n: &NodeRef) -> Result<()> {
+    n.store_bitmaps(false)?;
+    n.driver()
+        .flush()
+        .map_err(|e| Error::io("Could not flush before reopening", &e))
 }
 
 /// What QEMU can change on reopen but blockd cannot yet: refused rather than ignored.
@@ -243,16 +283,118 @@ impl Graph {
             && !self.roots().iter().any(|r| Arc::ptr_eq(&r.node(), n))
     }
 
-    /// Switch `node` (and its inline file child) to `read_only`, all or nothing.
-    pub fn reopen_read_only(&mut self, node: &NodeRef, read_only: bool) -> Result<()> {
-        let mut chain = vec![node.clone()];
-        while let Some(c) = chain.last().and_then(|n| n.child("file")) {
-            if !c.auto_named() {
-                break;
+    /// A read-only reopen is storing and flushing `node` (see [`ReadOnlyPrep`]).
+    pub(super) fn is_reopening(&self, node: &NodeRef) -> bool {
+        self.reopening.iter().any(|(n, _)| Arc::ptr_eq(n, node))
+    }
+
+    /// Prepared by [`Graph::prepare_read_only`] and neither written nor its bitmaps changed
+    /// since: nothing left to store or flush.
+    fn prepared_unchanged(&self, node: &NodeRef) -> bool {
+        self.reopening
+            .iter()
+            .any(|(n, seen)| Arc::ptr_eq(n, node) && *seen == node.changes())
+    }
+
+    /// The disk I/O of switching `nodes` to read-only, without holding `graph`'s lock: mark
+    /// them (and their inline `file` children) as being reopened, drain the roots that reach
+    /// them, then store their persistent bitmaps and flush them. The switch itself is
+    /// [`Graph::reopen_read_only`] under the lock, which then finds nothing to store or
+    /// flush (unless something wrote meanwhile, which the drain keeps to direct I/O);
+    /// give the result back with [`Graph::reopen_done`]. A failure changes nothing (what was
+    /// stored and flushed is the image's current state) and gives everything back.
+    /// Waits while a delete or another read-only reopen of one of them is in progress; a node
+    /// no longer in the graph gives QEMU's text for an unknown node.
+    pub fn prepare_read_only(graph: &Mutex<Graph>, nodes: &[NodeRef]) -> Result<ReadOnlyPrep> {
+        let mut chain: Vec<NodeRef> = Vec::new();
+        for n in nodes.iter().flat_map(|n| ro_chain(n, true)) {
+            if !chain.iter().any(|c| Arc::ptr_eq(c, &n)) {
+                chain.push(n);
             }
-            chain.push(c);
         }
-        chain.retain(|n| n.read_only() != read_only);
+        if chain.is_empty() {
+            return Ok(ReadOnlyPrep {
+                nodes: chain,
+                _drained: None,
+            });
+        }
+        let roots = {
+            let mut g = lock(graph);
+            loop {
+                if g.shut {
+                    return Err(shutting_down());
+                }
+                if let Some(gone) = nodes
+                    .iter()
+                    .find(|n| !g.nodes.iter().any(|x| Arc::ptr_eq(x, n)))
+                {
+                    return Err(Error::generic(format!(
+                        "Failed to find node with node-name='{}'",
+                        gone.name()
+                    )));
+                }
+                let busy = chain
+                    .iter()
+                    .any(|n| g.is_reopening(n) || g.deleting.iter().any(|d| Arc::ptr_eq(d, n)));
+                if !busy {
+                    break;
+                }
+                g = wait_changed(g);
+            }
+            // Marked with a count no node has yet: "changed" until the flush is done.
+            g.reopening
+                .extend(chain.iter().map(|n| (n.clone(), u64::MAX)));
+            g.roots_reaching(&chain)
+        };
+        let mut prep = ReadOnlyPrep {
+            nodes: chain,
+            _drained: None,
+        };
+        prep._drained = Some(Drained::quiesce(roots));
+        let mut seen = Vec::new();
+        for n in &prep.nodes {
+            // Requests that reach it other than through a root (a job's, qemu-io) end first.
+            n.wait_idle();
+            let before = n.changes();
+            if let Err(e) = store_and_flush(n) {
+                lock(graph).reopen_done(prep);
+                return Err(e);
+            }
+            seen.push(before);
+        }
+        let mut g = lock(graph);
+        for (n, c) in prep.nodes.iter().zip(seen) {
+            if let Some(r) = g.reopening.iter_mut().find(|(r, _)| Arc::ptr_eq(r, n)) {
+                r.1 = c;
+            }
+        }
+        Ok(prep)
+    }
+
+    /// A read-only reopen prepared by [`Graph::prepare_read_only`] is over (switched or
+    /// refused): the nodes stop being marked and the drained roots resume.
+    pub fn reopen_done(&mut self, prep: ReadOnlyPrep) {
+        self.reopening
+            .retain(|(n, _)| !prep.nodes.iter().any(|p| Arc::ptr_eq(p, n)));
+        self.notify_changed();
+        drop(prep);
+    }
+
+    /// Switch `node` to read-only with the store and flush outside `graph`'s lock
+    /// ([`Graph::prepare_read_only`], [`Graph::reopen_read_only`], [`Graph::reopen_done`]).
+    pub fn reopen_read_only_staged(graph: &Mutex<Graph>, node: &NodeRef) -> Result<()> {
+        let prep = Graph::prepare_read_only(graph, std::slice::from_ref(node))?;
+        let mut g = lock(graph);
+        let r = g.reopen_read_only(node, true);
+        g.reopen_done(prep);
+        r
+    }
+
+    /// Switch `node` (and its inline file child) to `read_only`, all or nothing. Going
+    /// read-only stores bitmaps and flushes under the caller's lock unless
+    /// [`Graph::prepare_read_only`] did so and nothing changed since.
+    pub fn reopen_read_only(&mut self, node: &NodeRef, read_only: bool) -> Result<()> {
+        let chain = ro_chain(node, read_only);
         if chain.is_empty() {
             return Ok(());
         }
@@ -312,10 +454,9 @@ impl Graph {
         }
         // Parents first: the format writes its bitmaps back while it can still write.
         for n in chain {
-            n.store_bitmaps(false)?;
-            n.driver()
-                .flush()
-                .map_err(|e| Error::io("Could not flush before reopening", &e))?;
+            if !self.prepared_unchanged(n) {
+                store_and_flush(n)?;
+            }
             n.driver()
                 .set_read_only(true)
                 .map_err(|e| Error::io("Could not reopen", &e))?;

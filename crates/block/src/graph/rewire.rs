@@ -26,6 +26,17 @@ pub struct Drained {
     roots: Vec<Arc<Root>>,
 }
 
+impl Drained {
+    /// Stop `roots` taking new requests and wait for those in flight (blocking; it needs no
+    /// graph lock).
+    pub(super) fn quiesce(roots: Vec<Arc<Root>>) -> Drained {
+        for r in &roots {
+            r.quiesce();
+        }
+        Drained { roots }
+    }
+}
+
 impl Drop for Drained {
     fn drop(&mut self) {
         for r in &self.roots {
@@ -105,18 +116,18 @@ impl Graph {
     /// guard is dropped, and sections nest: a drained section (a re-wiring) started while an
     /// outer one holds the same roots finds them idle and does not wait. Blocking.
     pub fn drain_begin(&self, nodes: &[NodeRef]) -> Drained {
-        let roots: Vec<Arc<Root>> = self
-            .roots()
+        Drained::quiesce(self.roots_reaching(nodes))
+    }
+
+    /// The live roots that reach one of `nodes`.
+    pub(super) fn roots_reaching(&self, nodes: &[NodeRef]) -> Vec<Arc<Root>> {
+        self.roots()
             .into_iter()
             .filter(|r| {
                 let top = r.node();
                 nodes.iter().any(|n| reaches(&top, n))
             })
-            .collect();
-        for r in &roots {
-            r.quiesce();
-        }
-        Drained { roots }
+            .collect()
     }
 
     /// Run `f` with every root that reaches one of `nodes` quiesced (no new requests, none in

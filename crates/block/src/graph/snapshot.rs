@@ -54,6 +54,11 @@ impl SnapshotUndo {
         &self.overlay
     }
 
+    /// The node under the overlay, which commit makes read-only.
+    pub fn base(&self) -> &NodeRef {
+        &self.node
+    }
+
     /// Make the snapshot final: the old node is reopened read-only (QEMU does the same; a
     /// failure there only leaves it writable).
     pub fn commit(self, graph: &mut Graph) {

@@ -145,6 +145,7 @@ impl Graph {
         let mut g = lock(graph);
         g.pending.retain(|p| p.owner != id);
         g.staged.items.retain(|r| r.id != id);
+        g.notify_changed();
         let orphans = g.close_deferred();
         let result = g.insert_opened(opened, new, fallback);
         drop(g);

@@ -388,3 +388,129 @@ fn shutdown_waits_for_an_add_in_progress_and_refuses_new_ones() {
     Graph::close_detached(&graph, closing);
     assert!(names(&lock(&graph)).is_empty());
 }
+
+fn flushes(ctl: &Controls) -> usize {
+    ctl.log().iter().filter(|(op, ..)| *op == Op::Flush).count()
+}
+
+#[test]
+fn reopen_read_only_does_not_hold_the_graph_over_a_flush() {
+    let (graph, t, ctl) = graph_with_test_node();
+    ctl.hold(Op::Flush);
+    let g = graph.clone();
+    let node = t.clone();
+    let reopen = thread::spawn(move || Graph::reopen_read_only_staged(&g, &node));
+    held(&ctl, 1);
+
+    // Meanwhile, on another thread (a lock held over the flush fails the test, not hangs it).
+    let (tx, rx) = mpsc::channel();
+    let g = graph.clone();
+    thread::spawn(move || {
+        let listed = names(&lock(&g));
+        let added = Graph::add_staged(&g, &null_opts("n2", 512)).map(|_| ());
+        let del_other = Graph::del_staged(&g, "other");
+        let _ = tx.send((listed, added, del_other));
+    });
+    let got = rx.recv_timeout(WAIT);
+    // A delete of the node being reopened waits for the reopen.
+    let del = start_del(&graph, "t");
+    thread::sleep(Duration::from_millis(100));
+    let del_waited = !del.is_finished();
+    assert!(!t.read_only(), "switched before the flush ended");
+    ctl.release(Op::Flush);
+    let reopened = reopen.join().expect("reopen thread");
+    let (listed, added, del_other) = got.expect("graph commands waited for the flush");
+
+    assert_eq!(listed, ["t", "other"]);
+    added.expect("an unrelated add runs");
+    del_other.expect("an unrelated del runs");
+    reopened.expect("the reopen completes");
+    assert!(del_waited, "the delete did not wait for the reopen");
+    del.join()
+        .expect("del thread")
+        .expect("the delete after it");
+    assert_eq!(names(&lock(&graph)), ["n2"]);
+    // One flush by the reopen (none again under the lock), one by the delete.
+    assert_eq!(flushes(&ctl), 2);
+}
+
+#[test]
+fn reopen_read_only_flushes_again_what_was_written_during_its_flush() {
+    let (graph, t, ctl) = graph_with_test_node();
+    ctl.hold(Op::Flush);
+    let g = graph.clone();
+    let node = t.clone();
+    let reopen = thread::spawn(move || Graph::reopen_read_only_staged(&g, &node));
+    held(&ctl, 1);
+    // A direct write (no root to drain) while the reopen flushes.
+    t.write(0, &[7; 512]).expect("still writable");
+    ctl.release(Op::Flush);
+    reopen.join().expect("reopen thread").expect("reopen");
+    assert!(t.read_only());
+    assert_eq!(
+        flushes(&ctl),
+        2,
+        "the write was not flushed before the switch"
+    );
+    let mut buf = [0u8; 512];
+    t.read(0, &mut buf).expect("read");
+    assert_eq!(buf, [7; 512]);
+}
+
+#[test]
+fn reopen_read_only_with_a_failed_flush_changes_nothing() {
+    let (graph, t, ctl) = graph_with_test_node();
+    ctl.fail(Op::Flush, libc::EIO, 1);
+    let err = Graph::reopen_read_only_staged(&graph, &t).expect_err("flush fails");
+    assert!(
+        err.to_string()
+            .starts_with("Could not flush before reopening"),
+        "unexpected error: {err}"
+    );
+    assert!(!t.read_only());
+    t.write(0, &[1; 512]).expect("the node is still writable");
+    // Not left marked as being reopened: a delete goes through at once.
+    Graph::del_staged(&graph, "t").expect("del after the failed reopen");
+    assert_eq!(names(&lock(&graph)), ["other"]);
+}
+
+#[test]
+fn a_command_holding_a_node_delays_its_delete_and_a_deleted_one_is_gone() {
+    let (graph, t, ctl) = graph_with_test_node();
+    // Held first: the delete waits for the command.
+    let hold = Graph::hold_node(&graph, &t).expect("t is in the graph");
+    let del = start_del(&graph, "t");
+    thread::sleep(Duration::from_millis(100));
+    assert!(
+        !del.is_finished(),
+        "the delete did not wait for the command"
+    );
+    assert!(!ctl.log().iter().any(|(op, ..)| *op == Op::Flush));
+    drop(hold);
+    del.join()
+        .expect("del thread")
+        .expect("the delete after it");
+    // Looked up before the delete, held after it: gone.
+    assert!(Graph::hold_node(&graph, &t).is_none());
+
+    // Held while a delete flushes: waits for the delete, then finds the node gone.
+    let other = lock(&graph).get("other").expect("other");
+    let (o, octl) = TestDriver::node("o", 1 << 20);
+    lock(&graph).add_node_ref(o.clone()).expect("add o");
+    octl.hold(Op::Flush);
+    let del = start_del(&graph, "o");
+    held(&octl, 1);
+    let g = graph.clone();
+    let looked_up = o.clone();
+    let late = thread::spawn(move || Graph::hold_node(&g, &looked_up).is_none());
+    thread::sleep(Duration::from_millis(100));
+    assert!(!late.is_finished(), "the hold did not wait for the delete");
+    octl.release(Op::Flush);
+    del.join().expect("del thread").expect("delete");
+    assert!(late.join().expect("hold thread"), "acted on a deleted node");
+    // A node that stays is held at once.
+    assert!(Graph::hold_node(&graph, &other).is_some());
+    // And a reopen of a deleted node gives QEMU's text for an unknown node.
+    let err = Graph::reopen_read_only_staged(&graph, &o).expect_err("gone");
+    assert_eq!(err.to_string(), "Failed to find node with node-name='o'");
+}

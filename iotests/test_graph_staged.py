@@ -10,6 +10,8 @@ import os
 import signal
 import time
 
+import pytest
+
 import iotests
 from backup_helpers import MiB, qcow2
 
@@ -123,4 +125,54 @@ def test_sigterm_during_a_stalled_blockdev_add_closes_its_node(make_daemon, tmp_
         os.close(os.open(fifo, os.O_WRONLY))
         assert d.wait_exit() == 0, d.log()
     assert _bitmap_flags(img) == [("b0", ["auto"])]
+    iotests.qemu_img("check", str(img))
+
+
+@iotests.blockd_only
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_a_stalled_snapshot_sync_overlay_open_does_not_block_other_graph_commands(
+        make_daemon, tmp_path, in_transaction):
+    """blockdev-snapshot-sync (alone or as a transaction action) opens its overlay as a staged
+    blockdev-add does: while the overlay's open(2) waits (a FIFO nobody writes to yet) other
+    monitors' blockdev-add and blockdev-del (the graph commands that run beside the one-at-a-
+    time monitor commands) answer and the overlay's node-name is reserved; the overlay,
+    refused once open (raw has no backing), is closed again and the graph is as before."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    img = qcow2(tmp_path / "a.qcow2", SIZE)
+    d = make_daemon(monitors=2)
+    d.blockdev_add(driver="qcow2", node_name="base", read_only=True,
+                   file={"driver": "file", "node-name": "bf", "read-only": True,
+                         "filename": str(img)})
+    d.blockdev_add(driver="null-co", node_name="other", size=SIZE)
+    with iotests.RawQmp(d.monitor_paths[1]) as m:
+        m.greeting()
+        assert m.negotiate() == {"return": {}}
+        snap = {"node-name": "base", "snapshot-file": str(fifo), "snapshot-node-name": "ov",
+                "format": "raw", "mode": "existing"}
+        if in_transaction:
+            m.send(json.dumps({"execute": "transaction", "arguments": {"actions": [
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": "other", "name": "tb"}},
+                {"type": "blockdev-snapshot-sync", "data": snap}]}}))
+        else:
+            m.send(json.dumps({"execute": "blockdev-snapshot-sync", "arguments": snap}))
+        time.sleep(2)  # the overlay's open reaches the FIFO's open(2) and waits there
+        assert m.no_message(), "the snapshot did not stall"
+        # Each answers within the QMP timeout although the overlay is still opening.
+        r = d.cmd("blockdev-add", driver="null-co", node_name="ov", size=SIZE)
+        assert r["error"]["desc"] == "Duplicate nodes with node-name='ov'", r
+        d.blockdev_add(driver="null-co", node_name="n2", size=SIZE)
+        d.ok("blockdev-del", node_name="n2")
+        os.close(os.open(fifo, os.O_WRONLY))
+        r = m.reply(timeout=30)
+        assert r["error"]["desc"] == "The overlay does not support backing images", r
+    assert {n["node-name"] for n in d.nodes()} == {"base", "bf", "other"}
+    # The transaction's bitmap was added and taken out again.
+    assert [b["name"] for n in d.nodes() for b in n.get("dirty-bitmaps", [])] == []
+    # The refused overlay is closed: blockd holds no descriptor of the FIFO.
+    fds = [os.readlink(f"/proc/{d.proc.pid}/fd/{f}") for f in os.listdir(f"/proc/{d.proc.pid}/fd")]
+    assert str(fifo) not in fds, fds
+    d.blockdev_add(driver="null-co", node_name="ov", size=SIZE)
+    d.ok("blockdev-del", node_name="base")
     iotests.qemu_img("check", str(img))

@@ -54,13 +54,18 @@ impl Daemon {
             .as_deref()
             .and_then(|d| self.device_node(d))
             .or_else(|| a.node_name.as_deref().and_then(|n| self.graph().get(n)));
-        let Some(node) = found else {
-            return Err(Error::generic(format!(
+        let not_found = || {
+            Error::generic(format!(
                 "Cannot find device='{}' nor node-name='{}'",
                 a.device.as_deref().unwrap_or(""),
                 a.node_name.as_deref().unwrap_or("")
-            )));
+            ))
         };
+        // Held while the overlay is created and opened without the graph lock: a
+        // blockdev-del of the base waits; one that took it out already makes this a miss.
+        let node = found
+            .and_then(|n| Graph::hold_node(&self.graph, &n))
+            .ok_or_else(not_found)?;
         self.graph().snapshot_check_base(&node)?;
         // QEMU generates a name for an overlay of a device given without one; blockd asks
         // for it in every case.
@@ -76,7 +81,8 @@ impl Daemon {
             format: a.format.clone().unwrap_or_else(|| "qcow2".to_string()),
             existing: a.mode == Some(NewImageMode::Existing),
         };
-        self.graph().snapshot_sync_prepare(&node, &req)
+        // The flush, the file's creation and its open run without the graph lock.
+        Graph::snapshot_sync_staged(&self.graph, &node, &req)
     }
 
     /// Make a prepared snapshot final (the base goes read-only). `created`: the overlay was
@@ -117,6 +123,8 @@ impl Daemon {
     /// Undo a prepared snapshot (a transaction's abort): everything as before; a created
     /// overlay file stays, as in QEMU.
     pub fn abort_snapshot(&self, prepared: SnapshotUndo) {
-        prepared.undo(&mut self.graph());
+        // A created overlay is stored, flushed and closed after the lock is released.
+        let d = prepared.undo_detached(&mut self.graph());
+        Graph::close_detached(&self.graph, d);
     }
 }

@@ -208,6 +208,20 @@ impl Graph {
         Ok(node)
     }
 
+    /// Take out a node a command opened and no longer wants (a refused or undone snapshot
+    /// overlay), as `blockdev-del` would, to be closed without the lock. `None` (and a warning)
+    /// when something started using it meanwhile: then it stays.
+    pub(super) fn detach_unused(&mut self, node: &NodeRef) -> Option<Detached> {
+        match self.check_del(node.name()) {
+            Ok(n) if Arc::ptr_eq(&n, node) => Some(self.detach_checked(node)),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(node = node.name(), error = %e, "an unused node stays");
+                None
+            }
+        }
+    }
+
     /// Detach a node that passed [`Graph::check_del`], in a drained section: roots that
     /// reach it stop (none can, by the checks, but the section is the rule for graph
     /// changes).

@@ -8,10 +8,10 @@
 //! read-only, as QEMU does once the snapshot is final. Undo takes the overlay out again (and
 //! closes it if prepare opened it; a file prepare created stays, as in QEMU).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::rewire::reaches;
-use super::{ChildRef, DriverOptions, Graph, NodeOptions};
+use super::{ChildRef, Detached, DriverOptions, Graph, NodeOptions};
 use crate::create::{create, CreateSpec};
 use crate::edge::{ChildEdge, Root};
 use crate::error::{Error, Result};
@@ -70,13 +70,21 @@ impl SnapshotUndo {
     /// Put the overlay back out: everything that used the node before uses it again, the
     /// overlay has no backing child, and a node prepare opened is closed.
     pub fn undo(self, graph: &mut Graph) {
+        let d = self.undo_detached(graph);
+        graph.close_detached_now(d);
+    }
+
+    /// [`SnapshotUndo::undo`], leaving an overlay prepare opened detached: close it with
+    /// [`Graph::close_detached`] once the graph lock is released.
+    pub fn undo_detached(self, graph: &mut Graph) -> Detached {
         let involved = [self.node.clone(), self.overlay.clone()];
         graph.drained(&involved, |g| unwire(g, &self));
-        if self.created {
-            if let Err(e) = graph.del(self.overlay.name()) {
-                tracing::warn!(node = self.overlay.name(), error = %e, "closing an undone overlay");
-            }
+        if !self.created {
+            return Detached::none();
         }
+        graph
+            .detach_unused(&self.overlay)
+            .unwrap_or_else(Detached::none)
     }
 }
 
@@ -146,11 +154,7 @@ impl Graph {
     }
 
     fn flush_base(&self, node: &NodeRef) -> Result<()> {
-        if node.read_only() {
-            return Ok(());
-        }
-        node.flush()
-            .map_err(|e| Error::io("An IO error has occurred", &e))
+        flush_base(node)
     }
 
     fn attach_overlay(
@@ -221,8 +225,9 @@ impl Graph {
     }
 
     /// `blockdev-snapshot-sync`: create (unless `existing`) and open the overlay image, then
-    /// [`Graph::snapshot_prepare`]. On error the opened overlay is closed again; a file
-    /// already created stays (as in QEMU).
+    /// [`Graph::snapshot_prepare`], all under the caller's lock. On error the opened overlay
+    /// is closed again; a file already created stays (as in QEMU). The daemon uses
+    /// [`Graph::snapshot_sync_staged`].
     pub fn snapshot_sync_prepare(
         &mut self,
         node: &NodeRef,
@@ -231,36 +236,9 @@ impl Graph {
         self.snapshot_check_base(node)?;
         self.flush_base(node)?;
         if !req.existing {
-            self.create_overlay_file(node, req)?;
+            create_overlay_file(node, req)?;
         }
-        let file = Box::new(NodeOptions {
-            driver: DriverOptions::File {
-                filename: req.file.clone(),
-                locking: true,
-            },
-            ..NodeOptions::default()
-        });
-        let driver = match req.format.as_str() {
-            "qcow2" => DriverOptions::Qcow2 {
-                file: ChildRef::Inline(file),
-                backing: Some(None),
-                cache: Default::default(),
-            },
-            "raw" => DriverOptions::Raw {
-                file: ChildRef::Inline(file),
-                offset: None,
-                size: None,
-            },
-            other => {
-                return Err(Error::generic(format!("Unknown driver '{other}'")));
-            }
-        };
-        let overlay = self.add(&NodeOptions {
-            node_name: Some(req.node_name.clone()),
-            read_only: node.read_only(),
-            driver,
-            ..NodeOptions::default()
-        })?;
+        let overlay = self.add(&overlay_options(node, req)?)?;
         self.attach_overlay(node, &overlay, true).inspect_err(|_| {
             if let Err(e) = self.del(overlay.name()) {
                 tracing::warn!(node = overlay.name(), error = %e, "closing a refused overlay");
@@ -268,50 +246,128 @@ impl Graph {
         })
     }
 
-    /// Create the overlay image with `node`'s image as its backing file, through the same
-    /// code as `blockdev-create`.
-    fn create_overlay_file(&self, node: &NodeRef, req: &SnapshotSync) -> Result<()> {
-        match req.format.as_str() {
-            "qcow2" => {}
-            "raw" => {
-                return Err(Error::generic(
-                    "Backing file not supported for file format 'raw'",
-                ))
-            }
-            other => return Err(Error::generic(format!("Unknown file format '{other}'"))),
+    /// [`Graph::snapshot_sync_prepare`] without holding `graph`'s lock over the disk I/O:
+    /// the base's flush, the overlay file's creation and its open run unlocked (the open as
+    /// a staged `blockdev-add`: its node-name reserved meanwhile); the overlay is wired in
+    /// under the lock, and a refused overlay is closed after it. The caller holds `node`
+    /// ([`Graph::hold_node`]) so that a `blockdev-del` of it waits. Do not call it with
+    /// `graph`'s lock held.
+    pub fn snapshot_sync_staged(
+        graph: &Arc<Mutex<Graph>>,
+        node: &NodeRef,
+        req: &SnapshotSync,
+    ) -> Result<SnapshotUndo> {
+        lock(graph).snapshot_check_base(node)?;
+        // Held by the caller: no delete can close it under the flush.
+        flush_base(node)?;
+        if !req.existing {
+            create_overlay_file(node, req)?;
         }
-        create(&CreateSpec::File {
-            filename: req.file.clone(),
-            size: 0,
-        })
-        .map_err(Error::generic)?;
-        let host = crate::drivers::file::FileDriver::open(&req.file, false).map_err(|e| {
-            Error::generic(format!(
-                "Could not open '{}': {}",
-                req.file,
-                crate::error::strerror(&e)
-            ))
-        })?;
-        let host: NodeRef = Arc::new(crate::node::Node::new(
-            "snapshot-create".to_string(),
-            true,
-            Box::new(host),
-            Vec::new(),
-            false,
-            Default::default(),
-        ));
-        let opts = qcow2::CreateOptions {
-            size: node.size().div_ceil(512) * 512,
-            backing_file: Some(node.facts().filename),
-            backing_fmt: Some(node.driver_name().to_string()),
-            ..qcow2::CreateOptions::default()
+        let overlay = Graph::add_staged(graph, &overlay_options(node, req)?)?;
+        let mut g = lock(graph);
+        // Something may have changed while the lock was not held: check the base again.
+        let prepared = g
+            .snapshot_check_base(node)
+            .and_then(|()| g.attach_overlay(node, &overlay, true));
+        let refused = match &prepared {
+            Ok(_) => Detached::none(),
+            Err(_) => g.detach_unused(&overlay).unwrap_or_else(Detached::none),
         };
-        let created = create(&CreateSpec::Qcow2 {
-            file: Ok(host.clone()),
-            opts,
-        });
-        let closed = host.close();
-        created.map_err(Error::generic)?;
-        closed.map_err(|e| Error::io(format!("Closing '{}'", req.file), &e))
+        drop(g);
+        Graph::close_detached(graph, refused);
+        prepared
     }
+}
+
+/// Create the overlay image with `node`'s image as its backing file, through the same code as
+/// `blockdev-create`. Disk I/O: called without the graph lock by the daemon.
+fn create_overlay_file(node: &NodeRef, req: &SnapshotSync) -> Result<()> {
+    match req.format.as_str() {
+        "qcow2" => {}
+        "raw" => {
+            return Err(Error::generic(
+                "Backing file not supported for file format 'raw'",
+            ))
+        }
+        other => return Err(Error::generic(format!("Unknown file format '{other}'"))),
+    }
+    create(&CreateSpec::File {
+        filename: req.file.clone(),
+        size: 0,
+    })
+    .map_err(Error::generic)?;
+    let host = crate::drivers::file::FileDriver::open(&req.file, false).map_err(|e| {
+        Error::generic(format!(
+            "Could not open '{}': {}",
+            req.file,
+            crate::error::strerror(&e)
+        ))
+    })?;
+    let host: NodeRef = Arc::new(crate::node::Node::new(
+        "snapshot-create".to_string(),
+        true,
+        Box::new(host),
+        Vec::new(),
+        false,
+        Default::default(),
+    ));
+    let opts = qcow2::CreateOptions {
+        size: node.size().div_ceil(512) * 512,
+        backing_file: Some(node.facts().filename),
+        backing_fmt: Some(node.driver_name().to_string()),
+        ..qcow2::CreateOptions::default()
+    };
+    let created = create(&CreateSpec::Qcow2 {
+        file: Ok(host.clone()),
+        opts,
+    });
+    let closed = host.close();
+    created.map_err(Error::generic)?;
+    closed.map_err(|e| Error::io(format!("Closing '{}'", req.file), &e))
+}
+
+/// Flush a writable snapshot base before its overlay goes on top.
+fn flush_base(node: &NodeRef) -> Result<()> {
+    if node.read_only() {
+        return Ok(());
+    }
+    node.flush()
+        .map_err(|e| Error::io("An IO error has occurred", &e))
+}
+
+/// The overlay's options: the format over its file, without a backing child, read-only when
+/// the base is.
+fn overlay_options(node: &NodeRef, req: &SnapshotSync) -> Result<NodeOptions> {
+    let file = Box::new(NodeOptions {
+        driver: DriverOptions::File {
+            filename: req.file.clone(),
+            locking: true,
+        },
+        ..NodeOptions::default()
+    });
+    let driver = match req.format.as_str() {
+        "qcow2" => DriverOptions::Qcow2 {
+            file: ChildRef::Inline(file),
+            backing: Some(None),
+            cache: Default::default(),
+        },
+        "raw" => DriverOptions::Raw {
+            file: ChildRef::Inline(file),
+            offset: None,
+            size: None,
+        },
+        other => {
+            return Err(Error::generic(format!("Unknown driver '{other}'")));
+        }
+    };
+    Ok(NodeOptions {
+        node_name: Some(req.node_name.clone()),
+        read_only: node.read_only(),
+        driver,
+        ..NodeOptions::default()
+    })
+}
+
+fn lock(g: &Mutex<Graph>) -> MutexGuard<'_, Graph> {
+    g.lock().unwrap_or_else(|e| e.into_inner())
 }

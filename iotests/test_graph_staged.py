@@ -176,3 +176,50 @@ def test_a_stalled_snapshot_sync_overlay_open_does_not_block_other_graph_command
     d.blockdev_add(driver="null-co", node_name="ov", size=SIZE)
     d.ok("blockdev-del", node_name="base")
     iotests.qemu_img("check", str(img))
+
+
+@iotests.blockd_only
+def test_a_transaction_bitmap_action_holds_its_node_until_the_transaction_ends(
+        make_daemon, tmp_path):
+    """A prepared bitmap action of a transaction holds its node, as the plain bitmap commands
+    do: a blockdev-del of that node from another monitor, sent while a later action of the
+    transaction is stalled (its overlay's open(2) on a FIFO), waits until the transaction
+    ended (here: aborted, the cleared bits put back on the node still open) and then
+    deletes it."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    img = qcow2(tmp_path / "a.qcow2", SIZE)
+    bimg = qcow2(tmp_path / "b.qcow2", SIZE)
+    d = make_daemon(monitors=3)
+    d.blockdev_add(driver="qcow2", node_name="q",
+                   file={"driver": "file", "filename": str(img)})
+    d.ok("block-dirty-bitmap-add", node="q", name="b", persistent=True)
+    d.node_io("q", "write -P 0x11 0 64k")
+    d.blockdev_add(driver="qcow2", node_name="base", read_only=True,
+                   file={"driver": "file", "node-name": "bf", "read-only": True,
+                         "filename": str(bimg)})
+    with iotests.RawQmp(d.monitor_paths[1]) as m, iotests.RawQmp(d.monitor_paths[2]) as m2:
+        for c in (m, m2):
+            c.greeting()
+            assert c.negotiate() == {"return": {}}
+        m.send(json.dumps({"execute": "transaction", "arguments": {"actions": [
+            {"type": "block-dirty-bitmap-clear", "data": {"node": "q", "name": "b"}},
+            {"type": "blockdev-snapshot-sync", "data": {
+                "node-name": "base", "snapshot-file": str(fifo),
+                "snapshot-node-name": "ov", "format": "raw", "mode": "existing"}}]}}))
+        time.sleep(2)  # the clear is prepared; the overlay's open waits on the FIFO
+        assert m.no_message(), "the transaction did not stall"
+        m2.send(json.dumps({"execute": "blockdev-del", "arguments": {"node-name": "q"}}))
+        time.sleep(1)
+        assert m2.no_message(), "blockdev-del did not wait for the transaction's hold"
+        os.close(os.open(fifo, os.O_WRONLY))
+        r = m.reply(timeout=30)
+        assert r["error"]["desc"] == "The overlay does not support backing images", r
+        assert m2.reply(timeout=30) == {"return": {}}
+    assert {n["node-name"] for n in d.nodes()} == {"base", "bf"}
+    iotests.qemu_img("check", str(img))
+    # The abort put the cleared bits back before the delete stored the bitmap.
+    d.blockdev_add(driver="qcow2", node_name="q",
+                   file={"driver": "file", "filename": str(img)})
+    q = next(n for n in d.nodes() if n["node-name"] == "q")
+    assert [(b["name"], b["count"]) for b in q["dirty-bitmaps"]] == [("b", 65536)], q

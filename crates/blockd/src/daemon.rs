@@ -126,6 +126,17 @@ impl Daemon {
         Graph::hold_node(&self.graph, &node).ok_or_else(not_found)
     }
 
+    /// Find and hold the node `block-dirty-bitmap-add` names (see [`Daemon::bitmap_node`]);
+    /// a node taken out after the lookup gives its not-found text.
+    pub fn bitmap_add_node(&self, node: &str) -> Result<block::graph::NodeHold> {
+        let n = self.lookup_node(node)?;
+        Graph::hold_node(&self.graph, &n).ok_or_else(|| {
+            Error::generic(format!(
+                "Cannot find device='{node}' nor node-name='{node}'"
+            ))
+        })
+    }
+
     /// blockdev-add.
     pub fn blockdev_add(&self, opts: &NodeOptions) -> Result<NodeRef> {
         if let Some(n) = &opts.node_name {
@@ -213,12 +224,7 @@ impl Daemon {
         persistent: bool,
         disabled: bool,
     ) -> Result<()> {
-        let n = self.lookup_node(node)?;
-        let n = Graph::hold_node(&self.graph, &n).ok_or_else(|| {
-            Error::generic(format!(
-                "Cannot find device='{node}' nor node-name='{node}'"
-            ))
-        })?;
+        let n = self.bitmap_add_node(node)?;
         bitmap_ops::add(&n, name, granularity, persistent, disabled)
     }
 

@@ -14,6 +14,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use block::graph::NodeHold;
 use block::job::{Job, JobGroup};
 use block::transaction::bitmaps::{Add, Merge, NodeLookup, OnBitmap, Op};
 use block::transaction::{self, AbortAction, Action, CompletionMode};
@@ -135,12 +136,13 @@ impl Action for SnapshotAction {
 /// Actions find nodes the way the plain commands do.
 struct DaemonLookup(Arc<Daemon>);
 
+/// Each holds the node it found, as the plain bitmap commands do (see `Daemon::bitmap_node`).
 impl NodeLookup for DaemonLookup {
-    fn node(&self, name: &str) -> Result<NodeRef> {
-        self.0.lookup_node(name)
+    fn node(&self, name: &str) -> Result<NodeHold> {
+        self.0.bitmap_add_node(name)
     }
-    fn bitmap_node(&self, name: &str) -> Result<NodeRef> {
-        self.0.bitmap_node(name).map(|h| (*h).clone())
+    fn bitmap_node(&self, name: &str) -> Result<NodeHold> {
+        self.0.bitmap_node(name)
     }
 }
 

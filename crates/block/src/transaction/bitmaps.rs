@@ -12,6 +12,9 @@
 //!
 //! A bitmap being removed is busy until the end, so a later action of the same transaction
 //! cannot use it. Nodes are looked up at prepare, so an action sees what earlier ones did.
+//! As the plain commands do, an action holds its node ([`NodeHold`]) from its prepare to its
+//! commit or abort: a concurrent `blockdev-del` of it waits, and one that took the node out
+//! before the action found it makes the action fail with the command's not-found text.
 
 use std::sync::Arc;
 
@@ -20,14 +23,15 @@ use hbitmap::HBitmap;
 use super::Action;
 use crate::bitmap_ops;
 use crate::error::Result;
+use crate::graph::NodeHold;
 use crate::node::NodeRef;
 
 /// How actions find nodes by the name a client gave (the daemon knows devices and nodes).
 pub trait NodeLookup: Send + Sync {
-    /// The node for `block-dirty-bitmap-add` (a device or node name).
-    fn node(&self, name: &str) -> Result<NodeRef>;
-    /// The node for the other bitmap commands ("Node 'x' not found").
-    fn bitmap_node(&self, name: &str) -> Result<NodeRef>;
+    /// The node for `block-dirty-bitmap-add` (a device or node name), held.
+    fn node(&self, name: &str) -> Result<NodeHold>;
+    /// The node for the other bitmap commands ("Node 'x' not found"), held.
+    fn bitmap_node(&self, name: &str) -> Result<NodeHold>;
 }
 
 /// Shared lookup handle.
@@ -41,7 +45,7 @@ pub struct Add {
     granularity: Option<u64>,
     persistent: bool,
     disabled: bool,
-    added: Option<NodeRef>,
+    added: Option<NodeHold>,
 }
 
 impl Add {
@@ -82,6 +86,9 @@ impl Action for Add {
         self.added = Some(node);
         Ok(())
     }
+    fn commit(&mut self) {
+        self.added = None;
+    }
     fn abort(&mut self) {
         if let Some(node) = self.added.take() {
             bitmap_ops::discard(&node, &self.name);
@@ -109,7 +116,6 @@ pub enum Op {
 
 /// What to put back on abort.
 enum Undo {
-    Nothing,
     Bits(HBitmap),
     Recording(bool),
     Unbusy,
@@ -121,7 +127,7 @@ pub struct OnBitmap {
     op: Op,
     node: String,
     name: String,
-    prepared: Option<(NodeRef, Undo)>,
+    prepared: Option<(NodeHold, Undo)>,
 }
 
 impl OnBitmap {
@@ -168,7 +174,6 @@ impl Action for OnBitmap {
             return;
         };
         match undo {
-            Undo::Nothing => {}
             Undo::Bits(bits) => bitmap_ops::restore(&node, &self.name, bits),
             Undo::Recording(was) => {
                 let _ = bitmap_ops::set_recording(&node, &self.name, was);
@@ -177,9 +182,8 @@ impl Action for OnBitmap {
         }
     }
     fn commit(&mut self) {
-        if let Some((node, Undo::Unbusy)) = &self.prepared {
-            bitmap_ops::discard(node, &self.name);
-            self.prepared = Some((node.clone(), Undo::Nothing));
+        if let Some((node, Undo::Unbusy)) = self.prepared.take() {
+            bitmap_ops::discard(&node, &self.name);
         }
     }
 }
@@ -191,7 +195,7 @@ pub struct Merge {
     target: String,
     /// Sources: (node, or `None` for the target's node; bitmap name).
     sources: Vec<(Option<String>, String)>,
-    prepared: Option<(NodeRef, HBitmap)>,
+    prepared: Option<(NodeHold, HBitmap)>,
 }
 
 impl Merge {
@@ -218,17 +222,28 @@ impl Action for Merge {
     }
     fn prepare(&mut self) -> Result<()> {
         let node = self.lookup.bitmap_node(&self.node)?;
-        let mut sources = Vec::with_capacity(self.sources.len());
+        // The source nodes are held while the merge reads them.
+        let mut held = Vec::with_capacity(self.sources.len());
+        let mut sources: Vec<(NodeRef, String)> = Vec::with_capacity(self.sources.len());
         for (src, name) in &self.sources {
             let src = match src {
-                Some(s) => self.lookup.bitmap_node(s)?,
-                None => node.clone(),
+                Some(s) => {
+                    let h = self.lookup.bitmap_node(s)?;
+                    let n = NodeRef::clone(&h);
+                    held.push(h);
+                    n
+                }
+                None => NodeRef::clone(&node),
             };
             sources.push((src, name.clone()));
         }
         let old = bitmap_ops::merge(&node, &self.target, &sources)?;
+        drop(held);
         self.prepared = Some((node, old));
         Ok(())
+    }
+    fn commit(&mut self) {
+        self.prepared = None;
     }
     fn abort(&mut self) {
         if let Some((node, old)) = self.prepared.take() {

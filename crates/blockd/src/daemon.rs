@@ -263,16 +263,14 @@ impl Daemon {
         // From here on new adds and deletes are refused; one still opening files (it does not
         // hold the graph lock) inserts its nodes when done and one still closing finishes:
         // wait for them, so that every node is closed (bitmaps stored) with the rest.
-        let nodes = loop {
-            let taken = self.graph().begin_shutdown();
-            match taken {
-                Some(d) => break d,
-                None => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            }
-        };
+        // The wait is woken by the graph's condvar (`Graph::shutdown_wait`), on a blocking
+        // thread.
         let graph = self.graph.clone();
-        let closed =
-            tokio::task::spawn_blocking(move || Graph::close_detached(&graph, nodes)).await;
+        let closed = tokio::task::spawn_blocking(move || {
+            let nodes = Graph::shutdown_wait(&graph);
+            Graph::close_detached(&graph, nodes)
+        })
+        .await;
         if let Err(e) = closed {
             tracing::error!(error = %e, "closing the block graph failed");
         }

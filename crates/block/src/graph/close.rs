@@ -310,6 +310,19 @@ impl Graph {
         Some(Detached { nodes })
     }
 
+    /// Shutdown, blocking: [`Graph::begin_shutdown`] until it gives the nodes, waiting
+    /// meanwhile (without the lock) on the graph's condvar, which the end of every open,
+    /// close, delete, reopen and hold signals. Call it off the reactor, without the lock.
+    pub fn shutdown_wait(graph: &Mutex<Graph>) -> Detached {
+        let mut g = lock(graph);
+        loop {
+            if let Some(d) = g.begin_shutdown() {
+                return d;
+            }
+            g = wait_changed(g);
+        }
+    }
+
     /// The graph is shutting down (see [`Graph::begin_shutdown`]).
     pub fn is_shut(&self) -> bool {
         self.shut

@@ -514,3 +514,31 @@ fn a_command_holding_a_node_delays_its_delete_and_a_deleted_one_is_gone() {
     let err = Graph::reopen_read_only_staged(&graph, &o).expect_err("gone");
     assert_eq!(err.to_string(), "Failed to find node with node-name='o'");
 }
+
+#[test]
+fn shutdown_waits_for_a_hold_and_wakes_when_it_ends() {
+    let (graph, t, _ctl) = graph_with_test_node();
+    let hold = Graph::hold_node(&graph, &t).expect("t is in the graph");
+    let g = graph.clone();
+    let (tx, rx) = mpsc::channel();
+    let shut = thread::spawn(move || {
+        let d = Graph::shutdown_wait(&g);
+        let _ = tx.send(Instant::now());
+        lock(&g).close_detached_now(d);
+    });
+    thread::sleep(Duration::from_millis(300));
+    assert!(!shut.is_finished(), "shutdown did not wait for the hold");
+    // Adds are refused once shutdown began, while it waits.
+    assert!(lock(&graph).is_shut());
+    let released = Instant::now();
+    drop(hold);
+    let woke = rx.recv_timeout(WAIT).expect("shutdown went on");
+    shut.join().expect("shutdown thread");
+    // Woken by the hold's end (the graph's condvar), not by a poll or the 200 ms bound.
+    assert!(
+        woke.duration_since(released) < Duration::from_millis(150),
+        "shutdown woke {:?} after the hold ended",
+        woke.duration_since(released)
+    );
+    assert!(names(&lock(&graph)).is_empty());
+}

@@ -223,3 +223,58 @@ def test_a_transaction_bitmap_action_holds_its_node_until_the_transaction_ends(
                    file={"driver": "file", "filename": str(img)})
     q = next(n for n in d.nodes() if n["node-name"] == "q")
     assert [(b["name"], b["count"]) for b in q["dirty-bitmaps"]] == [("b", 65536)], q
+
+
+@iotests.blockd_only
+def test_an_aborted_snapshot_sync_closes_its_overlay_without_the_graph_lock(
+        make_daemon, tmp_path):
+    """A transaction's abort takes the overlay its blockdev-snapshot-sync opened out under the
+    graph lock and closes it after: while that close's flush hangs (a FUSE-served image whose
+    server is stopped), another monitor's blockdev-add and blockdev-del answer."""
+    from test_fleecing import StallableFile
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    img = qcow2(tmp_path / "a.qcow2", SIZE)
+    bimg = qcow2(tmp_path / "b.qcow2", SIZE)
+    src = qcow2(tmp_path / "ov-src.qcow2", SIZE)
+    stall = StallableFile(tmp_path, SIZE)
+    try:
+        with open(stall.path, "r+b") as f:
+            f.write(src.read_bytes())
+        d = make_daemon(monitors=2)
+        d.blockdev_add(driver="qcow2", node_name="base",
+                       file={"driver": "file", "node-name": "bf", "filename": str(img)})
+        d.blockdev_add(driver="qcow2", node_name="base2", read_only=True,
+                       file={"driver": "file", "node-name": "bf2", "read-only": True,
+                             "filename": str(bimg)})
+        with iotests.RawQmp(d.monitor_paths[1]) as m:
+            m.greeting()
+            assert m.negotiate() == {"return": {}}
+            m.send(json.dumps({"execute": "transaction", "arguments": {"actions": [
+                {"type": "blockdev-snapshot-sync", "data": {
+                    "node-name": "base", "snapshot-file": str(stall.path),
+                    "snapshot-node-name": "ov", "format": "qcow2", "mode": "existing"}},
+                {"type": "blockdev-snapshot-sync", "data": {
+                    "node-name": "base2", "snapshot-file": str(fifo),
+                    "snapshot-node-name": "ov2", "format": "raw", "mode": "existing"}}]}}))
+            time.sleep(2)  # "ov" is in place; "ov2"'s open waits on the FIFO
+            assert m.no_message(), "the transaction did not stall"
+            stall.stop()
+            os.close(os.open(fifo, os.O_WRONLY))  # "ov2" is refused: the abort begins
+            time.sleep(1)  # the abort's close of "ov" flushes to the stopped server
+            assert m.no_message(), "the overlay's close did not stall"
+            d.blockdev_add(driver="null-co", node_name="n2", size=SIZE)
+            d.ok("blockdev-del", node_name="n2")
+            stall.cont()
+            r = m.reply(timeout=30)
+            assert r["error"]["desc"] == "The overlay does not support backing images", r
+        assert {n["node-name"] for n in d.nodes()} == {"base", "bf", "base2", "bf2"}
+        fds = [os.readlink(f"/proc/{d.proc.pid}/fd/{f}")
+               for f in os.listdir(f"/proc/{d.proc.pid}/fd")]
+        assert str(stall.path) not in fds, fds
+        d.ok("blockdev-del", node_name="base")
+        d.ok("blockdev-del", node_name="base2")
+    finally:
+        stall.close()
+    iotests.qemu_img("check", str(img))

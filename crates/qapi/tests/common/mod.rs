@@ -80,7 +80,12 @@ impl Qsd {
         };
         let greeting = qsd.read_message();
         assert!(greeting.get("QMP").is_some(), "no greeting: {greeting}");
-        let r = qsd.execute("qmp_capabilities", json!({}));
+        // A client that connects while QSD is still starting can be greeted twice (the
+        // monitor replays the chardev's open); a second greeting is not an answer.
+        let mut r = qsd.execute("qmp_capabilities", json!({}));
+        while r.get("QMP").is_some() {
+            r = qsd.read_message();
+        }
         assert!(r.get("return").is_some(), "negotiation failed: {r}");
         Some(qsd)
     }

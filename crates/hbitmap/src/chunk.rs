@@ -372,19 +372,29 @@ impl Chunk {
         }
     }
 
+    /// Indices of the non-zero words, ascending (from the `nz` summaries, not a scan).
+    fn nonzero_words(&self) -> impl Iterator<Item = usize> + '_ {
+        let (mut top, mut k, mut sub) = (self.nz_top, 0, 0u64);
+        std::iter::from_fn(move || loop {
+            if sub != 0 {
+                let j = k * WORD_BITS + lowest(sub);
+                sub &= sub - 1;
+                return Some(j);
+            }
+            if top == 0 {
+                return None;
+            }
+            k = lowest(top);
+            top &= top - 1;
+            sub = self.nz[k];
+        })
+    }
+
     /// `self |= other`, where both cover the same granules.
     pub(crate) fn or_from(&mut self, other: &Chunk) {
         debug_assert_eq!(self.words.len(), other.words.len());
-        let mut top = other.nz_top;
-        while top != 0 {
-            let k = lowest(top);
-            top &= top - 1;
-            let mut sub = other.nz[k];
-            while sub != 0 {
-                let j = k * WORD_BITS + lowest(sub);
-                sub &= sub - 1;
-                self.store(j, self.words.get(j) | other.words.get(j));
-            }
+        for j in other.nonzero_words() {
+            self.store(j, self.words.get(j) | other.words.get(j));
         }
     }
 
@@ -416,20 +426,8 @@ impl Chunk {
         if self.dirty > other.dirty {
             return false;
         }
-        let mut top = self.nz_top;
-        while top != 0 {
-            let k = lowest(top);
-            top &= top - 1;
-            let mut sub = self.nz[k];
-            while sub != 0 {
-                let j = k * WORD_BITS + lowest(sub);
-                sub &= sub - 1;
-                if self.words.get(j) & !other.words.get(j) != 0 {
-                    return false;
-                }
-            }
-        }
-        true
+        self.nonzero_words()
+            .all(|j| self.words.get(j) & !other.words.get(j) == 0)
     }
 
     /// Whether both hold the same granules, dirty alike.
@@ -444,17 +442,9 @@ impl Chunk {
     /// A cheap hash of the words (equal bits give equal hashes), to find identical chunks.
     pub(crate) fn bits_hash(&self) -> u64 {
         let mut h = (self.words.len() as u64) ^ (u64::from(self.dirty) << 32);
-        let mut top = self.nz_top;
-        while top != 0 {
-            let k = lowest(top);
-            top &= top - 1;
-            let mut sub = self.nz[k];
-            while sub != 0 {
-                let j = k * WORD_BITS + lowest(sub);
-                sub &= sub - 1;
-                h = (h.rotate_left(5) ^ (j as u64) ^ self.words.get(j))
-                    .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            }
+        for j in self.nonzero_words() {
+            h = (h.rotate_left(5) ^ (j as u64) ^ self.words.get(j))
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15);
         }
         h
     }

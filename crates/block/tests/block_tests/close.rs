@@ -13,7 +13,7 @@ use block::node::{Child, Node, NodeFlags};
 use block::testing::{Controls, Op, TestDriver};
 use block::{Graph, NodeRef};
 
-use crate::common::{file_opts, names, null_opts};
+use crate::common::{file_opts, meanwhile, names, null_opts};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -58,14 +58,13 @@ fn del_does_not_hold_the_graph_over_a_flush() {
     held(&ctl, 1);
 
     // Meanwhile, on another thread (a lock held over the flush fails the test, not hangs it).
-    let (tx, rx) = mpsc::channel();
     let g = graph.clone();
-    thread::spawn(move || {
+    let rx = meanwhile(move || {
         let listed = names(&lock(&g));
         let dup = Graph::add_staged(&g, &null_opts("t", 512)).map(|_| ());
         let added = Graph::add_staged(&g, &null_opts("n2", 512)).map(|_| ());
         let del_other = Graph::del_staged(&g, "other");
-        let _ = tx.send((listed, dup, added, del_other));
+        (listed, dup, added, del_other)
     });
     let got = rx.recv_timeout(WAIT);
     ctl.release(Op::Flush);
@@ -232,13 +231,12 @@ fn an_add_that_must_fail_opens_without_the_lock_and_gives_the_plain_error() {
         let opts = cbw_opts(&fifo, target);
         let adder = thread::spawn(move || Graph::add_staged(&g, &opts));
         // The open stalls in its first child; the graph answers meanwhile.
-        let (tx, rx) = mpsc::channel();
         let g = graph.clone();
-        thread::spawn(move || {
+        let rx = meanwhile(move || {
             thread::sleep(Duration::from_millis(200));
             let listed = names(&lock(&g));
             let added = Graph::add_staged(&g, &null_opts("n2", 512)).map(|_| ());
-            let _ = tx.send((listed, added));
+            (listed, added)
         });
         let got = rx.recv_timeout(WAIT);
         unstall(&fifo);
@@ -403,13 +401,12 @@ fn reopen_read_only_does_not_hold_the_graph_over_a_flush() {
     held(&ctl, 1);
 
     // Meanwhile, on another thread (a lock held over the flush fails the test, not hangs it).
-    let (tx, rx) = mpsc::channel();
     let g = graph.clone();
-    thread::spawn(move || {
+    let rx = meanwhile(move || {
         let listed = names(&lock(&g));
         let added = Graph::add_staged(&g, &null_opts("n2", 512)).map(|_| ());
         let del_other = Graph::del_staged(&g, "other");
-        let _ = tx.send((listed, added, del_other));
+        (listed, added, del_other)
     });
     let got = rx.recv_timeout(WAIT);
     // A delete of the node being reopened waits for the reopen.

@@ -207,3 +207,15 @@ pub async fn wait_status(job: &Arc<Job>, status: JobStatus) {
         status
     );
 }
+
+/// Runs `f` on another thread; the receiver gets its result. A test waits for it with
+/// `recv_timeout`, so a lock held where it must not be fails the test instead of hanging it.
+pub fn meanwhile<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::sync::mpsc::Receiver<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx
+}

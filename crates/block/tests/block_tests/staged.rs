@@ -4,34 +4,16 @@
 //! and the existing node it names pinned, and on success or failure ends as a plain add would.
 
 use std::fs::OpenOptions;
-use std::path::Path;
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use block::graph::{ChildRef, DriverOptions, NodeOptions};
 use block::{Graph, NodeRef, Result};
-use qcow2::{CreateOptions, FileStorage, Qcow2};
 
-use crate::common::{file_opts, names, null_opts};
+use crate::common::{create_qcow2, file_opts, meanwhile, names, null_opts};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn qcow2_image(path: &Path) {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .expect("create image file");
-    let opts = CreateOptions {
-        size: 1 << 20,
-        ..CreateOptions::default()
-    };
-    Qcow2::create(&FileStorage::new(file), &opts).expect("create qcow2");
-}
 
 /// qcow2 "slow" over the existing node `file`, its backing an inline `fmt` node over a FIFO.
 fn slow_opts(fifo: &str, fmt: &str) -> NodeOptions {
@@ -83,7 +65,7 @@ type Stalled = (
 fn stalled_add(fmt: &str) -> Stalled {
     let dir = tempfile::tempdir().expect("temp dir");
     let image = dir.path().join("top.qcow2");
-    qcow2_image(&image);
+    create_qcow2(&image, 1 << 20, None);
     let before = std::fs::read(&image).expect("read image");
     let fifo = dir.path().join("fifo");
     let made = std::process::Command::new("mkfifo")
@@ -128,15 +110,14 @@ fn stalled_add(fmt: &str) -> Stalled {
     }
 
     // Meanwhile, on another thread (so a held lock fails the test instead of hanging it).
-    let (tx, rx) = mpsc::channel();
     let g = graph.clone();
-    thread::spawn(move || {
+    let rx = meanwhile(move || {
         let listed = names(&lock(&g));
         let dup = Graph::add_staged(&g, &null_opts("slow", 512)).map(|_| ());
         let added = Graph::add_staged(&g, &null_opts("n2", 512)).map(|_| ());
         let del_other = lock(&g).del("other");
         let del_file = lock(&g).del("file");
-        let _ = tx.send((listed, dup, added, del_other, del_file));
+        (listed, dup, added, del_other, del_file)
     });
     let got = rx.recv_timeout(WAIT);
 

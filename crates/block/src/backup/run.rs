@@ -23,6 +23,18 @@ type Done = (u64, Vec<u8>, Result<(), CopyError>);
 /// Runs one worker takes at once.
 const MAX_RUNS: usize = 64;
 
+/// A run `start..start + len` reached the target: with `discard-source`, discard it on the
+/// source (after its claim ended: the discard passes the hook, which waits for claims in
+/// flight). Returns the bytes to count as done.
+fn copied(c: &Copier, discard: bool, start: u64, len: u64) -> u64 {
+    if discard {
+        if let Err(e) = c.source.discard(start, len) {
+            tracing::debug!(error = %e, "discard-source failed");
+        }
+    }
+    len
+}
+
 fn progress(ctx: &JobCtx, c: &Copier) {
     ctx.set_progress(
         c.done.load(Ordering::Acquire),
@@ -104,14 +116,9 @@ pub(super) async fn run(job: Arc<BackupJob>, ctx: JobCtx) -> Result<(), String> 
                             // One lock round for the batch's claims; discards after it (they
                             // pass the hook, which waits for claims in flight).
                             cw.finish_many(&runs, r.is_ok());
-                            for &(start, len) in &runs {
-                                if r.is_ok() {
-                                    done += len;
-                                    if discard {
-                                        if let Err(e) = cw.source.discard(start, len) {
-                                            tracing::debug!(error = %e, "discard-source failed");
-                                        }
-                                    }
+                            if r.is_ok() {
+                                for &(start, len) in &runs {
+                                    done += copied(&cw, discard, start, len);
                                 }
                             }
                             result = r;
@@ -133,12 +140,7 @@ pub(super) async fn run(job: Arc<BackupJob>, ctx: JobCtx) -> Result<(), String> 
                         // claims in flight over its range.
                         cw.finish(start, len, r.is_ok());
                         if r.is_ok() {
-                            done += len;
-                            if discard {
-                                if let Err(e) = cw.source.discard(start, len) {
-                                    tracing::debug!(error = %e, "discard-source failed");
-                                }
-                            }
+                            done += copied(&cw, discard, start, len);
                         }
                         result = r;
                     }

@@ -236,35 +236,48 @@ fn with_pipe<T>(f: impl FnOnce(&Pipe) -> Result<T, KernelCopyError>) -> Result<T
     })
 }
 
-/// Splice up to `want` bytes of `src` at `soff` into the pipe; returns the bytes moved.
-fn splice_in(pipe: &Pipe, src: &File, soff: u64, want: usize) -> Result<usize, KernelCopyError> {
-    let rd = |err| KernelCopyError { is_read: true, err };
+/// One `splice(2)` of up to `len` bytes from `fd_in` to `fd_out`, retried on EINTR; an offset
+/// is given for the file side (the pipe side has none). Returns the bytes moved (0: end of file).
+fn splice_once(
+    fd_in: &impl AsRawFd,
+    off_in: Option<&mut i64>,
+    fd_out: &impl AsRawFd,
+    off_out: Option<&mut i64>,
+    len: usize,
+) -> io::Result<usize> {
+    let off_in = off_in.map_or(std::ptr::null_mut(), |o| o as *mut i64);
+    let off_out = off_out.map_or(std::ptr::null_mut(), |o| o as *mut i64);
     loop {
-        let mut so =
-            i64::try_from(soff).map_err(|_| rd(io::Error::from_raw_os_error(libc::EINVAL)))?;
-        // SAFETY: descriptors are open; the offset is our variable; no user memory is passed.
+        // SAFETY: the descriptors are open for the call; each offset is null or points at a
+        // variable the caller lends us for the call; no user memory is passed.
         let n = unsafe {
             libc::splice(
-                src.as_raw_fd(),
-                &mut so,
-                pipe.write.as_raw_fd(),
-                std::ptr::null_mut(),
-                want,
+                fd_in.as_raw_fd(),
+                off_in,
+                fd_out.as_raw_fd(),
+                off_out,
+                len,
                 libc::SPLICE_F_MOVE,
             )
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(rd(e));
+        if n >= 0 {
+            return Ok(n as usize);
         }
-        if n == 0 {
-            // The file ended early (someone shrank it).
-            return Err(rd(io::Error::from_raw_os_error(libc::EIO)));
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
-        return Ok(n as usize);
+    }
+}
+
+/// Splice up to `want` bytes of `src` at `soff` into the pipe; returns the bytes moved.
+fn splice_in(pipe: &Pipe, src: &File, soff: u64, want: usize) -> Result<usize, KernelCopyError> {
+    let rd = |err| KernelCopyError { is_read: true, err };
+    let mut so = i64::try_from(soff).map_err(|_| rd(io::Error::from_raw_os_error(libc::EINVAL)))?;
+    match splice_once(src, Some(&mut so), &pipe.write, None, want).map_err(rd)? {
+        // The file ended early (someone shrank it).
+        0 => Err(rd(io::Error::from_raw_os_error(libc::EIO))),
+        n => Ok(n),
     }
 }
 
@@ -279,28 +292,11 @@ fn splice_out(pipe: &Pipe, dst: &File, doff: u64, len: usize) -> Result<(), Kern
     while left > 0 {
         let mut d =
             i64::try_from(at).map_err(|_| wr(io::Error::from_raw_os_error(libc::EINVAL)))?;
-        // SAFETY: as in `splice_in`.
-        let m = unsafe {
-            libc::splice(
-                pipe.read.as_raw_fd(),
-                std::ptr::null_mut(),
-                dst.as_raw_fd(),
-                &mut d,
-                left,
-                libc::SPLICE_F_MOVE,
-            )
-        };
-        if m < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(wr(e));
-        }
+        let m = splice_once(&pipe.read, None, dst, Some(&mut d), left).map_err(wr)?;
         if m == 0 {
             return Err(wr(io::Error::from_raw_os_error(libc::EIO)));
         }
-        left -= m as usize;
+        left -= m;
         at += m as u64;
     }
     Ok(())

@@ -16,6 +16,7 @@ pub mod blkdebug;
 pub mod block_backup;
 pub mod block_core;
 pub mod block_create;
+mod block_drivers;
 pub mod block_export;
 pub mod block_job;
 pub mod block_options;

@@ -5,7 +5,6 @@ use crate::bitmaps::FLAG_IN_USE;
 use crate::*;
 
 impl Qcow2 {
-
     /// The bitmaps as currently in the file.
     pub fn bitmaps(&self) -> Vec<BitmapInfo> {
         self.lock()

@@ -73,9 +73,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 
 pub use bitmap_data::BitmapData;
 pub use bitmaps::{BitmapInfo, LoadedBitmap, StoreBitmap};
-pub use image_bitmaps::StoreBitmapRef;
 pub use create::CreateOptions;
 pub use error::{Error, ErrorKind, Result};
+pub use image_bitmaps::StoreBitmapRef;
 pub use snapshot_table::{SnapshotInfo, SnapshotTime};
 pub use storage::{FileStorage, HostFn, MemStorage, Storage};
 
@@ -527,4 +527,3 @@ impl Qcow2 {
         Ok(())
     }
 }
-

@@ -247,8 +247,9 @@ mod tests {
         assert_eq!(b[0], (0, k));
         assert_eq!(q.len(), 40 - MAX_IN_FLIGHT);
         // Whole chunks go one at a time, a big one after small ones waits for the next batch.
-        let mut q: VecDeque<(u64, u64)> =
-            [(0, k), (CHUNK, CHUNK), (2 * CHUNK, CHUNK)].into_iter().collect();
+        let mut q: VecDeque<(u64, u64)> = [(0, k), (CHUNK, CHUNK), (2 * CHUNK, CHUNK)]
+            .into_iter()
+            .collect();
         assert_eq!(batch(&mut q), vec![(0, k)]);
         assert_eq!(batch(&mut q), vec![(CHUNK, CHUNK)]);
         assert_eq!(batch(&mut q), vec![(2 * CHUNK, CHUNK)]);

@@ -77,7 +77,8 @@ impl NbdClient {
             .map_err(|e| ioerr(e, &format!("connecting to NBD socket {}", path.display())))?;
         let rd = BufReader::with_capacity(
             RECV_BUF,
-            s.try_clone().map_err(|e| ioerr(e, "cloning the NBD socket"))?,
+            s.try_clone()
+                .map_err(|e| ioerr(e, "cloning the NBD socket"))?,
         );
         let mut c = NbdClient {
             s,

@@ -367,7 +367,7 @@ def main():
     ap.add_argument("--dir", default="/dev/shm")
     args = ap.parse_args()
     benchlib.install_cleanup()
-    raw = os.path.join(args.dir, "bb-bench.raw")
+    raw = os.path.join(args.dir, f"bb-bench-{os.getpid()}.raw")  # own name: benches may overlap
     benchlib.random_raw(raw, args.size_gib << 30)
     bins = {"qsd": benchlib.DEFAULT_QSD, "blockd": benchlib.DEFAULT_BLOCKD}
     print(benchlib.machine_line())

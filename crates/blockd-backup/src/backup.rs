@@ -49,7 +49,7 @@ pub struct Options {
     pub push: bool,
     /// Someone may write during the backup: fleece (pull) and use one transaction.
     pub live: bool,
-    /// NBD connections per disk.
+    /// Most NBD connections per disk (see [`copy`]).
     pub connections: usize,
     /// The daemon's running NBD server socket, if it has one.
     pub nbd_socket: Option<PathBuf>,

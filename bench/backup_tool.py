@@ -7,9 +7,12 @@ with a writable NBD export; then
 * full backup: the tool (pull: fleecing + NBD, several connections) and the tool in push mode,
   against the hand-written sequence: push = `transaction [bitmap-add, blockdev-backup sync=full]`
   + wait for the job; pull = the same fleecing QMP + `qemu-img convert` of the export;
-* 1 % incremental (328 scattered 64 KiB writes through NBD): the tool (pull and push) against
-  the hand-written push sequence `transaction [bitmap-add new, add+merge frozen copy,
-  blockdev-backup sync=incremental]`.
+* 1 % incremental (328 scattered 64 KiB writes through NBD): the tool in push mode against the
+  hand-written push sequence `transaction [bitmap-add new, add+merge frozen copy,
+  blockdev-backup sync=incremental]`, and the tool in pull mode against a hand-written pull:
+  the same fleecing QMP as the tool with the frozen bitmap on the export, then libnbd reads the
+  dirty extents (block status on `qemu:dirty-bitmap:...`) and writes them into a qcow2 overlay
+  of the previous backup served by qemu-nbd (needs python3-libnbd).
 
 Both blockd and QSD have backup jobs, so both run live (fleecing / push). A daemon without them
 (an old blockd) runs the tool with `--offline` (no fleecing) and the hand sequence "export +
@@ -40,6 +43,12 @@ import subprocess
 import sys
 import tempfile
 import time
+
+try:
+    import nbd  # libnbd's Python binding (Debian: python3-libnbd)
+except ImportError:  # a Python of its own (pyenv) does not see the distribution's packages
+    sys.path.append("/usr/lib/python3/dist-packages")
+    import nbd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
@@ -173,6 +182,78 @@ def hand_pull_full(d, work, tag, live):
                 os.unlink(p)
 
 
+def hand_pull_inc(d, work, tag, size, src_bitmap, base):
+    """A pull incremental as a person would script it with libnbd: the same fleecing QMP as the
+    tool (scratch node, one transaction [new bitmap, frozen copy of `src_bitmap`, backup
+    sync=none with a filter], snapshot-access, an export carrying the frozen bitmap), then read
+    the dirty extents (NBD block status on `qemu:dirty-bitmap:...`) and write them into a qcow2
+    overlay backed by the previous backup `base` (served by qemu-nbd, started by libnbd), then
+    tear the fleecing down and drop the frozen copy."""
+    scratch = os.path.join(work, f"scratch-{tag}.qcow2")
+    out = os.path.join(work, f"handinc-{tag}.qcow2")
+    frozen = f"hx-{tag}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", scratch, str(size)], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", out],
+                   check=True)
+    q = Qmp(d.qmp_sock)
+    try:
+        q.execute("blockdev-add", driver="qcow2", **{"node-name": f"hs-{tag}"},
+                  file={"driver": "file", "filename": scratch})
+        q.execute("transaction", actions=[
+            {"type": "block-dirty-bitmap-add", "data": {"node": d.node, "name": f"hb-{tag}"}},
+            {"type": "block-dirty-bitmap-add", "data": {"node": d.node, "name": frozen, "disabled": True}},
+            {"type": "block-dirty-bitmap-merge", "data": {"node": d.node, "target": frozen, "bitmaps": [src_bitmap]}},
+            {"type": "blockdev-backup", "data": {"job-id": f"hf-{tag}", "device": d.node,
+                                                 "target": f"hs-{tag}", "sync": "none",
+                                                 "filter-node-name": f"hfl-{tag}"}}])
+        q.execute("blockdev-add", driver="snapshot-access", **{"node-name": f"ha-{tag}"}, file=f"hfl-{tag}")
+        q.execute("block-export-add", type="nbd", id=f"he-{tag}", **{"node-name": f"ha-{tag}"},
+                  name=f"he-{tag}", bitmaps=[{"node": d.node, "name": frozen}])
+        ctx = f"qemu:dirty-bitmap:{frozen}"
+        src = nbd.NBD()
+        src.add_meta_context(ctx)
+        src.set_export_name(f"he-{tag}")
+        src.connect_unix(d.nbd_sock)
+        dirty = []
+        reached = [0]
+
+        def extent(metacontext, offset, entries, err):
+            if metacontext == ctx:
+                for i in range(0, len(entries), 2):
+                    if entries[i + 1] & 1:
+                        dirty.append((offset, entries[i]))
+                    offset += entries[i]
+                reached[0] = offset
+            return 0
+
+        while reached[0] < size:  # the server may answer for less than asked: go on from there
+            src.block_status(min(size - reached[0], 1 << 30), reached[0], extent)
+        dirty = [(o, min(n, size - o)) for o, n in dirty]
+        dst = nbd.NBD()
+        dst.connect_systemd_socket_activation(["qemu-nbd", "-f", "qcow2", out])
+        for o, n in dirty:
+            while n:
+                m = min(n, 32 << 20)
+                dst.pwrite(src.pread(m, o), o)
+                o += m
+                n -= m
+        dst.flush()
+        dst.shutdown()
+        src.shutdown()
+        q.execute("block-export-del", id=f"he-{tag}")
+        while any(e["id"] == f"he-{tag}" for e in q.execute("query-block-exports")):
+            time.sleep(0.001)
+        q.execute("blockdev-del", **{"node-name": f"ha-{tag}"})
+        q.execute("job-cancel", id=f"hf-{tag}")
+        wait_job(q, f"hf-{tag}")
+        q.execute("blockdev-del", **{"node-name": f"hs-{tag}"})
+        q.execute("block-dirty-bitmap-remove", node=d.node, name=frozen)
+    finally:
+        q.close()
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+
+
 def has_backup(d):
     q = Qmp(d.qmp_sock)
     try:
@@ -213,14 +294,16 @@ def bench_daemon(kind, binary, args, raw):
                 # The hand sequence and both tool modes each back up the same 1 % of changes.
                 order = [(INC_TOOL_PULL, lambda: tool(d, repo, "inc", *extra)),
                          (INC_TOOL_PUSH, lambda: tool(d, prepo, "inc", "--push")),
-                         (INC_HAND_PUSH, lambda: hand_push(d, work, f"i{rep}", size, src_bitmap=f"hb-f{rep}"))]
+                         (INC_HAND_PUSH, lambda: hand_push(d, work, f"i{rep}", size, src_bitmap=f"hb-f{rep}")),
+                         (INC_HAND_PULL, lambda: hand_pull_inc(d, work, f"pi{rep}", size, f"hb-f{rep}",
+                                                               os.path.join(work, f"hand-f{rep}.qcow2")))]
                 if args.interleave:
-                    order = order[rep % 3:] + order[:rep % 3]
+                    order = order[rep % 4:] + order[:rep % 4]
                 for key, fn in order:
                     measure(rows, key, d, fn)
                 q = Qmp(d.qmp_sock)
                 try:
-                    for b in (f"hb-f{rep}", f"hb-i{rep}"):
+                    for b in (f"hb-f{rep}", f"hb-i{rep}", f"hb-pi{rep}"):
                         q.execute("block-dirty-bitmap-remove", node=d.node, name=b)
                 finally:
                     q.close()
@@ -228,6 +311,9 @@ def bench_daemon(kind, binary, args, raw):
                 measure(rows, INC_TOOL_PULL, d, lambda: tool(d, repo, "inc", *extra))
             shutil.rmtree(repo, ignore_errors=True)
             shutil.rmtree(prepo, ignore_errors=True)
+            for f in (f"hand-f{rep}.qcow2", f"hand-i{rep}.qcow2", f"handinc-pi{rep}.qcow2"):
+                if os.path.exists(os.path.join(work, f)):
+                    os.unlink(os.path.join(work, f))
     finally:
         d.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -241,8 +327,9 @@ FULL_HAND_PUSH = "full: hand push"
 INC_TOOL_PULL = "1% inc: tool pull"
 INC_TOOL_PUSH = "1% inc: tool push"
 INC_HAND_PUSH = "1% inc: hand push"
+INC_HAND_PULL = "1% inc: hand pull (fleece + libnbd + qemu-nbd)"
 PAIRS = [(FULL_TOOL_PULL, FULL_HAND_PULL), (FULL_TOOL_PUSH, FULL_HAND_PUSH),
-         (INC_TOOL_PULL, INC_HAND_PUSH), (INC_TOOL_PUSH, INC_HAND_PUSH)]
+         (INC_TOOL_PULL, INC_HAND_PULL), (INC_TOOL_PUSH, INC_HAND_PUSH)]
 
 
 def med(samples, attr):
@@ -280,7 +367,7 @@ def main():
     ap.add_argument("--dir", default="/dev/shm")
     args = ap.parse_args()
     benchlib.install_cleanup()
-    raw = os.path.join(args.dir, "bb-bench.raw")
+    raw = os.path.join(args.dir, f"bb-bench-{os.getpid()}.raw")  # own name: benches may overlap
     benchlib.random_raw(raw, args.size_gib << 30)
     bins = {"qsd": benchlib.DEFAULT_QSD, "blockd": benchlib.DEFAULT_BLOCKD}
     print(benchlib.machine_line())

@@ -49,7 +49,7 @@ pub struct Options {
     pub push: bool,
     /// Someone may write during the backup: fleece (pull) and use one transaction.
     pub live: bool,
-    /// NBD connections per disk.
+    /// Most NBD connections per disk (see [`copy`]).
     pub connections: usize,
     /// The daemon's running NBD server socket, if it has one.
     pub nbd_socket: Option<PathBuf>,
@@ -114,13 +114,14 @@ pub fn run(
     }
     let all = repo.backups()?;
     let latest = latest_records(&all);
-    let mut nodes = q.nodes()?;
+    // Nodes, exports and jobs in one round trip (the last two for the cleanup).
+    let mut st = fleece::state(q)?;
     // A disk is a node name, or a device (QEMU: `query-block`'s device or qdev id).
-    let targets = fleece::resolve_disks(q, &nodes, &opts.disks)?;
+    let targets = fleece::resolve_disks(q, &st.nodes, &opts.disks)?;
     let target_nodes: Vec<String> = targets.iter().map(|(_, n)| n.clone()).collect();
     let keep = keep_set(&latest, &targets);
     if !opts.estimate {
-        for what in fleece::cleanup(q, &opts.tag, &target_nodes, &keep, &mut nodes)? {
+        for what in fleece::cleanup(q, &opts.tag, &target_nodes, &keep, &mut st)? {
             progress.event(
                 "cleanup",
                 &format!("removed leftover {what}"),
@@ -136,6 +137,7 @@ pub fn run(
             );
         }
     }
+    let nodes = st.nodes;
     let mut plans = Vec::new();
     for (d, node) in &targets {
         plans.push(plan_disk(repo, &nodes, d, node, opts.want, latest.get(d))?);
@@ -467,12 +469,12 @@ impl Run<'_, '_> {
         img: Arc<qcow2::Qcow2>,
     ) -> Result<(u64, copy::KnownHashes)> {
         let n = Names::new(&self.opts.tag, &self.id, i);
+        let mut cmds = Vec::new();
         let export_node = if self.opts.live {
-            self.q.execute(
+            cmds.push((
                 "blockdev-add",
                 json!({"driver": "snapshot-access", "node-name": n.access, "file": n.filter}),
-            )?;
-            self.made.nodes.push(n.access.clone());
+            ));
             n.access.clone()
         } else {
             p.node.clone()
@@ -486,8 +488,16 @@ impl Run<'_, '_> {
                 json!([n.frozen])
             };
         }
-        self.q.execute("block-export-add", ex)?;
-        self.made.exports.push(n.export.clone());
+        cmds.push(("block-export-add", ex));
+        // The view and its export in one round trip; each recorded as made once it is.
+        for (r, (cmd, _)) in self.q.execute_many(&cmds)?.into_iter().zip(&cmds) {
+            r?;
+            if *cmd == "blockdev-add" {
+                self.made.nodes.push(n.access.clone());
+            } else {
+                self.made.exports.push(n.export.clone());
+            }
+        }
         let sock = self
             .server
             .as_ref()
@@ -522,11 +532,20 @@ impl Run<'_, '_> {
         let (first, later): (Vec<String>, Vec<String>) = std::mem::take(&mut self.made.nodes)
             .into_iter()
             .partition(|n| n.starts_with(&access));
-        for name in first {
-            let _ = self.q.execute("blockdev-del", json!({"node-name": name}));
+        // The views go, then their jobs are cancelled: one round trip, then a wait per job.
+        let jobs = std::mem::take(&mut self.made.jobs);
+        let mut cmds: Vec<(&str, serde_json::Value)> = first
+            .iter()
+            .map(|name| ("blockdev-del", json!({"node-name": name})))
+            .collect();
+        for id in &jobs {
+            self.q
+                .drop_events(|ev, d| ev == "JOB_STATUS_CHANGE" && d["id"] == id.as_str());
+            cmds.push(("job-cancel", json!({"id": id})));
         }
-        for id in std::mem::take(&mut self.made.jobs) {
-            let _ = fleece::cancel_job(self.q, &id);
+        let _ = self.q.execute_many(&cmds);
+        for id in &jobs {
+            let _ = fleece::wait_job_gone(self.q, id);
         }
         for name in later {
             let _ = self.q.execute("blockdev-del", json!({"node-name": name}));

@@ -1,6 +1,8 @@
 //! The pull copy loop: map what to read (dirty extents of the frozen bitmap, or allocated
-//! extents for a full), split it into chunks and copy them over several NBD connections
-//! into the new qcow2 file.
+//! extents for a full), split it into chunks and copy them over NBD into the new qcow2 file.
+//! Each connection keeps up to [`MAX_IN_FLIGHT`] reads of at most [`CHUNK`] bytes together in
+//! flight (an incremental's scattered 64 KiB extents go 16 at a time); further connections
+//! are opened only for as much data as makes them worth their setup ([`PER_CONNECTION`]).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -11,13 +13,16 @@ use qcow2::Qcow2;
 
 use crate::chain::{HashAlgo, HASH_CHUNK};
 use crate::error::{Error, Kind, Result};
-use crate::nbd::{map_all, NbdClient};
+use crate::nbd::{map_all, NbdClient, MAX_IN_FLIGHT};
 use crate::progress::Progress;
 
 /// Largest piece read in one request.
 const CHUNK: u64 = 4 << 20;
 /// Block status is asked for in pieces of this size.
 const MAP_STEP: u32 = 1 << 30;
+/// One connection per this many bytes to copy (up to the number asked for): a 1 %
+/// incremental (~21 MB) goes over the one connection that mapped it.
+const PER_CONNECTION: u64 = 64 << 20;
 
 /// What to copy from one export.
 #[derive(Debug, Clone)]
@@ -51,6 +56,30 @@ fn ranges(c: &mut NbdClient, job: &Job) -> Result<Vec<(u64, u64)>> {
             .collect(),
     };
     Ok(out)
+}
+
+/// The next reads for one connection: up to [`MAX_IN_FLIGHT`] chunks of `q` adding up to at
+/// most [`CHUNK`] bytes (at least one chunk, if any is left).
+fn batch(q: &mut VecDeque<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    while out.len() < MAX_IN_FLIGHT {
+        match q.front() {
+            Some(&(off, len)) if out.is_empty() || bytes + len <= CHUNK => {
+                q.pop_front();
+                out.push((off, len));
+                bytes += len;
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Connections to use for `bytes` to copy when `wanted` were asked for.
+fn connections_for(bytes: u64, wanted: usize) -> usize {
+    let worth = usize::try_from(bytes.div_ceil(PER_CONNECTION)).unwrap_or(usize::MAX);
+    wanted.min(worth).max(1)
 }
 
 /// Split ranges into chunks of at most [`CHUNK`] bytes.
@@ -109,6 +138,7 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<(u64, KnownHas
         ));
     }
     let todo = chunks(&ranges(&mut first, job)?);
+    let conns = connections_for(todo.iter().map(|&(_, n)| n).sum(), job.connections);
     let size = first.size;
     let known: Mutex<KnownHashes> = Mutex::new(vec![None; size.div_ceil(HASH_CHUNK) as usize]);
     let queue = Mutex::new(todo);
@@ -117,7 +147,7 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<(u64, KnownHas
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
     let first = Mutex::new(Some(first));
     std::thread::scope(|s| {
-        for _ in 0..job.connections {
+        for _ in 0..conns {
             s.spawn(|| {
                 let res = (|| -> Result<()> {
                     let reuse = first.lock().ok().and_then(|mut g| g.take());
@@ -130,28 +160,40 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<(u64, KnownHas
                         if failed.load(Ordering::Relaxed) {
                             break;
                         }
-                        let next = queue.lock().ok().and_then(|mut q| q.pop_front());
-                        let Some((off, len)) = next else { break };
-                        let b = &mut buf[..len as usize];
-                        c.read(off, b)?;
-                        let sums = whole_chunk_hashes(job.algo, off, b, size);
-                        if let Ok(mut k) = known.lock() {
-                            for (i, h) in sums {
-                                if let Some(slot) = k.get_mut(i) {
-                                    *slot = Some(h);
+                        let next = queue.lock().map(|mut q| batch(&mut q)).unwrap_or_default();
+                        if next.is_empty() {
+                            break;
+                        }
+                        // Carve the batch's buffers out of `buf` (their sum is at most CHUNK).
+                        let mut reqs: Vec<(u64, &mut [u8])> = Vec::with_capacity(next.len());
+                        let mut rest = &mut buf[..];
+                        for &(off, len) in &next {
+                            let (b, r) = rest.split_at_mut(len as usize);
+                            reqs.push((off, b));
+                            rest = r;
+                        }
+                        c.read_many(&mut reqs)?;
+                        for (off, b) in reqs {
+                            let len = b.len() as u64;
+                            let sums = whole_chunk_hashes(job.algo, off, b, size);
+                            if let Ok(mut k) = known.lock() {
+                                for (i, h) in sums {
+                                    if let Some(slot) = k.get_mut(i) {
+                                        *slot = Some(h);
+                                    }
                                 }
                             }
-                        }
-                        if b.iter().all(|&x| x == 0) {
-                            if job.incremental {
-                                img.write_zeroes(off, len, false)?;
+                            if b.iter().all(|&x| x == 0) {
+                                if job.incremental {
+                                    img.write_zeroes(off, len, false)?;
+                                }
+                            } else {
+                                img.write_at(b, off)?;
                             }
-                        } else {
-                            img.write_at(b, off)?;
+                            copied.fetch_add(len, Ordering::Relaxed);
+                            crate::backup::die_at("copy");
+                            progress.add(len);
                         }
-                        copied.fetch_add(len, Ordering::Relaxed);
-                        crate::backup::die_at("copy");
-                        progress.add(len);
                     }
                     c.disconnect();
                     Ok(())
@@ -194,6 +236,33 @@ mod tests {
         let got = whole_chunk_hashes(a, 2 * c as u64, tail, 2 * c as u64 + 100);
         assert_eq!(got, vec![(2, a.digest(tail))]);
         assert!(whole_chunk_hashes(a, 0, &data[..100], 3 * c as u64).is_empty());
+    }
+
+    #[test]
+    fn batches_hold_at_most_in_flight_reads_and_one_chunk_of_bytes() {
+        let k = 64 << 10;
+        let mut q: VecDeque<(u64, u64)> = (0..40).map(|i| (i * 2 * k, k)).collect();
+        let b = batch(&mut q);
+        assert_eq!(b.len(), MAX_IN_FLIGHT);
+        assert_eq!(b[0], (0, k));
+        assert_eq!(q.len(), 40 - MAX_IN_FLIGHT);
+        // Whole chunks go one at a time, a big one after small ones waits for the next batch.
+        let mut q: VecDeque<(u64, u64)> = [(0, k), (CHUNK, CHUNK), (2 * CHUNK, CHUNK)]
+            .into_iter()
+            .collect();
+        assert_eq!(batch(&mut q), vec![(0, k)]);
+        assert_eq!(batch(&mut q), vec![(CHUNK, CHUNK)]);
+        assert_eq!(batch(&mut q), vec![(2 * CHUNK, CHUNK)]);
+        assert!(batch(&mut q).is_empty());
+    }
+
+    #[test]
+    fn small_copies_use_one_connection() {
+        assert_eq!(connections_for(21 << 20, 4), 1);
+        assert_eq!(connections_for(0, 4), 1);
+        assert_eq!(connections_for(100 << 20, 4), 2);
+        assert_eq!(connections_for(2 << 30, 4), 4);
+        assert_eq!(connections_for(2 << 30, 1), 1);
     }
 
     #[test]

@@ -54,7 +54,7 @@ fn job_event(ev: &str, data: &Value, id: &str, to: &[&str]) -> bool {
 
 /// Wait until `query-jobs` no longer lists `id` (dismissing it if it concluded), waking up on
 /// the job's status events.
-fn wait_job_gone(q: &mut Qmp, id: &str) -> Result<()> {
+pub fn wait_job_gone(q: &mut Qmp, id: &str) -> Result<()> {
     let deadline = Instant::now() + WAIT;
     loop {
         let jobs = q.execute("query-jobs", json!({}))?;
@@ -72,9 +72,13 @@ fn wait_job_gone(q: &mut Qmp, id: &str) -> Result<()> {
         if Instant::now() > deadline {
             return Err(Error::new(Kind::Daemon, format!("job {id} did not finish")));
         }
-        q.wait_event(EVENT_WAIT, |ev, d| {
+        let ev = q.wait_event(EVENT_WAIT, |ev, d| {
             job_event(ev, d, id, &["concluded", "null"])
         })?;
+        // "null" is the job's last word: it is gone, no query needed to confirm.
+        if ev.is_some_and(|e| e["data"]["status"] == "null") {
+            return Ok(());
+        }
     }
 }
 
@@ -120,29 +124,60 @@ pub fn cancel_job(q: &mut Qmp, id: &str) -> Result<()> {
     wait_job_gone(q, id)
 }
 
+/// What a run starts from: the daemon's nodes (`query-named-block-nodes`), exports and jobs.
+pub struct DaemonState {
+    /// `query-named-block-nodes` (flat).
+    pub nodes: Vec<Value>,
+    /// `query-block-exports`.
+    pub exports: Vec<Value>,
+    /// `query-jobs`.
+    pub jobs: Vec<Value>,
+}
+
+/// Ask for the [`DaemonState`] in one round trip (the three queries pipelined).
+pub fn state(q: &mut Qmp) -> Result<DaemonState> {
+    let mut r = q
+        .execute_many(&[
+            ("query-named-block-nodes", json!({"flat": true})),
+            ("query-block-exports", json!({})),
+            ("query-jobs", json!({})),
+        ])?
+        .into_iter();
+    let mut next = || -> Result<Vec<Value>> {
+        let v = r
+            .next()
+            .unwrap_or_else(|| Err(Error::new(Kind::Daemon, "no QMP reply")))?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    };
+    Ok(DaemonState {
+        nodes: next()?,
+        exports: next()?,
+        jobs: next()?,
+    })
+}
+
 /// Remove every object of an earlier interrupted run: exports, jobs, nodes, and the
-/// bitmaps on `disks` that start with the prefix and are not in `keep[node]`. `nodes` is
-/// `query-named-block-nodes` as of now and is brought up to date if something is removed.
-/// Returns a description of each thing removed.
+/// bitmaps on `disks` that start with the prefix and are not in `keep[node]`. `st` is the
+/// daemon as of now; its nodes are brought up to date if something is removed. Returns a
+/// description of each thing removed.
 pub fn cleanup(
     q: &mut Qmp,
     tag: &str,
     disks: &[String],
     keep: &HashMap<String, HashSet<String>>,
-    nodes: &mut Vec<Value>,
+    st: &mut DaemonState,
 ) -> Result<Vec<String>> {
     let pre = prefix(tag);
     let mut done = Vec::new();
-    let ex = q.execute("query-block-exports", json!({}))?;
-    for e in ex.as_array().cloned().unwrap_or_default() {
+    let nodes = &mut st.nodes;
+    for e in std::mem::take(&mut st.exports) {
         let id = e["id"].as_str().unwrap_or("").to_string();
         if id.starts_with(&pre) {
             del_export(q, &id)?;
             done.push(format!("export {id}"));
         }
     }
-    let jobs = q.execute("query-jobs", json!({}))?;
-    for j in jobs.as_array().cloned().unwrap_or_default() {
+    for j in std::mem::take(&mut st.jobs) {
         let id = j["id"].as_str().unwrap_or("").to_string();
         if id.starts_with(&pre) {
             cancel_job(q, &id)?;

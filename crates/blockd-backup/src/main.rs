@@ -80,7 +80,7 @@ struct Source {
     /// Nothing writes to the disks during the backup: no fleecing, no transaction needed.
     #[arg(long)]
     offline: bool,
-    /// NBD connections per disk.
+    /// Most NBD connections per disk (one per 64 MiB to copy, up to this many).
     #[arg(long, default_value_t = 4)]
     connections: usize,
     /// Socket of an NBD server the daemon already runs (else the tool starts one).

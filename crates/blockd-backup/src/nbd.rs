@@ -1,8 +1,9 @@
 //! A small synchronous NBD client: fixed newstyle handshake, structured replies, meta
 //! contexts, READ (data and hole chunks), BLOCK_STATUS, WRITE, WRITE_ZEROES, FLUSH.
-//! One request in flight per connection; parallelism comes from several connections.
+//! Reads can be pipelined ([`NbdClient::read_many`]: several requests sent at once, replies
+//! taken in whatever order the server sends them); everything else is one request at a time.
 
-use std::io::{Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
@@ -36,10 +37,19 @@ pub struct Extent {
     pub flags: u32,
 }
 
+/// Reads of one [`NbdClient::read_many`] kept in flight at most (QEMU's servers work on 16
+/// requests of a client at a time and stop reading more until one is answered).
+pub const MAX_IN_FLIGHT: usize = 16;
+
+/// Receive buffer of a connection: reply headers and small chunks come in one system call.
+const RECV_BUF: usize = 64 << 10;
+
 /// An open NBD connection in transmission phase.
 pub struct NbdClient {
-    /// The socket.
+    /// The socket (the sending side).
     s: UnixStream,
+    /// The receiving side of the socket, buffered.
+    rd: BufReader<UnixStream>,
     /// Export size.
     pub size: u64,
     /// Transmission flags.
@@ -65,8 +75,14 @@ impl NbdClient {
     pub fn connect(path: &Path, name: &str, contexts: &[&str]) -> Result<NbdClient> {
         let s = UnixStream::connect(path)
             .map_err(|e| ioerr(e, &format!("connecting to NBD socket {}", path.display())))?;
+        let rd = BufReader::with_capacity(
+            RECV_BUF,
+            s.try_clone()
+                .map_err(|e| ioerr(e, "cloning the NBD socket"))?,
+        );
         let mut c = NbdClient {
             s,
+            rd,
             size: 0,
             flags: 0,
             contexts: Vec::new(),
@@ -79,7 +95,7 @@ impl NbdClient {
     /// Read exactly `n` bytes.
     fn read_n(&mut self, n: usize) -> Result<Vec<u8>> {
         let mut b = vec![0u8; n];
-        self.s
+        self.rd
             .read_exact(&mut b)
             .map_err(|e| ioerr(e, "reading from NBD server"))?;
         Ok(b)
@@ -88,21 +104,21 @@ impl NbdClient {
     /// Read a big-endian u64/u32/u16.
     fn u64(&mut self) -> Result<u64> {
         let mut b = [0u8; 8];
-        self.s
+        self.rd
             .read_exact(&mut b)
             .map_err(|e| ioerr(e, "reading from NBD server"))?;
         Ok(u64::from_be_bytes(b))
     }
     fn u32(&mut self) -> Result<u32> {
         let mut b = [0u8; 4];
-        self.s
+        self.rd
             .read_exact(&mut b)
             .map_err(|e| ioerr(e, "reading from NBD server"))?;
         Ok(u32::from_be_bytes(b))
     }
     fn u16(&mut self) -> Result<u16> {
         let mut b = [0u8; 2];
-        self.s
+        self.rd
             .read_exact(&mut b)
             .map_err(|e| ioerr(e, "reading from NBD server"))?;
         Ok(u16::from_be_bytes(b))
@@ -228,61 +244,78 @@ impl NbdClient {
         len: u32,
         payload: &[u8],
     ) -> Result<u64> {
+        let mut m = Vec::with_capacity(28 + payload.len());
+        let cookie = self.header(&mut m, cmd, flags, offset, len);
+        m.extend_from_slice(payload);
+        self.send(&m)?;
+        Ok(cookie)
+    }
+
+    /// Append a request header to `m`; returns its cookie.
+    fn header(&mut self, m: &mut Vec<u8>, cmd: u16, flags: u16, offset: u64, len: u32) -> u64 {
         let cookie = self.cookie;
         self.cookie += 1;
-        let mut m = Vec::with_capacity(28 + payload.len());
         m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         m.extend_from_slice(&flags.to_be_bytes());
         m.extend_from_slice(&cmd.to_be_bytes());
         m.extend_from_slice(&cookie.to_be_bytes());
         m.extend_from_slice(&offset.to_be_bytes());
         m.extend_from_slice(&len.to_be_bytes());
-        m.extend_from_slice(payload);
-        self.send(&m)?;
-        Ok(cookie)
+        cookie
     }
 
     /// Read replies to `cookie` until done; `on_chunk(type, payload)` sees structured chunks.
     fn replies(
         &mut self,
         cookie: u64,
-        on_chunk: impl FnMut(u16, &[u8]) -> Result<()>,
-    ) -> Result<()> {
-        self.replies_into(cookie, None, on_chunk)
-    }
-
-    /// [`NbdClient::replies`], with the data chunks of a read received straight into `dest`
-    /// (no copy through a buffer of their own).
-    fn replies_into(
-        &mut self,
-        cookie: u64,
-        mut dest: Option<&mut ReadInto<'_>>,
         mut on_chunk: impl FnMut(u16, &[u8]) -> Result<()>,
     ) -> Result<()> {
-        loop {
+        self.replies_into(cookie, 1, &mut [], |_, ty, d| on_chunk(ty, d))
+    }
+
+    /// Read the replies to the `count` requests with cookies `first..first + count` until each
+    /// is done, in the order the server sends them. The data chunks of reads go straight into
+    /// `dest[i]` (no copy through a buffer of their own) when `dest` is not empty;
+    /// `on_chunk(i, type, payload)` sees the other structured chunks of request `i`.
+    fn replies_into(
+        &mut self,
+        first: u64,
+        count: usize,
+        dest: &mut [ReadInto<'_>],
+        mut on_chunk: impl FnMut(usize, u16, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let mut done = vec![false; count];
+        let mut left = count;
+        // The request a reply names, if it is one of ours still waiting.
+        let index = |c: u64, done: &[bool]| -> Result<usize> {
+            c.checked_sub(first)
+                .and_then(|i| usize::try_from(i).ok())
+                .filter(|&i| done.get(i) == Some(&false))
+                .ok_or_else(|| perr("NBD reply for an unknown request"))
+        };
+        while left > 0 {
             let magic = self.u32()?;
             if magic == SIMPLE_REPLY_MAGIC {
                 let err = self.u32()?;
-                let c = self.u64()?;
-                if c != cookie {
-                    return Err(perr("NBD reply for an unknown request"));
-                }
+                let i = index(self.u64()?, &done)?;
                 if err != 0 {
                     return Err(perr(format!("NBD request failed with error {err}")));
                 }
-                return Ok(());
+                done[i] = true;
+                left -= 1;
+                continue;
             }
             if magic != STRUCTURED_REPLY_MAGIC {
                 return Err(perr(format!("bad NBD reply magic {magic:#x}")));
             }
             let flags = self.u16()?;
             let ty = self.u16()?;
-            let c = self.u64()?;
+            let i = index(self.u64()?, &done)?;
             let len = self.u32()?;
-            if c != cookie || len > MAX_PAYLOAD {
+            if len > MAX_PAYLOAD {
                 return Err(perr("malformed NBD structured reply"));
             }
-            if let (REPLY_TYPE_OFFSET_DATA, Some(d)) = (ty, dest.as_deref_mut()) {
+            if let (REPLY_TYPE_OFFSET_DATA, Some(d)) = (ty, dest.get_mut(i)) {
                 let n = len.checked_sub(8).ok_or_else(|| perr("short chunk"))? as usize;
                 let at = self.u64()?;
                 let dst = at
@@ -290,50 +323,68 @@ impl NbdClient {
                     .and_then(|s| usize::try_from(s).ok())
                     .and_then(|s| d.buf.get_mut(s..s.checked_add(n)?))
                     .ok_or_else(|| perr("chunk outside request"))?;
-                self.s
+                self.rd
                     .read_exact(dst)
                     .map_err(|e| ioerr(e, "reading from NBD server"))?;
                 d.got += n as u64;
-                if flags & REPLY_FLAG_DONE != 0 {
-                    return Ok(());
+            } else {
+                let data = self.read_n(len as usize)?;
+                if ty & (1 << 15) != 0 {
+                    let code = data
+                        .get(..4)
+                        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                        .unwrap_or(0);
+                    let mlen = data
+                        .get(4..6)
+                        .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+                        .unwrap_or(0);
+                    let msg = data
+                        .get(6..6 + mlen)
+                        .map(|m| String::from_utf8_lossy(m).into_owned())
+                        .unwrap_or_default();
+                    return Err(perr(format!("NBD request failed with error {code}: {msg}")));
                 }
-                continue;
+                on_chunk(i, ty, &data)?;
             }
-            let data = self.read_n(len as usize)?;
-            if ty & (1 << 15) != 0 {
-                let code = data
-                    .get(..4)
-                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-                    .unwrap_or(0);
-                let mlen = data
-                    .get(4..6)
-                    .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
-                    .unwrap_or(0);
-                let msg = data
-                    .get(6..6 + mlen)
-                    .map(|m| String::from_utf8_lossy(m).into_owned())
-                    .unwrap_or_default();
-                return Err(perr(format!("NBD request failed with error {code}: {msg}")));
-            }
-            on_chunk(ty, &data)?;
             if flags & REPLY_FLAG_DONE != 0 {
-                return Ok(());
+                done[i] = true;
+                left -= 1;
             }
         }
+        Ok(())
     }
 
-    /// Read `buf.len()` bytes at `offset` (holes read as zeros).
-    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let len = u32::try_from(buf.len()).map_err(|_| perr("read too large"))?;
-        let mut holes: Vec<(usize, usize)> = Vec::new();
-        let cookie = self.request(CMD_READ, 0, offset, len, &[])?;
-        let mut into = ReadInto {
-            buf,
-            offset,
-            got: 0,
-        };
-        self.replies_into(cookie, Some(&mut into), |ty, d| {
+    /// Several reads at once: every `(offset, buf)` of `reqs` (at most [`MAX_IN_FLIGHT`]) is
+    /// sent in one go and filled as the replies come (holes read as zeros), so the server
+    /// works on them together instead of one round trip each.
+    pub fn read_many(&mut self, reqs: &mut [(u64, &mut [u8])]) -> Result<()> {
+        if reqs.len() > MAX_IN_FLIGHT {
+            return Err(perr("too many NBD reads at once"));
+        }
+        let mut m = Vec::with_capacity(28 * reqs.len());
+        let first = self.cookie;
+        for (offset, buf) in reqs.iter() {
+            let len = u32::try_from(buf.len())
+                .ok()
+                .filter(|&l| l <= MAX_REQUEST)
+                .ok_or_else(|| perr("read too large"))?;
+            self.header(&mut m, CMD_READ, 0, *offset, len);
+        }
+        self.send(&m)?;
+        let offsets: Vec<u64> = reqs.iter().map(|(o, _)| *o).collect();
+        let mut into: Vec<ReadInto<'_>> = reqs
+            .iter_mut()
+            .map(|(offset, buf)| ReadInto {
+                buf,
+                offset: *offset,
+                got: 0,
+            })
+            .collect();
+        let mut holes: Vec<(usize, usize, usize)> = Vec::new();
+        let count = into.len();
+        self.replies_into(first, count, &mut into, |i, ty, d| {
             if ty == REPLY_TYPE_OFFSET_HOLE {
+                let offset = offsets.get(i).copied().unwrap_or(0);
                 let s = d
                     .get(..8)
                     .and_then(|b| b.try_into().ok())
@@ -345,22 +396,27 @@ impl NbdClient {
                     .get(8..12)
                     .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
                     .unwrap_or(0) as usize;
-                holes.push((s, n));
+                holes.push((i, s, n));
             }
             Ok(())
         })?;
-        let mut got = into.got;
-        for (s, n) in holes {
-            into.buf
+        for (i, s, n) in holes {
+            let d = &mut into[i];
+            d.buf
                 .get_mut(s..s.saturating_add(n))
                 .ok_or_else(|| perr("hole outside request"))?
                 .fill(0);
-            got += n as u64;
+            d.got += n as u64;
         }
-        if got != u64::from(len) {
-            return Err(perr(format!(
-                "NBD read at {offset} returned {got} of {len} bytes"
-            )));
+        for d in &into {
+            if d.got != d.buf.len() as u64 {
+                return Err(perr(format!(
+                    "NBD read at {} returned {} of {} bytes",
+                    d.offset,
+                    d.got,
+                    d.buf.len()
+                )));
+            }
         }
         Ok(())
     }

@@ -181,31 +181,51 @@ impl Qmp {
 
     /// Run a command; its `return` value, or the daemon's error (kind Daemon, QmpError cause).
     pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value> {
-        let msg = json!({"execute": cmd, "arguments": args});
-        let mut line = serde_json::to_vec(&msg)
-            .map_err(|e| Error::caused(Kind::Daemon, "serialising QMP command", e))?;
-        line.push(b'\n');
+        let mut all = self.execute_many(&[(cmd, args)])?;
+        all.pop()
+            .unwrap_or_else(|| Err(Error::new(Kind::Daemon, "no QMP reply")))
+    }
+
+    /// Send the commands `cmds` in one write and collect each one's result, in order: one
+    /// round trip instead of one per command. A monitor runs the commands of a connection
+    /// one after the other, in order, so a later command sees what an earlier one did (or
+    /// fails as well if that one failed). The outer error is the connection's.
+    pub fn execute_many(&mut self, cmds: &[(&str, Value)]) -> Result<Vec<Result<Value>>> {
+        let mut buf = Vec::new();
+        for (i, (cmd, args)) in cmds.iter().enumerate() {
+            let msg = json!({"execute": cmd, "arguments": args, "id": i});
+            serde_json::to_writer(&mut buf, &msg)
+                .map_err(|e| Error::caused(Kind::Daemon, "serialising QMP command", e))?;
+            buf.push(b'\n');
+        }
+        let what = cmds.first().map(|(c, _)| *c).unwrap_or("");
         self.wr
-            .write_all(&line)
-            .map_err(|e| Error::caused(Kind::Daemon, format!("sending {cmd}"), e))?;
-        loop {
+            .write_all(&buf)
+            .map_err(|e| Error::caused(Kind::Daemon, format!("sending {what}"), e))?;
+        let mut out = Vec::with_capacity(cmds.len());
+        while out.len() < cmds.len() {
             let m = self.read_msg()?;
             if m.get("event").is_some() {
                 self.keep_event(m);
                 continue;
             }
-            if let Some(r) = m.get("return") {
-                return Ok(r.clone());
+            // Replies come in order; an id other than the next one expected is not ours.
+            if m.get("id").is_some_and(|id| id != out.len()) {
+                return Err(Error::new(Kind::Daemon, "a QMP reply out of order"));
             }
-            if let Some(e) = m.get("error") {
+            let cmd = cmds[out.len()].0;
+            if let Some(r) = m.get("return") {
+                out.push(Ok(r.clone()));
+            } else if let Some(e) = m.get("error") {
                 let err = QmpError {
                     class: e["class"].as_str().unwrap_or("").to_string(),
                     desc: e["desc"].as_str().unwrap_or("").to_string(),
                 };
                 tracing_free_log(&err);
-                return Err(Error::caused(Kind::Daemon, cmd.to_string(), err));
+                out.push(Err(Error::caused(Kind::Daemon, cmd.to_string(), err)));
             }
         }
+        Ok(out)
     }
 
     /// `query-named-block-nodes` (flat).

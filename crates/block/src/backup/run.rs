@@ -53,11 +53,16 @@ pub(super) async fn run(job: Arc<BackupJob>, ctx: JobCtx) -> Result<(), String> 
         .map_err(|e| strerror(&e))?;
     progress(&ctx, &c);
     if job.sync == SyncMode::None {
-        // Copy-before-write only: runs until cancelled.
+        // Copy-before-write only: runs until cancelled, and a cancel ends it at once (fleecing
+        // tears down with job-cancel and waits for the job before deleting its scratch node).
+        let cancel = ctx.cancel_token();
         while !ctx.is_cancelled() {
             ctx.pause_point().await;
             progress(&ctx, &c);
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
         }
         return finish(&ctx, &c).await;
     }

@@ -82,6 +82,7 @@ pub fn hash_new_file(
     let blocks = match &map {
         Some(m) => {
             let read = |off: u64, n: u64, feed: &mut dyn FnMut(&[u8])| {
+                m.populate(off, n);
                 filesum::read_mapped(m.bytes(), off, n, feed)
             };
             filesum::block_hashes(len, &have, &read)

@@ -350,6 +350,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn file_records_of_every_version_name_their_checksum_format() {
+        use crate::filesum::FileHash;
+        let rec = |json: &str| serde_json::from_str::<FileRecord>(json).unwrap();
+        let v1 = rec(r#"{"name":"a","size":1,"sha256":"00"}"#);
+        let v2 = rec(r#"{"name":"a","size":1,"checksum":"00","hash":"blake3"}"#);
+        let v3 = rec(r#"{"name":"a","size":1,"checksum":"00","hash":"blake3-blocks"}"#);
+        assert_eq!(
+            (v1.hash, v2.hash, v3.hash),
+            (FileHash::Sha256, FileHash::Blake3, FileHash::Blake3Blocks)
+        );
+        assert_eq!(FileHash::NEW, FileHash::Blake3Blocks);
+        let out = serde_json::to_value(&v3).unwrap();
+        assert_eq!(out["hash"], "blake3-blocks");
+        assert_eq!(out["checksum"], "00");
+        // An unknown format is refused, not verified as something else.
+        assert!(serde_json::from_str::<FileRecord>(
+            r#"{"name":"a","size":1,"checksum":"00","hash":"md5"}"#
+        )
+        .is_err());
+    }
+
+    #[test]
     fn utc_stamp_matches_known_dates() {
         assert_eq!(utc_stamp(0), "19700101T000000Z");
         assert_eq!(utc_stamp(1_796_280_000), "20261203T064000Z");

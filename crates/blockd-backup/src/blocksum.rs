@@ -48,6 +48,8 @@ pub fn hash_new_file(
     known: Option<&[Option<[u8; 32]>]>,
 ) -> Result<NewFileSums> {
     let algo = HashAlgo::NEW;
+    // File blocks are hashed with BLAKE3, so a chunk's content hash can only be taken from its
+    // block while the content digest is BLAKE3 too.
     const { assert!(matches!(HashAlgo::NEW, HashAlgo::Blake3)) };
     let top = chain::open_chain(chain_paths)?;
     let size = top.virtual_size();

@@ -381,26 +381,16 @@ impl Run<'_, '_> {
                 .collect::<Result<Vec<PathBuf>>>()?;
             paths.push(path.clone());
             let prev = self.prev_sums(&p.disk, p.parent.last().map(|f| f.name.as_str()));
-            let k = known[i].as_deref();
-            // The file's checksum and the point's content hashes are independent passes (each
-            // a full read and hash of the disk after a push): run them side by side.
-            let map = crate::filesum::Mapped::file(path)?;
-            let (file_sum, hashes) = std::thread::scope(|s| {
-                let f = s
-                    .spawn(|| crate::filesum::own_file_checksum(path, HashAlgo::NEW, map.as_ref()));
-                let h = chain::open_chain(&paths)
-                    .and_then(|pt| chain::point_hashes(&pt, HashAlgo::NEW, prev, k, map.as_ref()));
-                (f.join(), h)
-            });
-            let (sha, len) = file_sum
-                .map_err(|_| Error::new(Kind::Io, "the file checksum thread panicked"))??;
-            let hashes = hashes.ctx(|| format!("hashing disk {}", p.disk))?;
+            // One pass: the file's block hashes are the content hashes of the chunks it holds.
+            let sums = crate::blocksum::hash_new_file(path, &paths, prev, known[i].as_deref())
+                .ctx(|| format!("hashing disk {}", p.disk))?;
+            let hashes = sums.chunks;
             let mut chain_recs = p.parent.clone();
             chain_recs.push(FileRecord {
                 name: name.clone(),
-                size: len,
-                checksum: sha,
-                hash: HashAlgo::NEW,
+                size: sums.len,
+                checksum: sums.checksum,
+                hash: crate::filesum::FileHash::NEW,
             });
             let content = chain::digest(HashAlgo::NEW, &hashes);
             let sums = self.repo.sums_name(&p.disk, &self.id);

@@ -262,15 +262,7 @@ pub(crate) fn hash_threads() -> usize {
 /// Hashes of the chunks `idx` (ascending) of `img`, read back through the chain on all
 /// cores; runs of consecutive chunks are read [`READ_RUN`] chunks at a time, and an all-zero
 /// chunk reuses the zero chunk's hash.
-///
-/// With `map`, a read-only mapping of `img`'s own file, runs whose data that file holds are
-/// hashed straight from the mapping (no copy into a buffer).
-fn chunk_hashes(
-    img: &Qcow2,
-    algo: HashAlgo,
-    idx: &[usize],
-    map: Option<&[u8]>,
-) -> Result<Vec<[u8; 32]>> {
+pub(crate) fn chunk_hashes(img: &Qcow2, algo: HashAlgo, idx: &[usize]) -> Result<Vec<[u8; 32]>> {
     let size = img.virtual_size();
     let zero = algo.digest(&vec![0u8; HASH_CHUNK as usize]);
     let per = idx.len().div_ceil(hash_threads()).max(1);
@@ -291,12 +283,6 @@ fn chunk_hashes(
                             .count();
                         let start = first as u64 * HASH_CHUNK;
                         let end = ((first + run) as u64 * HASH_CHUNK).min(size);
-                        if let Some(m) = map {
-                            if hash_mapped_run(img, algo, m, start, end, &mut out)? {
-                                rest = &rest[run..];
-                                continue;
-                            }
-                        }
                         let b = &mut buf[..(end - start) as usize];
                         img.read_at(b, start)?;
                         for c in b.chunks(HASH_CHUNK as usize) {
@@ -329,90 +315,12 @@ fn chunk_hashes(
     Ok(out)
 }
 
-/// Hash the chunks of guest `[start, end)` (chunk-aligned) from `map`, the mapped file of
-/// `img`, into `out`, if that file holds all of their data (`Ok(false)`: it does not, nothing
-/// was hashed; read them through the image instead).
-fn hash_mapped_run(
-    img: &Qcow2,
-    algo: HashAlgo,
-    map: &[u8],
-    start: u64,
-    end: u64,
-    out: &mut Vec<[u8; 32]>,
-) -> Result<bool> {
-    let mut cur = algo.hasher();
-    let mut filled = 0u64;
-    let mut done = Vec::new();
-    let whole = {
-        let mut feed = |_: &std::fs::File, host: u64, n: u64| -> std::io::Result<()> {
-            let mut piece = usize::try_from(host)
-                .ok()
-                .zip(host.checked_add(n).and_then(|e| usize::try_from(e).ok()))
-                .and_then(|(a, b)| map.get(a..b))
-                .ok_or_else(|| std::io::Error::other("host range outside the mapped file"))?;
-            while !piece.is_empty() {
-                let k = ((HASH_CHUNK - filled) as usize).min(piece.len());
-                cur.update(&piece[..k]);
-                filled += k as u64;
-                piece = &piece[k..];
-                if filled == HASH_CHUNK {
-                    done.push(std::mem::replace(&mut cur, algo.hasher()).finalize());
-                    filled = 0;
-                }
-            }
-            Ok(())
-        };
-        img.read_host(start, end - start, &mut feed)?
-    };
-    if !whole {
-        return Ok(false);
-    }
-    if filled > 0 {
-        done.push(cur.finalize());
-    }
-    out.extend(done);
-    Ok(true)
-}
-
 /// Chunks read back in one request by [`chunk_hashes`] (4 MiB).
 const READ_RUN: u64 = 64;
 
-/// Chunk hashes of the point `img` (a chain's top). With the previous point's hashes `prev`,
-/// only chunks that `img`'s own file allocates (what this backup wrote) are rehashed. `known`
-/// has the hashes of chunks the copy read whole (the content of the point there); the other
-/// chunks needed are read back through the chain, on all cores (from `map`, a mapping of
-/// `img`'s own file, where that file holds the data).
-pub fn point_hashes(
-    img: &Qcow2,
-    algo: HashAlgo,
-    prev: Option<Vec<[u8; 32]>>,
-    known: Option<&[Option<[u8; 32]>]>,
-    map: Option<&crate::filesum::Mapped>,
-) -> Result<Vec<[u8; 32]>> {
-    let size = img.virtual_size();
-    let n = size.div_ceil(HASH_CHUNK) as usize;
-    let known_at = |i: usize| known.and_then(|k| k.get(i).copied().flatten());
-    let (mut hashes, touched) = match prev {
-        Some(p) if p.len() == n => (p, touched_chunks(img, n)?),
-        _ => (vec![[0u8; 32]; n], vec![true; n]),
-    };
-    let mut todo = Vec::new();
-    for (i, slot) in hashes.iter_mut().enumerate().filter(|(i, _)| touched[*i]) {
-        match known_at(i) {
-            Some(h) => *slot = h,
-            None => todo.push(i),
-        }
-    }
-    let map = map.map(crate::filesum::Mapped::bytes);
-    for (i, h) in todo.iter().zip(chunk_hashes(img, algo, &todo, map)?) {
-        hashes[*i] = h;
-    }
-    Ok(hashes)
-}
-
 /// Which of the `n` hash chunks of `img` its own file allocates (data or zero clusters):
 /// what changed since its backing file's point.
-fn touched_chunks(img: &Qcow2, n: usize) -> Result<Vec<bool>> {
+pub(crate) fn touched_chunks(img: &Qcow2, n: usize) -> Result<Vec<bool>> {
     let size = img.virtual_size();
     let mut touched = vec![false; n];
     let mut off = 0u64;
@@ -465,47 +373,6 @@ mod tests {
             hex(&HashAlgo::Blake3.digest(b"")),
             "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
         );
-    }
-
-    #[test]
-    fn chunk_hashes_from_the_mapped_file_equal_those_read_through_the_image() {
-        let dir = std::env::temp_dir().join(format!("bb-map-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("a.qcow2");
-        let c = HASH_CHUNK as usize;
-        // 4 MiB of data (one mapped run), then a mixed run, then a short last chunk.
-        let size = (2 * READ_RUN * HASH_CHUNK + 4096) as usize;
-        let mut want = vec![0u8; size];
-        for (i, b) in want.iter_mut().enumerate().take(READ_RUN as usize * c) {
-            *b = (i % 251) as u8 + 1;
-        }
-        want[(READ_RUN as usize + 3) * c..(READ_RUN as usize + 4) * c].fill(7);
-        want[size - 100..].fill(9);
-        let img = create(&p, size as u64, None, Durability::Caller).unwrap();
-        img.write_at(&want[..READ_RUN as usize * c], 0).unwrap();
-        let at = (READ_RUN as usize + 3) * c;
-        img.write_at(&want[at..at + c], at as u64).unwrap();
-        img.write_at(&want[size - 4096..], (size - 4096) as u64)
-            .unwrap();
-        img.flush().unwrap();
-        img.close().unwrap();
-        let top = open_chain(std::slice::from_ref(&p)).unwrap();
-        let map = crate::filesum::Mapped::file(&p).unwrap();
-        assert!(map.is_some());
-        let a = HashAlgo::Blake3;
-        let read = point_hashes(&top, a, None, None, None).unwrap();
-        let mapped = point_hashes(&top, a, None, None, map.as_ref()).unwrap();
-        let direct: Vec<[u8; 32]> = want.chunks(c).map(|x| a.digest(x)).collect();
-        assert_eq!(read, direct);
-        assert_eq!(mapped, direct);
-        // The first run really came from the mapping; the mixed one cannot.
-        let bytes = map.as_ref().map(crate::filesum::Mapped::bytes).unwrap();
-        let run = READ_RUN * HASH_CHUNK;
-        let mut out = Vec::new();
-        assert!(hash_mapped_run(&top, a, bytes, 0, run, &mut out).unwrap());
-        assert_eq!(out, direct[..READ_RUN as usize]);
-        assert!(!hash_mapped_run(&top, a, bytes, run, 2 * run, &mut out).unwrap());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,16 +1,58 @@
-//! Checksums of whole repository files: BLAKE3 computed as its tree splits (subtrees on all
-//! cores, merged: the same hash as one sequential pass), from `pread` copies or, for a file
-//! this run wrote, a read-only mapping; SHA-256 (version-1 files) in one pass.
+//! Checksums of whole repository files, in the three formats manifests record
+//! ([`FileHash`]): the block list (BLAKE3 over the BLAKE3 hashes of the file's 64 KiB blocks,
+//! manifest version 3), whose block hashes are shared with the point's content hashes
+//! (see `blocksum`); flat BLAKE3 (version 2) computed as its tree splits (subtrees on all cores,
+//! merged: the same hash as one sequential pass); SHA-256 (version 1) in one pass.
 
 use std::path::Path;
+
+use serde::{Deserialize, Serialize};
 
 use crate::chain::{hash_threads, hex, HashAlgo};
 use crate::error::{Error, Result};
 
-/// Checksum (`algo`) and length of a file's bytes. BLAKE3 is a tree hash: the file is cut
-/// along the tree's own subtree boundaries and the pieces hashed on all cores, which gives
-/// exactly the hash of one sequential pass.
-pub fn file_checksum(path: &Path, algo: HashAlgo) -> Result<(String, u64)> {
+/// How a file's checksum in a manifest is computed (its `hash` field).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileHash {
+    /// SHA-256 of the file's bytes (manifest version 1; the field was absent).
+    #[default]
+    Sha256,
+    /// BLAKE3 of the file's bytes (manifest version 2).
+    Blake3,
+    /// BLAKE3 of the block list (manifest version 3): the file is cut into blocks of
+    /// [`FILE_BLOCK`] bytes from offset 0 (the last one shorter if the length is not a
+    /// multiple; an empty file has none), each block is hashed with BLAKE3, and the checksum is
+    /// the BLAKE3 hash of those 32-byte hashes concatenated in file order. The file's length is
+    /// recorded beside it and checked too. A qcow2 data cluster of 64 KiB is one block, so its
+    /// hash is the content hash of the guest chunk it holds: a backup hashes each byte once.
+    Blake3Blocks,
+}
+
+impl FileHash {
+    /// The format new files are recorded with.
+    pub const NEW: FileHash = FileHash::Blake3Blocks;
+}
+
+/// Block size of [`FileHash::Blake3Blocks`] (the chain files' cluster size and the content
+/// digest's chunk size, so a data cluster's block hash is its chunk's content hash).
+pub const FILE_BLOCK: u64 = 64 << 10;
+const _: () =
+    assert!(FILE_BLOCK == crate::chain::HASH_CHUNK && FILE_BLOCK == crate::chain::CLUSTER);
+
+/// The [`FileHash::Blake3Blocks`] checksum (hex) of a file given its block hashes in order.
+pub fn blocks_checksum(blocks: &[[u8; 32]]) -> String {
+    let mut h = blake3::Hasher::new();
+    for b in blocks {
+        h.update(b);
+    }
+    hex(h.finalize().as_bytes())
+}
+
+/// Checksum (`algo`) and length of a file's bytes. Both BLAKE3 formats hash on all cores (the
+/// flat one cut along the BLAKE3 tree's own subtree boundaries, which gives exactly the hash
+/// of one sequential pass).
+pub fn file_checksum(path: &Path, algo: FileHash) -> Result<(String, u64)> {
     let f = std::fs::File::open(path)
         .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
     let len = f
@@ -19,43 +61,125 @@ pub fn file_checksum(path: &Path, algo: HashAlgo) -> Result<(String, u64)> {
         .len();
     let read = |off: u64, n: u64, feed: &mut dyn FnMut(&[u8])| read_range(&f, off, n, feed);
     let hash = match algo {
-        HashAlgo::Blake3 => blake3_tree(len, TREE_LEAF, hash_threads(), &read),
-        HashAlgo::Sha256 => {
-            let mut h = algo.hasher();
+        FileHash::Blake3 => blake3_tree(len, TREE_LEAF, hash_threads(), &read),
+        FileHash::Sha256 => {
+            let mut h = HashAlgo::Sha256.hasher();
             read(0, len, &mut |b| h.update(b)).map(|()| h.finalize())
+        }
+        FileHash::Blake3Blocks => {
+            let have = vec![None; len.div_ceil(FILE_BLOCK) as usize];
+            let blocks = block_hashes(len, &have, &read)
+                .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
+            return Ok((blocks_checksum(&blocks), len));
         }
     }
     .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
     Ok((hex(&hash), len))
 }
 
-/// [`file_checksum`] of a file this run wrote and holds the repository lock for, `map` being
-/// its mapping ([`Mapped::file`]): BLAKE3 is hashed from the mapping, so the bytes are not
-/// copied once more.
-pub fn own_file_checksum(
-    path: &Path,
-    algo: HashAlgo,
-    map: Option<&Mapped>,
-) -> Result<(String, u64)> {
-    let Some(map) = map.filter(|_| algo == HashAlgo::Blake3) else {
-        return file_checksum(path, algo);
-    };
-    let bytes = map.bytes();
-    let read = |off: u64, n: u64, feed: &mut dyn FnMut(&[u8])| {
-        let piece = usize::try_from(off)
-            .ok()
-            .zip(usize::try_from(off + n).ok())
-            .and_then(|(a, b)| bytes.get(a..b))
-            .ok_or_else(|| std::io::Error::other("range outside the mapped file"))?;
-        for b in piece.chunks(1 << 20) {
-            feed(b);
+/// Blocks hashed per work item in [`block_hashes`] (4 MiB).
+const BLOCK_RUN: u64 = 64;
+
+/// The BLAKE3 hashes of the [`FILE_BLOCK`]s of a file of `len` bytes given by `read`:
+/// `have[k]` where it is known (not read), the others read and hashed on all cores.
+pub fn block_hashes(
+    len: u64,
+    have: &[Option<[u8; 32]>],
+    read: &ReadRange<'_>,
+) -> std::io::Result<Vec<[u8; 32]>> {
+    let n = len.div_ceil(FILE_BLOCK) as usize;
+    if have.len() != n {
+        return Err(std::io::Error::other("block list of the wrong length"));
+    }
+    // Work items: runs of consecutive blocks still to hash, at most BLOCK_RUN long.
+    let mut items: Vec<(usize, usize)> = Vec::new();
+    for (k, h) in have.iter().enumerate() {
+        if h.is_some() {
+            continue;
         }
-        Ok(())
-    };
-    let len = bytes.len() as u64;
-    let hash = blake3_tree(len, TREE_LEAF, hash_threads(), &read)
-        .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
-    Ok((hex(&hash), len))
+        match items.last_mut() {
+            Some((a, b)) if *a + *b == k && *b < BLOCK_RUN as usize => *b += 1,
+            _ => items.push((k, 1)),
+        }
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let parts = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..hash_threads().min(items.len()))
+            .map(|_| {
+                s.spawn(|| -> std::io::Result<Vec<(usize, Vec<[u8; 32]>)>> {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&(first, count)) = items.get(i) else {
+                            return Ok(out);
+                        };
+                        let off = first as u64 * FILE_BLOCK;
+                        let end = ((first + count) as u64 * FILE_BLOCK).min(len);
+                        let mut hashes = Vec::with_capacity(count);
+                        let mut cur = blake3::Hasher::new();
+                        let mut filled = 0u64;
+                        read(off, end - off, &mut |mut b| {
+                            while !b.is_empty() {
+                                let k = ((FILE_BLOCK - filled) as usize).min(b.len());
+                                cur.update(&b[..k]);
+                                filled += k as u64;
+                                b = &b[k..];
+                                if filled == FILE_BLOCK {
+                                    hashes.push(*cur.finalize().as_bytes());
+                                    cur.reset();
+                                    filled = 0;
+                                }
+                            }
+                        })?;
+                        if filled > 0 {
+                            hashes.push(*cur.finalize().as_bytes());
+                        }
+                        if hashes.len() != count {
+                            return Err(std::io::Error::other("a block run read short"));
+                        }
+                        out.push((first, hashes));
+                    }
+                })
+            })
+            .collect::<Vec<_>>();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("a hashing thread panicked")))
+            })
+            .collect::<Vec<_>>()
+    });
+    let mut out: Vec<Option<[u8; 32]>> = have.to_vec();
+    for part in parts {
+        for (first, hashes) in part? {
+            for (k, h) in hashes.into_iter().enumerate() {
+                out[first + k] = Some(h);
+            }
+        }
+    }
+    out.into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| std::io::Error::other("a block of the file was not hashed"))
+}
+
+/// Feed bytes `off..off + n` of `bytes` (a mapped file) to `feed` in 1 MiB pieces (a range
+/// outside them is an error): a [`ReadRange`] over a mapping.
+pub fn read_mapped(
+    bytes: &[u8],
+    off: u64,
+    n: u64,
+    feed: &mut dyn FnMut(&[u8]),
+) -> std::io::Result<()> {
+    let piece = usize::try_from(off)
+        .ok()
+        .zip(off.checked_add(n).and_then(|e| usize::try_from(e).ok()))
+        .and_then(|(a, b)| bytes.get(a..b))
+        .ok_or_else(|| std::io::Error::other("range outside the mapped file"))?;
+    for b in piece.chunks(1 << 20) {
+        feed(b);
+    }
+    Ok(())
 }
 
 /// A read-only shared mapping of a whole file, unmapped on drop. Only for files this run wrote
@@ -94,12 +218,33 @@ impl Mapped {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
+                libc::MAP_SHARED,
                 f.as_raw_fd(),
                 0,
             )
         };
         (ptr != libc::MAP_FAILED).then_some(Mapped { ptr, len })
+    }
+
+    /// Fault in bytes `off..off + len` of the mapping in one call (the hashing threads each
+    /// populate the run they hash, in parallel, instead of one `MAP_POPULATE` of the whole file
+    /// at map time or a fault per page). Best effort: without it the pages fault in as read.
+    pub fn populate(&self, off: u64, len: u64) {
+        const PAGE: u64 = 4096;
+        let start = off / PAGE * PAGE;
+        let end = off.saturating_add(len).min(self.len as u64);
+        if start >= end {
+            return;
+        }
+        // SAFETY: advice on a page-aligned range inside this mapping; MADV_POPULATE_READ only
+        // reads the pages in (an error such as EINVAL on an older kernel is ignored).
+        unsafe {
+            libc::madvise(
+                self.ptr.cast::<u8>().add(start as usize).cast(),
+                (end - start) as usize,
+                libc::MADV_POPULATE_READ,
+            )
+        };
     }
 
     /// The file's bytes.
@@ -121,7 +266,7 @@ const TREE_LEAF: u64 = 64 << 20;
 
 /// Feed bytes `off..off + len` of `f` to `feed` in 1 MiB pieces (a file that ends early is
 /// an error).
-fn read_range(
+pub(crate) fn read_range(
     f: &std::fs::File,
     off: u64,
     len: u64,
@@ -140,7 +285,7 @@ fn read_range(
 }
 
 /// Reads bytes `off..off + len` of the input, feeding them in order.
-type ReadRange<'a> = dyn Fn(u64, u64, &mut dyn FnMut(&[u8])) -> std::io::Result<()> + Sync + 'a;
+pub type ReadRange<'a> = dyn Fn(u64, u64, &mut dyn FnMut(&[u8])) -> std::io::Result<()> + Sync + 'a;
 
 /// BLAKE3 of `len` bytes given by `read`: subtrees of at most `leaf` bytes are hashed on
 /// `threads` threads and merged as the BLAKE3 tree does (the same hash as one pass).
@@ -263,15 +408,18 @@ mod tests {
                     "len {len} leaf {leaf} threads {threads}"
                 );
             }
-            let (sum, n) = file_checksum(&p, HashAlgo::Blake3).unwrap();
+            let (sum, n) = file_checksum(&p, FileHash::Blake3).unwrap();
             assert_eq!((sum, n), (hex(&want), len as u64));
-            let (sum, n) =
-                own_file_checksum(&p, HashAlgo::Blake3, Mapped::file(&p).unwrap().as_ref())
-                    .unwrap();
-            assert_eq!((sum, n), (hex(&want), len as u64));
+            if let Some(m) = Mapped::file(&p).unwrap() {
+                let got = blake3_tree(len as u64, 1 << 20, 2, &|o, n, f: &mut dyn FnMut(&[u8])| {
+                    read_mapped(m.bytes(), o, n, f)
+                })
+                .unwrap();
+                assert_eq!(got, want);
+            }
         }
         // One flipped byte in any piece changes the checksum (what `verify` relies on).
-        let (good, _) = file_checksum(&p, HashAlgo::Blake3).unwrap();
+        let (good, _) = file_checksum(&p, FileHash::Blake3).unwrap();
         for at in [0, 1 << 20, (4 << 20) + 5, data.len() - 1] {
             let mut bad = data.clone();
             bad[at] ^= 0x01;
@@ -279,13 +427,15 @@ mod tests {
             let f = std::fs::File::open(&p).unwrap();
             let got = tree_of(&f, bad.len() as u64, 1 << 20, 2).unwrap();
             assert_ne!(hex(&got), good, "byte {at}");
-            assert_ne!(
-                own_file_checksum(&p, HashAlgo::Blake3, Mapped::file(&p).unwrap().as_ref())
-                    .unwrap()
-                    .0,
-                good,
-                "byte {at}"
-            );
+            let m = Mapped::file(&p).unwrap().unwrap();
+            let got = blake3_tree(
+                bad.len() as u64,
+                1 << 20,
+                2,
+                &|o, n, f: &mut dyn FnMut(&[u8])| read_mapped(m.bytes(), o, n, f),
+            )
+            .unwrap();
+            assert_ne!(hex(&got), good, "byte {at}");
         }
         // A file shorter than the length asked for is an error, not a hash of less.
         std::fs::write(&p, &data).unwrap();

@@ -6,12 +6,14 @@
 //! - [`manifest`]: the repository layout on top of it: manifests, chains, ids, the lock.
 //! - [`qmp`], [`nbd`]: small synchronous clients.
 //! - [`chain`]: qcow2 chain files through crates/qcow2 (create, write, open a point, hash).
+//! - [`filesum`]: file checksums; [`blocksum`]: a new file and its point hashed in one pass.
 //! - [`fleece`]: the daemon side (cleanup, transaction, fleecing, exports, push jobs).
 //! - [`backup`]: one backup run; [`copy`]: the multi-connection copy loop.
 //! - [`ops`]: list, verify, restore, mount, prune; [`daemon`]: starting our own daemon.
 //! - [`progress`]: bars and JSON lines.
 
 mod backup;
+mod blocksum;
 mod chain;
 mod copy;
 mod daemon;

@@ -14,9 +14,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Kind, Result};
 use crate::store::Store;
 
-/// Manifest format version: 2 names its checksums' algorithm (`hash`; version 1 was SHA-256
-/// throughout, in fields `sha256` / `content_sha256`, still read).
-pub const MANIFEST_VERSION: u32 = 2;
+/// Manifest format version: 3 records new files' checksums as BLAKE3 block lists (file `hash`
+/// `"blake3-blocks"`, see [`crate::filesum::FileHash`]); 2 named its checksums' algorithm
+/// (`hash`, flat BLAKE3 of files); version 1 was SHA-256 throughout, in fields `sha256` /
+/// `content_sha256`. All are read; a file keeps the format it was recorded with.
+pub const MANIFEST_VERSION: u32 = 3;
 
 /// How one disk was backed up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,10 +53,10 @@ pub struct FileRecord {
     /// Checksum of the file's bytes (algorithm `hash`), hex.
     #[serde(rename = "checksum", alias = "sha256")]
     pub checksum: String,
-    /// The algorithm of `checksum`: a file keeps the one it was recorded with, also in the
+    /// How `checksum` is computed: a file keeps the format it was recorded with, also in the
     /// manifests of later backups whose chains it is part of (absent: SHA-256, version 1).
     #[serde(default)]
-    pub hash: crate::chain::HashAlgo,
+    pub hash: crate::filesum::FileHash,
 }
 
 /// One disk of a backup.
@@ -346,6 +348,28 @@ impl Drop for Lock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_records_of_every_version_name_their_checksum_format() {
+        use crate::filesum::FileHash;
+        let rec = |json: &str| serde_json::from_str::<FileRecord>(json).unwrap();
+        let v1 = rec(r#"{"name":"a","size":1,"sha256":"00"}"#);
+        let v2 = rec(r#"{"name":"a","size":1,"checksum":"00","hash":"blake3"}"#);
+        let v3 = rec(r#"{"name":"a","size":1,"checksum":"00","hash":"blake3-blocks"}"#);
+        assert_eq!(
+            (v1.hash, v2.hash, v3.hash),
+            (FileHash::Sha256, FileHash::Blake3, FileHash::Blake3Blocks)
+        );
+        assert_eq!(FileHash::NEW, FileHash::Blake3Blocks);
+        let out = serde_json::to_value(&v3).unwrap();
+        assert_eq!(out["hash"], "blake3-blocks");
+        assert_eq!(out["checksum"], "00");
+        // An unknown format is refused, not verified as something else.
+        assert!(serde_json::from_str::<FileRecord>(
+            r#"{"name":"a","size":1,"checksum":"00","hash":"md5"}"#
+        )
+        .is_err());
+    }
 
     #[test]
     fn utc_stamp_matches_known_dates() {

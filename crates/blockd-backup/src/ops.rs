@@ -381,8 +381,8 @@ pub fn prune(repo: &Repo<'_>, keep: usize, progress: &Progress) -> Result<()> {
         }
     }
     // 3. New checksums of changed files, manifests rewritten, unreferenced files removed.
-    // A changed file is checksummed anew with the algorithm new backups use.
-    let algo = chain::HashAlgo::NEW;
+    // A changed file is checksummed anew in the format new backups use.
+    let algo = filesum::FileHash::NEW;
     let mut sums = std::collections::HashMap::new();
     for m in kept.iter_mut() {
         for d in m.disks.iter_mut() {

@@ -17,6 +17,7 @@ use qapi::types::{
     HumanMonitorCommandArgs, NbdServerAddArgs, NbdServerStartArgs, SocketAddressLegacy,
 };
 
+use crate::claims::Key;
 use crate::convert::{bitmap_source, create_spec, export_args, node_options};
 use crate::daemon::Daemon;
 use crate::exports::{ExportArgs, NbdAddr};
@@ -100,13 +101,36 @@ impl qmp::Dispatcher for QmpDispatcher {
         COMMANDS.contains(&name)
     }
 
-    /// `blockdev-add` opens files without the graph lock (names reserved, named children
-    /// pinned: `block::Graph::add_staged`) and `blockdev-del` stores, flushes and closes
-    /// without it (the node marked as being deleted, then detached: `Graph::del_staged`), so
-    /// neither holds up other monitors' commands while a slow disk answers; every other
-    /// command stays serialised.
+    /// Graph commands that wait on disk I/O run beside other commands, so that a slow disk
+    /// holds up only the command that waits for it:
+    /// - `blockdev-add` opens files without the graph lock (names reserved, named children
+    ///   pinned: `block::Graph::add_staged`); `blockdev-del` stores, flushes and closes
+    ///   without it (the node marked as being deleted, then detached: `Graph::del_staged`).
+    /// - `blockdev-snapshot-sync` (flush, overlay create and open), `blockdev-snapshot`
+    ///   (the base's flush) and `blockdev-reopen` (bitmap store and flush before going
+    ///   read-only) do their I/O without the graph lock, holding or marking the nodes, and
+    ///   claim their nodes, names and files first (`crate::claims`): two of them on the
+    ///   same node, or one and a `transaction` or internal snapshot on it, run one after the
+    ///   other, each all or nothing, as under QEMU's lock.
+    ///
+    /// Every other command stays serialised. Some wait on I/O too, but need the lock for
+    /// their atomicity or have not been audited for running beside the commands above:
+    /// `transaction` (its actions over many nodes, jobs and bitmaps commit or abort
+    /// together; it claims its nodes, so it is atomic against the snapshots and reopens
+    /// above), `blockdev-backup` / `drive-backup` (a drained section, the job table and
+    /// the source's bitmap), `block-export-add` / `nbd-server-add` (the export table and
+    /// the NBD server), the `block-dirty-bitmap-*` commands (a persistent bitmap's removal
+    /// writes the image, but a transaction's bitmap actions rely on no other bitmap command
+    /// running between their prepare and commit) and the internal snapshot commands.
     fn runs_unserialised(&self, name: &str) -> bool {
-        name == "blockdev-add" || name == "blockdev-del"
+        matches!(
+            name,
+            "blockdev-add"
+                | "blockdev-del"
+                | "blockdev-snapshot"
+                | "blockdev-snapshot-sync"
+                | "blockdev-reopen"
+        )
     }
 
     fn dispatch(&self, name: &str, args: Map<String, Value>) -> qmp::DispatchFuture {
@@ -180,10 +204,15 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
             off_reactor(d, move |d| done(d.blockdev_snapshot_sync(&a))).await
         }
         Command::BlockdevSnapshotInternalSync(a) => {
-            off_reactor(d, move |d| done(d.take_internal_snapshot(&a))).await
+            off_reactor(d, move |d| {
+                let _claim = d.claims.take(|| Ok::<_, block::Error>(node_keys(d, &a.device)))?;
+                done(d.take_internal_snapshot(&a))
+            })
+            .await
         }
         Command::BlockdevSnapshotDeleteInternalSync(a) => {
             off_reactor(d, move |d| {
+                let _claim = d.claims.take(|| Ok::<_, block::Error>(node_keys(d, &a.device)))?;
                 Ok(crate::info::to_value(&d.delete_internal_snapshot(&a)?))
             })
             .await
@@ -376,7 +405,25 @@ fn blockdev_create(d: &Arc<Daemon>, a: BlockdevCreateArgs) -> CmdResult {
     Ok(json!({}))
 }
 
+/// What a `blockdev-reopen` claims (see [`crate::claims`]): every node it names.
+fn reopen_keys(d: &Daemon, a: &BlockdevReopenArgs) -> Vec<Key> {
+    let graph = d.graph();
+    a.options
+        .iter()
+        .filter_map(|o| o.node_name.as_deref().and_then(|n| graph.get(n)))
+        .map(Key::Node)
+        .collect()
+}
+
+/// What an internal snapshot command claims: its node.
+fn node_keys(d: &Daemon, name: &str) -> Vec<Key> {
+    d.lookup_node(name).ok().map(Key::Node).into_iter().collect()
+}
+
 fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
+    // Runs beside other commands: a snapshot, reopen or transaction on the same nodes runs
+    // wholly before or after it.
+    let _claim = d.claims.take(|| Ok::<_, block::Error>(reopen_keys(d, &a)))?;
     // Check every entry first, then change node by node through the graph (child changes,
     // then read-only; permissions before bytes, drained); a refusal puts back everything
     // already changed, newest first: all or nothing.

@@ -8,6 +8,7 @@ use block::graph::{SnapshotSync, SnapshotUndo};
 use block::{Error, Graph, NodeRef, Result};
 use qapi::types::{BlockdevSnapshot, BlockdevSnapshotSync, NewImageMode};
 
+use crate::claims::Key;
 use crate::daemon::Daemon;
 
 impl Daemon {
@@ -24,24 +25,71 @@ impl Daemon {
             .map(|d| d.root.node())
     }
 
-    /// `blockdev-snapshot`.
+    /// `blockdev-snapshot`. Runs beside other commands: its base and overlay are claimed
+    /// first (see [`crate::claims`]), so another snapshot, reopen or transaction on them
+    /// runs wholly before or after it.
     pub fn blockdev_snapshot(&self, a: &BlockdevSnapshot) -> Result<()> {
+        let _claim = self.claims.take(|| Ok(self.snapshot_keys(a)))?;
         let prepared = self.prepare_blockdev_snapshot(a)?;
         self.commit_snapshot(prepared, false)
     }
 
-    /// `blockdev-snapshot-sync`.
+    /// `blockdev-snapshot-sync`, beside other commands as [`Daemon::blockdev_snapshot`]:
+    /// the base, the overlay's node-name and its file are claimed first. Of two snapshots of
+    /// one base sent at once, the second starts once the first is done and finds the base
+    /// busy (the overlay's backing child), as in QEMU, before it creates any file.
     pub fn blockdev_snapshot_sync(&self, a: &BlockdevSnapshotSync) -> Result<()> {
+        let _claim = self.claims.take(|| Ok(self.snapshot_sync_keys(a)))?;
         let prepared = self.prepare_blockdev_snapshot_sync(a)?;
         self.commit_snapshot(prepared, true)
+    }
+
+    /// What a `blockdev-snapshot` claims: its node and overlay, as they resolve now.
+    pub fn snapshot_keys(&self, a: &BlockdevSnapshot) -> Vec<Key> {
+        [&a.node, &a.overlay]
+            .into_iter()
+            .filter_map(|n| self.lookup_node(n).ok())
+            .map(Key::Node)
+            .collect()
+    }
+
+    /// What a `blockdev-snapshot-sync` claims: its base as it resolves now, the overlay's
+    /// node-name and file.
+    pub fn snapshot_sync_keys(&self, a: &BlockdevSnapshotSync) -> Vec<Key> {
+        let mut keys: Vec<Key> = self.snapshot_sync_base(a).into_iter().map(Key::Node).collect();
+        keys.extend(a.snapshot_node_name.clone().map(Key::Name));
+        keys.push(Key::File(a.snapshot_file.clone()));
+        keys
+    }
+
+    fn snapshot_sync_base(&self, a: &BlockdevSnapshotSync) -> Option<NodeRef> {
+        a.device
+            .as_deref()
+            .and_then(|d| self.device_node(d))
+            .or_else(|| a.node_name.as_deref().and_then(|n| self.graph().get(n)))
     }
 
     /// `blockdev-snapshot` up to the undoable step: the overlay is in place, the base still
     /// writable (a transaction's prepare).
     pub fn prepare_blockdev_snapshot(&self, a: &BlockdevSnapshot) -> Result<SnapshotUndo> {
-        let node = self.lookup_node(&a.node)?;
+        let found = self.lookup_node(&a.node)?;
+        // Held while the base is flushed without the graph lock: a blockdev-del of it waits;
+        // one that took it out already makes this a miss.
+        let Some(node) = Graph::hold_node(&self.graph, &found) else {
+            self.lookup_node(&a.node)?;
+            return Err(Error::generic(format!(
+                "Cannot find device='{0}' nor node-name='{0}'",
+                a.node
+            )));
+        };
         self.graph().snapshot_check_base(&node)?;
         let overlay = self.lookup_node(&a.overlay)?;
+        if !node.read_only() {
+            node.flush()
+                .map_err(|e| Error::io("An IO error has occurred", &e))?;
+        }
+        // Under the lock: checked again, flushed again (little or nothing left to write), and
+        // the overlay wired in.
         let prepared = self.graph().snapshot_prepare(&node, &overlay)?;
         Ok(prepared)
     }
@@ -49,11 +97,7 @@ impl Daemon {
     /// `blockdev-snapshot-sync` up to the undoable step (see
     /// [`Daemon::prepare_blockdev_snapshot`]).
     pub fn prepare_blockdev_snapshot_sync(&self, a: &BlockdevSnapshotSync) -> Result<SnapshotUndo> {
-        let found = a
-            .device
-            .as_deref()
-            .and_then(|d| self.device_node(d))
-            .or_else(|| a.node_name.as_deref().and_then(|n| self.graph().get(n)));
+        let found = self.snapshot_sync_base(a);
         let not_found = || {
             Error::generic(format!(
                 "Cannot find device='{}' nor node-name='{}'",

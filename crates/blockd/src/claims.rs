@@ -89,10 +89,7 @@ impl Claims {
         };
         let mut held = lock(&self.held);
         while keys.iter().any(|k| held.iter().any(|(_, h)| h == k)) {
-            held = self
-                .changed
-                .wait(held)
-                .unwrap_or_else(|p| p.into_inner());
+            held = self.changed.wait(held).unwrap_or_else(|p| p.into_inner());
         }
         held.extend(keys.into_iter().map(|k| (id, k)));
         Claim { claims: self, id }

@@ -205,14 +205,18 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         }
         Command::BlockdevSnapshotInternalSync(a) => {
             off_reactor(d, move |d| {
-                let _claim = d.claims.take(|| Ok::<_, block::Error>(node_keys(d, &a.device)))?;
+                let _claim = d
+                    .claims
+                    .take(|| Ok::<_, block::Error>(node_keys(d, &a.device)))?;
                 done(d.take_internal_snapshot(&a))
             })
             .await
         }
         Command::BlockdevSnapshotDeleteInternalSync(a) => {
             off_reactor(d, move |d| {
-                let _claim = d.claims.take(|| Ok::<_, block::Error>(node_keys(d, &a.device)))?;
+                let _claim = d
+                    .claims
+                    .take(|| Ok::<_, block::Error>(node_keys(d, &a.device)))?;
                 Ok(crate::info::to_value(&d.delete_internal_snapshot(&a)?))
             })
             .await
@@ -417,13 +421,19 @@ fn reopen_keys(d: &Daemon, a: &BlockdevReopenArgs) -> Vec<Key> {
 
 /// What an internal snapshot command claims: its node.
 fn node_keys(d: &Daemon, name: &str) -> Vec<Key> {
-    d.lookup_node(name).ok().map(Key::Node).into_iter().collect()
+    d.lookup_node(name)
+        .ok()
+        .map(Key::Node)
+        .into_iter()
+        .collect()
 }
 
 fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
     // Runs beside other commands: a snapshot, reopen or transaction on the same nodes runs
     // wholly before or after it.
-    let _claim = d.claims.take(|| Ok::<_, block::Error>(reopen_keys(d, &a)))?;
+    let _claim = d
+        .claims
+        .take(|| Ok::<_, block::Error>(reopen_keys(d, &a)))?;
     // Check every entry first, then change node by node through the graph (child changes,
     // then read-only; permissions before bytes, drained); a refusal puts back everything
     // already changed, newest first: all or nothing.

@@ -56,7 +56,11 @@ impl Daemon {
     /// What a `blockdev-snapshot-sync` claims: its base as it resolves now, the overlay's
     /// node-name and file.
     pub fn snapshot_sync_keys(&self, a: &BlockdevSnapshotSync) -> Vec<Key> {
-        let mut keys: Vec<Key> = self.snapshot_sync_base(a).into_iter().map(Key::Node).collect();
+        let mut keys: Vec<Key> = self
+            .snapshot_sync_base(a)
+            .into_iter()
+            .map(Key::Node)
+            .collect();
         keys.extend(a.snapshot_node_name.clone().map(Key::Name));
         keys.push(Key::File(a.snapshot_file.clone()));
         keys

@@ -20,8 +20,9 @@ use block::transaction::bitmaps::{Add, Merge, NodeLookup, OnBitmap, Op};
 use block::transaction::{self, AbortAction, Action, CompletionMode};
 use block::{NodeRef, Result};
 use qapi::types::{
-    ActionCompletionMode, BlockDirtyBitmapOrStr, BlockdevBackup, BlockdevSnapshot, BlockdevSnapshotInternal,
-    BlockdevSnapshotSync, DriveBackup, TransactionAction, TransactionArgs,
+    ActionCompletionMode, BlockDirtyBitmapOrStr, BlockdevBackup, BlockdevSnapshot,
+    BlockdevSnapshotInternal, BlockdevSnapshotSync, DriveBackup, TransactionAction,
+    TransactionArgs,
 };
 
 use crate::backup::{prepare_blockdev_backup, prepare_drive_backup, Prepared};
@@ -219,7 +220,9 @@ fn keys(d: &Daemon, actions: &[TransactionAction]) -> Vec<Key> {
 
 /// Run a `transaction` command.
 pub fn run(d: &Arc<Daemon>, args: TransactionArgs) -> Result<()> {
-    let _claim = d.claims.take(|| Ok::<_, block::Error>(keys(d, &args.actions)))?;
+    let _claim = d
+        .claims
+        .take(|| Ok::<_, block::Error>(keys(d, &args.actions)))?;
     let mode = match args.properties.and_then(|p| p.completion_mode) {
         Some(ActionCompletionMode::Grouped) => CompletionMode::Grouped,
         _ => CompletionMode::Individual,

@@ -282,3 +282,76 @@ def test_two_snapshots_of_one_base_sent_at_once_one_wins(make_daemon, tmp_path):
         info = json.loads(iotests.qemu_img("info", "--output=json", str(files[w])))
         assert info["backing-filename"] == str(img), info
         iotests.qemu_img("check", str(img))
+
+
+@iotests.blockd_only
+def test_a_stalled_persistent_bitmap_removal_leaves_other_monitors_answering(
+        make_daemon, tmp_path):
+    """block-dirty-bitmap-remove of a persistent bitmap deletes it from the image at once:
+    while that write hangs, another monitor's commands (bitmap commands on another node
+    included) answer; then the bitmap is gone, from the node and from the image."""
+    stall = StallableFile(tmp_path, SIZE)
+    try:
+        _stall_qcow2(stall, qcow2(tmp_path / "src.qcow2", SIZE))
+        d = make_daemon(monitors=2)
+        d.blockdev_add(driver="qcow2", node_name="q",
+                       file={"driver": "file", "filename": str(stall.path)})
+        d.blockdev_add(driver="null-co", node_name="other", size=SIZE)
+        d.ok("block-dirty-bitmap-add", node="q", name="b", persistent=True)
+        d.ok("block-dirty-bitmap-add", node="q", name="keep", persistent=True)
+        d.node_io("q", "write -P 0x55 0 64k")
+        d.node_io("q", "flush")  # stores both bitmaps (a checkpoint at flush)
+        stall.stop()
+        with _monitor(d, 1) as m:
+            m.send(json.dumps({"execute": "block-dirty-bitmap-remove",
+                               "arguments": {"node": "q", "name": "b"}}))
+            time.sleep(2)  # the removal's write waits for the stopped server
+            assert m.no_message(), "the removal did not stall"
+            _others_answer(d)
+            stall.cont()
+            assert m.reply(timeout=30) == {"return": {}}
+        assert [b["name"] for b in d.bitmaps("q")] == ["keep"]
+        d.ok("blockdev-del", node_name="q")
+        iotests.qemu_img("check", str(stall.path))
+        info = json.loads(iotests.qemu_img("info", "--output=json", str(stall.path)))
+        bitmaps = info["format-specific"]["data"]["bitmaps"]
+        assert [b["name"] for b in bitmaps] == ["keep"], bitmaps
+    finally:
+        stall.close()
+
+
+@iotests.blockd_only
+def test_a_bitmap_command_on_a_node_being_reopened_waits_for_the_reopen(make_daemon, tmp_path):
+    """A bitmap command on the node a stalled blockdev-reopen switches to read-only does not
+    slip in between the reopen's store and its switch: it waits, then answers as it would
+    after the reopen (a persistent bitmap cannot be added to a read-only node)."""
+    stall = StallableFile(tmp_path, SIZE)
+    try:
+        _stall_qcow2(stall, qcow2(tmp_path / "src.qcow2", SIZE))
+        d = make_daemon(monitors=3)
+        d.blockdev_add(driver="qcow2", node_name="q",
+                       file={"driver": "file", "node-name": "qf", "filename": str(stall.path)})
+        d.blockdev_add(driver="null-co", node_name="other", size=SIZE)
+        d.ok("block-dirty-bitmap-add", node="q", name="b", persistent=True)
+        d.node_io("q", "write -P 0x66 0 64k")
+        stall.stop()
+        with _monitor(d, 1) as m1, _monitor(d, 2) as m2:
+            m1.send(json.dumps({"execute": "blockdev-reopen", "arguments": {"options": [{
+                "driver": "qcow2", "node-name": "q", "read-only": True, "file": "qf"}]}}))
+            time.sleep(2)
+            assert m1.no_message(), "the reopen did not stall"
+            m2.send(json.dumps({"execute": "block-dirty-bitmap-add", "arguments": {
+                "node": "q", "name": "late", "persistent": True}}))
+            time.sleep(1)
+            assert m2.no_message(), "the bitmap command did not wait for the reopen"
+            _others_answer(d)
+            stall.cont()
+            assert m1.reply(timeout=30) == {"return": {}}
+            r = m2.reply(timeout=30)
+            assert r["error"]["desc"] == (
+                "Can't make bitmap 'late' persistent in 'q': Image is read-only"), r
+        assert [b["name"] for b in d.bitmaps("q")] == ["b"]
+        d.ok("blockdev-del", node_name="q")
+        iotests.qemu_img("check", str(stall.path))
+    finally:
+        stall.close()

@@ -48,12 +48,12 @@ pub struct Claims {
 
 /// Claims held by one command; given back when dropped.
 #[must_use = "the claim is given back when dropped"]
-pub struct Claim<'a> {
-    claims: &'a Claims,
+pub struct Claim {
+    claims: Arc<Claims>,
     id: u64,
 }
 
-impl Drop for Claim<'_> {
+impl Drop for Claim {
     fn drop(&mut self) {
         let mut held = lock(&self.claims.held);
         held.retain(|(id, _)| *id != self.id);
@@ -70,7 +70,10 @@ impl Claims {
     /// Claim what `resolve` names, waiting while another command holds any of it. `resolve`
     /// runs before and after the claim is taken; when the two answers differ, the claim is
     /// given back and the whole is tried again. Blocking: call it off the reactor.
-    pub fn take<E>(&self, resolve: impl Fn() -> Result<Vec<Key>, E>) -> Result<Claim<'_>, E> {
+    pub fn take<E>(
+        self: &Arc<Self>,
+        resolve: impl Fn() -> Result<Vec<Key>, E>,
+    ) -> Result<Claim, E> {
         loop {
             let keys = resolve()?;
             let claim = self.claim(keys.clone());
@@ -81,7 +84,7 @@ impl Claims {
     }
 
     /// Claim `keys` all at once, waiting while any of them is held by another command.
-    fn claim(&self, keys: Vec<Key>) -> Claim<'_> {
+    fn claim(self: &Arc<Self>, keys: Vec<Key>) -> Claim {
         let id = {
             let mut next = lock(&self.next);
             *next += 1;
@@ -92,7 +95,10 @@ impl Claims {
             held = self.changed.wait(held).unwrap_or_else(|p| p.into_inner());
         }
         held.extend(keys.into_iter().map(|k| (id, k)));
-        Claim { claims: self, id }
+        Claim {
+            claims: self.clone(),
+            id,
+        }
     }
 }
 
@@ -123,7 +129,7 @@ mod tests {
 
     #[test]
     fn a_claim_whose_answer_changed_is_taken_again() {
-        let claims = Claims::default();
+        let claims = Arc::new(Claims::default());
         let calls = std::cell::Cell::new(0);
         let claim = claims.take(|| -> Result<_, ()> {
             calls.set(calls.get() + 1);

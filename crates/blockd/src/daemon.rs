@@ -47,7 +47,7 @@ pub struct Daemon {
     /// Cancelled by `quit` or a signal: the main task then shuts everything down.
     pub shutdown: CancellationToken,
     /// What the graph commands running beside others claim (see [`crate::claims`]).
-    pub claims: crate::claims::Claims,
+    pub claims: Arc<crate::claims::Claims>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -90,7 +90,7 @@ impl Daemon {
             nbd: Mutex::new(None),
             exports: Mutex::new(Vec::new()),
             shutdown: CancellationToken::new(),
-            claims: crate::claims::Claims::default(),
+            claims: Arc::default(),
         })
     }
 

@@ -17,7 +17,7 @@ use qapi::types::{
     HumanMonitorCommandArgs, NbdServerAddArgs, NbdServerStartArgs, SocketAddressLegacy,
 };
 
-use crate::claims::Key;
+use crate::claims::{Claim, Key};
 use crate::convert::{bitmap_source, create_spec, export_args, node_options};
 use crate::daemon::Daemon;
 use crate::exports::{ExportArgs, NbdAddr};
@@ -102,26 +102,29 @@ impl qmp::Dispatcher for QmpDispatcher {
     }
 
     /// Graph commands that wait on disk I/O run beside other commands, so that a slow disk
-    /// holds up only the command that waits for it:
+    /// holds up only the commands that need what waits for it:
     /// - `blockdev-add` opens files without the graph lock (names reserved, named children
     ///   pinned: `block::Graph::add_staged`); `blockdev-del` stores, flushes and closes
     ///   without it (the node marked as being deleted, then detached: `Graph::del_staged`).
     /// - `blockdev-snapshot-sync` (flush, overlay create and open), `blockdev-snapshot`
     ///   (the base's flush) and `blockdev-reopen` (bitmap store and flush before going
-    ///   read-only) do their I/O without the graph lock, holding or marking the nodes, and
-    ///   claim their nodes, names and files first (`crate::claims`): two of them on the
-    ///   same node, or one and a `transaction` or internal snapshot on it, run one after the
-    ///   other, each all or nothing, as under QEMU's lock.
+    ///   read-only) do their I/O without the graph lock, holding or marking the nodes.
+    /// - The `block-dirty-bitmap-*` commands (a persistent bitmap's removal writes the
+    ///   image) hold their node while they act (a delete of it in progress is waited for).
     ///
-    /// Every other command stays serialised. Some wait on I/O too, but need the lock for
-    /// their atomicity or have not been audited for running beside the commands above:
-    /// `transaction` (its actions over many nodes, jobs and bitmaps commit or abort
-    /// together; it claims its nodes, so it is atomic against the snapshots and reopens
-    /// above), `blockdev-backup` / `drive-backup` (a drained section, the job table and
-    /// the source's bitmap), `block-export-add` / `nbd-server-add` (the export table and
-    /// the NBD server), the `block-dirty-bitmap-*` commands (a persistent bitmap's removal
-    /// writes the image, but a transaction's bitmap actions rely on no other bitmap command
-    /// running between their prepare and commit) and the internal snapshot commands.
+    /// Each of the last two groups first claims the nodes it changes, the names and files it
+    /// creates (`crate::claims`), and so do the serialised commands that change the same
+    /// things over several steps: `transaction` (its actions' nodes, from prepare to commit
+    /// or abort), `blockdev-backup` / `drive-backup`, `block-export-add` / `nbd-server-add`
+    /// (an export's bitmap) and the internal snapshot commands. Two commands on one node
+    /// therefore run one after the other, each all or nothing, as under QEMU's lock; a
+    /// serialised command that waits for a claim holds up the other serialised ones
+    /// meanwhile (as the claim's holder did before it ran beside them).
+    ///
+    /// Every other command stays serialised: those above that claim need the lock for
+    /// their atomicity over what they do not claim (a transaction's jobs and group, a
+    /// backup's drained section and job table, the export table and NBD server); the rest
+    /// either do no I/O or are quick reads.
     fn runs_unserialised(&self, name: &str) -> bool {
         matches!(
             name,
@@ -130,6 +133,12 @@ impl qmp::Dispatcher for QmpDispatcher {
                 | "blockdev-snapshot"
                 | "blockdev-snapshot-sync"
                 | "blockdev-reopen"
+                | "block-dirty-bitmap-add"
+                | "block-dirty-bitmap-remove"
+                | "block-dirty-bitmap-clear"
+                | "block-dirty-bitmap-enable"
+                | "block-dirty-bitmap-disable"
+                | "block-dirty-bitmap-merge"
         )
     }
 
@@ -225,6 +234,7 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         // (see `Daemon::bitmap_node`), and a persistent one may write the image.
         Command::BlockDirtyBitmapAdd(a) => {
             off_reactor(d, move |d| {
+                let _claim = claim_nodes(d, &[&a.node])?;
                 done(d.bitmap_add(
                     &a.node,
                     &a.name,
@@ -237,18 +247,21 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         }
         Command::BlockDirtyBitmapRemove(a) => {
             off_reactor(d, move |d| {
+                let _claim = claim_nodes(d, &[&a.node])?;
                 done(bitmap_ops::remove(&*d.bitmap_node(&a.node)?, &a.name))
             })
             .await
         }
         Command::BlockDirtyBitmapClear(a) => {
             off_reactor(d, move |d| {
+                let _claim = claim_nodes(d, &[&a.node])?;
                 done(bitmap_ops::clear(&*d.bitmap_node(&a.node)?, &a.name))
             })
             .await
         }
         Command::BlockDirtyBitmapEnable(a) => {
             off_reactor(d, move |d| {
+                let _claim = claim_nodes(d, &[&a.node])?;
                 done(bitmap_ops::set_recording(
                     &*d.bitmap_node(&a.node)?,
                     &a.name,
@@ -259,6 +272,7 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         }
         Command::BlockDirtyBitmapDisable(a) => {
             off_reactor(d, move |d| {
+                let _claim = claim_nodes(d, &[&a.node])?;
                 done(bitmap_ops::set_recording(
                     &*d.bitmap_node(&a.node)?,
                     &a.name,
@@ -270,6 +284,9 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         Command::BlockDirtyBitmapMerge(a) => {
             let sources: Vec<_> = a.bitmaps.iter().map(bitmap_source).collect();
             off_reactor(d, move |d| {
+                let mut names: Vec<&str> = vec![&a.node];
+                names.extend(sources.iter().filter_map(|(n, _)| n.as_deref()));
+                let _claim = claim_nodes(d, &names)?;
                 done(d.bitmap_merge(&a.node, &a.target, &sources))
             })
             .await
@@ -304,10 +321,22 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         Command::BlockJobDismiss(a) => job_verb(d, Verb::Dismiss, &a.id, true),
         Command::BlockJobFinalize(a) => job_verb(d, Verb::Finalize, &a.id, true),
         Command::BlockdevBackup(a) => {
-            off_reactor(d, move |d| done(crate::backup::blockdev_backup(d, a))).await
+            off_reactor(d, move |d| {
+                let _claim = claim_nodes(d, &[&a.common.device, &a.target])?;
+                done(crate::backup::blockdev_backup(d, a))
+            })
+            .await
         }
         Command::DriveBackup(a) => {
-            off_reactor(d, move |d| done(crate::backup::drive_backup(d, a))).await
+            off_reactor(d, move |d| {
+                let _claim = d.claims.take(|| {
+                    let mut keys = node_keys(d, &a.common.device);
+                    keys.push(Key::File(a.target.clone()));
+                    Ok::<_, block::Error>(keys)
+                })?;
+                done(crate::backup::drive_backup(d, a))
+            })
+            .await
         }
         Command::QueryJobs => {
             let jobs = d.jobs.list();
@@ -322,10 +351,17 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         Command::JobDismiss(a) => job_verb(d, Verb::Dismiss, &a.id, false),
         Command::JobFinalize(a) => job_verb(d, Verb::Finalize, &a.id, false),
         Command::NbdServerStart(a) => nbd_server_start(d, a).await,
-        Command::NbdServerAdd(a) => nbd_server_add(d, a),
+        Command::NbdServerAdd(a) => {
+            let _claim = claim_off_reactor(d, a.device.clone()).await?;
+            nbd_server_add(d, a)
+        }
         Command::NbdServerRemove(a) => done(d.export_del(&a.name, hard(a.mode))),
         Command::NbdServerStop => done(d.nbd_server_stop().await),
-        Command::BlockExportAdd(o) => done(d.export_add(export_args(&o).map_err(generic)?)),
+        Command::BlockExportAdd(o) => {
+            let args = export_args(&o).map_err(generic)?;
+            let _claim = claim_off_reactor(d, args.node_name.clone()).await?;
+            done(d.export_add(args))
+        }
         Command::BlockExportDel(a) => done(d.export_del(&a.id, hard(a.mode))),
         Command::QueryBlockExports => d.query_exports(),
     }
@@ -426,6 +462,27 @@ fn node_keys(d: &Daemon, name: &str) -> Vec<Key> {
         .map(Key::Node)
         .into_iter()
         .collect()
+}
+
+/// Claim the nodes `names` resolve to (see [`crate::claims`]); a name that resolves to
+/// nothing is left to the command to refuse with its own text. Blocking.
+fn claim_nodes(d: &Daemon, names: &[&str]) -> Result<Claim, block::Error> {
+    d.claims.take(|| {
+        Ok(names
+            .iter()
+            .filter_map(|n| d.lookup_node(n).ok())
+            .map(Key::Node)
+            .collect())
+    })
+}
+
+/// [`claim_nodes`] of one node for a command that runs on the reactor (the wait for the
+/// claim runs off it).
+async fn claim_off_reactor(d: &Arc<Daemon>, name: String) -> Result<Claim, block::Error> {
+    let d = d.clone();
+    tokio::task::spawn_blocking(move || claim_nodes(&d, &[&name]))
+        .await
+        .map_err(|e| generic(format!("claiming a node failed: {e}")))?
 }
 
 fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {

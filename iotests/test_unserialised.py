@@ -355,3 +355,87 @@ def test_a_bitmap_command_on_a_node_being_reopened_waits_for_the_reopen(make_dae
         iotests.qemu_img("check", str(stall.path))
     finally:
         stall.close()
+
+
+@iotests.blockd_only
+def test_a_reopen_of_a_base_being_snapshotted_comes_after_the_snapshot(make_daemon, tmp_path):
+    """While a blockdev-snapshot-sync of `base` is stalled (its overlay's open), a
+    blockdev-reopen of `base` from another monitor waits (the snapshot claimed `base`), then
+    answers as after the snapshot: `base` is read-only already, and stays the overlay's
+    backing."""
+    img = qcow2(tmp_path / "base.qcow2", SIZE)
+    stall = StallableFile(tmp_path, SIZE)
+    try:
+        _stall_qcow2(stall, qcow2(tmp_path / "ov-src.qcow2", SIZE))
+        d = make_daemon(monitors=3)
+        d.blockdev_add(driver="qcow2", node_name="base",
+                       file={"driver": "file", "node-name": "bf", "filename": str(img)})
+        d.blockdev_add(driver="null-co", node_name="other", size=SIZE)
+        d.node_io("base", "write -P 0x77 0 64k")
+        _export(d, "base")
+        stall.stop()
+        with _monitor(d, 1) as m1, _monitor(d, 2) as m2:
+            m1.send(json.dumps({"execute": "blockdev-snapshot-sync", "arguments": {
+                "node-name": "base", "snapshot-file": str(stall.path),
+                "snapshot-node-name": "ov", "format": "qcow2", "mode": "existing"}}))
+            time.sleep(2)
+            assert m1.no_message(), "the snapshot did not stall"
+            m2.send(json.dumps({"execute": "blockdev-reopen", "arguments": {"options": [{
+                "driver": "qcow2", "node-name": "base", "read-only": True, "file": "bf"}]}}))
+            time.sleep(1)
+            assert m2.no_message(), "the reopen did not wait for the snapshot"
+            _others_answer(d)
+            stall.cont()
+            assert m1.reply(timeout=30) == {"return": {}}
+            assert m2.reply(timeout=30) == {"return": {}}
+        assert _exported_node(d) == "ov"
+        nodes = {n["node-name"]: n for n in d.nodes()}
+        assert nodes["base"]["ro"] is True
+        assert nodes["ov"]["backing_file"] == str(img)
+        out = d.node_io("ov", "read -P 0x77 0 64k")
+        assert "Pattern verification failed" not in out, out
+        d.ok("block-export-del", id="e")
+        d.ok("blockdev-del", node_name="ov")
+        d.ok("blockdev-del", node_name="base")
+        iotests.qemu_img("check", str(stall.path))
+    finally:
+        stall.close()
+    iotests.qemu_img("check", str(img))
+
+
+@iotests.blockd_only
+def test_a_delete_of_a_base_being_snapshotted_comes_after_the_snapshot(make_daemon, tmp_path):
+    """A blockdev-del of a base whose blockdev-snapshot-sync is stalled waits (the snapshot
+    holds the base), then runs after it: the overlay had no user, so (as QEMU does) it was
+    dropped once made and only its file stays, backed by the base's image; the base is then
+    free and deleted."""
+    img = qcow2(tmp_path / "base.qcow2", SIZE)
+    stall = StallableFile(tmp_path, SIZE)
+    try:
+        _stall_qcow2(stall, qcow2(tmp_path / "ov-src.qcow2", SIZE))
+        d = make_daemon(monitors=3)
+        d.blockdev_add(driver="qcow2", node_name="base",
+                       file={"driver": "file", "node-name": "bf", "filename": str(img)})
+        d.blockdev_add(driver="null-co", node_name="other", size=SIZE)
+        stall.stop()
+        with _monitor(d, 1) as m1, _monitor(d, 2) as m2:
+            m1.send(json.dumps({"execute": "blockdev-snapshot-sync", "arguments": {
+                "node-name": "base", "snapshot-file": str(stall.path),
+                "snapshot-node-name": "ov", "format": "qcow2", "mode": "existing"}}))
+            time.sleep(2)
+            assert m1.no_message(), "the snapshot did not stall"
+            m2.send(json.dumps({"execute": "blockdev-del", "arguments": {"node-name": "base"}}))
+            time.sleep(1)
+            assert m2.no_message(), ("the delete did not wait for the snapshot", m2.reply())
+            _others_answer(d)
+            stall.cont()
+            assert m1.reply(timeout=30) == {"return": {}}
+            assert m2.reply(timeout=30) == {"return": {}}
+        assert _named_nodes(d) == {"other"}
+        fds = [os.readlink(f"/proc/{d.proc.pid}/fd/{f}")
+               for f in os.listdir(f"/proc/{d.proc.pid}/fd")]
+        assert str(stall.path) not in fds and str(img) not in fds, fds
+        iotests.qemu_img("check", str(stall.path))
+    finally:
+        stall.close()
+    iotests.qemu_img("check", str(img))

@@ -4,12 +4,21 @@
 
 use std::sync::Arc;
 
-use block::graph::{SnapshotSync, SnapshotUndo};
+use block::graph::{NodeHold, SnapshotSync, SnapshotUndo};
 use block::{Error, Graph, NodeRef, Result};
 use qapi::types::{BlockdevSnapshot, BlockdevSnapshotSync, NewImageMode};
 
 use crate::claims::Key;
 use crate::daemon::Daemon;
+
+/// A prepared snapshot ([`SnapshotUndo`]) and the hold on its base, kept until the snapshot
+/// is committed or undone: a `blockdev-del` of the base (which runs beside other commands)
+/// waits for the whole command or transaction, never sees it half done.
+#[must_use = "a prepared snapshot must be committed or aborted"]
+pub struct PreparedSnapshot {
+    undo: SnapshotUndo,
+    hold: NodeHold,
+}
 
 impl Daemon {
     fn devices_on(&self, node: &NodeRef) -> bool {
@@ -75,7 +84,7 @@ impl Daemon {
 
     /// `blockdev-snapshot` up to the undoable step: the overlay is in place, the base still
     /// writable (a transaction's prepare).
-    pub fn prepare_blockdev_snapshot(&self, a: &BlockdevSnapshot) -> Result<SnapshotUndo> {
+    pub fn prepare_blockdev_snapshot(&self, a: &BlockdevSnapshot) -> Result<PreparedSnapshot> {
         let found = self.lookup_node(&a.node)?;
         // Held while the base is flushed without the graph lock: a blockdev-del of it waits;
         // one that took it out already makes this a miss.
@@ -94,13 +103,16 @@ impl Daemon {
         }
         // Under the lock: checked again, flushed again (little or nothing left to write), and
         // the overlay wired in.
-        let prepared = self.graph().snapshot_prepare(&node, &overlay)?;
-        Ok(prepared)
+        let undo = self.graph().snapshot_prepare(&node, &overlay)?;
+        Ok(PreparedSnapshot { undo, hold: node })
     }
 
     /// `blockdev-snapshot-sync` up to the undoable step (see
     /// [`Daemon::prepare_blockdev_snapshot`]).
-    pub fn prepare_blockdev_snapshot_sync(&self, a: &BlockdevSnapshotSync) -> Result<SnapshotUndo> {
+    pub fn prepare_blockdev_snapshot_sync(
+        &self,
+        a: &BlockdevSnapshotSync,
+    ) -> Result<PreparedSnapshot> {
         let found = self.snapshot_sync_base(a);
         let not_found = || {
             Error::generic(format!(
@@ -130,13 +142,19 @@ impl Daemon {
             existing: a.mode == Some(NewImageMode::Existing),
         };
         // The flush, the file's creation and its open run without the graph lock.
-        Graph::snapshot_sync_staged(&self.graph, &node, &req)
+        let undo = Graph::snapshot_sync_staged(&self.graph, &node, &req)?;
+        Ok(PreparedSnapshot { undo, hold: node })
     }
 
     /// Make a prepared snapshot final (the base goes read-only). `created`: the overlay was
     /// made by blockdev-snapshot-sync; with no user at all (no parent, export or device)
     /// QEMU drops it at once and only the file stays. So does blockd.
-    pub fn commit_snapshot(&self, prepared: SnapshotUndo, created: bool) -> Result<()> {
+    pub fn commit_snapshot(&self, prepared: PreparedSnapshot, created: bool) -> Result<()> {
+        // The hold on the base goes once everything is done (and without the graph lock).
+        let PreparedSnapshot {
+            undo: prepared,
+            hold: _hold,
+        } = prepared;
         let overlay = prepared.overlay().clone();
         // The base's bitmaps are stored and it is flushed without the graph lock first (see
         // `Graph::prepare_read_only`); if that fails, commit tries again under the lock and
@@ -170,7 +188,11 @@ impl Daemon {
 
     /// Undo a prepared snapshot (a transaction's abort): everything as before; a created
     /// overlay file stays, as in QEMU.
-    pub fn abort_snapshot(&self, prepared: SnapshotUndo) {
+    pub fn abort_snapshot(&self, prepared: PreparedSnapshot) {
+        let PreparedSnapshot {
+            undo: prepared,
+            hold: _hold,
+        } = prepared;
         // A created overlay is stored, flushed and closed after the lock is released.
         let d = prepared.undo_detached(&mut self.graph());
         Graph::close_detached(&self.graph, d);

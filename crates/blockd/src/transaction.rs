@@ -102,7 +102,7 @@ enum SnapshotArgs {
 struct SnapshotAction {
     daemon: Arc<Daemon>,
     args: SnapshotArgs,
-    prepared: Option<block::graph::SnapshotUndo>,
+    prepared: Option<crate::snapshot::PreparedSnapshot>,
 }
 
 impl Action for SnapshotAction {

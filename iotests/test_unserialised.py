@@ -439,3 +439,44 @@ def test_a_delete_of_a_base_being_snapshotted_comes_after_the_snapshot(make_daem
     finally:
         stall.close()
     iotests.qemu_img("check", str(img))
+
+
+@iotests.blockd_only
+def test_a_bitmap_command_waits_for_a_transaction_acting_on_its_node(make_daemon, tmp_path):
+    """Bitmap commands run beside the serialised ones, but never inside a transaction: one on a
+    node a stalled transaction has a bitmap action on waits for the transaction's end (here
+    an abort, which takes the added bitmap out again) and then answers as after it; one on
+    another node answers meanwhile."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    img = qcow2(tmp_path / "a.qcow2", SIZE)
+    bimg = qcow2(tmp_path / "b.qcow2", SIZE)
+    d = make_daemon(monitors=3)
+    d.blockdev_add(driver="qcow2", node_name="q",
+                   file={"driver": "file", "filename": str(img)})
+    d.blockdev_add(driver="qcow2", node_name="base", read_only=True,
+                   file={"driver": "file", "node-name": "bf", "read-only": True,
+                         "filename": str(bimg)})
+    d.blockdev_add(driver="null-co", node_name="other", size=SIZE)
+    with _monitor(d, 1) as m1, _monitor(d, 2) as m2:
+        m1.send(json.dumps({"execute": "transaction", "arguments": {"actions": [
+            {"type": "block-dirty-bitmap-add", "data": {"node": "q", "name": "tb"}},
+            {"type": "blockdev-snapshot-sync", "data": {
+                "node-name": "base", "snapshot-file": str(fifo),
+                "snapshot-node-name": "ov", "format": "raw", "mode": "existing"}}]}}))
+        time.sleep(2)  # "tb" is added; the overlay's open waits on the FIFO
+        assert m1.no_message(), "the transaction did not stall"
+        m2.send(json.dumps({"execute": "block-dirty-bitmap-remove",
+                            "arguments": {"node": "q", "name": "tb"}}))
+        time.sleep(1)
+        assert m2.no_message(), ("the removal did not wait for the transaction", m2.reply())
+        d.ok("block-dirty-bitmap-add", node="other", name="meanwhile")
+        os.close(os.open(fifo, os.O_WRONLY))
+        r = m1.reply(timeout=30)
+        assert r["error"]["desc"] == "The overlay does not support backing images", r
+        assert m2.reply(timeout=30) == {
+            "error": {"class": "GenericError", "desc": "Dirty bitmap 'tb' not found"}}
+    assert d.bitmaps("q") == []
+    assert [b["name"] for b in d.bitmaps("other")] == ["meanwhile"]
+    d.ok("blockdev-del", node_name="q")
+    iotests.qemu_img("check", str(img))

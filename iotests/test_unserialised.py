@@ -480,3 +480,39 @@ def test_a_bitmap_command_waits_for_a_transaction_acting_on_its_node(make_daemon
     assert [b["name"] for b in d.bitmaps("other")] == ["meanwhile"]
     d.ok("blockdev-del", node_name="q")
     iotests.qemu_img("check", str(img))
+
+
+@iotests.blockd_only
+def test_a_stalled_internal_snapshot_leaves_other_monitors_answering(make_daemon, tmp_path):
+    """blockdev-snapshot-internal-sync writes the image's snapshot table beside other
+    commands: while its writes hang, another monitor's commands answer and a blockdev-del of
+    the node waits (the command holds it); then the snapshot is in the image and the delete
+    goes through."""
+    stall = StallableFile(tmp_path, SIZE)
+    try:
+        _stall_qcow2(stall, qcow2(tmp_path / "src.qcow2", SIZE))
+        d = make_daemon(monitors=3)
+        d.blockdev_add(driver="qcow2", node_name="q",
+                       file={"driver": "file", "filename": str(stall.path)})
+        d.blockdev_add(driver="null-co", node_name="other", size=SIZE)
+        d.node_io("q", "write -P 0x12 0 64k")
+        stall.stop()
+        with _monitor(d, 1) as m1, _monitor(d, 2) as m2:
+            m1.send(json.dumps({"execute": "blockdev-snapshot-internal-sync",
+                                "arguments": {"device": "q", "name": "s1"}}))
+            time.sleep(2)  # the snapshot's writes wait for the stopped server
+            assert m1.no_message(), "the snapshot did not stall"
+            m2.send(json.dumps({"execute": "blockdev-del", "arguments": {"node-name": "q"}}))
+            time.sleep(1)
+            assert m2.no_message(), ("the delete did not wait for the snapshot", m2.reply())
+            _others_answer(d)
+            stall.cont()
+            assert m1.reply(timeout=30) == {"return": {}}
+            assert m2.reply(timeout=30) == {"return": {}}
+        assert _named_nodes(d) == {"other"}
+        iotests.qemu_img("check", str(stall.path))
+        listed = iotests.qemu_img("snapshot", "-l", str(stall.path))
+        assert " s1 " in listed, listed
+        iotests.qemu_io("-f", "qcow2", "-c", "read -P 0x12 0 64k", str(stall.path))
+    finally:
+        stall.close()

@@ -110,13 +110,14 @@ impl qmp::Dispatcher for QmpDispatcher {
     ///   (the base's flush) and `blockdev-reopen` (bitmap store and flush before going
     ///   read-only) do their I/O without the graph lock, holding or marking the nodes.
     /// - The `block-dirty-bitmap-*` commands (a persistent bitmap's removal writes the
-    ///   image) hold their node while they act (a delete of it in progress is waited for).
+    ///   image) and the internal snapshot commands (the image's snapshot table, refcounts,
+    ///   flush) hold their node while they act (a delete of it in progress is waited for).
     ///
-    /// Each of the last two groups first claims the nodes it changes, the names and files it
-    /// creates (`crate::claims`), and so do the serialised commands that change the same
+    /// Each of the last three groups first claims the nodes it changes, the names and files
+    /// it creates (`crate::claims`), and so do the serialised commands that change the same
     /// things over several steps: `transaction` (its actions' nodes, from prepare to commit
-    /// or abort), `blockdev-backup` / `drive-backup`, `block-export-add` / `nbd-server-add`
-    /// (an export's bitmap) and the internal snapshot commands. Two commands on one node
+    /// or abort), `blockdev-backup` / `drive-backup` and `block-export-add` /
+    /// `nbd-server-add` (an export's bitmap). Two commands on one node
     /// therefore run one after the other, each all or nothing, as under QEMU's lock; a
     /// serialised command that waits for a claim holds up the other serialised ones
     /// meanwhile (as the claim's holder did before it ran beside them).
@@ -139,6 +140,8 @@ impl qmp::Dispatcher for QmpDispatcher {
                 | "block-dirty-bitmap-enable"
                 | "block-dirty-bitmap-disable"
                 | "block-dirty-bitmap-merge"
+                | "blockdev-snapshot-internal-sync"
+                | "blockdev-snapshot-delete-internal-sync"
         )
     }
 

@@ -256,6 +256,11 @@ pub trait Driver: Send + Sync {
     fn internal_bitmaps(&self) -> Vec<(u64, u64)> {
         Vec::new()
     }
+    /// The backing file the image's header names, read from memory (no I/O, unlike
+    /// [`Driver::facts`], which stats the file). Default: none.
+    fn named_backing(&self) -> Option<String> {
+        None
+    }
     /// Can a backing child be attached to an open node (external snapshots)? Default: no.
     fn supports_backing(&self) -> bool {
         false

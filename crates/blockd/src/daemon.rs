@@ -1,9 +1,11 @@
 //! The daemon's state and the handlers that translate commands into core calls.
 //!
 //! Locks: every field below is a std `Mutex` held for short, non-async sections only. QMP
-//! commands are serialised by the qmp crate, so handlers never race each other, except
-//! `blockdev-add` (see `block::Graph::add_staged`: it reserves what it uses); I/O paths
-//! (NBD, jobs) clone node handles out and never take these locks.
+//! commands are serialised by the qmp crate, so handlers never race each other, except the
+//! graph commands `dispatch::runs_unserialised` lets run beside others (`blockdev-add` and
+//! `-del` reserve and hold what they use in the graph; snapshots and reopens claim their
+//! nodes, see [`crate::claims`]); I/O paths (NBD, jobs) clone node handles out and never take
+//! these locks.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -44,6 +46,8 @@ pub struct Daemon {
     exports: Mutex<Vec<ExportRec>>,
     /// Cancelled by `quit` or a signal: the main task then shuts everything down.
     pub shutdown: CancellationToken,
+    /// What the graph commands running beside others claim (see [`crate::claims`]).
+    pub claims: Arc<crate::claims::Claims>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -86,6 +90,7 @@ impl Daemon {
             nbd: Mutex::new(None),
             exports: Mutex::new(Vec::new()),
             shutdown: CancellationToken::new(),
+            claims: Arc::default(),
         })
     }
 

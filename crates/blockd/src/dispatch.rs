@@ -17,6 +17,7 @@ use qapi::types::{
     HumanMonitorCommandArgs, NbdServerAddArgs, NbdServerStartArgs, SocketAddressLegacy,
 };
 
+use crate::claims::{Claim, Key};
 use crate::convert::{bitmap_source, create_spec, export_args, node_options};
 use crate::daemon::Daemon;
 use crate::exports::{ExportArgs, NbdAddr};
@@ -100,13 +101,48 @@ impl qmp::Dispatcher for QmpDispatcher {
         COMMANDS.contains(&name)
     }
 
-    /// `blockdev-add` opens files without the graph lock (names reserved, named children
-    /// pinned: `block::Graph::add_staged`) and `blockdev-del` stores, flushes and closes
-    /// without it (the node marked as being deleted, then detached: `Graph::del_staged`), so
-    /// neither holds up other monitors' commands while a slow disk answers; every other
-    /// command stays serialised.
+    /// Graph commands that wait on disk I/O run beside other commands, so that a slow disk
+    /// holds up only the commands that need what waits for it:
+    /// - `blockdev-add` opens files without the graph lock (names reserved, named children
+    ///   pinned: `block::Graph::add_staged`); `blockdev-del` stores, flushes and closes
+    ///   without it (the node marked as being deleted, then detached: `Graph::del_staged`).
+    /// - `blockdev-snapshot-sync` (flush, overlay create and open), `blockdev-snapshot`
+    ///   (the base's flush) and `blockdev-reopen` (bitmap store and flush before going
+    ///   read-only) do their I/O without the graph lock, holding or marking the nodes.
+    /// - The `block-dirty-bitmap-*` commands (a persistent bitmap's removal writes the
+    ///   image) and the internal snapshot commands (the image's snapshot table, refcounts,
+    ///   flush) hold their node while they act (a delete of it in progress is waited for).
+    ///
+    /// Each of the last three groups first claims the nodes it changes, the names and files
+    /// it creates (`crate::claims`), and so do the serialised commands that change the same
+    /// things over several steps: `transaction` (its actions' nodes, from prepare to commit
+    /// or abort), `blockdev-backup` / `drive-backup` and `block-export-add` /
+    /// `nbd-server-add` (an export's bitmap). Two commands on one node
+    /// therefore run one after the other, each all or nothing, as under QEMU's lock; a
+    /// serialised command that waits for a claim holds up the other serialised ones
+    /// meanwhile (as the claim's holder did before it ran beside them).
+    ///
+    /// Every other command stays serialised: those above that claim need the lock for
+    /// their atomicity over what they do not claim (a transaction's jobs and group, a
+    /// backup's drained section and job table, the export table and NBD server); the rest
+    /// either do no I/O or are quick reads.
     fn runs_unserialised(&self, name: &str) -> bool {
-        name == "blockdev-add" || name == "blockdev-del"
+        matches!(
+            name,
+            "blockdev-add"
+                | "blockdev-del"
+                | "blockdev-snapshot"
+                | "blockdev-snapshot-sync"
+                | "blockdev-reopen"
+                | "block-dirty-bitmap-add"
+                | "block-dirty-bitmap-remove"
+                | "block-dirty-bitmap-clear"
+                | "block-dirty-bitmap-enable"
+                | "block-dirty-bitmap-disable"
+                | "block-dirty-bitmap-merge"
+                | "blockdev-snapshot-internal-sync"
+                | "blockdev-snapshot-delete-internal-sync"
+        )
     }
 
     fn dispatch(&self, name: &str, args: Map<String, Value>) -> qmp::DispatchFuture {
@@ -180,10 +216,19 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
             off_reactor(d, move |d| done(d.blockdev_snapshot_sync(&a))).await
         }
         Command::BlockdevSnapshotInternalSync(a) => {
-            off_reactor(d, move |d| done(d.take_internal_snapshot(&a))).await
+            off_reactor(d, move |d| {
+                let _claim = d
+                    .claims
+                    .take(|| Ok::<_, block::Error>(node_keys(d, &a.device)))?;
+                done(d.take_internal_snapshot(&a))
+            })
+            .await
         }
         Command::BlockdevSnapshotDeleteInternalSync(a) => {
             off_reactor(d, move |d| {
+                let _claim = d
+                    .claims
+                    .take(|| Ok::<_, block::Error>(node_keys(d, &a.device)))?;
                 Ok(crate::info::to_value(&d.delete_internal_snapshot(&a)?))
             })
             .await
@@ -192,6 +237,7 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         // (see `Daemon::bitmap_node`), and a persistent one may write the image.
         Command::BlockDirtyBitmapAdd(a) => {
             off_reactor(d, move |d| {
+                let _claim = claim_nodes(d, &[&a.node])?;
                 done(d.bitmap_add(
                     &a.node,
                     &a.name,
@@ -204,18 +250,21 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         }
         Command::BlockDirtyBitmapRemove(a) => {
             off_reactor(d, move |d| {
+                let _claim = claim_nodes(d, &[&a.node])?;
                 done(bitmap_ops::remove(&*d.bitmap_node(&a.node)?, &a.name))
             })
             .await
         }
         Command::BlockDirtyBitmapClear(a) => {
             off_reactor(d, move |d| {
+                let _claim = claim_nodes(d, &[&a.node])?;
                 done(bitmap_ops::clear(&*d.bitmap_node(&a.node)?, &a.name))
             })
             .await
         }
         Command::BlockDirtyBitmapEnable(a) => {
             off_reactor(d, move |d| {
+                let _claim = claim_nodes(d, &[&a.node])?;
                 done(bitmap_ops::set_recording(
                     &*d.bitmap_node(&a.node)?,
                     &a.name,
@@ -226,6 +275,7 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         }
         Command::BlockDirtyBitmapDisable(a) => {
             off_reactor(d, move |d| {
+                let _claim = claim_nodes(d, &[&a.node])?;
                 done(bitmap_ops::set_recording(
                     &*d.bitmap_node(&a.node)?,
                     &a.name,
@@ -237,6 +287,9 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         Command::BlockDirtyBitmapMerge(a) => {
             let sources: Vec<_> = a.bitmaps.iter().map(bitmap_source).collect();
             off_reactor(d, move |d| {
+                let mut names: Vec<&str> = vec![&a.node];
+                names.extend(sources.iter().filter_map(|(n, _)| n.as_deref()));
+                let _claim = claim_nodes(d, &names)?;
                 done(d.bitmap_merge(&a.node, &a.target, &sources))
             })
             .await
@@ -271,10 +324,22 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         Command::BlockJobDismiss(a) => job_verb(d, Verb::Dismiss, &a.id, true),
         Command::BlockJobFinalize(a) => job_verb(d, Verb::Finalize, &a.id, true),
         Command::BlockdevBackup(a) => {
-            off_reactor(d, move |d| done(crate::backup::blockdev_backup(d, a))).await
+            off_reactor(d, move |d| {
+                let _claim = claim_nodes(d, &[&a.common.device, &a.target])?;
+                done(crate::backup::blockdev_backup(d, a))
+            })
+            .await
         }
         Command::DriveBackup(a) => {
-            off_reactor(d, move |d| done(crate::backup::drive_backup(d, a))).await
+            off_reactor(d, move |d| {
+                let _claim = d.claims.take(|| {
+                    let mut keys = node_keys(d, &a.common.device);
+                    keys.push(Key::File(a.target.clone()));
+                    Ok::<_, block::Error>(keys)
+                })?;
+                done(crate::backup::drive_backup(d, a))
+            })
+            .await
         }
         Command::QueryJobs => {
             let jobs = d.jobs.list();
@@ -289,10 +354,17 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         Command::JobDismiss(a) => job_verb(d, Verb::Dismiss, &a.id, false),
         Command::JobFinalize(a) => job_verb(d, Verb::Finalize, &a.id, false),
         Command::NbdServerStart(a) => nbd_server_start(d, a).await,
-        Command::NbdServerAdd(a) => nbd_server_add(d, a),
+        Command::NbdServerAdd(a) => {
+            let _claim = claim_off_reactor(d, a.device.clone()).await?;
+            nbd_server_add(d, a)
+        }
         Command::NbdServerRemove(a) => done(d.export_del(&a.name, hard(a.mode))),
         Command::NbdServerStop => done(d.nbd_server_stop().await),
-        Command::BlockExportAdd(o) => done(d.export_add(export_args(&o).map_err(generic)?)),
+        Command::BlockExportAdd(o) => {
+            let args = export_args(&o).map_err(generic)?;
+            let _claim = claim_off_reactor(d, args.node_name.clone()).await?;
+            done(d.export_add(args))
+        }
         Command::BlockExportDel(a) => done(d.export_del(&a.id, hard(a.mode))),
         Command::QueryBlockExports => d.query_exports(),
     }
@@ -376,7 +448,52 @@ fn blockdev_create(d: &Arc<Daemon>, a: BlockdevCreateArgs) -> CmdResult {
     Ok(json!({}))
 }
 
+/// What a `blockdev-reopen` claims (see [`crate::claims`]): every node it names.
+fn reopen_keys(d: &Daemon, a: &BlockdevReopenArgs) -> Vec<Key> {
+    let graph = d.graph();
+    a.options
+        .iter()
+        .filter_map(|o| o.node_name.as_deref().and_then(|n| graph.get(n)))
+        .map(Key::Node)
+        .collect()
+}
+
+/// What an internal snapshot command claims: its node.
+fn node_keys(d: &Daemon, name: &str) -> Vec<Key> {
+    d.lookup_node(name)
+        .ok()
+        .map(Key::Node)
+        .into_iter()
+        .collect()
+}
+
+/// Claim the nodes `names` resolve to (see [`crate::claims`]); a name that resolves to
+/// nothing is left to the command to refuse with its own text. Blocking.
+fn claim_nodes(d: &Daemon, names: &[&str]) -> Result<Claim, block::Error> {
+    d.claims.take(|| {
+        Ok(names
+            .iter()
+            .filter_map(|n| d.lookup_node(n).ok())
+            .map(Key::Node)
+            .collect())
+    })
+}
+
+/// [`claim_nodes`] of one node for a command that runs on the reactor (the wait for the
+/// claim runs off it).
+async fn claim_off_reactor(d: &Arc<Daemon>, name: String) -> Result<Claim, block::Error> {
+    let d = d.clone();
+    tokio::task::spawn_blocking(move || claim_nodes(&d, &[&name]))
+        .await
+        .map_err(|e| generic(format!("claiming a node failed: {e}")))?
+}
+
 fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
+    // Runs beside other commands: a snapshot, reopen or transaction on the same nodes runs
+    // wholly before or after it.
+    let _claim = d
+        .claims
+        .take(|| Ok::<_, block::Error>(reopen_keys(d, &a)))?;
     // Check every entry first, then change node by node through the graph (child changes,
     // then read-only; permissions before bytes, drained); a refusal puts back everything
     // already changed, newest first: all or nothing.

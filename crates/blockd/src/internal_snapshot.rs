@@ -3,8 +3,9 @@
 //! action creates at prepare and deletes the snapshot again at abort.
 
 use block::error::strerror;
+use block::graph::NodeHold;
 use block::internal_snapshot::{self, InternalSnapshot, SnapshotClock};
-use block::{Error, NodeRef, Result};
+use block::{Error, Graph, NodeRef, Result};
 use qapi::types::{BlockdevSnapshotDeleteInternal, BlockdevSnapshotInternal, SnapshotInfo};
 
 use crate::daemon::Daemon;
@@ -14,6 +15,9 @@ pub struct TakenSnapshot {
     node: NodeRef,
     id: String,
     name: String,
+    /// The node named, held until the snapshot is final or deleted again: a `blockdev-del`
+    /// of it (which runs beside other commands) waits.
+    _hold: NodeHold,
 }
 
 impl TakenSnapshot {
@@ -49,9 +53,17 @@ pub fn image_snapshots(node: &NodeRef) -> Option<Vec<SnapshotInfo>> {
 }
 
 impl Daemon {
-    /// The node named `device`, which must be a root (no parent node, no job using it).
-    fn snapshot_root(&self, device: &str) -> Result<NodeRef> {
-        let node = self.lookup_node(device)?;
+    /// The node named `device`, which must be a root (no parent node, no job using it),
+    /// held while the command writes to it (a `blockdev-del` of it waits; one that took it
+    /// out after the lookup makes this a miss).
+    fn snapshot_root(&self, device: &str) -> Result<NodeHold> {
+        let found = self.lookup_node(device)?;
+        let Some(node) = Graph::hold_node(&self.graph, &found) else {
+            self.lookup_node(device)?;
+            return Err(Error::generic(format!(
+                "Cannot find device='{device}' nor node-name='{device}'"
+            )));
+        };
         let has_parent = !self.graph().parents(&node).is_empty();
         let in_job = node.users().iter().any(|u| u.who.starts_with("block job"));
         if has_parent || in_job {
@@ -105,6 +117,7 @@ impl Daemon {
             node: target,
             id: taken.id,
             name: taken.name,
+            _hold: node,
         })
     }
 

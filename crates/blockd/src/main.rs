@@ -11,6 +11,7 @@
 
 mod backup;
 mod checkpoint;
+mod claims;
 mod cli;
 mod convert;
 mod daemon;

@@ -4,11 +4,21 @@
 
 use std::sync::Arc;
 
-use block::graph::{SnapshotSync, SnapshotUndo};
+use block::graph::{NodeHold, SnapshotSync, SnapshotUndo};
 use block::{Error, Graph, NodeRef, Result};
 use qapi::types::{BlockdevSnapshot, BlockdevSnapshotSync, NewImageMode};
 
+use crate::claims::Key;
 use crate::daemon::Daemon;
+
+/// A prepared snapshot ([`SnapshotUndo`]) and the hold on its base, kept until the snapshot
+/// is committed or undone: a `blockdev-del` of the base (which runs beside other commands)
+/// waits for the whole command or transaction, never sees it half done.
+#[must_use = "a prepared snapshot must be committed or aborted"]
+pub struct PreparedSnapshot {
+    undo: SnapshotUndo,
+    hold: NodeHold,
+}
 
 impl Daemon {
     fn devices_on(&self, node: &NodeRef) -> bool {
@@ -24,36 +34,86 @@ impl Daemon {
             .map(|d| d.root.node())
     }
 
-    /// `blockdev-snapshot`.
+    /// `blockdev-snapshot`. Runs beside other commands: its base and overlay are claimed
+    /// first (see [`crate::claims`]), so another snapshot, reopen or transaction on them
+    /// runs wholly before or after it.
     pub fn blockdev_snapshot(&self, a: &BlockdevSnapshot) -> Result<()> {
+        let _claim = self.claims.take(|| Ok(self.snapshot_keys(a)))?;
         let prepared = self.prepare_blockdev_snapshot(a)?;
         self.commit_snapshot(prepared, false)
     }
 
-    /// `blockdev-snapshot-sync`.
+    /// `blockdev-snapshot-sync`, beside other commands as [`Daemon::blockdev_snapshot`]:
+    /// the base, the overlay's node-name and its file are claimed first. Of two snapshots of
+    /// one base sent at once, the second starts once the first is done and finds the base
+    /// busy (the overlay's backing child), as in QEMU, before it creates any file.
     pub fn blockdev_snapshot_sync(&self, a: &BlockdevSnapshotSync) -> Result<()> {
+        let _claim = self.claims.take(|| Ok(self.snapshot_sync_keys(a)))?;
         let prepared = self.prepare_blockdev_snapshot_sync(a)?;
         self.commit_snapshot(prepared, true)
     }
 
+    /// What a `blockdev-snapshot` claims: its node and overlay, as they resolve now.
+    pub fn snapshot_keys(&self, a: &BlockdevSnapshot) -> Vec<Key> {
+        [&a.node, &a.overlay]
+            .into_iter()
+            .filter_map(|n| self.lookup_node(n).ok())
+            .map(Key::Node)
+            .collect()
+    }
+
+    /// What a `blockdev-snapshot-sync` claims: its base as it resolves now, the overlay's
+    /// node-name and file.
+    pub fn snapshot_sync_keys(&self, a: &BlockdevSnapshotSync) -> Vec<Key> {
+        let mut keys: Vec<Key> = self
+            .snapshot_sync_base(a)
+            .into_iter()
+            .map(Key::Node)
+            .collect();
+        keys.extend(a.snapshot_node_name.clone().map(Key::Name));
+        keys.push(Key::File(a.snapshot_file.clone()));
+        keys
+    }
+
+    fn snapshot_sync_base(&self, a: &BlockdevSnapshotSync) -> Option<NodeRef> {
+        a.device
+            .as_deref()
+            .and_then(|d| self.device_node(d))
+            .or_else(|| a.node_name.as_deref().and_then(|n| self.graph().get(n)))
+    }
+
     /// `blockdev-snapshot` up to the undoable step: the overlay is in place, the base still
     /// writable (a transaction's prepare).
-    pub fn prepare_blockdev_snapshot(&self, a: &BlockdevSnapshot) -> Result<SnapshotUndo> {
-        let node = self.lookup_node(&a.node)?;
+    pub fn prepare_blockdev_snapshot(&self, a: &BlockdevSnapshot) -> Result<PreparedSnapshot> {
+        let found = self.lookup_node(&a.node)?;
+        // Held while the base is flushed without the graph lock: a blockdev-del of it waits;
+        // one that took it out already makes this a miss.
+        let Some(node) = Graph::hold_node(&self.graph, &found) else {
+            self.lookup_node(&a.node)?;
+            return Err(Error::generic(format!(
+                "Cannot find device='{0}' nor node-name='{0}'",
+                a.node
+            )));
+        };
         self.graph().snapshot_check_base(&node)?;
         let overlay = self.lookup_node(&a.overlay)?;
-        let prepared = self.graph().snapshot_prepare(&node, &overlay)?;
-        Ok(prepared)
+        if !node.read_only() {
+            node.flush()
+                .map_err(|e| Error::io("An IO error has occurred", &e))?;
+        }
+        // Under the lock: checked again, flushed again (little or nothing left to write), and
+        // the overlay wired in.
+        let undo = self.graph().snapshot_prepare(&node, &overlay)?;
+        Ok(PreparedSnapshot { undo, hold: node })
     }
 
     /// `blockdev-snapshot-sync` up to the undoable step (see
     /// [`Daemon::prepare_blockdev_snapshot`]).
-    pub fn prepare_blockdev_snapshot_sync(&self, a: &BlockdevSnapshotSync) -> Result<SnapshotUndo> {
-        let found = a
-            .device
-            .as_deref()
-            .and_then(|d| self.device_node(d))
-            .or_else(|| a.node_name.as_deref().and_then(|n| self.graph().get(n)));
+    pub fn prepare_blockdev_snapshot_sync(
+        &self,
+        a: &BlockdevSnapshotSync,
+    ) -> Result<PreparedSnapshot> {
+        let found = self.snapshot_sync_base(a);
         let not_found = || {
             Error::generic(format!(
                 "Cannot find device='{}' nor node-name='{}'",
@@ -82,13 +142,19 @@ impl Daemon {
             existing: a.mode == Some(NewImageMode::Existing),
         };
         // The flush, the file's creation and its open run without the graph lock.
-        Graph::snapshot_sync_staged(&self.graph, &node, &req)
+        let undo = Graph::snapshot_sync_staged(&self.graph, &node, &req)?;
+        Ok(PreparedSnapshot { undo, hold: node })
     }
 
     /// Make a prepared snapshot final (the base goes read-only). `created`: the overlay was
     /// made by blockdev-snapshot-sync; with no user at all (no parent, export or device)
     /// QEMU drops it at once and only the file stays. So does blockd.
-    pub fn commit_snapshot(&self, prepared: SnapshotUndo, created: bool) -> Result<()> {
+    pub fn commit_snapshot(&self, prepared: PreparedSnapshot, created: bool) -> Result<()> {
+        // The hold on the base goes once everything is done (and without the graph lock).
+        let PreparedSnapshot {
+            undo: prepared,
+            hold: _hold,
+        } = prepared;
         let overlay = prepared.overlay().clone();
         // The base's bitmaps are stored and it is flushed without the graph lock first (see
         // `Graph::prepare_read_only`); if that fails, commit tries again under the lock and
@@ -122,7 +188,11 @@ impl Daemon {
 
     /// Undo a prepared snapshot (a transaction's abort): everything as before; a created
     /// overlay file stays, as in QEMU.
-    pub fn abort_snapshot(&self, prepared: SnapshotUndo) {
+    pub fn abort_snapshot(&self, prepared: PreparedSnapshot) {
+        let PreparedSnapshot {
+            undo: prepared,
+            hold: _hold,
+        } = prepared;
         // A created overlay is stored, flushed and closed after the lock is released.
         let d = prepared.undo_detached(&mut self.graph());
         Graph::close_detached(&self.graph, d);

@@ -20,11 +20,13 @@ use block::transaction::bitmaps::{Add, Merge, NodeLookup, OnBitmap, Op};
 use block::transaction::{self, AbortAction, Action, CompletionMode};
 use block::{NodeRef, Result};
 use qapi::types::{
-    ActionCompletionMode, BlockdevBackup, BlockdevSnapshot, BlockdevSnapshotInternal,
-    BlockdevSnapshotSync, DriveBackup, TransactionAction, TransactionArgs,
+    ActionCompletionMode, BlockDirtyBitmapOrStr, BlockdevBackup, BlockdevSnapshot,
+    BlockdevSnapshotInternal, BlockdevSnapshotSync, DriveBackup, TransactionAction,
+    TransactionArgs,
 };
 
 use crate::backup::{prepare_blockdev_backup, prepare_drive_backup, Prepared};
+use crate::claims::Key;
 use crate::convert::bitmap_source;
 use crate::daemon::Daemon;
 use crate::internal_snapshot::TakenSnapshot;
@@ -100,7 +102,7 @@ enum SnapshotArgs {
 struct SnapshotAction {
     daemon: Arc<Daemon>,
     args: SnapshotArgs,
-    prepared: Option<block::graph::SnapshotUndo>,
+    prepared: Option<crate::snapshot::PreparedSnapshot>,
 }
 
 impl Action for SnapshotAction {
@@ -172,8 +174,55 @@ impl Action for InternalSnapshotAction {
     }
 }
 
+/// What a transaction claims (see [`crate::claims`]): every node its actions name, and the
+/// node-names and files its `blockdev-snapshot-sync` actions create. The snapshots and
+/// reopens that run beside serialised commands then never see it half done: between an
+/// action's prepare and its commit or abort, nothing else changes those nodes.
+fn keys(d: &Daemon, actions: &[TransactionAction]) -> Vec<Key> {
+    let mut keys = Vec::new();
+    let node = |keys: &mut Vec<Key>, name: &str| {
+        if let Ok(n) = d.lookup_node(name) {
+            keys.push(Key::Node(n));
+        }
+    };
+    for a in actions {
+        match a {
+            TransactionAction::Abort(_) => {}
+            TransactionAction::BlockDirtyBitmapAdd(b) => node(&mut keys, &b.node),
+            TransactionAction::BlockDirtyBitmapRemove(b)
+            | TransactionAction::BlockDirtyBitmapClear(b)
+            | TransactionAction::BlockDirtyBitmapEnable(b)
+            | TransactionAction::BlockDirtyBitmapDisable(b) => node(&mut keys, &b.node),
+            TransactionAction::BlockDirtyBitmapMerge(m) => {
+                node(&mut keys, &m.node);
+                for b in &m.bitmaps {
+                    if let BlockDirtyBitmapOrStr::External(e) = b {
+                        node(&mut keys, &e.node);
+                    }
+                }
+            }
+            TransactionAction::BlockdevBackup(b) => {
+                node(&mut keys, &b.common.device);
+                node(&mut keys, &b.target);
+            }
+            TransactionAction::DriveBackup(b) => {
+                node(&mut keys, &b.common.device);
+                keys.push(Key::File(b.target.clone()));
+            }
+            TransactionAction::BlockdevSnapshot(s) => keys.extend(d.snapshot_keys(s)),
+            TransactionAction::BlockdevSnapshotSync(s) => keys.extend(d.snapshot_sync_keys(s)),
+            TransactionAction::BlockdevSnapshotInternalSync(s) => node(&mut keys, &s.device),
+        }
+    }
+    // Duplicates are harmless: a claim waits for other commands' claims only.
+    keys
+}
+
 /// Run a `transaction` command.
 pub fn run(d: &Arc<Daemon>, args: TransactionArgs) -> Result<()> {
+    let _claim = d
+        .claims
+        .take(|| Ok::<_, block::Error>(keys(d, &args.actions)))?;
     let mode = match args.properties.and_then(|p| p.completion_mode) {
         Some(ActionCompletionMode::Grouped) => CompletionMode::Grouped,
         _ => CompletionMode::Individual,

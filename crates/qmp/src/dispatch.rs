@@ -38,8 +38,9 @@ pub trait Dispatcher: Send + Sync + 'static {
     fn dispatch(&self, name: &str, args: Map<String, Value>) -> DispatchFuture;
 
     /// Does this command run without the server-wide command lock? Only for a command whose
-    /// handler is safe against every other command running meanwhile (blockd: `blockdev-add`,
-    /// which reserves what it needs under its own lock). Default: no command does.
+    /// handler is safe against every other command running meanwhile (blockd: the graph
+    /// commands that wait on disk I/O, which reserve or claim what they need under locks of
+    /// their own). Default: no command does.
     fn runs_unserialised(&self, name: &str) -> bool {
         let _ = name;
         false

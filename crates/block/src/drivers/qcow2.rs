@@ -389,6 +389,9 @@ impl Driver for Qcow2Driver {
     fn set_read_only(&self, read_only: bool) -> io::Result<()> {
         self.switch_mode(read_only).map_err(to_io)
     }
+    fn named_backing(&self) -> Option<String> {
+        self.img().backing_file()
+    }
     fn supports_backing(&self) -> bool {
         true
     }

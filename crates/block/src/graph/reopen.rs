@@ -198,7 +198,8 @@ impl Graph {
                     // Absent means "no backing" to blockdev-reopen, which QEMU refuses for a
                     // node that has one (or names one in its image).
                     None => {
-                        let named = node.facts().backing_filename.is_some();
+                        // Under the graph lock: no stat of the file (`facts`) here.
+                        let named = node.driver().named_backing().is_some();
                         if node.child("backing").is_some() || named {
                             return Err(Error::generic(format!(
                                 "backing is missing for '{}'",

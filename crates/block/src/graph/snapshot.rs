@@ -88,16 +88,19 @@ impl SnapshotUndo {
     }
 }
 
-/// Point every swapped link back at the node and detach the backing child.
+/// Point every swapped link back at the node and detach the backing child. A link that no
+/// longer points at the overlay was changed since by a command of its own (a reopen of the
+/// parent, run beside the snapshot's transaction): that change stays.
 fn unwire(g: &Graph, s: &SnapshotUndo) {
     for sw in s.swaps.iter().rev() {
         match sw {
-            Swap::Edge(e) => {
+            Swap::Edge(e) if Arc::ptr_eq(&e.node(), &s.overlay) => {
                 e.set(s.node.clone());
             }
-            Swap::Root(r) => {
+            Swap::Root(r) if Arc::ptr_eq(&r.node(), &s.overlay) => {
                 r.set_node(s.node.clone());
             }
+            Swap::Edge(_) | Swap::Root(_) => {}
         }
     }
     s.overlay.driver().attach_backing(None);

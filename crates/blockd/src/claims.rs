@@ -1,0 +1,142 @@
+//! Claims: what keeps a graph command that runs beside others (off the QMP command lock, see
+//! `dispatch::runs_unserialised`) atomic against the other commands that change the same
+//! nodes.
+//!
+//! A command claims, before it changes anything, the nodes it will change and the names and
+//! files it will create; a second command claiming any of them waits until the first has
+//! ended (replied), then looks everything up again, as if it had been sent after it. Claims
+//! are taken all at once (never one after another while holding some), so two commands
+//! cannot wait for each other. A claimer holds nothing else while it waits (no graph lock,
+//! no node hold, no reopen mark), so a claim holder never waits for a claim waiter.
+//!
+//! Between two claims the graph may change: a claim is taken on what the command's arguments
+//! resolve to, and when they resolve differently once claimed (a device moved onto a new
+//! overlay meanwhile), the claim is given back and taken again ([`Claims::take`]).
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use block::NodeRef;
+
+/// One thing a command claims.
+#[derive(Clone)]
+pub enum Key {
+    /// A node the command changes (rewires, reopens, snapshots).
+    Node(NodeRef),
+    /// A node-name the command will create.
+    Name(String),
+    /// An image file the command will create or open as a new node.
+    File(String),
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        match (self, other) {
+            (Key::Node(a), Key::Node(b)) => Arc::ptr_eq(a, b),
+            (Key::Name(a), Key::Name(b)) | (Key::File(a), Key::File(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// The claims of the commands running now.
+#[derive(Default)]
+pub struct Claims {
+    held: Mutex<Vec<(u64, Key)>>,
+    next: Mutex<u64>,
+    changed: Condvar,
+}
+
+/// Claims held by one command; given back when dropped.
+#[must_use = "the claim is given back when dropped"]
+pub struct Claim {
+    claims: Arc<Claims>,
+    id: u64,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut held = lock(&self.claims.held);
+        held.retain(|(id, _)| *id != self.id);
+        drop(held);
+        self.claims.changed.notify_all();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Claims {
+    /// Claim what `resolve` names, waiting while another command holds any of it. `resolve`
+    /// runs before and after the claim is taken; when the two answers differ, the claim is
+    /// given back and the whole is tried again. Blocking: call it off the reactor.
+    pub fn take<E>(
+        self: &Arc<Self>,
+        resolve: impl Fn() -> Result<Vec<Key>, E>,
+    ) -> Result<Claim, E> {
+        loop {
+            let keys = resolve()?;
+            let claim = self.claim(keys.clone());
+            if resolve()? == keys {
+                return Ok(claim);
+            }
+        }
+    }
+
+    /// Claim `keys` all at once, waiting while any of them is held by another command.
+    fn claim(self: &Arc<Self>, keys: Vec<Key>) -> Claim {
+        let id = {
+            let mut next = lock(&self.next);
+            *next += 1;
+            *next
+        };
+        let mut held = lock(&self.held);
+        while keys.iter().any(|k| held.iter().any(|(_, h)| h == k)) {
+            held = self.changed.wait(held).unwrap_or_else(|p| p.into_inner());
+        }
+        held.extend(keys.into_iter().map(|k| (id, k)));
+        Claim {
+            claims: self.clone(),
+            id,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Claims, Key};
+    use std::sync::mpsc;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn a_second_claim_of_the_same_name_waits_for_the_first() {
+        let claims = Arc::new(Claims::default());
+        let first = claims.claim(vec![Key::Name("a".into()), Key::File("f".into())]);
+        let (tx, rx) = mpsc::channel();
+        let c = claims.clone();
+        let t = std::thread::spawn(move || {
+            let _second = c.claim(vec![Key::File("f".into())]);
+            tx.send(()).ok();
+        });
+        // Other keys are free meanwhile.
+        drop(claims.claim(vec![Key::Name("b".into())]));
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        drop(first);
+        assert!(rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        t.join().ok();
+    }
+
+    #[test]
+    fn a_claim_whose_answer_changed_is_taken_again() {
+        let claims = Arc::new(Claims::default());
+        let calls = std::cell::Cell::new(0);
+        let claim = claims.take(|| -> Result<_, ()> {
+            calls.set(calls.get() + 1);
+            Ok(vec![Key::Name(format!("n{}", calls.get().min(2)))])
+        });
+        assert!(claim.is_ok());
+        // n1 then n2 (differ: again), n2 then n2 (same: done).
+        assert_eq!(calls.get(), 4);
+    }
+}

@@ -39,11 +39,21 @@ impl Daemon {
     /// `blockdev-snapshot` up to the undoable step: the overlay is in place, the base still
     /// writable (a transaction's prepare).
     pub fn prepare_blockdev_snapshot(&self, a: &BlockdevSnapshot) -> Result<SnapshotUndo> {
-        let node = self.lookup_node(&a.node)?;
+        // Both held while the base is flushed and the section waits without the graph
+        // lock: a blockdev-del of either waits; one that took it out already is a miss.
+        let held = |name: &str| {
+            let n = self.lookup_node(name)?;
+            Graph::hold_node(&self.graph, &n).ok_or_else(|| {
+                Error::generic(format!(
+                    "Cannot find device='{name}' nor node-name='{name}'"
+                ))
+            })
+        };
+        let node = held(&a.node)?;
         self.graph().snapshot_check_base(&node)?;
-        let overlay = self.lookup_node(&a.overlay)?;
-        let prepared = self.graph().snapshot_prepare(&node, &overlay)?;
-        Ok(prepared)
+        let overlay = held(&a.overlay)?;
+        // The base's flush and the drained section's wait run without the graph lock.
+        Graph::snapshot_prepare_staged(&self.graph, &node, &overlay)
     }
 
     /// `blockdev-snapshot-sync` up to the undoable step (see
@@ -123,8 +133,8 @@ impl Daemon {
     /// Undo a prepared snapshot (a transaction's abort): everything as before; a created
     /// overlay file stays, as in QEMU.
     pub fn abort_snapshot(&self, prepared: SnapshotUndo) {
-        // A created overlay is stored, flushed and closed after the lock is released.
-        let d = prepared.undo_detached(&mut self.graph());
-        Graph::close_detached(&self.graph, d);
+        // Drained without the graph lock over the wait; a created overlay is stored,
+        // flushed and closed after the lock is released.
+        prepared.undo_staged(&self.graph);
     }
 }

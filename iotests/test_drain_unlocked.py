@@ -61,7 +61,7 @@ def test_a_backup_start_over_a_stalled_read_leaves_graph_commands_answering(make
         out = iotests.qemu_io("-f", "raw", "-c", "write -P 0x77 0 64k", url)
         assert "wrote 65536/65536" in out, out
         d.ok("block-job-cancel", device="j")
-        d.event_wait("BLOCK_JOB_CANCELLED", match={"data": {"device": "j"}})
+        d.event_wait("BLOCK_JOB_CANCELLED", match={"device": "j"})
         assert not any(n["node-name"] == "cbw" for n in d.nodes())
         out = iotests.qemu_io("-f", "raw", "-c", "read -P 0x77 0 64k", url)
         assert "read 65536/65536" in out and "verification failed" not in out, out

@@ -118,6 +118,10 @@ impl Installed {
         // the filter, so they start stopped and resume with the section.
         let involved = [source.clone(), filter.clone()];
         let roots = drained_on_graph(&*self.host, &involved, |g| {
+            // Shutdown may have begun while the section waited without the lock.
+            if g.is_shut() {
+                return Err(gone().context("Could not replace node"));
+            }
             g.replace_node(&source, &filter)
                 .map_err(|e| e.context("Could not replace node"))?;
             let main = Root::new(

@@ -62,13 +62,19 @@ fn stalled() -> Stalled {
     }
 }
 
-/// Graph commands that must answer while a re-wiring waits: a query of the nodes and an add
-/// of an unrelated node.
+/// Graph commands that must answer while a re-wiring waits: an add of an unrelated node, a
+/// read-only reopen of it and a query of the nodes.
 fn graph_answers(graph: &Arc<Mutex<Graph>>, name: &str) {
     let (g, n) = (graph.clone(), name.to_string());
     let names = meanwhile(move || {
-        let mut g = g.lock().unwrap();
-        g.add(&null_opts(&n, 4096)).expect("add an unrelated node");
+        let node = g
+            .lock()
+            .unwrap()
+            .add(&null_opts(&n, 4096))
+            .expect("add an unrelated node");
+        Graph::reopen_read_only_staged(&g, &node).expect("reopen it read-only");
+        assert!(node.read_only());
+        let g = g.lock().unwrap();
         g.nodes()
             .iter()
             .map(|n| n.name().to_string())

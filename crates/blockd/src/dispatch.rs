@@ -434,6 +434,16 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
         graph.reopen_done(prep);
         return Err(e);
     }
+    // So may it have taken out a new child (while the drain waited without the lock).
+    let mut new_children = plan
+        .iter()
+        .flat_map(|(_, c, _)| c.iter().filter_map(|c| c.to.clone()));
+    if let Some(gone) = new_children.find(|n| !graph.contains(n)) {
+        let name = gone.name();
+        let e = generic(format!("Cannot find device='' nor node-name='{name}'"));
+        graph.reopen_done(prep);
+        return Err(e);
+    }
     let mut done: Vec<Undo> = Vec::new();
     let mut replaced: Vec<NodeRef> = Vec::new();
     let mut result = Ok(());

@@ -304,10 +304,17 @@ impl Graph {
         // Wired in under the lock, in a drained section whose wait ran without it.
         let involved = [node.clone(), overlay.clone()];
         let (prepared, refused) = Graph::drained_staged(graph, &involved, |g| {
-            // Something may have changed while the lock was not held: check the base again.
-            let prepared = g
-                .snapshot_check_base(node)
-                .and_then(|()| g.attach_overlay(node, &overlay, true));
+            // Something may have changed while the lock was not held: check the base again,
+            // and that the overlay was not deleted meanwhile.
+            let prepared = if g.contains(&overlay) {
+                g.snapshot_check_base(node)
+                    .and_then(|()| g.attach_overlay(node, &overlay, true))
+            } else {
+                let name = overlay.name();
+                Err(Error::generic(format!(
+                    "Cannot find device='{name}' nor node-name='{name}'"
+                )))
+            };
             let refused = match &prepared {
                 Ok(_) => Detached::none(),
                 Err(_) => g.detach_unused(&overlay).unwrap_or_else(Detached::none),

@@ -261,3 +261,35 @@ fn a_snapshot_goes_on_and_off_over_a_held_request_while_the_graph_answers() {
     assert!(Arc::ptr_eq(&s.root.node(), &s.t));
     assert!(ov.child("backing").is_none());
 }
+
+/// A root that a change made while a section lives re-wires onto the section's nodes is
+/// stopped by it too (not only roots attached meanwhile): its requests wait for the end.
+#[test]
+fn a_root_rewired_onto_a_drained_node_waits_for_the_sections_end() {
+    let (x, _xctl) = TestDriver::node("x", SIZE);
+    let (q, _qctl) = TestDriver::node("q", SIZE);
+    let mut g = Graph::new();
+    g.add_node_ref(x.clone()).expect("add x");
+    g.add_node_ref(q.clone()).expect("add q");
+    let p = g
+        .add(&raw_opts("p", ChildRef::Name("q".into())))
+        .expect("add p");
+    let on_p = writer_root(&mut g, &p);
+    let graph = Arc::new(Mutex::new(g));
+    let section = Graph::drain_begin_staged(&graph, std::slice::from_ref(&x));
+    // p's file moves onto x: on_p now reaches the drained node.
+    graph
+        .lock()
+        .unwrap()
+        .set_child(&p, "file", &x)
+        .expect("set_child");
+    let io = {
+        let on_p = on_p.clone();
+        meanwhile(move || on_p.begin().write(0, &[0x44; BLOCK]))
+    };
+    not_yet(&io, "a request of a root re-wired onto a drained node");
+    drop(section);
+    io.recv_timeout(ANSWER).expect("resumed").expect("write");
+    assert_eq!(read0(&x), vec![0x44; BLOCK]);
+    assert_eq!(read0(&q), vec![0; BLOCK]);
+}

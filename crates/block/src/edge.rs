@@ -179,16 +179,29 @@ impl Root {
         }
     }
 
-    /// Stop new requests and wait for the ones in flight.
+    /// Stop new requests and wait for the ones in flight ([`Root::stop`], then
+    /// [`Root::wait_idle`]).
     pub fn quiesce(&self) {
+        self.stop();
+        self.wait_idle();
+    }
+
+    /// Stop new requests (they wait in [`Root::begin`]) until [`Root::resume`]; does not
+    /// wait for those in flight, so it may be called under the graph lock.
+    pub fn stop(&self) {
+        self.lock_gate().quiesced += 1;
+    }
+
+    /// Wait until no request is in flight (blocking: without the graph lock, after
+    /// [`Root::stop`], as a request in flight may take as long as its disk).
+    pub fn wait_idle(&self) {
         let mut g = self.lock_gate();
-        g.quiesced += 1;
         while g.in_flight > 0 {
             g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
         }
     }
 
-    /// End one [`Root::quiesce`].
+    /// End one [`Root::stop`] (or [`Root::quiesce`]).
     pub fn resume(&self) {
         let mut g = self.lock_gate();
         g.quiesced = g.quiesced.saturating_sub(1);

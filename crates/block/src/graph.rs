@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::node::{NodeFlags, NodeRef};
 
 mod close;
+mod drain;
 mod open;
 mod perms;
 mod reopen;
@@ -19,8 +20,8 @@ mod snapshot;
 mod staged;
 
 pub use close::{Detached, NodeHold};
+pub use drain::Drained;
 pub use reopen::{ChildChange, ReadOnlyPrep};
-pub use rewire::Drained;
 pub use snapshot::{SnapshotSync, SnapshotUndo};
 
 pub(crate) use perms::PendingEdge;
@@ -158,6 +159,9 @@ pub struct Graph {
     changed: Arc<std::sync::Condvar>,
     /// Shutdown has begun: adds and deletes are refused.
     shut: bool,
+    /// Drained sections in force (see [`Drained`]): roots that come to reach their nodes
+    /// are stopped too.
+    sections: Vec<std::sync::Weak<drain::Section>>,
 }
 
 /// Longest backing chain opened from names inside images.

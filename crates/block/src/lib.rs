@@ -9,7 +9,8 @@
 //! - [`graph`]: the node-name table: create from options (children's permissions before the
 //!   parent reads them, nothing written until every lock of the new tree is held), look up,
 //!   delete, close; re-wiring (`replace_node`, `insert_above`, `remove_filter`, `set_child`)
-//!   in drained sections; read-only reopen.
+//!   in drained sections (stopped under the graph lock, waited for without it where the
+//!   caller has the lock's mutex: `Graph::drained_staged`); read-only reopen.
 //! - [`perm`]: QEMU's permissions on edges (needs, shared, child roles, conflict texts).
 //! - [`edge`]: re-wirable child edges and roots (exports', devices' handles, with a drain gate).
 //! - [`tracking`]: requests in flight per node, serialising overlapping ones for jobs.

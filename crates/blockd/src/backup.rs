@@ -76,10 +76,8 @@ fn params(c: &BackupCommon, source: NodeRef, target: NodeRef, sync: SyncMode) ->
 struct DaemonGraph(Weak<Daemon>);
 
 impl backup::filter::GraphHost for DaemonGraph {
-    fn with_graph(&self, f: &mut dyn FnMut(&mut block::Graph)) {
-        if let Some(d) = self.0.upgrade() {
-            f(&mut d.graph());
-        }
+    fn graph(&self) -> Option<Arc<std::sync::Mutex<block::Graph>>> {
+        self.0.upgrade().map(|d| d.graph.clone())
     }
 }
 

@@ -525,6 +525,22 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
         .map(|(n, ..)| n.clone())
         .collect();
     let prep = block::Graph::prepare_read_only(&d.graph, &going_ro)?;
+    // Every node a change touches (and its children, old and new) drained, the wait for
+    // requests in flight without the graph lock: the changes' own drained sections below
+    // then find the roots idle.
+    let changing = plan
+        .iter()
+        .filter(|(n, children, ro)| !children.is_empty() || *ro != n.read_only());
+    let involved: Vec<NodeRef> = changing
+        .flat_map(|(n, children, _)| {
+            let new = children.iter().filter_map(|c| c.to.clone());
+            std::iter::once(n.clone())
+                .chain(n.children().into_iter().map(|c| c.node))
+                .chain(new)
+        })
+        .collect();
+    let drained =
+        (!involved.is_empty()).then(|| block::Graph::drain_begin_staged(&d.graph, &involved));
     let mut graph = d.graph();
     // A blockdev-del may have taken a node out since the checks: as if it had come first.
     if let Some((gone, ..)) = plan.iter().find(|(n, ..)| !graph.contains(n)) {
@@ -532,6 +548,16 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
             "Failed to find node with node-name='{}'",
             gone.name()
         ));
+        graph.reopen_done(prep);
+        return Err(e);
+    }
+    // So may it have taken out a new child (while the drain waited without the lock).
+    let mut new_children = plan
+        .iter()
+        .flat_map(|(_, c, _)| c.iter().filter_map(|c| c.to.clone()));
+    if let Some(gone) = new_children.find(|n| !graph.contains(n)) {
+        let name = gone.name();
+        let e = generic(format!("Cannot find device='' nor node-name='{name}'"));
         graph.reopen_done(prep);
         return Err(e);
     }
@@ -576,6 +602,7 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
     // A replaced backing opened from an image header is closed without the graph lock.
     let orphans = graph.close_orphans(&replaced);
     drop(graph);
+    drop(drained);
     block::graph::Graph::close_detached(&d.graph, orphans);
     Ok(json!({}))
 }

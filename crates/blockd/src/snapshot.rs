@@ -85,25 +85,26 @@ impl Daemon {
     /// `blockdev-snapshot` up to the undoable step: the overlay is in place, the base still
     /// writable (a transaction's prepare).
     pub fn prepare_blockdev_snapshot(&self, a: &BlockdevSnapshot) -> Result<PreparedSnapshot> {
-        let found = self.lookup_node(&a.node)?;
-        // Held while the base is flushed without the graph lock: a blockdev-del of it waits;
-        // one that took it out already makes this a miss.
-        let Some(node) = Graph::hold_node(&self.graph, &found) else {
-            self.lookup_node(&a.node)?;
-            return Err(Error::generic(format!(
-                "Cannot find device='{0}' nor node-name='{0}'",
-                a.node
-            )));
+        // Both held while the base is flushed and the section waits without the graph lock
+        // (the base until commit or undo): a blockdev-del of either waits; one that took it
+        // out already makes this a miss.
+        let held = |name: &str| {
+            let n = self.lookup_node(name)?;
+            match Graph::hold_node(&self.graph, &n) {
+                Some(h) => Ok(h),
+                None => {
+                    self.lookup_node(name)?;
+                    Err(Error::generic(format!(
+                        "Cannot find device='{name}' nor node-name='{name}'"
+                    )))
+                }
+            }
         };
+        let node = held(&a.node)?;
         self.graph().snapshot_check_base(&node)?;
-        let overlay = self.lookup_node(&a.overlay)?;
-        if !node.read_only() {
-            node.flush()
-                .map_err(|e| Error::io("An IO error has occurred", &e))?;
-        }
-        // Under the lock: checked again, flushed again (little or nothing left to write), and
-        // the overlay wired in.
-        let undo = self.graph().snapshot_prepare(&node, &overlay)?;
+        let overlay = held(&a.overlay)?;
+        // The base's flush and the drained section's wait run without the graph lock.
+        let undo = Graph::snapshot_prepare_staged(&self.graph, &node, &overlay)?;
         Ok(PreparedSnapshot { undo, hold: node })
     }
 
@@ -189,12 +190,9 @@ impl Daemon {
     /// Undo a prepared snapshot (a transaction's abort): everything as before; a created
     /// overlay file stays, as in QEMU.
     pub fn abort_snapshot(&self, prepared: PreparedSnapshot) {
-        let PreparedSnapshot {
-            undo: prepared,
-            hold: _hold,
-        } = prepared;
-        // A created overlay is stored, flushed and closed after the lock is released.
-        let d = prepared.undo_detached(&mut self.graph());
-        Graph::close_detached(&self.graph, d);
+        let PreparedSnapshot { undo, hold: _hold } = prepared;
+        // Drained without the graph lock over the wait; a created overlay is stored,
+        // flushed and closed after the lock is released.
+        undo.undo_staged(&self.graph);
     }
 }

@@ -18,7 +18,7 @@ use block::graph::NodeHold;
 use block::job::{Job, JobGroup};
 use block::transaction::bitmaps::{Add, Merge, NodeLookup, OnBitmap, Op};
 use block::transaction::{self, AbortAction, Action, CompletionMode};
-use block::{NodeRef, Result};
+use block::{Graph, NodeRef, Result};
 use qapi::types::{
     ActionCompletionMode, BlockDirtyBitmapOrStr, BlockdevBackup, BlockdevSnapshot,
     BlockdevSnapshotInternal, BlockdevSnapshotSync, DriveBackup, TransactionAction,
@@ -263,7 +263,9 @@ pub fn run(d: &Arc<Daemon>, args: TransactionArgs) -> Result<()> {
     // flight finish), then the sources' write gates (writers that reach them other than through
     // a root). Each backup inserts its filter in a nested drained section, which finds the
     // roots already idle; gates go first, the section last (reverse order of the locals).
-    let _drained = d.graph().drain_begin(&sources);
+    // The wait for requests in flight runs without the graph lock (a stalled request delays
+    // this transaction, not other graph commands); roots attached meanwhile start stopped.
+    let _drained = Graph::drain_begin_staged(&d.graph, &sources);
     let _quiet: Vec<_> = sources.iter().map(|n| n.quiesce()).collect();
     let result = transaction::run(&mut actions, mode);
     // The jobs resume together, in the order they started, as QEMU's do when the

@@ -18,7 +18,7 @@
 
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::copy::Copier;
 use crate::driver::{BlockStatus, Driver, ImageFacts, SnapshotApi};
@@ -30,8 +30,8 @@ use crate::perm::{Perm, Role};
 
 /// Gives a backup job the graph for its filter node (the daemon keeps it behind a lock).
 pub trait GraphHost: Send + Sync {
-    /// Run `f` on the graph; does nothing once the graph is gone (shutdown).
-    fn with_graph(&self, f: &mut dyn FnMut(&mut Graph));
+    /// The graph and its lock; `None` once the graph is gone (shutdown).
+    fn graph(&self) -> Option<Arc<Mutex<Graph>>>;
 }
 
 /// Where a `sync: none` job's point-in-time view goes once it exists (the filter is created
@@ -47,15 +47,25 @@ pub(crate) struct Installed {
     roots: Vec<Arc<Root>>,
 }
 
+fn gone() -> Error {
+    Error::generic("the block graph is shut down")
+}
+
 fn on_graph<T>(host: &dyn GraphHost, f: impl FnOnce(&mut Graph) -> Result<T>) -> Result<T> {
-    let mut f = Some(f);
-    let mut out = None;
-    host.with_graph(&mut |g| {
-        if let Some(f) = f.take() {
-            out = Some(f(g));
-        }
-    });
-    out.unwrap_or_else(|| Err(Error::generic("the block graph is shut down")))
+    let graph = host.graph().ok_or_else(gone)?;
+    let mut g = graph.lock().unwrap_or_else(|p| p.into_inner());
+    f(&mut g)
+}
+
+/// `f` under the graph's lock in a drained section over `nodes` whose wait for requests in
+/// flight runs without the lock ([`Graph::drained_staged`]).
+fn drained_on_graph<T>(
+    host: &dyn GraphHost,
+    nodes: &[NodeRef],
+    f: impl FnOnce(&mut Graph) -> Result<T>,
+) -> Result<T> {
+    let graph = host.graph().ok_or_else(gone)?;
+    Graph::drained_staged(&graph, nodes, f)
 }
 
 impl Installed {
@@ -103,7 +113,15 @@ impl Installed {
     /// attach the job's roots: `job_id`'s main node (the filter) and its target.
     pub(crate) fn insert(&mut self, job_id: &str, target: &NodeRef) -> Result<()> {
         let (filter, source) = (self.filter.clone(), self.source.clone());
-        let roots = on_graph(&*self.host, |g| {
+        // Drained without the graph lock over the wait: a request stalled on the source
+        // delays the job's start, not other graph commands. The roots attached here reach
+        // the filter, so they start stopped and resume with the section.
+        let involved = [source.clone(), filter.clone()];
+        let roots = drained_on_graph(&*self.host, &involved, |g| {
+            // Shutdown may have begun while the section waited without the lock.
+            if g.is_shut() {
+                return Err(gone().context("Could not replace node"));
+            }
             g.replace_node(&source, &filter)
                 .map_err(|e| e.context("Could not replace node"))?;
             let main = Root::new(
@@ -144,7 +162,7 @@ impl Installed {
     }
 
     /// Undo everything, in QEMU's order: the job's roots go, then the filter is taken out
-    /// (drained) and closed.
+    /// (drained, the wait for requests in flight without the graph lock) and closed.
     pub(crate) fn remove(self) {
         let Installed {
             host,
@@ -152,7 +170,8 @@ impl Installed {
             source,
             roots,
         } = self;
-        let detached = on_graph(&*host, |g| {
+        let involved = [filter.clone(), source.clone()];
+        let detached = drained_on_graph(&*host, &involved, |g| {
             if !roots.is_empty() {
                 filter.remove_user(super::TARGET_USER);
             }

@@ -224,7 +224,8 @@ impl Graph {
 
     /// Detach a node that passed [`Graph::check_del`], in a drained section: roots that
     /// reach it stop (none can, by the checks, but the section is the rule for graph
-    /// changes).
+    /// changes). It therefore never waits under the lock: no root reaches a node without a
+    /// parent, a backend on it or a job using it, which the checks refuse.
     fn detach_checked(&mut self, node: &NodeRef) -> Detached {
         self.drained(std::slice::from_ref(node), |g| g.detach_tree(node))
     }

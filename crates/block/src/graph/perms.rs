@@ -186,6 +186,9 @@ impl Graph {
     /// Make every node hold exactly what its edges need (image locks follow), or change
     /// nothing and say why.
     pub fn refresh_perms(&self) -> Result<()> {
+        // The wiring may have changed: live drained sections stop the roots that now reach
+        // their nodes (see `rewire`'s invariant), whatever the permissions say.
+        self.sections_catch_up();
         let wanted = self.compute_needs()?;
         let mut done: Vec<(NodeRef, Needs)> = Vec::new();
         for (node, needs) in wanted {

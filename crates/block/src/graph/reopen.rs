@@ -17,7 +17,8 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::close::{shutting_down, wait_changed};
-use super::rewire::{reaches, Drained};
+use super::drain::Drained;
+use super::rewire::reaches;
 use super::{ChildRef, DriverOptions, Graph, NodeOptions};
 use crate::edge::ChildEdge;
 use crate::error::{Error, Result};
@@ -319,7 +320,7 @@ impl Graph {
                 _drained: None,
             });
         }
-        let roots = {
+        let section = {
             let mut g = lock(graph);
             loop {
                 if g.shut {
@@ -345,13 +346,14 @@ impl Graph {
             // Marked with a count no node has yet: "changed" until the flush is done.
             g.reopening
                 .extend(chain.iter().map(|n| (n.clone(), u64::MAX)));
-            g.roots_reaching(&chain)
+            g.drain_stop(&chain)
         };
-        let mut prep = ReadOnlyPrep {
+        // Requests in flight through the roots finish without the lock.
+        drop(section.wait_unlocked(graph));
+        let prep = ReadOnlyPrep {
             nodes: chain,
-            _drained: None,
+            _drained: Some(section),
         };
-        prep._drained = Some(Drained::quiesce(roots));
         let mut seen = Vec::new();
         for n in &prep.nodes {
             // Requests that reach it other than through a root (a job's, qemu-io) end first.

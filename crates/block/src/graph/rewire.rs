@@ -6,6 +6,25 @@
 //! taking new requests and wait for those in flight, the change is made and its permissions
 //! checked (undone if refused), then the roots resume. A request therefore runs entirely on
 //! the wiring it started on, and a writer's requests stay in order.
+//!
+//! The daemon waits for the requests in flight WITHOUT the graph lock
+//! ([`Graph::drained_staged`], [`Graph::drain_begin_staged`] in `drain.rs`): a request held up
+//! by a slow disk delays the re-wiring that waits for it, never the other graph commands.
+//! Nothing slips in while the lock is free because of this invariant:
+//!
+//! **While a drained section lives, every live root that reaches one of its nodes (through the
+//! wiring as it is under the lock) is stopped by it.** Its start stops the roots reaching its
+//! nodes ([`Graph::drain_stop`]); the graph records the section, and every change that can make
+//! another root reach them — [`Graph::attach_root`], a re-wiring, a reopen's child change, a
+//! snapshot's overlay — ends with [`Graph::refresh_perms`], which stops those roots for every
+//! live section before anything can send a request through them (a root attached during the
+//! wait starts stopped). After its wait the section re-takes the lock and makes its change
+//! only once all of its roots are idle (it waits again, without the lock, for any it caught
+//! up with that still had a request in flight). Sections nest (a root's stop is a count), so
+//! a change made under the lock inside a section, in its own in-lock section, finds the roots
+//! idle and does not wait. Requests that reach a node other than through a root (a job's own
+//! I/O, qemu-io) are not held by a section; callers that need them finished wait on the
+//! node's tracker (`NodeRef::wait_idle`) without the lock.
 
 use std::sync::{Arc, Weak};
 
@@ -18,31 +37,6 @@ use crate::node::NodeRef;
 /// Is `target` `from` or below it?
 pub(crate) fn reaches(from: &NodeRef, target: &NodeRef) -> bool {
     Arc::ptr_eq(from, target) || from.children().iter().any(|c| reaches(&c.node, target))
-}
-
-/// A drained section in force (see [`Graph::drain_begin`]); the roots resume when it is
-/// dropped.
-pub struct Drained {
-    roots: Vec<Arc<Root>>,
-}
-
-impl Drained {
-    /// Stop `roots` taking new requests and wait for those in flight (blocking; it needs no
-    /// graph lock).
-    pub(super) fn quiesce(roots: Vec<Arc<Root>>) -> Drained {
-        for r in &roots {
-            r.quiesce();
-        }
-        Drained { roots }
-    }
-}
-
-impl Drop for Drained {
-    fn drop(&mut self) {
-        for r in &self.roots {
-            r.resume();
-        }
-    }
 }
 
 /// One swap made by a re-wiring, so it can be undone.
@@ -109,34 +103,6 @@ impl Graph {
         self.roots()
             .into_iter()
             .find(|r| r.follows() && Arc::ptr_eq(&r.node(), node))
-    }
-
-    /// Begin a drained section over `nodes`: every root that reaches one of them stops taking
-    /// new requests, and this waits for those in flight. The section lasts until the returned
-    /// guard is dropped, and sections nest: a drained section (a re-wiring) started while an
-    /// outer one holds the same roots finds them idle and does not wait. Blocking.
-    pub fn drain_begin(&self, nodes: &[NodeRef]) -> Drained {
-        Drained::quiesce(self.roots_reaching(nodes))
-    }
-
-    /// The live roots that reach one of `nodes`.
-    pub(super) fn roots_reaching(&self, nodes: &[NodeRef]) -> Vec<Arc<Root>> {
-        self.roots()
-            .into_iter()
-            .filter(|r| {
-                let top = r.node();
-                nodes.iter().any(|n| reaches(&top, n))
-            })
-            .collect()
-    }
-
-    /// Run `f` with every root that reaches one of `nodes` quiesced (no new requests, none in
-    /// flight); see [`Graph::drain_begin`]. Blocking.
-    pub fn drained<T>(&mut self, nodes: &[NodeRef], f: impl FnOnce(&mut Graph) -> T) -> T {
-        let section = self.drain_begin(nodes);
-        let out = f(self);
-        drop(section);
-        out
     }
 
     /// Make everything that uses `from` (parent nodes' edges, roots) use `to` instead,

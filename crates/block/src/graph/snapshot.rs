@@ -78,12 +78,24 @@ impl SnapshotUndo {
     /// [`Graph::close_detached`] once the graph lock is released.
     pub fn undo_detached(self, graph: &mut Graph) -> Detached {
         let involved = [self.node.clone(), self.overlay.clone()];
-        graph.drained(&involved, |g| unwire(g, &self));
+        graph.drained(&involved, |g| self.unwire_detached(g))
+    }
+
+    /// [`SnapshotUndo::undo`] with the drained section's wait for requests in flight and
+    /// the close of an overlay prepare opened both without `graph`'s lock. Do not call it
+    /// with the lock held.
+    pub fn undo_staged(self, graph: &Mutex<Graph>) {
+        let involved = [self.node.clone(), self.overlay.clone()];
+        let d = Graph::drained_staged(graph, &involved, |g| self.unwire_detached(g));
+        Graph::close_detached(graph, d);
+    }
+
+    fn unwire_detached(self, g: &mut Graph) -> Detached {
+        unwire(g, &self);
         if !self.created {
             return Detached::none();
         }
-        graph
-            .detach_unused(&self.overlay)
+        g.detach_unused(&self.overlay)
             .unwrap_or_else(Detached::none)
     }
 }
@@ -158,6 +170,31 @@ impl Graph {
 
     fn flush_base(&self, node: &NodeRef) -> Result<()> {
         flush_base(node)
+    }
+
+    /// [`Graph::snapshot_prepare`] without holding `graph`'s lock over the base's flush
+    /// nor over the drained section's wait for requests in flight; the checks run again
+    /// under the lock before the overlay is wired in. The caller holds `node` and `overlay`
+    /// looked up earlier; one deleted meanwhile is refused with QEMU's text for an unknown
+    /// node. Do not call it with the lock held.
+    pub fn snapshot_prepare_staged(
+        graph: &Mutex<Graph>,
+        node: &NodeRef,
+        overlay: &NodeRef,
+    ) -> Result<SnapshotUndo> {
+        lock(graph).snapshot_check_base(node)?;
+        flush_base(node)?;
+        let involved = [node.clone(), overlay.clone()];
+        Graph::drained_staged(graph, &involved, |g| {
+            if let Some(gone) = involved.iter().find(|n| !g.contains(n)) {
+                let name = gone.name();
+                return Err(Error::generic(format!(
+                    "Cannot find device='{name}' nor node-name='{name}'"
+                )));
+            }
+            g.snapshot_check_base(node)?;
+            g.attach_overlay(node, overlay, false)
+        })
     }
 
     fn attach_overlay(
@@ -267,16 +304,26 @@ impl Graph {
             create_overlay_file(node, req)?;
         }
         let overlay = Graph::add_staged(graph, &overlay_options(node, req)?)?;
-        let mut g = lock(graph);
-        // Something may have changed while the lock was not held: check the base again.
-        let prepared = g
-            .snapshot_check_base(node)
-            .and_then(|()| g.attach_overlay(node, &overlay, true));
-        let refused = match &prepared {
-            Ok(_) => Detached::none(),
-            Err(_) => g.detach_unused(&overlay).unwrap_or_else(Detached::none),
-        };
-        drop(g);
+        // Wired in under the lock, in a drained section whose wait ran without it.
+        let involved = [node.clone(), overlay.clone()];
+        let (prepared, refused) = Graph::drained_staged(graph, &involved, |g| {
+            // Something may have changed while the lock was not held: check the base again,
+            // and that the overlay was not deleted meanwhile.
+            let prepared = if g.contains(&overlay) {
+                g.snapshot_check_base(node)
+                    .and_then(|()| g.attach_overlay(node, &overlay, true))
+            } else {
+                let name = overlay.name();
+                Err(Error::generic(format!(
+                    "Cannot find device='{name}' nor node-name='{name}'"
+                )))
+            };
+            let refused = match &prepared {
+                Ok(_) => Detached::none(),
+                Err(_) => g.detach_unused(&overlay).unwrap_or_else(Detached::none),
+            };
+            (prepared, refused)
+        });
         Graph::close_detached(graph, refused);
         prepared
     }

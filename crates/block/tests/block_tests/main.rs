@@ -9,6 +9,7 @@ mod close;
 mod common;
 mod compressed;
 mod concurrency;
+mod drain;
 mod graph;
 mod hooks;
 mod io_path;

@@ -17,6 +17,7 @@ mod reopen;
 mod rewire;
 mod snapshot;
 mod staged;
+mod switch;
 
 pub use close::{Detached, NodeHold};
 pub use reopen::{ChildChange, ReadOnlyPrep};

@@ -400,42 +400,49 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
         Child(NodeRef, ChildChange),
         ReadOnly(NodeRef, bool),
     }
-    // Nodes going read-only store their bitmaps and flush first, without the graph lock
-    // (drained, marked as being reopened); the switches below then have no I/O left to do.
-    let going_ro: Vec<NodeRef> = plan
-        .iter()
-        .filter(|(n, _, ro)| *ro && !n.read_only())
-        .map(|(n, ..)| n.clone())
-        .collect();
-    let prep = block::Graph::prepare_read_only(&d.graph, &going_ro)?;
-    let mut graph = d.graph();
-    // A blockdev-del may have taken a node out since the checks: as if it had come first.
-    if let Some((gone, ..)) = plan.iter().find(|(n, ..)| !graph.contains(n)) {
-        let e = generic(format!(
-            "Failed to find node with node-name='{}'",
-            gone.name()
-        ));
-        graph.reopen_done(prep);
-        return Err(e);
-    }
+    // Every node of the list is marked as being reopened (a blockdev-del or another reopen
+    // of it waits) and its roots drained; nodes going read-only store their bitmaps and flush
+    // first. All without the graph lock, as are the drivers' switches below
+    // (`Graph::reopen_switch`): the lock is taken for the decisions and the swaps only.
+    let switches: Vec<(NodeRef, bool)> = plan.iter().map(|(n, _, ro)| (n.clone(), *ro)).collect();
+    let prep = block::Graph::prepare_reopen(&d.graph, &switches, true)?;
     let mut done: Vec<Undo> = Vec::new();
     let mut replaced: Vec<NodeRef> = Vec::new();
     let mut result = Ok(());
     'plan: for (node, children, ro) in plan {
-        for c in &children {
-            match graph.reopen_child(&node, c) {
-                Ok(undo) => {
-                    replaced.extend(undo.to.clone());
-                    done.push(Undo::Child(node.clone(), undo));
-                }
-                Err(e) => {
-                    result = Err(e);
+        {
+            let mut graph = d.graph();
+            // A blockdev-del may have taken a node out since the checks: as if it had come
+            // first.
+            if !graph.contains(&node) {
+                result = Err(generic(format!(
+                    "Failed to find node with node-name='{}'",
+                    node.name()
+                )));
+                break;
+            }
+            for c in &children {
+                if let Some(to) = c.to.as_ref().filter(|t| !graph.contains(t)) {
+                    result = Err(generic(format!(
+                        "Cannot find device='' nor node-name='{}'",
+                        to.name()
+                    )));
                     break 'plan;
+                }
+                match graph.reopen_child(&node, c) {
+                    Ok(undo) => {
+                        replaced.extend(undo.to.clone());
+                        done.push(Undo::Child(node.clone(), undo));
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break 'plan;
+                    }
                 }
             }
         }
         let was = node.read_only();
-        if let Err(e) = graph.reopen_read_only(&node, ro) {
+        if let Err(e) = block::Graph::reopen_switch(&d.graph, &prep, &node, ro) {
             result = Err(e);
             break;
         }
@@ -445,16 +452,17 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
         // Back to read-write first, while the nodes are still drained and marked.
         for u in done.into_iter().rev() {
             let undone = match &u {
-                Undo::Child(n, c) => graph.reopen_child(n, c).map(|_| ()),
-                Undo::ReadOnly(n, was) => graph.reopen_read_only(n, *was),
+                Undo::Child(n, c) => d.graph().reopen_child(n, c).map(|_| ()),
+                Undo::ReadOnly(n, was) => block::Graph::reopen_switch(&d.graph, &prep, n, *was),
             };
             if let Err(e) = undone {
                 tracing::warn!(error = %e, "undoing a reopen failed");
             }
         }
-        graph.reopen_done(prep);
+        d.graph().reopen_done(prep);
         return Err(e);
     }
+    let mut graph = d.graph();
     graph.reopen_done(prep);
     // A replaced backing opened from an image header is closed without the graph lock.
     let orphans = graph.close_orphans(&replaced);

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::close::{shutting_down, wait_changed};
 use super::rewire::{reaches, Drained};
+use super::switch::{commit_chain, prepare_chain, run_after};
 use super::{ChildRef, DriverOptions, Graph, NodeOptions};
 use crate::edge::ChildEdge;
 use crate::error::{Error, Result};
@@ -39,17 +40,17 @@ pub struct ChildChange {
 /// being reopened: `blockdev-del` and other read-only reopens of them wait.
 #[must_use = "give it back with Graph::reopen_done"]
 pub struct ReadOnlyPrep {
-    nodes: Vec<NodeRef>,
+    pub(super) nodes: Vec<NodeRef>,
     _drained: Option<Drained>,
 }
 
-fn lock(g: &Mutex<Graph>) -> MutexGuard<'_, Graph> {
+pub(super) fn lock(g: &Mutex<Graph>) -> MutexGuard<'_, Graph> {
     g.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `node` and its inline `file` children that are not `read_only` yet: what a switch to
 /// `read_only` changes.
-fn ro_chain(node: &NodeRef, read_only: bool) -> Vec<NodeRef> {
+pub(super) fn ro_chain(node: &NodeRef, read_only: bool) -> Vec<NodeRef> {
     let mut chain = vec![node.clone()];
     while let Some(c) = chain.last().and_then(|n| n.child("file")) {
         if !c.auto_named() {
@@ -63,7 +64,7 @@ fn ro_chain(node: &NodeRef, read_only: bool) -> Vec<NodeRef> {
 
 /// Store a node's persistent bitmaps and flush it: what must be done before it gives up
 /// write access.
-fn store_and_flush(n: &NodeRef) -> Result<()> {
+pub(super) fn store_and_flush(n: &NodeRef) -> Result<()> {
     n.store_bitmaps(false)?;
     n.driver()
         .flush()
@@ -290,10 +291,22 @@ impl Graph {
 
     /// Prepared by [`Graph::prepare_read_only`] and neither written nor its bitmaps changed
     /// since: nothing left to store or flush.
-    fn prepared_unchanged(&self, node: &NodeRef) -> bool {
+    pub(super) fn prepared_unchanged(&self, node: &NodeRef) -> bool {
         self.reopening
             .iter()
             .any(|(n, seen)| Arc::ptr_eq(n, node) && *seen == node.changes())
+    }
+
+    /// A node marked by [`Graph::prepare_reopen`] was stored and flushed when its change
+    /// count was `seen`.
+    pub(super) fn set_prepared(&mut self, node: &NodeRef, seen: u64) {
+        if let Some(r) = self
+            .reopening
+            .iter_mut()
+            .find(|(r, _)| Arc::ptr_eq(r, node))
+        {
+            r.1 = seen;
+        }
     }
 
     /// The disk I/O of switching `nodes` to read-only, without holding `graph`'s lock: mark
@@ -306,10 +319,35 @@ impl Graph {
     /// Waits while a delete or another read-only reopen of one of them is in progress; a node
     /// no longer in the graph gives QEMU's text for an unknown node.
     pub fn prepare_read_only(graph: &Mutex<Graph>, nodes: &[NodeRef]) -> Result<ReadOnlyPrep> {
+        let switches: Vec<(NodeRef, bool)> = nodes.iter().map(|n| (n.clone(), true)).collect();
+        Graph::prepare_reopen(graph, &switches, false)
+    }
+
+    /// [`Graph::prepare_read_only`] for a reopen's whole list: `(node, read_only)`. Nodes
+    /// going read-only are stored and flushed as there; the nodes a switch to read-write
+    /// changes are marked and drained as well (their switch is [`Graph::reopen_switch`]),
+    /// and with `mark_all` so is every node of the list (a reopen that changes its children
+    /// only, and releases the graph lock between its entries).
+    pub fn prepare_reopen(
+        graph: &Mutex<Graph>,
+        switches: &[(NodeRef, bool)],
+        mark_all: bool,
+    ) -> Result<ReadOnlyPrep> {
+        let nodes: Vec<NodeRef> = switches.iter().map(|(n, _)| n.clone()).collect();
         let mut chain: Vec<NodeRef> = Vec::new();
-        for n in nodes.iter().flat_map(|n| ro_chain(n, true)) {
-            if !chain.iter().any(|c| Arc::ptr_eq(c, &n)) {
-                chain.push(n);
+        let mut to_flush: Vec<NodeRef> = Vec::new();
+        for (node, ro) in switches {
+            let mut these = ro_chain(node, *ro);
+            if *ro {
+                to_flush.extend(these.iter().cloned());
+            }
+            if mark_all && !these.iter().any(|c| Arc::ptr_eq(c, node)) {
+                these.push(node.clone());
+            }
+            for n in these {
+                if !chain.iter().any(|c| Arc::ptr_eq(c, &n)) {
+                    chain.push(n);
+                }
             }
         }
         if chain.is_empty() {
@@ -355,16 +393,19 @@ impl Graph {
         for n in &prep.nodes {
             // Requests that reach it other than through a root (a job's, qemu-io) end first.
             n.wait_idle();
+            if !to_flush.iter().any(|f| Arc::ptr_eq(f, n)) {
+                continue;
+            }
             let before = n.changes();
             if let Err(e) = store_and_flush(n) {
                 lock(graph).reopen_done(prep);
                 return Err(e);
             }
-            seen.push(before);
+            seen.push((n.clone(), before));
         }
         let mut g = lock(graph);
-        for (n, c) in prep.nodes.iter().zip(seen) {
-            if let Some(r) = g.reopening.iter_mut().find(|(r, _)| Arc::ptr_eq(r, n)) {
+        for (n, c) in seen {
+            if let Some(r) = g.reopening.iter_mut().find(|(r, _)| Arc::ptr_eq(r, &n)) {
                 r.1 = c;
             }
         }
@@ -383,10 +424,15 @@ impl Graph {
     /// Switch `node` to read-only with the store and flush outside `graph`'s lock
     /// ([`Graph::prepare_read_only`], [`Graph::reopen_read_only`], [`Graph::reopen_done`]).
     pub fn reopen_read_only_staged(graph: &Mutex<Graph>, node: &NodeRef) -> Result<()> {
-        let prep = Graph::prepare_read_only(graph, std::slice::from_ref(node))?;
-        let mut g = lock(graph);
-        let r = g.reopen_read_only(node, true);
-        g.reopen_done(prep);
+        Graph::reopen_staged(graph, node, true)
+    }
+
+    /// Switch `node` to `read_only` with no disk I/O under `graph`'s lock:
+    /// [`Graph::prepare_reopen`], [`Graph::reopen_switch`], [`Graph::reopen_done`].
+    pub fn reopen_staged(graph: &Mutex<Graph>, node: &NodeRef, read_only: bool) -> Result<()> {
+        let prep = Graph::prepare_reopen(graph, &[(node.clone(), read_only)], false)?;
+        let r = Graph::reopen_switch(graph, &prep, node, read_only);
+        lock(graph).reopen_done(prep);
         r
     }
 
@@ -408,39 +454,47 @@ impl Graph {
     }
 
     fn make_writable(&mut self, chain: &[NodeRef]) -> Result<()> {
-        let undo = |g: &Graph| {
-            for n in chain {
-                n.set_read_only_flag(true);
-            }
-            if let Err(e) = g.refresh_perms() {
-                tracing::warn!(error = %e, "restoring permissions after a refused reopen");
+        self.take_write(chain)?;
+        // Children first: a format reopens for writing over a writable file.
+        let staged = match prepare_chain(chain.iter().rev(), false) {
+            Ok(s) => s,
+            Err(e) => {
+                self.undo_take_write(chain);
+                return Err(e);
             }
         };
-        for n in chain {
-            n.set_read_only_flag(false);
-        }
-        if let Err(e) = self.refresh_perms() {
-            undo(self);
-            return Err(e);
-        }
-        // Children first: a format reopens for writing over a writable file.
-        for (i, n) in chain.iter().enumerate().rev() {
-            if let Err(e) = n.driver().activate(false) {
-                for done in &chain[i + 1..] {
-                    let _ = done.driver().set_read_only(true);
-                }
-                undo(self);
-                return Err(e.context("Could not reopen"));
-            }
-        }
+        run_after(commit_chain(staged));
         for n in chain {
             n.set_bitmaps_read_only(false);
         }
         Ok(())
     }
 
-    fn make_read_only(&mut self, chain: &[NodeRef]) -> Result<()> {
-        let top = &chain[0];
+    /// The permission part of a switch to read-write: the flags flip and the write locks are
+    /// taken; refused (QEMU's conflict text or a lock failure) with everything as before.
+    pub(super) fn take_write(&mut self, chain: &[NodeRef]) -> Result<()> {
+        for n in chain {
+            n.set_read_only_flag(false);
+        }
+        if let Err(e) = self.refresh_perms() {
+            self.undo_take_write(chain);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Undo [`Graph::take_write`].
+    pub(super) fn undo_take_write(&self, chain: &[NodeRef]) {
+        for n in chain {
+            n.set_read_only_flag(true);
+        }
+        if let Err(e) = self.refresh_perms() {
+            tracing::warn!(error = %e, "restoring permissions after a refused reopen");
+        }
+    }
+
+    /// A switch of `top` to read-only is refused while something writes through it.
+    pub(super) fn refuse_writers(&self, top: &NodeRef) -> Result<()> {
         let needs_write = self
             .edges_into(top)
             .iter()
@@ -452,14 +506,18 @@ impl Graph {
                 top.name()
             )));
         }
+        Ok(())
+    }
+
+    fn make_read_only(&mut self, chain: &[NodeRef]) -> Result<()> {
+        self.refuse_writers(&chain[0])?;
         // Parents first: the format writes its bitmaps back while it can still write.
         for n in chain {
             if !self.prepared_unchanged(n) {
                 store_and_flush(n)?;
             }
-            n.driver()
-                .set_read_only(true)
-                .map_err(|e| Error::io("Could not reopen", &e))?;
+            let staged = prepare_chain(std::iter::once(n), true)?;
+            run_after(commit_chain(staged));
             n.set_read_only_flag(true);
             n.set_bitmaps_read_only(true);
         }

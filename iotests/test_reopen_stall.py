@@ -1,0 +1,68 @@
+"""blockdev-reopen switches a node between read-only and read-write with no disk I/O under the
+graph lock: a switch whose image reopen hangs (a FUSE-served file whose server is stopped) leaves
+other monitors' graph commands answering; the switch then completes. blockd-only: QSD runs every
+command under one lock and would hang here as well."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import iotests
+from backup_helpers import MiB
+
+SIZE = 4 * MiB
+
+
+def q(read_only: bool) -> dict:
+    return {"driver": "qcow2", "node-name": "sq", "file": "sf", "read-only": read_only}
+
+
+@iotests.blockd_only
+def test_a_stalled_switch_to_read_write_does_not_block_other_graph_commands(make_daemon, tmp_path):
+    from test_fleecing import StallableFile
+
+    stall = StallableFile(tmp_path, SIZE)
+    try:
+        # The image written into the served file (which cannot be truncated or recreated).
+        img = iotests.create_image(tmp_path / "img.qcow2", MiB, "qcow2")
+        fd = os.open(stall.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, img.read_bytes(), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        d = make_daemon(monitors=2)
+        d.blockdev_add(driver="file", node_name="sf", filename=str(stall.path))
+        d.blockdev_add(driver="qcow2", node_name="sq", file="sf")
+        d.blockdev_add(driver="null-co", node_name="other", size=SIZE)
+        d.ok("block-dirty-bitmap-add", node="sq", name="b", persistent=True)
+        d.node_io("sq", "write -P 0x5a 0 64k")
+        d.ok("blockdev-reopen", options=[q(True)])
+        stall.stop()
+        with iotests.RawQmp(d.monitor_paths[1]) as m:
+            m.greeting()
+            assert m.negotiate() == {"return": {}}
+            m.send(json.dumps({"execute": "blockdev-reopen", "arguments": {"options": [q(False)]}}))
+            time.sleep(2)  # the image opens for writing and flags its bitmap in use: it waits there
+            assert m.no_message(), "the reopen did not stall"
+            # Each answers within the QMP timeout although the image is still being reopened.
+            # (blockdev-add and -del: the other commands still wait for the QMP command lock.)
+            r = d.cmd("blockdev-add", driver="null-co", node_name="sq", size=SIZE)
+            assert r["error"]["desc"] == "Duplicate nodes with node-name='sq'", r
+            d.blockdev_add(driver="null-co", node_name="n2", size=SIZE)
+            d.ok("blockdev-del", node_name="other")
+            stall.cont()
+            assert m.reply(timeout=30) == {"return": {}}
+        sq = next(n for n in d.nodes() if n["node-name"] == "sq")
+        assert sq["ro"] is False
+        d.node_io("sq", "write -P 0x6b 64k 64k")
+        d.ok("blockdev-del", node_name="sq")
+        d.ok("blockdev-del", node_name="sf")
+        iotests.qemu_img("check", str(stall.path))
+        out = iotests.qemu_io("-f", "qcow2", str(stall.path), "-c", "read -P 0x5a 0 64k",
+                              "-c", "read -P 0x6b 64k 64k")
+        assert "verification failed" not in out and "error" not in out.lower(), out
+    finally:
+        stall.close()

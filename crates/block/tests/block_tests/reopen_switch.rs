@@ -321,3 +321,49 @@ fn refused_switch_to_read_write_of_a_file_gives_its_locks_back() {
     assert_eq!(std::fs::read(&path).expect("read"), before, "image changed");
     assert!(!file.applied_needs().perm.contains(Perm::WRITE));
 }
+
+#[test]
+fn snapshot_commit_switches_its_base_without_holding_the_graph() {
+    // blockdev-snapshot's commit: the base goes read-only as a reopen's switch does.
+    let s = setup(false);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ov_path = dir.path().join("ov.qcow2");
+    create_qcow2(&ov_path, 1 << 20, None);
+    let ov = lock(&s.graph)
+        .add(&crate::common::qcow2_opts(
+            "ov",
+            &ov_path,
+            false,
+            Some(None),
+        ))
+        .expect("add overlay");
+    let prepared = lock(&s.graph).snapshot_prepare(&s.q, &ov).expect("prepare");
+    s.ctl.hold(Op::Read);
+    let (g, base) = (s.graph.clone(), s.q.clone());
+    let commit = thread::spawn(move || {
+        let prep = Graph::prepare_read_only(&g, std::slice::from_ref(&base)).expect("flush");
+        prepared.commit_staged(&g, &prep);
+        lock(&g).reopen_done(prep);
+    });
+    held(&s.ctl, 1);
+    let g = s.graph.clone();
+    let got = meanwhile(move || {
+        let listed = names(&lock(&g));
+        let del_other = Graph::del_staged(&g, "other");
+        (listed, del_other)
+    })
+    .recv_timeout(WAIT);
+    assert!(!s.q.read_only(), "switched before its I/O ended");
+    s.ctl.release(Op::Read);
+    commit.join().expect("commit thread");
+    let (listed, del_other) = got.expect("graph commands waited for the base's reopen");
+    assert!(listed.iter().any(|n| n == "ov") && listed.iter().any(|n| n == "other"));
+    del_other.expect("an unrelated del runs");
+    assert!(s.q.read_only());
+    assert!(!writes_disk(&s.disk));
+    assert_eq!(in_use(&s.disk), vec![("b".to_string(), false)]);
+    // Unwritten reads through the overlay come from the base.
+    let mut buf = vec![0; 4096];
+    ov.read(0, &mut buf).expect("read through the overlay");
+    assert!(buf == vec![9; 4096], "data changed");
+}

@@ -367,3 +367,26 @@ fn snapshot_commit_switches_its_base_without_holding_the_graph() {
     ov.read(0, &mut buf).expect("read through the overlay");
     assert!(buf == vec![9; 4096], "data changed");
 }
+
+#[test]
+fn a_file_opened_read_only_is_refused_going_read_write_before_anything_is_written() {
+    // Its descriptor is not reopened for writing (QEMU's is): refused, everything as before.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("r.qcow2");
+    create_qcow2(&path, 1 << 20, None);
+    let graph = Arc::new(Mutex::new(Graph::new()));
+    let q = lock(&graph)
+        .add(&crate::common::qcow2_opts("q", &path, true, Some(None)))
+        .expect("open read-only");
+    let locks = lock_probe(&path);
+    let before = std::fs::read(&path).expect("read");
+
+    let err = Graph::reopen_staged(&graph, &q, false).expect_err("refused");
+
+    assert_eq!(err.to_string(), "Could not reopen: Permission denied");
+    assert!(q.read_only());
+    let file = q.child("file").expect("inline file");
+    assert!(file.read_only());
+    assert_eq!(lock_probe(&path), locks, "locks changed");
+    assert_eq!(std::fs::read(&path).expect("read"), before, "image changed");
+}

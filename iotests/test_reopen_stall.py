@@ -107,3 +107,29 @@ def test_a_refused_entry_puts_the_read_only_switch_before_it_back(make_daemon, t
     assert "verification failed" not in out, out
     info = iotests.qemu_img("info", str(imgs["a"]))
     assert "ba" in info and "in-use" not in info, info
+
+
+def test_a_node_opened_read_only_goes_read_write_and_back(make_daemon, tmp_path):
+    img = iotests.create_image(tmp_path / "r.qcow2", SIZE, "qcow2")
+    d = data_nbd.ready(make_daemon())
+    data_nbd.start_unix_server(d)
+    d.blockdev_add(driver="qcow2", node_name="r", read_only=True,
+                   file={"driver": "file", "filename": str(img)})
+    # Its file child was opened inline (read-only, auto-named): it follows the reopen.
+    fnode = next(n["node-name"] for n in d.nodes() if n["drv"] == "file" and n["file"] == str(img))
+    opts = {"driver": "qcow2", "node-name": "r", "file": fnode}
+    ro = d.node("r")
+    assert ro["ro"] is True
+
+    d.ok("blockdev-reopen", options=[{**opts, "read-only": False}])
+
+    assert d.node("r")["ro"] is False
+    data_nbd.node_io(d, "r", "write -P 0x77 0 64k")
+    out = iotests.qemu_io("-f", "qcow2", str(img), "-c", "read 0 512", check=False)
+    assert 'Failed to get "write" lock' in out, out
+    d.ok("blockdev-reopen", options=[{**opts, "read-only": True}])
+    assert d.node("r")["ro"] is True
+    out = iotests.qemu_io("-r", "-U", "-f", "qcow2", str(img), "-c", "read -P 0x77 0 64k")
+    assert "verification failed" not in out, out
+    assert d.shutdown() == 0
+    data_nbd.image_check(img)

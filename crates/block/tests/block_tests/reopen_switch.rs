@@ -369,8 +369,7 @@ fn snapshot_commit_switches_its_base_without_holding_the_graph() {
 }
 
 #[test]
-fn a_file_opened_read_only_is_refused_going_read_write_before_anything_is_written() {
-    // Its descriptor is not reopened for writing (QEMU's is): refused, everything as before.
+fn a_file_opened_read_only_goes_read_write_on_a_new_descriptor_holding_the_locks() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("r.qcow2");
     create_qcow2(&path, 1 << 20, None);
@@ -378,15 +377,36 @@ fn a_file_opened_read_only_is_refused_going_read_write_before_anything_is_writte
     let q = lock(&graph)
         .add(&crate::common::qcow2_opts("q", &path, true, Some(None)))
         .expect("open read-only");
-    let locks = lock_probe(&path);
-    let before = std::fs::read(&path).expect("read");
-
-    let err = Graph::reopen_staged(&graph, &q, false).expect_err("refused");
-
-    assert_eq!(err.to_string(), "Could not reopen: Permission denied");
-    assert!(q.read_only());
     let file = q.child("file").expect("inline file");
-    assert!(file.read_only());
-    assert_eq!(lock_probe(&path), locks, "locks changed");
-    assert_eq!(std::fs::read(&path).expect("read"), before, "image changed");
+    let ro_locks = lock_probe(&path);
+
+    Graph::reopen_staged(&graph, &q, false).expect("to read-write");
+
+    assert!(!q.read_only() && !file.read_only());
+    q.write(0, &[0x42; 4096])
+        .expect("writes through the new descriptor");
+    // The writer's locks are held (by the new descriptor): another writer is refused.
+    let f = File::open(&path).expect("open");
+    assert_eq!(
+        lock_perm(&f, Perm::WRITE.bits().into(), 0xf),
+        Err("Failed to get \"write\" lock".to_string())
+    );
+    let rw_locks = lock_probe(&path);
+    assert_ne!(rw_locks, ro_locks);
+    // And back: the locks are a reader's again.
+    Graph::reopen_staged(&graph, &q, true).expect("to read-only");
+    assert_eq!(lock_probe(&path), ro_locks, "a reader's locks");
+    assert!(read_back(&q) == vec![0x42; 4096], "data changed");
+    Graph::reopen_staged(&graph, &q, false).expect("read-write again");
+    assert_eq!(lock_probe(&path), rw_locks);
+    lock(&graph).close_all();
+    // Every lock released at close (the old descriptors' too).
+    let f = File::open(&path).expect("open");
+    lock_perm(&f, 0xf, 0).expect("all locks free after close");
+    drop(f);
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", path.to_str().expect("utf-8")])
+        .output()
+        .expect("qemu-img must be installed for this test");
+    assert!(out.status.success(), "qemu-img check: {out:?}");
 }

@@ -5,8 +5,10 @@
 //! write; refused with QEMU's conflict text or a lock failure, changing nothing), then the
 //! driver reopens for writing. Going read-only: persistent bitmaps are stored and the image
 //! flushed while write access is still held, then the driver gives it up and the locks drop.
-//! The daemon stores and flushes without the graph lock ([`Graph::prepare_read_only`]: the
-//! node drained and marked as being reopened), then switches under it.
+//! The daemon does all of it without holding the graph lock over disk I/O: the nodes are
+//! marked as being reopened and drained, stored and flushed ([`Graph::prepare_reopen`]), and
+//! the drivers' switch is staged around the lock ([`Graph::reopen_switch`], `switch.rs`).
+//! [`Graph::reopen_read_only`] does the same under the caller's lock.
 //! Inline (auto-named) `file` children follow their parent, as QEMU's inherited options do.
 //!
 //! A child change is a re-wiring in a drained section with the permissions checked (a lock
@@ -34,10 +36,11 @@ pub struct ChildChange {
     pub to: Option<NodeRef>,
 }
 
-/// Nodes a read-only reopen has stored and flushed without the graph lock
-/// ([`Graph::prepare_read_only`]). Until it is given back with [`Graph::reopen_done`] (under
-/// the lock, after the switch) the roots that reach them stay drained and they are marked as
-/// being reopened: `blockdev-del` and other read-only reopens of them wait.
+/// Nodes a reopen has marked, drained and (those going read-only) stored and flushed without
+/// the graph lock ([`Graph::prepare_reopen`]). Until it is given back with
+/// [`Graph::reopen_done`] (under the lock, after the switches) the roots that reach them stay
+/// drained and they are marked as being reopened: `blockdev-del` and other reopens of them
+/// wait.
 #[must_use = "give it back with Graph::reopen_done"]
 pub struct ReadOnlyPrep {
     pub(super) nodes: Vec<NodeRef>,

@@ -74,6 +74,16 @@ pub(super) fn store_and_flush(n: &NodeRef) -> Result<()> {
         .map_err(|e| Error::io("Could not flush before reopening", &e))
 }
 
+/// The drivers of `chain` switched to read-write: the nodes say so (after
+/// [`Graph::take_write`]).
+pub(super) fn writable_now(chain: &[NodeRef]) {
+    for n in chain {
+        n.set_read_only_flag(false);
+        n.set_becoming_writable(false);
+        n.set_bitmaps_read_only(false);
+    }
+}
+
 /// What QEMU can change on reopen but blockd cannot yet: refused rather than ignored.
 fn not_yet(option: &str) -> Error {
     Error::generic(format!(
@@ -467,17 +477,22 @@ impl Graph {
             }
         };
         run_after(commit_chain(staged));
-        for n in chain {
-            n.set_bitmaps_read_only(false);
-        }
+        writable_now(chain);
         Ok(())
     }
 
-    /// The permission part of a switch to read-write: the flags flip and the write locks are
-    /// taken; refused (QEMU's conflict text or a lock failure) with everything as before.
+    /// The permission part of a switch to read-write: the nodes ask their children for write
+    /// and the write locks are taken; refused (QEMU's conflict text or a lock failure) with
+    /// everything as before. The top node stays read-only to its users (refusing writers)
+    /// until [`writable_now`]; its inline `file` children, written by it alone, are writable
+    /// at once (the format's switch writes through them).
     pub(super) fn take_write(&mut self, chain: &[NodeRef]) -> Result<()> {
-        for n in chain {
-            n.set_read_only_flag(false);
+        for (i, n) in chain.iter().enumerate() {
+            if i == 0 {
+                n.set_becoming_writable(true);
+            } else {
+                n.set_read_only_flag(false);
+            }
         }
         if let Err(e) = self.refresh_perms() {
             self.undo_take_write(chain);
@@ -489,6 +504,7 @@ impl Graph {
     /// Undo [`Graph::take_write`].
     pub(super) fn undo_take_write(&self, chain: &[NodeRef]) {
         for n in chain {
+            n.set_becoming_writable(false);
             n.set_read_only_flag(true);
         }
         if let Err(e) = self.refresh_perms() {

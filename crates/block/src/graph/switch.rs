@@ -3,9 +3,9 @@
 //! roots drained by [`Graph::prepare_reopen`] first (a `blockdev-del` or another reopen of
 //! them waits); then each switch is three steps:
 //!
-//! - under the lock, what is decided: going read-write, the flags flip and the write locks
-//!   are taken (permissions before bytes); going read-only, the refusal while something
-//!   writes through the node;
+//! - under the lock, what is decided: going read-write, the nodes ask their children for
+//!   write and the write locks are taken (permissions before bytes), while they still refuse
+//!   writers of their own; going read-only, the refusal while something writes through them;
 //! - without it, the drivers' I/O ([`crate::driver::Driver::prepare_switch`]): going
 //!   read-only, the bitmaps stored and the image flushed (unless the prepare did and nothing
 //!   wrote since), then the image opened again read-only; going read-write, opened again for
@@ -21,7 +21,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::reopen::{lock, ro_chain, store_and_flush, ReadOnlyPrep};
+use super::reopen::{lock, ro_chain, store_and_flush, writable_now, ReadOnlyPrep};
 use super::Graph;
 use crate::driver::{AfterSwitch, StagedSwitch};
 use crate::error::Result;
@@ -124,9 +124,7 @@ fn switch_to_writable(graph: &Mutex<Graph>, prep: &ReadOnlyPrep, node: &NodeRef)
     let after = {
         let _g = lock(graph);
         let after = commit_chain(staged);
-        for n in &chain {
-            n.set_bitmaps_read_only(false);
-        }
+        writable_now(&chain);
         after
     };
     run_after(after);

@@ -131,9 +131,7 @@ fn switch_while_reads_are_held(s: &Setup, read_only: bool) -> block::Result<()> 
     let del = thread::spawn(move || Graph::del_staged(&g, "q"));
     thread::sleep(Duration::from_millis(100));
     let del_waited = !del.is_finished();
-    if read_only {
-        assert!(!s.q.read_only(), "switched before its I/O ended");
-    }
+    assert_eq!(s.q.read_only(), !read_only, "switched before its I/O ended");
     // Either way the write permission is held while the image is reopened: going read-write
     // it was taken before the driver touched the image, going read-only it goes last.
     assert!(writes_disk(&s.disk));
@@ -155,6 +153,30 @@ fn switch_to_read_write_does_not_hold_the_graph_over_the_image_reopen() {
     let s = setup(true);
     assert!(!writes_disk(&s.disk));
     switch_while_reads_are_held(&s, false).expect("the switch completes");
+}
+
+#[test]
+fn a_node_going_read_write_stays_read_only_to_its_users_until_it_is() {
+    // What exports and devices ask before they write (`Cannot export read-only node as
+    // writable`): still read-only while the image reopens, though the locks are taken.
+    let s = setup(true);
+    s.ctl.hold(Op::Read);
+    let (g, node) = (s.graph.clone(), s.q.clone());
+    let switch = thread::spawn(move || Graph::reopen_staged(&g, &node, false));
+    held(&s.ctl, 1);
+    assert!(s.q.read_only());
+    assert!(writes_disk(&s.disk));
+    assert_eq!(
+        s.q.write(0, &[1; 512]).unwrap_err().raw_os_error(),
+        Some(libc::EPERM)
+    );
+    s.ctl.release(Op::Read);
+    switch
+        .join()
+        .expect("switch thread")
+        .expect("the switch completes");
+    assert!(!s.q.read_only());
+    s.q.write(0, &[1; 512]).expect("writable once switched");
 }
 
 #[test]

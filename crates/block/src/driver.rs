@@ -19,6 +19,14 @@ pub enum BlockStatus {
     Unallocated,
 }
 
+/// A driver's switch between read-only and read-write prepared by
+/// [`Driver::prepare_switch`]: the driver's own state, opaque to the graph.
+pub struct StagedSwitch(pub Box<dyn std::any::Any + Send>);
+
+/// What a committed switch leaves to release without the graph lock (closing the replaced
+/// image, stopping its helpers). Errors there are logged: the switch is made.
+pub type AfterSwitch = Box<dyn FnOnce() + Send>;
+
 /// Something a node reports on its own (the daemon turns it into a QMP event).
 #[derive(Debug, Clone)]
 pub enum NodeEvent {
@@ -244,6 +252,25 @@ pub trait Driver: Send + Sync {
     fn set_read_only(&self, _read_only: bool) -> io::Result<()> {
         Ok(())
     }
+    /// The disk I/O of a switch to `read_only` (blockdev-reopen), done without the graph lock
+    /// while the node is drained: open the image again in the new mode, write what the new
+    /// mode needs written first (going read-write: after the write locks are held). Nothing
+    /// changes for the node's users until [`Driver::commit_switch`]; [`Driver::abort_switch`]
+    /// undoes it. `None`: nothing to swap. Errors carry "Could not reopen" and the cause.
+    /// Default: [`Driver::set_read_only`] (drivers whose switch is only a check).
+    fn prepare_switch(&self, read_only: bool) -> crate::Result<Option<StagedSwitch>> {
+        self.set_read_only(read_only)
+            .map_err(|e| crate::Error::io("Could not reopen", &e))?;
+        Ok(None)
+    }
+    /// Make a prepared switch current: only swaps in-memory state (runs under the graph lock;
+    /// nothing here waits on the disk). Returns what is left to release without the lock
+    /// (the image that was replaced). Default: nothing (no driver of its own prepares one).
+    fn commit_switch(&self, _staged: StagedSwitch) -> Option<AfterSwitch> {
+        None
+    }
+    /// Give up a prepared switch (without the graph lock): the node stays as it was.
+    fn abort_switch(&self, _staged: StagedSwitch) {}
     /// The image was found corrupt (formats with metadata): nothing may be written any more.
     fn is_corrupt(&self) -> bool {
         false

@@ -18,6 +18,7 @@ mod reopen;
 mod rewire;
 mod snapshot;
 mod staged;
+mod switch;
 
 pub use close::{Detached, NodeHold};
 pub use drain::Drained;

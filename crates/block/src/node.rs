@@ -80,6 +80,9 @@ pub struct Node {
     /// (external snapshots).
     children: RwLock<Vec<Arc<ChildEdge>>>,
     read_only: AtomicBool,
+    /// Going read-write (blockdev-reopen): it asks its children for write already (the locks
+    /// are taken before its driver writes), while it still refuses writers itself.
+    becoming_writable: AtomicBool,
     flags: NodeFlags,
     /// Bitmaps; the lock is per node and held only for short bit operations.
     bitmaps: Mutex<BitmapList>,
@@ -147,6 +150,7 @@ impl Node {
             driver,
             children: RwLock::new(children),
             read_only: AtomicBool::new(read_only),
+            becoming_writable: AtomicBool::new(false),
             flags,
             bitmaps: Mutex::new(BitmapList::default()),
             recording: AtomicUsize::new(0),
@@ -260,6 +264,16 @@ impl Node {
     /// Set only the read-only flag (the graph reopens the driver around it).
     pub(crate) fn set_read_only_flag(&self, ro: bool) {
         self.read_only.store(ro, Ordering::Release);
+    }
+
+    /// Whether it asks its children for write: read-write, or going read-write.
+    pub(crate) fn asks_write(&self) -> bool {
+        !self.read_only() || self.becoming_writable.load(Ordering::Acquire)
+    }
+
+    /// Mark it as going read-write (see [`Node::asks_write`]), or not any more.
+    pub(crate) fn set_becoming_writable(&self, on: bool) {
+        self.becoming_writable.store(on, Ordering::Release);
     }
 
     /// Mark every bitmap read-only or writable after a reopen.

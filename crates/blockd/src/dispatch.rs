@@ -517,21 +517,18 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
         Child(NodeRef, ChildChange),
         ReadOnly(NodeRef, bool),
     }
-    // Nodes going read-only store their bitmaps and flush first, without the graph lock
-    // (drained, marked as being reopened); the switches below then have no I/O left to do.
-    let going_ro: Vec<NodeRef> = plan
+    // Every node of the list is marked as being reopened (a blockdev-del or another reopen
+    // of it waits) and its roots drained; nodes going read-only store their bitmaps and flush
+    // first. All without the graph lock, as are the drivers' switches below
+    // (`Graph::reopen_switch`): the lock is taken for the decisions and the swaps only.
+    let switches: Vec<(NodeRef, bool)> = plan.iter().map(|(n, _, ro)| (n.clone(), *ro)).collect();
+    let prep = block::Graph::prepare_reopen(&d.graph, &switches, true)?;
+    // The children a change touches (old and new) drained as well, the wait for requests in
+    // flight without the graph lock: the changes' own drained sections below find the roots
+    // idle.
+    let involved: Vec<NodeRef> = plan
         .iter()
-        .filter(|(n, _, ro)| *ro && !n.read_only())
-        .map(|(n, ..)| n.clone())
-        .collect();
-    let prep = block::Graph::prepare_read_only(&d.graph, &going_ro)?;
-    // Every node a change touches (and its children, old and new) drained, the wait for
-    // requests in flight without the graph lock: the changes' own drained sections below
-    // then find the roots idle.
-    let changing = plan
-        .iter()
-        .filter(|(n, children, ro)| !children.is_empty() || *ro != n.read_only());
-    let involved: Vec<NodeRef> = changing
+        .filter(|(_, children, _)| !children.is_empty())
         .flat_map(|(n, children, _)| {
             let new = children.iter().filter_map(|c| c.to.clone());
             std::iter::once(n.clone())
@@ -541,44 +538,43 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
         .collect();
     let drained =
         (!involved.is_empty()).then(|| block::Graph::drain_begin_staged(&d.graph, &involved));
-    let mut graph = d.graph();
-    // A blockdev-del may have taken a node out since the checks: as if it had come first.
-    if let Some((gone, ..)) = plan.iter().find(|(n, ..)| !graph.contains(n)) {
-        let e = generic(format!(
-            "Failed to find node with node-name='{}'",
-            gone.name()
-        ));
-        graph.reopen_done(prep);
-        return Err(e);
-    }
-    // So may it have taken out a new child (while the drain waited without the lock).
-    let mut new_children = plan
-        .iter()
-        .flat_map(|(_, c, _)| c.iter().filter_map(|c| c.to.clone()));
-    if let Some(gone) = new_children.find(|n| !graph.contains(n)) {
-        let name = gone.name();
-        let e = generic(format!("Cannot find device='' nor node-name='{name}'"));
-        graph.reopen_done(prep);
-        return Err(e);
-    }
     let mut done: Vec<Undo> = Vec::new();
     let mut replaced: Vec<NodeRef> = Vec::new();
     let mut result = Ok(());
     'plan: for (node, children, ro) in plan {
-        for c in &children {
-            match graph.reopen_child(&node, c) {
-                Ok(undo) => {
-                    replaced.extend(undo.to.clone());
-                    done.push(Undo::Child(node.clone(), undo));
-                }
-                Err(e) => {
-                    result = Err(e);
+        {
+            let mut graph = d.graph();
+            // A blockdev-del may have taken a node out since the checks: as if it had come
+            // first.
+            if !graph.contains(&node) {
+                result = Err(generic(format!(
+                    "Failed to find node with node-name='{}'",
+                    node.name()
+                )));
+                break;
+            }
+            for c in &children {
+                if let Some(to) = c.to.as_ref().filter(|t| !graph.contains(t)) {
+                    result = Err(generic(format!(
+                        "Cannot find device='' nor node-name='{}'",
+                        to.name()
+                    )));
                     break 'plan;
+                }
+                match graph.reopen_child(&node, c) {
+                    Ok(undo) => {
+                        replaced.extend(undo.to.clone());
+                        done.push(Undo::Child(node.clone(), undo));
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break 'plan;
+                    }
                 }
             }
         }
         let was = node.read_only();
-        if let Err(e) = graph.reopen_read_only(&node, ro) {
+        if let Err(e) = block::Graph::reopen_switch(&d.graph, &prep, &node, ro) {
             result = Err(e);
             break;
         }
@@ -588,16 +584,17 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
         // Back to read-write first, while the nodes are still drained and marked.
         for u in done.into_iter().rev() {
             let undone = match &u {
-                Undo::Child(n, c) => graph.reopen_child(n, c).map(|_| ()),
-                Undo::ReadOnly(n, was) => graph.reopen_read_only(n, *was),
+                Undo::Child(n, c) => d.graph().reopen_child(n, c).map(|_| ()),
+                Undo::ReadOnly(n, was) => block::Graph::reopen_switch(&d.graph, &prep, n, *was),
             };
             if let Err(e) = undone {
                 tracing::warn!(error = %e, "undoing a reopen failed");
             }
         }
-        graph.reopen_done(prep);
+        d.graph().reopen_done(prep);
         return Err(e);
     }
+    let mut graph = d.graph();
     graph.reopen_done(prep);
     // A replaced backing opened from an image header is closed without the graph lock.
     let orphans = graph.close_orphans(&replaced);

@@ -157,16 +157,18 @@ impl Daemon {
             hold: _hold,
         } = prepared;
         let overlay = prepared.overlay().clone();
-        // The base's bitmaps are stored and it is flushed without the graph lock first (see
-        // `Graph::prepare_read_only`); if that fails, commit tries again under the lock and
-        // leaves the base writable on failure, as before.
+        // The base goes read-only as a reopen's switch does, with no disk I/O under the graph
+        // lock: its bitmaps stored and flushed first (`Graph::prepare_read_only`, the base
+        // marked and drained), then the driver's reopen (`Graph::reopen_switch`). A failure
+        // only leaves the base writable, as in QEMU.
         let base = prepared.base().clone();
-        let ready = Graph::prepare_read_only(&self.graph, std::slice::from_ref(&base));
-        {
-            let mut graph = self.graph();
-            prepared.commit(&mut graph);
-            if let Ok(ready) = ready {
-                graph.reopen_done(ready);
+        match Graph::prepare_read_only(&self.graph, std::slice::from_ref(&base)) {
+            Ok(ready) => {
+                prepared.commit_staged(&self.graph, &ready);
+                self.graph().reopen_done(ready);
+            }
+            Err(e) => {
+                tracing::warn!(node = base.name(), error = %e, "snapshot base stays writable");
             }
         }
         if !created {

@@ -6,14 +6,26 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
-use super::lock::{lock_image, lock_perm, unlock_image};
-use crate::driver::{BlockStatus, Driver, FormatSpecific, HostFn, ImageFacts, LockMode};
+use super::lock::{self, lock_image, lock_perm, unlock_image};
+use crate::driver::{
+    AfterSwitch, BlockStatus, Driver, FormatSpecific, HostFn, ImageFacts, LockMode, StagedSwitch,
+};
 use crate::perm::Perm;
+
+/// A descriptor open for writing, prepared for a switch to read-write, with the lock bytes
+/// it took over.
+struct FileSwitch {
+    file: File,
+    bytes: (u32, u32),
+}
 
 /// A host file.
 pub struct FileDriver {
-    file: File,
+    /// The descriptor; replaced by one open for writing when a read-only node goes read-write
+    /// (blockdev-reopen). Requests take a handle and drop the guard at once.
+    file: RwLock<Arc<File>>,
     filename: String,
     /// Whether fallocate punching/zeroing works here; cleared after the first EOPNOTSUPP.
     can_fallocate: AtomicBool,
@@ -21,6 +33,8 @@ pub struct FileDriver {
     locking: AtomicBool,
     /// The lock mode currently held; guards relocking.
     mode: std::sync::Mutex<LockMode>,
+    /// The lock bytes held (QEMU's perm and shared bits), for a new descriptor to take over.
+    bytes: std::sync::Mutex<(u32, u32)>,
     /// File length, kept here because the node asks for it on every request (a `statx` each
     /// time otherwise). Only our writes grow the file (raised to each write's end) and only
     /// `truncate` shrinks it; like QEMU, we do not notice other processes resizing it.
@@ -40,12 +54,25 @@ impl FileDriver {
         }
         Ok(FileDriver {
             len: AtomicU64::new(meta.len()),
-            file,
+            file: RwLock::new(Arc::new(file)),
             filename: filename.to_string(),
             can_fallocate: AtomicBool::new(true),
             locking: AtomicBool::new(false),
             mode: std::sync::Mutex::new(LockMode::Unused),
+            bytes: std::sync::Mutex::new(lock::NO_LOCKS),
         })
+    }
+
+    /// The current descriptor.
+    fn fd(&self) -> Arc<File> {
+        self.file.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether the descriptor was opened read-only.
+    fn fd_read_only(&self) -> io::Result<bool> {
+        let flags = nix::fcntl::fcntl(self.fd().as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+            .map_err(io::Error::from)?;
+        Ok(flags & libc::O_ACCMODE == libc::O_RDONLY)
     }
 
     /// Take QEMU-compatible image locks (`locking=on`, the default for us as for QEMU on Linux).
@@ -72,7 +99,7 @@ impl FileDriver {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         };
         // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
-        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) };
+        let rc = unsafe { libc::fallocate(self.fd().as_raw_fd(), mode, off, l) };
         if rc == 0 {
             return Ok(true);
         }
@@ -99,7 +126,7 @@ impl FileDriver {
 
     /// Write all of `data` at `offset`, keeping the cached length up to date.
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let result = self.file.write_all_at(data, offset);
+        let result = self.fd().write_all_at(data, offset);
         match &result {
             Ok(()) => {
                 let end = offset.saturating_add(data.len() as u64);
@@ -112,7 +139,7 @@ impl FileDriver {
     }
 
     fn refresh_len(&self) {
-        if let Ok(m) = self.file.metadata() {
+        if let Ok(m) = self.fd().metadata() {
             self.len.fetch_max(m.len(), Ordering::AcqRel);
         }
     }
@@ -120,7 +147,7 @@ impl FileDriver {
     fn seek(&self, offset: u64, whence: libc::c_int) -> Option<u64> {
         let off = i64::try_from(offset).ok()?;
         // SAFETY: lseek on a descriptor we own; SEEK_DATA/SEEK_HOLE do not change file contents.
-        let rc = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        let rc = unsafe { libc::lseek(self.fd().as_raw_fd(), off, whence) };
         u64::try_from(rc).ok()
     }
 }
@@ -137,7 +164,7 @@ impl Driver for FileDriver {
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            match self.fd().read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => {
                     // Past the end of the file: reads as zeros.
                     buf[done..].fill(0);
@@ -164,11 +191,11 @@ impl Driver for FileDriver {
         if offset.saturating_add(len) > self.size() {
             return Ok(false);
         }
-        f(&self.file, offset, len).map(|()| true)
+        f(&self.fd(), offset, len).map(|()| true)
     }
 
     fn write_host(&self, offset: u64, len: u64, f: &mut HostFn<'_>) -> io::Result<bool> {
-        let result = f(&self.file, offset, len);
+        let result = f(&self.fd(), offset, len);
         match &result {
             Ok(()) => {
                 self.len
@@ -199,7 +226,7 @@ impl Driver for FileDriver {
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.fd().sync_data()
     }
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)> {
@@ -238,15 +265,62 @@ impl Driver for FileDriver {
         false
     }
 
-    fn set_read_only(&self, read_only: bool) -> io::Result<()> {
-        if !read_only {
-            // Reopening read-write needs a writable descriptor; ours was opened for the mode
-            // given at open, so a read-only-opened file cannot switch.
-            let flags = nix::fcntl::fcntl(self.file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
-                .map_err(io::Error::from)?;
-            if flags & libc::O_ACCMODE == libc::O_RDONLY {
-                return Err(io::Error::from_raw_os_error(libc::EACCES));
+    fn prepare_switch(&self, read_only: bool) -> crate::Result<Option<StagedSwitch>> {
+        let reopen_err = |e: &io::Error| crate::Error::io("Could not reopen", e);
+        if read_only || !self.fd_read_only().map_err(|e| reopen_err(&e))? {
+            return Ok(None);
+        }
+        // A descriptor open for writing, on the same file (the name may lead elsewhere now).
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(Path::new(&self.filename))
+            .map_err(|e| reopen_err(&e))?;
+        let (old, new) = (
+            self.fd().metadata().map_err(|e| reopen_err(&e))?,
+            file.metadata().map_err(|e| reopen_err(&e))?,
+        );
+        if (old.dev(), old.ino()) != (new.dev(), new.ino()) {
+            return Err(crate::Error::generic(format!(
+                "Could not reopen: '{}' is no longer the file that was opened",
+                self.filename
+            )));
+        }
+        // It takes over the lock bytes held now (shared locks: both hold them meanwhile).
+        let bytes = *self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        if self.locking.load(Ordering::Relaxed) {
+            lock::hold_bits(&file, bytes.0, bytes.1)
+                .map_err(|e| crate::Error::generic(format!("Could not reopen: {e}")))?;
+        }
+        Ok(Some(StagedSwitch(Box::new(FileSwitch { file, bytes }))))
+    }
+
+    fn commit_switch(&self, staged: StagedSwitch) -> Option<AfterSwitch> {
+        let Ok(staged) = staged.0.downcast::<FileSwitch>() else {
+            tracing::warn!("a reopen committed a switch this driver did not prepare");
+            return None;
+        };
+        let FileSwitch { file, bytes } = *staged;
+        // Relocked since the prepare (another node's permissions changed): follow.
+        let now = *self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        if now != bytes && self.locking.load(Ordering::Relaxed) {
+            if let Err(e) = lock::hold_bits(&file, now.0, now.1) {
+                tracing::warn!(error = %e, "lock bytes on the reopened descriptor");
             }
+        }
+        let old = std::mem::replace(
+            &mut *self.file.write().unwrap_or_else(|p| p.into_inner()),
+            Arc::new(file),
+        );
+        // Closing the old descriptor drops its locks; the new one holds the same.
+        Some(Box::new(move || drop(old)))
+    }
+
+    fn set_read_only(&self, read_only: bool) -> io::Result<()> {
+        // Going read-write in place needs a writable descriptor (a reopen opens one: see
+        // `prepare_switch`).
+        if !read_only && self.fd_read_only()? {
+            return Err(io::Error::from_raw_os_error(libc::EACCES));
         }
         Ok(())
     }
@@ -259,23 +333,28 @@ impl Driver for FileDriver {
         if *held == mode {
             return Ok(());
         }
-        unlock_image(&self.file);
+        unlock_image(&self.fd());
         let result = match mode {
             LockMode::Unused => Ok(()),
-            LockMode::Read => lock_image(&self.file, true),
-            LockMode::Write => lock_image(&self.file, false),
+            LockMode::Read => lock_image(&self.fd(), true),
+            LockMode::Write => lock_image(&self.fd(), false),
         };
         match result {
             Ok(()) => {
                 *held = mode;
+                *self.bytes.lock().unwrap_or_else(|p| p.into_inner()) = match mode {
+                    LockMode::Unused => lock::NO_LOCKS,
+                    LockMode::Read => lock::image_bits(true),
+                    LockMode::Write => lock::image_bits(false),
+                };
                 Ok(())
             }
             Err(e) => {
                 // Put back what we had; it did not conflict before.
                 let _ = match *held {
                     LockMode::Unused => Ok(()),
-                    LockMode::Read => lock_image(&self.file, true),
-                    LockMode::Write => lock_image(&self.file, false),
+                    LockMode::Read => lock_image(&self.fd(), true),
+                    LockMode::Write => lock_image(&self.fd(), false),
                 };
                 Err(e)
             }
@@ -288,7 +367,9 @@ impl Driver for FileDriver {
         }
         // One relock at a time; `mode` is kept coarse for `set_lock` callers.
         let mut held = self.mode.lock().unwrap_or_else(|p| p.into_inner());
-        lock_perm(&self.file, perm.bits().into(), shared.bits().into())?;
+        let (p, sh) = (perm.bits().into(), shared.bits().into());
+        lock_perm(&self.fd(), p, sh)?;
+        *self.bytes.lock().unwrap_or_else(|p| p.into_inner()) = (p, sh);
         *held = if perm.intersects(Perm::WRITE | Perm::RESIZE) {
             LockMode::Write
         } else if perm.is_empty() {
@@ -300,9 +381,9 @@ impl Driver for FileDriver {
     }
 
     fn truncate(&self, size: u64) -> io::Result<()> {
-        let result = self.file.set_len(size);
+        let result = self.fd().set_len(size);
         // Store what the file now has, whether or not set_len worked.
-        match self.file.metadata() {
+        match self.fd().metadata() {
             Ok(m) => self.len.store(m.len(), Ordering::Release),
             Err(_) if result.is_ok() => self.len.store(size, Ordering::Release),
             Err(_) => {}
@@ -311,13 +392,13 @@ impl Driver for FileDriver {
     }
 
     fn close(&self) -> io::Result<()> {
-        let r = self.file.sync_data();
-        unlock_image(&self.file);
+        let r = self.fd().sync_data();
+        unlock_image(&self.fd());
         r
     }
 
     fn facts(&self) -> ImageFacts {
-        let meta = self.file.metadata().ok();
+        let meta = self.fd().metadata().ok();
         ImageFacts {
             filename: self.filename.clone(),
             actual_size: meta.as_ref().map(|m| m.blocks() * 512),

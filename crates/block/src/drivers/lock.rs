@@ -43,17 +43,23 @@ fn held_by_other(file: &File, byte: i64) -> bool {
 
 /// Take QEMU-compatible locks for a writer (`read_only` false) or a reader. Err is QEMU's text.
 pub fn lock_image(file: &File, read_only: bool) -> Result<(), String> {
-    let perm = if read_only {
-        READ
-    } else {
-        READ | WRITE | WRITE_UNCHANGED | RESIZE
-    };
-    let shared = if read_only {
-        ALL & !(WRITE | RESIZE)
-    } else {
-        READ | WRITE_UNCHANGED
-    };
+    let (perm, shared) = image_bits(read_only);
     lock_perm(file, perm, shared)
+}
+
+/// No lock byte held: no permission, everything shared.
+pub const NO_LOCKS: (u32, u32) = (0, ALL);
+
+/// The (perm, shared) bits [`lock_image`] holds.
+pub fn image_bits(read_only: bool) -> (u32, u32) {
+    if read_only {
+        (READ, ALL & !(WRITE | RESIZE))
+    } else {
+        (
+            READ | WRITE | WRITE_UNCHANGED | RESIZE,
+            READ | WRITE_UNCHANGED,
+        )
+    }
 }
 
 /// Hold lock bytes for `perm` (bits 0..3, QEMU's values) and refuse others what is not in
@@ -71,6 +77,15 @@ pub fn lock_perm(file: &File, perm: u32, shared: u32) -> Result<(), String> {
             return Err(format!("Failed to get shared \"{name}\" lock"));
         }
     }
+    hold_bits(file, perm, shared)
+}
+
+/// Hold exactly the lock bytes of `perm` and `shared` on `file`, without checking others':
+/// for a new descriptor taking over what another descriptor of this process holds (the
+/// locks are all shared, so both may hold them at once; no window lets another in).
+pub fn hold_bits(file: &File, perm: u32, shared: u32) -> Result<(), String> {
+    let perm = perm & ALL;
+    let shared = shared & ALL;
     let rd = libc::F_RDLCK as libc::c_short;
     let un = libc::F_UNLCK as libc::c_short;
     for bit in 0..NAMES.len() {

@@ -12,8 +12,8 @@ use qcow2::{BlockStatus as QStatus, HostFn, Qcow2, Storage};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::driver::{
-    BitmapStore, BitmapToStore, BlockStatus, Driver, FormatSpecific, ImageFacts, NodeEvent,
-    NodeEventSink, StoredBitmap,
+    AfterSwitch, BitmapStore, BitmapToStore, BlockStatus, Driver, FormatSpecific, ImageFacts,
+    NodeEvent, NodeEventSink, StagedSwitch, StoredBitmap,
 };
 use crate::drivers::qcow2_cache::{CacheCleaner, CachePlan, Qcow2CacheOptions};
 use crate::edge::ChildEdge;
@@ -134,6 +134,12 @@ fn to_io(e: qcow2::Error) -> io::Error {
     io::Error::from_raw_os_error(e.errno())
 }
 
+/// A switch of the image between read-only and read-write, prepared and not yet in use.
+struct Qcow2Switch {
+    image: Arc<Qcow2>,
+    cleaner: Option<CacheCleaner>,
+}
+
 /// Reports the first corruption found while running, as QEMU does with BLOCK_IMAGE_CORRUPTED.
 struct CorruptionReport {
     node_name: String,
@@ -190,16 +196,54 @@ impl Qcow2Driver {
     /// Open the image again in `read_only` mode and use that from now on. Going read-only
     /// first writes back everything of the writable one.
     fn switch_mode(&self, read_only: bool) -> Result<(), qcow2::Error> {
+        let Some(staged) = self.stage_mode(read_only)? else {
+            return Ok(());
+        };
+        let (old, old_cleaner) = self.swap_in(staged);
+        drop(old_cleaner);
+        if read_only {
+            old.close()?;
+        }
+        Ok(())
+    }
+
+    /// The disk I/O of a switch to `read_only`, nothing swapped yet: going read-only flushes
+    /// the writable image (everything it cached must be in the file the reader opens), then
+    /// opens the image again in the new mode; going read-write also flags the bitmaps in use
+    /// (as QEMU: as soon as the image is writable; the caller holds the write locks).
+    /// `None`: already in that mode.
+    fn stage_mode(&self, read_only: bool) -> Result<Option<Qcow2Switch>, qcow2::Error> {
         let old = self.img();
         if old.is_read_only() == read_only {
-            return Ok(());
+            return Ok(None);
         }
         if read_only {
-            // Everything the writable one cached must be in the file the reader opens.
             old.flush()?;
         }
         let image = Arc::new(open_image(&self.file, read_only)?);
-        self.cache.apply(&image)?;
+        let ready = self.cache.apply(&image).and_then(|()| {
+            if read_only {
+                Ok(())
+            } else {
+                image.claim_bitmaps()
+            }
+        });
+        if let Err(e) = ready {
+            if let Err(c) = image.close() {
+                tracing::warn!(error = %c, "closing an image a reopen did not use");
+            }
+            return Err(e);
+        }
+        let cleaner = CacheCleaner::start(&image, self.cache.clean_interval);
+        Ok(Some(Qcow2Switch { image, cleaner }))
+    }
+
+    /// Use a staged image from now on (in memory only); returns the replaced image and its
+    /// cache cleaner, for the caller to close and stop (requests that still hold the old
+    /// image fail once it is closed: a reopen drains first).
+    fn swap_in(&self, staged: Qcow2Switch) -> (Arc<Qcow2>, Option<CacheCleaner>) {
+        let Qcow2Switch { image, cleaner } = staged;
+        // The backing as it is now (a reopen may have changed it since the prepare).
         if let Some(b) = self
             .backing
             .read()
@@ -208,18 +252,15 @@ impl Qcow2Driver {
         {
             image.set_backing(Some(Arc::new(EdgeStorage(b))));
         }
-        if !read_only {
-            // As QEMU: bitmaps are flagged in use as soon as the image is writable.
-            image.claim_bitmaps()?;
-        }
-        let cleaner = CacheCleaner::start(&image, self.cache.clean_interval);
-        *self.image.write().unwrap_or_else(|p| p.into_inner()) = image;
-        *self.cleaner.lock().unwrap_or_else(|p| p.into_inner()) = cleaner;
-        if read_only {
-            // Requests that still hold the writable one fail from here on (reopen drains first).
-            old.close()?;
-        }
-        Ok(())
+        let old = std::mem::replace(
+            &mut *self.image.write().unwrap_or_else(|p| p.into_inner()),
+            image,
+        );
+        let old_cleaner = std::mem::replace(
+            &mut *self.cleaner.lock().unwrap_or_else(|p| p.into_inner()),
+            cleaner,
+        );
+        (old, old_cleaner)
     }
 
     fn io_err(&self, e: qcow2::Error) -> io::Error {
@@ -391,6 +432,44 @@ impl Driver for Qcow2Driver {
     }
     fn named_backing(&self) -> Option<String> {
         self.img().backing_file()
+    }
+    fn prepare_switch(&self, read_only: bool) -> crate::Result<Option<StagedSwitch>> {
+        match self.stage_mode(read_only) {
+            Ok(staged) => Ok(staged.map(|s| StagedSwitch(Box::new(s)))),
+            // The texts the switch gave before it was staged: going read-write with the
+            // format's message, going read-only with the errno's.
+            Err(e) if read_only => Err(crate::Error::io("Could not reopen", &to_io(e))),
+            Err(e) => Err(crate::Error::generic(e.to_string())
+                .with_source(e)
+                .context("Could not reopen")),
+        }
+    }
+    fn commit_switch(&self, staged: StagedSwitch) -> Option<AfterSwitch> {
+        let Ok(staged) = staged.0.downcast::<Qcow2Switch>() else {
+            tracing::warn!("a reopen committed a switch this driver did not prepare");
+            return None;
+        };
+        let (old, old_cleaner) = self.swap_in(*staged);
+        Some(Box::new(move || {
+            drop(old_cleaner);
+            // A writable one was flushed by the prepare: nothing left to write. (A read-only
+            // one is dropped, as before the switch was staged.)
+            if old.is_read_only() {
+                return;
+            }
+            if let Err(e) = old.close() {
+                tracing::warn!(error = %e, "closing the image a reopen replaced");
+            }
+        }))
+    }
+    fn abort_switch(&self, staged: StagedSwitch) {
+        if let Ok(staged) = staged.0.downcast::<Qcow2Switch>() {
+            let Qcow2Switch { image, cleaner } = *staged;
+            drop(cleaner);
+            if let Err(e) = image.close() {
+                tracing::warn!(error = %e, "closing an image a reopen did not use");
+            }
+        }
     }
     fn supports_backing(&self) -> bool {
         true

@@ -165,7 +165,7 @@ impl Graph {
                 if let Some((parent, role)) = &e.from {
                     let pn = resolve(parent, edges, memo);
                     let used = edges.get(&key(parent)).is_some_and(|l| !l.is_empty());
-                    let cn = child_needs(*role, !parent.read_only(), used, pn);
+                    let cn = child_needs(*role, parent.asks_write(), used, pn);
                     e.edge.perm = cn.perm;
                     e.edge.shared = cn.shared;
                 }

@@ -5,8 +5,10 @@
 //! write; refused with QEMU's conflict text or a lock failure, changing nothing), then the
 //! driver reopens for writing. Going read-only: persistent bitmaps are stored and the image
 //! flushed while write access is still held, then the driver gives it up and the locks drop.
-//! The daemon stores and flushes without the graph lock ([`Graph::prepare_read_only`]: the
-//! node drained and marked as being reopened), then switches under it.
+//! The daemon does all of it without holding the graph lock over disk I/O: the nodes are
+//! marked as being reopened and drained, stored and flushed ([`Graph::prepare_reopen`]), and
+//! the drivers' switch is staged around the lock ([`Graph::reopen_switch`], `switch.rs`).
+//! [`Graph::reopen_read_only`] does the same under the caller's lock.
 //! Inline (auto-named) `file` children follow their parent, as QEMU's inherited options do.
 //!
 //! A child change is a re-wiring in a drained section with the permissions checked (a lock
@@ -19,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::close::{shutting_down, wait_changed};
 use super::drain::Drained;
 use super::rewire::reaches;
+use super::switch::{commit_chain, prepare_chain, run_after};
 use super::{ChildRef, DriverOptions, Graph, NodeOptions};
 use crate::edge::ChildEdge;
 use crate::error::{Error, Result};
@@ -34,23 +37,24 @@ pub struct ChildChange {
     pub to: Option<NodeRef>,
 }
 
-/// Nodes a read-only reopen has stored and flushed without the graph lock
-/// ([`Graph::prepare_read_only`]). Until it is given back with [`Graph::reopen_done`] (under
-/// the lock, after the switch) the roots that reach them stay drained and they are marked as
-/// being reopened: `blockdev-del` and other read-only reopens of them wait.
+/// Nodes a reopen has marked, drained and (those going read-only) stored and flushed without
+/// the graph lock ([`Graph::prepare_reopen`]). Until it is given back with
+/// [`Graph::reopen_done`] (under the lock, after the switches) the roots that reach them stay
+/// drained and they are marked as being reopened: `blockdev-del` and other reopens of them
+/// wait.
 #[must_use = "give it back with Graph::reopen_done"]
 pub struct ReadOnlyPrep {
-    nodes: Vec<NodeRef>,
+    pub(super) nodes: Vec<NodeRef>,
     _drained: Option<Drained>,
 }
 
-fn lock(g: &Mutex<Graph>) -> MutexGuard<'_, Graph> {
+pub(super) fn lock(g: &Mutex<Graph>) -> MutexGuard<'_, Graph> {
     g.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `node` and its inline `file` children that are not `read_only` yet: what a switch to
 /// `read_only` changes.
-fn ro_chain(node: &NodeRef, read_only: bool) -> Vec<NodeRef> {
+pub(super) fn ro_chain(node: &NodeRef, read_only: bool) -> Vec<NodeRef> {
     let mut chain = vec![node.clone()];
     while let Some(c) = chain.last().and_then(|n| n.child("file")) {
         if !c.auto_named() {
@@ -64,11 +68,21 @@ fn ro_chain(node: &NodeRef, read_only: bool) -> Vec<NodeRef> {
 
 /// Store a node's persistent bitmaps and flush it: what must be done before it gives up
 /// write access.
-fn store_and_flush(n: &NodeRef) -> Result<()> {
+pub(super) fn store_and_flush(n: &NodeRef) -> Result<()> {
     n.store_bitmaps(false)?;
     n.driver()
         .flush()
         .map_err(|e| Error::io("Could not flush before reopening", &e))
+}
+
+/// The drivers of `chain` switched to read-write: the nodes say so (after
+/// [`Graph::take_write`]).
+pub(super) fn writable_now(chain: &[NodeRef]) {
+    for n in chain {
+        n.set_read_only_flag(false);
+        n.set_becoming_writable(false);
+        n.set_bitmaps_read_only(false);
+    }
 }
 
 /// What QEMU can change on reopen but blockd cannot yet: refused rather than ignored.
@@ -292,10 +306,22 @@ impl Graph {
 
     /// Prepared by [`Graph::prepare_read_only`] and neither written nor its bitmaps changed
     /// since: nothing left to store or flush.
-    fn prepared_unchanged(&self, node: &NodeRef) -> bool {
+    pub(super) fn prepared_unchanged(&self, node: &NodeRef) -> bool {
         self.reopening
             .iter()
             .any(|(n, seen)| Arc::ptr_eq(n, node) && *seen == node.changes())
+    }
+
+    /// A node marked by [`Graph::prepare_reopen`] was stored and flushed when its change
+    /// count was `seen`.
+    pub(super) fn set_prepared(&mut self, node: &NodeRef, seen: u64) {
+        if let Some(r) = self
+            .reopening
+            .iter_mut()
+            .find(|(r, _)| Arc::ptr_eq(r, node))
+        {
+            r.1 = seen;
+        }
     }
 
     /// The disk I/O of switching `nodes` to read-only, without holding `graph`'s lock: mark
@@ -308,10 +334,35 @@ impl Graph {
     /// Waits while a delete or another read-only reopen of one of them is in progress; a node
     /// no longer in the graph gives QEMU's text for an unknown node.
     pub fn prepare_read_only(graph: &Mutex<Graph>, nodes: &[NodeRef]) -> Result<ReadOnlyPrep> {
+        let switches: Vec<(NodeRef, bool)> = nodes.iter().map(|n| (n.clone(), true)).collect();
+        Graph::prepare_reopen(graph, &switches, false)
+    }
+
+    /// [`Graph::prepare_read_only`] for a reopen's whole list: `(node, read_only)`. Nodes
+    /// going read-only are stored and flushed as there; the nodes a switch to read-write
+    /// changes are marked and drained as well (their switch is [`Graph::reopen_switch`]),
+    /// and with `mark_all` so is every node of the list (a reopen that changes its children
+    /// only, and releases the graph lock between its entries).
+    pub fn prepare_reopen(
+        graph: &Mutex<Graph>,
+        switches: &[(NodeRef, bool)],
+        mark_all: bool,
+    ) -> Result<ReadOnlyPrep> {
+        let nodes: Vec<NodeRef> = switches.iter().map(|(n, _)| n.clone()).collect();
         let mut chain: Vec<NodeRef> = Vec::new();
-        for n in nodes.iter().flat_map(|n| ro_chain(n, true)) {
-            if !chain.iter().any(|c| Arc::ptr_eq(c, &n)) {
-                chain.push(n);
+        let mut to_flush: Vec<NodeRef> = Vec::new();
+        for (node, ro) in switches {
+            let mut these = ro_chain(node, *ro);
+            if *ro {
+                to_flush.extend(these.iter().cloned());
+            }
+            if mark_all && !these.iter().any(|c| Arc::ptr_eq(c, node)) {
+                these.push(node.clone());
+            }
+            for n in these {
+                if !chain.iter().any(|c| Arc::ptr_eq(c, &n)) {
+                    chain.push(n);
+                }
             }
         }
         if chain.is_empty() {
@@ -358,16 +409,19 @@ impl Graph {
         for n in &prep.nodes {
             // Requests that reach it other than through a root (a job's, qemu-io) end first.
             n.wait_idle();
+            if !to_flush.iter().any(|f| Arc::ptr_eq(f, n)) {
+                continue;
+            }
             let before = n.changes();
             if let Err(e) = store_and_flush(n) {
                 lock(graph).reopen_done(prep);
                 return Err(e);
             }
-            seen.push(before);
+            seen.push((n.clone(), before));
         }
         let mut g = lock(graph);
-        for (n, c) in prep.nodes.iter().zip(seen) {
-            if let Some(r) = g.reopening.iter_mut().find(|(r, _)| Arc::ptr_eq(r, n)) {
+        for (n, c) in seen {
+            if let Some(r) = g.reopening.iter_mut().find(|(r, _)| Arc::ptr_eq(r, &n)) {
                 r.1 = c;
             }
         }
@@ -386,10 +440,15 @@ impl Graph {
     /// Switch `node` to read-only with the store and flush outside `graph`'s lock
     /// ([`Graph::prepare_read_only`], [`Graph::reopen_read_only`], [`Graph::reopen_done`]).
     pub fn reopen_read_only_staged(graph: &Mutex<Graph>, node: &NodeRef) -> Result<()> {
-        let prep = Graph::prepare_read_only(graph, std::slice::from_ref(node))?;
-        let mut g = lock(graph);
-        let r = g.reopen_read_only(node, true);
-        g.reopen_done(prep);
+        Graph::reopen_staged(graph, node, true)
+    }
+
+    /// Switch `node` to `read_only` with no disk I/O under `graph`'s lock:
+    /// [`Graph::prepare_reopen`], [`Graph::reopen_switch`], [`Graph::reopen_done`].
+    pub fn reopen_staged(graph: &Mutex<Graph>, node: &NodeRef, read_only: bool) -> Result<()> {
+        let prep = Graph::prepare_reopen(graph, &[(node.clone(), read_only)], false)?;
+        let r = Graph::reopen_switch(graph, &prep, node, read_only);
+        lock(graph).reopen_done(prep);
         r
     }
 
@@ -411,39 +470,53 @@ impl Graph {
     }
 
     fn make_writable(&mut self, chain: &[NodeRef]) -> Result<()> {
-        let undo = |g: &Graph| {
-            for n in chain {
-                n.set_read_only_flag(true);
-            }
-            if let Err(e) = g.refresh_perms() {
-                tracing::warn!(error = %e, "restoring permissions after a refused reopen");
+        self.take_write(chain)?;
+        // Children first: a format reopens for writing over a writable file.
+        let staged = match prepare_chain(chain.iter().rev(), false) {
+            Ok(s) => s,
+            Err(e) => {
+                self.undo_take_write(chain);
+                return Err(e);
             }
         };
-        for n in chain {
-            n.set_read_only_flag(false);
-        }
-        if let Err(e) = self.refresh_perms() {
-            undo(self);
-            return Err(e);
-        }
-        // Children first: a format reopens for writing over a writable file.
-        for (i, n) in chain.iter().enumerate().rev() {
-            if let Err(e) = n.driver().activate(false) {
-                for done in &chain[i + 1..] {
-                    let _ = done.driver().set_read_only(true);
-                }
-                undo(self);
-                return Err(e.context("Could not reopen"));
+        run_after(commit_chain(staged));
+        writable_now(chain);
+        Ok(())
+    }
+
+    /// The permission part of a switch to read-write: the nodes ask their children for write
+    /// and the write locks are taken; refused (QEMU's conflict text or a lock failure) with
+    /// everything as before. The top node stays read-only to its users (refusing writers)
+    /// until [`writable_now`]; its inline `file` children, written by it alone, are writable
+    /// at once (the format's switch writes through them).
+    pub(super) fn take_write(&mut self, chain: &[NodeRef]) -> Result<()> {
+        for (i, n) in chain.iter().enumerate() {
+            if i == 0 {
+                n.set_becoming_writable(true);
+            } else {
+                n.set_read_only_flag(false);
             }
         }
-        for n in chain {
-            n.set_bitmaps_read_only(false);
+        if let Err(e) = self.refresh_perms() {
+            self.undo_take_write(chain);
+            return Err(e);
         }
         Ok(())
     }
 
-    fn make_read_only(&mut self, chain: &[NodeRef]) -> Result<()> {
-        let top = &chain[0];
+    /// Undo [`Graph::take_write`].
+    pub(super) fn undo_take_write(&self, chain: &[NodeRef]) {
+        for n in chain {
+            n.set_becoming_writable(false);
+            n.set_read_only_flag(true);
+        }
+        if let Err(e) = self.refresh_perms() {
+            tracing::warn!(error = %e, "restoring permissions after a refused reopen");
+        }
+    }
+
+    /// A switch of `top` to read-only is refused while something writes through it.
+    pub(super) fn refuse_writers(&self, top: &NodeRef) -> Result<()> {
         let needs_write = self
             .edges_into(top)
             .iter()
@@ -455,14 +528,18 @@ impl Graph {
                 top.name()
             )));
         }
+        Ok(())
+    }
+
+    fn make_read_only(&mut self, chain: &[NodeRef]) -> Result<()> {
+        self.refuse_writers(&chain[0])?;
         // Parents first: the format writes its bitmaps back while it can still write.
         for n in chain {
             if !self.prepared_unchanged(n) {
                 store_and_flush(n)?;
             }
-            n.driver()
-                .set_read_only(true)
-                .map_err(|e| Error::io("Could not reopen", &e))?;
+            let staged = prepare_chain(std::iter::once(n), true)?;
+            run_after(commit_chain(staged));
             n.set_read_only_flag(true);
             n.set_bitmaps_read_only(true);
         }

@@ -67,6 +67,15 @@ impl SnapshotUndo {
         }
     }
 
+    /// [`SnapshotUndo::commit`] with no disk I/O under `graph`'s lock: the base switches as a
+    /// reopen's does ([`Graph::reopen_switch`]), `prep` marking it
+    /// ([`Graph::prepare_read_only`]). The caller holds no graph lock.
+    pub fn commit_staged(self, graph: &Mutex<Graph>, prep: &super::ReadOnlyPrep) {
+        if let Err(e) = Graph::reopen_switch(graph, prep, &self.node, true) {
+            tracing::warn!(node = self.node.name(), error = %e, "snapshot base stays writable");
+        }
+    }
+
     /// Put the overlay back out: everything that used the node before uses it again, the
     /// overlay has no backing child, and a node prepare opened is closed.
     pub fn undo(self, graph: &mut Graph) {

@@ -2,10 +2,11 @@
 //!
 //! Locks: every field below is a std `Mutex` held for short, non-async sections only. QMP
 //! commands are serialised by the qmp crate, so handlers never race each other, except the
-//! graph commands `dispatch::runs_unserialised` lets run beside others (`blockdev-add` and
-//! `-del` reserve and hold what they use in the graph; snapshots and reopens claim their
-//! nodes, see [`crate::claims`]); I/O paths (NBD, jobs) clone node handles out and never take
-//! these locks.
+//! commands `dispatch::runs_unserialised` lets run beside others (`blockdev-add` and `-del`
+//! reserve and hold what they use in the graph; snapshots, reopens, transactions, backups and
+//! export adds claim their nodes, ids and files, queries take read claims, see
+//! [`crate::claims`]); I/O paths (NBD, jobs) clone node handles out and never take these
+//! locks.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 

@@ -170,3 +170,35 @@ def test_two_export_adds_with_one_id_one_wins(make_daemon, tmp_path):
     d.ok("block-export-del", id="e")
     d.ok("blockdev-del", node_name="q")
     iotests.qemu_img("check", str(img))
+
+
+@iotests.blockd_only
+def test_a_job_verb_waits_for_the_transaction_creating_its_job(make_daemon, tmp_path):
+    """A transaction's backup `j` is created, its snapshot action stalls: query-jobs answers
+    meanwhile and shows `j` as created (QEMU announces that state by JOB_STATUS_CHANGE too);
+    another monitor's job-cancel of `j` waits for the transaction instead of acting inside it,
+    and after its abort finds no job, as if sent after it."""
+    d = make_daemon(monitors=3)
+    fifo, img = _fifo_setup(d, tmp_path)
+    for n in ("src", "t1"):
+        d.blockdev_add(driver="qcow2", node_name=n, file={
+            "driver": "file", "filename": str(qcow2(tmp_path / f"{n}.qcow2", SIZE))})
+    with _monitor(d, 1) as m1, _monitor(d, 2) as m2:
+        m1.send(json.dumps({"execute": "transaction", "arguments": {"actions": [
+            {"type": "blockdev-backup", "data": {
+                "job-id": "j", "device": "src", "target": "t1", "sync": "full"}},
+            _snapshot_sync("base", fifo, "ov", "raw")]}}))
+        time.sleep(2)
+        assert _no_reply(m1), "the transaction did not stall"
+        assert [(j["id"], j["status"]) for j in d.ok("query-jobs")] == [("j", "created")]
+        m2.send(json.dumps({"execute": "job-cancel", "arguments": {"id": "j"}}))
+        time.sleep(1)
+        assert _no_reply(m2), ("the job verb did not wait for the transaction", m2.reply())
+        os.close(os.open(fifo, os.O_WRONLY))
+        r = m1.reply(timeout=30)
+        assert r["error"]["desc"] == "The overlay does not support backing images", r
+        assert m2.reply(timeout=30) == {
+            "error": {"class": "GenericError", "desc": "Job not found"}}
+    assert d.ok("query-jobs") == []
+    d.ok("blockdev-del", node_name="q")
+    iotests.qemu_img("check", str(img))

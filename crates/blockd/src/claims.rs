@@ -184,6 +184,14 @@ pub fn export_keys(d: &Daemon) -> Vec<Key> {
         .collect()
 }
 
+/// What a backup creates: its job id (QSD: none given is the empty id) and its filter's
+/// node-name if given.
+pub fn backup_keys(c: &qapi::types::BackupCommon) -> Vec<Key> {
+    let job = Key::Job(c.job_id.clone().unwrap_or_default());
+    let filter = c.filter_node_name.clone().map(Key::Name);
+    std::iter::once(job).chain(filter).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Claims, Key};

@@ -359,7 +359,7 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
                 let _claim = d.claims.take(|| {
                     let mut keys = node_keys(d, &a.common.device);
                     keys.extend(node_keys(d, &a.target));
-                    keys.push(job_key(&a.common));
+                    keys.extend(claims::backup_keys(&a.common));
                     Ok::<_, block::Error>(keys)
                 })?;
                 done(crate::backup::blockdev_backup(d, a))
@@ -371,7 +371,7 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
                 let _claim = d.claims.take(|| {
                     let mut keys = node_keys(d, &a.common.device);
                     keys.push(Key::File(a.target.clone()));
-                    keys.push(job_key(&a.common));
+                    keys.extend(claims::backup_keys(&a.common));
                     Ok::<_, block::Error>(keys)
                 })?;
                 done(crate::backup::drive_backup(d, a))
@@ -532,11 +532,6 @@ fn claim_nodes(d: &Daemon, names: &[&str]) -> Result<Claim, block::Error> {
             .map(Key::Node)
             .collect())
     })
-}
-
-/// The job id a backup creates its job with (QSD: none given is the empty id).
-fn job_key(c: &qapi::types::BackupCommon) -> Key {
-    Key::Job(c.job_id.clone().unwrap_or_default())
 }
 
 /// Claim `keys` for a command that runs on the reactor (the wait runs off it).

@@ -202,3 +202,48 @@ def test_a_job_verb_waits_for_the_transaction_creating_its_job(make_daemon, tmp_
     assert d.ok("query-jobs") == []
     d.ok("blockdev-del", node_name="q")
     iotests.qemu_img("check", str(img))
+
+
+@iotests.blockd_only
+def test_quit_waits_for_a_transaction_before_cancelling_jobs(make_daemon, tmp_path):
+    """`quit` while a transaction with a (slow) backup stalls in its snapshot action: shutdown
+    waits for the transaction (which runs beside the quit) before it cancels jobs, so the
+    backup that the transaction starts is cancelled too and the daemon exits promptly, its
+    images consistent; without that wait the job would start after the cancellation."""
+    img = qcow2(tmp_path / "base.qcow2", SIZE)
+    stall = StallableFile(tmp_path, SIZE)
+    try:
+        _stall_qcow2(stall, qcow2(tmp_path / "ov-src.qcow2", SIZE))
+        d = make_daemon(monitors=2)
+        d.blockdev_add(driver="qcow2", node_name="base",
+                       file={"driver": "file", "filename": str(img)})
+        paths = {n: qcow2(tmp_path / f"{n}.qcow2", SIZE) for n in ("src", "t1")}
+        for n, p in paths.items():
+            d.blockdev_add(driver="qcow2", node_name=n,
+                           file={"driver": "file", "filename": str(p)})
+        d.node_io("src", "write -P 0x5a 0 4M")
+        stall.stop()
+        with _monitor(d, 1) as m1:
+            m1.send(json.dumps({"execute": "transaction", "arguments": {"actions": [
+                {"type": "blockdev-backup", "data": {
+                    "job-id": "j", "device": "src", "target": "t1", "sync": "full",
+                    "speed": 65536}},
+                _snapshot_sync("base", stall.path, "ov", "qcow2")]}}))
+            time.sleep(2)
+            assert _no_reply(m1), "the transaction did not stall"
+            assert d.cmd("quit") == {"return": {}}
+            time.sleep(1)
+            assert d.running(), "shutdown did not wait for the transaction"
+            stall.cont()
+            assert m1.reply(timeout=30) == {"return": {}}
+            # The 4 MiB copy at 64 KiB/s would take a minute: it was cancelled.
+            assert d.wait_exit(timeout=20) == 0
+        iotests.qemu_img("check", "-f", "qcow2", str(stall.path))
+    finally:
+        stall.close()
+    for p in (img, *paths.values()):
+        iotests.qemu_img("check", str(p))
+    # The job went its ordinary way (a job started after the cancellation of all jobs was
+    # logged as illegal transitions), the overlay was kept.
+    log = d.log()
+    assert "ERROR" not in log and "WARN" not in log, log

@@ -165,12 +165,30 @@ impl qmp::Dispatcher for QmpDispatcher {
     fn dispatch(&self, name: &str, args: Map<String, Value>) -> qmp::DispatchFuture {
         let daemon = self.daemon.clone();
         let server = self.server.get().cloned();
+        let in_flight = self.runs_unserialised(name).then(|| InFlight::new(&daemon));
         let name = name.to_string();
         Box::pin(async move {
+            let _in_flight = in_flight;
             let cmd = qapi::types::parse_command(&name, args)
                 .map_err(|e| qmp::QmpError::new(e.class, e.desc))?;
             run(&daemon, server, cmd).await.map_err(qmp_error)
         }) as Pin<Box<dyn Future<Output = _> + Send>>
+    }
+}
+
+/// One command running beside others, counted in `Daemon::in_flight` until it ends.
+struct InFlight(Arc<Daemon>);
+
+impl InFlight {
+    fn new(d: &Arc<Daemon>) -> InFlight {
+        d.in_flight.send_modify(|n| *n += 1);
+        InFlight(d.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.send_modify(|n| *n -= 1);
     }
 }
 

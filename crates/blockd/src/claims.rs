@@ -192,6 +192,39 @@ pub fn backup_keys(c: &qapi::types::BackupCommon) -> Vec<Key> {
     std::iter::once(job).chain(filter).collect()
 }
 
+/// Claim `keys` for a command that runs on the reactor (the wait runs off it).
+pub async fn claim_off_reactor(d: &Arc<Daemon>, keys: Vec<Key>) -> Result<Claim, block::Error> {
+    let d = d.clone();
+    tokio::task::spawn_blocking(move || d.claims.take(|| Ok(keys.clone())))
+        .await
+        .map_err(|e| block::Error::generic(format!("claiming failed: {e}")))?
+}
+
+/// Claim the node `name` resolves to and `keys`, for a command that runs on the reactor.
+pub async fn claim_off_reactor_on(
+    d: &Arc<Daemon>,
+    name: &str,
+    keys: Vec<Key>,
+) -> Result<Claim, block::Error> {
+    let d = d.clone();
+    let name = name.to_string();
+    let take = move || {
+        d.claims.take(|| {
+            let mut all = d
+                .lookup_node(&name)
+                .ok()
+                .map(Key::Node)
+                .into_iter()
+                .collect::<Vec<_>>();
+            all.extend(keys.iter().cloned());
+            Ok(all)
+        })
+    };
+    tokio::task::spawn_blocking(take)
+        .await
+        .map_err(|e| block::Error::generic(format!("claiming failed: {e}")))?
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Claims, Key};

@@ -361,7 +361,7 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
             Ok(Value::Array(infos.collect::<Result<_, _>>()?))
         }
         Command::BlockJobSetSpeed(a) => {
-            let _claim = claim_off_reactor(d, vec![Key::Job(a.device.clone())]).await?;
+            let _claim = claims::claim_off_reactor(d, vec![Key::Job(a.device.clone())]).await?;
             let job = d.jobs.find(&a.device, true)?;
             let speed = u64::try_from(a.speed).map_err(|_| generic("Invalid parameter 'speed'"))?;
             done(d.jobs.set_speed(&job, speed))
@@ -409,24 +409,24 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         Command::JobDismiss(a) => job_verb(d, Verb::Dismiss, &a.id, false).await,
         Command::JobFinalize(a) => job_verb(d, Verb::Finalize, &a.id, false).await,
         Command::NbdServerStart(a) => {
-            let _claim = claim_off_reactor(d, vec![Key::NbdServer]).await?;
+            let _claim = claims::claim_off_reactor(d, vec![Key::NbdServer]).await?;
             nbd_server_start(d, a).await
         }
         Command::NbdServerAdd(a) => {
             let name = a.name.clone().unwrap_or_else(|| a.device.clone());
             let keys = vec![Key::Export(name), Key::NbdServer];
-            let _claim = claim_off_reactor_on(d, &a.device, keys).await?;
+            let _claim = claims::claim_off_reactor_on(d, &a.device, keys).await?;
             nbd_server_add(d, a)
         }
         Command::NbdServerRemove(a) => done(d.export_del(&a.name, hard(a.mode))),
         Command::NbdServerStop => {
-            let _claim = claim_off_reactor(d, vec![Key::NbdServer]).await?;
+            let _claim = claims::claim_off_reactor(d, vec![Key::NbdServer]).await?;
             done(d.nbd_server_stop().await)
         }
         Command::BlockExportAdd(o) => {
             let args = export_args(&o).map_err(generic)?;
             let keys = vec![Key::Export(args.id.clone()), Key::NbdServer];
-            let _claim = claim_off_reactor_on(d, &args.node_name, keys).await?;
+            let _claim = claims::claim_off_reactor_on(d, &args.node_name, keys).await?;
             done(d.export_add(args))
         }
         Command::BlockExportDel(a) => done(d.export_del(&a.id, hard(a.mode))),
@@ -443,7 +443,7 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
 /// A job verb waits for a command that creates a job of that id (a `transaction` between
 /// its prepare and its commit or abort), so it finds the job as that command leaves it.
 async fn job_verb(d: &Arc<Daemon>, verb: Verb, id: &str, block_verb: bool) -> CmdResult {
-    let _claim = claim_off_reactor(d, vec![Key::Job(id.to_string())]).await?;
+    let _claim = claims::claim_off_reactor(d, vec![Key::Job(id.to_string())]).await?;
     let job = d.jobs.find(id, block_verb)?;
     done(match verb {
         Verb::Cancel => d.jobs.cancel(&job),
@@ -550,34 +550,6 @@ fn claim_nodes(d: &Daemon, names: &[&str]) -> Result<Claim, block::Error> {
             .map(Key::Node)
             .collect())
     })
-}
-
-/// Claim `keys` for a command that runs on the reactor (the wait runs off it).
-async fn claim_off_reactor(d: &Arc<Daemon>, keys: Vec<Key>) -> Result<Claim, block::Error> {
-    let d = d.clone();
-    tokio::task::spawn_blocking(move || d.claims.take(|| Ok(keys.clone())))
-        .await
-        .map_err(|e| generic(format!("claiming failed: {e}")))?
-}
-
-/// Claim the node `name` resolves to and `keys`, for a command that runs on the reactor.
-async fn claim_off_reactor_on(
-    d: &Arc<Daemon>,
-    name: &str,
-    keys: Vec<Key>,
-) -> Result<Claim, block::Error> {
-    let d = d.clone();
-    let name = name.to_string();
-    let take = move || {
-        d.claims.take(|| {
-            let mut all = node_keys(&d, &name);
-            all.extend(keys.iter().cloned());
-            Ok(all)
-        })
-    };
-    tokio::task::spawn_blocking(take)
-        .await
-        .map_err(|e| generic(format!("claiming failed: {e}")))?
 }
 
 fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {

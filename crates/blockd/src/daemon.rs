@@ -2,10 +2,11 @@
 //!
 //! Locks: every field below is a std `Mutex` held for short, non-async sections only. QMP
 //! commands are serialised by the qmp crate, so handlers never race each other, except the
-//! graph commands `dispatch::runs_unserialised` lets run beside others (`blockdev-add` and
-//! `-del` reserve and hold what they use in the graph; snapshots and reopens claim their
-//! nodes, see [`crate::claims`]); I/O paths (NBD, jobs) clone node handles out and never take
-//! these locks.
+//! commands `dispatch::runs_unserialised` lets run beside others (`blockdev-add` and `-del`
+//! reserve and hold what they use in the graph; snapshots, reopens, transactions, backups and
+//! export adds claim their nodes, ids and files, queries take read claims, see
+//! [`crate::claims`]); I/O paths (NBD, jobs) clone node handles out and never take these
+//! locks.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -48,6 +49,8 @@ pub struct Daemon {
     pub shutdown: CancellationToken,
     /// What the graph commands running beside others claim (see [`crate::claims`]).
     pub claims: Arc<crate::claims::Claims>,
+    /// How many commands that run beside others are in progress (shutdown waits for them).
+    pub in_flight: tokio::sync::watch::Sender<usize>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -91,6 +94,7 @@ impl Daemon {
             exports: Mutex::new(Vec::new()),
             shutdown: CancellationToken::new(),
             claims: Arc::default(),
+            in_flight: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -258,6 +262,9 @@ impl Daemon {
 
     /// Cancel jobs, remove exports, stop NBD, close every node (parents first).
     pub async fn close_all(&self) {
+        // Commands running beside others (a transaction or backup creating jobs, an export
+        // add) end first, so that no job starts and no export appears after these steps.
+        let _ = self.in_flight.subscribe().wait_for(|n| *n == 0).await;
         self.jobs.cancel_all().await;
         if self.nbd().is_some() {
             let _ = self.nbd_server_stop().await;

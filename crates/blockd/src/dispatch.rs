@@ -17,7 +17,7 @@ use qapi::types::{
     HumanMonitorCommandArgs, NbdServerAddArgs, NbdServerStartArgs, SocketAddressLegacy,
 };
 
-use crate::claims::{Claim, Key};
+use crate::claims::{self, Claim, Key};
 use crate::convert::{bitmap_source, create_spec, export_args, node_options};
 use crate::daemon::Daemon;
 use crate::exports::{ExportArgs, NbdAddr};
@@ -101,31 +101,34 @@ impl qmp::Dispatcher for QmpDispatcher {
         COMMANDS.contains(&name)
     }
 
-    /// Graph commands that wait on disk I/O run beside other commands, so that a slow disk
-    /// holds up only the commands that need what waits for it:
+    /// What runs beside other commands (off the QMP command lock), so that a slow disk holds
+    /// up only the commands that need what waits for it:
     /// - `blockdev-add` opens files without the graph lock (names reserved, named children
     ///   pinned: `block::Graph::add_staged`); `blockdev-del` stores, flushes and closes
     ///   without it (the node marked as being deleted, then detached: `Graph::del_staged`).
-    /// - `blockdev-snapshot-sync` (flush, overlay create and open), `blockdev-snapshot`
-    ///   (the base's flush) and `blockdev-reopen` (bitmap store and flush before going
-    ///   read-only) do their I/O without the graph lock, holding or marking the nodes.
-    /// - The `block-dirty-bitmap-*` commands (a persistent bitmap's removal writes the
-    ///   image) and the internal snapshot commands (the image's snapshot table, refcounts,
-    ///   flush) hold their node while they act (a delete of it in progress is waited for).
+    /// - The commands that change existing nodes over several steps or wait on their I/O
+    ///   first claim the nodes they change and the names, files, job ids and export ids they
+    ///   create (`crate::claims`), all at once: `blockdev-snapshot(-sync)`, `blockdev-reopen`,
+    ///   the `block-dirty-bitmap-*` and internal snapshot commands, `transaction` (every
+    ///   action's nodes, files and job ids, from prepare to commit or abort),
+    ///   `blockdev-backup` / `drive-backup` (source, target or target file, job id) and
+    ///   `block-export-add` / `nbd-server-add` (node, export id, the NBD server). Two of them
+    ///   on one key run one after the other, each all or nothing, as under QEMU's lock; a job
+    ///   id is created by one (the other then gets QEMU's "already in use").
+    /// - Every query, which reads state under that state's own locks: `query-version`,
+    ///   `query-commands`, `query-qmp-schema`; `query-jobs` and `query-block-jobs` read the
+    ///   job table once (a transaction's jobs may show `created` before its commit, states
+    ///   QEMU announces by JOB_STATUS_CHANGE too); `query-block`, `query-named-block-nodes`,
+    ///   `query-block-exports` and `x-debug-block-dirty-bitmap-sha256` take a read claim on
+    ///   the nodes they report, so a node that a claimed command changes is shown before or
+    ///   after that command, never half way (they wait for it; other queries do not).
     ///
-    /// Each of the last three groups first claims the nodes it changes, the names and files
-    /// it creates (`crate::claims`), and so do the serialised commands that change the same
-    /// things over several steps: `transaction` (its actions' nodes, from prepare to commit
-    /// or abort), `blockdev-backup` / `drive-backup` and `block-export-add` /
-    /// `nbd-server-add` (an export's bitmap). Two commands on one node
-    /// therefore run one after the other, each all or nothing, as under QEMU's lock; a
-    /// serialised command that waits for a claim holds up the other serialised ones
-    /// meanwhile (as the claim's holder did before it ran beside them).
-    ///
-    /// Every other command stays serialised: those above that claim need the lock for
-    /// their atomicity over what they do not claim (a transaction's jobs and group, a
-    /// backup's drained section and job table, the export table and NBD server); the rest
-    /// either do no I/O or are quick reads.
+    /// Serialised stay the commands without I/O to wait on or whose effects the claims do
+    /// not cover: `blockdev-create` (its job does the I/O), the job verbs (they claim their
+    /// job id, so a verb on a job a transaction is still creating waits for it),
+    /// `nbd-server-start` / `-stop` (they claim the NBD server), the export removals,
+    /// `human-monitor-command`, `quit`. A serialised command waiting for a claim holds up
+    /// the other serialised commands meanwhile, never the ones above.
     fn runs_unserialised(&self, name: &str) -> bool {
         matches!(
             name,
@@ -142,18 +145,50 @@ impl qmp::Dispatcher for QmpDispatcher {
                 | "block-dirty-bitmap-merge"
                 | "blockdev-snapshot-internal-sync"
                 | "blockdev-snapshot-delete-internal-sync"
+                | "transaction"
+                | "blockdev-backup"
+                | "drive-backup"
+                | "block-export-add"
+                | "nbd-server-add"
+                | "query-version"
+                | "query-commands"
+                | "query-qmp-schema"
+                | "query-jobs"
+                | "query-block-jobs"
+                | "query-block"
+                | "query-named-block-nodes"
+                | "query-block-exports"
+                | "x-debug-block-dirty-bitmap-sha256"
         )
     }
 
     fn dispatch(&self, name: &str, args: Map<String, Value>) -> qmp::DispatchFuture {
         let daemon = self.daemon.clone();
         let server = self.server.get().cloned();
+        let in_flight = self.runs_unserialised(name).then(|| InFlight::new(&daemon));
         let name = name.to_string();
         Box::pin(async move {
+            let _in_flight = in_flight;
             let cmd = qapi::types::parse_command(&name, args)
                 .map_err(|e| qmp::QmpError::new(e.class, e.desc))?;
             run(&daemon, server, cmd).await.map_err(qmp_error)
         }) as Pin<Box<dyn Future<Output = _> + Send>>
+    }
+}
+
+/// One command running beside others, counted in `Daemon::in_flight` until it ends.
+struct InFlight(Arc<Daemon>);
+
+impl InFlight {
+    fn new(d: &Arc<Daemon>) -> InFlight {
+        d.in_flight.send_modify(|n| *n += 1);
+        InFlight(d.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.send_modify(|n| *n -= 1);
     }
 }
 
@@ -195,10 +230,22 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
             Ok(json!({}))
         }
         Command::HumanMonitorCommand(a) => human_monitor_command(d, a).await,
-        Command::QueryBlock => Ok(d.query_block()),
+        // The queries that report nodes wait for the commands changing them (a read claim,
+        // see `crate::claims`), so they show each such command's nodes before or after it.
+        Command::QueryBlock => {
+            off_reactor(d, |d| {
+                let _read = d.claims.read(|| Ok(claims::device_keys(d)))?;
+                Ok(d.query_block())
+            })
+            .await
+        }
         Command::QueryNamedBlockNodes(a) => {
             let flat = a.flat.unwrap_or(false);
-            off_reactor(d, move |d| Ok(d.query_named_block_nodes(flat))).await
+            off_reactor(d, move |d| {
+                let _read = d.claims.read(|| Ok(claims::all_node_keys(d)))?;
+                Ok(d.query_named_block_nodes(flat))
+            })
+            .await
         }
         Command::BlockdevAdd(o) => {
             let opts = node_options(&o).map_err(generic)?;
@@ -299,6 +346,7 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         }
         Command::XDebugBlockDirtyBitmapSha256(a) => {
             off_reactor(d, move |d| {
+                let _read = d.claims.read(|| Ok(node_keys(d, &a.node)))?;
                 let node = d.bitmap_node(&a.node)?;
                 Ok(json!({"sha256": bitmap_ops::sha256(&node, &a.name)?}))
             })
@@ -313,19 +361,25 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
             Ok(Value::Array(infos.collect::<Result<_, _>>()?))
         }
         Command::BlockJobSetSpeed(a) => {
+            let _claim = claims::claim_off_reactor(d, vec![Key::Job(a.device.clone())]).await?;
             let job = d.jobs.find(&a.device, true)?;
             let speed = u64::try_from(a.speed).map_err(|_| generic("Invalid parameter 'speed'"))?;
             done(d.jobs.set_speed(&job, speed))
         }
-        Command::BlockJobCancel(a) => job_verb(d, Verb::Cancel, &a.device, true),
-        Command::BlockJobPause(a) => job_verb(d, Verb::Pause, &a.device, true),
-        Command::BlockJobResume(a) => job_verb(d, Verb::Resume, &a.device, true),
-        Command::BlockJobComplete(a) => job_verb(d, Verb::Complete, &a.device, true),
-        Command::BlockJobDismiss(a) => job_verb(d, Verb::Dismiss, &a.id, true),
-        Command::BlockJobFinalize(a) => job_verb(d, Verb::Finalize, &a.id, true),
+        Command::BlockJobCancel(a) => job_verb(d, Verb::Cancel, &a.device, true).await,
+        Command::BlockJobPause(a) => job_verb(d, Verb::Pause, &a.device, true).await,
+        Command::BlockJobResume(a) => job_verb(d, Verb::Resume, &a.device, true).await,
+        Command::BlockJobComplete(a) => job_verb(d, Verb::Complete, &a.device, true).await,
+        Command::BlockJobDismiss(a) => job_verb(d, Verb::Dismiss, &a.id, true).await,
+        Command::BlockJobFinalize(a) => job_verb(d, Verb::Finalize, &a.id, true).await,
         Command::BlockdevBackup(a) => {
             off_reactor(d, move |d| {
-                let _claim = claim_nodes(d, &[&a.common.device, &a.target])?;
+                let _claim = d.claims.take(|| {
+                    let mut keys = node_keys(d, &a.common.device);
+                    keys.extend(node_keys(d, &a.target));
+                    keys.extend(claims::backup_keys(&a.common));
+                    Ok::<_, block::Error>(keys)
+                })?;
                 done(crate::backup::blockdev_backup(d, a))
             })
             .await
@@ -335,6 +389,7 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
                 let _claim = d.claims.take(|| {
                     let mut keys = node_keys(d, &a.common.device);
                     keys.push(Key::File(a.target.clone()));
+                    keys.extend(claims::backup_keys(&a.common));
                     Ok::<_, block::Error>(keys)
                 })?;
                 done(crate::backup::drive_backup(d, a))
@@ -347,30 +402,48 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
                 jobs.iter().map(wire::job_info).collect::<Result<_, _>>()?,
             ))
         }
-        Command::JobPause(a) => job_verb(d, Verb::Pause, &a.id, false),
-        Command::JobResume(a) => job_verb(d, Verb::Resume, &a.id, false),
-        Command::JobCancel(a) => job_verb(d, Verb::Cancel, &a.id, false),
-        Command::JobComplete(a) => job_verb(d, Verb::Complete, &a.id, false),
-        Command::JobDismiss(a) => job_verb(d, Verb::Dismiss, &a.id, false),
-        Command::JobFinalize(a) => job_verb(d, Verb::Finalize, &a.id, false),
-        Command::NbdServerStart(a) => nbd_server_start(d, a).await,
+        Command::JobPause(a) => job_verb(d, Verb::Pause, &a.id, false).await,
+        Command::JobResume(a) => job_verb(d, Verb::Resume, &a.id, false).await,
+        Command::JobCancel(a) => job_verb(d, Verb::Cancel, &a.id, false).await,
+        Command::JobComplete(a) => job_verb(d, Verb::Complete, &a.id, false).await,
+        Command::JobDismiss(a) => job_verb(d, Verb::Dismiss, &a.id, false).await,
+        Command::JobFinalize(a) => job_verb(d, Verb::Finalize, &a.id, false).await,
+        Command::NbdServerStart(a) => {
+            let _claim = claims::claim_off_reactor(d, vec![Key::NbdServer]).await?;
+            nbd_server_start(d, a).await
+        }
         Command::NbdServerAdd(a) => {
-            let _claim = claim_off_reactor(d, a.device.clone()).await?;
+            let name = a.name.clone().unwrap_or_else(|| a.device.clone());
+            let keys = vec![Key::Export(name), Key::NbdServer];
+            let _claim = claims::claim_off_reactor_on(d, &a.device, keys).await?;
             nbd_server_add(d, a)
         }
         Command::NbdServerRemove(a) => done(d.export_del(&a.name, hard(a.mode))),
-        Command::NbdServerStop => done(d.nbd_server_stop().await),
+        Command::NbdServerStop => {
+            let _claim = claims::claim_off_reactor(d, vec![Key::NbdServer]).await?;
+            done(d.nbd_server_stop().await)
+        }
         Command::BlockExportAdd(o) => {
             let args = export_args(&o).map_err(generic)?;
-            let _claim = claim_off_reactor(d, args.node_name.clone()).await?;
+            let keys = vec![Key::Export(args.id.clone()), Key::NbdServer];
+            let _claim = claims::claim_off_reactor_on(d, &args.node_name, keys).await?;
             done(d.export_add(args))
         }
         Command::BlockExportDel(a) => done(d.export_del(&a.id, hard(a.mode))),
-        Command::QueryBlockExports => d.query_exports(),
+        Command::QueryBlockExports => {
+            off_reactor(d, |d| {
+                let _read = d.claims.read(|| Ok(claims::export_keys(d)))?;
+                d.query_exports()
+            })
+            .await
+        }
     }
 }
 
-fn job_verb(d: &Arc<Daemon>, verb: Verb, id: &str, block_verb: bool) -> CmdResult {
+/// A job verb waits for a command that creates a job of that id (a `transaction` between
+/// its prepare and its commit or abort), so it finds the job as that command leaves it.
+async fn job_verb(d: &Arc<Daemon>, verb: Verb, id: &str, block_verb: bool) -> CmdResult {
+    let _claim = claims::claim_off_reactor(d, vec![Key::Job(id.to_string())]).await?;
     let job = d.jobs.find(id, block_verb)?;
     done(match verb {
         Verb::Cancel => d.jobs.cancel(&job),
@@ -477,15 +550,6 @@ fn claim_nodes(d: &Daemon, names: &[&str]) -> Result<Claim, block::Error> {
             .map(Key::Node)
             .collect())
     })
-}
-
-/// [`claim_nodes`] of one node for a command that runs on the reactor (the wait for the
-/// claim runs off it).
-async fn claim_off_reactor(d: &Arc<Daemon>, name: String) -> Result<Claim, block::Error> {
-    let d = d.clone();
-    tokio::task::spawn_blocking(move || claim_nodes(&d, &[&name]))
-        .await
-        .map_err(|e| generic(format!("claiming a node failed: {e}")))?
 }
 
 fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {

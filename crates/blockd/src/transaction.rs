@@ -204,10 +204,12 @@ fn keys(d: &Daemon, actions: &[TransactionAction]) -> Vec<Key> {
             TransactionAction::BlockdevBackup(b) => {
                 node(&mut keys, &b.common.device);
                 node(&mut keys, &b.target);
+                keys.extend(crate::claims::backup_keys(&b.common));
             }
             TransactionAction::DriveBackup(b) => {
                 node(&mut keys, &b.common.device);
                 keys.push(Key::File(b.target.clone()));
+                keys.extend(crate::claims::backup_keys(&b.common));
             }
             TransactionAction::BlockdevSnapshot(s) => keys.extend(d.snapshot_keys(s)),
             TransactionAction::BlockdevSnapshotSync(s) => keys.extend(d.snapshot_sync_keys(s)),

@@ -40,7 +40,7 @@ pub trait Dispatcher: Send + Sync + 'static {
     /// Does this command run without the server-wide command lock? Only for a command whose
     /// handler is safe against every other command running meanwhile (blockd: the graph
     /// commands that wait on disk I/O, which reserve or claim what they need under locks of
-    /// their own). Default: no command does.
+    /// their own, and the queries). Default: no command does.
     fn runs_unserialised(&self, name: &str) -> bool {
         let _ = name;
         false

@@ -247,3 +247,43 @@ def test_quit_waits_for_a_transaction_before_cancelling_jobs(make_daemon, tmp_pa
     # logged as illegal transitions), the overlay was kept.
     log = d.log()
     assert "ERROR" not in log and "WARN" not in log, log
+
+
+@iotests.blockd_only
+def test_a_query_hung_on_a_stopped_file_holds_up_no_other_command(make_daemon, tmp_path):
+    """query-named-block-nodes stats every node's file; with one file's FUSE server stopped
+    that query hangs, but it reads the files before it takes its read claims, so another
+    monitor's commands that claim nodes (bitmap add and remove, a reopen) answer meanwhile, and
+    query-block (no device) too; once the server continues the query answers with every node."""
+    stall = StallableFile(tmp_path, SIZE)
+    try:
+        d = make_daemon(monitors=2)
+        d.blockdev_add(driver="raw", node_name="slow",
+                       file={"driver": "file", "filename": str(stall.path)})
+        img = qcow2(tmp_path / "q.qcow2", SIZE)
+        d.blockdev_add(driver="file", node_name="qf", filename=str(img))
+        d.blockdev_add(driver="qcow2", node_name="q", file="qf")
+        stall.stop()
+        time.sleep(2)  # past the kernel's cached attributes of the FUSE file
+        with _monitor(d, 1) as m1:
+            m1.send(json.dumps({"execute": "query-named-block-nodes"}))
+            time.sleep(1)
+            assert _no_reply(m1), "the query did not stall on the stopped file"
+            d.ok("block-dirty-bitmap-add", node="q", name="meanwhile")
+            # (Not d.bitmaps: a second query-named-block-nodes would hang on the file too.)
+            assert "sha256" in d.ok("x-debug-block-dirty-bitmap-sha256", node="q",
+                                    name="meanwhile")
+            d.ok("block-dirty-bitmap-remove", node="q", name="meanwhile")
+            d.ok("blockdev-reopen", options=[{
+                "driver": "qcow2", "node-name": "q", "read-only": True,
+                "file": "qf"}])
+            assert d.ok("query-block") == []
+            stall.cont()
+            nodes = m1.reply(timeout=30)["return"]
+            names = {n["node-name"] for n in nodes if not n["node-name"].startswith("#")}
+            assert {"slow", "q"} <= names, names
+        d.ok("blockdev-del", node_name="q")
+        d.ok("blockdev-del", node_name="slow")
+        iotests.qemu_img("check", str(img))
+    finally:
+        stall.close()

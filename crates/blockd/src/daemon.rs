@@ -205,21 +205,28 @@ impl Daemon {
         });
     }
 
-    /// query-named-block-nodes.
-    /// The nodes are listed under the graph lock, their facts (a file's size: `fstat`) read
-    /// without it, so a hung file system stalls only this query. Blocking: call it off the
-    /// reactor.
-    pub fn query_named_block_nodes(&self, flat: bool) -> Value {
+    /// query-named-block-nodes with the facts of `known`: the nodes are listed under the graph
+    /// lock, facts not read ahead are read without it. Blocking: call it off the reactor.
+    pub fn query_named_block_nodes_from(&self, flat: bool, known: &info::Facts) -> Value {
         let nodes: Vec<NodeRef> = self.graph().nodes().to_vec();
-        info::named_block_nodes(&nodes, flat)
+        info::named_block_nodes(&nodes, flat, known)
     }
 
-    /// query-block: one BlockInfo per named device.
-    pub fn query_block(&self) -> Value {
-        let devices = lock(&self.devices);
+    /// The nodes of the named devices now (what query-block reports, with their children).
+    pub fn device_nodes(&self) -> Vec<NodeRef> {
+        lock(&self.devices).iter().map(|d| d.root.node()).collect()
+    }
+
+    /// query-block with the facts of `known` (no file is stat'ed under the devices' lock
+    /// unless a device's node was not read ahead).
+    pub fn query_block_from(&self, known: &info::Facts) -> Value {
+        let devices: Vec<(String, NodeRef)> = lock(&self.devices)
+            .iter()
+            .map(|d| (d.name.clone(), d.root.node()))
+            .collect();
         let infos: Vec<_> = devices
             .iter()
-            .map(|d| info::block_info(&d.name, &d.root.node()))
+            .map(|(name, node)| info::block_info(name, node, known))
             .collect();
         info::to_value(&infos)
     }
@@ -336,7 +343,11 @@ mod tests {
         ctl.hold(Op::Facts);
         let q = {
             let d = d.clone();
-            std::thread::spawn(move || d.query_named_block_nodes(false))
+            std::thread::spawn(move || {
+                let nodes = d.graph().nodes().to_vec();
+                let known = crate::info::Facts::read(&nodes);
+                d.query_named_block_nodes_from(false, &known)
+            })
         };
         let start = Instant::now();
         while ctl.waiting() < 1 {

@@ -234,16 +234,21 @@ async fn run(d: &Arc<Daemon>, server: Option<qmp::Server>, cmd: Command) -> CmdR
         // see `crate::claims`), so they show each such command's nodes before or after it.
         Command::QueryBlock => {
             off_reactor(d, |d| {
+                // Files are stat'ed before the claims are taken: a hung one stalls this
+                // query, not the commands that would wait for its claims.
+                let known = crate::info::Facts::read(&d.device_nodes());
                 let _read = d.claims.read(|| Ok(claims::device_keys(d)))?;
-                Ok(d.query_block())
+                Ok(d.query_block_from(&known))
             })
             .await
         }
         Command::QueryNamedBlockNodes(a) => {
             let flat = a.flat.unwrap_or(false);
             off_reactor(d, move |d| {
+                let nodes = d.graph().nodes().to_vec();
+                let known = crate::info::Facts::read(&nodes);
                 let _read = d.claims.read(|| Ok(claims::all_node_keys(d)))?;
-                Ok(d.query_named_block_nodes(flat))
+                Ok(d.query_named_block_nodes_from(flat, &known))
             })
             .await
         }

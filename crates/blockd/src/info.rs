@@ -4,10 +4,41 @@
 use serde_json::Value;
 
 use block::bitmap::DirtyBitmap;
-use block::driver::FormatSpecific;
+use block::driver::{FormatSpecific, ImageFacts};
 use block::graph::resolve_backing_path;
 use block::NodeRef;
 use qapi::types as t;
+
+/// The facts of nodes (a file's size: an `fstat`) read before a query takes its read claims
+/// (see `crate::claims`), so a hung file system stalls that query only, never a command that
+/// waits for those claims. A node the query meets that was not read ahead (added meanwhile) is
+/// read when met.
+#[derive(Default)]
+pub struct Facts(Vec<(NodeRef, ImageFacts)>);
+
+impl Facts {
+    /// Read the facts of `nodes` and of every node below them.
+    pub fn read(nodes: &[NodeRef]) -> Facts {
+        let mut out = Facts::default();
+        let mut todo: Vec<NodeRef> = nodes.to_vec();
+        while let Some(n) = todo.pop() {
+            if out.0.iter().any(|(m, _)| std::sync::Arc::ptr_eq(m, &n)) {
+                continue;
+            }
+            todo.extend(n.children().into_iter().map(|c| c.node));
+            let f = n.facts();
+            out.0.push((n, f));
+        }
+        out
+    }
+
+    fn of(&self, node: &NodeRef) -> ImageFacts {
+        match self.0.iter().find(|(m, _)| std::sync::Arc::ptr_eq(m, node)) {
+            Some((_, f)) => f.clone(),
+            None => node.facts(),
+        }
+    }
+}
 
 /// BlockDirtyInfo for one bitmap.
 pub fn dirty_info(b: &DirtyBitmap) -> t::BlockDirtyInfo {
@@ -89,8 +120,8 @@ fn format_specific(fs: &FormatSpecific) -> t::ImageInfoSpecific {
 }
 
 /// ImageInfo for a node; with `chain`, the backing image nested as `backing-image`.
-pub fn image_info(node: &NodeRef, chain: bool) -> t::ImageInfo {
-    let facts = node.facts();
+pub fn image_info(node: &NodeRef, chain: bool, known: &Facts) -> t::ImageInfo {
+    let facts = known.of(node);
     let full_backing = facts
         .backing_filename
         .as_ref()
@@ -117,7 +148,7 @@ pub fn image_info(node: &NodeRef, chain: bool) -> t::ImageInfo {
         format_specific: facts.format_specific.as_ref().map(format_specific),
         backing_image: if chain {
             node.child("backing")
-                .map(|b| Box::new(image_info(&b, true)))
+                .map(|b| Box::new(image_info(&b, true, known)))
         } else {
             None
         },
@@ -143,8 +174,8 @@ fn detect_zeroes(setting: &str) -> t::BlockdevDetectZeroesOptions {
 }
 
 /// BlockDeviceInfo for a node (`query-named-block-nodes`, `query-block`'s `inserted`).
-pub fn node_info(node: &NodeRef, flat: bool) -> t::BlockDeviceInfo {
-    let facts = node.facts();
+pub fn node_info(node: &NodeRef, flat: bool, known: &Facts) -> t::BlockDeviceInfo {
+    let facts = known.of(node);
     let flags = node.flags();
     t::BlockDeviceInfo {
         file: facts.filename.clone(),
@@ -154,7 +185,7 @@ pub fn node_info(node: &NodeRef, flat: bool) -> t::BlockDeviceInfo {
         // The backing child's file, and nothing without one: QEMU reports none after
         // `backing: null` (at blockdev-add or blockdev-reopen) even though the image's header
         // still names one (that stays in `image`'s `backing-filename`).
-        backing_file: node.child("backing").map(|b| b.facts().filename),
+        backing_file: node.child("backing").map(|b| known.of(&b).filename),
         backing_file_depth: if flat { 0 } else { backing_depth(node) },
         active: true,
         encrypted: false,
@@ -165,7 +196,7 @@ pub fn node_info(node: &NodeRef, flat: bool) -> t::BlockDeviceInfo {
         iops: 0,
         iops_rd: 0,
         iops_wr: 0,
-        image: image_info(node, !flat),
+        image: image_info(node, !flat, known),
         bps_max: None,
         bps_rd_max: None,
         bps_wr_max: None,
@@ -196,20 +227,24 @@ pub fn to_value<T: serde::Serialize>(v: &T) -> Value {
 }
 
 /// `query-named-block-nodes`: newest first, as QEMU lists them.
-pub fn named_block_nodes(nodes: &[NodeRef], flat: bool) -> Value {
-    let nodes: Vec<t::BlockDeviceInfo> = nodes.iter().rev().map(|n| node_info(n, flat)).collect();
+pub fn named_block_nodes(nodes: &[NodeRef], flat: bool, known: &Facts) -> Value {
+    let nodes: Vec<t::BlockDeviceInfo> = nodes
+        .iter()
+        .rev()
+        .map(|n| node_info(n, flat, known))
+        .collect();
     to_value(&nodes)
 }
 
 /// `query-block`'s entry for a named device over `node`.
-pub fn block_info(device: &str, node: &NodeRef) -> t::BlockInfo {
+pub fn block_info(device: &str, node: &NodeRef, known: &Facts) -> t::BlockInfo {
     t::BlockInfo {
         device: device.to_string(),
         qdev: None,
         device_type: "unknown".to_string(),
         removable: false,
         locked: false,
-        inserted: Some(node_info(node, false)),
+        inserted: Some(node_info(node, false, known)),
         tray_open: None,
         io_status: None,
     }

@@ -380,7 +380,8 @@ impl Run<'_, '_> {
                 .map(|f| self.repo.store.local_path(&f.name))
                 .collect::<Result<Vec<PathBuf>>>()?;
             paths.push(path.clone());
-            let prev = self.prev_sums(&p.disk, p.parent.last().map(|f| f.name.as_str()));
+            let n = p.size.div_ceil(chain::HASH_CHUNK) as usize;
+            let prev = self.prev_sums(&p.disk, p.parent.last().map(|f| f.name.as_str()), n);
             // One pass: the file's block hashes are the content hashes of the chunks it holds.
             let sums = crate::blocksum::hash_new_file(path, &paths, prev, known[i].as_deref())
                 .ctx(|| format!("hashing disk {}", p.disk))?;
@@ -395,7 +396,7 @@ impl Run<'_, '_> {
             let content = chain::digest(HashAlgo::NEW, &hashes);
             let sums = self.repo.sums_name(&p.disk, &self.id);
             self.created_files.push(sums.clone());
-            self.repo.store.put(&sums, &hashes.concat())?;
+            self.repo.store.put(&sums, hashes.as_flattened())?;
             let n = Names::new(&self.opts.tag, &self.id, i);
             disks.push(DiskRecord {
                 name: p.disk.clone(),
@@ -429,9 +430,10 @@ impl Run<'_, '_> {
         Ok(m)
     }
 
-    /// Chunk hashes recorded for the point whose top file is `top` (None: hash everything,
-    /// also when they were taken with another algorithm than new backups use).
-    fn prev_sums(&self, disk: &str, top: Option<&str>) -> Option<Vec<[u8; 32]>> {
+    /// The `n` chunk hashes recorded for the point whose top file is `top` (None: hash
+    /// everything, also when they were taken with another algorithm than new backups use or
+    /// are not `n`). Read straight into the vector the new point's hashes are made in.
+    fn prev_sums(&self, disk: &str, top: Option<&str>, n: usize) -> Option<Vec<[u8; 32]>> {
         let top = top?;
         let rec = self
             .all
@@ -440,15 +442,12 @@ impl Run<'_, '_> {
             .filter(|m| m.hash == HashAlgo::NEW)
             .flat_map(|m| m.disks.iter())
             .find(|d| d.name == disk && d.chain.last().is_some_and(|f| f.name == top))?;
-        let data = self.repo.store.get(rec.sums.as_deref()?).ok()?;
-        if data.len() % 32 != 0 {
-            return None;
-        }
-        Some(
-            data.chunks_exact(32)
-                .map(|c| c.try_into().unwrap_or([0u8; 32]))
-                .collect(),
-        )
+        let mut sums = vec![[0u8; 32]; n];
+        self.repo
+            .store
+            .get_exact(rec.sums.as_deref()?, sums.as_flattened_mut())
+            .ok()?
+            .then_some(sums)
     }
 
     /// Pull one disk: export its point in time and copy the extents to read.

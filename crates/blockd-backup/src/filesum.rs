@@ -226,27 +226,6 @@ impl Mapped {
         (ptr != libc::MAP_FAILED).then_some(Mapped { ptr, len })
     }
 
-    /// Fault in bytes `off..off + len` of the mapping in one call (the hashing threads each
-    /// populate the run they hash, in parallel, instead of one `MAP_POPULATE` of the whole file
-    /// at map time or a fault per page). Best effort: without it the pages fault in as read.
-    pub fn populate(&self, off: u64, len: u64) {
-        const PAGE: u64 = 4096;
-        let start = off / PAGE * PAGE;
-        let end = off.saturating_add(len).min(self.len as u64);
-        if start >= end {
-            return;
-        }
-        // SAFETY: advice on a page-aligned range inside this mapping; MADV_POPULATE_READ only
-        // reads the pages in (an error such as EINVAL on an older kernel is ignored).
-        unsafe {
-            libc::madvise(
-                self.ptr.cast::<u8>().add(start as usize).cast(),
-                (end - start) as usize,
-                libc::MADV_POPULATE_READ,
-            )
-        };
-    }
-
     /// The file's bytes.
     pub fn bytes(&self) -> &[u8] {
         // SAFETY: `ptr` maps `len` readable bytes for as long as `self` lives.

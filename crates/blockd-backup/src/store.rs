@@ -19,6 +19,17 @@ pub trait Store: Send + Sync {
     fn put(&self, name: &str, data: &[u8]) -> Result<()>;
     /// Read object `name`.
     fn get(&self, name: &str) -> Result<Vec<u8>>;
+    /// Read object `name` into `buf` if it is exactly `buf.len()` bytes long (`false`: it has
+    /// another length, nothing was read). Large objects of a known size are read straight into
+    /// their final place, with no copy and no allocation sized by the object.
+    fn get_exact(&self, name: &str, buf: &mut [u8]) -> Result<bool> {
+        let data = self.get(name)?;
+        if data.len() != buf.len() {
+            return Ok(false);
+        }
+        buf.copy_from_slice(&data);
+        Ok(true)
+    }
     /// Names of the objects whose name starts with `prefix` (a folder ending in `/`), sorted.
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
     /// Rename an object atomically (replacing `to`). Part of the interface an object-store
@@ -133,6 +144,20 @@ impl Store for DirStore {
     fn get(&self, name: &str) -> Result<Vec<u8>> {
         let p = self.path(name)?;
         fs::read(&p).map_err(|e| Error::io(e, format!("reading {}", p.display())))
+    }
+
+    fn get_exact(&self, name: &str, buf: &mut [u8]) -> Result<bool> {
+        use std::io::Read;
+        let p = self.path(name)?;
+        (|| -> std::io::Result<bool> {
+            let mut f = fs::File::open(&p)?;
+            if f.metadata()?.len() != buf.len() as u64 {
+                return Ok(false);
+            }
+            f.read_exact(buf)?;
+            Ok(true)
+        })()
+        .map_err(|e| Error::io(e, format!("reading {}", p.display())))
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {

@@ -271,6 +271,14 @@ pub trait Driver: Send + Sync {
     }
     /// Give up a prepared switch (without the graph lock): the node stays as it was.
     fn abort_switch(&self, _staged: StagedSwitch) {}
+    /// Swap a prepared switch in at once, before the switch is committed, for a node that
+    /// only its parent in the same switch uses (an inline `file` child going read-write,
+    /// which its format's prepare then writes through). Returns the state it replaced:
+    /// swapped in again it puts the node back (an abort), dropped it is released (a commit).
+    /// `Err(staged)`: the driver has nothing to swap early (it is committed as usual).
+    fn swap_switch(&self, staged: StagedSwitch) -> std::result::Result<StagedSwitch, StagedSwitch> {
+        Err(staged)
+    }
     /// The image was found corrupt (formats with metadata): nothing may be written any more.
     fn is_corrupt(&self) -> bool {
         false

@@ -24,6 +24,7 @@ pub use close::{Detached, NodeHold};
 pub use drain::Drained;
 pub use reopen::{ChildChange, ReadOnlyPrep};
 pub use snapshot::{SnapshotSync, SnapshotUndo};
+pub use switch::switch_order;
 
 pub(crate) use perms::PendingEdge;
 

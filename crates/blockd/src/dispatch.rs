@@ -563,8 +563,8 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
     let _claim = d
         .claims
         .take(|| Ok::<_, block::Error>(reopen_keys(d, &a)))?;
-    // Check every entry first, then change node by node through the graph (child changes,
-    // then read-only; permissions before bytes, drained); a refusal puts back everything
+    // Check every entry first, then change through the graph (every child change, then the
+    // read-only switches; permissions before bytes, drained); a refusal puts back everything
     // already changed, newest first: all or nothing.
     let mut plan = Vec::new();
     for o in &a.options {
@@ -610,44 +610,49 @@ fn blockdev_reopen(d: &Arc<Daemon>, a: BlockdevReopenArgs) -> CmdResult {
     let mut done: Vec<Undo> = Vec::new();
     let mut replaced: Vec<NodeRef> = Vec::new();
     let mut result = Ok(());
-    'plan: for (node, children, ro) in plan {
-        {
-            let mut graph = d.graph();
-            // A blockdev-del may have taken a node out since the checks: as if it had come
-            // first.
-            if !graph.contains(&node) {
-                result = Err(generic(format!(
-                    "Failed to find node with node-name='{}'",
-                    node.name()
-                )));
-                break;
-            }
-            for c in &children {
-                if let Some(to) = c.to.as_ref().filter(|t| !graph.contains(t)) {
-                    result = Err(generic(format!(
-                        "Cannot find device='' nor node-name='{}'",
-                        to.name()
-                    )));
-                    break 'plan;
-                }
-                match graph.reopen_child(&node, c) {
-                    Ok(undo) => {
-                        replaced.extend(undo.to.clone());
-                        done.push(Undo::Child(node.clone(), undo));
-                    }
-                    Err(e) => {
-                        result = Err(e);
-                        break 'plan;
-                    }
-                }
-            }
-        }
-        let was = node.read_only();
-        if let Err(e) = block::Graph::reopen_switch(&d.graph, &prep, &node, ro) {
-            result = Err(e);
+    // The child changes first, in list order; then the switches in an order that lets
+    // each find its children as the whole list leaves them (`switch_order`).
+    'plan: for (node, children, _) in &plan {
+        let mut graph = d.graph();
+        // A blockdev-del may have taken a node out since the checks: as if it had come
+        // first.
+        if !graph.contains(node) {
+            result = Err(generic(format!(
+                "Failed to find node with node-name='{}'",
+                node.name()
+            )));
             break;
         }
-        done.push(Undo::ReadOnly(node, was));
+        for c in children {
+            if let Some(to) = c.to.as_ref().filter(|t| !graph.contains(t)) {
+                result = Err(generic(format!(
+                    "Cannot find device='' nor node-name='{}'",
+                    to.name()
+                )));
+                break 'plan;
+            }
+            match graph.reopen_child(node, c) {
+                Ok(undo) => {
+                    replaced.extend(undo.to.clone());
+                    done.push(Undo::Child(node.clone(), undo));
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break 'plan;
+                }
+            }
+        }
+    }
+    if result.is_ok() {
+        for i in block::graph::switch_order(&switches) {
+            let (node, ro) = &switches[i];
+            let was = node.read_only();
+            if let Err(e) = block::Graph::reopen_switch(&d.graph, &prep, node, *ro) {
+                result = Err(e);
+                break;
+            }
+            done.push(Undo::ReadOnly(node.clone(), was));
+        }
     }
     if let Err(e) = result {
         // Back to read-write first, while the nodes are still drained and marked.

@@ -15,9 +15,9 @@ use crate::driver::{
 use crate::perm::Perm;
 
 /// A descriptor open for writing, prepared for a switch to read-write, with the lock bytes
-/// it took over.
+/// it took over (or, swapped in early, the descriptor it replaced: see `swap_switch`).
 struct FileSwitch {
-    file: File,
+    file: Arc<File>,
     bytes: (u32, u32),
 }
 
@@ -292,15 +292,28 @@ impl Driver for FileDriver {
             lock::hold_bits(&file, bytes.0, bytes.1)
                 .map_err(|e| crate::Error::generic(format!("Could not reopen: {e}")))?;
         }
-        Ok(Some(StagedSwitch(Box::new(FileSwitch { file, bytes }))))
+        Ok(Some(StagedSwitch(Box::new(FileSwitch {
+            file: Arc::new(file),
+            bytes,
+        }))))
     }
 
     fn commit_switch(&self, staged: StagedSwitch) -> Option<AfterSwitch> {
-        let Ok(staged) = staged.0.downcast::<FileSwitch>() else {
-            tracing::warn!("a reopen committed a switch this driver did not prepare");
-            return None;
-        };
+        match self.swap_switch(staged) {
+            // Closing the old descriptor drops its locks; the new one holds the same.
+            Ok(old) => Some(Box::new(move || drop(old))),
+            Err(_) => {
+                tracing::warn!("a reopen committed a switch this driver did not prepare");
+                None
+            }
+        }
+    }
+
+    fn swap_switch(&self, staged: StagedSwitch) -> Result<StagedSwitch, StagedSwitch> {
+        let staged = staged.0.downcast::<FileSwitch>().map_err(StagedSwitch)?;
         let FileSwitch { file, bytes } = *staged;
+        // One relock at a time (`set_perm` relocks the current descriptor under it).
+        let _held = self.mode.lock().unwrap_or_else(|p| p.into_inner());
         // Relocked since the prepare (another node's permissions changed): follow.
         let now = *self.bytes.lock().unwrap_or_else(|p| p.into_inner());
         if now != bytes && self.locking.load(Ordering::Relaxed) {
@@ -310,10 +323,12 @@ impl Driver for FileDriver {
         }
         let old = std::mem::replace(
             &mut *self.file.write().unwrap_or_else(|p| p.into_inner()),
-            Arc::new(file),
+            file,
         );
-        // Closing the old descriptor drops its locks; the new one holds the same.
-        Some(Box::new(move || drop(old)))
+        Ok(StagedSwitch(Box::new(FileSwitch {
+            file: old,
+            bytes: now,
+        })))
     }
 
     fn set_read_only(&self, read_only: bool) -> io::Result<()> {

@@ -129,11 +129,8 @@ impl Graph {
                 cache,
             } => {
                 let child = self.child(file, opts, depth)?;
-                if !ro && child.read_only() {
-                    return Err(Error::generic("Could not open image: Permission denied")
-                        .context(child.name().to_string()));
-                }
-                // The file's locks before the format reads a byte of it.
+                // The file's locks before the format reads a byte of it (a read-only file
+                // under a read-write format is refused there, with QEMU's text).
                 self.attach_pending(name, !ro, "file", Role::Storage, &child)?;
                 let edge = ChildEdge::new("file", child);
                 let driver =

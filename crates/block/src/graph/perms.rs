@@ -123,8 +123,15 @@ impl Graph {
     }
 
     /// What every node's edges need now, checked for conflicts (QEMU's message for the first).
+    /// Write permission on a read-only node (one not going read-write) is refused with QEMU's
+    /// text, as its permission check does: a writer over it could only fail.
     pub fn compute_needs(&self) -> Result<Vec<(NodeRef, Needs)>> {
         let (out, edges) = self.resolve_all();
+        for (n, needs) in &out {
+            if needs.perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED) && !n.asks_write() {
+                return Err(Error::generic("Block node is read-only"));
+            }
+        }
         for n in &self.nodes {
             if let Some(list) = edges.get(&key(n)) {
                 let mut parents: Vec<ParentEdge> = list.iter().map(|e| e.edge.clone()).collect();

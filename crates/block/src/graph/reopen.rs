@@ -472,7 +472,7 @@ impl Graph {
     fn make_writable(&mut self, chain: &[NodeRef]) -> Result<()> {
         self.take_write(chain)?;
         // Children first: a format reopens for writing over a writable file.
-        let staged = match prepare_chain(chain.iter().rev(), false) {
+        let staged = match prepare_chain(chain.iter().rev(), false, &chain[0]) {
             Ok(s) => s,
             Err(e) => {
                 self.undo_take_write(chain);
@@ -538,7 +538,7 @@ impl Graph {
             if !self.prepared_unchanged(n) {
                 store_and_flush(n)?;
             }
-            let staged = prepare_chain(std::iter::once(n), true)?;
+            let staged = prepare_chain(std::iter::once(n), true, n)?;
             run_after(commit_chain(staged));
             n.set_read_only_flag(true);
             n.set_bitmaps_read_only(true);

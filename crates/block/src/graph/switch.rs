@@ -22,23 +22,46 @@
 use std::sync::{Arc, Mutex};
 
 use super::reopen::{lock, ro_chain, store_and_flush, writable_now, ReadOnlyPrep};
+use super::rewire::reaches;
 use super::Graph;
 use crate::driver::{AfterSwitch, StagedSwitch};
 use crate::error::Result;
 use crate::node::NodeRef;
 
+/// A driver's prepared switch: staged (swapped in at the commit), or swapped in already
+/// (holding the state it replaced, for an abort to put back).
+pub(super) enum Step {
+    Staged(StagedSwitch),
+    Swapped(StagedSwitch),
+}
+
 /// Drivers' switches prepared for a chain, in the order they were prepared.
-pub(super) type Staged = Vec<(NodeRef, Option<StagedSwitch>)>;
+pub(super) type Staged = Vec<(NodeRef, Option<Step>)>;
 
 /// Prepare the switch of each node in `order`; a failure gives back what was prepared.
+/// Going read-write, every node but `top` (the inline `file` children, already writable to
+/// their parent alone) is swapped in as soon as it is prepared: the parent's prepare that
+/// follows writes through the child's new descriptor (its header, its bitmaps' in-use flags).
 pub(super) fn prepare_chain<'a>(
     order: impl Iterator<Item = &'a NodeRef>,
     read_only: bool,
+    top: &NodeRef,
 ) -> Result<Staged> {
     let mut done: Staged = Vec::new();
     for n in order {
         match n.driver().prepare_switch(read_only) {
-            Ok(s) => done.push((n.clone(), s)),
+            Ok(s) => {
+                let step = s.map(|s| {
+                    if read_only || Arc::ptr_eq(n, top) {
+                        return Step::Staged(s);
+                    }
+                    match n.driver().swap_switch(s) {
+                        Ok(old) => Step::Swapped(old),
+                        Err(s) => Step::Staged(s),
+                    }
+                });
+                done.push((n.clone(), step));
+            }
             Err(e) => {
                 abort_chain(done);
                 return Err(e);
@@ -48,11 +71,16 @@ pub(super) fn prepare_chain<'a>(
     Ok(done)
 }
 
-/// Give up prepared switches, newest first.
+/// Give up prepared switches, newest first (those swapped in already are swapped back).
 pub(super) fn abort_chain(staged: Staged) {
     for (n, s) in staged.into_iter().rev() {
-        if let Some(s) = s {
-            n.driver().abort_switch(s);
+        match s {
+            Some(Step::Staged(s)) => n.driver().abort_switch(s),
+            Some(Step::Swapped(old)) => match n.driver().swap_switch(old) {
+                Ok(new) => n.driver().abort_switch(new),
+                Err(_) => tracing::warn!(node = n.name(), "a reopen could not put a node back"),
+            },
+            None => {}
         }
     }
 }
@@ -61,7 +89,10 @@ pub(super) fn abort_chain(staged: Staged) {
 pub(super) fn commit_chain(staged: Staged) -> Vec<AfterSwitch> {
     staged
         .into_iter()
-        .filter_map(|(n, s)| s.and_then(|s| n.driver().commit_switch(s)))
+        .filter_map(|(n, s)| match s? {
+            Step::Staged(s) => n.driver().commit_switch(s),
+            Step::Swapped(old) => Some(Box::new(move || drop(old)) as AfterSwitch),
+        })
         .collect()
 }
 
@@ -99,6 +130,39 @@ impl Graph {
     }
 }
 
+/// The order in which a reopen's list of switches `(node, read_only)` is made, as indices
+/// into it: QEMU reopens the whole list at once, blockd node by node, so those going
+/// read-only go first, parents before the nodes below them (a parent stops asking for write
+/// before its child refuses writers), then those going read-write, children first (a
+/// format's switch writes through a child that is writable already). Otherwise list order.
+pub fn switch_order(switches: &[(NodeRef, bool)]) -> Vec<usize> {
+    let mut order = Vec::with_capacity(switches.len());
+    for read_only in [true, false] {
+        let mut left: Vec<usize> = (0..switches.len())
+            .filter(|&i| switches[i].1 == read_only)
+            .collect();
+        while !left.is_empty() {
+            // The first one that no other left must precede: read-only, none of the others
+            // is above it; read-write, none is below it.
+            let must_wait = |i: usize| {
+                left.iter().any(|&j| {
+                    let (a, b) = (&switches[i].0, &switches[j].0);
+                    !Arc::ptr_eq(a, b)
+                        && if read_only {
+                            reaches(b, a)
+                        } else {
+                            reaches(a, b)
+                        }
+                })
+            };
+            // A cycle cannot be (the graph is acyclic); list order should one appear.
+            let pos = (0..left.len()).find(|&k| !must_wait(left[k])).unwrap_or(0);
+            order.push(left.remove(pos));
+        }
+    }
+    order
+}
+
 fn switch_to_writable(graph: &Mutex<Graph>, prep: &ReadOnlyPrep, node: &NodeRef) -> Result<()> {
     let chain = {
         let mut g = lock(graph);
@@ -114,7 +178,7 @@ fn switch_to_writable(graph: &Mutex<Graph>, prep: &ReadOnlyPrep, node: &NodeRef)
         chain
     };
     // Children first: a format reopens for writing over a writable file.
-    let staged = match prepare_chain(chain.iter().rev(), false) {
+    let staged = match prepare_chain(chain.iter().rev(), false, &chain[0]) {
         Ok(s) => s,
         Err(e) => {
             lock(graph).undo_take_write(&chain);
@@ -154,7 +218,7 @@ fn switch_to_read_only(graph: &Mutex<Graph>, prep: &ReadOnlyPrep, node: &NodeRef
             lock(graph).set_prepared(n, before);
         }
     }
-    let staged = prepare_chain(chain.iter(), true)?;
+    let staged = prepare_chain(chain.iter(), true, &chain[0])?;
     let g = lock(graph);
     // Something may have started writing through it meanwhile: refused as if it had come
     // first.

@@ -18,6 +18,7 @@ mod open_atomic;
 mod perm_props;
 mod qcow2_hostile;
 mod qcow2_store;
+mod reopen_rw;
 mod reopen_switch;
 mod rewire;
 mod snapshot;

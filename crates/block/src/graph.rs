@@ -287,6 +287,10 @@ impl Graph {
         driver: Box<dyn crate::driver::Driver>,
         children: Vec<crate::node::Child>,
     ) -> Result<NodeRef> {
+        // Its children were looked up without the lock: one deleted since is not found.
+        for c in &children {
+            self.check_present(&c.node)?;
+        }
         let (name, auto) = match name {
             Some(n) => {
                 check_node_name(n)?;

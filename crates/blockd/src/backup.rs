@@ -187,9 +187,17 @@ pub fn prepare_blockdev_backup(
     a: BlockdevBackup,
     source_quiesced: bool,
 ) -> Result<Prepared> {
-    let source = d.lookup_node(&a.common.device)?;
-    let target = d.lookup_node(&a.target)?;
-    let p = params(&a.common, source, target, sync_mode(a.common.sync));
+    // Both held until the job holds them (its filter's edges, its roots): a concurrent
+    // blockdev-del waits and then finds them in use, or took one out first and this fails
+    // as a lookup would.
+    let source = d.hold_lookup(&a.common.device)?;
+    let target = d.hold_lookup(&a.target)?;
+    let p = params(
+        &a.common,
+        (*source).clone(),
+        (*target).clone(),
+        sync_mode(a.common.sync),
+    );
     prepare(d, p, None, source_quiesced)
 }
 
@@ -199,7 +207,9 @@ pub fn prepare_drive_backup(
     a: DriveBackup,
     source_quiesced: bool,
 ) -> Result<Prepared> {
-    let source = d.lookup_node(&a.common.device)?;
+    // Held until the job holds it (see `prepare_blockdev_backup`).
+    let held = d.hold_lookup(&a.common.device)?;
+    let source: NodeRef = (*held).clone();
     let mode = a.mode.unwrap_or(NewImageMode::AbsolutePaths);
     let mut sync = sync_mode(a.common.sync);
     // The node the new image is based on: the source's backing for `top` (no backing:

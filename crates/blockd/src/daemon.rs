@@ -126,6 +126,19 @@ impl Daemon {
         self.graph().lookup(name)
     }
 
+    /// [`Daemon::lookup_node`], held until the result is dropped (see
+    /// [`Graph::hold_node`]): for commands that attach to the node after releasing the graph
+    /// lock (an export's root, a backup's filter and target). A `blockdev-del` of it waits and
+    /// then finds it in use; one that took it out first makes this fail as a lookup would.
+    pub fn hold_lookup(&self, name: &str) -> Result<block::graph::NodeHold> {
+        let node = self.lookup_node(name)?;
+        Graph::hold_node(&self.graph, &node).ok_or_else(|| {
+            Error::generic(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            ))
+        })
+    }
+
     /// Find the node a bitmap command names: QEMU's "Node 'X' not found".
     /// The node is held until the result is dropped: a `blockdev-del` of it waits, and one
     /// that took it out after the lookup makes this fail as if it had never been there.

@@ -131,12 +131,15 @@ impl Daemon {
                 args.id
             )));
         }
-        let node = self.lookup_node(&args.node_name).map_err(|_| {
+        // Held from the lookup until the root is attached: a concurrent blockdev-del waits,
+        // then finds the export (or took the node out first, and this finds nothing).
+        let hold = self.hold_lookup(&args.node_name).map_err(|_| {
             Error::generic(format!(
                 "Cannot find device='' nor node-name='{}'",
                 args.node_name
             ))
         })?;
+        let node: NodeRef = (*hold).clone();
         let name = args.name.clone().unwrap_or_else(|| args.node_name.clone());
         if name.len() > 4096 {
             return Err(Error::generic(format!("export name '{name}' too long")));
@@ -214,6 +217,7 @@ impl Daemon {
             }
             attached
         };
+        drop(hold);
         if let Err(e) = attached {
             for (n, b) in &held {
                 bitmap_ops::release(n, b);

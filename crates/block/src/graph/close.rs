@@ -182,18 +182,27 @@ impl Graph {
         // QEMU's order: users with a BlockBackend (exports, devices) first, then op blockers
         // (jobs: users named "block job: ..."; a backing child is blocked by its overlay),
         // then any other parent.
+        // A backup's source is refused as a parent would be (its filter is one), with the
+        // text blockd's own pre-check gives: the same whether the delete came before the
+        // backup's start or (waiting on its hold, see `Graph::hold_node`) during it.
+        let source = crate::backup::SOURCE_USER;
         let users: Vec<String> = node.users().into_iter().map(|u| u.who).collect();
         // A blockdev-add in progress names it as a child.
         if self.staged.pinned(&node)
             || self.root_on(&node).is_some()
-            || users.iter().any(|u| !u.starts_with("block job"))
+            || users
+                .iter()
+                .any(|u| !u.starts_with("block job") && u != source)
         {
             return Err(Error::generic(format!("Node {name} is in use")));
         }
-        if let Some(job) = users.first() {
+        if let Some(job) = users.iter().find(|u| u.starts_with("block job")) {
             return Err(Error::generic(format!(
                 "Node '{name}' is busy: block device is in use by {job}"
             )));
+        }
+        if users.iter().any(|u| u == source) {
+            return Err(Error::generic(format!("Block device {name} is in use")));
         }
         let parents = self.parents(&node);
         if let Some((overlay, _)) = parents.iter().find(|(_, role)| *role == "backing") {

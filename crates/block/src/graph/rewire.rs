@@ -63,6 +63,19 @@ impl Graph {
         Ok(())
     }
 
+    /// `node` is in the name table; else QEMU's text for a name that finds nothing. What a
+    /// command looked up without holding the lock may have been deleted since (every node
+    /// with users is in the table: internal ones like a backup's filter too).
+    pub(crate) fn check_present(&self, node: &NodeRef) -> Result<()> {
+        if self.contains(node) {
+            return Ok(());
+        }
+        let name = node.name();
+        Err(Error::generic(format!(
+            "Cannot find device='{name}' nor node-name='{name}'"
+        )))
+    }
+
     /// The live roots.
     pub fn roots(&self) -> Vec<Arc<Root>> {
         self.roots.iter().filter_map(Weak::upgrade).collect()
@@ -70,15 +83,9 @@ impl Graph {
 
     /// Register a root and take its permissions; refused (and not registered) on conflict.
     pub fn attach_root(&mut self, root: &Arc<Root>) -> Result<()> {
-        // A node a blockdev-del is closing is gone for new users (a command that looked it
-        // up before the delete detached it).
-        let node = root.node();
-        if self.is_closing(&node) && !self.nodes.iter().any(|n| Arc::ptr_eq(n, &node)) {
-            let name = node.name();
-            return Err(Error::generic(format!(
-                "Cannot find device='{name}' nor node-name='{name}'"
-            )));
-        }
+        // Only a node in the name table takes new users: one a blockdev-del took out (and
+        // perhaps already closed) after the caller looked it up is gone, as if never there.
+        self.check_present(&root.node())?;
         self.roots.retain(|r| r.strong_count() > 0);
         self.roots.push(Arc::downgrade(root));
         if let Err(e) = self.refresh_perms() {

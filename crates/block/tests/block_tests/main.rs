@@ -3,6 +3,7 @@
 //! One test binary (modules below) so the suite links once. Every test builds its own graph over
 //! temporary files; nothing is shared between tests.
 
+mod attach_deleted;
 mod backup;
 mod bitmaps;
 mod close;

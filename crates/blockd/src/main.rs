@@ -22,6 +22,7 @@ mod hmp;
 mod image;
 mod info;
 mod internal_snapshot;
+mod reopen;
 mod snapshot;
 mod startup;
 mod transaction;

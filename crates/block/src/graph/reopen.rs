@@ -515,12 +515,13 @@ impl Graph {
         }
     }
 
-    /// A switch of `top` to read-only is refused while something writes through it.
+    /// A switch of `top` to read-only is refused while something writes through it, even
+    /// unchanged data (QEMU refuses both with this text).
     pub(super) fn refuse_writers(&self, top: &NodeRef) -> Result<()> {
         let needs_write = self
             .edges_into(top)
             .iter()
-            .any(|e| e.perm.contains(Perm::WRITE))
+            .any(|e| e.perm.contains(Perm::WRITE) || e.perm.contains(Perm::WRITE_UNCHANGED))
             || top.legacy_writers() > 0;
         if needs_write {
             return Err(Error::generic(format!(

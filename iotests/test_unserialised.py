@@ -45,6 +45,24 @@ def _stall_qcow2(stall: StallableFile, src: Path) -> None:
         f.write(src.read_bytes())
 
 
+def _daemon_over_stall(make_daemon, stall, tmp_path, monitors, pattern, bitmaps=("b",),
+                       file_node=None):
+    """A daemon with `monitors` monitors, a qcow2 `q` over the FUSE-served file (its file node
+    named `file_node` if given), a null `other`, persistent `bitmaps` on `q` and 64 KiB of
+    `pattern` written at 0."""
+    _stall_qcow2(stall, qcow2(tmp_path / "src.qcow2", SIZE))
+    d = make_daemon(monitors=monitors)
+    file = {"driver": "file", "filename": str(stall.path)}
+    if file_node:
+        file["node-name"] = file_node
+    d.blockdev_add(driver="qcow2", node_name="q", file=file)
+    d.blockdev_add(driver="null-co", node_name="other", size=SIZE)
+    for b in bitmaps:
+        d.ok("block-dirty-bitmap-add", node="q", name=b, persistent=True)
+    d.node_io("q", f"write -P {pattern} 0 64k")
+    return d
+
+
 def _export(d, node: str) -> None:
     """An NBD export on `node`: a user that follows it onto an overlay, so the overlay stays."""
     d.ok("nbd-server-start", addr={"type": "unix", "data": {"path": str(d.sock("nbd"))}})
@@ -155,13 +173,7 @@ def test_a_stalled_reopen_leaves_other_monitors_answering(make_daemon, tmp_path)
     answer; then the node is read-only, its data and bitmap on disk."""
     stall = StallableFile(tmp_path, SIZE)
     try:
-        _stall_qcow2(stall, qcow2(tmp_path / "src.qcow2", SIZE))
-        d = make_daemon(monitors=2)
-        d.blockdev_add(driver="qcow2", node_name="q",
-                       file={"driver": "file", "node-name": "qf", "filename": str(stall.path)})
-        d.blockdev_add(driver="null-co", node_name="other", size=SIZE)
-        d.ok("block-dirty-bitmap-add", node="q", name="b", persistent=True)
-        d.node_io("q", "write -P 0x44 0 64k")
+        d = _daemon_over_stall(make_daemon, stall, tmp_path, 2, "0x44", file_node="qf")
         stall.stop()
         with _monitor(d, 1) as m:
             m.send(json.dumps({"execute": "blockdev-reopen", "arguments": {"options": [{
@@ -292,14 +304,7 @@ def test_a_stalled_persistent_bitmap_removal_leaves_other_monitors_answering(
     included) answer; then the bitmap is gone, from the node and from the image."""
     stall = StallableFile(tmp_path, SIZE)
     try:
-        _stall_qcow2(stall, qcow2(tmp_path / "src.qcow2", SIZE))
-        d = make_daemon(monitors=2)
-        d.blockdev_add(driver="qcow2", node_name="q",
-                       file={"driver": "file", "filename": str(stall.path)})
-        d.blockdev_add(driver="null-co", node_name="other", size=SIZE)
-        d.ok("block-dirty-bitmap-add", node="q", name="b", persistent=True)
-        d.ok("block-dirty-bitmap-add", node="q", name="keep", persistent=True)
-        d.node_io("q", "write -P 0x55 0 64k")
+        d = _daemon_over_stall(make_daemon, stall, tmp_path, 2, "0x55", bitmaps=("b", "keep"))
         d.node_io("q", "flush")  # stores both bitmaps (a checkpoint at flush)
         stall.stop()
         with _monitor(d, 1) as m:
@@ -327,13 +332,7 @@ def test_a_bitmap_command_on_a_node_being_reopened_waits_for_the_reopen(make_dae
     after the reopen (a persistent bitmap cannot be added to a read-only node)."""
     stall = StallableFile(tmp_path, SIZE)
     try:
-        _stall_qcow2(stall, qcow2(tmp_path / "src.qcow2", SIZE))
-        d = make_daemon(monitors=3)
-        d.blockdev_add(driver="qcow2", node_name="q",
-                       file={"driver": "file", "node-name": "qf", "filename": str(stall.path)})
-        d.blockdev_add(driver="null-co", node_name="other", size=SIZE)
-        d.ok("block-dirty-bitmap-add", node="q", name="b", persistent=True)
-        d.node_io("q", "write -P 0x66 0 64k")
+        d = _daemon_over_stall(make_daemon, stall, tmp_path, 3, "0x66", file_node="qf")
         stall.stop()
         with _monitor(d, 1) as m1, _monitor(d, 2) as m2:
             m1.send(json.dumps({"execute": "blockdev-reopen", "arguments": {"options": [{
@@ -490,12 +489,7 @@ def test_a_stalled_internal_snapshot_leaves_other_monitors_answering(make_daemon
     goes through."""
     stall = StallableFile(tmp_path, SIZE)
     try:
-        _stall_qcow2(stall, qcow2(tmp_path / "src.qcow2", SIZE))
-        d = make_daemon(monitors=3)
-        d.blockdev_add(driver="qcow2", node_name="q",
-                       file={"driver": "file", "filename": str(stall.path)})
-        d.blockdev_add(driver="null-co", node_name="other", size=SIZE)
-        d.node_io("q", "write -P 0x12 0 64k")
+        d = _daemon_over_stall(make_daemon, stall, tmp_path, 3, "0x12", bitmaps=())
         stall.stop()
         with _monitor(d, 1) as m1, _monitor(d, 2) as m2:
             m1.send(json.dumps({"execute": "blockdev-snapshot-internal-sync",

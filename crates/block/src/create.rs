@@ -41,6 +41,28 @@ impl CreateJob {
     }
 }
 
+/// How a node being written by `blockdev-create` is registered as a user.
+pub const CREATE_USER: &str = "blockdev-create";
+
+/// A user registration removed when dropped.
+struct InUse<'a> {
+    node: &'a NodeRef,
+    who: &'static str,
+}
+
+impl<'a> InUse<'a> {
+    fn new(node: &'a NodeRef, who: &'static str) -> InUse<'a> {
+        node.add_user(who.to_string());
+        InUse { node, who }
+    }
+}
+
+impl Drop for InUse<'_> {
+    fn drop(&mut self) {
+        self.node.remove_user(self.who);
+    }
+}
+
 /// Creates `spec` now, blocking (what the job runs; also the short form's `--create`).
 pub fn create(spec: &CreateSpec) -> Result<(), String> {
     match spec {
@@ -55,6 +77,9 @@ pub fn create(spec: &CreateSpec) -> Result<(), String> {
             if file.read_only() {
                 return Err(format!("Node '{}' is read only", file.name()));
             }
+            // In use while it is written (a blockdev-del of it is refused, as QEMU's is while
+            // its create job holds a backend on it).
+            let _user = InUse::new(file, CREATE_USER);
             let storage = NodeStorage(file.clone());
             storage_truncate(&storage)?;
             qcow2::Qcow2::create(&storage, opts).map_err(|e| e.to_string())

@@ -6,13 +6,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use block::edge::Root;
 use block::node::Child;
-use block::perm::Perm;
 use block::testing::TestDriver;
 use block::Graph;
 
-use crate::common::file_opts;
+use crate::common::{export_root, file_opts};
 
 /// A graph with the raw file node `f` over a new 1 MiB file; the node as a command's lookup
 /// would have found it.
@@ -50,13 +48,7 @@ fn a_root_on_a_node_deleted_after_its_lookup_is_refused_as_not_found() {
     // block-export-add: lookup (lock released) ... a blockdev-del runs to its end ...
     Graph::del_staged(&graph, "f").expect("del");
     assert!(graph.lock().unwrap().get("f").is_none());
-    let root = Root::new(
-        "export 'e'".into(),
-        "an unnamed block device".into(),
-        node.clone(),
-        Perm::CONSISTENT_READ | Perm::WRITE,
-        Perm::ALL & !Perm::RESIZE,
-    );
+    let root = export_root(&node);
     let err = graph
         .lock()
         .unwrap()
@@ -77,13 +69,7 @@ fn a_root_on_a_node_being_deleted_makes_the_delete_fail_in_use() {
     // marked deleting); the delete re-checks and is refused, the node stays usable.
     let dir = tempfile::tempdir().expect("temp dir");
     let (graph, node, _path) = graph_with_file(&dir);
-    let root = Root::new(
-        "export 'e'".into(),
-        "an unnamed block device".into(),
-        node.clone(),
-        Perm::CONSISTENT_READ | Perm::WRITE,
-        Perm::ALL & !Perm::RESIZE,
-    );
+    let root = export_root(&node);
     graph.lock().unwrap().attach_root(&root).expect("attach");
     let err = Graph::del_staged(&graph, "f").expect_err("delete of a used node");
     assert_eq!(err.to_string(), "Node f is in use");

@@ -4,7 +4,7 @@
 
 use std::fs::OpenOptions;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -13,25 +13,9 @@ use block::node::{Child, Node, NodeFlags};
 use block::testing::{Controls, Op, TestDriver};
 use block::{Graph, NodeRef};
 
-use crate::common::{file_opts, meanwhile, names, null_opts};
+use crate::common::{file_opts, held, lock, meanwhile, names, null_opts};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn lock(g: &Mutex<Graph>) -> MutexGuard<'_, Graph> {
-    g.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Wait until `n` requests are held in `ctl`'s driver (bounded, so a bug fails the test).
-fn held(ctl: &Controls, n: usize) {
-    let start = Instant::now();
-    while ctl.waiting() < n {
-        assert!(
-            start.elapsed() < WAIT,
-            "the request never reached the driver"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
-}
 
 /// A graph with a test node "t" and a null node "other".
 fn graph_with_test_node() -> (Arc<Mutex<Graph>>, NodeRef, Arc<Controls>) {

@@ -179,15 +179,20 @@ pub fn qcow2_opts(
     }
 }
 
-/// A root writing through `node` as an export does, attached to `graph`.
-pub fn writer_root(graph: &mut Graph, node: &NodeRef) -> Arc<Root> {
-    let root = Root::new(
+/// A root writing through `node` as an export does, not attached yet.
+pub fn export_root(node: &NodeRef) -> Arc<Root> {
+    Root::new(
         "export 'e'".into(),
         "an unnamed block device".into(),
         node.clone(),
         Perm::CONSISTENT_READ | Perm::WRITE,
         Perm::ALL & !Perm::RESIZE,
-    );
+    )
+}
+
+/// A root writing through `node` as an export does, attached to `graph`.
+pub fn writer_root(graph: &mut Graph, node: &NodeRef) -> Arc<Root> {
+    let root = export_root(node);
     graph.attach_root(&root).expect("attach root");
     root
 }
@@ -218,4 +223,31 @@ pub fn meanwhile<T: Send + 'static>(
         let _ = tx.send(f());
     });
     rx
+}
+
+/// The graph's guard, past a poisoned lock (a failed test thread must not hide the others).
+pub fn lock(g: &std::sync::Mutex<Graph>) -> std::sync::MutexGuard<'_, Graph> {
+    g.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Wait until `n` requests are held in `ctl`'s driver (bounded, so a bug fails the test).
+pub fn held(ctl: &block::testing::Controls, n: usize) {
+    let start = std::time::Instant::now();
+    while ctl.waiting() < n {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "the request never reached the driver"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// A qcow2 image at `path` with its "corrupt" incompatible bit set (QEMU opens it read-only
+/// only).
+pub fn create_corrupt_qcow2(path: &std::path::Path) {
+    create_qcow2(path, 1 << 20, None);
+    let mut img = std::fs::read(path).expect("read");
+    let inc = u64::from_be_bytes(img[72..80].try_into().expect("8 bytes")) | 0x2;
+    img[72..80].copy_from_slice(&inc.to_be_bytes());
+    std::fs::write(path, &img).expect("mark corrupt");
 }

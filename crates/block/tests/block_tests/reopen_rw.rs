@@ -5,17 +5,13 @@
 //! that lets each node find its children as the list leaves them.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use block::graph::{switch_order, ChildRef, DriverOptions, NodeOptions};
 use block::{Graph, NodeRef};
 use qcow2::{FileStorage, Qcow2};
 
-use crate::common::{create_qcow2, qcow2_opts};
-
-fn lock(g: &Mutex<Graph>) -> MutexGuard<'_, Graph> {
-    g.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::common::{create_corrupt_qcow2, create_qcow2, lock, qcow2_opts};
 
 /// (bitmap, in_use) as stored in the image at `path`.
 fn in_use(path: &Path) -> Vec<(String, bool)> {
@@ -99,11 +95,8 @@ fn a_failed_format_switch_puts_the_inline_files_descriptor_back() {
     // file's writable descriptor was swapped in.
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("c.qcow2");
-    create_qcow2(&path, 1 << 20, None);
-    let mut img = std::fs::read(&path).expect("read");
-    let inc = u64::from_be_bytes(img[72..80].try_into().expect("8 bytes")) | 0x2;
-    img[72..80].copy_from_slice(&inc.to_be_bytes());
-    std::fs::write(&path, &img).expect("mark corrupt");
+    create_corrupt_qcow2(&path);
+    let img = std::fs::read(&path).expect("read");
     let graph = Arc::new(Mutex::new(Graph::new()));
     let q = lock(&graph)
         .add(&qcow2_opts("q", &path, true, Some(None)))

@@ -6,9 +6,9 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use block::drivers::lock::lock_perm;
 use block::graph::{ChildRef, DriverOptions, NodeOptions};
@@ -17,26 +17,13 @@ use block::testing::{Controls, Op, TestDriver};
 use block::{Graph, NodeRef};
 use qcow2::{FileStorage, Qcow2};
 
-use crate::common::{create_qcow2, file_opts, meanwhile, names, null_opts, writer_root};
+use crate::common::{
+    create_corrupt_qcow2, create_qcow2, file_opts, held, lock, meanwhile, names, null_opts,
+    writer_root,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 const DISK: usize = 4 << 20;
-
-fn lock(g: &Mutex<Graph>) -> MutexGuard<'_, Graph> {
-    g.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Wait until `n` requests are held in `ctl`'s driver (bounded, so a bug fails the test).
-fn held(ctl: &Controls, n: usize) {
-    let start = Instant::now();
-    while ctl.waiting() < n {
-        assert!(
-            start.elapsed() < WAIT,
-            "the request never reached the driver"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
-}
 
 struct Setup {
     graph: Arc<Mutex<Graph>>,
@@ -308,11 +295,7 @@ fn refused_switch_to_read_write_of_a_file_gives_its_locks_back() {
     // A corrupt image opens read-only; going read-write it is refused when reopened.
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("c.qcow2");
-    create_qcow2(&path, 1 << 20, None);
-    let mut img = std::fs::read(&path).expect("read");
-    let inc = u64::from_be_bytes(img[72..80].try_into().expect("8 bytes")) | 0x2;
-    img[72..80].copy_from_slice(&inc.to_be_bytes());
-    std::fs::write(&path, &img).expect("mark corrupt");
+    create_corrupt_qcow2(&path);
     let graph = Arc::new(Mutex::new(Graph::new()));
     let file = lock(&graph)
         .add(&file_opts(Some("f"), path.to_str().expect("utf-8")))

@@ -7,14 +7,7 @@ errno values and content semantics were observed on qemu-storage-daemon 10.0.2
 
 from __future__ import annotations
 
-import json
-import os
-import random
-import signal
-import subprocess
-import time
 from pathlib import Path
-from typing import List, Tuple
 
 import pytest
 
@@ -22,161 +15,45 @@ import iotests
 import data_nbd
 from data_nbd import (
     EINVAL,
-    ENOSPC,
-    WireClient,
     bitmap_add,
     check_run,
     dirty_ranges,
     export,
     nbdinfo_list,
-    qcow2_node_args,
     qemu_io_uri,
     run,
     start_unix_server,
     unexport,
     uri,
 )
-
-ENOTSUP = 95
-CLUSTER = 64 << 10
-
+from fleece_helpers import (
+    ENOTSUP,
+    CLUSTER,
+    filled_qcow2,
+    allocated,
+    client,
+    read_ok,
+    setup_fleece,
+    raw_scratch,
+    overlay_scratch,
+    writer_commands,
+    frozen_plus_writes,
+    assert_frozen_plus_writes,
+    start_writer,
+    finish_writer,
+    compare,
+    unexport_idle,
+    teardown_fleece,
+    disk_args,
+    small_fleece,
+    data_extents,
+)
 
 
 @pytest.fixture
 def make_daemon(make_daemon):
     """The harness factory, returning daemons whose monitor already answers."""
     return data_nbd.ready_factory(make_daemon)
-
-
-def filled_qcow2(path: Path, size: int, *writes: str) -> Path:
-    """A qcow2 image of ``size`` with qemu-io ``writes`` applied."""
-    iotests.create_image(path, size, "qcow2")
-    for w in writes:
-        iotests.qemu_io("-c", w, str(path))
-    return path
-
-
-def sparse_raw(path: Path, size: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
-
-
-def allocated(path: Path) -> int:
-    """Bytes a file occupies on its host filesystem."""
-    return os.stat(path).st_blocks * 512
-
-
-def client(sock: Path, name: str) -> WireClient:
-    c = WireClient(sock)
-    c.go(name)
-    return c
-
-
-def read_ok(c: WireClient, offset: int, length: int) -> bytes:
-    err, data = c.read(offset, length)
-    assert err == 0, (offset, length, err)
-    return data
-
-
-def setup_fleece(d, tmp_path: Path, *, scratch: dict, bitmap=None, access_opts=None, cbw_opts=None):
-    """scratch node, cbw over ``disk`` and ``access`` over cbw."""
-    d.ok("blockdev-add", scratch)
-    cbw = {"driver": "copy-before-write", "node-name": "cbw", "file": "disk", "target": scratch["node-name"]}
-    if bitmap:
-        cbw["bitmap"] = bitmap
-    cbw.update(cbw_opts or {})
-    d.ok("blockdev-add", cbw)
-    d.ok("blockdev-add", {"driver": "snapshot-access", "node-name": "access", "file": "cbw", **(access_opts or {})})
-
-
-def raw_scratch(path: Path, size: int, **opts) -> dict:
-    sparse_raw(path, size)
-    return {"driver": "file", "node-name": "scratch", "filename": str(path), **opts}
-
-
-def overlay_scratch(tmp_path: Path, disk: Path, size: int) -> dict:
-    """libvirt's scratch: a qcow2 overlay whose backing is the disk node."""
-    fleece = tmp_path / "fleece.qcow2"
-    iotests.qemu_img("create", "-f", "qcow2", "-F", "qcow2", "-b", str(disk), str(fleece), str(size))
-    return {"driver": "qcow2", "node-name": "scratch",
-            "file": {"driver": "file", "filename": str(fleece)}, "backing": "disk"}
-
-
-def writer_commands(size: int, seed: int, fraction: float = 0.25) -> List[Tuple[str, int, int]]:
-    """Guest writes covering about ``fraction`` of the disk: whole and partial clusters,
-    some write-zeroes; (kind, offset, length) with kind "w" (pattern 0x77) or "z"."""
-    rnd = random.Random(seed)
-    out, covered = [], 0
-    while covered < size * fraction:
-        length = rnd.choice([4096, 65536, 3 * 65536, 256 << 10])
-        offset = rnd.randrange(0, size - length, 512)
-        out.append(("z" if rnd.random() < 0.15 else "w", offset, length))
-        covered += length
-    return out
-
-
-def io_args(cmds) -> List[str]:
-    argv = []
-    for kind, off, length in cmds:
-        argv += ["-c", f"write -P 0x77 {off} {length}" if kind == "w" else f"write -z {off} {length}"]
-    return argv
-
-
-def frozen_plus_writes(tmp_path, frozen, cmds):
-    """A raw copy of the frozen content with the writer's `cmds` applied: what the disk must
-    hold once the writer is done."""
-    expect = tmp_path / "expect.raw"
-    check_run(["cp", str(frozen), str(expect)])
-    iotests.qemu_io("-f", "raw", *io_args(cmds), str(expect))
-    return expect
-
-
-def assert_frozen_plus_writes(tmp_path, disk, frozen, cmds) -> None:
-    """The qcow2 `disk` holds exactly the frozen data plus what the writer wrote."""
-    compare(disk, frozen_plus_writes(tmp_path, frozen, cmds), "qcow2", "raw")
-
-
-def start_writer(target: str, cmds) -> subprocess.Popen:
-    return subprocess.Popen(["qemu-io", "-f", "raw", *io_args(cmds), target],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish_writer(p: subprocess.Popen) -> None:
-    out, _ = p.communicate(timeout=60)
-    assert p.returncode == 0 and "failed" not in out, out
-
-
-def compare(a: Path, b: Path, fmt_a: str = "raw", fmt_b: str = "raw") -> None:
-    proc = run(["qemu-img", "compare", "-U", "-f", fmt_a, "-F", fmt_b, str(a), str(b)], timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def unexport_idle(d, eid: str) -> None:
-    """block-export-del once the last client's disconnect has reached the server (a client
-    that just sent NBD_CMD_DISC may still count for a moment)."""
-    deadline = time.monotonic() + 5
-    while True:
-        r = d.cmd("block-export-del", id=eid)
-        if "return" in r:
-            break
-        assert r["error"]["desc"] == f"export '{eid}' still in use", r
-        assert time.monotonic() < deadline, r
-        time.sleep(0.05)
-    d.event_wait("BLOCK_EXPORT_DELETED", match={"id": eid})
-
-
-def teardown_fleece(d, *exports: str, keep_disk: bool = False) -> None:
-    """The order QSD accepts: exports, access, cbw, scratch, disk (``keep_disk``: only
-    access and cbw)."""
-    for e in exports:
-        unexport_idle(d, e)
-    for node in ("access", "cbw") + (() if keep_disk else ("scratch", "disk")):
-        d.ok("blockdev-del", node_name=node)
-
-
-def disk_args(image: Path) -> List[str]:
-    return qcow2_node_args(image, "disk", "disk-file")
 
 
 # ------------------------------------------------------------------ libvirt's pull sequence
@@ -287,25 +164,6 @@ def test_pull_full_view_with_nbdcopy_while_writer_busy(make_daemon, tmp_path):
 
 
 # ------------------------------------------------------------------ view semantics
-
-
-def small_fleece(make_daemon, tmp_path, scratch_opts=None, access_opts=None, cbw_opts=None):
-    size = 4 << 20
-    disk = filled_qcow2(tmp_path / "disk.qcow2", size, "write -P 0x11 0 1M", "write -P 0x22 1M 1M",
-                        "write -P 0x44 2M 1M")
-    d = make_daemon(*disk_args(disk))
-    sock = start_unix_server(d)
-    scratch = raw_scratch(tmp_path / "scratch.raw", size, **(scratch_opts or {}))
-    setup_fleece(d, tmp_path, scratch=scratch, access_opts=access_opts, cbw_opts=cbw_opts)
-    export(d, "access", "view", "view", writable=True, allocation_depth=True)
-    export(d, "cbw", "guest", "guest", writable=True)
-    return d, sock, tmp_path / "scratch.raw"
-
-
-def data_extents(path: Path) -> List[Tuple[int, int]]:
-    """Data extents of a raw file (what copy-before-write wrote into a sparse scratch)."""
-    out = check_run(["qemu-img", "map", "-U", "-f", "raw", "--output=json", str(path)])
-    return [(e["start"], e["length"]) for e in json.loads(out) if e["data"]]
 
 
 def test_view_keeps_old_data_under_partial_zero_and_new_writes(make_daemon, tmp_path):
@@ -430,209 +288,6 @@ def test_view_discard_is_ignored_without_discard_unmap(make_daemon, tmp_path):
     assert allocated(scratch) == full
     c.disconnect()
     teardown_fleece(d, "view", "guest")
-
-
-# ------------------------------------------------------------------ a scratch that fills up
-
-
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    """A 256 KiB tmpfs (needs root; a missing mount fails the test)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    proc = run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)])
-    assert proc.returncode == 0, f"cannot mount a tmpfs: {proc.stderr}"
-    yield mnt
-    run(["umount", "-l", str(mnt)])
-
-
-def fill_through_guest(sock: Path, count: int) -> List[int]:
-    """Writes 0x33 over one cluster every 512 KiB; returns each write's errno."""
-    c = client(sock, "guest")
-    errs = [c.write(i * 512 * 1024, b"\x33" * 65536)[0] for i in range(count)]
-    c.disconnect()
-    return errs
-
-
-def test_full_scratch_breaks_guest_writes_by_default(make_daemon, tmp_path, tiny_tmpfs):
-    size = 4 << 20
-    disk = filled_qcow2(tmp_path / "disk.qcow2", size, "write -P 0x11 0 4M")
-    d = make_daemon(*disk_args(disk))
-    sock = start_unix_server(d)
-    setup_fleece(d, tmp_path, scratch=raw_scratch(tiny_tmpfs / "scratch.raw", size))
-    export(d, "access", "view", "view")
-    export(d, "cbw", "guest", "guest", writable=True)
-    errs = fill_through_guest(sock, 8)
-    ok = errs.index(ENOSPC)
-    assert ok >= 1 and errs[ok:] == [ENOSPC] * (8 - ok), errs
-    c = client(sock, "guest")
-    for i, e in enumerate(errs):
-        want = 0x33 if e == 0 else 0x11
-        assert read_ok(c, i * 512 * 1024, 65536) == bytes([want]) * 65536, i
-    c.disconnect()
-    v = client(sock, "view")
-    assert read_ok(v, 0, size) == b"\x11" * size
-    v.disconnect()
-    assert [e for e in d.get_events(wait=0.3) if e["event"] != "BLOCK_EXPORT_DELETED"] == []
-    teardown_fleece(d, "view", "guest")
-
-
-def test_full_scratch_breaks_the_snapshot_when_asked(make_daemon, tmp_path, tiny_tmpfs):
-    size = 4 << 20
-    disk = filled_qcow2(tmp_path / "disk.qcow2", size, "write -P 0x11 0 4M")
-    d = make_daemon(*disk_args(disk))
-    sock = start_unix_server(d)
-    setup_fleece(d, tmp_path, scratch=raw_scratch(tiny_tmpfs / "scratch.raw", size),
-                 cbw_opts={"on-cbw-error": "break-snapshot"})
-    export(d, "access", "view", "view")
-    export(d, "cbw", "guest", "guest", writable=True)
-    v = client(sock, "view")
-    assert read_ok(v, 0, 65536) == b"\x11" * 65536
-    assert fill_through_guest(sock, 8) == [0] * 8
-    c = client(sock, "guest")
-    for i in range(8):
-        assert read_ok(c, i * 512 * 1024, 65536) == b"\x33" * 65536
-    c.disconnect()
-    # every read of the view fails now, also of clusters copied before the failure
-    assert v.read(0, 65536)[0] == EINVAL
-    assert v.read(65536, 512)[0] == EINVAL
-    v.disconnect()
-    assert run(["nbdinfo", "--map", uri(sock, "view")]).returncode != 0
-    assert [e for e in d.get_events(wait=0.3) if e["event"] != "BLOCK_EXPORT_DELETED"] == []
-    teardown_fleece(d, "view", "guest")
-
-
-# ------------------------------------------------------------------ a copy slower than cbw-timeout
-
-
-class StallableFile:
-    """A raw file served over FUSE by a helper qemu-storage-daemon (the same for both daemons
-    under test): stopping the helper (SIGSTOP) makes every write to the file hang until it is
-    continued, a copy-before-write target whose copies take as long as the test wants."""
-
-    def __init__(self, tmp_path: Path, size: int):
-        self.backing = sparse_raw(tmp_path / "stall-backing.raw", size)
-        self.path = tmp_path / "stall.raw"
-        self.path.touch()
-        log = open(tmp_path / "stall-qsd.log", "wb")
-        self.proc = subprocess.Popen(
-            ["qemu-storage-daemon",
-             "--blockdev", f"driver=file,node-name=f,filename={self.backing}",
-             "--export", f"type=fuse,id=e,node-name=f,mountpoint={self.path},writable=on"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        log.close()
-        deadline = time.monotonic() + 10
-        while os.stat(self.path).st_size != size:
-            assert self.proc.poll() is None, (tmp_path / "stall-qsd.log").read_text()
-            assert time.monotonic() < deadline, "the FUSE export did not come up"
-            time.sleep(0.05)
-        self.stopped = False
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
-        self.stopped = True
-
-    def cont(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-        self.stopped = False
-
-    def close(self) -> None:
-        if self.stopped:
-            self.cont()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        run(["umount", "-l", str(self.path)])
-
-
-@pytest.fixture
-def stallable(tmp_path):
-    """A FUSE-served raw file of 4 MiB (needs root and /dev/fuse; without them the test fails)."""
-    f = StallableFile(tmp_path, 4 << 20)
-    yield f
-    f.close()
-
-
-def timed_guest_write(sock: Path, offset: int, data: bytes) -> Tuple[int, float]:
-    c = client(sock, "guest")
-    t0 = time.monotonic()
-    err = c.write(offset, data)[0]
-    elapsed = time.monotonic() - t0
-    c.disconnect()
-    return err, elapsed
-
-
-def fleece_on_stallable(make_daemon, tmp_path: Path, stallable: StallableFile, cbw_opts: dict):
-    size = 4 << 20
-    disk = filled_qcow2(tmp_path / "disk.qcow2", size, "write -P 0x11 0 4M")
-    d = make_daemon(*disk_args(disk))
-    sock = start_unix_server(d)
-    setup_fleece(d, tmp_path, cbw_opts={"cbw-timeout": 1, **cbw_opts},
-                 scratch={"driver": "file", "node-name": "scratch", "filename": str(stallable.path)})
-    export(d, "access", "view", "view")
-    export(d, "cbw", "guest", "guest", writable=True)
-    return d, sock
-
-
-def test_cbw_timeout_breaks_the_snapshot_when_asked(make_daemon, tmp_path, stallable):
-    """QEMU: a copy that outlasts cbw-timeout fails with ETIMEDOUT; with break-snapshot the
-    guest write then goes on (after about the timeout) and the view is broken for good."""
-    d, sock = fleece_on_stallable(make_daemon, tmp_path, stallable, {"on-cbw-error": "break-snapshot"})
-    # A copy while the target answers: the view keeps the old data.
-    assert timed_guest_write(sock, 0, b"\x22" * CLUSTER)[0] == 0
-    v = client(sock, "view")
-    assert read_ok(v, 0, 2 * CLUSTER) == b"\x11" * (2 * CLUSTER)
-    stallable.stop()
-    err, elapsed = timed_guest_write(sock, 1 << 20, b"\x33" * CLUSTER)
-    assert err == 0
-    assert 0.9 <= elapsed < 10, elapsed
-    c = client(sock, "guest")
-    assert read_ok(c, 1 << 20, CLUSTER) == b"\x33" * CLUSTER
-    # Later writes do not copy at all: no wait, though the target still hangs.
-    assert timed_guest_write(sock, 2 << 20, b"\x44" * CLUSTER)[1] < 0.9
-    # Every read of the view fails, also of the cluster copied before.
-    assert v.read(0, CLUSTER)[0] == EINVAL
-    assert v.read(1 << 20, 512)[0] == EINVAL
-    stallable.cont()
-    assert v.read(3 << 20, 512)[0] == EINVAL
-    v.disconnect()
-    c.disconnect()
-    assert [e for e in d.get_events(wait=0.3) if e["event"] != "BLOCK_EXPORT_DELETED"] == []
-    teardown_fleece(d, "view", "guest")
-    d.ok("blockdev-del", node_name="disk-file")
-    p = run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x22 0 64k", "-c", "read -P 0x33 1M 64k",
-             "-c", "read -P 0x44 2M 64k", "-c", "read -P 0x11 3M 1M", str(tmp_path / "disk.qcow2")])
-    assert p.returncode == 0 and "fail" not in p.stdout, p.stdout
-
-
-def test_cbw_timeout_fails_the_guest_write_by_default(make_daemon, tmp_path, stallable):
-    """QEMU: with break-guest-write (the default) a copy that outlasts cbw-timeout fails the
-    guest write (ETIMEDOUT, EINVAL on the NBD wire); the disk keeps its old data and the view
-    stays intact, the abandoned copy finishing in the background once the target answers."""
-    d, sock = fleece_on_stallable(make_daemon, tmp_path, stallable, {})
-    stallable.stop()
-    err, elapsed = timed_guest_write(sock, 1 << 20, b"\x33" * CLUSTER)
-    assert err == EINVAL
-    assert 0.9 <= elapsed < 10, elapsed
-    stallable.cont()
-    c = client(sock, "guest")
-    assert read_ok(c, 1 << 20, CLUSTER) == b"\x11" * CLUSTER
-    c.disconnect()
-    # The target answers again: the same write copies in time and lands.
-    err, elapsed = timed_guest_write(sock, 1 << 20, b"\x55" * CLUSTER)
-    assert (err, elapsed < 0.9) == (0, True), (err, elapsed)
-    v = client(sock, "view")
-    assert read_ok(v, 0, 4 << 20) == b"\x11" * (4 << 20)
-    v.disconnect()
-    assert [e for e in d.get_events(wait=0.3) if e["event"] != "BLOCK_EXPORT_DELETED"] == []
-    teardown_fleece(d, "view", "guest")
-    d.ok("blockdev-del", node_name="disk-file")
-    p = run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x11 0 1M", "-c", "read -P 0x55 1M 64k",
-             "-c", "read -P 0x11 1088k 3008k", str(tmp_path / "disk.qcow2")])
-    assert p.returncode == 0 and "fail" not in p.stdout, p.stdout
 
 
 # ------------------------------------------------------------------ options, graph rules

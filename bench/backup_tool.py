@@ -28,9 +28,9 @@ exports by polling every 1 ms.
 
 Prints per daemon: the median over --reps of wall seconds, CPU seconds of the client (the tool,
 or the hand script with its qemu-img) and of the daemon, for each row; then tool / hand ratios
-of wall time and of CPU (client + daemon) with the 10 % verdict on wall time, the CPU floor
-(the lowest wall ratio the machine's cores allow: the hand run's CPU plus the tool's extra client
-CPU over all cores, against the hand run's wall; see `cpu_floor`), and the load average before
+of wall time and of CPU (client + daemon) with the 10 % verdict on wall time, for the push pairs
+the CPU floor (the lowest wall ratio the machine's cores allow: the hand run's CPU plus the tool's
+extra client CPU over all cores, against the hand run's wall; see `cpu_floor`), and the load average before
 and after. With --interleave the order of tool and hand flips every rep (the
 three 1 % incrementals rotate), so neither always runs first on a machine whose load changes.
 """
@@ -339,11 +339,11 @@ def med(samples, attr):
 
 
 def cpu_floor(tool_rows, hand_rows):
-    """The lowest wall ratio tool / hand this machine allows, whatever the tool overlaps: the
-    hand run's CPU (client + daemon) plus the CPU the tool spends beyond the hand script's
-    client, spread over every core, against the hand run's wall (at least 1). A push's extra
-    CPU is its hashing pass over the new file, which the daemon's job leaves few idle cycles
-    to hide in."""
+    """For a push pair (the tool waits for the same daemon job as the hand script): the lowest
+    wall ratio tool / hand this machine allows, whatever the tool overlaps: the hand run's CPU
+    (client + daemon) plus the CPU the tool spends beyond the hand script's client, spread over
+    every core, against the hand run's wall (at least 1). A push's extra CPU is its hashing pass
+    over the new file, which the daemon's job leaves few idle cycles to hide in."""
     cores = os.cpu_count() or 1
     hand = med(hand_rows, "client") + med(hand_rows, "daemon")
     extra = max(0.0, med(tool_rows, "client") - med(hand_rows, "client"))
@@ -363,10 +363,14 @@ def report(kind, rows, live, goal):
             cpu = (med(rows[a], "client") + med(rows[a], "daemon")) / \
                 (med(rows[b], "client") + med(rows[b], "daemon"))
             met = "met" if wall <= goal else "NOT met"
-            floor = cpu_floor(rows[a], rows[b])
-            print(f"  {a} / {b}: wall {wall:.2f}, CPU (client + daemon) {cpu:.2f}: "
-                  f"{(goal - 1) * 100:.0f} % {met}; CPU floor {floor:.2f}")
-            out[f"{a} / {b}"] = {"wall": round(wall, 3), "cpu": round(cpu, 3), "floor": round(floor, 3)}
+            line = f"  {a} / {b}: wall {wall:.2f}, CPU (client + daemon) {cpu:.2f}: " \
+                f"{(goal - 1) * 100:.0f} % {met}"
+            out[f"{a} / {b}"] = {"wall": round(wall, 3), "cpu": round(cpu, 3)}
+            if b in (FULL_HAND_PUSH, INC_HAND_PUSH):
+                floor = cpu_floor(rows[a], rows[b])
+                line += f"; CPU floor {floor:.2f}"
+                out[f"{a} / {b}"]["floor"] = round(floor, 3)
+            print(line)
     print(json.dumps({"daemon": kind, "ratios": out, "samples": {
         k: [[round(s.wall, 3), round(s.client, 3), round(s.daemon, 3)] for s in v]
         for k, v in rows.items()}}))

@@ -251,11 +251,11 @@ impl Run<'_, '_> {
                 None => None,
             };
             self.created_files.push(name.clone());
-            let img = chain::create(&path, p.size, parent_path.as_deref(), Durability::Caller)
-                .ctx(|| format!("creating the backup file of '{}'", p.disk))?;
+            let what = || format!("creating the backup file of '{}'", p.disk);
             if self.opts.push {
-                img.close()?;
-                drop(img);
+                // The daemon writes it: created, not opened here.
+                chain::create_file(&path, p.size, parent_path.as_deref(), Durability::Caller)
+                    .ctx(what)?;
                 let file = json!({"driver": "file", "filename": path.to_string_lossy()});
                 self.q.execute(
                     "blockdev-add",
@@ -264,11 +264,13 @@ impl Run<'_, '_> {
                 self.made.nodes.push(n.target.clone());
                 files.push((name, path, None));
             } else {
+                let img = chain::create(&path, p.size, parent_path.as_deref(), Durability::Caller)
+                    .ctx(what)?;
                 files.push((name, path, Some(img)));
             }
             if pull_fleece {
                 let sp = self.scratch_path(i);
-                chain::create(&sp, p.size, None, Durability::Caller)?.close()?;
+                chain::create_file(&sp, p.size, None, Durability::Caller)?;
                 let file = json!({"driver": "file", "filename": sp.to_string_lossy()});
                 self.q.execute(
                     "blockdev-add",
@@ -336,12 +338,35 @@ impl Run<'_, '_> {
                 .map(|i| Names::new(&self.opts.tag, &self.id, i).job)
                 .collect();
             fleece::wait_push_jobs(self.q, &ids, self.progress)?;
-            self.made.jobs.clear();
+            // The concluded jobs dismissed and their targets closed, in one round trip (a
+            // target is in use until its job is dismissed, so the order in the write counts).
+            let targets: Vec<String> = (0..self.plans.len())
+                .map(|i| Names::new(&self.opts.tag, &self.id, i).target)
+                .collect();
+            let cmds: Vec<(&str, serde_json::Value)> = ids
+                .iter()
+                .map(|id| ("job-dismiss", json!({"id": id})))
+                .chain(
+                    targets
+                        .iter()
+                        .map(|t| ("blockdev-del", json!({"node-name": t}))),
+                )
+                .collect();
+            let mut replies = self.q.execute_many(&cmds)?.into_iter();
+            for (i, (cmd, _)) in cmds.iter().enumerate() {
+                let name = if i < ids.len() {
+                    &ids[i]
+                } else {
+                    &targets[i - ids.len()]
+                };
+                match replies.next() {
+                    Some(Ok(_)) if i < ids.len() => Made::gone(&mut self.made.jobs, name),
+                    Some(Ok(_)) => Made::gone(&mut self.made.nodes, name),
+                    Some(Err(e)) => return Err(e.context(format!("{cmd} {name}"))),
+                    None => return Err(Error::new(Kind::Daemon, format!("no reply to {cmd}"))),
+                }
+            }
             for (i, p) in self.plans.iter().enumerate() {
-                let target = Names::new(&self.opts.tag, &self.id, i).target;
-                self.q
-                    .execute("blockdev-del", json!({"node-name": target}))?;
-                Made::gone(&mut self.made.nodes, &target);
                 copied[i] = p.estimate;
             }
         } else {

@@ -42,11 +42,8 @@ const _: () =
 
 /// The [`FileHash::Blake3Blocks`] checksum (hex) of a file given its block hashes in order.
 pub fn blocks_checksum(blocks: &[[u8; 32]]) -> String {
-    let mut h = blake3::Hasher::new();
-    for b in blocks {
-        h.update(b);
-    }
-    hex(h.finalize().as_bytes())
+    // One update: the same hash as 32 bytes at a time, with BLAKE3's SIMD across its chunks.
+    hex(blake3::hash(blocks.as_flattened()).as_bytes())
 }
 
 /// Checksum (`algo`) and length of a file's bytes. Both BLAKE3 formats hash on all cores (the

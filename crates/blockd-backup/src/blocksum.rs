@@ -35,6 +35,9 @@ pub struct NewFileSums {
     pub len: u64,
     /// The content hash of every [`HASH_CHUNK`] of the point (its chain's top is the file).
     pub chunks: Vec<[u8; 32]>,
+    /// The file's mapping, still mapped: unmapping it takes time the caller may spend on
+    /// something else meanwhile (dropped, it unmaps).
+    pub mapping: Option<Mapped>,
 }
 
 /// Hash the new file `path` (the last of `chain_paths`, written by this run, which holds the
@@ -145,6 +148,7 @@ pub fn hash_new_file(
         checksum: filesum::blocks_checksum(&blocks),
         len,
         chunks,
+        mapping: map,
     })
 }
 

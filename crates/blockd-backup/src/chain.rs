@@ -268,7 +268,9 @@ pub fn digest(algo: HashAlgo, hashes: &[[u8; 32]]) -> String {
 
 /// Threads for hashing passes after the copy (the daemon is idle by then).
 pub(crate) fn hash_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+    // Asked once: the standard library reads the cgroup's CPU quota files at every call.
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
 }
 
 /// Hashes of the chunks `idx` (ascending) of `img`, read back through the chain on all

@@ -182,6 +182,7 @@ pub fn read_mapped(
 /// A read-only shared mapping of a whole file, unmapped on drop. Only for files this run wrote
 /// and holds the repository lock for: a mapped file cut short under us would fault, which only
 /// a writer ignoring the lock can cause.
+#[derive(Debug)]
 pub struct Mapped {
     /// Start of the mapping.
     ptr: *mut libc::c_void,
@@ -191,6 +192,9 @@ pub struct Mapped {
 
 // SAFETY: the mapping is read-only and owned by this value; `&Mapped` only hands out `&[u8]`.
 unsafe impl Sync for Mapped {}
+// SAFETY: the mapping belongs to the process, not to a thread: any thread may read or unmap it
+// (once, on drop, by whichever thread owns the value then).
+unsafe impl Send for Mapped {}
 
 impl Mapped {
     /// Map the whole file at `path` (None if it is empty or cannot be mapped: read it instead).

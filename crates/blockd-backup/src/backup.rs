@@ -372,7 +372,6 @@ impl Run<'_, '_> {
                 img.flush()?;
                 img.close()?;
             }
-            self.repo.store.commit_object(name)?;
             let mut paths = p
                 .parent
                 .iter()
@@ -381,8 +380,18 @@ impl Run<'_, '_> {
             paths.push(path.clone());
             let prev = staged.prev.take();
             // One pass: the file's block hashes are the content hashes of the chunks it holds.
-            let mut sums = crate::blocksum::hash_new_file(path, &paths, prev, known[i].as_deref())
-                .ctx(|| format!("hashing disk {}", p.disk))?;
+            // The hashing reads what is written (the page cache) while the file is made
+            // durable beside it; both end before the sums and the manifest are written.
+            let store = self.repo.store;
+            let (committed, hashed) = std::thread::scope(|s| {
+                let sync = s.spawn(|| store.commit_object(name));
+                let hashed =
+                    crate::blocksum::hash_new_file(path, &paths, prev, known[i].as_deref());
+                (sync.join(), hashed)
+            });
+            committed
+                .map_err(|_| Error::new(Kind::Io, "the thread syncing the file panicked"))??;
+            let mut sums = hashed.ctx(|| format!("hashing disk {}", p.disk))?;
             // Unmapping the file costs ~0.1 ms per MiB: done beside the writes that follow.
             if let Some(m) = sums.mapping.take() {
                 unmaps.push(std::thread::spawn(move || drop(m)));

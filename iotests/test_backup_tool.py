@@ -333,6 +333,14 @@ def test_tool_killed_at_every_phase_then_run_again(make_daemon, tmp_path, phase,
         if mode == "live":
             assert any(w.startswith("node bb-") and w.endswith("-s0") for w in cleaned), cleaned
         assert any(w.endswith(".qcow2") for w in cleaned), cleaned  # the unrecorded partial file
+    if phase == "written":
+        # The point's chunk sums are written in place before the manifest, like its file.
+        assert any(w.startswith("vm/sums/") and w.endswith(".bin") for w in cleaned), cleaned
+    # Nothing unrecorded is left: every sums object is one a manifest names.
+    named = {d["sums"] for f in (vm.repo / "vm" / "backups").glob("*.json")
+             for d in json.loads(f.read_text())["disks"]}
+    stored = {str(f.relative_to(vm.repo)) for f in (vm.repo / "vm" / "sums").rglob("*") if f.is_file()}
+    assert stored == named, (stored, named)
     restore_and_compare(vm, "latest", "disk0", want, tmp_path)
     bms = [b["name"] for b in vm.d.bitmaps("disk0") if b["name"].startswith("bb-")]
     assert len(bms) == 2, bms  # the full's anchor and the latest backup's

@@ -20,10 +20,10 @@
 
 use std::path::{Path, PathBuf};
 
-use qcow2::Qcow2;
+use qcow2::{AllocKind, Qcow2};
 
 use crate::chain::{self, HashAlgo, HASH_CHUNK};
-use crate::error::{Error, Kind, Result};
+use crate::error::{Error, Result};
 use crate::filesum::{self, Mapped, FILE_BLOCK};
 
 /// What one pass over a backup's new file yields.
@@ -35,12 +35,16 @@ pub struct NewFileSums {
     pub len: u64,
     /// The content hash of every [`HASH_CHUNK`] of the point (its chain's top is the file).
     pub chunks: Vec<[u8; 32]>,
+    /// The file's mapping, still mapped: unmapping it takes time the caller may spend on
+    /// something else meanwhile (dropped, it unmaps).
+    pub mapping: Option<Mapped>,
 }
 
 /// Hash the new file `path` (the last of `chain_paths`, written by this run, which holds the
 /// repository lock) and the point it tops. `prev`: the previous point's chunk hashes (only
 /// chunks the new file allocates are rehashed); `known`: content hashes of chunks the copy read
-/// whole, by chunk index.
+/// whole, by chunk index. The chain below the file is opened only if some chunk has to be read
+/// through it.
 pub fn hash_new_file(
     path: &Path,
     chain_paths: &[PathBuf],
@@ -51,14 +55,13 @@ pub fn hash_new_file(
     // File blocks are hashed with BLAKE3, so a chunk's content hash can only be taken from its
     // block while the content digest is BLAKE3 too.
     const { assert!(matches!(HashAlgo::NEW, HashAlgo::Blake3)) };
-    let top = chain::open_chain(chain_paths)?;
-    let size = top.virtual_size();
+    let own = OwnChunks::of(&*chain::open_image(path, None)?)?;
+    let size = own.size;
     let n = size.div_ceil(HASH_CHUNK) as usize;
-    let (mut chunks, touched) = match prev {
-        Some(p) if p.len() == n => (p, chain::touched_chunks(&top, n)?),
-        _ => (vec![[0u8; 32]; n], vec![true; n]),
+    let (mut chunks, all) = match prev {
+        Some(p) if p.len() == n => (p, false),
+        _ => (vec![[0u8; 32]; n], true),
     };
-    let host = host_blocks(&top, &touched)?;
     let known_at = |i: usize| known.and_then(|k| k.get(i).copied().flatten());
 
     // The file's blocks: those holding a chunk the copy hashed are known, the rest hashed.
@@ -74,8 +77,8 @@ pub fn hash_new_file(
     };
     let nb = len.div_ceil(FILE_BLOCK) as usize;
     let mut have: Vec<Option<[u8; 32]>> = vec![None; nb];
-    for (i, b) in host.iter().enumerate() {
-        if let (Some(b), Some(h)) = (*b, known_at(i)) {
+    for &(i, c) in &own.chunks {
+        if let (Own::Block(b), Some(h)) = (c, known_at(i)) {
             if let Some(slot) = have.get_mut(b) {
                 *slot = Some(h);
             }
@@ -101,88 +104,108 @@ pub fn hash_new_file(
     }
     .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
 
-    // The point's chunks: from the file's blocks, the copy, or read through the chain.
+    // The point's chunks: from the file's blocks, the copy, zeros, or read through the chain.
+    let zero = |i: usize| {
+        let l = (size - i as u64 * HASH_CHUNK).min(HASH_CHUNK) as usize;
+        algo.digest(&vec![0u8; l])
+    };
+    let full_zero = zero(0);
+    let resolve = |i: usize, c: Option<Own>| match c {
+        // Not in the file (a first point only): zeros, unless a backing file is below.
+        None if chain_paths.len() <= 1 => Some(zero(i)),
+        None => None,
+        Some(Own::Block(b)) => blocks.get(b).copied().or(known_at(i)),
+        Some(Own::Zero) if (i as u64 + 1) * HASH_CHUNK <= size => Some(full_zero),
+        Some(Own::Zero) => Some(zero(i)),
+        Some(Own::Other) => known_at(i),
+    };
     let mut todo = Vec::new();
-    for i in (0..n).filter(|&i| touched[i]) {
-        match host[i].and_then(|b| blocks.get(b)).copied().or(known_at(i)) {
-            Some(h) => chunks[i] = h,
-            None => todo.push(i),
+    if all {
+        let mut own_iter = own.chunks.iter().peekable();
+        for (i, slot) in chunks.iter_mut().enumerate() {
+            let c = own_iter.next_if(|c| c.0 == i).map(|c| c.1);
+            match resolve(i, c) {
+                Some(h) => *slot = h,
+                None => todo.push(i),
+            }
+        }
+    } else {
+        // The chunks the file does not allocate keep the previous point's hashes.
+        for &(i, c) in &own.chunks {
+            match (resolve(i, Some(c)), chunks.get_mut(i)) {
+                (Some(h), Some(slot)) => *slot = h,
+                _ => todo.push(i),
+            }
         }
     }
-    for (&i, h) in todo.iter().zip(chain::chunk_hashes(&top, algo, &todo)?) {
-        chunks[i] = h;
+    if !todo.is_empty() {
+        let top = chain::open_chain(chain_paths)?;
+        for (&i, h) in todo.iter().zip(chain::chunk_hashes(&top, algo, &todo)?) {
+            chunks[i] = h;
+        }
     }
     Ok(NewFileSums {
         checksum: filesum::blocks_checksum(&blocks),
         len,
         chunks,
+        mapping: map,
     })
 }
 
-/// Chunks looked up in one [`Qcow2::read_host`] call by [`host_blocks`] (4 MiB).
-const MAP_RUN: usize = 64;
-
-/// For each of the `touched` guest chunks of `img` that `img`'s own file holds as plain data
-/// in one piece at a multiple of [`FILE_BLOCK`], the index of that file block. The disk's short
-/// last chunk is never mapped (its block holds more than the chunk).
-fn host_blocks(img: &Qcow2, touched: &[bool]) -> Result<Vec<Option<usize>>> {
-    let size = img.virtual_size();
-    let whole = (size / HASH_CHUNK) as usize;
-    let mut out = vec![None; touched.len()];
-    let mut i = 0;
-    while i < whole {
-        if !touched[i] {
-            i += 1;
-            continue;
-        }
-        let run = touched[i..whole]
-            .iter()
-            .take(MAP_RUN)
-            .take_while(|&&t| t)
-            .count();
-        if !map_run(img, i, run, &mut out)? && run > 1 {
-            // Some chunk of the run is not plain data: look them up one by one.
-            for k in i..i + run {
-                map_run(img, k, 1, &mut out)?;
-            }
-        }
-        i += run;
-    }
-    Ok(out)
+/// What an image's own file holds for one guest chunk it allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Own {
+    /// The whole chunk as plain data in this file block (a multiple of [`FILE_BLOCK`]).
+    Block(usize),
+    /// Zeros (zero clusters) over the whole chunk.
+    Zero,
+    /// Anything else (compressed, partly allocated, the disk's short last chunk as data):
+    /// read through the chain.
+    Other,
 }
 
-/// Map the `run` chunks from `first` (see [`host_blocks`]); `false`: not all plain data.
-fn map_run(img: &Qcow2, first: usize, run: usize, out: &mut [Option<usize>]) -> Result<bool> {
-    let start = first as u64 * HASH_CHUNK;
-    let mut guest = start;
-    let mut found: Vec<(usize, usize)> = Vec::new();
-    let mut feed = |_: &std::fs::File, h: u64, n: u64| -> std::io::Result<()> {
-        // A piece covers guest [guest, guest + n) at host [h, h + n): every chunk wholly in it
-        // at a block-aligned host offset is that block.
-        let end = guest + n;
-        let mut c = guest.div_ceil(HASH_CHUNK) * HASH_CHUNK;
-        while c + HASH_CHUNK <= end {
-            let at = h + (c - guest);
-            if at.is_multiple_of(FILE_BLOCK) {
-                found.push(((c / HASH_CHUNK) as usize, (at / FILE_BLOCK) as usize));
+/// The guest chunks an image's own file allocates (what changed since its backing file's
+/// point), from its allocation map: one walk over its L2 tables.
+struct OwnChunks {
+    /// The virtual size.
+    size: u64,
+    /// (chunk index, what the file holds), ascending, only allocated chunks.
+    chunks: Vec<(usize, Own)>,
+}
+
+impl OwnChunks {
+    /// The allocated chunks of `img`.
+    fn of(img: &Qcow2) -> Result<OwnChunks> {
+        let size = img.virtual_size();
+        let mut chunks: Vec<(usize, Own)> = Vec::new();
+        for r in img.allocated_ranges(0, size)? {
+            let first = (r.offset / HASH_CHUNK) as usize;
+            let last = ((r.end() - 1) / HASH_CHUNK) as usize;
+            for i in first..=last {
+                let start = i as u64 * HASH_CHUNK;
+                let end = (start + HASH_CHUNK).min(size);
+                let whole = r.offset <= start && end <= r.end();
+                let c = match r.kind {
+                    AllocKind::Data { host } if whole && end - start == HASH_CHUNK => {
+                        let at = host + (start - r.offset);
+                        if at.is_multiple_of(FILE_BLOCK) {
+                            Own::Block((at / FILE_BLOCK) as usize)
+                        } else {
+                            Own::Other
+                        }
+                    }
+                    AllocKind::Zero if whole => Own::Zero,
+                    _ => Own::Other,
+                };
+                match chunks.last_mut() {
+                    // A chunk shared by two ranges is not wholly one thing.
+                    Some(l) if l.0 == i => l.1 = Own::Other,
+                    _ => chunks.push((i, c)),
+                }
             }
-            c += HASH_CHUNK;
         }
-        guest = end;
-        Ok(())
-    };
-    if !img.read_host(start, run as u64 * HASH_CHUNK, &mut feed)? {
-        return Ok(false);
+        Ok(OwnChunks { size, chunks })
     }
-    if guest != start + run as u64 * HASH_CHUNK {
-        return Err(Error::new(Kind::Io, "the image mapped a range short"));
-    }
-    for (c, b) in found {
-        if let Some(slot) = out.get_mut(c) {
-            *slot = Some(b);
-        }
-    }
-    Ok(true)
 }
 
 #[cfg(test)]
@@ -192,6 +215,8 @@ mod tests {
     use crate::filesum::{file_checksum, FileHash};
 
     const C: usize = HASH_CHUNK as usize;
+    /// Chunks in 4 MiB (a hashing work item).
+    const MAP_RUN: usize = 64;
 
     /// A scratch folder removed on drop.
     struct Dir(PathBuf);
@@ -208,11 +233,14 @@ mod tests {
     }
 
     /// Write `writes` (guest offset, bytes) into a new chain file `p` of `size` bytes backed by
-    /// `backing` (an empty slice: a zero cluster there), and close it.
+    /// `backing` (an empty slice: a zero cluster there, over a preallocated host cluster), and
+    /// close it.
     fn image(p: &Path, size: u64, backing: Option<&Path>, writes: &[(usize, &[u8])]) {
         let img = chain::create(p, size, backing, Durability::Caller).unwrap();
         for &(at, b) in writes {
             if b.is_empty() {
+                // Data first: zeroes over nothing (no backing) would allocate nothing.
+                img.write_at(&[5u8; C], at as u64).unwrap();
                 img.write_zeroes(at as u64, HASH_CHUNK, false).unwrap();
             } else {
                 img.write_at(b, at as u64).unwrap();
@@ -277,11 +305,12 @@ mod tests {
         // The data chunks' blocks were really taken from the copy's hashes (not read): a
         // wrong known hash of a data chunk changes the checksum, so verify would catch it.
         let top = chain::open_chain(&paths).unwrap();
-        let host = host_blocks(&top, &vec![true; known.len()]).unwrap();
-        assert!(host[..MAP_RUN + 3].iter().all(Option::is_some));
-        assert_eq!(host[MAP_RUN + 4], None, "zero cluster");
-        assert_eq!(host[MAP_RUN + 5], None, "unallocated");
-        assert_eq!(*host.last().unwrap(), None, "short last chunk");
+        let own = OwnChunks::of(&top).unwrap();
+        let at = |i: usize| own.chunks.iter().find(|c| c.0 == i).map(|c| c.1);
+        assert!((0..MAP_RUN + 3).all(|i| matches!(at(i), Some(Own::Block(_)))));
+        assert_eq!(at(MAP_RUN + 4), Some(Own::Zero), "zero cluster");
+        assert_eq!(at(MAP_RUN + 5), None, "unallocated");
+        assert_eq!(at(MAP_RUN + 8), Some(Own::Other), "short last chunk");
         for i in [0, MAP_RUN + 1] {
             let mut wrong = known.clone();
             wrong[i] = Some([7u8; 32]);
@@ -301,6 +330,7 @@ mod tests {
         let base_hashes = content(&want);
         want[3 * C..4 * C].fill(0x42);
         want[9 * C + 10..9 * C + 20].fill(0x43);
+        want[12 * C..13 * C].fill(0);
         image(
             &top,
             size as u64,
@@ -308,9 +338,19 @@ mod tests {
             &[
                 (3 * C, &want[3 * C..4 * C]),
                 (9 * C + 10, &want[9 * C + 10..9 * C + 20]),
+                (12 * C, &[]),
             ],
         );
         let paths = vec![base.clone(), top.clone()];
+        // Zeros over the backing's data: a zero cluster, hashed without a read.
+        let own = OwnChunks::of(&chain::open_image(&top, None).unwrap()).unwrap();
+        let kinds: Vec<(usize, bool)> = own
+            .chunks
+            .iter()
+            .map(|&(i, c)| (i, matches!(c, Own::Block(_))))
+            .collect();
+        assert_eq!(kinds, vec![(3, true), (9, true), (12, false)]);
+        assert_eq!(own.chunks[2].1, Own::Zero);
         // A wrong previous hash of an untouched chunk stays (only touched chunks rehashed).
         let mut prev = base_hashes.clone();
         prev[0] = [1u8; 32];

@@ -42,11 +42,8 @@ const _: () =
 
 /// The [`FileHash::Blake3Blocks`] checksum (hex) of a file given its block hashes in order.
 pub fn blocks_checksum(blocks: &[[u8; 32]]) -> String {
-    let mut h = blake3::Hasher::new();
-    for b in blocks {
-        h.update(b);
-    }
-    hex(h.finalize().as_bytes())
+    // One update: the same hash as 32 bytes at a time, with BLAKE3's SIMD across its chunks.
+    hex(blake3::hash(blocks.as_flattened()).as_bytes())
 }
 
 /// Checksum (`algo`) and length of a file's bytes. Both BLAKE3 formats hash on all cores (the
@@ -185,6 +182,7 @@ pub fn read_mapped(
 /// A read-only shared mapping of a whole file, unmapped on drop. Only for files this run wrote
 /// and holds the repository lock for: a mapped file cut short under us would fault, which only
 /// a writer ignoring the lock can cause.
+#[derive(Debug)]
 pub struct Mapped {
     /// Start of the mapping.
     ptr: *mut libc::c_void,
@@ -194,6 +192,9 @@ pub struct Mapped {
 
 // SAFETY: the mapping is read-only and owned by this value; `&Mapped` only hands out `&[u8]`.
 unsafe impl Sync for Mapped {}
+// SAFETY: the mapping belongs to the process, not to a thread: any thread may read or unmap it
+// (once, on drop, by whichever thread owns the value then).
+unsafe impl Send for Mapped {}
 
 impl Mapped {
     /// Map the whole file at `path` (None if it is empty or cannot be mapped: read it instead).

@@ -304,7 +304,7 @@ impl NbdServer {
 }
 
 /// Wait for push jobs `ids` (started with `auto-dismiss: false`) to conclude, reporting
-/// progress; dismiss them; error if any failed. Wakes up on the jobs' `JOB_STATUS_CHANGE`
+/// progress; error if any failed (the caller dismisses them). Wakes up on the jobs' `JOB_STATUS_CHANGE`
 /// to `concluded` (or every [`EVENT_WAIT`] for progress) and reads their state from
 /// `query-jobs`, so a missed event costs no more than one progress interval.
 pub fn wait_push_jobs(q: &mut Qmp, ids: &[String], progress: &Progress) -> Result<()> {
@@ -346,9 +346,6 @@ pub fn wait_push_jobs(q: &mut Qmp, ids: &[String], progress: &Progress) -> Resul
             ));
         }
         if mine.iter().all(|j| j["status"] == "concluded") {
-            for id in ids {
-                q.execute("job-dismiss", json!({"id": id}))?;
-            }
             return Ok(());
         }
         let waiting: Vec<&str> = mine

@@ -6,7 +6,8 @@
 //! - [`manifest`]: the repository layout on top of it: manifests, chains, ids, the lock.
 //! - [`qmp`], [`nbd`]: small synchronous clients.
 //! - [`chain`]: qcow2 chain files through crates/qcow2 (create, write, open a point, hash).
-//! - [`filesum`]: file checksums; [`blocksum`]: a new file and its point hashed in one pass.
+//! - [`filesum`]: file checksums; [`blocksum`]: a new file and its point hashed in one pass;
+//!   [`sums`]: a point's chunk-sums object, prepared while the daemon copies.
 //! - [`fleece`]: the daemon side (cleanup, transaction, fleecing, exports, push jobs).
 //! - [`backup`]: one backup run; [`copy`]: the multi-connection copy loop.
 //! - [`ops`]: list, verify, restore, mount, prune; [`daemon`]: starting our own daemon.
@@ -27,6 +28,7 @@ mod plan;
 mod progress;
 mod qmp;
 mod store;
+mod sums;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

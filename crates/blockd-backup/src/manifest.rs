@@ -268,21 +268,24 @@ impl<'a> Repo<'a> {
         ))
     }
 
-    /// Files under the machine's disks folder that no manifest references.
+    /// Files under the machine's disks and sums folders that no manifest references.
     pub fn orphans(&self) -> Result<Vec<String>> {
         self.orphans_of(&self.backups()?)
     }
 
-    /// Files under the machine's disks folder that none of `all` (this repository's
-    /// [`Repo::backups`]) references.
+    /// Files under the machine's disks and sums folders that none of `all` references: chain
+    /// files and chunk-sums objects (both written in place before their manifest) of a run
+    /// that died, or of a point `prune` removed.
     pub fn orphans_of(&self, all: &[Manifest]) -> Result<Vec<String>> {
-        let used: std::collections::HashSet<&str> = all
-            .iter()
-            .flat_map(|m| m.disks.iter())
+        let disks = all.iter().flat_map(|m| m.disks.iter());
+        let used: std::collections::HashSet<&str> = disks
+            .clone()
             .flat_map(|d| d.chain.iter())
             .map(|f| f.name.as_str())
+            .chain(disks.filter_map(|d| d.sums.as_deref()))
             .collect();
-        let files = self.store.list(&format!("{}/disks/", self.machine))?;
+        let mut files = self.store.list(&format!("{}/disks/", self.machine))?;
+        files.extend(self.store.list(&format!("{}/sums/", self.machine))?);
         Ok(files
             .into_iter()
             .filter(|f| !used.contains(f.as_str()))

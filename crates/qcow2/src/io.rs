@@ -6,6 +6,9 @@
 
 mod batch;
 mod host;
+mod map;
+
+pub use map::{AllocKind, AllocatedRange};
 
 use std::sync::Arc;
 

@@ -16,7 +16,8 @@
 //! - `meta`: the metadata state under one mutex; table access, write-back order, corruption.
 //! - `refcount`: refcounts, cluster allocation, refcount table growth.
 //! - `rebuild`: recounting refcounts of an image left dirty (lazy refcounts).
-//! - `io`: the request paths (read, write with COW, write zeroes, discard, block status).
+//! - `io`: the request paths (read, write with COW, write zeroes, discard, block status;
+//!   `io::map`: the allocation map of the image's own file, [`Qcow2::allocated_ranges`]).
 //! - `bitmaps`: the bitmaps extension (directory format; `bitmaps::image` reads and writes
 //!   tables and data); `image_bitmaps`: an open image's bitmap API ([`Qcow2::load_bitmaps`], ...).
 //! - [`dirty_log`]: the dirty-region log that lets bitmaps survive a crash consistent.
@@ -76,6 +77,7 @@ pub use bitmaps::{BitmapInfo, LoadedBitmap, StoreBitmap};
 pub use create::CreateOptions;
 pub use error::{Error, ErrorKind, Result};
 pub use image_bitmaps::StoreBitmapRef;
+pub use io::{AllocKind, AllocatedRange};
 pub use snapshot_table::{SnapshotInfo, SnapshotTime};
 pub use storage::{FileStorage, HostFn, MemStorage, Storage};
 

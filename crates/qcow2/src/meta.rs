@@ -398,7 +398,7 @@ impl Meta {
     }
 
     /// Reject entries that point outside the file or into metadata.
-    fn check_entry(&mut self, gc: GuestCluster, entry: L2Entry) -> Result<()> {
+    pub(crate) fn check_entry(&mut self, gc: GuestCluster, entry: L2Entry) -> Result<()> {
         let limit = self.file_limit();
         let (host, len) = match entry {
             L2Entry::Data { host, .. } => (host, self.geo.cluster_size()),

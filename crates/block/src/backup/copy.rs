@@ -11,13 +11,12 @@
 use std::cell::Cell;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use hbitmap::HBitmap;
 
-use super::kcopy;
+use super::kcopy::{self, WriteTurn};
 use crate::driver::BlockStatus;
 use crate::node::{Node, NodeRef, WriteHook};
 
@@ -73,6 +72,11 @@ pub(crate) struct Copier {
     pub map: Mutex<Option<std::sync::Arc<SourceMap>>>,
     /// The job ended: the hook lets writes through untouched.
     pub stopped: AtomicBool,
+    /// The kernel copies into the target's file (workers and the hook alike) write one at a
+    /// time: the kernel would serialise them on the file's inode lock, spinning (see
+    /// [`WriteTurn`]). Writes through a buffer (compression, filters) do not take it:
+    /// compressing stays parallel.
+    turn: WriteTurn,
 }
 
 impl Copier {
@@ -109,6 +113,7 @@ impl Copier {
             total: AtomicU64::new(total),
             map: Mutex::new(None),
             stopped: AtomicBool::new(false),
+            turn: WriteTurn::default(),
         }
     }
 
@@ -265,13 +270,14 @@ impl Copier {
             }
         }
         let side: Cell<Option<bool>> = Cell::new(None);
-        let source = &self.source;
+        let (source, turn) = (&self.source, &self.turn);
         // Where the next target piece starts: run index and offset inside it.
         let (mut ri, mut rpos) = (0usize, 0u64);
         let r = self
             .target
             .write_batch_host(runs, &mut |tf: &File, th: u64, tn: u64| {
-                let mut funnel = kcopy::Funnel::new(tf, th);
+                let tgt = kcopy::Target { file: tf, turn };
+                let mut funnel = kcopy::Funnel::new(tgt, th);
                 let mut left = tn;
                 while left > 0 {
                     let Some(&(rs, rl)) = runs.get(ri) else {
@@ -367,23 +373,24 @@ impl Copier {
         // Which side failed, for the error policies.
         let side: Cell<Option<bool>> = Cell::new(None);
         let mut guest = off;
-        let (source, offload) = (&self.source, self.offload);
+        let (source, offload, turn) = (&self.source, self.offload, &self.turn);
         let r = self
             .target
             .write_host(off, n, &mut |tf: &File, th: u64, tn: u64| {
                 let g = guest;
                 guest += tn;
-                let mut tpos = 0u64;
+                // The source pieces of this target range go through the thread's pipes and
+                // into the target a few pipe-fulls per turn.
+                let mut funnel = kcopy::Funnel::new(kcopy::Target { file: tf, turn }, th);
+                let failed = |e: kcopy::KernelCopyError| {
+                    side.set(Some(e.is_read));
+                    e.err
+                };
                 let got = source.read_host(g, tn, &mut |sf: &File, sh: u64, sn: u64| {
-                    let r = kcopy::copy(sf, sh, tf, th + tpos, sn, offload);
-                    tpos += sn;
-                    r.map_err(|e| {
-                        side.set(Some(e.is_read));
-                        e.err
-                    })
+                    funnel.copy(sf, sh, sn, offload).map_err(failed)
                 });
                 match got {
-                    Ok(true) => Ok(()),
+                    Ok(true) => funnel.finish().map_err(failed),
                     Ok(false) => {
                         // Zero, backing or compressed clusters of the source: through memory.
                         let mut at = 0;
@@ -393,7 +400,7 @@ impl Copier {
                             source
                                 .read(g + at, b)
                                 .inspect_err(|_| side.set(Some(true)))?;
-                            tf.write_all_at(b, th + at)
+                            turn.write_all_at(tf, b, th + at)
                                 .inspect_err(|_| side.set(Some(false)))?;
                             at += k;
                         }

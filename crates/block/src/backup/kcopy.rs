@@ -345,6 +345,21 @@ fn splice_once(
     }
 }
 
+impl Drop for Funnel<'_> {
+    /// A funnel given up before [`Funnel::finish`] (the source failed between pieces) leaves
+    /// bytes in the thread's pipes that belong nowhere else: drop the pipes, or the thread's
+    /// next copy would write them out first.
+    fn drop(&mut self) {
+        if self.fill.iter().any(|f| f.bytes > 0) {
+            PIPES_OF_THREAD.with(|cell| {
+                if let Ok(mut pipes) = cell.try_borrow_mut() {
+                    pipes.clear();
+                }
+            });
+        }
+    }
+}
+
 /// Splice up to `want` bytes of `src` at `soff` into the pipe; returns the bytes moved.
 fn splice_in(pipe: &Pipe, src: &File, soff: u64, want: usize) -> Result<usize, KernelCopyError> {
     let rd = |err| KernelCopyError { is_read: true, err };
@@ -562,5 +577,33 @@ mod tests {
             .recv_timeout(std::time::Duration::from_secs(60))
             .expect("the funnel hung on a full pipe");
         assert!(same, "the target differs from the pieces");
+    }
+
+    #[test]
+    fn a_funnel_given_up_leaves_nothing_for_the_next_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = open_rw(&dir.path().join("s"));
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 5 % 241) as u8).collect();
+        src.write_all_at(&data, 0).unwrap();
+        let dst = open_rw(&dir.path().join("d"));
+        let turn = WriteTurn::default();
+        let tgt = Target {
+            file: &dst,
+            turn: &turn,
+        };
+        // Pieces queued, then the copy fails elsewhere and the funnel is dropped unfinished.
+        let mut f = Funnel::new(tgt, 0);
+        f.push(&src, 0, 300_000).unwrap();
+        drop(f);
+        assert_eq!(dst.metadata().unwrap().len(), 0, "nothing was written");
+        // The thread's next copy writes its own bytes only.
+        copy(&src, 500_000, tgt, 4096, 400_000, false).unwrap();
+        let mut back = vec![0u8; 400_000];
+        dst.read_exact_at(&mut back, 4096).unwrap();
+        assert!(
+            back == data[500_000..900_000],
+            "stale pipe bytes were written"
+        );
+        assert_eq!(dst.metadata().unwrap().len(), 4096 + 400_000);
     }
 }

@@ -20,6 +20,14 @@ use super::kcopy::{self, WriteTurn};
 use crate::driver::BlockStatus;
 use crate::node::{Node, NodeRef, WriteHook};
 
+/// Who copies a run: a worker of the job, or the copy-before-write hook while a guest write
+/// waits (it does not queue for the target's [`WriteTurn`] behind a worker's turn).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Copying {
+    Worker,
+    ForGuest,
+}
+
 /// A copy failure: which side failed (read = source).
 #[derive(Debug)]
 pub(crate) struct CopyError {
@@ -72,10 +80,10 @@ pub(crate) struct Copier {
     pub map: Mutex<Option<std::sync::Arc<SourceMap>>>,
     /// The job ended: the hook lets writes through untouched.
     pub stopped: AtomicBool,
-    /// The kernel copies into the target's file (workers and the hook alike) write one at a
-    /// time: the kernel would serialise them on the file's inode lock, spinning (see
-    /// [`WriteTurn`]). Writes through a buffer (compression, filters) do not take it:
-    /// compressing stays parallel.
+    /// The workers' kernel copies into the target's file write one at a time: the kernel
+    /// would serialise them on the file's inode lock, spinning (see [`WriteTurn`]). The hook
+    /// does not wait for it (a guest write waits for the hook); writes through a buffer
+    /// (compression, filters) do not take it either: compressing stays parallel.
     turn: WriteTurn,
 }
 
@@ -218,7 +226,13 @@ impl Copier {
     }
 
     /// Copy one claimed run from source to target with `buf` (at least `len` bytes).
-    pub fn copy_run(&self, start: u64, len: u64, buf: &mut [u8]) -> Result<(), CopyError> {
+    pub fn copy_run(
+        &self,
+        start: u64,
+        len: u64,
+        buf: &mut [u8],
+        who: Copying,
+    ) -> Result<(), CopyError> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let end = start + len;
         let mut off = start;
@@ -238,7 +252,7 @@ impl Copier {
                         err,
                     })?;
             } else {
-                self.copy_data(off, n, buf)?;
+                self.copy_data(off, n, buf, who)?;
             }
             off = piece_end;
         }
@@ -276,7 +290,10 @@ impl Copier {
         let r = self
             .target
             .write_batch_host(runs, &mut |tf: &File, th: u64, tn: u64| {
-                let tgt = kcopy::Target { file: tf, turn };
+                let tgt = kcopy::Target {
+                    file: tf,
+                    turn: Some(turn),
+                };
                 let mut funnel = kcopy::Funnel::new(tgt, th);
                 let mut left = tn;
                 while left > 0 {
@@ -336,12 +353,12 @@ impl Copier {
         }
     }
 
-    fn copy_data(&self, off: u64, n: u64, buf: &mut [u8]) -> Result<(), CopyError> {
+    fn copy_data(&self, off: u64, n: u64, buf: &mut [u8], who: Copying) -> Result<(), CopyError> {
         let mut done = 0u64;
         while done < n {
             let step = (n - done).min(buf.len() as u64);
             let at = off + done;
-            if !self.compress && self.copy_host(at, step, &mut buf[..step as usize])? {
+            if !self.compress && self.copy_host(at, step, &mut buf[..step as usize], who)? {
                 done += step;
                 continue;
             }
@@ -369,11 +386,12 @@ impl Copier {
     /// kernel moves the bytes: one page copy instead of two); `buf` (at least `n` bytes) serves
     /// source pieces that are not plain data. `Ok(false)`: nothing done, the target takes no
     /// kernel copies (filters, detect-zeroes, unaligned ends); copy through memory.
-    fn copy_host(&self, off: u64, n: u64, buf: &mut [u8]) -> Result<bool, CopyError> {
+    fn copy_host(&self, off: u64, n: u64, buf: &mut [u8], who: Copying) -> Result<bool, CopyError> {
         // Which side failed, for the error policies.
         let side: Cell<Option<bool>> = Cell::new(None);
         let mut guest = off;
-        let (source, offload, turn) = (&self.source, self.offload, &self.turn);
+        let (source, offload) = (&self.source, self.offload);
+        let turn = (who == Copying::Worker).then_some(&self.turn);
         let r = self
             .target
             .write_host(off, n, &mut |tf: &File, th: u64, tn: u64| {
@@ -381,7 +399,8 @@ impl Copier {
                 guest += tn;
                 // The source pieces of this target range go through the thread's pipes and
                 // into the target a few pipe-fulls per turn.
-                let mut funnel = kcopy::Funnel::new(kcopy::Target { file: tf, turn }, th);
+                let tgt = kcopy::Target { file: tf, turn };
+                let mut funnel = kcopy::Funnel::new(tgt, th);
                 let failed = |e: kcopy::KernelCopyError| {
                     side.set(Some(e.is_read));
                     e.err
@@ -400,7 +419,7 @@ impl Copier {
                             source
                                 .read(g + at, b)
                                 .inspect_err(|_| side.set(Some(true)))?;
-                            turn.write_all_at(tf, b, th + at)
+                            tgt.write_all_at(b, th + at)
                                 .inspect_err(|_| side.set(Some(false)))?;
                             at += k;
                         }
@@ -607,7 +626,7 @@ impl WriteHook for CbwHook {
                 c.finish(s, l, false);
                 continue;
             }
-            match c.copy_run(s, l, &mut buf) {
+            match c.copy_run(s, l, &mut buf, Copying::ForGuest) {
                 Ok(()) => c.finish(s, l, true),
                 Err(e) => {
                     c.finish(s, l, false);

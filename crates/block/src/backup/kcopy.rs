@@ -54,19 +54,28 @@ impl WriteTurn {
         // Nothing the guard protects can be left half-changed by a panic.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    /// `dst.write_all_at(data, off)` in turn.
-    pub(crate) fn write_all_at(&self, dst: &File, data: &[u8], off: u64) -> io::Result<()> {
-        let _turn = self.take();
-        dst.write_all_at(data, off)
-    }
 }
 
 /// A target file and the turn its writers take.
 #[derive(Clone, Copy)]
 pub(crate) struct Target<'a> {
     pub file: &'a File,
-    pub turn: &'a WriteTurn,
+    /// `None`: write without waiting for a turn (the copy-before-write hook, with a guest
+    /// write waiting: it copies a few clusters and must not wait behind a worker's turn of
+    /// several MiB; its rare writes may meet the kernel's lock as before).
+    pub turn: Option<&'a WriteTurn>,
+}
+
+impl Target<'_> {
+    fn take(&self) -> Option<MutexGuard<'_, ()>> {
+        self.turn.map(WriteTurn::take)
+    }
+
+    /// `file.write_all_at(data, off)` in turn.
+    pub(crate) fn write_all_at(&self, data: &[u8], off: u64) -> io::Result<()> {
+        let _turn = self.take();
+        self.file.write_all_at(data, off)
+    }
 }
 
 struct Pipe {
@@ -278,8 +287,7 @@ impl<'a> Funnel<'a> {
     pub(crate) fn push_bytes(&mut self, data: &[u8]) -> Result<(), KernelCopyError> {
         self.finish()?;
         self.dst
-            .turn
-            .write_all_at(self.dst.file, data, self.doff)
+            .write_all_at(data, self.doff)
             .map_err(|err| KernelCopyError {
                 is_read: false,
                 err,
@@ -298,7 +306,7 @@ impl<'a> Funnel<'a> {
 
     /// Write the pipes out in order, in one turn.
     fn drain(&mut self, pipes: &[Pipe]) -> Result<(), KernelCopyError> {
-        let _turn = self.dst.turn.take();
+        let _turn = self.dst.take();
         for (pipe, fill) in pipes.iter().zip(self.fill.iter_mut()) {
             if fill.bytes > 0 {
                 splice_out(pipe, self.dst.file, self.doff, fill.bytes)?;
@@ -420,7 +428,7 @@ mod tests {
             let turn = WriteTurn::default();
             let tgt = Target {
                 file: &dst,
-                turn: &turn,
+                turn: Some(&turn),
             };
             copy(&src, 12345, tgt, 65536, 2_500_000, offload).unwrap();
             let mut back = vec![0u8; 2_500_000];
@@ -451,7 +459,7 @@ mod tests {
         let turn = WriteTurn::default();
         let tgt = Target {
             file: &dst,
-            turn: &turn,
+            turn: Some(&turn),
         };
         // More than one pipe-full in total, pieces of several sizes, bytes from memory between.
         let pieces = [
@@ -508,7 +516,10 @@ mod tests {
             for t in 0..threads {
                 let (src, dst, turn) = (&src, &dst, &turn);
                 s.spawn(move || {
-                    let tgt = Target { file: dst, turn };
+                    let tgt = Target {
+                        file: dst,
+                        turn: Some(turn),
+                    };
                     let mut at = t * stripe;
                     while at < size {
                         let n = stripe.min(size - at);
@@ -552,7 +563,7 @@ mod tests {
             let mut f = Funnel::new(
                 Target {
                     file: &dst,
-                    turn: &turn,
+                    turn: Some(&turn),
                 },
                 0,
             );
@@ -589,7 +600,7 @@ mod tests {
         let turn = WriteTurn::default();
         let tgt = Target {
             file: &dst,
-            turn: &turn,
+            turn: Some(&turn),
         };
         // Pieces queued, then the copy fails elsewhere and the funnel is dropped unfinished.
         let mut f = Funnel::new(tgt, 0);

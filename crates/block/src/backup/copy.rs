@@ -11,15 +11,22 @@
 use std::cell::Cell;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use hbitmap::HBitmap;
 
-use super::kcopy;
+use super::kcopy::{self, WriteTurn};
 use crate::driver::BlockStatus;
 use crate::node::{Node, NodeRef, WriteHook};
+
+/// Who copies a run: a worker of the job, or the copy-before-write hook while a guest write
+/// waits (it does not queue for the target's [`WriteTurn`] behind a worker's turn).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Copying {
+    Worker,
+    ForGuest,
+}
 
 /// A copy failure: which side failed (read = source).
 #[derive(Debug)]
@@ -73,6 +80,11 @@ pub(crate) struct Copier {
     pub map: Mutex<Option<std::sync::Arc<SourceMap>>>,
     /// The job ended: the hook lets writes through untouched.
     pub stopped: AtomicBool,
+    /// The workers' kernel copies into the target's file write one at a time: the kernel
+    /// would serialise them on the file's inode lock, spinning (see [`WriteTurn`]). The hook
+    /// does not wait for it (a guest write waits for the hook); writes through a buffer
+    /// (compression, filters) do not take it either: compressing stays parallel.
+    turn: WriteTurn,
 }
 
 impl Copier {
@@ -109,6 +121,7 @@ impl Copier {
             total: AtomicU64::new(total),
             map: Mutex::new(None),
             stopped: AtomicBool::new(false),
+            turn: WriteTurn::default(),
         }
     }
 
@@ -213,7 +226,13 @@ impl Copier {
     }
 
     /// Copy one claimed run from source to target with `buf` (at least `len` bytes).
-    pub fn copy_run(&self, start: u64, len: u64, buf: &mut [u8]) -> Result<(), CopyError> {
+    pub fn copy_run(
+        &self,
+        start: u64,
+        len: u64,
+        buf: &mut [u8],
+        who: Copying,
+    ) -> Result<(), CopyError> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let end = start + len;
         let mut off = start;
@@ -233,7 +252,7 @@ impl Copier {
                         err,
                     })?;
             } else {
-                self.copy_data(off, n, buf)?;
+                self.copy_data(off, n, buf, who)?;
             }
             off = piece_end;
         }
@@ -265,13 +284,17 @@ impl Copier {
             }
         }
         let side: Cell<Option<bool>> = Cell::new(None);
-        let source = &self.source;
+        let (source, turn) = (&self.source, &self.turn);
         // Where the next target piece starts: run index and offset inside it.
         let (mut ri, mut rpos) = (0usize, 0u64);
         let r = self
             .target
             .write_batch_host(runs, &mut |tf: &File, th: u64, tn: u64| {
-                let mut funnel = kcopy::Funnel::new(tf, th);
+                let tgt = kcopy::Target {
+                    file: tf,
+                    turn: Some(turn),
+                };
+                let mut funnel = kcopy::Funnel::new(tgt, th);
                 let mut left = tn;
                 while left > 0 {
                     let Some(&(rs, rl)) = runs.get(ri) else {
@@ -330,12 +353,12 @@ impl Copier {
         }
     }
 
-    fn copy_data(&self, off: u64, n: u64, buf: &mut [u8]) -> Result<(), CopyError> {
+    fn copy_data(&self, off: u64, n: u64, buf: &mut [u8], who: Copying) -> Result<(), CopyError> {
         let mut done = 0u64;
         while done < n {
             let step = (n - done).min(buf.len() as u64);
             let at = off + done;
-            if !self.compress && self.copy_host(at, step, &mut buf[..step as usize])? {
+            if !self.compress && self.copy_host(at, step, &mut buf[..step as usize], who)? {
                 done += step;
                 continue;
             }
@@ -363,27 +386,30 @@ impl Copier {
     /// kernel moves the bytes: one page copy instead of two); `buf` (at least `n` bytes) serves
     /// source pieces that are not plain data. `Ok(false)`: nothing done, the target takes no
     /// kernel copies (filters, detect-zeroes, unaligned ends); copy through memory.
-    fn copy_host(&self, off: u64, n: u64, buf: &mut [u8]) -> Result<bool, CopyError> {
+    fn copy_host(&self, off: u64, n: u64, buf: &mut [u8], who: Copying) -> Result<bool, CopyError> {
         // Which side failed, for the error policies.
         let side: Cell<Option<bool>> = Cell::new(None);
         let mut guest = off;
         let (source, offload) = (&self.source, self.offload);
+        let turn = (who == Copying::Worker).then_some(&self.turn);
         let r = self
             .target
             .write_host(off, n, &mut |tf: &File, th: u64, tn: u64| {
                 let g = guest;
                 guest += tn;
-                let mut tpos = 0u64;
+                // The source pieces of this target range go through the thread's pipes and
+                // into the target a few pipe-fulls per turn.
+                let tgt = kcopy::Target { file: tf, turn };
+                let mut funnel = kcopy::Funnel::new(tgt, th);
+                let failed = |e: kcopy::KernelCopyError| {
+                    side.set(Some(e.is_read));
+                    e.err
+                };
                 let got = source.read_host(g, tn, &mut |sf: &File, sh: u64, sn: u64| {
-                    let r = kcopy::copy(sf, sh, tf, th + tpos, sn, offload);
-                    tpos += sn;
-                    r.map_err(|e| {
-                        side.set(Some(e.is_read));
-                        e.err
-                    })
+                    funnel.copy(sf, sh, sn, offload).map_err(failed)
                 });
                 match got {
-                    Ok(true) => Ok(()),
+                    Ok(true) => funnel.finish().map_err(failed),
                     Ok(false) => {
                         // Zero, backing or compressed clusters of the source: through memory.
                         let mut at = 0;
@@ -393,7 +419,7 @@ impl Copier {
                             source
                                 .read(g + at, b)
                                 .inspect_err(|_| side.set(Some(true)))?;
-                            tf.write_all_at(b, th + at)
+                            tgt.write_all_at(b, th + at)
                                 .inspect_err(|_| side.set(Some(false)))?;
                             at += k;
                         }
@@ -600,7 +626,7 @@ impl WriteHook for CbwHook {
                 c.finish(s, l, false);
                 continue;
             }
-            match c.copy_run(s, l, &mut buf) {
+            match c.copy_run(s, l, &mut buf, Copying::ForGuest) {
                 Ok(()) => c.finish(s, l, true),
                 Err(e) => {
                     c.finish(s, l, false);

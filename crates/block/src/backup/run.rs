@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
-use super::copy::{Copier, CopyError};
+use super::copy::{Copier, CopyError, Copying};
 use super::{BackupJob, SyncMode, DEFAULT_WORKERS, MAX_WORKERS};
 use crate::error::strerror;
 use crate::job::{ErrorAction, JobCtx};
@@ -140,7 +140,7 @@ pub(super) async fn run(job: Arc<BackupJob>, ctx: JobCtx) -> Result<(), String> 
                         if buf.len() < len as usize {
                             buf.resize(len as usize, 0);
                         }
-                        let r = cw.copy_run(start, len, &mut buf);
+                        let r = cw.copy_run(start, len, &mut buf, Copying::Worker);
                         // Finish the claim first: the discard passes the hook, which waits for
                         // claims in flight over its range.
                         cw.finish(start, len, r.is_ok());

@@ -5,6 +5,7 @@
 
 mod attach_deleted;
 mod backup;
+mod backup_files;
 mod bitmaps;
 mod close;
 mod common;

@@ -110,13 +110,20 @@ pub fn hash_new_file(
         algo.digest(&vec![0u8; l])
     };
     let full_zero = zero(0);
+    // A whole chunk of zeros has one hash, computed once (a sparse disk has many).
+    let zero_at = |i: usize| {
+        if (i as u64 + 1) * HASH_CHUNK <= size {
+            full_zero
+        } else {
+            zero(i)
+        }
+    };
     let resolve = |i: usize, c: Option<Own>| match c {
         // Not in the file (a first point only): zeros, unless a backing file is below.
-        None if chain_paths.len() <= 1 => Some(zero(i)),
+        None if chain_paths.len() <= 1 => Some(zero_at(i)),
         None => None,
         Some(Own::Block(b)) => blocks.get(b).copied().or(known_at(i)),
-        Some(Own::Zero) if (i as u64 + 1) * HASH_CHUNK <= size => Some(full_zero),
-        Some(Own::Zero) => Some(zero(i)),
+        Some(Own::Zero) => Some(zero_at(i)),
         Some(Own::Other) => known_at(i),
     };
     let mut todo = Vec::new();

@@ -97,18 +97,12 @@ impl Pipe {
         }
         // SAFETY: both descriptors were just created and are owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: F_SETPIPE_SZ on our pipe; the result is the capacity granted.
-        let got = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as i32) };
-        let size = usize::try_from(got)
-            .ok()
-            .filter(|&s| s > 0)
-            .unwrap_or(64 << 10);
         // SAFETY: sysconf only reads a system constant.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
             .ok()
             .filter(|&p| p > 0)
             .unwrap_or(4096);
-        let slots = (size / page).max(1);
+        let slots = slots_after_request(&write, PIPE_SIZE as i32, page)?;
         Ok(Pipe {
             read,
             write,
@@ -128,6 +122,21 @@ impl Pipe {
     fn slots_for(&self, soff: u64, n: usize) -> usize {
         let head = (soff % self.page as u64) as usize;
         (head + n).div_ceil(self.page)
+    }
+}
+
+/// Ask for a pipe of `want` bytes and return the buffers it really holds. The kernel may refuse
+/// the size (a user over `/proc/sys/fs/pipe-user-pages-soft` gets EPERM, and then pipes of 2
+/// buffers), so the capacity is always read back: a pipe believed larger than it is would
+/// block its own thread in `splice` for good.
+fn slots_after_request(write: &OwnedFd, want: i32, page: usize) -> io::Result<usize> {
+    // SAFETY: F_SETPIPE_SZ on our own pipe; a refusal leaves its size as it was.
+    unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+    // SAFETY: F_GETPIPE_SZ only reads our own pipe's capacity.
+    let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    match usize::try_from(size) {
+        Ok(s) if s >= page => Ok(s / page),
+        _ => Err(io::Error::last_os_error()),
     }
 }
 
@@ -154,6 +163,9 @@ fn with_pipes<T>(
         let mut pipes = cell.borrow_mut();
         while pipes.len() < PIPES {
             match Pipe::new() {
+                // A pipe refused its full size (the user's pipe budget is spent): copy with
+                // what there is rather than take more of the budget.
+                Ok(p) if !pipes.is_empty() && p.slots * p.page < PIPE_SIZE => break,
                 Ok(p) => pipes.push(p),
                 Err(_) if !pipes.is_empty() => break,
                 Err(err) => return Err(KernelCopyError { is_read: true, err }),
@@ -545,6 +557,25 @@ mod tests {
         let mut back = vec![0u8; size];
         dst.read_exact_at(&mut back, 0).unwrap();
         assert!(back == data, "the target differs from the source");
+    }
+
+    #[test]
+    fn a_pipe_refused_its_size_counts_the_buffers_it_really_has() {
+        let p = Pipe::new().unwrap();
+        let page = p.page;
+        // Shrunk to two buffers (what an unprivileged user over its pipe budget gets), then
+        // a size the kernel refuses (over 2 GiB: EINVAL): the count must stay the real two,
+        // not a guess (16 buffers were assumed before, and the funnel then spliced into a
+        // full pipe whose only reader is its own thread).
+        assert_eq!(
+            slots_after_request(&p.write, 2 * page as i32, page).unwrap(),
+            2
+        );
+        assert_eq!(slots_after_request(&p.write, -1, page).unwrap(), 2);
+        assert_eq!(
+            slots_after_request(&p.write, PIPE_SIZE as i32, page).unwrap(),
+            PIPE_SIZE / page
+        );
     }
 
     #[test]

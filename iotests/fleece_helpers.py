@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -174,3 +175,46 @@ def data_extents(path: Path) -> List[Tuple[int, int]]:
     """Data extents of a raw file (what copy-before-write wrote into a sparse scratch)."""
     out = check_run(["qemu-img", "map", "-U", "-f", "raw", "--output=json", str(path)])
     return [(e["start"], e["length"]) for e in json.loads(out) if e["data"]]
+
+
+class StallableFile:
+    """A raw file served over FUSE by a helper qemu-storage-daemon (the same for both daemons
+    under test): stopping the helper (SIGSTOP) makes every write to the file hang until it is
+    continued, a copy-before-write target whose copies take as long as the test wants."""
+
+    def __init__(self, tmp_path: Path, size: int):
+        self.backing = sparse_raw(tmp_path / "stall-backing.raw", size)
+        self.path = tmp_path / "stall.raw"
+        self.path.touch()
+        log = open(tmp_path / "stall-qsd.log", "wb")
+        self.proc = subprocess.Popen(
+            ["qemu-storage-daemon",
+             "--blockdev", f"driver=file,node-name=f,filename={self.backing}",
+             "--export", f"type=fuse,id=e,node-name=f,mountpoint={self.path},writable=on"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + 10
+        while os.stat(self.path).st_size != size:
+            assert self.proc.poll() is None, (tmp_path / "stall-qsd.log").read_text()
+            assert time.monotonic() < deadline, "the FUSE export did not come up"
+            time.sleep(0.05)
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+        self.stopped = True
+
+    def cont(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+        self.stopped = False
+
+    def close(self) -> None:
+        if self.stopped:
+            self.cont()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        run(["umount", "-l", str(self.path)])

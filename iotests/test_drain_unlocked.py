@@ -57,7 +57,7 @@ def _waits_while_graph_answers(d, stall, reader, command, arguments):
 
 @iotests.blockd_only
 def test_a_backup_start_over_a_stalled_read_leaves_graph_commands_answering(make_daemon, tmp_path):
-    from test_fleecing import StallableFile
+    from fleece_helpers import StallableFile
 
     stall = StallableFile(tmp_path, SIZE)
     reader = None
@@ -90,7 +90,7 @@ def test_a_reopen_file_change_over_a_stalled_read_leaves_graph_commands_answerin
     """blockdev-reopen moving a raw node's `file` to another node drains the node: its wait
     for an export's read stalled on the old file runs without the graph lock. The read
     finishes on the old wiring; the next write goes to the new file only."""
-    from test_fleecing import StallableFile
+    from fleece_helpers import StallableFile
 
     stall = StallableFile(tmp_path, SIZE)
     r2 = tmp_path / "r2.raw"
@@ -123,7 +123,7 @@ def test_a_reopen_file_change_over_a_stalled_read_leaves_graph_commands_answerin
 def test_a_transaction_backup_over_a_stalled_read_leaves_graph_commands_answering(make_daemon, tmp_path):
     """A transaction drains its backups' sources first; that wait runs without the graph
     lock too."""
-    from test_fleecing import StallableFile
+    from fleece_helpers import StallableFile
 
     stall = StallableFile(tmp_path, SIZE)
     reader = None
@@ -153,7 +153,7 @@ def test_a_transaction_backup_over_a_stalled_read_leaves_graph_commands_answerin
 def test_a_snapshot_over_a_stalled_read_leaves_graph_commands_answering(make_daemon, tmp_path):
     """blockdev-snapshot puts its overlay on in a drained section whose wait (and the base's
     flush) runs without the graph lock; the export then writes into the overlay."""
-    from test_fleecing import StallableFile
+    from fleece_helpers import StallableFile
 
     stall = StallableFile(tmp_path, SIZE)
     ov = qcow2(tmp_path / "ov.qcow2", SIZE)

@@ -5,9 +5,6 @@ qemu-storage-daemon 10.0.2 (see /work/shared/reference/fleecing.md); both daemon
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import List, Tuple
@@ -24,6 +21,7 @@ from data_nbd import (
     uri,
 )
 from fleece_helpers import (
+    StallableFile,
     CLUSTER,
     filled_qcow2,
     sparse_raw,
@@ -113,49 +111,6 @@ def test_full_scratch_breaks_the_snapshot_when_asked(make_daemon, tmp_path, tiny
 
 
 # ------------------------------------------------------------------ a copy slower than cbw-timeout
-
-
-class StallableFile:
-    """A raw file served over FUSE by a helper qemu-storage-daemon (the same for both daemons
-    under test): stopping the helper (SIGSTOP) makes every write to the file hang until it is
-    continued, a copy-before-write target whose copies take as long as the test wants."""
-
-    def __init__(self, tmp_path: Path, size: int):
-        self.backing = sparse_raw(tmp_path / "stall-backing.raw", size)
-        self.path = tmp_path / "stall.raw"
-        self.path.touch()
-        log = open(tmp_path / "stall-qsd.log", "wb")
-        self.proc = subprocess.Popen(
-            ["qemu-storage-daemon",
-             "--blockdev", f"driver=file,node-name=f,filename={self.backing}",
-             "--export", f"type=fuse,id=e,node-name=f,mountpoint={self.path},writable=on"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        log.close()
-        deadline = time.monotonic() + 10
-        while os.stat(self.path).st_size != size:
-            assert self.proc.poll() is None, (tmp_path / "stall-qsd.log").read_text()
-            assert time.monotonic() < deadline, "the FUSE export did not come up"
-            time.sleep(0.05)
-        self.stopped = False
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
-        self.stopped = True
-
-    def cont(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-        self.stopped = False
-
-    def close(self) -> None:
-        if self.stopped:
-            self.cont()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        run(["umount", "-l", str(self.path)])
 
 
 @pytest.fixture

@@ -62,7 +62,7 @@ def test_a_delete_with_a_stalled_flush_does_not_block_other_graph_commands(make_
     """blockdev-del stores and flushes without the graph lock (and off the command lock): a
     flush that hangs (a FUSE-served file whose server is stopped) leaves the other monitors'
     commands answering; the delete then completes and the file is closed."""
-    from test_fleecing import StallableFile
+    from fleece_helpers import StallableFile
 
     stall = StallableFile(tmp_path, SIZE)
     try:
@@ -231,7 +231,7 @@ def test_an_aborted_snapshot_sync_closes_its_overlay_without_the_graph_lock(
     """A transaction's abort takes the overlay its blockdev-snapshot-sync opened out under the
     graph lock and closes it after: while that close's flush hangs (a FUSE-served image whose
     server is stopped), another monitor's blockdev-add and blockdev-del answer."""
-    from test_fleecing import StallableFile
+    from fleece_helpers import StallableFile
 
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

@@ -23,7 +23,7 @@ def q(read_only: bool) -> dict:
 
 @iotests.blockd_only
 def test_a_stalled_switch_to_read_write_does_not_block_other_graph_commands(make_daemon, tmp_path):
-    from test_fleecing import StallableFile
+    from fleece_helpers import StallableFile
 
     stall = StallableFile(tmp_path, SIZE)
     try:

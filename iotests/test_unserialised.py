@@ -15,7 +15,7 @@ from pathlib import Path
 
 import iotests
 from backup_helpers import MiB, qcow2
-from test_fleecing import StallableFile
+from fleece_helpers import StallableFile
 
 SIZE = 4 * MiB
 

@@ -13,7 +13,7 @@ import time
 
 import iotests
 from backup_helpers import MiB, qcow2
-from test_fleecing import StallableFile
+from fleece_helpers import StallableFile
 from test_unserialised import _monitor, _stall_qcow2
 
 SIZE = 4 * MiB

@@ -197,6 +197,17 @@ def qcow2_from_raw(raw, path):
     )
 
 
+def random_qcow2_disk(work, size):
+    """A fully allocated qcow2 `work`/disk.qcow2 of `size` random bytes; returns the
+    --blockdev values of node "disk0" over file node "f0"."""
+    raw = os.path.join(work, "src.raw")
+    random_raw(raw, size)
+    img = os.path.join(work, "disk.qcow2")
+    qcow2_from_raw(raw, img)
+    os.unlink(raw)
+    return [f"driver=file,node-name=f0,filename={img}", "driver=qcow2,node-name=disk0,file=f0"]
+
+
 def empty_qcow2(path, size):
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)], check=True

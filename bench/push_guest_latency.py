@@ -41,12 +41,7 @@ def main():
     work = tempfile.mkdtemp(prefix="push-lat-", dir=a.dir)
     res = {}
     try:
-        raw = os.path.join(work, "src.raw")
-        benchlib.random_raw(raw, SIZE)
-        img = os.path.join(work, "disk.qcow2")
-        benchlib.qcow2_from_raw(raw, img)
-        os.unlink(raw)
-        blockdevs = [f"driver=file,node-name=f0,filename={img}", "driver=qcow2,node-name=disk0,file=f0"]
+        blockdevs = benchlib.random_qcow2_disk(work, SIZE)
         for rep in range(a.reps):
             for label, binary in kinds:
                 kind = "qsd" if label.startswith("qsd") else "blockd"

@@ -51,15 +51,7 @@ fn ours(v: &[AllocatedRange]) -> Vec<(u64, u64, K)> {
 /// `qemu-img map --output=json` of `path`, the extents its own file allocates (depth 0,
 /// present).
 fn qemu_own_map(path: &std::path::Path) -> Vec<(u64, u64, K)> {
-    let out = qemu_img(&[
-        "map",
-        "--output=json",
-        "-f",
-        "qcow2",
-        path.to_str().expect("p"),
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&out).expect("map json");
-    normalise(v.as_array().expect("array").iter().filter_map(|e| {
+    normalise(qemu_map_json(path).iter().filter_map(|e| {
         let own = e["depth"].as_u64() == Some(0) && e["present"].as_bool() == Some(true);
         if !own {
             return None;

@@ -193,8 +193,8 @@ pub fn qemu_create(path: &Path, opts: &str, size: &str) {
     qemu_img(&args);
 }
 
-/// `qemu-img map --output=json` extents as (start, length, compressed, data).
-pub fn qemu_map(path: &Path) -> Vec<(u64, u64, bool, bool)> {
+/// `qemu-img map --output=json` of the qcow2 image `path`: its extents as JSON objects.
+pub fn qemu_map_json(path: &Path) -> Vec<serde_json::Value> {
     let out = qemu_img(&[
         "map",
         "--output=json",
@@ -202,9 +202,15 @@ pub fn qemu_map(path: &Path) -> Vec<(u64, u64, bool, bool)> {
         "qcow2",
         path.to_str().expect("p"),
     ]);
-    let v: serde_json::Value = serde_json::from_str(&out).expect("map json");
-    v.as_array()
-        .expect("array")
+    match serde_json::from_str(&out).expect("map json") {
+        serde_json::Value::Array(v) => v,
+        other => panic!("qemu-img map gave no array: {other}"),
+    }
+}
+
+/// `qemu-img map --output=json` extents as (start, length, compressed, data).
+pub fn qemu_map(path: &Path) -> Vec<(u64, u64, bool, bool)> {
+    qemu_map_json(path)
         .iter()
         .map(|e| {
             (

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::bitmap::BitmapList;
-use crate::driver::{BitmapToStore, BlockStatus, Driver, ImageFacts};
+use crate::driver::{BlockStatus, Driver, ImageFacts};
 use crate::edge::ChildEdge;
 use crate::error::errno;
 use crate::perm::Needs;
@@ -434,76 +434,6 @@ impl Node {
         self.changes.load(Ordering::Acquire)
     }
 
-    /// Write the persistent bitmaps into the image. `in_use` leaves them flagged as loaded.
-    pub fn store_bitmaps(&self, in_use: bool) -> crate::Result<()> {
-        let Some(store) = self.driver.bitmap_store() else {
-            return Ok(());
-        };
-        if self.read_only() {
-            return Ok(());
-        }
-        let list = snapshot_persistent(&self.bitmaps(), &self.bitmaps);
-        store
-            .store(&list, in_use)
-            .map_err(|e| crate::Error::io("Could not store bitmaps", &e))
-    }
-
-    /// Checkpoint (beyond QEMU, which stores bitmaps only at close): store the persistent
-    /// bitmaps exactly, not in use, while no write is in flight. The format flags them in use
-    /// again before the next modification reaches the image, so after a crash a bitmap is
-    /// either exact as of its last checkpoint or marked inconsistent, never silently short.
-    /// Does nothing when nothing changed since the last one. Returns whether it stored.
-    pub fn checkpoint_bitmaps(&self) -> crate::Result<bool> {
-        if self.driver.bitmap_store().is_none() || self.read_only() {
-            return Ok(false);
-        }
-        if !self.bitmaps().items.iter().any(|b| b.persistent) {
-            return Ok(false);
-        }
-        let _gate = self
-            .checkpoint_gate
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        if !self.bitmaps_changed.swap(false, Ordering::AcqRel) {
-            return Ok(false);
-        }
-        *self
-            .last_checkpoint
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        let stored = self.store_bitmaps(false).and_then(|_| {
-            self.driver
-                .flush()
-                .map_err(|e| crate::Error::io("Could not flush bitmaps", &e))
-        });
-        if stored.is_err() {
-            if self.driver.is_corrupt() {
-                // The driver reported BLOCK_IMAGE_CORRUPTED: stop writing to the image at all.
-                self.read_only.store(true, Ordering::Release);
-            } else {
-                self.bitmaps_changed.store(true, Ordering::Release);
-            }
-        }
-        stored.map(|_| true)
-    }
-
-    /// A flush-triggered checkpoint, at most once per `min_interval`.
-    fn checkpoint_after_flush(&self, min_interval: Duration) {
-        if !FLUSH_CHECKPOINTS.load(Ordering::Relaxed) {
-            return;
-        }
-        let due = self
-            .last_checkpoint
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none_or(|t| t.elapsed() >= min_interval);
-        if due {
-            if let Err(e) = self.checkpoint_bitmaps() {
-                tracing::warn!(node = %self.name, error = %e, "bitmap checkpoint failed");
-            }
-        }
-    }
-
     /// Read `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64)?;
@@ -690,21 +620,4 @@ impl Drop for Node {
             tracing::warn!(node = %self.name, error = %e, "closing node failed");
         }
     }
-}
-
-fn snapshot_persistent<'a>(
-    list: &BitmapList,
-    lock: &'a Mutex<BitmapList>,
-) -> Vec<BitmapToStore<'a>> {
-    list.items
-        .iter()
-        .filter(|b| b.persistent && b.name.is_some())
-        .map(|b| BitmapToStore {
-            name: b.name.clone().unwrap_or_default(),
-            granularity: b.bits.granularity(),
-            recording: b.recording,
-            inconsistent: b.inconsistent,
-            bits: (!b.inconsistent).then(|| LiveBits::new(lock, b)),
-        })
-        .collect()
 }

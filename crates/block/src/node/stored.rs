@@ -1,8 +1,13 @@
-//! The bits a store writes, read from the live bitmaps piece by piece (no copy of a bitmap).
+//! Storing a node's persistent bitmaps (on command, at close, as checkpoints after flushes),
+//! and the bits a store writes, read from the live bitmaps piece by piece (no copy of a bitmap).
 
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use super::{Node, FLUSH_CHECKPOINTS};
 use crate::bitmap::{BitmapList, DirtyBitmap};
+use crate::driver::BitmapToStore;
 
 /// One persistent bitmap's bits as a store reads them: each call takes the node's bitmap lock
 /// for one piece (one cluster of serialised bytes), so a store needs no copy of any bitmap and
@@ -90,4 +95,95 @@ impl<'a> LiveBits<'a> {
         })
         .unwrap_or(false)
     }
+}
+
+/// Storing a node's persistent bitmaps into its image: at close, on command, and as
+/// checkpoints after flushes.
+impl Node {
+    /// Write the persistent bitmaps into the image. `in_use` leaves them flagged as loaded.
+    pub fn store_bitmaps(&self, in_use: bool) -> crate::Result<()> {
+        let Some(store) = self.driver.bitmap_store() else {
+            return Ok(());
+        };
+        if self.read_only() {
+            return Ok(());
+        }
+        let list = snapshot_persistent(&self.bitmaps(), &self.bitmaps);
+        store
+            .store(&list, in_use)
+            .map_err(|e| crate::Error::io("Could not store bitmaps", &e))
+    }
+
+    /// Checkpoint (beyond QEMU, which stores bitmaps only at close): store the persistent
+    /// bitmaps exactly, not in use, while no write is in flight. The format flags them in use
+    /// again before the next modification reaches the image, so after a crash a bitmap is
+    /// either exact as of its last checkpoint or marked inconsistent, never silently short.
+    /// Does nothing when nothing changed since the last one. Returns whether it stored.
+    pub fn checkpoint_bitmaps(&self) -> crate::Result<bool> {
+        if self.driver.bitmap_store().is_none() || self.read_only() {
+            return Ok(false);
+        }
+        if !self.bitmaps().items.iter().any(|b| b.persistent) {
+            return Ok(false);
+        }
+        let _gate = self
+            .checkpoint_gate
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if !self.bitmaps_changed.swap(false, Ordering::AcqRel) {
+            return Ok(false);
+        }
+        *self
+            .last_checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let stored = self.store_bitmaps(false).and_then(|_| {
+            self.driver
+                .flush()
+                .map_err(|e| crate::Error::io("Could not flush bitmaps", &e))
+        });
+        if stored.is_err() {
+            if self.driver.is_corrupt() {
+                // The driver reported BLOCK_IMAGE_CORRUPTED: stop writing to the image at all.
+                self.read_only.store(true, Ordering::Release);
+            } else {
+                self.bitmaps_changed.store(true, Ordering::Release);
+            }
+        }
+        stored.map(|_| true)
+    }
+
+    /// A flush-triggered checkpoint, at most once per `min_interval`.
+    pub(super) fn checkpoint_after_flush(&self, min_interval: Duration) {
+        if !FLUSH_CHECKPOINTS.load(Ordering::Relaxed) {
+            return;
+        }
+        let due = self
+            .last_checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none_or(|t| t.elapsed() >= min_interval);
+        if due {
+            if let Err(e) = self.checkpoint_bitmaps() {
+                tracing::warn!(node = %self.name, error = %e, "bitmap checkpoint failed");
+            }
+        }
+    }
+}
+
+fn snapshot_persistent<'a>(
+    list: &BitmapList,
+    lock: &'a Mutex<BitmapList>,
+) -> Vec<BitmapToStore<'a>> {
+    list.items
+        .iter()
+        .filter(|b| b.persistent && b.name.is_some())
+        .map(|b| BitmapToStore {
+            name: b.name.clone().unwrap_or_default(),
+            granularity: b.bits.granularity(),
+            recording: b.recording,
+            inconsistent: b.inconsistent,
+            bits: (!b.inconsistent).then(|| LiveBits::new(lock, b)),
+        })
+        .collect()
 }

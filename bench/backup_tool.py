@@ -184,17 +184,21 @@ def hand_pull_full(d, work, tag, live):
                 os.unlink(p)
 
 
-def hand_pull_inc(d, work, tag, size, src_bitmap, base):
+def hand_pull_inc(d, work, tag, size, src_bitmap):
     """A pull incremental as a person would script it with libnbd: the same fleecing QMP as the
     tool (scratch node, one transaction [new bitmap, frozen copy of `src_bitmap`, backup
     sync=none with a filter], snapshot-access, an export carrying the frozen bitmap), then read
     the dirty extents (NBD block status on `qemu:dirty-bitmap:...`) and write them into a qcow2
-    overlay backed by the previous backup `base` (served by qemu-nbd, started by libnbd), then
-    tear the fleecing down and drop the frozen copy."""
+    overlay (served by qemu-nbd, started by libnbd), then tear the fleecing down and drop the
+    frozen copy. The overlay's backing stands in for the previous backup: an empty qcow2 of the
+    disk's size (whole 64 KiB clusters are written, so nothing of it is read; keeping a real
+    2 GiB full around for it would only cost memory)."""
     scratch = os.path.join(work, f"scratch-{tag}.qcow2")
     out = os.path.join(work, f"handinc-{tag}.qcow2")
+    base = os.path.join(work, f"handbase-{tag}.qcow2")
     frozen = f"hx-{tag}"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", scratch, str(size)], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, str(size)], check=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", out],
                    check=True)
     q = Qmp(d.qmp_sock)
@@ -252,8 +256,9 @@ def hand_pull_inc(d, work, tag, size, src_bitmap, base):
         q.execute("block-dirty-bitmap-remove", node=d.node, name=frozen)
     finally:
         q.close()
-        if os.path.exists(scratch):
-            os.unlink(scratch)
+        for p in (scratch, base):
+            if os.path.exists(p):
+                os.unlink(p)
 
 
 def has_backup(d):
@@ -277,43 +282,95 @@ def bench_daemon(kind, binary, args, raw):
     extra = [] if live else ["--offline"]
     rows = {}
 
-    def pair(rep, a, b):
-        """Run the two (key, fn) in turn; with --interleave the order flips every rep."""
-        for key, fn in ((a, b) if not (args.interleave and rep % 2) else (b, a)):
-            measure(rows, key, d, fn)
+    def bitmaps():
+        q = Qmp(d.qmp_sock)
+        try:
+            nodes = q.execute("query-named-block-nodes", flat=True)
+            return {b["name"] for n in nodes if n["node-name"] == d.node for b in n.get("dirty-bitmaps", [])}
+        finally:
+            q.close()
 
+    def remove_bitmaps(names):
+        q = Qmp(d.qmp_sock)
+        try:
+            for name in names:
+                q.execute("block-dirty-bitmap-remove", node=d.node, name=name)
+        finally:
+            q.close()
+
+    def prewarm():
+        """Touch as much fresh memory as a full's output needs and free it, so that the run
+        gets pages the host has just faulted in (see bench/README.md: on some VMs fresh memory
+        beyond a few GiB costs ~10 s per GiB)."""
+        path = os.path.join(work, "prewarm")
+        with open(path, "wb") as f:
+            chunk = b"\x01" * (8 * MiB)
+            for _ in range(size // len(chunk)):
+                f.write(chunk)
+        os.unlink(path)
+
+    def pair(rep, a, b):
+        """Run the two (key, fn, output) in turn; with --interleave the order flips every rep.
+        A full's output (file or repository) and the bitmaps it added are removed right after
+        it is measured, so a rep holds at most one new full besides the bases."""
+        for key, fn, out in ((a, b) if not (args.interleave and rep % 2) else (b, a)):
+            before = bitmaps()
+            prewarm()
+            measure(rows, key, d, fn)
+            if os.path.isdir(out):
+                shutil.rmtree(out)
+            elif os.path.exists(out):
+                os.unlink(out)
+            remove_bitmaps(bitmaps() - before)
+
+    # The incrementals' bases, made once and unmeasured: a full in each tool repository and,
+    # for the hand scripts, their first tracking bitmaps (no write in between, so all start
+    # from the same instant). Each rep's incrementals then go on top of the last ones, so the
+    # bench holds the source, these bases and one full's output at a time.
+    repo = os.path.join(work, "repo")
+    prepo = os.path.join(work, "prepo")
+    tool(d, repo, "full", *extra)
+    if live:
+        tool(d, prepo, "full", "--push")
+        q = Qmp(d.qmp_sock)
+        try:
+            q.execute("transaction", actions=[
+                {"type": "block-dirty-bitmap-add", "data": {"node": d.node, "name": n}}
+                for n in ("hb-i-base", "hb-pi-base")])
+        finally:
+            q.close()
     try:
         for rep in range(args.reps):
-            repo = os.path.join(work, f"repo{rep}")
-            prepo = os.path.join(work, f"prepo{rep}")
-            pair(rep, (FULL_TOOL_PULL, lambda: tool(d, repo, "full", *extra)),
-                 (FULL_HAND_PULL, lambda: hand_pull_full(d, work, f"p{rep}", live)))
+            frepo = os.path.join(work, "frepo")
+            fprepo = os.path.join(work, "fprepo")
+            pair(rep, (FULL_TOOL_PULL, lambda: tool(d, frepo, "full", *extra), frepo),
+                 (FULL_HAND_PULL, lambda: hand_pull_full(d, work, f"p{rep}", live), ""))
             if live:
-                pair(rep, (FULL_TOOL_PUSH, lambda: tool(d, prepo, "full", "--push")),
-                     (FULL_HAND_PUSH, lambda: hand_push(d, work, f"f{rep}", size)))
+                pair(rep, (FULL_TOOL_PUSH, lambda: tool(d, fprepo, "full", "--push"), fprepo),
+                     (FULL_HAND_PUSH, lambda: hand_push(d, work, f"f{rep}", size),
+                      os.path.join(work, f"hand-f{rep}.qcow2")))
             writes_1pct(d, size, rep)
             if live:
-                # The hand sequence and both tool modes each back up the same 1 % of changes.
+                # The hand sequences and both tool modes each back up the same 1 % of changes;
+                # each hand sequence goes on from the bitmap its previous run added.
+                hb_i = "hb-i-base" if rep == 0 else f"hb-i{rep - 1}"
+                hb_pi = "hb-pi-base" if rep == 0 else f"hb-pi{rep - 1}"
                 order = [(INC_TOOL_PULL, lambda: tool(d, repo, "inc", *extra)),
                          (INC_TOOL_PUSH, lambda: tool(d, prepo, "inc", "--push")),
-                         (INC_HAND_PUSH, lambda: hand_push(d, work, f"i{rep}", size, src_bitmap=f"hb-f{rep}")),
-                         (INC_HAND_PULL, lambda: hand_pull_inc(d, work, f"pi{rep}", size, f"hb-f{rep}",
-                                                               os.path.join(work, f"hand-f{rep}.qcow2")))]
+                         (INC_HAND_PUSH, lambda: hand_push(d, work, f"i{rep}", size, src_bitmap=hb_i)),
+                         (INC_HAND_PULL, lambda: hand_pull_inc(d, work, f"pi{rep}", size, hb_pi))]
                 if args.interleave:
                     order = order[rep % 4:] + order[:rep % 4]
                 for key, fn in order:
                     measure(rows, key, d, fn)
-                q = Qmp(d.qmp_sock)
-                try:
-                    for b in (f"hb-f{rep}", f"hb-i{rep}", f"hb-pi{rep}"):
-                        q.execute("block-dirty-bitmap-remove", node=d.node, name=b)
-                finally:
-                    q.close()
+                remove_bitmaps([hb_i, hb_pi])
+                for f in (f"hand-i{rep}.qcow2", f"handinc-pi{rep}.qcow2"):
+                    st = os.stat(os.path.join(work, f))
+                    if st.st_blocks * 512 < size // 100 * 9 // 10:
+                        raise RuntimeError(f"{f}: {st.st_blocks * 512} bytes, not the 1 % written")
             else:
                 measure(rows, INC_TOOL_PULL, d, lambda: tool(d, repo, "inc", *extra))
-            shutil.rmtree(repo, ignore_errors=True)
-            shutil.rmtree(prepo, ignore_errors=True)
-            for f in (f"hand-f{rep}.qcow2", f"hand-i{rep}.qcow2", f"handinc-pi{rep}.qcow2"):
+            for f in (f"hand-i{rep}.qcow2", f"handinc-pi{rep}.qcow2"):
                 if os.path.exists(os.path.join(work, f)):
                     os.unlink(os.path.join(work, f))
     finally:

@@ -89,9 +89,10 @@ def require_live_backup(d) -> None:
     assert not missing, f"{iotests.DAEMON_KIND} lacks {', '.join(missing)} (live backups need them)"
 
 
-def backup_events(args: List[str], env: dict, writer=None) -> List[dict]:
+def backup_events(args: List[str], env: dict, writer=None, stderr: Optional[List[str]] = None) -> List[dict]:
     """Run the tool with `args` (which include --json) and return its events; resume `writer`
-    once the snapshot is taken and pause it at the end. The run must succeed."""
+    once the snapshot is taken and pause it at the end. The run must succeed. Its standard
+    error goes to `stderr` when given."""
     p = subprocess.Popen([tool_binary(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=env)
     evs = []
@@ -102,6 +103,8 @@ def backup_events(args: List[str], env: dict, writer=None) -> List[dict]:
         if ev["event"] == "snapshot" and writer:
             writer.resume()
     err = p.stderr.read() if p.stderr else ""
+    if stderr is not None:
+        stderr.append(err)
     rc = p.wait(120)
     if writer:
         writer.pause()
@@ -170,10 +173,11 @@ class Vm:
                 cmds += ["-c", f"write -P {rng.randrange(1, 255)} {off} {ln}"]
         qemu_io("-f", "raw", *cmds, self.uri(n))
 
-    def backup(self, cmd: str, extra=(), writer: Optional["Writer"] = None) -> List[dict]:
+    def backup(self, cmd: str, extra=(), writer: Optional["Writer"] = None, env: Optional[dict] = None,
+               stderr: Optional[List[str]] = None) -> List[dict]:
         """Run a backup with --json; resume `writer` once the snapshot is taken."""
-        e = dict(os.environ, BLOCKD_BACKUP_DAEMON=iotests.daemon_binary())
-        return backup_events([*self.base_args(), "--json", cmd, *self.src_args(), *extra], e, writer)
+        e = dict(os.environ, BLOCKD_BACKUP_DAEMON=iotests.daemon_binary(), **(env or {}))
+        return backup_events([*self.base_args(), "--json", cmd, *self.src_args(), *extra], e, writer, stderr)
 
 
 class Writer:
@@ -273,6 +277,43 @@ def test_month_of_backups_restores_every_point_exactly(make_daemon, tmp_path, mo
         run_tool(*vm.base_args(), "verify", "--at", m["id"])
     files = list((vm.repo / "vm" / "disks" / "disk0").iterdir())
     assert len(files) == len({f["name"] for m in kept for f in m["disks"][0]["chain"]})
+
+
+def test_push_hashes_the_new_file_while_the_job_writes_it(make_daemon, tmp_path):
+    """A push big enough (here: any, BLOCKD_BACKUP_FOLLOW_MIN=0) exports its target read-only
+    and flushes it over NBD while the job runs, hashing the data clusters the file's L2 tables
+    name (follow.rs); BLOCKD_BACKUP_FOLLOW_LAST adds one round after the job, so every data
+    cluster is hashed that way whatever the timing. With a writer racing the job, the recorded
+    checksums must still be the files' (verify) and the points exact (restore)."""
+    vm = Vm(make_daemon, tmp_path)
+    require_live_backup(vm.d)
+    rnd = tmp_path / "random.raw"
+    rnd.write_bytes(random.Random(3).randbytes(SIZE))
+    qemu_img("convert", "-n", "-f", "raw", "-O", "raw", str(rnd), vm.uri("disk0"))
+    rnd.unlink()
+    env = {"BLOCKD_BACKUP_FOLLOW_MIN": "0", "BLOCKD_BACKUP_FOLLOW_LAST": "1", "BLOCKD_BACKUP_DEBUG": "1"}
+    writer = Writer(vm, 5)
+    frozen: Dict[str, str] = {}
+    hashed = []
+    try:
+        for cmd in ("full", "inc"):
+            if cmd == "inc":
+                qemu_io("-f", "raw", "-c", "write -P 0x33 1M 3M", vm.uri("disk0"))
+            digest = vm.frozen("disk0", tmp_path / "frozen.raw")
+            err: List[str] = []
+            evs = vm.backup(cmd, ["--push"], writer=writer, env=env, stderr=err)
+            frozen[[e for e in evs if e["event"] == "snapshot"][0]["id"]] = digest
+            found = [ln for ln in err[0].splitlines() if "hashed during the job" in ln]
+            assert len(found) == 1, err[0]
+            hashed.append(int(found[0].split(": ")[-1].split()[0]))
+    finally:
+        writer.close()
+    # The full's file holds every chunk as data; the incremental at least the 3 MiB written.
+    assert hashed[0] == SIZE, hashed
+    assert hashed[1] >= 3 << 20, hashed
+    for point, want in frozen.items():
+        restore_and_compare(vm, point, "disk0", want, tmp_path)
+        run_tool(*vm.base_args(), "verify", "--at", point)
 
 
 def test_several_disks_are_taken_at_one_instant_and_one_full_falls_back(make_daemon, tmp_path):

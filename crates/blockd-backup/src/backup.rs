@@ -258,7 +258,10 @@ impl Run<'_, '_> {
                 // The daemon writes it: created, not opened here.
                 chain::create_file(&path, p.size, parent_path.as_deref(), Durability::Caller)
                     .ctx(what)?;
-                let file = json!({"driver": "file", "filename": path.to_string_lossy()});
+                // No flushes down to the disk: the tool syncs the file before recording it,
+                // and the follower's flushes only need the daemon's cached L2 tables written.
+                let file = json!({"driver": "file", "filename": path.to_string_lossy(),
+                                  "cache": {"no-flush": true}});
                 self.q.execute(
                     "blockdev-add",
                     json!({"driver": "qcow2", "node-name": n.target, "file": file}),
@@ -349,6 +352,8 @@ impl Run<'_, '_> {
         let store = self.repo.store;
         let mut copied = vec![0u64; self.plans.len()];
         let mut known: Vec<Option<copy::KnownHashes>> = vec![None; self.plans.len()];
+        let mut followed: Vec<Option<crate::follow::Followed>> =
+            (0..self.plans.len()).map(|_| None).collect();
         let (moved, staged) = std::thread::scope(|s| {
             let stager = s.spawn(|| {
                 stage_in
@@ -356,7 +361,7 @@ impl Run<'_, '_> {
                     .map(|(name, prev, n)| sums::stage(store, name, prev.as_deref(), *n))
                     .collect::<Vec<_>>()
             });
-            let moved = self.transfer(&files, &mut copied, &mut known);
+            let moved = self.transfer(&files, &mut copied, &mut known, &mut followed);
             (moved, stager.join())
         });
         moved?;
@@ -385,8 +390,13 @@ impl Run<'_, '_> {
             let store = self.repo.store;
             let (committed, hashed) = std::thread::scope(|s| {
                 let sync = s.spawn(|| store.commit_object(name));
-                let hashed =
-                    crate::blocksum::hash_new_file(path, &paths, prev, known[i].as_deref());
+                let hashed = crate::blocksum::hash_new_file(
+                    path,
+                    &paths,
+                    prev,
+                    known[i].as_deref(),
+                    followed[i].as_ref(),
+                );
                 (sync.join(), hashed)
             });
             committed
@@ -577,6 +587,9 @@ impl Run<'_, '_> {
 /// reaches PHASE (`prepared`, `snapshot`, `copy`, `written`, `manifest`), so tests can
 /// interrupt a backup at every step exactly as a crash or `kill -9` would.
 pub fn die_at(phase: &str) {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(std::time::Instant::now).elapsed();
+    crate::follow::debug(&format!("phase {phase} at {:.1} ms", t.as_secs_f64() * 1e3));
     if std::env::var("BLOCKD_BACKUP_DIE_AT").is_ok_and(|p| p == phase) {
         // SAFETY: sending SIGKILL to ourselves; nothing runs after it.
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };

@@ -10,8 +10,10 @@
 //! - pull: the copy hashed the chunks as they arrived (`known`), so those blocks are not read
 //!   again: only the file's other blocks (header, L1/L2 tables, refcounts, bitmap directory and
 //!   data) are hashed from the file;
-//! - push: the data never passed through the tool; every block of the file is hashed once, on
-//!   all cores, from a read-only mapping, and the chunks' content hashes are taken from it;
+//! - push: the data never passed through the tool; the blocks [`crate::follow`] hashed while the
+//!   job ran count where the final mapping agrees (`followed`), every other block of the file
+//!   is hashed once, on all cores, from a read-only mapping, and the chunks' content hashes are
+//!   taken from it;
 //! - chunks the file does not hold as plain data (zero clusters, partial, the short last
 //!   chunk of a disk) are read through the chain as before.
 //!
@@ -25,6 +27,7 @@ use qcow2::{AllocKind, Qcow2};
 use crate::chain::{self, HashAlgo, HASH_CHUNK};
 use crate::error::{Error, Result};
 use crate::filesum::{self, Mapped, FILE_BLOCK};
+use crate::follow::Followed;
 
 /// What one pass over a backup's new file yields.
 #[derive(Debug)]
@@ -50,6 +53,7 @@ pub fn hash_new_file(
     chain_paths: &[PathBuf],
     prev: Option<Vec<[u8; 32]>>,
     known: Option<&[Option<[u8; 32]>]>,
+    followed: Option<&Followed>,
 ) -> Result<NewFileSums> {
     let algo = HashAlgo::NEW;
     // File blocks are hashed with BLAKE3, so a chunk's content hash can only be taken from its
@@ -78,8 +82,10 @@ pub fn hash_new_file(
     let nb = len.div_ceil(FILE_BLOCK) as usize;
     let mut have: Vec<Option<[u8; 32]>> = vec![None; nb];
     for &(i, c) in &own.chunks {
-        if let (Own::Block(b), Some(h)) = (c, known_at(i)) {
-            if let Some(slot) = have.get_mut(b) {
+        if let Own::Block(b) = c {
+            // A followed hash counts only for the block the final mapping names.
+            let h = known_at(i).or_else(|| followed.and_then(|f| f.at(i, b)));
+            if let (Some(h), Some(slot)) = (h, have.get_mut(b)) {
                 *slot = Some(h);
             }
         }
@@ -301,12 +307,12 @@ mod tests {
         assert_eq!(sum, direct_blocks(&p));
         assert_eq!(len, std::fs::metadata(&p).unwrap().len());
         // Push: nothing known.
-        let s = hash_new_file(&p, &paths, None, None).unwrap();
+        let s = hash_new_file(&p, &paths, None, None, None).unwrap();
         assert_eq!((s.checksum.as_str(), s.len), (sum.as_str(), len));
         assert_eq!(s.chunks, content(&want));
         // Pull: every chunk known from the copy gives the same.
         let known: Vec<Option<[u8; 32]>> = content(&want).into_iter().map(Some).collect();
-        let s = hash_new_file(&p, &paths, None, Some(&known)).unwrap();
+        let s = hash_new_file(&p, &paths, None, Some(&known), None).unwrap();
         assert_eq!((s.checksum.as_str(), s.len), (sum.as_str(), len));
         assert_eq!(s.chunks, content(&want));
         // The data chunks' blocks were really taken from the copy's hashes (not read): a
@@ -321,7 +327,7 @@ mod tests {
         for i in [0, MAP_RUN + 1] {
             let mut wrong = known.clone();
             wrong[i] = Some([7u8; 32]);
-            let s = hash_new_file(&p, &paths, None, Some(&wrong)).unwrap();
+            let s = hash_new_file(&p, &paths, None, Some(&wrong), None).unwrap();
             assert_ne!(s.checksum, sum, "chunk {i}");
         }
     }
@@ -361,11 +367,11 @@ mod tests {
         // A wrong previous hash of an untouched chunk stays (only touched chunks rehashed).
         let mut prev = base_hashes.clone();
         prev[0] = [1u8; 32];
-        let s = hash_new_file(&top, &paths, Some(prev), None).unwrap();
+        let s = hash_new_file(&top, &paths, Some(prev), None, None).unwrap();
         let mut expect = content(&want);
         expect[0] = [1u8; 32];
         assert_eq!(s.chunks, expect);
-        let s = hash_new_file(&top, &paths, Some(base_hashes), None).unwrap();
+        let s = hash_new_file(&top, &paths, Some(base_hashes), None, None).unwrap();
         assert_eq!(s.chunks, content(&want));
         let (sum, len) = file_checksum(&top, FileHash::Blake3Blocks).unwrap();
         assert_eq!((s.checksum.as_str(), s.len), (sum.as_str(), len));

@@ -21,6 +21,7 @@ mod daemon;
 mod error;
 mod filesum;
 mod fleece;
+mod follow;
 mod manifest;
 mod nbd;
 mod ops;

@@ -2,6 +2,7 @@
 //! (pull: export each disk's point in time, copy its extents).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde_json::json;
@@ -11,6 +12,8 @@ use crate::chain::HashAlgo;
 use crate::copy::{self, Job};
 use crate::error::{Context, Error, Kind, Result};
 use crate::fleece::{self, NbdServer};
+use crate::follow;
+use crate::nbd::NbdClient;
 use crate::plan::Plan;
 
 impl Run<'_, '_> {
@@ -22,12 +25,41 @@ impl Run<'_, '_> {
         files: &[(String, PathBuf, Option<Arc<qcow2::Qcow2>>)],
         copied: &mut [u64],
         known: &mut [Option<copy::KnownHashes>],
+        followed: &mut [Option<follow::Followed>],
     ) -> Result<()> {
         if self.opts.push {
             let ids: Vec<String> = (0..self.plans.len())
                 .map(|i| Names::new(&self.opts.tag, &self.id, i).job)
                 .collect();
-            fleece::wait_push_jobs(self.q, &ids, self.progress)?;
+            // The new files are hashed while the jobs write them, where that is possible.
+            let targets = self.follow_targets(files);
+            let stop = AtomicBool::new(false);
+            let (waited, got) = std::thread::scope(|s| {
+                let follower = (!targets.is_empty()).then(|| {
+                    let stop = &stop;
+                    s.spawn(move || follow::follow(targets, stop))
+                });
+                let waited = fleece::wait_push_jobs(self.q, &ids, self.progress);
+                stop.store(true, Ordering::Release);
+                (waited, follower.map(|h| h.join()))
+            });
+            // The exports go first: a target stays in use while it is exported.
+            for id in std::mem::take(&mut self.made.exports) {
+                fleece::del_export(self.q, &id)?;
+            }
+            waited?;
+            if let Some(got) = got {
+                let got = got
+                    .map_err(|_| Error::new(Kind::Io, "the thread following the jobs panicked"))?;
+                let mut got = got.into_iter();
+                for (i, p) in self.plans.iter().enumerate() {
+                    if p.estimate >= follow::min_bytes() {
+                        followed[i] = got.next().flatten();
+                        let n = followed[i].as_ref().map_or(0, |f| f.bytes);
+                        follow::debug(&format!("disk {}: {n} bytes hashed during the job", p.disk));
+                    }
+                }
+            }
             // The concluded jobs dismissed and their targets closed, in one round trip (a
             // target is in use until its job is dismissed, so the order in the write counts).
             let targets: Vec<String> = (0..self.plans.len())
@@ -80,6 +112,82 @@ impl Run<'_, '_> {
             }
         }
         Ok(())
+    }
+
+    /// Push: export each target worth following read-only and connect to it; a disk that
+    /// cannot be followed (no NBD server, a refused export) is simply hashed after its job.
+    /// Returns the targets in plan order, of the disks that copy at least
+    /// [`follow::min_bytes`] (the same selection `transfer` pairs the results with), or none.
+    fn follow_targets(
+        &mut self,
+        files: &[(String, PathBuf, Option<Arc<qcow2::Qcow2>>)],
+    ) -> Vec<follow::Target> {
+        let chosen: Vec<usize> = (0..self.plans.len())
+            .filter(|&i| self.plans[i].estimate >= follow::min_bytes())
+            .collect();
+        if chosen.is_empty() || std::env::var_os("BLOCKD_BACKUP_NO_FOLLOW").is_some() {
+            return Vec::new();
+        }
+        match self.export_targets(&chosen, files) {
+            Ok(t) => t,
+            Err(e) => {
+                follow::debug(&format!("push targets not followed: {e}"));
+                Vec::new()
+            }
+        }
+    }
+
+    fn export_targets(
+        &mut self,
+        chosen: &[usize],
+        files: &[(String, PathBuf, Option<Arc<qcow2::Qcow2>>)],
+    ) -> Result<Vec<follow::Target>> {
+        if self.server.is_none() {
+            let own = self.opts.work_dir.join("bb-nbd.sock");
+            self.server = Some(NbdServer::start(
+                self.q,
+                self.opts.nbd_socket.as_deref(),
+                &own,
+            )?);
+        }
+        let sock = self
+            .server
+            .as_ref()
+            .map(|s| s.path.clone())
+            .unwrap_or_default();
+        let names: Vec<Names> = chosen
+            .iter()
+            .map(|&i| Names::new(&self.opts.tag, &self.id, i))
+            .collect();
+        let cmds: Vec<(&str, serde_json::Value)> = names
+            .iter()
+            .map(|n| {
+                let ex = json!({"type": "nbd", "id": n.export, "node-name": n.target,
+                                "name": n.export});
+                ("block-export-add", ex)
+            })
+            .collect();
+        let mut failed = None;
+        for (r, n) in self.q.execute_many(&cmds)?.into_iter().zip(&names) {
+            match r {
+                Ok(_) => self.made.exports.push(n.export.clone()),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        chosen
+            .iter()
+            .zip(&names)
+            .map(|(&i, n)| {
+                Ok(follow::Target {
+                    path: files[i].1.clone(),
+                    flusher: Box::new(NbdClient::connect(&sock, &n.export, &[])?),
+                    size: self.plans[i].size,
+                })
+            })
+            .collect()
     }
 
     /// Pull one disk: export its point in time and copy the extents to read.

@@ -1,8 +1,9 @@
-//! The pull copy loop: map what to read (dirty extents of the frozen bitmap, or allocated
-//! extents for a full), split it into chunks and copy them over NBD into the new qcow2 file.
-//! Each connection keeps up to [`MAX_IN_FLIGHT`] reads of at most [`CHUNK`] bytes together in
-//! flight (an incremental's scattered 64 KiB extents go 16 at a time); further connections
-//! are opened only for as much data as makes them worth their setup ([`PER_CONNECTION`]).
+//! The pull copy loop: map what to read (dirty extents of the frozen bitmap, or for a full
+//! every extent not known to read as zeros), split it into chunks and copy them over NBD into
+//! the new qcow2 file. Each connection keeps up to [`MAX_IN_FLIGHT`] reads of at most
+//! [`CHUNK`] bytes together in flight (an incremental's scattered 64 KiB extents go 16 at a
+//! time); further connections are opened only for as much data as makes them worth their
+//! setup ([`PER_CONNECTION`]).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -52,9 +53,13 @@ fn ranges(c: &mut NbdClient, job: &Job) -> Result<Vec<(u64, u64)>> {
             .filter(|e| e.flags & 1 != 0)
             .map(|e| (e.offset, e.len))
             .collect(),
+        // Only what is known to read as zeros is skipped. A hole without the zero flag is
+        // not: QEMU's snapshot-access reports the status of the disk's top image alone, so
+        // what the backing file holds shows as such a hole (its zeros, if any, are read and
+        // not written: the new file of a full has nothing below).
         None => map_all(c, "base:allocation", MAP_STEP)?
             .into_iter()
-            .filter(|e| e.flags & 3 == 0)
+            .filter(|e| e.flags & 2 == 0)
             .map(|e| (e.offset, e.len))
             .collect(),
     };

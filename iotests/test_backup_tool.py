@@ -279,6 +279,62 @@ def test_month_of_backups_restores_every_point_exactly(make_daemon, tmp_path, mo
     assert len(files) == len({f["name"] for m in kept for f in m["disks"][0]["chain"]})
 
 
+@pytest.mark.parametrize("mode", ["pull", "push", "offline"])
+def test_a_disk_on_a_backing_file_is_backed_up_whole(make_daemon, tmp_path, mode):
+    """A disk whose data partly lives in its backing file (an overlay on a template): QSD's
+    snapshot-access reports what only the backing file holds as a hole without the zero flag,
+    so a full that skipped holes lost it (and verified, since its digest is of what it read).
+    Every point must restore to the disk's whole content."""
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), str(SIZE))
+    qemu_io("-f", "qcow2", "-c", "write -P 0xab 0 8M", "-c", "write -P 0x12 40M 1M", str(base))
+    top = tmp_path / "disk0.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    qemu_io("-f", "qcow2", "-c", "write -P 0xcd 16M 1M", "-c", "write -z 40M 64k", str(top))
+    vm = vm_in_mode(make_daemon, tmp_path, "offline" if mode == "offline" else "live")
+    extra = ["--push"] if mode == "push" else []
+    frozen: Dict[str, str] = {}
+    for cmd in ("full", "inc"):
+        if cmd == "inc":
+            qemu_io("-f", "raw", "-c", "write -P 0xee 2M 64k", vm.uri("disk0"))
+        digest = vm.frozen("disk0", tmp_path / "frozen.raw")
+        evs = vm.backup(cmd, extra)
+        frozen[[e for e in evs if e["event"] == "snapshot"][0]["id"]] = digest
+    for point, want in frozen.items():
+        restore_and_compare(vm, point, "disk0", want, tmp_path)
+        run_tool(*vm.base_args(), "verify", "--at", point)
+
+
+@pytest.mark.parametrize("mode", ["live", "offline"])
+def test_a_read_only_disk_is_backed_up_beside_a_writable_one(make_daemon, tmp_path, mode):
+    """A read-only qcow2 disk cannot store a bitmap: its tracking bitmap is not persistent
+    (blockd refuses a persistent one there, which used to fail the whole run), and both disks
+    are backed up, then incrementally."""
+    args: List[str] = []
+    for n, pat in (("da", 0x1a), ("db", 0x1b)):
+        img = tmp_path / f"{n}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", str(img), str(SIZE))
+        qemu_io("-f", "qcow2", "-c", f"write -P {pat} 1M 2M", str(img))
+        ro = ",read-only=on" if n == "db" else ""
+        args += ["--blockdev", f"driver=file,node-name={n}-f,filename={img}{ro}",
+                 "--blockdev", f"driver=qcow2,node-name={n},file={n}-f{ro}"]
+    d = make_daemon(*args, "--nbd-server", f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}",
+                    name="vm", monitors=2)
+    if mode == "live":
+        require_live_backup(d)
+    d.ok("block-export-add", type="nbd", id="w-da", node_name="da", name="w-da", writable=True)
+    repo = ["--repo", str(tmp_path / "repo"), "--machine", "vm"]
+    src = ["--qmp", str(d.monitor_paths[1]), "--nbd-socket", str(tmp_path / "nbd.sock"),
+           "--disk", "da", "--disk", "db"] + (["--offline"] if mode == "offline" else [])
+    kinds = []
+    for cmd in ("auto", "auto"):
+        out = run_tool(*repo, "--json", cmd, *src).stdout
+        kinds.append(sorted((e["disk"], e["kind"]) for e in events(out) if e["event"] == "plan"))
+        qemu_io("-f", "raw", "-c", "write -P 0x2a 5M 64k", f"nbd+unix:///w-da?socket={tmp_path / 'nbd.sock'}")
+    assert kinds == [[("da", "full"), ("db", "full")], [("da", "inc"), ("db", "inc")]], kinds
+    run_tool(*repo, "verify", "--at", "latest")
+
+
 def test_push_hashes_the_new_file_while_the_job_writes_it(make_daemon, tmp_path):
     """A push big enough (here: any, BLOCKD_BACKUP_FOLLOW_MIN=0) exports its target read-only
     and flushes it over NBD while the job runs, hashing the data clusters the file's L2 tables

@@ -66,7 +66,9 @@ pub fn plan_disk(
         format!("'{disk}' (node '{node}')")
     };
     let size = info["image"]["virtual-size"].as_u64().unwrap_or(0);
-    let persistent = info["drv"] == "qcow2";
+    // A read-only image cannot store a bitmap (blockd refuses the add; QSD accepts it and
+    // drops it at close): its bitmap lives in the daemon only.
+    let persistent = info["drv"] == "qcow2" && info["ro"] != true;
     let mut plan = Plan {
         disk: disk.to_string(),
         node: node.to_string(),

@@ -335,6 +335,46 @@ def test_a_read_only_disk_is_backed_up_beside_a_writable_one(make_daemon, tmp_pa
     run_tool(*repo, "verify", "--at", "latest")
 
 
+def test_bitmaps_not_retired_after_the_manifest_cost_nothing(make_daemon, tmp_path):
+    """Retiring the old bitmaps fails after the manifest is written (here: a differential
+    retires the incremental's bitmap, which an export holds busy): the run succeeds with a
+    warning and keeps the bitmap its manifest records (it used to roll back and remove it, so
+    the next `inc` was refused); the next run retires the leftover and stays incremental."""
+    vm = Vm(make_daemon, tmp_path)
+    require_live_backup(vm.d)
+    frozen: Dict[str, str] = {}
+
+    def backup(cmd: str) -> List[dict]:
+        qemu_io("-f", "raw", "-c", f"write -P {len(frozen) + 1} {len(frozen)}M 64k", vm.uri("disk0"))
+        digest = vm.frozen("disk0", tmp_path / "frozen.raw")
+        evs = vm.backup(cmd)
+        frozen[[e for e in evs if e["event"] == "snapshot"][0]["id"]] = digest
+        return evs
+
+    backup("full")
+    backup("inc")
+    held = json.loads(run_tool(*vm.base_args(), "--json", "list").stdout)[-1]["disks"][0]["bitmap"]
+    vm.d.ok("block-export-add", type="nbd", id="hold", node_name="disk0", name="hold",
+            writable=True, bitmaps=[held])
+    evs = backup("diff")
+    assert [e for e in evs if e["event"] == "warning"], evs
+    names = {b["name"] for n in vm.d.ok("query-named-block-nodes") if n["node-name"] == "disk0"
+             for b in n.get("dirty-bitmaps", [])}
+    latest = json.loads(run_tool(*vm.base_args(), "--json", "list").stdout)[-1]
+    assert latest["disks"][0]["bitmap"] in names and held in names, names
+    vm.d.ok("block-export-del", id="hold")
+    deadline = time.time() + 10
+    while any(e["id"] == "hold" for e in vm.d.ok("query-block-exports")) and time.time() < deadline:
+        time.sleep(0.05)
+    evs = backup("inc")
+    assert [e["kind"] for e in evs if e["event"] == "plan"] == ["inc"], evs
+    names = {b["name"] for n in vm.d.ok("query-named-block-nodes") if n["node-name"] == "disk0"
+             for b in n.get("dirty-bitmaps", [])}
+    assert held not in names, names
+    for point, want in frozen.items():
+        restore_and_compare(vm, point, "disk0", want, tmp_path)
+
+
 def test_push_hashes_the_new_file_while_the_job_writes_it(make_daemon, tmp_path):
     """A push big enough (here: any, BLOCKD_BACKUP_FOLLOW_MIN=0) exports its target read-only
     and flushes it over NBD while the job runs, hashing the data clusters the file's L2 tables

@@ -444,9 +444,20 @@ impl Run<'_, '_> {
         self.repo.write_manifest(&m)?;
         self.created_files.clear();
         die_at("manifest");
-        // The backup exists now; what follows only tidies up (a failure is repaired next run).
+        // The backup exists now; what follows only tidies up (a failure is repaired next run,
+        // whose cleanup removes the tool's bitmaps the latest manifest does not name). A
+        // failure here must not roll back: that would remove the bitmap the manifest records.
         self.teardown();
-        self.retire(&m)?;
+        if let Err(e) = self.retire(&m) {
+            self.progress.event(
+                "warning",
+                &format!(
+                    "backup {} recorded; old bitmaps not retired ({e}): the next run retires them",
+                    m.id
+                ),
+                json!({"id": m.id}),
+            );
+        }
         for u in unmaps {
             let _ = u.join();
         }

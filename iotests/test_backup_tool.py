@@ -375,6 +375,39 @@ def test_bitmaps_not_retired_after_the_manifest_cost_nothing(make_daemon, tmp_pa
         restore_and_compare(vm, point, "disk0", want, tmp_path)
 
 
+@pytest.mark.parametrize("mode", [[], ["--push"], ["--offline"]], ids=["pull", "push", "offline"])
+def test_a_relative_repository_path_works(make_daemon, tmp_path, mode):
+    """The tool runs in another folder than the daemon and names the repository relatively:
+    every path it sends the daemon (scratch image, push target, its own NBD server's socket)
+    must still be right (they were relative, resolved against the daemon's folder)."""
+    img = tmp_path / "disk0.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), str(SIZE))
+    qemu_io("-f", "qcow2", "-c", "write -P 0x42 3M 1M", str(img))
+    raw = tmp_path / "frozen.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", str(img), str(raw))
+    want = digest_of(raw)
+    d = make_daemon("--blockdev", f"driver=file,node-name=f0,filename={img}",
+                    "--blockdev", "driver=qcow2,node-name=disk0,file=f0", name="vm", monitors=2)
+    if "--offline" not in mode:
+        require_live_backup(d)
+    here = tmp_path / "cwd"
+    here.mkdir()
+    repo = ["--repo", "rel-repo", "--machine", "vm"]
+    # No --nbd-socket: the tool starts the daemon's NBD server on a socket in the repository
+    # (a push too: it follows its target, BLOCKD_BACKUP_FOLLOW_MIN=0).
+    e = dict(os.environ, BLOCKD_BACKUP_DAEMON=iotests.daemon_binary(), BLOCKD_BACKUP_FOLLOW_MIN="0",
+             BLOCKD_BACKUP_DEBUG="1")
+    p = subprocess.run([tool_binary(), *repo, "full", "--qmp", str(d.monitor_paths[1]), "--disk", "disk0", *mode],
+                       cwd=here, capture_output=True, text=True, env=e, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "not followed" not in p.stderr, p.stderr
+    out = tmp_path / "restore.raw"
+    p = subprocess.run([tool_binary(), *repo, "restore", "--at", "latest", "--disk", "disk0", "--to", str(out)],
+                       cwd=here, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert digest_of(out) == want
+
+
 def test_push_hashes_the_new_file_while_the_job_writes_it(make_daemon, tmp_path):
     """A push big enough (here: any, BLOCKD_BACKUP_FOLLOW_MIN=0) exports its target read-only
     and flushes it over NBD while the job runs, hashing the data clusters the file's L2 tables
@@ -577,6 +610,12 @@ def test_mount_serves_a_point_and_restore_writes_onto_a_live_node(make_daemon, t
     qemu_img("convert", "-O", "raw", str(img), str(want))
     qemu_io("-f", "qcow2", "-c", "write -P 0x42 0 1M", str(img))
     run_tool(*repo, "inc", "--image", str(img))
+    # A file of the user's at the socket path is refused and left alone.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    r = run_tool(*repo, "mount", "--at=-1", "--socket", str(notes), check=False)
+    assert r.returncode == 2 and "not a socket" in r.stderr, r
+    assert notes.read_text() == "mine"
     sock = tmp_path / "mnt.sock"
     e = dict(os.environ, BLOCKD_BACKUP_DAEMON=iotests.daemon_binary())
     p = subprocess.Popen([tool_binary(), *repo, "--json", "mount", "--at=-1", "--socket", str(sock)],

@@ -183,12 +183,24 @@ fn default_disks(q: &mut qmp::Qmp) -> Result<Vec<String>> {
         .unwrap_or_default())
 }
 
-/// A backup command.
-fn run_backup(cli: &Cli, src: &Source, want: Want, progress: &Progress) -> Result<()> {
+/// The repository root as an absolute path: paths under it go to the daemon, which resolves
+/// a relative one against its own working directory.
+fn repo_root(cli: &Cli) -> Result<PathBuf> {
     let root = cli
         .repo
         .clone()
         .ok_or_else(|| Error::new(Kind::Usage, "--repo is required"))?;
+    std::path::absolute(&root).map_err(|e| {
+        Error::io(
+            e,
+            format!("resolving the repository path {}", root.display()),
+        )
+    })
+}
+
+/// A backup command.
+fn run_backup(cli: &Cli, src: &Source, want: Want, progress: &Progress) -> Result<()> {
+    let root = repo_root(cli)?;
     let machine = cli
         .machine
         .clone()
@@ -256,10 +268,7 @@ fn run(cli: &Cli) -> Result<()> {
     if let Some((src, want)) = want {
         return run_backup(cli, src, want, &progress);
     }
-    let root = cli
-        .repo
-        .clone()
-        .ok_or_else(|| Error::new(Kind::Usage, "--repo is required"))?;
+    let root = repo_root(cli)?;
     let machine = cli.machine.clone().unwrap_or_else(|| "default".into());
     let store = DirStore::open(&root)?;
     let repo = Repo::new(&store, &machine)?;

@@ -1,6 +1,7 @@
 //! Commands on the repository: list, verify, restore, mount, prune.
 
 use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -249,7 +250,19 @@ pub fn mount(
     let file = json!({"driver": "file", "node-name": "bbfile", "filename": top.to_string_lossy(), "read-only": true});
     let node =
         json!({"driver": "qcow2", "node-name": "bbmount", "file": "bbfile", "read-only": true});
-    let _ = std::fs::remove_file(socket);
+    // A stale socket is replaced; anything else at that path is the user's and stays.
+    match std::fs::symlink_metadata(socket) {
+        Ok(md) if md.file_type().is_socket() => {
+            let _ = std::fs::remove_file(socket);
+        }
+        Ok(_) => {
+            return Err(Error::new(
+                Kind::Usage,
+                format!("{} exists and is not a socket", socket.display()),
+            ))
+        }
+        Err(_) => {}
+    }
     let extra = vec![
         "--nbd-server".to_string(),
         format!("addr.type=unix,addr.path={}", socket.display()),

@@ -337,13 +337,13 @@ impl Run<'_, '_> {
         let total: u64 = self.plans.iter().map(|p| p.estimate).sum();
         self.progress.start(&format!("backup {}", self.id), total);
         // The chunk-sums objects are prepared while the daemon copies (see `sums`).
-        let stage_in: Vec<(String, Option<String>, usize)> = self
+        let stage_in: Vec<(String, Option<sums::PrevSums>, usize)> = self
             .plans
             .iter()
             .map(|p| {
                 let n = p.size.div_ceil(chain::HASH_CHUNK) as usize;
                 let top = p.parent.last().map(|f| f.name.as_str());
-                let prev = self.prev_sums_name(&p.disk, top);
+                let prev = self.prev_sums(&p.disk, top);
                 (self.repo.sums_name(&p.disk, &self.id), prev, n)
             })
             .collect();
@@ -358,7 +358,7 @@ impl Run<'_, '_> {
             let stager = s.spawn(|| {
                 stage_in
                     .iter()
-                    .map(|(name, prev, n)| sums::stage(store, name, prev.as_deref(), *n))
+                    .map(|(name, prev, n)| sums::stage(store, name, prev.as_ref(), *n))
                     .collect::<Vec<_>>()
             });
             let moved = self.transfer(&files, &mut copied, &mut known, &mut followed);
@@ -372,6 +372,13 @@ impl Run<'_, '_> {
         let mut disks = Vec::new();
         let mut unmaps = Vec::new();
         for ((i, p), mut staged) in self.plans.iter().enumerate().zip(staged) {
+            if let Some(why) = staged.rejected.take() {
+                self.progress.event(
+                    "warning",
+                    &format!("warning: {}: {why}", p.disk),
+                    json!({"disk": p.disk, "what": "sums", "reason": why}),
+                );
+            }
             let (name, path, img) = &files[i];
             if let Some(img) = img {
                 img.flush()?;
@@ -464,19 +471,23 @@ impl Run<'_, '_> {
         Ok(m)
     }
 
-    /// The chunk-sums object recorded for the point whose top file is `top` (None: the point
-    /// is hashed whole, also when its sums were taken with another algorithm than new backups
-    /// use).
-    fn prev_sums_name(&self, disk: &str, top: Option<&str>) -> Option<String> {
+    /// The chunk-sums object recorded for the point whose top file is `top`, with the content
+    /// digest it must hash to (None: the point is hashed whole, also when its sums were taken
+    /// with another algorithm than new backups use).
+    fn prev_sums(&self, disk: &str, top: Option<&str>) -> Option<sums::PrevSums> {
         let top = top?;
-        self.all
+        let d = self
+            .all
             .iter()
             .rev()
             .filter(|m| m.hash == HashAlgo::NEW)
             .flat_map(|m| m.disks.iter())
-            .find(|d| d.name == disk && d.chain.last().is_some_and(|f| f.name == top))?
-            .sums
-            .clone()
+            .find(|d| d.name == disk && d.chain.last().is_some_and(|f| f.name == top))?;
+        Some(sums::PrevSums {
+            name: d.sums.clone()?,
+            digest: d.content_digest.clone(),
+            algo: HashAlgo::NEW,
+        })
     }
 
     /// Remove what the run made on the daemon (users before what they use: exports,

@@ -117,7 +117,8 @@ enum Cmd {
     Auto(Source),
     /// List the backups of the machine.
     List,
-    /// Check checksums, run qemu-img check, and restore the point hashed against its checksum.
+    /// Check checksums and chunk sums, run qemu-img check, and restore the point hashed against
+    /// its checksum.
     Verify {
         /// The point: an id (or prefix), "latest", or -N.
         #[arg(long = "at", default_value = "latest")]
@@ -137,7 +138,8 @@ enum Cmd {
         /// Output format for --to.
         #[arg(long, value_enum, default_value = "raw")]
         format: Format,
-        /// Restore onto a live export: the NBD server's socket ...
+        /// Restore onto a live export (its chain's checksums are checked before anything is
+        /// written): the NBD server's socket ...
         #[arg(long, requires = "export")]
         nbd_socket: Option<PathBuf>,
         /// ... and the export name.

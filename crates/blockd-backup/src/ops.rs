@@ -73,8 +73,8 @@ pub fn list(repo: &Repo<'_>, json_out: bool) -> Result<()> {
     Ok(())
 }
 
-/// Check one chain file's recorded checksum and run `qemu-img check` on it.
-fn verify_file(repo: &Repo<'_>, f: &FileRecord) -> Result<()> {
+/// Check one chain file's recorded checksum (and length).
+fn check_checksum(repo: &Repo<'_>, f: &FileRecord) -> Result<PathBuf> {
     let p = repo.store.local_path(&f.name)?;
     let (sum, len) = filesum::file_checksum(&p, f.hash)?;
     if sum != f.checksum || len != f.size {
@@ -83,6 +83,12 @@ fn verify_file(repo: &Repo<'_>, f: &FileRecord) -> Result<()> {
             format!("{}: checksum mismatch (file changed or damaged)", f.name),
         ));
     }
+    Ok(p)
+}
+
+/// Check one chain file's recorded checksum and run `qemu-img check` on it.
+fn verify_file(repo: &Repo<'_>, f: &FileRecord) -> Result<()> {
+    let p = check_checksum(repo, f)?;
     let out = Command::new("qemu-img")
         .args(["check", "-q", "-f", "qcow2"])
         .arg(&p)
@@ -104,13 +110,18 @@ fn verify_file(repo: &Repo<'_>, f: &FileRecord) -> Result<()> {
     Ok(())
 }
 
-/// `verify`: checksums and `qemu-img check` of every file of the point's chains, then a
-/// restore of the point hashed against the recorded content checksum.
+/// `verify`: checksums and `qemu-img check` of every file of the point's chains, the
+/// point's chunk-sums object against its content digest, then a restore of the point hashed
+/// against the recorded content checksum.
 pub fn verify(repo: &Repo<'_>, point: &str, progress: &Progress) -> Result<()> {
     let m = repo.find(point)?;
     for d in &m.disks {
         for f in &d.chain {
             verify_file(repo, f).ctx(|| format!("verifying {} of backup {}", d.name, m.id))?;
+        }
+        if let Some(name) = &d.sums {
+            crate::sums::verify(repo.store, name, d.size, m.hash, &d.content_digest)
+                .ctx(|| format!("verifying {} of backup {}", d.name, m.id))?;
         }
         let img = chain::open_chain(&chain_paths(repo, d)?)?;
         progress.start(&format!("verify {}", d.name), d.size);
@@ -196,6 +207,16 @@ pub fn restore(
             out.close()?;
         }
         Target::Nbd(sock, name) => {
+            // A live disk is overwritten: every file of the chain must be the recorded one
+            // before the first byte is written (a file target is new, so it is checked after).
+            for f in &d.chain {
+                check_checksum(repo, f).ctx(|| {
+                    format!(
+                        "checking {} of backup {} before writing onto a live node (nothing written)",
+                        d.name, m.id
+                    )
+                })?;
+            }
             let mut c = NbdClient::connect(sock, name, &[])?;
             if c.size != d.size {
                 return Err(Error::new(

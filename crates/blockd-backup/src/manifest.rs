@@ -293,64 +293,75 @@ impl<'a> Repo<'a> {
     }
 }
 
-/// An exclusive lock on a machine's folder, released on drop.
+/// An exclusive lock on a machine's folder: `flock` on its lock file, released when the file
+/// closes (on drop, or by the kernel when the process dies, so a dead holder leaves nothing to
+/// take over). The file stays: removing it would let a third process lock a new file while a
+/// second still holds the old one. It holds the holder's pid, for the message.
 pub struct Lock {
-    /// Path of the lock file.
-    path: std::path::PathBuf,
+    _file: std::fs::File,
 }
 
 impl Lock {
-    /// Take the lock; a lock left by a dead process is taken over.
+    /// Take the lock, or fail naming the process holding it.
     pub fn take(repo: &Repo<'_>) -> Result<Lock> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
         let path = repo.store.local_path(&format!("{}/lock", repo.machine))?;
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut f) => {
-                    use std::io::Write;
-                    let _ = writeln!(f, "{}", std::process::id());
-                    return Ok(Lock { path });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let pid = std::fs::read_to_string(&path)
-                        .ok()
-                        .and_then(|s| s.trim().parse::<i32>().ok());
-                    // SAFETY: kill with signal 0 only checks whether the process exists.
-                    let alive = pid.is_some_and(|p| p > 0 && unsafe { libc::kill(p, 0) } == 0);
-                    if alive {
-                        return Err(Error::new(
-                            Kind::Repository,
-                            format!(
-                                "machine '{}' is locked by running process {}",
-                                repo.machine,
-                                pid.unwrap_or(0)
-                            ),
-                        ));
-                    }
-                    let _ = std::fs::remove_file(&path);
-                }
-                Err(e) => return Err(Error::io(e, format!("creating {}", path.display()))),
+        let io = |e| Error::io(e, format!("locking {}", path.display()));
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                return Err(io(e));
             }
+            let mut s = String::new();
+            let _ = f.take(32).read_to_string(&mut s);
+            return Err(Error::new(
+                Kind::Repository,
+                format!(
+                    "machine '{}' is locked by running process {}",
+                    repo.machine,
+                    s.trim()
+                ),
+            ));
         }
-        Err(Error::new(
-            Kind::Repository,
-            "could not take the repository lock",
-        ))
-    }
-}
-
-impl Drop for Lock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        f.set_len(0).map_err(io)?;
+        f.rewind().map_err(io)?;
+        writeln!(f, "{}", std::process::id()).map_err(io)?;
+        Ok(Lock { _file: f })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lock_is_exclusive_and_a_dead_holders_file_is_no_obstacle() {
+        let dir = std::env::temp_dir().join(format!("bb-lock-{}", std::process::id()));
+        let store = crate::store::DirStore::open(&dir).unwrap();
+        let repo = Repo::new(&store, "m").unwrap();
+        let path = store.local_path("m/lock").unwrap();
+        // A file left by a dead process (any content) is simply locked again.
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, "999999999\n").unwrap();
+        let held = Lock::take(&repo).unwrap();
+        let me = std::process::id().to_string();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), me);
+        // flock conflicts between open file descriptions, in one process too.
+        let e = Lock::take(&repo).err().expect("second lock");
+        assert!(e.to_string().contains(&me), "{e}");
+        drop(held);
+        drop(Lock::take(&repo).unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn file_records_of_every_version_name_their_checksum_format() {

@@ -489,9 +489,14 @@ def test_tool_killed_at_every_phase_then_run_again(make_daemon, tmp_path, phase,
     assert recorded == (2 if phase == "manifest" else 1)
     vm.write_random(rng, "disk0", 5)
     want = vm.frozen("disk0", tmp_path / "f.raw")
+    # As if a killed run had backed up eight disks: its last scratch image is left too.
+    work = vm.repo / "vm" / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "bb-scratch-7.qcow2").write_bytes(b"left")
     evs = vm.backup("auto")
     plan = [e for e in evs if e["event"] == "plan"][0]
     assert plan["kind"] == "inc", plan
+    assert not list(work.glob("bb-scratch-*")), list(work.iterdir())
     cleaned = [e["what"] for e in evs if e["event"] == "cleanup"]
     if phase in ("snapshot", "copy", "written") and mode == "live":
         assert any(w.startswith("job bb-") and w.endswith("-j0") for w in cleaned), cleaned

@@ -138,6 +138,18 @@ pub fn run(
                 json!({"what": f}),
             );
         }
+        // Scratch images of a killed run (of however many disks): only runs use them, and
+        // this one holds the lock.
+        for f in leftover_scratch(&opts.work_dir) {
+            if std::fs::remove_file(&f).is_ok() {
+                let what = f.display().to_string();
+                progress.event(
+                    "cleanup",
+                    &format!("removed leftover {what}"),
+                    json!({"what": what}),
+                );
+            }
+        }
     }
     let nodes = st.nodes;
     let mut plans = Vec::new();
@@ -628,6 +640,21 @@ pub fn repo_tag(root: &Path, machine: &str) -> String {
     h.update(b"\0");
     h.update(machine.as_bytes());
     chain::hex(&h.finalize()[..4])
+}
+
+/// The scratch images in `work` (`bb-scratch-N.qcow2`).
+fn leftover_scratch(work: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(work) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("bb-scratch-") && n.ends_with(".qcow2"))
+        })
+        .collect()
 }
 
 /// Default work folder for scratch images: inside the repository's machine folder.

@@ -729,6 +729,46 @@ def test_stopped_disk_backup_killed_then_run_again(tmp_path, phase):
     assert digest_of(out) == digest_of(raw)
 
 
+def test_a_hung_daemon_left_by_a_killed_run_is_ended(tmp_path):
+    """The daemon a killed run left does not answer QMP (stopped here with SIGSTOP): the next
+    run ends it by signal, as the process its pidfile names and whose command line names the
+    run's QMP socket, instead of forgetting it while it keeps the image locked."""
+    img = tmp_path / "s.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), str(SIZE))
+    qemu_io("-f", "qcow2", "-c", "write -P 0x61 0 4M", str(img))
+    repo = ["--repo", str(tmp_path / "repo"), "--machine", "pc"]
+    run_tool(*repo, "full", "--image", str(img))
+    e = dict(os.environ, BLOCKD_BACKUP_DAEMON=iotests.daemon_binary(), BLOCKD_BACKUP_DIE_AT="snapshot")
+    p = subprocess.Popen([tool_binary(), *repo, "auto", "--image", str(img)], env=e,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert p.wait(60) == -signal.SIGKILL
+    pidfiles = list((tmp_path / "repo" / "pc" / ".work").glob("bb-daemon-*.pid"))
+    assert len(pidfiles) == 1, pidfiles
+    left = int(pidfiles[0].read_text().strip())
+    os.kill(left, signal.SIGSTOP)
+    try:
+        evs = events(run_tool(*repo, "--json", "auto", "--image", str(img)).stdout)
+    finally:
+        try:
+            os.kill(left, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    cleaned = [e["what"] for e in evs if e["event"] == "cleanup"]
+    assert any(w.endswith("(not answering: terminated)") for w in cleaned), cleaned
+    raw = tmp_path / "want.raw"
+    qemu_img("convert", "-O", "raw", str(img), str(raw))
+    out = tmp_path / "r.raw"
+    run_tool(*repo, "restore", "--to", str(out))
+    assert digest_of(out) == digest_of(raw)
+    plan = [e for e in evs if e["event"] == "plan"][0]
+    if iotests.DAEMON_KIND == "blockd":
+        # Its bitmaps were stored exactly and nothing was written before the kill.
+        assert plan["kind"] == "inc", plan
+    else:
+        # QSD flags loaded bitmaps in use in the image: killed, they read as inconsistent.
+        assert plan["kind"] == "full" and "inconsistent" in plan["reason"], plan
+
+
 def test_disk_added_later_gets_a_full_while_the_others_stay_incremental(make_daemon, tmp_path):
     vm = Vm(make_daemon, tmp_path, names=("da", "db"))
     vm.offline = True

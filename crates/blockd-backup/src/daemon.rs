@@ -164,6 +164,25 @@ impl Daemon {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 done.push(format!("daemon left by run {pid}"));
+            } else if let Some(dp) = daemon_pid.filter(|&p| started_with(p, &path)) {
+                // Alive but not answering: it still holds the image; end it by signal (only
+                // the process started with this socket: a pid can be reused).
+                // SAFETY: signalling a process we started (its command line names our socket).
+                unsafe { libc::kill(dp, libc::SIGTERM) };
+                for i in 0..200 {
+                    // SAFETY: signal 0 only checks existence.
+                    if unsafe { libc::kill(dp, 0) } != 0 {
+                        break;
+                    }
+                    if i == 100 {
+                        // SAFETY: as above.
+                        unsafe { libc::kill(dp, libc::SIGKILL) };
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                done.push(format!(
+                    "daemon left by run {pid} (not answering: terminated)"
+                ));
             }
             let _ = std::fs::remove_file(&path);
             let _ = std::fs::remove_file(&pidfile);
@@ -211,7 +230,8 @@ impl Daemon {
         if let Some(q) = q {
             let _ = q.execute("quit", json!({}));
         }
-        for _ in 0..100 {
+        // Closing stores the persistent bitmaps: give a large image time (2 min).
+        for _ in 0..1200 {
             if let Ok(Some(st)) = self.child.try_wait() {
                 let _ = std::fs::remove_file(&self.qmp_path);
                 let _ = std::fs::remove_file(self.pidfile());
@@ -225,6 +245,16 @@ impl Daemon {
         }
         Err(Error::new(Kind::Daemon, "daemon did not quit"))
     }
+}
+
+/// Whether process `pid` runs with `socket` on its command line (a daemon a run started).
+fn started_with(pid: i32, socket: &Path) -> bool {
+    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let want = socket.to_string_lossy();
+    cmd.split(|&b| b == 0)
+        .any(|arg| String::from_utf8_lossy(arg).contains(want.as_ref()))
 }
 
 impl Drop for Daemon {

@@ -108,6 +108,10 @@ pub fn run(
     progress: &Progress,
 ) -> Result<Option<Manifest>> {
     let _lock = Lock::take(repo)?;
+    if !opts.estimate {
+        // An interrupted prune is finished first: its manifests then name the right checksums.
+        crate::prune::finish_pending(repo, progress)?;
+    }
     if opts.disks.is_empty() {
         return Err(Error::new(
             Kind::Usage,

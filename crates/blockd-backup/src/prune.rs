@@ -309,3 +309,73 @@ pub fn prune(repo: &Repo<'_>, keep: usize, progress: &Progress) -> Result<()> {
     die_at("prune-planned");
     run(repo, j, progress)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{DiskKind, DiskRecord, FileRecord};
+
+    fn point(id: &str, chain: &[&str]) -> Manifest {
+        let file = |n: &&str| FileRecord {
+            name: n.to_string(),
+            size: 0,
+            checksum: String::new(),
+            hash: filesum::FileHash::NEW,
+        };
+        Manifest {
+            version: crate::manifest::MANIFEST_VERSION,
+            hash: Default::default(),
+            id: id.into(),
+            machine: "vm".into(),
+            time: 0,
+            mode: "pull".into(),
+            disks: vec![DiskRecord {
+                name: "d".into(),
+                node: "d".into(),
+                kind: DiskKind::Inc,
+                reason: None,
+                size: 0,
+                copied: 0,
+                chain: chain.iter().map(file).collect(),
+                bitmap: String::new(),
+                full_bitmap: String::new(),
+                content_digest: String::new(),
+                sums: None,
+            }],
+        }
+    }
+
+    fn step(base: &str, child: &str, grandchildren: &[&str]) -> Step {
+        Step {
+            disk: "d".into(),
+            base: base.into(),
+            child: child.into(),
+            grandchildren: grandchildren.iter().map(|g| g.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn plan_merges_the_oldest_kept_chain_into_its_base_in_order() {
+        let kept = [
+            point("3", &["f", "i1", "i2"]),
+            point("4", &["f", "i1", "i2", "i3"]),
+        ];
+        assert_eq!(
+            plan(&kept),
+            vec![step("f", "i1", &["i2"]), step("f", "i2", &["i3"])]
+        );
+    }
+
+    #[test]
+    fn plan_stops_where_the_base_has_another_kept_child() {
+        // A kept differential is a second child of the full: nothing can be merged into it.
+        let kept = [point("2", &["f", "i1"]), point("3", &["f", "d"])];
+        assert_eq!(plan(&kept), vec![]);
+        // A diff with an incremental on top merges, re-pointing the incremental.
+        let kept = [point("2", &["f", "d"]), point("3", &["f", "d", "i"])];
+        assert_eq!(plan(&kept), vec![step("f", "d", &["i"])]);
+        // A new full starts another chain: the old one is left alone.
+        let kept = [point("2", &["g"]), point("3", &["g", "i"])];
+        assert_eq!(plan(&kept), vec![]);
+    }
+}

@@ -588,7 +588,8 @@ impl Run<'_, '_> {
 }
 
 /// Test hook: `BLOCKD_BACKUP_DIE_AT=PHASE` kills the process with SIGKILL when the run
-/// reaches PHASE (`prepared`, `snapshot`, `copy`, `written`, `manifest`), so tests can
+/// reaches PHASE (`prepared`, `snapshot`, `copy`, `written`, `manifest`; `prune-…` in
+/// `prune.rs`), so tests can
 /// interrupt a backup at every step exactly as a crash or `kill -9` would.
 pub fn die_at(phase: &str) {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();

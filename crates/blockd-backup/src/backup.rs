@@ -108,6 +108,10 @@ pub fn run(
     progress: &Progress,
 ) -> Result<Option<Manifest>> {
     let _lock = Lock::take(repo)?;
+    if !opts.estimate {
+        // An interrupted prune is finished first: its manifests then name the right checksums.
+        crate::prune::finish_pending(repo, progress)?;
+    }
     if opts.disks.is_empty() {
         return Err(Error::new(
             Kind::Usage,
@@ -618,7 +622,8 @@ impl Run<'_, '_> {
 }
 
 /// Test hook: `BLOCKD_BACKUP_DIE_AT=PHASE` kills the process with SIGKILL when the run
-/// reaches PHASE (`prepared`, `snapshot`, `copy`, `written`, `manifest`), so tests can
+/// reaches PHASE (`prepared`, `snapshot`, `copy`, `written`, `manifest`; `prune-…` in
+/// `prune.rs`), so tests can
 /// interrupt a backup at every step exactly as a crash or `kill -9` would.
 pub fn die_at(phase: &str) {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();

@@ -10,7 +10,7 @@
 //!   [`sums`]: a point's chunk-sums object, prepared while the daemon copies.
 //! - [`fleece`]: the daemon side (cleanup, transaction, fleecing, exports, push jobs).
 //! - [`backup`]: one backup run; [`copy`]: the multi-connection copy loop.
-//! - [`ops`]: list, verify, restore, mount, prune; [`daemon`]: starting our own daemon.
+//! - [`ops`]: list, verify, restore, mount; [`prune`]: crash-safe prune; [`daemon`]: starting our own daemon.
 //! - [`progress`]: bars and JSON lines.
 
 mod backup;
@@ -27,6 +27,7 @@ mod nbd;
 mod ops;
 mod plan;
 mod progress;
+mod prune;
 mod qmp;
 mod store;
 mod sums;
@@ -317,7 +318,7 @@ fn run(cli: &Cli) -> Result<()> {
                 &progress,
             )
         }
-        Cmd::Prune { keep } => ops::prune(&repo, *keep, &progress),
+        Cmd::Prune { keep } => prune::prune(&repo, *keep, &progress),
         _ => Ok(()),
     }
 }

@@ -1,4 +1,4 @@
-//! Commands on the repository: list, verify, restore, mount, prune.
+//! Commands on the repository: list, verify, restore, mount (prune: `prune.rs`).
 
 use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
@@ -11,7 +11,7 @@ use crate::chain;
 use crate::daemon::Daemon;
 use crate::error::{Context, Error, Kind, Result};
 use crate::filesum;
-use crate::manifest::{DiskRecord, FileRecord, Lock, Manifest, Repo};
+use crate::manifest::{DiskRecord, FileRecord, Manifest, Repo};
 use crate::nbd::NbdClient;
 use crate::progress::Progress;
 
@@ -40,6 +40,9 @@ fn chain_paths(repo: &Repo<'_>, d: &DiskRecord) -> Result<Vec<PathBuf>> {
 /// `list`: one line per backup (or a JSON array).
 pub fn list(repo: &Repo<'_>, json_out: bool) -> Result<()> {
     let all = repo.backups()?;
+    if crate::prune::pending(repo) {
+        eprintln!("note: {}", crate::prune::PENDING_NOTE);
+    }
     let mut out = std::io::stdout().lock();
     if json_out {
         let v = serde_json::to_string(&all)
@@ -115,6 +118,13 @@ fn verify_file(repo: &Repo<'_>, f: &FileRecord) -> Result<()> {
 /// against the recorded content checksum.
 pub fn verify(repo: &Repo<'_>, point: &str, progress: &Progress) -> Result<()> {
     let m = repo.find(point)?;
+    if crate::prune::pending(repo) {
+        progress.event(
+            "prune",
+            crate::prune::PENDING_NOTE,
+            json!({"pending": true}),
+        );
+    }
     for d in &m.disks {
         for f in &d.chain {
             verify_file(repo, f).ctx(|| format!("verifying {} of backup {}", d.name, m.id))?;
@@ -299,146 +309,4 @@ pub fn mount(
     );
     daemon.wait_until(stop)?;
     daemon.quit(Some(&mut q))
-}
-
-/// Run qemu-img with `args`.
-fn qemu_img(args: &[&str]) -> Result<()> {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .map_err(|e| Error::caused(Kind::Io, "running qemu-img", e))?;
-    if !out.status.success() {
-        return Err(Error::new(
-            Kind::Io,
-            format!(
-                "qemu-img {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// `prune --keep N`: drop all but the newest N backups; per disk, merge the files below the
-/// oldest kept point into the base (`qemu-img commit` + unsafe rebase of the children, which is
-/// exact because the base then holds that point), so every kept chain stays valid at every step.
-pub fn prune(repo: &Repo<'_>, keep: usize, progress: &Progress) -> Result<()> {
-    if keep == 0 {
-        return Err(Error::new(Kind::Usage, "--keep must be at least 1"));
-    }
-    let _lock = Lock::take(repo)?;
-    let all = repo.backups()?;
-    if all.len() <= keep {
-        progress.event("prune", "nothing to prune", json!({}));
-        return Ok(());
-    }
-    let (old, kept) = all.split_at(all.len() - keep);
-    let mut kept: Vec<Manifest> = kept.to_vec();
-    // 1. The pruned points disappear first (their files still back the kept ones).
-    for m in old {
-        repo.store.remove(&repo.manifest_name(&m.id))?;
-        for d in &m.disks {
-            if let Some(s) = &d.sums {
-                repo.store.remove(s)?;
-            }
-        }
-        progress.event(
-            "prune",
-            &format!("removed backup {}", m.id),
-            json!({"id": m.id}),
-        );
-    }
-    // 2. Merge per disk while the base's only kept child is the next file of the oldest kept chain.
-    let mut changed: std::collections::HashSet<String> = Default::default();
-    let disks: Vec<String> = kept
-        .iter()
-        .flat_map(|m| m.disks.iter().map(|d| d.name.clone()))
-        .collect();
-    let mut seen = std::collections::HashSet::new();
-    for disk in disks.into_iter().filter(|d| seen.insert(d.clone())) {
-        while let Some(oldest) = kept.iter().find_map(|m| m.disk(&disk)) {
-            if oldest.chain.len() < 2 {
-                break;
-            }
-            let base = oldest.chain[0].name.clone();
-            let child = oldest.chain[1].name.clone();
-            let kept_chains: Vec<&DiskRecord> = kept.iter().filter_map(|m| m.disk(&disk)).collect();
-            let only_child = kept_chains
-                .iter()
-                .all(|d| d.chain.len() < 2 || d.chain[0].name != base || d.chain[1].name == child);
-            if !only_child {
-                break;
-            }
-            // Children of `child` in any kept chain must be rebased onto the base afterwards.
-            let grandchildren: Vec<String> = kept_chains
-                .iter()
-                .filter(|d| d.chain.len() > 2 && d.chain[1].name == child)
-                .map(|d| d.chain[2].name.clone())
-                .collect();
-            let base_p = repo.store.local_path(&base)?;
-            let child_p = repo.store.local_path(&child)?;
-            qemu_img(&["commit", "-q", "-d", &child_p.to_string_lossy()])?;
-            let base_file = base_p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            for g in grandchildren
-                .iter()
-                .collect::<std::collections::BTreeSet<_>>()
-            {
-                let gp = repo.store.local_path(g)?;
-                qemu_img(&[
-                    "rebase",
-                    "-u",
-                    "-F",
-                    "qcow2",
-                    "-b",
-                    &base_file,
-                    &gp.to_string_lossy(),
-                ])?;
-                changed.insert(g.clone());
-            }
-            changed.insert(base.clone());
-            for m in kept.iter_mut() {
-                for d in m.disks.iter_mut().filter(|d| d.name == disk) {
-                    if d.chain.len() >= 2 && d.chain[1].name == child {
-                        d.chain.remove(1);
-                    }
-                }
-            }
-            progress.event(
-                "prune",
-                &format!("merged {child} into {base}"),
-                json!({"merged": child, "into": base}),
-            );
-        }
-    }
-    // 3. New checksums of changed files, manifests rewritten, unreferenced files removed.
-    // A changed file is checksummed anew in the format new backups use.
-    let algo = filesum::FileHash::NEW;
-    let mut sums = std::collections::HashMap::new();
-    for m in kept.iter_mut() {
-        for d in m.disks.iter_mut() {
-            for f in d.chain.iter_mut().filter(|f| changed.contains(&f.name)) {
-                let key = f.name.clone();
-                if !sums.contains_key(&key) {
-                    let sum = filesum::file_checksum(&repo.store.local_path(&f.name)?, algo)?;
-                    sums.insert(key.clone(), sum);
-                }
-                if let Some((sum, len)) = sums.get(&key) {
-                    f.checksum = sum.clone();
-                    f.size = *len;
-                    f.hash = algo;
-                }
-            }
-        }
-        // Written in the current format (the algorithm named), whatever version it was read as.
-        m.version = crate::manifest::MANIFEST_VERSION;
-        repo.write_manifest(m)?;
-    }
-    for f in repo.orphans()? {
-        repo.store.remove(&f)?;
-    }
-    Ok(())
 }

@@ -154,8 +154,9 @@ impl Daemon {
                 .filter(|p| *p > 0);
             if let Ok(mut q) = Qmp::connect(&path, Duration::from_millis(500)) {
                 let _ = q.execute("quit", json!({}));
-                // Wait until the process is gone (it holds the image lock until then).
-                for _ in 0..200 {
+                // Wait until the process is gone (it holds the image lock until then, and
+                // stores the bitmaps as it closes): as long as a run's own daemon gets.
+                for _ in 0..QUIT_WAIT_MS / 50 {
                     // SAFETY: signal 0 only checks existence.
                     let alive = daemon_pid.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0);
                     if !alive && !path.exists() {
@@ -166,15 +167,20 @@ impl Daemon {
                 done.push(format!("daemon left by run {pid}"));
             } else if let Some(dp) = daemon_pid.filter(|&p| started_with(p, &path)) {
                 // Alive but not answering: it still holds the image; end it by signal (only
-                // the process started with this socket: a pid can be reused).
+                // the process started with this socket: a pid can be reused). SIGTERM closes
+                // cleanly (bitmaps stored), SIGCONT first in case it is stopped; SIGKILL only
+                // if it has not gone when a clean quit would have.
                 // SAFETY: signalling a process we started (its command line names our socket).
-                unsafe { libc::kill(dp, libc::SIGTERM) };
-                for i in 0..200 {
+                unsafe {
+                    libc::kill(dp, libc::SIGCONT);
+                    libc::kill(dp, libc::SIGTERM);
+                }
+                for i in 0..=QUIT_WAIT_MS / 50 {
                     // SAFETY: signal 0 only checks existence.
                     if unsafe { libc::kill(dp, 0) } != 0 {
                         break;
                     }
-                    if i == 100 {
+                    if i == QUIT_WAIT_MS / 50 {
                         // SAFETY: as above.
                         unsafe { libc::kill(dp, libc::SIGKILL) };
                     }
@@ -230,8 +236,8 @@ impl Daemon {
         if let Some(q) = q {
             let _ = q.execute("quit", json!({}));
         }
-        // Closing stores the persistent bitmaps: give a large image time (2 min).
-        for _ in 0..1200 {
+        // Closing stores the persistent bitmaps: give a large image time.
+        for _ in 0..QUIT_WAIT_MS / 100 {
             if let Ok(Some(st)) = self.child.try_wait() {
                 let _ = std::fs::remove_file(&self.qmp_path);
                 let _ = std::fs::remove_file(self.pidfile());
@@ -246,6 +252,9 @@ impl Daemon {
         Err(Error::new(Kind::Daemon, "daemon did not quit"))
     }
 }
+
+/// How long a daemon may take to quit cleanly (it stores the persistent bitmaps as it closes).
+const QUIT_WAIT_MS: u64 = 120_000;
 
 /// Whether process `pid` runs with `socket` on its command line (a daemon a run started).
 fn started_with(pid: i32, socket: &Path) -> bool {

@@ -267,31 +267,48 @@ pub struct NbdServer {
 }
 
 impl NbdServer {
-    /// Use `given` if set, else start a server on `own`.
-    pub fn start(q: &mut Qmp, given: Option<&Path>, own: &Path) -> Result<NbdServer> {
+    /// Use `given` if set, else start a server on `own`. A server already running on `own`
+    /// (a killed run's: `own` is in the run's work folder) is recognised by a probe export of
+    /// `node`, named after `tag`, reachable through `own`; it is then taken as this run's.
+    pub fn start(
+        q: &mut Qmp,
+        given: Option<&Path>,
+        own: &Path,
+        tag: &str,
+        node: &str,
+    ) -> Result<NbdServer> {
         if let Some(p) = given {
             return Ok(NbdServer {
                 path: p.to_path_buf(),
                 owned: false,
             });
         }
-        let _ = std::fs::remove_file(own);
         let addr = json!({"type": "unix", "data": {"path": own.to_string_lossy()}});
-        q.execute("nbd-server-start", json!({"addr": addr}))
-            .map_err(|e| {
-                if qmp_desc(&e).is_some_and(|d| d.contains("already running")) {
-                    Error::new(
-                        Kind::Usage,
-                        "the daemon already runs an NBD server; pass its socket with --nbd-socket",
-                    )
-                } else {
-                    e
-                }
-            })?;
-        Ok(NbdServer {
+        let running = |e: &Error| qmp_desc(e).is_some_and(|d| d.contains("already running"));
+        let ours = NbdServer {
             path: own.to_path_buf(),
             owned: true,
-        })
+        };
+        match q.execute("nbd-server-start", json!({"addr": addr})) {
+            Ok(_) => return Ok(ours),
+            Err(e) if !running(&e) => {
+                // A stale socket file of a dead daemon's server stands in the way.
+                if own.exists() {
+                    let _ = std::fs::remove_file(own);
+                    q.execute("nbd-server-start", json!({"addr": addr}))?;
+                    return Ok(ours);
+                }
+                return Err(e);
+            }
+            Err(_) => {}
+        }
+        if own.exists() && serves_here(q, own, tag, node) {
+            return Ok(ours);
+        }
+        Err(Error::new(
+            Kind::Usage,
+            "the daemon already runs an NBD server; pass its socket with --nbd-socket",
+        ))
     }
 
     /// Stop it if we started it.
@@ -301,6 +318,21 @@ impl NbdServer {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// Whether the daemon's running NBD server listens on `sock`: a probe export of `node` must be
+/// reachable there.
+fn serves_here(q: &mut Qmp, sock: &Path, tag: &str, node: &str) -> bool {
+    let id = format!("{}probe", prefix(tag));
+    let ex = json!({"type": "nbd", "id": id, "node-name": node, "name": id});
+    if q.execute("block-export-add", ex).is_err() {
+        return false;
+    }
+    let here = crate::nbd::NbdClient::connect_timeout(sock, &id, &[], Duration::from_secs(5))
+        .map(|c| c.disconnect())
+        .is_ok();
+    let _ = del_export(q, &id);
+    here
 }
 
 /// Wait for push jobs `ids` (started with `auto-dismiss: false`) to conclude, reporting

@@ -70,9 +70,41 @@ pub trait Flusher: Send {
     fn flush(&mut self) -> Result<()>;
 }
 
-impl Flusher for NbdClient {
+/// Flushes over a connection to the target's read-only export, made at the first flush (in
+/// the follower's thread, so a server slow to answer never holds up the run), every read and
+/// write failing after [`NBD_TIMEOUT`]: a daemon that does not answer only stops the following.
+pub struct NbdFlusher {
+    socket: PathBuf,
+    export: String,
+    client: Option<NbdClient>,
+}
+
+/// How long one NBD exchange of the follower may wait.
+pub const NBD_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl NbdFlusher {
+    /// A flusher of export `export` on `socket`.
+    pub fn new(socket: &std::path::Path, export: &str) -> NbdFlusher {
+        NbdFlusher {
+            socket: socket.to_path_buf(),
+            export: export.to_string(),
+            client: None,
+        }
+    }
+}
+
+impl Flusher for NbdFlusher {
     fn flush(&mut self) -> Result<()> {
-        NbdClient::flush(self)
+        let c = match &mut self.client {
+            Some(c) => c,
+            None => self.client.insert(NbdClient::connect_timeout(
+                &self.socket,
+                &self.export,
+                &[],
+                NBD_TIMEOUT,
+            )?),
+        };
+        c.flush()
     }
 }
 
@@ -87,7 +119,7 @@ pub struct Target {
 }
 
 /// Test hooks: `BLOCKD_BACKUP_FOLLOW_MIN` (bytes) replaces [`MIN_BYTES`];
-/// `BLOCKD_BACKUP_FOLLOW_LAST` makes the follower take one last round once the jobs are done
+/// `BLOCKD_BACKUP_FOLLOW_LAST` makes the follower take two last rounds once the jobs are done
 /// (so what it hashed no longer depends on timing).
 pub fn min_bytes() -> u64 {
     std::env::var("BLOCKD_BACKUP_FOLLOW_MIN")
@@ -105,6 +137,9 @@ struct Watched {
     l1_entries: usize,
     /// L2 tables (by L1 index) whose chunks are all hashed.
     complete: Vec<bool>,
+    /// The L1 entries of the previous round: a table is read only once its entry is the same
+    /// in two rounds (an entry read while the daemon writes it could be torn).
+    l1_seen: Vec<u64>,
     out: Followed,
 }
 
@@ -136,12 +171,17 @@ pub fn follow(targets: Vec<Target>, stop: &AtomicBool) -> Vec<Option<Followed>> 
     while !stop.load(Ordering::Acquire) {
         let t0 = Instant::now();
         round(stop);
+        // At least INTERVAL between rounds, and at most a fifth of the time in them (a big
+        // sparse disk has many L2 tables to read again each round).
+        let pause = INTERVAL.max(t0.elapsed() * 4);
         // Sleep in slices so that a stop is seen soon.
-        while t0.elapsed() < INTERVAL && !stop.load(Ordering::Acquire) {
+        while t0.elapsed() < pause && !stop.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
     if std::env::var_os("BLOCKD_BACKUP_FOLLOW_LAST").is_some() {
+        // Two: a table whose L1 entry is new is read in the second.
+        round(&AtomicBool::new(false));
         round(&AtomicBool::new(false));
     }
     files.into_iter().map(|f| f.map(|f| f.out)).collect()
@@ -203,6 +243,7 @@ impl Watched {
             l1_offset,
             l1_entries: needed as usize,
             complete: vec![false; needed as usize],
+            l1_seen: vec![0; needed as usize],
             out: Followed {
                 by_chunk: vec![None; n],
                 bytes: 0,
@@ -228,7 +269,12 @@ impl Watched {
         let mut todo: Vec<(u64, usize)> = Vec::new();
         for k in 0..self.l1_entries {
             let l2_offset = be64(&l1, k * 8) & OFFSET_MASK;
-            if self.complete[k] || l2_offset == 0 || !l2_offset.is_multiple_of(HASH_CHUNK) {
+            let stable = std::mem::replace(&mut self.l1_seen[k], l2_offset) == l2_offset;
+            if self.complete[k]
+                || !stable
+                || l2_offset == 0
+                || !l2_offset.is_multiple_of(HASH_CHUNK)
+            {
                 continue;
             }
             self.read(&mut l2, l2_offset)?;
@@ -339,6 +385,11 @@ mod tests {
         for &i in &order[..n as usize / 2] {
             img.write_at(&chunk(i), i * C).unwrap();
         }
+        w.step(&mut buf, &never).unwrap();
+        assert_eq!(
+            w.out.bytes, 0,
+            "a new L2 table is read once its L1 entry is seen twice"
+        );
         w.step(&mut buf, &never).unwrap();
         assert_eq!(w.out.bytes, n / 2 * C, "the first half, once flushed");
         for &i in &order[n as usize / 2..] {

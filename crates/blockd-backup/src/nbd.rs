@@ -73,8 +73,31 @@ fn ioerr(e: std::io::Error, what: &str) -> Error {
 impl NbdClient {
     /// Connect to export `name` on the Unix socket `path`, selecting `contexts` (may be empty).
     pub fn connect(path: &Path, name: &str, contexts: &[&str]) -> Result<NbdClient> {
+        Self::connect_with(path, name, contexts, None)
+    }
+
+    /// [`connect`](Self::connect), every read and write of the connection (the handshake
+    /// too) failing after `timeout` without progress.
+    pub fn connect_timeout(
+        path: &Path,
+        name: &str,
+        contexts: &[&str],
+        timeout: std::time::Duration,
+    ) -> Result<NbdClient> {
+        Self::connect_with(path, name, contexts, Some(timeout))
+    }
+
+    fn connect_with(
+        path: &Path,
+        name: &str,
+        contexts: &[&str],
+        timeout: Option<std::time::Duration>,
+    ) -> Result<NbdClient> {
         let s = UnixStream::connect(path)
             .map_err(|e| ioerr(e, &format!("connecting to NBD socket {}", path.display())))?;
+        s.set_read_timeout(timeout)
+            .and_then(|_| s.set_write_timeout(timeout))
+            .map_err(|e| ioerr(e, "setting the NBD socket's timeouts"))?;
         let rd = BufReader::with_capacity(
             RECV_BUF,
             s.try_clone()

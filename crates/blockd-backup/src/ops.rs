@@ -179,6 +179,23 @@ pub fn restore(
     target: &Target,
     progress: &Progress,
 ) -> Result<()> {
+    // Onto a live node: no prune may change the chain between its check and its reads (the
+    // data goes onto a disk in use, not into a new file that a later check could reject).
+    let _lock = match target {
+        Target::Nbd(..) => {
+            if crate::prune::pending(repo) {
+                return Err(Error::new(
+                    Kind::Repository,
+                    format!(
+                        "{} (refusing to write onto a live node until it is finished)",
+                        crate::prune::PENDING_NOTE
+                    ),
+                ));
+            }
+            Some(crate::manifest::Lock::take(repo)?)
+        }
+        _ => None,
+    };
     let m = repo.find(point)?;
     let d = pick_disk(&m, disk)?;
     let img = chain::open_chain(&chain_paths(repo, d)?)?;

@@ -13,7 +13,6 @@ use crate::copy::{self, Job};
 use crate::error::{Context, Error, Kind, Result};
 use crate::fleece::{self, NbdServer};
 use crate::follow;
-use crate::nbd::NbdClient;
 use crate::plan::Plan;
 
 impl Run<'_, '_> {
@@ -43,11 +42,19 @@ impl Run<'_, '_> {
                 stop.store(true, Ordering::Release);
                 (waited, follower.map(|h| h.join()))
             });
-            // The exports go first: a target stays in use while it is exported.
+            // The exports go first: a target stays in use while it is exported. One that does
+            // not go stays listed for the teardown; the job's own error comes first.
+            let mut del_err = None;
             for id in std::mem::take(&mut self.made.exports) {
-                fleece::del_export(self.q, &id)?;
+                if let Err(e) = fleece::del_export(self.q, &id) {
+                    self.made.exports.push(id);
+                    del_err.get_or_insert(e);
+                }
             }
             waited?;
+            if let Some(e) = del_err {
+                return Err(e);
+            }
             if let Some(got) = got {
                 let got = got
                     .map_err(|_| Error::new(Kind::Io, "the thread following the jobs panicked"))?;
@@ -94,10 +101,17 @@ impl Run<'_, '_> {
         } else {
             // A fixed name: a server left by a killed run is recognised as ours.
             let own = self.opts.work_dir.join("bb-nbd.sock");
+            let node = self
+                .plans
+                .first()
+                .map(|p| p.node.clone())
+                .unwrap_or_default();
             self.server = Some(NbdServer::start(
                 self.q,
                 self.opts.nbd_socket.as_deref(),
                 &own,
+                &self.opts.tag,
+                &node,
             )?);
             for (i, p) in self.plans.clone().iter().enumerate() {
                 let img = files[i]
@@ -144,10 +158,13 @@ impl Run<'_, '_> {
     ) -> Result<Vec<follow::Target>> {
         if self.server.is_none() {
             let own = self.opts.work_dir.join("bb-nbd.sock");
+            let node = self.plans[chosen[0]].node.clone();
             self.server = Some(NbdServer::start(
                 self.q,
                 self.opts.nbd_socket.as_deref(),
                 &own,
+                &self.opts.tag,
+                &node,
             )?);
         }
         let sock = self
@@ -183,7 +200,7 @@ impl Run<'_, '_> {
             .map(|(&i, n)| {
                 Ok(follow::Target {
                     path: files[i].1.clone(),
-                    flusher: Box::new(NbdClient::connect(&sock, &n.export, &[])?),
+                    flusher: Box::new(follow::NbdFlusher::new(&sock, &n.export)),
                     size: self.plans[i].size,
                 })
             })

@@ -99,20 +99,12 @@ impl Run<'_, '_> {
                 copied[i] = p.estimate;
             }
         } else {
-            // A fixed name: a server left by a killed run is recognised as ours.
-            let own = self.opts.work_dir.join("bb-nbd.sock");
             let node = self
                 .plans
                 .first()
                 .map(|p| p.node.clone())
                 .unwrap_or_default();
-            self.server = Some(NbdServer::start(
-                self.q,
-                self.opts.nbd_socket.as_deref(),
-                &own,
-                &self.opts.tag,
-                &node,
-            )?);
+            self.ensure_server(&node)?;
             for (i, p) in self.plans.clone().iter().enumerate() {
                 let img = files[i]
                     .2
@@ -124,6 +116,23 @@ impl Run<'_, '_> {
                 copied[i] = n;
                 known[i] = Some(sums);
             }
+        }
+        Ok(())
+    }
+
+    /// The NBD server to export through: the user's (`--nbd-socket`), else one started on a
+    /// fixed socket in the work folder (a server a killed run left there is recognised as
+    /// ours through a probe export of `node`).
+    fn ensure_server(&mut self, node: &str) -> Result<()> {
+        if self.server.is_none() {
+            let own = self.opts.work_dir.join("bb-nbd.sock");
+            self.server = Some(NbdServer::start(
+                self.q,
+                self.opts.nbd_socket.as_deref(),
+                &own,
+                &self.opts.tag,
+                node,
+            )?);
         }
         Ok(())
     }
@@ -156,17 +165,8 @@ impl Run<'_, '_> {
         chosen: &[usize],
         files: &[(String, PathBuf, Option<Arc<qcow2::Qcow2>>)],
     ) -> Result<Vec<follow::Target>> {
-        if self.server.is_none() {
-            let own = self.opts.work_dir.join("bb-nbd.sock");
-            let node = self.plans[chosen[0]].node.clone();
-            self.server = Some(NbdServer::start(
-                self.q,
-                self.opts.nbd_socket.as_deref(),
-                &own,
-                &self.opts.tag,
-                &node,
-            )?);
-        }
+        let node = self.plans[chosen[0]].node.clone();
+        self.ensure_server(&node)?;
         let sock = self
             .server
             .as_ref()

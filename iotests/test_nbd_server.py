@@ -319,6 +319,23 @@ def test_client_abandoning_handshake_leaves_server_serving(make_daemon, raw_imag
     assert d.running()
 
 
+@pytest.mark.parametrize("limit", [1, 0])
+def test_handshake_max_seconds_is_honoured(make_daemon, raw_image, limit):
+    """A client that stalls after the greeting is dropped after handshake-max-seconds; 0
+    means no limit (it was accepted and ignored: blockd dropped it after the default 10 s)."""
+    d = make_daemon(*file_node(raw_image))
+    sock = start_unix_server(d, handshake_max_seconds=limit)
+    c = WireClient(sock, timeout=4.0)
+    c.greeting()
+    if limit:
+        assert c.sock.recv(1) == b"", "the stalled client is dropped"
+    else:
+        with pytest.raises(socket.timeout):
+            c.sock.recv(1)
+    c.close()
+    assert d.running()
+
+
 def test_unknown_export_name_is_refused_at_handshake(make_daemon, raw_image):
     d = make_daemon(*file_node(raw_image))
     sock = start_unix_server(d)

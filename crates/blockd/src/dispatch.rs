@@ -466,8 +466,12 @@ async fn nbd_server_start(d: &Arc<Daemon>, a: NbdServerStartArgs) -> CmdResult {
         return Err(generic("TLS is not supported by blockd"));
     }
     done(
-        d.nbd_server_start(nbd_addr(&a.addr)?, a.max_connections)
-            .await,
+        d.nbd_server_start(
+            nbd_addr(&a.addr)?,
+            a.max_connections,
+            a.handshake_max_seconds,
+        )
+        .await,
     )
 }
 

@@ -63,15 +63,25 @@ pub struct ExportArgs {
 
 impl Daemon {
     /// nbd-server-start.
+    /// `handshake_max_seconds`: QEMU's option (default 10; 0: no limit).
     pub async fn nbd_server_start(
         &self,
         addr: NbdAddr,
         max_connections: Option<u32>,
+        handshake_max_seconds: Option<u32>,
     ) -> Result<()> {
         if self.nbd().is_some() {
             return Err(Error::generic("NBD server already running"));
         }
-        let server = nbd::NbdServer::new(max_connections);
+        let handshake_timeout = match handshake_max_seconds {
+            Some(0) => None,
+            Some(n) => Some(std::time::Duration::from_secs(n.into())),
+            None => nbd::ServerOptions::default().handshake_timeout,
+        };
+        let server = nbd::NbdServer::with_options(nbd::ServerOptions {
+            max_connections,
+            handshake_timeout,
+        });
         let bound = match &addr {
             NbdAddr::Unix(p) => server.listen_unix(p).await.map(|_| ()),
             NbdAddr::Inet(h, p) => server.listen_tcp(h, p).await.map(|_| ()),

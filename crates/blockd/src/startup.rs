@@ -145,7 +145,7 @@ fn clear_socket_path(path: &str) -> Result<(), String> {
 }
 
 /// `--nbd-server` keyval, checked and typed as QSD's `NbdServerOptions`.
-fn nbd_server_options(v: &str) -> Result<(NbdAddr, Option<u32>), String> {
+fn nbd_server_options(v: &str) -> Result<(NbdAddr, Option<u32>, Option<u32>), String> {
     let m = keyval(v, None)?;
     let value = qapi::Schema::get()
         .coerce_keyval("NbdServerOptions", Value::Object(m))
@@ -165,7 +165,7 @@ fn nbd_server_options(v: &str) -> Result<(NbdAddr, Option<u32>), String> {
             return Err("NBD server address type 'fd' is not supported".to_string())
         }
     };
-    Ok((addr, o.max_connections))
+    Ok((addr, o.max_connections, o.handshake_max_seconds))
 }
 
 /// The `--image` node: the probed format over a file node.
@@ -267,9 +267,10 @@ async fn apply(daemon: &Arc<Daemon>, opts: &[Opt], setup: &mut Setup) -> Result<
                     .map_err(|e| ctx("blockdev", v, e.to_string()))?;
             }
             Opt::NbdServer(v) => {
-                let (addr, max) = nbd_server_options(v).map_err(|e| ctx("nbd-server", v, e))?;
+                let (addr, max, handshake) =
+                    nbd_server_options(v).map_err(|e| ctx("nbd-server", v, e))?;
                 daemon
-                    .nbd_server_start(addr, max)
+                    .nbd_server_start(addr, max, handshake)
                     .await
                     .map_err(|e| ctx("nbd-server", v, e.to_string()))?;
             }
@@ -319,7 +320,7 @@ async fn apply(daemon: &Arc<Daemon>, opts: &[Opt], setup: &mut Setup) -> Result<
             Opt::Qmp(p) => short_qmp = Some(p.clone()),
             Opt::Nbd(p) => {
                 daemon
-                    .nbd_server_start(NbdAddr::Unix(PathBuf::from(p)), None)
+                    .nbd_server_start(NbdAddr::Unix(PathBuf::from(p)), None, None)
                     .await
                     .map_err(|e| format!("--nbd {p}: {e}"))?;
                 if short_image {

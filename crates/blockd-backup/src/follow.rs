@@ -158,22 +158,29 @@ pub fn follow(targets: Vec<Target>, stop: &AtomicBool) -> Vec<Option<Followed>> 
         .collect();
     let mut failed = vec![false; files.len()];
     let mut buf = vec![0u8; READ_MAX];
+    // Returns the time spent on flushes and reading L1/L2 tables (not hashing).
     let mut round = |stop: &AtomicBool| {
+        let mut meta = Duration::ZERO;
         for (f, failed) in files.iter_mut().zip(failed.iter_mut()) {
             if let (Some(f), false) = (f.as_mut(), *failed) {
-                if let Err(e) = f.step(&mut buf, stop) {
-                    debug(&format!("stopped following a push target: {e}"));
-                    *failed = true;
+                match f.step(&mut buf, stop) {
+                    Ok(m) => meta += m,
+                    Err(e) => {
+                        debug(&format!("stopped following a push target: {e}"));
+                        *failed = true;
+                    }
                 }
             }
         }
+        meta
     };
     while !stop.load(Ordering::Acquire) {
         let t0 = Instant::now();
-        round(stop);
-        // At least INTERVAL between rounds, and at most a fifth of the time in them (a big
-        // sparse disk has many L2 tables to read again each round).
-        let pause = INTERVAL.max(t0.elapsed() * 4);
+        let meta = round(stop);
+        // A round starts at most every INTERVAL, and no more than a fifth of the time goes
+        // to flushing and mapping (a big sparse disk has many L2 tables to read each round);
+        // hashing takes as long as there is data.
+        let pause = INTERVAL.max(meta * 5);
         // Sleep in slices so that a stop is seen soon.
         while t0.elapsed() < pause && !stop.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(5));
@@ -257,8 +264,10 @@ impl Watched {
             .map_err(|e| Error::io(e, "reading the push target"))
     }
 
-    /// One round: flush, map what is new, hash it (stopping early when told).
-    fn step(&mut self, buf: &mut [u8], stop: &AtomicBool) -> Result<()> {
+    /// One round: flush, map what is new, hash it (stopping early when told). Returns the
+    /// time the flush and the mapping took.
+    fn step(&mut self, buf: &mut [u8], stop: &AtomicBool) -> Result<Duration> {
+        let t0 = Instant::now();
         self.flusher.flush()?;
         let mut l1 = vec![0u8; self.l1_entries * 8];
         self.read(&mut l1, self.l1_offset)?;
@@ -301,6 +310,7 @@ impl Watched {
             self.complete[k] = all && last == first + per_table;
         }
         todo.sort_unstable();
+        let meta = t0.elapsed();
         let mut at = 0;
         while at < todo.len() {
             if stop.load(Ordering::Acquire) {
@@ -329,7 +339,7 @@ impl Watched {
             }
             at = end;
         }
-        Ok(())
+        Ok(meta)
     }
 }
 

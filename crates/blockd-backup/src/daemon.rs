@@ -156,14 +156,7 @@ impl Daemon {
                 let _ = q.execute("quit", json!({}));
                 // Wait until the process is gone (it holds the image lock until then, and
                 // stores the bitmaps as it closes): as long as a run's own daemon gets.
-                for _ in 0..QUIT_WAIT_MS / 50 {
-                    // SAFETY: signal 0 only checks existence.
-                    let alive = daemon_pid.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0);
-                    if !alive && !path.exists() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                wait_gone(daemon_pid, Some(&path), QUIT_WAIT_MS);
                 done.push(format!("daemon left by run {pid}"));
             } else if let Some(dp) = daemon_pid.filter(|&p| started_with(p, &path)) {
                 // Alive but not answering: it still holds the image; end it by signal (only
@@ -175,16 +168,10 @@ impl Daemon {
                     libc::kill(dp, libc::SIGCONT);
                     libc::kill(dp, libc::SIGTERM);
                 }
-                for i in 0..=QUIT_WAIT_MS / 50 {
-                    // SAFETY: signal 0 only checks existence.
-                    if unsafe { libc::kill(dp, 0) } != 0 {
-                        break;
-                    }
-                    if i == QUIT_WAIT_MS / 50 {
-                        // SAFETY: as above.
-                        unsafe { libc::kill(dp, libc::SIGKILL) };
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
+                if !wait_gone(Some(dp), None, QUIT_WAIT_MS) {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(dp, libc::SIGKILL) };
+                    wait_gone(Some(dp), None, 5_000);
                 }
                 done.push(format!(
                     "daemon left by run {pid} (not answering: terminated)"
@@ -255,6 +242,22 @@ impl Daemon {
 
 /// How long a daemon may take to quit cleanly (it stores the persistent bitmaps as it closes).
 const QUIT_WAIT_MS: u64 = 120_000;
+
+/// Wait up to `ms` until process `pid` (if known) is gone and `socket` (if given) removed;
+/// returns whether they are.
+fn wait_gone(pid: Option<i32>, socket: Option<&Path>, ms: u64) -> bool {
+    for i in 0..=ms / 50 {
+        // SAFETY: signal 0 only checks whether the process exists.
+        let alive = pid.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0);
+        if !alive && !socket.is_some_and(|s| s.exists()) {
+            return true;
+        }
+        if i < ms / 50 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    false
+}
 
 /// Whether process `pid` runs with `socket` on its command line (a daemon a run started).
 fn started_with(pid: i32, socket: &Path) -> bool {

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import time
 from typing import Dict, List
@@ -278,3 +279,39 @@ def test_restore_onto_a_live_node_waits_for_a_pending_prune(make_daemon, tmp_pat
     run_tool(*vm.base_args(), "prune", "--keep", "1")
     run_tool(*vm.base_args(), "restore", "--at", "latest", "--nbd-socket", str(live.nbd), "--export", "w-live")
     assert live.frozen("live", tmp_path / "l.raw") == want
+
+
+@pytest.mark.timeout(120)
+def test_a_push_whose_follower_cannot_connect_still_completes(make_daemon, tmp_path):
+    """The daemon's NBD server takes one client and another holds it: the follower's
+    connection waits in the listen backlog and gets no handshake. Its exchanges time out
+    (5 s), so the push ends with the file hashed after the job, instead of hanging; and with
+    BLOCKD_BACKUP_NO_FOLLOW nothing is followed at all."""
+    vm = Vm(make_daemon, tmp_path)
+    require_live_backup(vm.d)
+    vm.d.ok("nbd-server-stop")
+    sock = tmp_path / "one.sock"
+    vm.d.ok("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}}, max_connections=1)
+    vm.d.ok("block-export-add", type="nbd", id="w-disk0", node_name="disk0", name="w-disk0", writable=True)
+    vm.nbd = sock
+    qemu_io("-f", "raw", "-c", "write -P 0x21 0 8M", vm.uri("disk0"))
+    want = vm.frozen("disk0", tmp_path / "frozen.raw")
+    holder = socket.socket(socket.AF_UNIX)
+    holder.connect(str(sock))
+    holder.recv(18)  # the greeting: this client now holds the only connection
+    try:
+        err: List[str] = []
+        t0 = time.time()
+        vm.backup("full", ["--push"], env={"BLOCKD_BACKUP_FOLLOW_MIN": "0", "BLOCKD_BACKUP_DEBUG": "1"},
+                  stderr=err)
+        assert time.time() - t0 < 60
+        assert "stopped following" in err[0] and "0 bytes hashed during the job" in err[0], err[0]
+        err = []
+        vm.backup("inc", ["--push"], env={"BLOCKD_BACKUP_FOLLOW_MIN": "0", "BLOCKD_BACKUP_DEBUG": "1",
+                                          "BLOCKD_BACKUP_NO_FOLLOW": "1"}, stderr=err)
+        assert "hashed during the job" not in err[0], err[0]
+    finally:
+        holder.close()
+    latest = json.loads(run_tool(*vm.base_args(), "--json", "list").stdout)
+    restore_and_compare(vm, latest[0]["id"], "disk0", want, tmp_path)
+    run_tool(*vm.base_args(), "verify", "--at", "latest")

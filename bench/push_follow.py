@@ -58,6 +58,8 @@ def main():
                             "--nbd-socket", d.nbd_sock, "--disk", d.node], env=env, capture_output=True, text=True)
         if p.returncode != 0:
             raise RuntimeError(p.stderr)
+        if os.environ.get("BLOCKD_BACKUP_DEBUG"):
+            sys.stderr.write(p.stderr)
         shutil.rmtree(repo)
 
     def hand(rep):

@@ -195,6 +195,7 @@ pub fn run(
         made: Made::default(),
         created_files: Vec::new(),
         server: None,
+        follow: Vec::new(),
     };
     match run.execute() {
         Ok(m) => Ok(Some(m)),
@@ -248,6 +249,9 @@ struct Run<'a, 'b> {
     created_files: Vec<String>,
     /// The NBD server in use.
     server: Option<NbdServer>,
+    /// Push: the new files to follow while the jobs write them (exported before the jobs
+    /// start, so connecting to them never waits behind a busy daemon).
+    follow: Vec<crate::follow::Target>,
 }
 
 impl Run<'_, '_> {
@@ -299,6 +303,9 @@ impl Run<'_, '_> {
                 )?;
                 self.made.nodes.push(n.scratch.clone());
             }
+        }
+        if self.opts.push {
+            self.follow = self.follow_targets(&files);
         }
         die_at("prepared");
         // One instant for every disk.
@@ -386,7 +393,6 @@ impl Run<'_, '_> {
         self.progress.finish();
         die_at("written");
         let mut disks = Vec::new();
-        let mut unmaps = Vec::new();
         for ((i, p), mut staged) in self.plans.iter().enumerate().zip(staged) {
             if let Some(why) = staged.rejected.take() {
                 self.progress.event(
@@ -424,11 +430,7 @@ impl Run<'_, '_> {
             });
             committed
                 .map_err(|_| Error::new(Kind::Io, "the thread syncing the file panicked"))??;
-            let mut sums = hashed.ctx(|| format!("hashing disk {}", p.disk))?;
-            // Unmapping the file costs ~0.1 ms per MiB: done beside the writes that follow.
-            if let Some(m) = sums.mapping.take() {
-                unmaps.push(std::thread::spawn(move || drop(m)));
-            }
+            let sums = hashed.ctx(|| format!("hashing disk {}", p.disk))?;
             let hashes = sums.chunks;
             let mut chain_recs = p.parent.clone();
             chain_recs.push(FileRecord {
@@ -471,6 +473,7 @@ impl Run<'_, '_> {
         // whose cleanup removes the tool's bitmaps the latest manifest does not name). A
         // failure here must not roll back: that would remove the bitmap the manifest records.
         self.teardown();
+        die_at("torn-down");
         if let Err(e) = self.retire(&m) {
             self.progress.event(
                 "warning",
@@ -481,9 +484,7 @@ impl Run<'_, '_> {
                 json!({"id": m.id}),
             );
         }
-        for u in unmaps {
-            let _ = u.join();
-        }
+        die_at("retired");
         Ok(m)
     }
 

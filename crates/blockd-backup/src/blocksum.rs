@@ -12,7 +12,7 @@
 //!   data) are hashed from the file;
 //! - push: the data never passed through the tool; the blocks [`crate::follow`] hashed while the
 //!   job ran count where the final mapping agrees (`followed`), every other block of the file
-//!   is hashed once, on all cores, from a read-only mapping, and the chunks' content hashes are
+//!   is hashed once, on all cores, and the chunks' content hashes are
 //!   taken from it;
 //! - chunks the file does not hold as plain data (zero clusters, partial, the short last
 //!   chunk of a disk) are read through the chain as before.
@@ -26,7 +26,7 @@ use qcow2::{AllocKind, Qcow2};
 
 use crate::chain::{self, HashAlgo, HASH_CHUNK};
 use crate::error::{Error, Result};
-use crate::filesum::{self, Mapped, FILE_BLOCK};
+use crate::filesum::{self, FILE_BLOCK};
 use crate::follow::Followed;
 
 /// What one pass over a backup's new file yields.
@@ -38,9 +38,6 @@ pub struct NewFileSums {
     pub len: u64,
     /// The content hash of every [`HASH_CHUNK`] of the point (its chain's top is the file).
     pub chunks: Vec<[u8; 32]>,
-    /// The file's mapping, still mapped: unmapping it takes time the caller may spend on
-    /// something else meanwhile (dropped, it unmaps).
-    pub mapping: Option<Mapped>,
 }
 
 /// Hash the new file `path` (the last of `chain_paths`, written by this run, which holds the
@@ -69,16 +66,12 @@ pub fn hash_new_file(
     let known_at = |i: usize| known.and_then(|k| k.get(i).copied().flatten());
 
     // The file's blocks: those holding a chunk the copy hashed are known, the rest hashed.
-    let map = Mapped::file(path)?;
     let f = std::fs::File::open(path)
         .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
-    let len = match &map {
-        Some(m) => m.bytes().len() as u64,
-        None => f
-            .metadata()
-            .map_err(|e| Error::io(e, format!("reading {}", path.display())))?
-            .len(),
-    };
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io(e, format!("reading {}", path.display())))?
+        .len();
     let nb = len.div_ceil(FILE_BLOCK) as usize;
     let mut have: Vec<Option<[u8; 32]>> = vec![None; nb];
     for &(i, c) in &own.chunks {
@@ -90,25 +83,9 @@ pub fn hash_new_file(
             }
         }
     }
-    let blocks = match &map {
-        Some(m) => {
-            // The pages fault in as BLAKE3 reads them (the kernel maps a fault's neighbours with
-            // it). Populating each run first (MADV_POPULATE_READ) measured slower: it takes
-            // every page one by one, marking each accessed under the LRU lock both threads
-            // contend for (~0.1 CPU s and ~0.2 s wall more per 2 GiB on /dev/shm).
-            let read = |off: u64, n: u64, feed: &mut dyn FnMut(&[u8])| {
-                filesum::read_mapped(m.bytes(), off, n, feed)
-            };
-            filesum::block_hashes(len, &have, &read)
-        }
-        None => {
-            let read = |off: u64, n: u64, feed: &mut dyn FnMut(&[u8])| {
-                filesum::read_range(&f, off, n, feed)
-            };
-            filesum::block_hashes(len, &have, &read)
-        }
-    }
-    .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
+    let read = |off: u64, n: u64, feed: &mut dyn FnMut(&[u8])| filesum::read_range(&f, off, n, feed);
+    let blocks = filesum::block_hashes(len, &have, &read)
+        .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
 
     // The point's chunks: from the file's blocks, the copy, zeros, or read through the chain.
     let zero = |i: usize| {
@@ -161,7 +138,6 @@ pub fn hash_new_file(
         checksum: filesum::blocks_checksum(&blocks),
         len,
         chunks,
-        mapping: map,
     })
 }
 
@@ -400,7 +376,7 @@ mod tests {
     fn block_lists_of_odd_lengths_and_partly_known_blocks() {
         let data: Vec<u8> = (0..5 * C + 777).map(|i| (i * 7 % 256) as u8).collect();
         let read = |off: u64, n: u64, feed: &mut dyn FnMut(&[u8])| {
-            filesum::read_mapped(&data, off, n, feed)
+            filesum::read_slice(&data, off, n, feed)
         };
         for len in [0, 1, C - 1, C, C + 1, 5 * C, data.len()] {
             let want: Vec<[u8; 32]> = data[..len]

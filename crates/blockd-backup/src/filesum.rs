@@ -160,9 +160,10 @@ pub fn block_hashes(
         .ok_or_else(|| std::io::Error::other("a block of the file was not hashed"))
 }
 
-/// Feed bytes `off..off + n` of `bytes` (a mapped file) to `feed` in 1 MiB pieces (a range
-/// outside them is an error): a [`ReadRange`] over a mapping.
-pub fn read_mapped(
+/// Feed bytes `off..off + n` of `bytes` to `feed` in 1 MiB pieces (a range outside them is an
+/// error): a [`ReadRange`] over bytes in memory.
+#[cfg(test)]
+pub fn read_slice(
     bytes: &[u8],
     off: u64,
     n: u64,
@@ -172,80 +173,20 @@ pub fn read_mapped(
         .ok()
         .zip(off.checked_add(n).and_then(|e| usize::try_from(e).ok()))
         .and_then(|(a, b)| bytes.get(a..b))
-        .ok_or_else(|| std::io::Error::other("range outside the mapped file"))?;
+        .ok_or_else(|| std::io::Error::other("range outside the bytes"))?;
     for b in piece.chunks(1 << 20) {
         feed(b);
     }
     Ok(())
 }
 
-/// A read-only shared mapping of a whole file, unmapped on drop. Only for files this run wrote
-/// and holds the repository lock for: a mapped file cut short under us would fault, which only
-/// a writer ignoring the lock can cause.
-#[derive(Debug)]
-pub struct Mapped {
-    /// Start of the mapping.
-    ptr: *mut libc::c_void,
-    /// Its length in bytes.
-    len: usize,
-}
-
-// SAFETY: the mapping is read-only and owned by this value; `&Mapped` only hands out `&[u8]`.
-unsafe impl Sync for Mapped {}
-// SAFETY: the mapping belongs to the process, not to a thread: any thread may read or unmap it
-// (once, on drop, by whichever thread owns the value then).
-unsafe impl Send for Mapped {}
-
-impl Mapped {
-    /// Map the whole file at `path` (None if it is empty or cannot be mapped: read it instead).
-    pub fn file(path: &Path) -> Result<Option<Mapped>> {
-        let f = std::fs::File::open(path)
-            .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
-        let len = f
-            .metadata()
-            .map_err(|e| Error::io(e, format!("reading {}", path.display())))?
-            .len();
-        Ok(Mapped::new(&f, len))
-    }
-
-    /// Map `len` bytes of `f` (None if empty or the mapping fails: read it instead).
-    fn new(f: &std::fs::File, len: u64) -> Option<Mapped> {
-        use std::os::fd::AsRawFd;
-        let len = usize::try_from(len).ok().filter(|&l| l > 0)?;
-        // SAFETY: a fresh read-only mapping of an open file descriptor; the kernel picks the
-        // address, and the result is checked before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        (ptr != libc::MAP_FAILED).then_some(Mapped { ptr, len })
-    }
-
-    /// The file's bytes.
-    pub fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr` maps `len` readable bytes for as long as `self` lives.
-        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping made in `new`, once.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
-}
-
 /// Largest piece of a file one thread hashes at a time in [`blake3_tree`].
 const TREE_LEAF: u64 = 64 << 20;
 
 /// Feed bytes `off..off + len` of `f` to `feed` in 1 MiB pieces (a file that ends early is
-/// an error).
+/// an error). Each thread reads into one buffer it keeps: fresh memory is slow to fault in on
+/// some hosts, and a read into warm memory costs no more than a mapping's page faults plus
+/// its unmapping (measured on 2 GiB: pread 0.34 s wall, mmap 0.31 s + 0.05-0.13 s munmap).
 pub(crate) fn read_range(
     f: &std::fs::File,
     off: u64,
@@ -253,15 +194,27 @@ pub(crate) fn read_range(
     feed: &mut dyn FnMut(&[u8]),
 ) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; (1u64 << 20).min(len.max(1)) as usize];
-    let mut at = off;
-    while at < off + len {
-        let n = (off + len - at).min(buf.len() as u64) as usize;
-        f.read_exact_at(&mut buf[..n], at)?;
-        feed(&buf[..n]);
-        at += n as u64;
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    Ok(())
+    BUF.with(|cell| {
+        // A `feed` that reads again on this thread gets a buffer of its own.
+        let mut own = Vec::new();
+        let mut guard = cell.try_borrow_mut();
+        let buf = match guard.as_deref_mut() {
+            Ok(b) => b,
+            Err(_) => &mut own,
+        };
+        buf.resize((1u64 << 20).min(len.max(1)).max(buf.len() as u64) as usize, 0);
+        let mut at = off;
+        while at < off + len {
+            let n = (off + len - at).min(buf.len() as u64) as usize;
+            f.read_exact_at(&mut buf[..n], at)?;
+            feed(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(())
+    })
 }
 
 /// Reads bytes `off..off + len` of the input, feeding them in order.
@@ -390,13 +343,11 @@ mod tests {
             }
             let (sum, n) = file_checksum(&p, FileHash::Blake3).unwrap();
             assert_eq!((sum, n), (hex(&want), len as u64));
-            if let Some(m) = Mapped::file(&p).unwrap() {
-                let got = blake3_tree(len as u64, 1 << 20, 2, &|o, n, f: &mut dyn FnMut(&[u8])| {
-                    read_mapped(m.bytes(), o, n, f)
-                })
-                .unwrap();
-                assert_eq!(got, want);
-            }
+            let got = blake3_tree(len as u64, 1 << 20, 2, &|o, n, f: &mut dyn FnMut(&[u8])| {
+                read_slice(&data[..len], o, n, f)
+            })
+            .unwrap();
+            assert_eq!(got, want);
         }
         // One flipped byte in any piece changes the checksum (what `verify` relies on).
         let (good, _) = file_checksum(&p, FileHash::Blake3).unwrap();
@@ -406,15 +357,6 @@ mod tests {
             std::fs::write(&p, &bad).unwrap();
             let f = std::fs::File::open(&p).unwrap();
             let got = tree_of(&f, bad.len() as u64, 1 << 20, 2).unwrap();
-            assert_ne!(hex(&got), good, "byte {at}");
-            let m = Mapped::file(&p).unwrap().unwrap();
-            let got = blake3_tree(
-                bad.len() as u64,
-                1 << 20,
-                2,
-                &|o, n, f: &mut dyn FnMut(&[u8])| read_mapped(m.bytes(), o, n, f),
-            )
-            .unwrap();
             assert_ne!(hex(&got), good, "byte {at}");
         }
         // A file shorter than the length asked for is an error, not a hash of less.

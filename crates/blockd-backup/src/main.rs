@@ -324,6 +324,7 @@ fn run(cli: &Cli) -> Result<()> {
 }
 
 fn main() {
+    backup::die_at("start");
     let cli = Cli::parse();
     if let Err(e) = run(&cli) {
         if cli.json {

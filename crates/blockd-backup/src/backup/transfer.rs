@@ -31,7 +31,7 @@ impl Run<'_, '_> {
                 .map(|i| Names::new(&self.opts.tag, &self.id, i).job)
                 .collect();
             // The new files are hashed while the jobs write them, where that is possible.
-            let targets = self.follow_targets(files);
+            let targets = std::mem::take(&mut self.follow);
             let stop = AtomicBool::new(false);
             let (waited, got) = std::thread::scope(|s| {
                 let follower = (!targets.is_empty()).then(|| {
@@ -137,11 +137,12 @@ impl Run<'_, '_> {
         Ok(())
     }
 
-    /// Push: export each target worth following read-only and connect to it; a disk that
-    /// cannot be followed (no NBD server, a refused export) is simply hashed after its job.
-    /// Returns the targets in plan order, of the disks that copy at least
-    /// [`follow::min_bytes`] (the same selection `transfer` pairs the results with), or none.
-    fn follow_targets(
+    /// Push, before the jobs start: export each target worth following read-only and start
+    /// connecting to it; a disk that cannot be followed (no NBD server, a refused export) is
+    /// simply hashed after its job. Returns the targets in plan order, of the disks that copy
+    /// at least [`follow::min_bytes`] (the same selection `transfer` pairs the results with),
+    /// or none.
+    pub(super) fn follow_targets(
         &mut self,
         files: &[(String, PathBuf, Option<Arc<qcow2::Qcow2>>)],
     ) -> Vec<follow::Target> {

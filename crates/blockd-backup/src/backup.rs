@@ -431,6 +431,7 @@ impl Run<'_, '_> {
             committed
                 .map_err(|_| Error::new(Kind::Io, "the thread syncing the file panicked"))??;
             let sums = hashed.ctx(|| format!("hashing disk {}", p.disk))?;
+            mark("hashed");
             let hashes = sums.chunks;
             let mut chain_recs = p.parent.clone();
             chain_recs.push(FileRecord {
@@ -442,6 +443,7 @@ impl Run<'_, '_> {
             let content = chain::digest(HashAlgo::NEW, &hashes);
             let sums = staged.name().to_string();
             staged.finish(self.repo.store, &hashes)?;
+            mark("summed");
             let n = Names::new(&self.opts.tag, &self.id, i);
             disks.push(DiskRecord {
                 name: p.disk.clone(),
@@ -627,13 +629,18 @@ impl Run<'_, '_> {
 /// `prune.rs`), so tests can
 /// interrupt a backup at every step exactly as a crash or `kill -9` would.
 pub fn die_at(phase: &str) {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let t = START.get_or_init(std::time::Instant::now).elapsed();
-    crate::follow::debug(&format!("phase {phase} at {:.1} ms", t.as_secs_f64() * 1e3));
+    mark(phase);
     if std::env::var("BLOCKD_BACKUP_DIE_AT").is_ok_and(|p| p == phase) {
         // SAFETY: sending SIGKILL to ourselves; nothing runs after it.
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
+}
+
+/// With `BLOCKD_BACKUP_DEBUG` set, a line on stderr: `phase` reached, in ms since the start.
+pub fn mark(phase: &str) {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(std::time::Instant::now).elapsed();
+    crate::follow::debug(&format!("phase {phase} at {:.1} ms", t.as_secs_f64() * 1e3));
 }
 
 /// The tag of a repository + machine: 8 hex digits of a hash of the repository's absolute

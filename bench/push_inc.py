@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""A 1 % incremental push of a 2 GiB disk: the hand-run QMP sequence against blockd-backup,
+many reps in one daemon, with the tool's phase times.
+
+A benchmark, not a test. One tool full push first (the chain's base, unmeasured) and one
+tracking bitmap for the hand script; then per rep: 1 % scattered 64 KiB writes through NBD
+(`backup_tool.writes_1pct`), and in alternating order, each after touching 256 MiB of memory, `backup_tool.hand_push` (incremental from
+its previous bitmap) and `blockd-backup inc --push` with BLOCKD_BACKUP_DEBUG (its phase lines
+give where the tool's time goes). Prints the wall times (min and median), client and daemon
+CPU, the ratio tool / hand of the medians and the median time of each tool phase (ms from the
+process start).
+
+    python3 bench/push_inc.py [--daemon blockd|qsd] [--reps 12] [--size-gib 2] [--dir /dev/shm]
+"""
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import backup_tool as bt  # noqa: E402
+import benchlib  # noqa: E402
+from benchlib import Daemon, Qmp  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--daemon", default="blockd", choices=["blockd", "qsd"])
+    ap.add_argument("--reps", type=int, default=12)
+    ap.add_argument("--size-gib", type=int, default=2)
+    ap.add_argument("--dir", default="/dev/shm")
+    args = ap.parse_args()
+    size = args.size_gib << 30
+    binary = {"blockd": os.path.join(bt.REPO, "target", "release", "blockd"),
+              "qsd": shutil.which("qemu-storage-daemon")}[args.daemon]
+    if not binary or not os.path.exists(binary):
+        sys.exit(f"no {args.daemon} binary")
+    work = tempfile.mkdtemp(prefix="pi-", dir=args.dir)
+    raw = os.path.join(work, "src.raw")
+    benchlib.random_raw(raw, size)
+    img = os.path.join(work, "disk.qcow2")
+    benchlib.qcow2_from_raw(raw, img)
+    os.unlink(raw)
+    d = Daemon(args.daemon, binary, work, [f"driver=file,node-name=f0,filename={img}",
+                                          "driver=qcow2,node-name=disk0,file=f0"], "disk0").start()
+    d.qmp.close()  # the tool and the hand script take the monitor in turn
+    d.qmp = None
+    repo = os.path.join(work, "repo")
+    rows = {"hand": [], "tool": []}
+    phases = {}
+    runs = []  # per tool run: its phases
+
+    def tool():
+        p = subprocess.run([bt.TOOL, "--repo", repo, "--machine", "bench", "inc", "--push", "--qmp", d.qmp_sock,
+                            "--nbd-socket", d.nbd_sock, "--disk", d.node],
+                           env=dict(os.environ, BLOCKD_BACKUP_DEBUG="1"), capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(p.stderr)
+        got = re.findall(r"phase (\S+) at ([0-9.]+) ms", p.stderr)
+        for name, ms in got:
+            phases.setdefault(name, []).append(float(ms))
+        runs.append(got)
+
+    def prewarm():
+        """Touch and free 256 MiB, so the run's new pages are ones the host has just backed
+        (bench/README.md: fresh memory is slow on some VMs; a 1 % run writes ~20 MB)."""
+        path = os.path.join(work, "prewarm")
+        with open(path, "wb") as f:
+            for _ in range(32):
+                f.write(b"\x01" * (8 << 20))
+        os.unlink(path)
+
+    try:
+        bt.tool(d, repo, "full", "--push")
+        q = Qmp(d.qmp_sock)
+        try:
+            q.execute("block-dirty-bitmap-add", node=d.node, name="hb-base")
+        finally:
+            q.close()
+        for rep in range(args.reps):
+            bt.writes_1pct(d, size, rep)
+            prev = "hb-base" if rep == 0 else f"hb-i{rep - 1}"
+            order = [("hand", lambda: bt.hand_push(d, work, f"i{rep}", size, src_bitmap=prev)),
+                     ("tool", tool)]
+            if rep % 2:
+                order.reverse()
+            for key, fn in order:
+                prewarm()
+                t0, c0, r0 = time.time(), d.cpu_seconds(), os.times()
+                fn()
+                r1 = os.times()
+                client = r1.children_user + r1.children_system - r0.children_user - r0.children_system
+                rows[key].append((time.time() - t0, client, d.cpu_seconds() - c0))
+            q = Qmp(d.qmp_sock)
+            try:
+                q.execute("block-dirty-bitmap-remove", node=d.node, name=prev)
+            finally:
+                q.close()
+            out = os.path.join(work, f"hand-i{rep}.qcow2")
+            if os.stat(out).st_blocks * 512 < size // 100 * 9 // 10:
+                raise RuntimeError(f"{out}: not the 1 % written")
+            os.unlink(out)
+    finally:
+        d.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    hand_med = statistics.median(x[0] for x in rows["hand"])
+    for k, v in rows.items():
+        m = statistics.median(x[0] for x in v)
+        print(f"{args.daemon:6} {k:5} wall ms {' '.join('%.0f' % (x[0] * 1e3) for x in v)} | min {min(x[0] for x in v) * 1e3:.1f}"
+              f" med {m * 1e3:.1f} ({m / hand_med:.2f} of hand) | client CPU ms {statistics.median(x[1] for x in v) * 1e3:.0f}"
+              f" daemon CPU ms {statistics.median(x[2] for x in v) * 1e3:.0f}")
+    print(f"{args.daemon:6} tool phases (median ms from start): " +
+          ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in phases.items()))
+    fastest = min(range(len(rows["tool"])), key=lambda i: rows["tool"][i][0])
+    print(f"{args.daemon:6} fastest tool run ({rows['tool'][fastest][0] * 1e3:.1f} ms) phases: " +
+          ", ".join(f"{k} {float(v):.1f}" for k, v in runs[fastest]))
+
+
+if __name__ == "__main__":
+    main()

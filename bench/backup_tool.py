@@ -261,6 +261,59 @@ def hand_pull_inc(d, work, tag, size, src_bitmap):
                 os.unlink(p)
 
 
+def one_daemon(doc, default_reps):
+    """Shared start of the one-daemon push benchmarks (push_follow.py, push_inc.py): their
+    arguments (--daemon, --reps, --size-gib, --dir), a work folder holding a fully allocated
+    qcow2 of random data served by the daemon (monitor closed: the tool and the hand script
+    take it in turn). Returns (args, size in bytes, work folder, daemon)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--daemon", default="blockd", choices=["blockd", "qsd"])
+    ap.add_argument("--reps", type=int, default=default_reps)
+    ap.add_argument("--size-gib", type=int, default=2)
+    ap.add_argument("--dir", default="/dev/shm")
+    args = ap.parse_args()
+    size = args.size_gib << 30
+    binary = {"blockd": os.path.join(REPO, "target", "release", "blockd"),
+              "qsd": shutil.which("qemu-storage-daemon")}[args.daemon]
+    if not binary or not os.path.exists(binary):
+        sys.exit(f"no {args.daemon} binary")
+    work = tempfile.mkdtemp(prefix=f"{args.daemon}-", dir=args.dir)
+    raw = os.path.join(work, "src.raw")
+    benchlib.random_raw(raw, size)
+    img = os.path.join(work, "disk.qcow2")
+    benchlib.qcow2_from_raw(raw, img)
+    os.unlink(raw)
+    d = Daemon(args.daemon, binary, work, [f"driver=file,node-name=f0,filename={img}",
+                                          "driver=qcow2,node-name=disk0,file=f0"], "disk0").start()
+    d.qmp.close()
+    d.qmp = None
+    return args, size, work, d
+
+
+def print_rows(daemon, rows, ms=False):
+    """One line per row of (wall, client CPU, daemon CPU) samples: the walls, min and median,
+    the median against the "hand" row's, and the CPU medians; in ms or s."""
+    k_ = 1e3 if ms else 1.0
+    unit = "ms" if ms else "s"
+    hand_med = statistics.median(x[0] for x in rows["hand"])
+    width = max(len(k) for k in rows)
+    for k, v in rows.items():
+        m = statistics.median(x[0] for x in v)
+        print(f"{daemon:6} {k:{width}} wall {unit} {' '.join('%.3g' % (x[0] * k_) for x in v)}"
+              f" | min {min(x[0] for x in v) * k_:.4g} med {m * k_:.4g} ({m / hand_med:.2f} of hand)"
+              f" | client CPU {statistics.median(x[1] for x in v) * k_:.3g}"
+              f" daemon CPU {statistics.median(x[2] for x in v) * k_:.3g} {unit}")
+
+
+def timed(d, fn):
+    """Run fn(); (wall s, CPU s of the processes it waited for, daemon CPU s)."""
+    t0, c0, r0 = time.time(), d.cpu_seconds(), os.times()
+    fn()
+    r1 = os.times()
+    client = r1.children_user + r1.children_system - r0.children_user - r0.children_system
+    return time.time() - t0, client, d.cpu_seconds() - c0
+
+
 def has_backup(d):
     q = Qmp(d.qmp_sock)
     try:

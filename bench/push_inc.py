@@ -13,44 +13,20 @@ process start).
     python3 bench/push_inc.py [--daemon blockd|qsd] [--reps 12] [--size-gib 2] [--dir /dev/shm]
 """
 
-import argparse
 import os
 import re
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import backup_tool as bt  # noqa: E402
-import benchlib  # noqa: E402
-from benchlib import Daemon, Qmp  # noqa: E402
+from benchlib import Qmp  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--daemon", default="blockd", choices=["blockd", "qsd"])
-    ap.add_argument("--reps", type=int, default=12)
-    ap.add_argument("--size-gib", type=int, default=2)
-    ap.add_argument("--dir", default="/dev/shm")
-    args = ap.parse_args()
-    size = args.size_gib << 30
-    binary = {"blockd": os.path.join(bt.REPO, "target", "release", "blockd"),
-              "qsd": shutil.which("qemu-storage-daemon")}[args.daemon]
-    if not binary or not os.path.exists(binary):
-        sys.exit(f"no {args.daemon} binary")
-    work = tempfile.mkdtemp(prefix="pi-", dir=args.dir)
-    raw = os.path.join(work, "src.raw")
-    benchlib.random_raw(raw, size)
-    img = os.path.join(work, "disk.qcow2")
-    benchlib.qcow2_from_raw(raw, img)
-    os.unlink(raw)
-    d = Daemon(args.daemon, binary, work, [f"driver=file,node-name=f0,filename={img}",
-                                          "driver=qcow2,node-name=disk0,file=f0"], "disk0").start()
-    d.qmp.close()  # the tool and the hand script take the monitor in turn
-    d.qmp = None
+    args, size, work, d = bt.one_daemon(__doc__, 12)
     repo = os.path.join(work, "repo")
     rows = {"hand": [], "tool": []}
     phases = {}
@@ -92,11 +68,7 @@ def main():
                 order.reverse()
             for key, fn in order:
                 prewarm()
-                t0, c0, r0 = time.time(), d.cpu_seconds(), os.times()
-                fn()
-                r1 = os.times()
-                client = r1.children_user + r1.children_system - r0.children_user - r0.children_system
-                rows[key].append((time.time() - t0, client, d.cpu_seconds() - c0))
+                rows[key].append(bt.timed(d, fn))
             q = Qmp(d.qmp_sock)
             try:
                 q.execute("block-dirty-bitmap-remove", node=d.node, name=prev)
@@ -109,12 +81,7 @@ def main():
     finally:
         d.stop()
         shutil.rmtree(work, ignore_errors=True)
-    hand_med = statistics.median(x[0] for x in rows["hand"])
-    for k, v in rows.items():
-        m = statistics.median(x[0] for x in v)
-        print(f"{args.daemon:6} {k:5} wall ms {' '.join('%.0f' % (x[0] * 1e3) for x in v)} | min {min(x[0] for x in v) * 1e3:.1f}"
-              f" med {m * 1e3:.1f} ({m / hand_med:.2f} of hand) | client CPU ms {statistics.median(x[1] for x in v) * 1e3:.0f}"
-              f" daemon CPU ms {statistics.median(x[2] for x in v) * 1e3:.0f}")
+    bt.print_rows(args.daemon, rows, ms=True)
     print(f"{args.daemon:6} tool phases (median ms from start): " +
           ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in phases.items()))
     fastest = min(range(len(rows["tool"])), key=lambda i: rows["tool"][i][0])

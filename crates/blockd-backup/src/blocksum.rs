@@ -83,7 +83,8 @@ pub fn hash_new_file(
             }
         }
     }
-    let read = |off: u64, n: u64, feed: &mut dyn FnMut(&[u8])| filesum::read_range(&f, off, n, feed);
+    let read =
+        |off: u64, n: u64, feed: &mut dyn FnMut(&[u8])| filesum::read_range(&f, off, n, feed);
     let blocks = filesum::block_hashes(len, &have, &read)
         .map_err(|e| Error::io(e, format!("reading {}", path.display())))?;
 

@@ -37,8 +37,9 @@ pub const INTERVAL: Duration = Duration::from_millis(50);
 /// A disk is followed only when the push copies at least this much (below it the export and
 /// the connection cost more than the hashing they would hide).
 pub const MIN_BYTES: u64 = 256 << 20;
-/// Largest read of contiguous data clusters.
-const READ_MAX: usize = 4 << 20;
+/// Largest read of contiguous data clusters: small enough for the CPU caches to hold the
+/// piece between the read and the hashing (see `filesum::read_range`).
+const READ_MAX: usize = 128 << 10;
 /// The only cluster size followed: the chain files' (one cluster = one chunk = one block).
 const CLUSTER_BITS: u32 = 16;
 /// L2 entry bits.
@@ -102,9 +103,15 @@ impl Flusher for NbdFlusher {
         if self.client.is_none() {
             let got = match self.connecting.take() {
                 Some(h) => h.join().unwrap_or_else(|_| {
-                    Err(Error::new(Kind::Io, "the thread connecting to the export panicked"))
+                    Err(Error::new(
+                        Kind::Io,
+                        "the thread connecting to the export panicked",
+                    ))
                 }),
-                None => Err(Error::new(Kind::Io, "could not start connecting to the export")),
+                None => Err(Error::new(
+                    Kind::Io,
+                    "could not start connecting to the export",
+                )),
             };
             self.client = Some(got?);
         }
@@ -327,7 +334,9 @@ impl Watched {
             let l2_offset = be64(&l1, k * 8) & OFFSET_MASK;
             let before = std::mem::replace(&mut self.l1_seen[k], l2_offset);
             let stable = before == l2_offset
-                || again.as_ref().is_some_and(|b| be64(b, k * 8) & OFFSET_MASK == l2_offset);
+                || again
+                    .as_ref()
+                    .is_some_and(|b| be64(b, k * 8) & OFFSET_MASK == l2_offset);
             if self.complete[k]
                 || !stable
                 || l2_offset == 0

@@ -336,4 +336,5 @@ fn main() {
         eprintln!("blockd-backup: {e}");
         std::process::exit(e.kind.exit_code());
     }
+    backup::mark("end");
 }

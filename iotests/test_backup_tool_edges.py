@@ -12,6 +12,7 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 from typing import Dict, List
 
@@ -187,6 +188,153 @@ def test_push_hashes_the_new_file_while_the_job_writes_it(make_daemon, tmp_path)
     for point, want in frozen.items():
         restore_and_compare(vm, point, "disk0", want, tmp_path)
         run_tool(*vm.base_args(), "verify", "--at", point)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("phase", ["prepared", "snapshot", "written"])
+def test_a_followed_push_killed_then_run_again(make_daemon, tmp_path, phase):
+    """A followed push exports its target before the transaction that starts its job; killed
+    before the snapshot or after it, the run leaves that export (and the target node, the
+    partial file, maybe the job and bitmaps; after the job, the file). The next push removes them as
+    its own leftovers, takes an incremental, and both points restore exactly; no export of the
+    tool is left on the daemon."""
+    vm = Vm(make_daemon, tmp_path)
+    require_live_backup(vm.d)
+    rng = random.Random(11)
+    vm.write_random(rng, "disk0", 20)
+    env = {"BLOCKD_BACKUP_FOLLOW_MIN": "0"}
+    first = vm.frozen("disk0", tmp_path / "f1.raw")
+    evs = vm.backup("full", ["--push"], env=env)
+    point1 = [e for e in evs if e["event"] == "snapshot"][0]["id"]
+    vm.write_random(rng, "disk0", 20)
+    p = run_tool(*vm.base_args(), "inc", *vm.src_args(), "--push", check=False,
+                 env={**env, "BLOCKD_BACKUP_DIE_AT": phase})
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr)
+    left = [e["id"] for e in vm.d.ok("query-block-exports") if e["id"].startswith("bb-")]
+    # The export goes once the job is done (before "written").
+    assert len(left) == (0 if phase == "written" else 1) and all(x.endswith("-e0") for x in left), left
+    vm.write_random(rng, "disk0", 5)
+    second = vm.frozen("disk0", tmp_path / "f2.raw")
+    evs = vm.backup("inc", ["--push"], env=env)
+    point2 = [e for e in evs if e["event"] == "snapshot"][0]["id"]
+    cleaned = [e["what"] for e in evs if e["event"] == "cleanup"]
+    if phase != "written":
+        assert any(w.startswith("export bb-") and w.endswith("-e0") for w in cleaned), cleaned
+        assert any(w.startswith("node bb-") and w.endswith("-t0") for w in cleaned), cleaned
+    assert any(w.endswith(".qcow2") for w in cleaned), cleaned  # the unrecorded file
+    assert not [e["id"] for e in vm.d.ok("query-block-exports") if e["id"].startswith("bb-")]
+    assert not [j["id"] for j in vm.d.ok("query-jobs") if j["id"].startswith("bb-")]
+    restore_and_compare(vm, point1, "disk0", first, tmp_path)
+    restore_and_compare(vm, point2, "disk0", second, tmp_path)
+    run_tool(*vm.base_args(), "verify", "--at", point2)
+
+
+class RefusingMonitor:
+    """A QMP proxy on `path` in front of the daemon's monitor `upstream` that answers every
+    `transaction` with a GenericError itself (after the replies to the commands sent before
+    it), as a daemon refusing the snapshot would; everything else passes through."""
+
+    def __init__(self, upstream: str, path: str):
+        self.upstream, self.path = upstream, path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(1)
+        self.refused = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def wait_closed(self):
+        """Wait until the client left and the upstream connection is shut (a QSD monitor
+        serves one client at a time)."""
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+        self.listener.close()
+
+    def _serve(self):
+        client, _ = self.listener.accept()
+        up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        up.connect(self.upstream)
+        lock = threading.Condition()
+        pending = [0]  # commands forwarded and not answered yet
+
+        def down():
+            buf = b""
+            while True:
+                try:
+                    data = up.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    return
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    msg = json.loads(line)
+                    with lock:
+                        try:
+                            client.sendall(line + b"\n")
+                        except OSError:
+                            return
+                        if "return" in msg or "error" in msg:
+                            pending[0] -= 1
+                            lock.notify_all()
+
+        threading.Thread(target=down, daemon=True).start()
+        buf = b""
+        while True:
+            data = client.recv(65536)
+            if not data:
+                up.shutdown(socket.SHUT_RDWR)
+                up.close()
+                client.close()
+                return
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if not line.strip():
+                    continue
+                cmd = json.loads(line)
+                with lock:
+                    if cmd.get("execute") == "transaction":
+                        lock.wait_for(lambda: pending[0] == 0, timeout=10)
+                        self.refused += 1
+                        err = {"error": {"class": "GenericError", "desc": "refused by the test"}}
+                        if "id" in cmd:
+                            err["id"] = cmd["id"]
+                        client.sendall(json.dumps(err).encode() + b"\n")
+                    else:
+                        pending[0] += 1
+                        up.sendall(line + b"\n")
+
+
+def test_a_followed_push_whose_snapshot_is_refused_leaves_nothing(make_daemon, tmp_path):
+    """The follower's export exists before the transaction that starts the job; a daemon
+    refusing that transaction must leave no export, node, job, bitmap or repository file,
+    and the next run works."""
+    vm = Vm(make_daemon, tmp_path)
+    require_live_backup(vm.d)
+    vm.write_random(random.Random(5), "disk0", 10)
+    env = {"BLOCKD_BACKUP_FOLLOW_MIN": "0"}
+    vm.backup("full", ["--push"], env=env)
+    before = {b["name"] for b in vm.d.bitmaps("disk0")}
+    files = sorted(str(f) for f in (vm.repo / "vm").rglob("*") if f.is_file())
+    proxy = RefusingMonitor(str(vm.d.monitor_paths[1]), str(tmp_path / "refusing.sock"))
+    src = ["--qmp", proxy.path, "--nbd-socket", str(vm.nbd), "--disk", "disk0", "--push"]
+    p = run_tool(*vm.base_args(), "inc", *src, check=False, env=env)
+    assert proxy.refused == 1 and p.returncode != 0, (proxy.refused, p.returncode, p.stderr)
+    assert "refused by the test" in p.stderr, p.stderr
+    proxy.wait_closed()
+    assert not [e["id"] for e in vm.d.ok("query-block-exports") if e["id"].startswith("bb-")]
+    assert not [n["node-name"] for n in vm.d.ok("query-named-block-nodes", flat=True)
+                if n["node-name"].startswith("bb-")]
+    assert not [j["id"] for j in vm.d.ok("query-jobs") if j["id"].startswith("bb-")]
+    assert {b["name"] for b in vm.d.bitmaps("disk0")} == before
+    assert sorted(str(f) for f in (vm.repo / "vm").rglob("*") if f.is_file()) == files
+    want = vm.frozen("disk0", tmp_path / "f.raw")
+    evs = vm.backup("inc", ["--push"], env=env)
+    assert not [e for e in evs if e["event"] == "cleanup"], evs
+    point = [e for e in evs if e["event"] == "snapshot"][0]["id"]
+    restore_and_compare(vm, point, "disk0", want, tmp_path)
 
 
 def test_a_hung_daemon_left_by_a_killed_run_is_ended(tmp_path):

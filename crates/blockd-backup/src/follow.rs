@@ -151,8 +151,7 @@ struct Watched {
     l1_entries: usize,
     /// L2 tables (by L1 index) whose chunks are all hashed.
     complete: Vec<bool>,
-    /// The L1 entries of the previous round: a table is read only once its entry is the same
-    /// in two rounds (an entry read while the daemon writes it could be torn).
+    /// The L1 entries read in the previous round (see [`l1_trusted`]).
     l1_seen: Vec<u64>,
     out: Followed,
     /// Rounds taken, and the time their flushes took in all and at most (for the debug line).
@@ -207,7 +206,7 @@ pub fn follow(targets: Vec<Target>, stop: &AtomicBool) -> Vec<Option<Followed>> 
         }
     }
     if std::env::var_os("BLOCKD_BACKUP_FOLLOW_LAST").is_some() {
-        // Two: a table whose L1 entry is new is read in the second.
+        // Two, as a test hook wants everything followed whatever the timing.
         round(&AtomicBool::new(false));
         round(&AtomicBool::new(false));
     }
@@ -232,6 +231,13 @@ pub fn debug(msg: &str) {
     if std::env::var_os("BLOCKD_BACKUP_DEBUG").is_some() {
         eprintln!("blockd-backup: {msg}");
     }
+}
+
+/// Whether an L1 entry read as `now` may be used: it is what the previous round read
+/// (`before`), or it changed and a read after one more flush (`after_flush`) agrees. An entry
+/// the daemon was writing during the first read (torn) has its final value in the second.
+fn l1_trusted(before: u64, now: u64, after_flush: Option<u64>) -> bool {
+    before == now || after_flush == Some(now)
 }
 
 fn be64(b: &[u8], at: usize) -> u64 {
@@ -300,27 +306,36 @@ impl Watched {
             .map_err(|e| Error::io(e, "reading the push target"))
     }
 
-    /// One round: flush, map what is new, hash it (stopping early when told). Returns the
-    /// time the mapping took (the flush is the daemon's work, waited for, not ours).
-    fn step(&mut self, buf: &mut [u8], stop: &AtomicBool) -> Result<Duration> {
+    /// Flush, timed for the debug line.
+    fn flush(&mut self) -> Result<()> {
         let t0 = Instant::now();
         self.flusher.flush()?;
         let f = t0.elapsed();
-        self.rounds += 1;
         self.flush_total += f;
         self.flush_max = self.flush_max.max(f);
+        Ok(())
+    }
+
+    /// One round: flush, map what is new, hash it (stopping early when told). Returns the
+    /// time the mapping took (the flush is the daemon's work, waited for, not ours).
+    fn step(&mut self, buf: &mut [u8], stop: &AtomicBool) -> Result<Duration> {
+        self.flush()?;
+        self.rounds += 1;
         let t1 = Instant::now();
         let mut l1 = vec![0u8; self.l1_entries * 8];
         self.read(&mut l1, self.l1_offset)?;
-        // An entry is trusted once two reads agree: those of two rounds, or, for an entry
-        // that changed since the last round, a second read a moment later (an entry read
-        // while the daemon writes it could be torn).
-        let changed = |l1: &[u8], seen: &[u64]| {
-            (0..seen.len()).any(|k| be64(l1, k * 8) & OFFSET_MASK != seen[k])
-        };
+        let entry = |l1: &[u8], k: usize| be64(l1, k * 8) & OFFSET_MASK;
+        // An entry that changed since the last round may have been read while the daemon
+        // wrote it (torn). Both daemons write an L1 entry under the lock their flush takes,
+        // so after one more flush that write is done: the entry is read again then, and
+        // trusted only if both reads agree (see `l1_trusted`).
         let mut again = None;
-        if changed(&l1, &self.l1_seen) {
-            std::thread::sleep(Duration::from_millis(1));
+        // Waiting for the daemon is not mapping work.
+        let mut waited = Duration::ZERO;
+        if (0..self.l1_entries).any(|k| entry(&l1, k) != self.l1_seen[k]) {
+            let t = Instant::now();
+            self.flush()?;
+            waited = t.elapsed();
             let mut b = vec![0u8; l1.len()];
             self.read(&mut b, self.l1_offset)?;
             again = Some(b);
@@ -331,12 +346,9 @@ impl Watched {
         let mut l2 = vec![0u8; HASH_CHUNK as usize];
         let mut todo: Vec<(u64, usize)> = Vec::new();
         for k in 0..self.l1_entries {
-            let l2_offset = be64(&l1, k * 8) & OFFSET_MASK;
+            let l2_offset = entry(&l1, k);
             let before = std::mem::replace(&mut self.l1_seen[k], l2_offset);
-            let stable = before == l2_offset
-                || again
-                    .as_ref()
-                    .is_some_and(|b| be64(b, k * 8) & OFFSET_MASK == l2_offset);
+            let stable = l1_trusted(before, l2_offset, again.as_deref().map(|b| entry(b, k)));
             if self.complete[k]
                 || !stable
                 || l2_offset == 0
@@ -368,7 +380,7 @@ impl Watched {
             self.complete[k] = all && last == first + per_table;
         }
         todo.sort_unstable();
-        let meta = t1.elapsed();
+        let meta = t1.elapsed().saturating_sub(waited);
         let mut at = 0;
         while at < todo.len() {
             if stop.load(Ordering::Acquire) {
@@ -525,6 +537,85 @@ mod tests {
             size: 8 * C,
         };
         assert!(Watched::open(t).is_err(), "not qcow2");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Plays a daemon whose L1 entry write is caught half done: after the round's flush the
+    /// file holds `torn`, after the next flush the real entry.
+    struct TornL1 {
+        file: File,
+        at: u64,
+        torn: u64,
+        real: u64,
+        flushes: u32,
+    }
+    impl Flusher for TornL1 {
+        fn flush(&mut self) -> Result<()> {
+            use std::os::unix::fs::FileExt;
+            self.flushes += 1;
+            let v = if self.flushes == 1 {
+                self.torn
+            } else {
+                self.real
+            };
+            self.file
+                .write_all_at(&v.to_be_bytes(), self.at)
+                .map_err(|e| Error::io(e, "test write"))
+        }
+    }
+
+    #[test]
+    fn a_torn_l1_entry_is_not_used_until_a_read_after_a_flush_agrees() {
+        assert!(l1_trusted(5, 5, None));
+        assert!(l1_trusted(0, 5, Some(5)));
+        assert!(!l1_trusted(0, 5, None));
+        assert!(!l1_trusted(0, 5, Some(6)));
+        let dir = std::env::temp_dir().join(format!("bb-follow-torn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("new.qcow2");
+        let n = 8u64;
+        let img = chain::create(&p, n * C, None, Durability::Caller).unwrap();
+        for i in 0..n {
+            img.write_at(&chunk(i), i * C).unwrap();
+        }
+        img.flush().unwrap();
+        let mut h = [0u8; 48];
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        f.read_exact_at(&mut h, 0).unwrap();
+        let l1_offset = be64(&h, 40);
+        let mut e = [0u8; 8];
+        f.read_exact_at(&mut e, l1_offset).unwrap();
+        let real = u64::from_be_bytes(e);
+        assert_ne!(real & OFFSET_MASK, 0);
+        // Half written: the entry names another cluster (here the L1 table itself).
+        let torn = l1_offset;
+        let mut w = Watched::open(Target {
+            path: p.clone(),
+            flusher: Box::new(TornL1 {
+                file: f,
+                at: l1_offset,
+                torn,
+                real,
+                flushes: 0,
+            }),
+            size: n * C,
+        })
+        .unwrap();
+        let never = AtomicBool::new(false);
+        let mut buf = vec![0u8; READ_MAX];
+        w.step(&mut buf, &never).unwrap();
+        assert_eq!(w.out.bytes, 0, "a torn entry is not read as an L2 table");
+        w.step(&mut buf, &never).unwrap();
+        assert_eq!(
+            w.out.bytes,
+            n * C,
+            "the whole table once the entry is confirmed"
+        );
+        img.close().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

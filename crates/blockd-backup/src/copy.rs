@@ -154,6 +154,10 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<(u64, KnownHas
     let copied = AtomicU64::new(0);
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
     let first = Mutex::new(Some(first));
+    // One thread writes at a time: the file system serialises writes to one file anyway (the
+    // inode lock), and threads waiting for it there spin (`rwsem_spin_on_owner`: ~10 % of the
+    // tool's CPU in a 2 GiB full pull with 4 connections), while here they sleep.
+    let writing = Mutex::new(());
     std::thread::scope(|s| {
         for _ in 0..conns {
             s.spawn(|| {
@@ -193,9 +197,11 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<(u64, KnownHas
                             }
                             if b.iter().all(|&x| x == 0) {
                                 if job.incremental {
+                                    let _w = writing.lock();
                                     img.write_zeroes(off, len, false)?;
                                 }
                             } else {
+                                let _w = writing.lock();
                                 img.write_at(b, off)?;
                             }
                             copied.fetch_add(len, Ordering::Relaxed);

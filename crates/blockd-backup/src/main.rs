@@ -87,7 +87,7 @@ struct Source {
     #[arg(long)]
     offline: bool,
     /// Most NBD connections per disk (one per 64 MiB to copy, up to this many).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 2)]
     connections: usize,
     /// Socket of an NBD server the daemon already runs (else the tool starts one).
     #[arg(long)]

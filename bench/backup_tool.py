@@ -295,7 +295,7 @@ def print_rows(daemon, rows, ms=False):
     the median against the "hand" row's, and the CPU medians; in ms or s."""
     k_ = 1e3 if ms else 1.0
     unit = "ms" if ms else "s"
-    hand_med = statistics.median(x[0] for x in rows["hand"])
+    hand_med = statistics.median(x[0] for x in next(iter(rows.values())))
     width = max(len(k) for k in rows)
     for k, v in rows.items():
         m = statistics.median(x[0] for x in v)
@@ -303,6 +303,36 @@ def print_rows(daemon, rows, ms=False):
               f" | min {min(x[0] for x in v) * k_:.4g} med {m * k_:.4g} ({m / hand_med:.2f} of hand)"
               f" | client CPU {statistics.median(x[1] for x in v) * k_:.3g}"
               f" daemon CPU {statistics.median(x[2] for x in v) * k_:.3g} {unit}")
+
+
+def remove_all_bitmaps(d):
+    """Remove every bitmap of the disk (the one-daemon benchmarks start each run clean)."""
+    q = Qmp(d.qmp_sock)
+    try:
+        for n in q.execute("query-named-block-nodes", flat=True):
+            if n["node-name"] == d.node:
+                for b in n.get("dirty-bitmaps", []):
+                    q.execute("block-dirty-bitmap-remove", node=d.node, name=b["name"])
+    finally:
+        q.close()
+
+
+def run_rotating(args, d, work, order_of):
+    """The one-daemon benchmarks' loop: per rep the runs `order_of(rep)` gives as (row, fn),
+    rotated by one every rep, each timed and followed by removing every bitmap; then the daemon
+    stopped, the work folder removed and the rows printed (the first row is the reference)."""
+    rows = {}
+    try:
+        for rep in range(args.reps):
+            order = order_of(rep)
+            k = rep % len(order)
+            for key, fn in order[k:] + order[:k]:
+                rows.setdefault(key, []).append(timed(d, fn))
+                remove_all_bitmaps(d)
+    finally:
+        d.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print_rows(args.daemon, rows)
 
 
 def timed(d, fn):

@@ -17,40 +17,18 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import backup_tool as bt  # noqa: E402
-from benchlib import Qmp  # noqa: E402
 
 
 def main():
     args, size, work, d = bt.one_daemon(__doc__, 6)
-    rows = {"hand": [], "tool": []}
     repo = os.path.join(work, "repo")
 
     def tool():
         bt.tool(d, repo, "full")
         shutil.rmtree(repo)
 
-    def remove_bitmaps():
-        q = Qmp(d.qmp_sock)
-        try:
-            for n in q.execute("query-named-block-nodes", flat=True):
-                if n["node-name"] == d.node:
-                    for b in n.get("dirty-bitmaps", []):
-                        q.execute("block-dirty-bitmap-remove", node=d.node, name=b["name"])
-        finally:
-            q.close()
-
-    try:
-        for rep in range(args.reps):
-            order = [("hand", lambda: bt.hand_pull_full(d, work, f"p{rep}", True)), ("tool", tool)]
-            if rep % 2:
-                order.reverse()
-            for key, fn in order:
-                rows[key].append(bt.timed(d, fn))
-                remove_bitmaps()
-    finally:
-        d.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    bt.print_rows(args.daemon, rows)
+    bt.run_rotating(args, d, work, lambda rep: [
+        ("hand", lambda: bt.hand_pull_full(d, work, f"p{rep}", True)), ("tool", tool)])
 
 
 if __name__ == "__main__":

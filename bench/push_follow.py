@@ -15,18 +15,15 @@ medians of client and daemon CPU seconds.
 
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import backup_tool as bt  # noqa: E402
-from benchlib import Qmp  # noqa: E402
 
 
 def main():
     args, size, work, d = bt.one_daemon(__doc__, 6)
-    rows = {"hand": [], "tool": [], "tool, no follower": []}
 
     def tool(env):
         repo = os.path.join(work, "repo")
@@ -42,29 +39,10 @@ def main():
         bt.hand_push(d, work, f"f{rep}", size)
         os.unlink(os.path.join(work, f"hand-f{rep}.qcow2"))
 
-    def remove_bitmaps():
-        q = Qmp(d.qmp_sock)
-        try:
-            for n in q.execute("query-named-block-nodes", flat=True):
-                if n["node-name"] == d.node:
-                    for b in n.get("dirty-bitmaps", []):
-                        q.execute("block-dirty-bitmap-remove", node=d.node, name=b["name"])
-        finally:
-            q.close()
-
-    try:
-        for rep in range(args.reps):
-            order = [("hand", lambda: hand(rep)),
-                     ("tool", lambda: tool(dict(os.environ))),
-                     ("tool, no follower", lambda: tool(dict(os.environ, BLOCKD_BACKUP_NO_FOLLOW="1")))]
-            order = order[rep % 3:] + order[:rep % 3]
-            for key, fn in order:
-                rows[key].append(bt.timed(d, fn))
-                remove_bitmaps()
-    finally:
-        d.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    bt.print_rows(args.daemon, rows)
+    bt.run_rotating(args, d, work, lambda rep: [
+        ("hand", lambda: hand(rep)),
+        ("tool", lambda: tool(dict(os.environ))),
+        ("tool, no follower", lambda: tool(dict(os.environ, BLOCKD_BACKUP_NO_FOLLOW="1")))])
 
 
 if __name__ == "__main__":

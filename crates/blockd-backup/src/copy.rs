@@ -205,7 +205,7 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<(u64, KnownHas
                                 img.write_at(b, off)?;
                             }
                             copied.fetch_add(len, Ordering::Relaxed);
-                            crate::backup::die_at("copy");
+                            crate::backup::die_if("copy");
                             progress.add(len);
                         }
                     }

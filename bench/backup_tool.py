@@ -336,12 +336,10 @@ def run_rotating(args, d, work, order_of):
 
 
 def timed(d, fn):
-    """Run fn(); (wall s, CPU s of the processes it waited for, daemon CPU s)."""
-    t0, c0, r0 = time.time(), d.cpu_seconds(), os.times()
-    fn()
-    r1 = os.times()
-    client = r1.children_user + r1.children_system - r0.children_user - r0.children_system
-    return time.time() - t0, client, d.cpu_seconds() - c0
+    """Run fn(); its `Sample` as (wall s, client CPU s, daemon CPU s)."""
+    with Sample(d) as s:
+        fn()
+    return s.wall, s.client, s.daemon
 
 
 def has_backup(d):

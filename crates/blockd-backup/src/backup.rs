@@ -475,7 +475,7 @@ impl Run<'_, '_> {
         // whose cleanup removes the tool's bitmaps the latest manifest does not name). A
         // failure here must not roll back: that would remove the bitmap the manifest records.
         self.teardown();
-        die_at("torn-down");
+        mark("torn-down");
         if let Err(e) = self.retire(&m) {
             self.progress.event(
                 "warning",
@@ -486,7 +486,7 @@ impl Run<'_, '_> {
                 json!({"id": m.id}),
             );
         }
-        die_at("retired");
+        mark("retired");
         Ok(m)
     }
 

@@ -100,25 +100,25 @@ impl NbdFlusher {
 
 impl Flusher for NbdFlusher {
     fn flush(&mut self) -> Result<()> {
-        if self.client.is_none() {
-            let got = match self.connecting.take() {
-                Some(h) => h.join().unwrap_or_else(|_| {
-                    Err(Error::new(
+        let c = match &mut self.client {
+            Some(c) => c,
+            None => {
+                let got = match self.connecting.take() {
+                    Some(h) => h.join().unwrap_or_else(|_| {
+                        Err(Error::new(
+                            Kind::Io,
+                            "the thread connecting to the export panicked",
+                        ))
+                    }),
+                    None => Err(Error::new(
                         Kind::Io,
-                        "the thread connecting to the export panicked",
-                    ))
-                }),
-                None => Err(Error::new(
-                    Kind::Io,
-                    "could not start connecting to the export",
-                )),
-            };
-            self.client = Some(got?);
-        }
-        match &mut self.client {
-            Some(c) => c.flush(),
-            None => Err(Error::new(Kind::Io, "no connection to the export")),
-        }
+                        "could not start connecting to the export",
+                    )),
+                };
+                self.client.insert(got?)
+            }
+        };
+        c.flush()
     }
 }
 

@@ -324,7 +324,7 @@ fn run(cli: &Cli) -> Result<()> {
 }
 
 fn main() {
-    backup::die_at("start");
+    backup::mark("start");
     let cli = Cli::parse();
     if let Err(e) = run(&cli) {
         if cli.json {

@@ -91,8 +91,8 @@ def measure(rows, key, d, fn):
     rows.setdefault(key, []).append(s)
 
 
-def tool(d, repo, *args):
-    argv = [TOOL, "--repo", repo, "--machine", "bench", *args, "--qmp", d.qmp_sock,
+def tool(d, repo, *args, binary=None):
+    argv = [binary or TOOL, "--repo", repo, "--machine", "bench", *args, "--qmp", d.qmp_sock,
             "--nbd-socket", d.nbd_sock, "--disk", d.node]
     p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if p.returncode != 0:
@@ -271,6 +271,8 @@ def one_daemon(doc, default_reps):
     ap.add_argument("--reps", type=int, default=default_reps)
     ap.add_argument("--size-gib", type=int, default=2)
     ap.add_argument("--dir", default="/dev/shm")
+    ap.add_argument("--old-tool", metavar="PATH",
+                    help="another blockd-backup binary, run as row 'old' beside 'tool' (A/B)")
     args = ap.parse_args()
     size = args.size_gib << 30
     binary = {"blockd": os.path.join(REPO, "target", "release", "blockd"),
@@ -522,6 +524,8 @@ def main():
                     help="alternate which of tool and hand runs first in each rep")
     ap.add_argument("--daemons", default="qsd,blockd")
     ap.add_argument("--dir", default="/dev/shm")
+    ap.add_argument("--old-tool", metavar="PATH",
+                    help="another blockd-backup binary, run as row 'old' beside 'tool' (A/B)")
     args = ap.parse_args()
     benchlib.install_cleanup()
     raw = os.path.join(args.dir, f"bb-bench-{os.getpid()}.raw")  # own name: benches may overlap

@@ -9,6 +9,7 @@ holds the source and one backup at a time (fresh memory is slow on some VMs: ben
 Prints per row the wall times, min and median, and the medians of client and daemon CPU.
 
     python3 bench/pull_full.py [--daemon blockd|qsd] [--reps 6] [--size-gib 2] [--dir /dev/shm]
+                              [--old-tool PATH]
 """
 
 import os
@@ -23,12 +24,17 @@ def main():
     args, size, work, d = bt.one_daemon(__doc__, 6)
     repo = os.path.join(work, "repo")
 
-    def tool():
-        bt.tool(d, repo, "full")
+    def tool(binary=None):
+        bt.tool(d, repo, "full", binary=binary)
         shutil.rmtree(repo)
 
-    bt.run_rotating(args, d, work, lambda rep: [
-        ("hand", lambda: bt.hand_pull_full(d, work, f"p{rep}", True)), ("tool", tool)])
+    def rows(rep):
+        out = [("hand", lambda: bt.hand_pull_full(d, work, f"p{rep}", True)), ("tool", tool)]
+        if args.old_tool:
+            out.append(("old", lambda: tool(args.old_tool)))
+        return out
+
+    bt.run_rotating(args, d, work, rows)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 //! the new qcow2 file. Each connection keeps up to [`MAX_IN_FLIGHT`] reads of at most
 //! [`CHUNK`] bytes together in flight (an incremental's scattered 64 KiB extents go 16 at a
 //! time); further connections are opened only for as much data as makes them worth their
-//! setup ([`PER_CONNECTION`]).
+//! setup ([`PER_CONNECTION`]). Per connection one thread reads while another hashes and
+//! writes what was read before ([`BUFFERS`]), and the bytes written must add up to the bytes
+//! mapped.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{mpsc, Mutex};
 
 use qcow2::Qcow2;
 
@@ -22,6 +24,9 @@ use crate::progress::Progress;
 /// 1.85-2.57 CPU s at 4 MiB against 0.99-1.09 s at 2 MiB, 1.41-1.44 s at 1 MiB; blockd
 /// 1.13-1.22 s against 1.10-1.12 s), about what it burns serving `qemu-img convert`.
 const CHUNK: u64 = 2 << 20;
+/// Buffers of [`CHUNK`] bytes per connection: one being read while the other is hashed and
+/// written.
+const BUFFERS: usize = 2;
 /// Block status is asked for in pieces of this size.
 const MAP_STEP: u32 = 1 << 30;
 /// One connection per this many bytes to copy (up to the number asked for): a 1 %
@@ -146,7 +151,8 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<(u64, KnownHas
         ));
     }
     let todo = chunks(&ranges(&mut first, job)?);
-    let conns = connections_for(todo.iter().map(|&(_, n)| n).sum(), job.connections);
+    let planned: u64 = todo.iter().map(|&(_, n)| n).sum();
+    let conns = connections_for(planned, job.connections);
     let size = first.size;
     let known: Mutex<KnownHashes> = Mutex::new(vec![None; size.div_ceil(HASH_CHUNK) as usize]);
     let queue = Mutex::new(todo);
@@ -158,16 +164,71 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<(u64, KnownHas
     // inode lock), and threads waiting for it there spin (`rwsem_spin_on_owner`: ~10 % of the
     // tool's CPU in a 2 GiB full pull with 4 connections), while here they sleep.
     let writing = Mutex::new(());
+    let fail = |e: Error| {
+        failed.store(true, Ordering::Relaxed);
+        if let Ok(mut g) = first_err.lock() {
+            g.get_or_insert(e);
+        }
+    };
+    // Hash and write one piece read at `off`.
+    let process = |off: u64, b: &[u8]| -> Result<()> {
+        let len = b.len() as u64;
+        let sums = whole_chunk_hashes(job.algo, off, b, size);
+        if let Ok(mut k) = known.lock() {
+            for (i, h) in sums {
+                if let Some(slot) = k.get_mut(i) {
+                    *slot = Some(h);
+                }
+            }
+        }
+        if b.iter().all(|&x| x == 0) {
+            if job.incremental {
+                let _w = writing.lock();
+                img.write_zeroes(off, len, false)?;
+            }
+        } else {
+            let _w = writing.lock();
+            img.write_at(b, off)?;
+        }
+        copied.fetch_add(len, Ordering::Relaxed);
+        crate::backup::die_if("copy");
+        progress.add(len);
+        Ok(())
+    };
+    let (first, failed, queue, process, fail) = (&first, &failed, &queue, &process, &fail);
     std::thread::scope(|s| {
         for _ in 0..conns {
-            s.spawn(|| {
+            // Per connection a reader and a writer thread pass [`BUFFERS`] buffers round:
+            // the next reads are on the wire while the last ones are hashed and written.
+            let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<(u64, u64)>, Vec<u8>)>(BUFFERS);
+            let (free_tx, free_rx) = mpsc::sync_channel::<Vec<u8>>(BUFFERS);
+            s.spawn(move || {
+                for (batch, buf) in full_rx {
+                    let mut at = 0;
+                    for (off, len) in batch {
+                        let end = at + len as usize;
+                        let res = match buf.get(at..end) {
+                            Some(b) => process(off, b),
+                            None => Err(Error::new(Kind::Io, "copy batch larger than its buffer")),
+                        };
+                        if let Err(e) = res {
+                            fail(e);
+                            return;
+                        }
+                        at = end;
+                    }
+                    // The reader may be done (and gone) while reads it sent wait here.
+                    let _ = free_tx.send(buf);
+                }
+            });
+            s.spawn(move || {
                 let res = (|| -> Result<()> {
                     let reuse = first.lock().ok().and_then(|mut g| g.take());
                     let mut c = match reuse {
                         Some(c) => c,
                         None => NbdClient::connect(&job.socket, &job.export, &[])?,
                     };
-                    let mut buf = vec![0u8; CHUNK as usize];
+                    let mut fresh = BUFFERS;
                     loop {
                         if failed.load(Ordering::Relaxed) {
                             break;
@@ -176,6 +237,16 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<(u64, KnownHas
                         if next.is_empty() {
                             break;
                         }
+                        let mut buf = if fresh > 0 {
+                            fresh -= 1;
+                            vec![0u8; CHUNK as usize]
+                        } else {
+                            match free_rx.recv() {
+                                Ok(b) => b,
+                                // The writer stopped on an error it recorded.
+                                Err(_) => break,
+                            }
+                        };
                         // Carve the batch's buffers out of `buf` (their sum is at most CHUNK).
                         let mut reqs: Vec<(u64, &mut [u8])> = Vec::with_capacity(next.len());
                         let mut rest = &mut buf[..];
@@ -185,38 +256,15 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<(u64, KnownHas
                             rest = r;
                         }
                         c.read_many(&mut reqs)?;
-                        for (off, b) in reqs {
-                            let len = b.len() as u64;
-                            let sums = whole_chunk_hashes(job.algo, off, b, size);
-                            if let Ok(mut k) = known.lock() {
-                                for (i, h) in sums {
-                                    if let Some(slot) = k.get_mut(i) {
-                                        *slot = Some(h);
-                                    }
-                                }
-                            }
-                            if b.iter().all(|&x| x == 0) {
-                                if job.incremental {
-                                    let _w = writing.lock();
-                                    img.write_zeroes(off, len, false)?;
-                                }
-                            } else {
-                                let _w = writing.lock();
-                                img.write_at(b, off)?;
-                            }
-                            copied.fetch_add(len, Ordering::Relaxed);
-                            crate::backup::die_if("copy");
-                            progress.add(len);
+                        if full_tx.send((next, buf)).is_err() {
+                            break;
                         }
                     }
                     c.disconnect();
                     Ok(())
                 })();
                 if let Err(e) = res {
-                    failed.store(true, Ordering::Relaxed);
-                    if let Ok(mut g) = first_err.lock() {
-                        g.get_or_insert(e);
-                    }
+                    fail(e);
                 }
             });
         }
@@ -227,7 +275,16 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<(u64, KnownHas
     let known = known
         .into_inner()
         .map_err(|_| Error::new(Kind::Io, "a copy thread panicked"))?;
-    Ok((copied.load(Ordering::Relaxed), known))
+    // Every piece mapped must have been written: a copy that stopped early without an error
+    // must not pass for a backup.
+    let copied = copied.load(Ordering::Relaxed);
+    if copied != planned {
+        return Err(Error::new(
+            Kind::Io,
+            format!("copied {copied} of the {planned} bytes to back up"),
+        ));
+    }
+    Ok((copied, known))
 }
 
 #[cfg(test)]

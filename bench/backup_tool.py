@@ -261,18 +261,19 @@ def hand_pull_inc(d, work, tag, size, src_bitmap):
                 os.unlink(p)
 
 
-def one_daemon(doc, default_reps):
-    """Shared start of the one-daemon push benchmarks (push_follow.py, push_inc.py): their
-    arguments (--daemon, --reps, --size-gib, --dir), a work folder holding a fully allocated
-    qcow2 of random data served by the daemon (monitor closed: the tool and the hand script
-    take it in turn). Returns (args, size in bytes, work folder, daemon)."""
+def one_daemon(doc, default_reps, old_tool=False):
+    """Shared start of the one-daemon benchmarks (pull_full.py, push_follow.py, push_inc.py):
+    their arguments (--daemon, --reps, --size-gib, --dir, and with `old_tool` --old-tool), a
+    work folder holding a fully allocated qcow2 of random data served by the daemon (monitor
+    closed: the tool and the hand script take it in turn). Returns (args, size in bytes, work folder, daemon)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--daemon", default="blockd", choices=["blockd", "qsd"])
     ap.add_argument("--reps", type=int, default=default_reps)
     ap.add_argument("--size-gib", type=int, default=2)
     ap.add_argument("--dir", default="/dev/shm")
-    ap.add_argument("--old-tool", metavar="PATH",
-                    help="another blockd-backup binary, run as row 'old' beside 'tool' (A/B)")
+    if old_tool:
+        ap.add_argument("--old-tool", metavar="PATH",
+                        help="another blockd-backup binary, run as row 'old' beside 'tool' (A/B)")
     args = ap.parse_args()
     size = args.size_gib << 30
     binary = {"blockd": os.path.join(REPO, "target", "release", "blockd"),
@@ -524,8 +525,9 @@ def main():
                     help="alternate which of tool and hand runs first in each rep")
     ap.add_argument("--daemons", default="qsd,blockd")
     ap.add_argument("--dir", default="/dev/shm")
-    ap.add_argument("--old-tool", metavar="PATH",
-                    help="another blockd-backup binary, run as row 'old' beside 'tool' (A/B)")
+    if old_tool:
+        ap.add_argument("--old-tool", metavar="PATH",
+                        help="another blockd-backup binary, run as row 'old' beside 'tool' (A/B)")
     args = ap.parse_args()
     benchlib.install_cleanup()
     raw = os.path.join(args.dir, f"bb-bench-{os.getpid()}.raw")  # own name: benches may overlap

@@ -7,6 +7,8 @@ fleecing QMP + `qemu-img convert` of the export into a new qcow2) and `blockd-ba
 output is deleted before the next run and the bitmaps the tool added are removed, so the run
 holds the source and one backup at a time (fresh memory is slow on some VMs: bench/README.md).
 Prints per row the wall times, min and median, and the medians of client and daemon CPU.
+With --old-tool, a third row runs another blockd-backup binary the same way (an A/B of two
+builds in one run; keep --reps a multiple of 3 so each row starts each position equally).
 
     python3 bench/pull_full.py [--daemon blockd|qsd] [--reps 6] [--size-gib 2] [--dir /dev/shm]
                               [--old-tool PATH]
@@ -21,7 +23,7 @@ import backup_tool as bt  # noqa: E402
 
 
 def main():
-    args, size, work, d = bt.one_daemon(__doc__, 6)
+    args, size, work, d = bt.one_daemon(__doc__, 6, old_tool=True)
     repo = os.path.join(work, "repo")
 
     def tool(binary=None):

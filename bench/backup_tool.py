@@ -320,6 +320,19 @@ def remove_all_bitmaps(d):
         q.close()
 
 
+def prewarm(work, nbytes):
+    """Touch `nbytes` of fresh memory (a file in `work`) and free it, so that the next run gets
+    pages the host has just faulted in (see bench/README.md: on some VMs fresh memory is slow).
+    Before each 2 GiB run of pull_full.py it made the runs noisier (2026-12-04 07:07: twice the
+    memory churned), so the one-daemon full benchmarks do without."""
+    path = os.path.join(work, "prewarm")
+    with open(path, "wb") as f:
+        chunk = b"\x01" * (8 * MiB)
+        for _ in range(max(1, nbytes // len(chunk))):
+            f.write(chunk)
+    os.unlink(path)
+
+
 def run_rotating(args, d, work, order_of):
     """The one-daemon benchmarks' loop: per rep the runs `order_of(rep)` gives as (row, fn),
     rotated by one every rep, each timed and followed by removing every bitmap; then the daemon
@@ -382,24 +395,13 @@ def bench_daemon(kind, binary, args, raw):
         finally:
             q.close()
 
-    def prewarm():
-        """Touch as much fresh memory as a full's output needs and free it, so that the run
-        gets pages the host has just faulted in (see bench/README.md: on some VMs fresh memory
-        beyond a few GiB costs ~10 s per GiB)."""
-        path = os.path.join(work, "prewarm")
-        with open(path, "wb") as f:
-            chunk = b"\x01" * (8 * MiB)
-            for _ in range(size // len(chunk)):
-                f.write(chunk)
-        os.unlink(path)
-
     def pair(rep, a, b):
         """Run the two (key, fn, output) in turn; with --interleave the order flips every rep.
         A full's output (file or repository) and the bitmaps it added are removed right after
         it is measured, so a rep holds at most one new full besides the bases."""
         for key, fn, out in ((a, b) if not (args.interleave and rep % 2) else (b, a)):
             before = bitmaps()
-            prewarm()
+            prewarm(work, size)
             measure(rows, key, d, fn)
             if os.path.isdir(out):
                 shutil.rmtree(out)

@@ -43,15 +43,6 @@ def main():
             phases.setdefault(name, []).append(float(ms))
         runs.append(got)
 
-    def prewarm():
-        """Touch and free 256 MiB, so the run's new pages are ones the host has just backed
-        (bench/README.md: fresh memory is slow on some VMs; a 1 % run writes ~20 MB)."""
-        path = os.path.join(work, "prewarm")
-        with open(path, "wb") as f:
-            for _ in range(32):
-                f.write(b"\x01" * (8 << 20))
-        os.unlink(path)
-
     try:
         bt.tool(d, repo, "full", "--push")
         q = Qmp(d.qmp_sock)
@@ -67,7 +58,8 @@ def main():
             if rep % 2:
                 order.reverse()
             for key, fn in order:
-                prewarm()
+                # 256 MiB: a 1 % run writes ~20 MB.
+                bt.prewarm(work, 256 << 20)
                 rows[key].append(bt.timed(d, fn))
             q = Qmp(d.qmp_sock)
             try:

@@ -527,9 +527,6 @@ def main():
                     help="alternate which of tool and hand runs first in each rep")
     ap.add_argument("--daemons", default="qsd,blockd")
     ap.add_argument("--dir", default="/dev/shm")
-    if old_tool:
-        ap.add_argument("--old-tool", metavar="PATH",
-                        help="another blockd-backup binary, run as row 'old' beside 'tool' (A/B)")
     args = ap.parse_args()
     benchlib.install_cleanup()
     raw = os.path.join(args.dir, f"bb-bench-{os.getpid()}.raw")  # own name: benches may overlap

@@ -235,16 +235,26 @@ impl Job {
 
     /// Change status (if the table allows) and emit JOB_STATUS_CHANGE.
     pub fn transition(&self, to: JobStatus) {
+        if self.set_status(to) {
+            self.emit_status(to);
+        }
+    }
+
+    /// Change status if the table allows, without the event; whether it changed.
+    fn set_status(&self, to: JobStatus) -> bool {
         let mut st = self.lock();
         if st.status == to && to != JobStatus::Aborting {
-            return;
+            return false;
         }
         if !allowed_transition(st.status, to) {
             tracing::error!(job = %self.id, from = st.status.as_str(), to = to.as_str(), "illegal job transition");
-            return;
+            return false;
         }
         st.status = to;
-        drop(st);
+        true
+    }
+
+    fn emit_status(&self, to: JobStatus) {
         (self.events)(JobEvent::StatusChange {
             id: self.id.clone(),
             status: to,
@@ -457,9 +467,7 @@ impl JobManager {
             job.body.abort();
             job.body.clean();
         });
-        job.transition(JobStatus::Concluded);
-        job.transition(JobStatus::Null);
-        self.jobs().retain(|j| !Arc::ptr_eq(j, job));
+        self.remove_through(job, &[JobStatus::Concluded, JobStatus::Null]);
     }
 
     async fn run(self: Arc<Self>, job: Arc<Job>) {
@@ -594,10 +602,23 @@ impl JobManager {
     }
 
     fn conclude(&self, job: &Arc<Job>) {
-        job.transition(JobStatus::Concluded);
         if job.auto_dismiss {
-            job.transition(JobStatus::Null);
-            self.jobs().retain(|j| !Arc::ptr_eq(j, job));
+            self.remove_through(job, &[JobStatus::Concluded, JobStatus::Null]);
+        } else {
+            job.transition(JobStatus::Concluded);
+        }
+    }
+
+    /// Take `job` through the statuses `to` and out of the list in one step under the list's
+    /// lock, as in QEMU, where `query-jobs` never shows an auto-dismissed job concluded nor a
+    /// dismissed one null; the JOB_STATUS_CHANGE events follow (outside the lock).
+    pub(crate) fn remove_through(&self, job: &Arc<Job>, to: &[JobStatus]) {
+        let mut jobs = self.jobs();
+        let changed: Vec<JobStatus> = to.iter().copied().filter(|&s| job.set_status(s)).collect();
+        jobs.retain(|j| !Arc::ptr_eq(j, job));
+        drop(jobs);
+        for s in changed {
+            job.emit_status(s);
         }
     }
 

@@ -89,8 +89,7 @@ impl JobManager {
     /// job-dismiss.
     pub fn dismiss(&self, job: &Arc<Job>) -> Result<()> {
         job.check_verb(JobVerb::Dismiss)?;
-        job.transition(JobStatus::Null);
-        self.jobs().retain(|j| !Arc::ptr_eq(j, job));
+        self.remove_through(job, &[JobStatus::Null]);
         Ok(())
     }
 }

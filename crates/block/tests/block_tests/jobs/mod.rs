@@ -176,16 +176,28 @@ async fn run_to_end(
 ) -> (Arc<JobManager>, Events, Arc<Job>, Arc<Body>) {
     let (manager, events) = manager();
     let body = Body::new(script);
+    let job = start_to_end(&manager, block, auto_dismiss, body.clone()).await;
+    (manager, events, job, body)
+}
+
+/// Create job "j" (auto-finalize) in `manager` with `body`, start it, and wait until it has
+/// gone (with `auto_dismiss`) or concluded.
+async fn start_to_end(
+    manager: &Arc<JobManager>,
+    block: bool,
+    auto_dismiss: bool,
+    body: Arc<Body>,
+) -> Arc<Job> {
     let job = manager
-        .create(spec("j", block, true, auto_dismiss), body.clone())
+        .create(spec("j", block, true, auto_dismiss), body)
         .unwrap();
     manager.start(&job);
     if auto_dismiss {
-        wait_gone(&manager, "j").await;
+        wait_gone(manager, "j").await;
     } else {
         wait_status(&job, JobStatus::Concluded).await;
     }
-    (manager, events, job, body)
+    job
 }
 
 /// Start block job "j" without auto-finalize; return it once it is pending.
@@ -548,17 +560,8 @@ async fn listed_at_each_status(auto_dismiss: bool) -> Vec<(&'static str, Option<
         }
     }));
     me.set(Arc::downgrade(&manager)).ok();
-    let job = manager
-        .create(
-            spec("j", true, true, auto_dismiss),
-            Body::new(Script::Succeed),
-        )
-        .unwrap();
-    manager.start(&job);
-    if auto_dismiss {
-        wait_gone(&manager, "j").await;
-    } else {
-        wait_status(&job, JobStatus::Concluded).await;
+    let job = start_to_end(&manager, true, auto_dismiss, Body::new(Script::Succeed)).await;
+    if !auto_dismiss {
         manager.dismiss(&job).unwrap();
     }
     let out = seen.lock().unwrap().clone();

@@ -579,3 +579,29 @@ def test_disk_added_later_gets_a_full_while_the_others_stay_incremental(make_dae
     assert plan["db"]["kind"] == "full" and plan["db"]["reason"] == "no earlier backup of this disk", plan
     for n in vm.names:
         restore_and_compare(vm, "latest", n, want[n], tmp_path)
+
+
+def test_copies_over_several_connections_restore_exactly(make_daemon, tmp_path):
+    """More than 64 MiB to copy goes over several NBD connections, each with a reader and a
+    writer thread and one writer to the file at a time: a full and an incremental (with zeroed
+    ranges, written as zero clusters) restore exactly and verify."""
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "disk0.qcow2"), str(200 << 20))
+    vm = Vm(make_daemon, tmp_path)
+    require_live_backup(vm.d)
+    qemu_io("-f", "raw", "-c", "write -P 0x31 0 70M", "-c", "write -P 0x32 72M 60M",
+            "-c", "write -P 0x33 140M 50M", "-c", "write -z 100M 4M", vm.uri("disk0"))
+    env = {"BLOCKD_BACKUP_DEBUG": "1"}
+    want = {}
+    for cmd, conns in (("full", 3), ("inc", 2)):
+        if cmd == "inc":
+            qemu_io("-f", "raw", "-c", "write -P 0x41 1M 60M", "-c", "write -z 61M 10M",
+                    "-c", "write -P 0x42 90M 40M", "-c", "write -z 180M 8M", vm.uri("disk0"))
+        digest = vm.frozen("disk0", tmp_path / "frozen.raw")
+        err: List[str] = []
+        evs = vm.backup(cmd, ["--connections", "3"], env=env, stderr=err)
+        assert [e["kind"] for e in evs if e["event"] == "plan"] == [cmd]
+        assert f"over {conns} connection(s)" in err[0], err[0]
+        want[[e["id"] for e in evs if e["event"] == "snapshot"][0]] = digest
+    for point, digest in want.items():
+        restore_and_compare(vm, point, "disk0", digest, tmp_path)
+    run_tool(*vm.base_args(), "verify", "--at", "latest")

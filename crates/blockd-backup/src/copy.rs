@@ -249,6 +249,10 @@ pub fn run(job: &Job, img: &Qcow2, progress: &Progress) -> Result<(u64, KnownHas
     let todo = chunks(&ranges(&mut first, job)?);
     let planned: u64 = todo.iter().map(|&(_, n)| n).sum();
     let conns = connections_for(planned, job.connections);
+    crate::follow::debug(&format!(
+        "copy of {planned} bytes from export {} over {conns} connection(s)",
+        job.export
+    ));
     let size = first.size;
     let known: Mutex<KnownHashes> = Mutex::new(vec![None; size.div_ceil(HASH_CHUNK) as usize]);
     let queue = Mutex::new(todo);

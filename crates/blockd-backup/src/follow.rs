@@ -226,7 +226,8 @@ pub fn follow(targets: Vec<Target>, stop: &AtomicBool) -> Vec<Option<Followed>> 
         .collect()
 }
 
-/// A line on stderr with `BLOCKD_BACKUP_DEBUG` set (what was followed, and why not).
+/// A line on stderr with `BLOCKD_BACKUP_DEBUG` set: the tool's debug output (phases, the
+/// pull's connections, what was followed and why not).
 pub fn debug(msg: &str) {
     if std::env::var_os("BLOCKD_BACKUP_DEBUG").is_some() {
         eprintln!("blockd-backup: {msg}");

@@ -6,7 +6,11 @@
 //!
 //! The lifecycle is two tables, as QEMU defines them: which status may follow which
 //! ([`allowed_transition`]) and which verbs each status accepts ([`verb_allowed`]). Status only
-//! changes through [`Job::transition`], which also emits `JOB_STATUS_CHANGE`.
+//! changes through [`Job::transition`], which also emits `JOB_STATUS_CHANGE`, or, for a job
+//! leaving the list (auto-dismissed, dismissed, discarded), through
+//! [`JobManager::remove_through`], which changes status, removes the job and emits the events
+//! under the list's lock. The event sink must therefore not call back into the manager (the
+//! daemon's only queues the event for the monitors).
 //!
 //! A job runs as one tokio task: `created → running → (body) → waiting → pending → concluded →
 //! null` on success, `running → aborting → concluded → null` on failure or cancel. The body is a
@@ -359,6 +363,19 @@ impl JobManager {
         self.jobs().iter().map(|j| j.snapshot()).collect()
     }
 
+    /// [`list`](Self::list) unless the list is locked right now (then `None`): for tests that
+    /// look at the list from inside the event sink.
+    #[doc(hidden)]
+    pub fn try_list(&self) -> Option<Vec<JobInfo>> {
+        match self.jobs.try_lock() {
+            Ok(g) => Some(g.iter().map(|j| j.snapshot()).collect()),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                Some(p.into_inner().iter().map(|j| j.snapshot()).collect())
+            }
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Find a job for `job-*` verbs (GenericError "Job not found") or `block-job-*` verbs
     /// (DeviceNotActive "Block job 'X' not found").
     pub fn find(&self, id: &str, block_verb: bool) -> Result<Arc<Job>> {
@@ -611,15 +628,17 @@ impl JobManager {
 
     /// Take `job` through the statuses `to` and out of the list in one step under the list's
     /// lock, as in QEMU, where `query-jobs` never shows an auto-dismissed job concluded nor a
-    /// dismissed one null; the JOB_STATUS_CHANGE events follow (outside the lock).
+    /// dismissed one null. The JOB_STATUS_CHANGE events are sent under the lock too, so a
+    /// `query-jobs` that finds the job gone answers after them (as QEMU's main loop orders
+    /// them) and a new job of the same id cannot announce itself first.
     pub(crate) fn remove_through(&self, job: &Arc<Job>, to: &[JobStatus]) {
         let mut jobs = self.jobs();
         let changed: Vec<JobStatus> = to.iter().copied().filter(|&s| job.set_status(s)).collect();
         jobs.retain(|j| !Arc::ptr_eq(j, job));
-        drop(jobs);
         for s in changed {
             job.emit_status(s);
         }
+        drop(jobs);
     }
 
     /// Cancel every job and wait for every job task to end (shutdown); a task that

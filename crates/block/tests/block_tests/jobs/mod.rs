@@ -540,10 +540,26 @@ async fn create_job_in_missing_directory_fails_with_strerror_text() {
     );
 }
 
-/// What `query-jobs` shows of job "j" at the moment each of its JOB_STATUS_CHANGE events is
-/// emitted (the sink asks the manager itself, as a monitor could between two events).
-async fn listed_at_each_status(auto_dismiss: bool) -> Vec<(&'static str, Option<&'static str>)> {
-    type Seen = Arc<Mutex<Vec<(&'static str, Option<&'static str>)>>>;
+/// How job "j" ends in [`shown_at_each_status`].
+#[derive(Clone, Copy, Debug)]
+enum End {
+    /// Succeeds, auto-dismissed.
+    Succeed,
+    /// Fails, auto-dismissed.
+    Fail,
+    /// Cancelled while running, auto-dismissed.
+    Cancel,
+    /// Created and discarded unstarted (an aborted transaction).
+    Unstarted,
+    /// Succeeds without auto-dismiss, then job-dismiss.
+    Dismiss,
+}
+
+/// What a `query-jobs` would find of job "j" at the moment each of its JOB_STATUS_CHANGE
+/// events is sent: its status, "absent", or "locked" (the list is locked by the change
+/// itself, so a query waits until the job is gone). The sink looks without blocking.
+async fn shown_at_each_status(end: End) -> Vec<(&'static str, &'static str)> {
+    type Seen = Arc<Mutex<Vec<(&'static str, &'static str)>>>;
     let seen: Seen = Arc::default();
     let me: Arc<std::sync::OnceLock<std::sync::Weak<JobManager>>> = Arc::default();
     let (sink_seen, sink_me) = (seen.clone(), me.clone());
@@ -551,18 +567,41 @@ async fn listed_at_each_status(auto_dismiss: bool) -> Vec<(&'static str, Option<
         if let (JobEvent::StatusChange { status, .. }, Some(m)) =
             (e, sink_me.get().and_then(|w| w.upgrade()))
         {
-            let shown = m
-                .list()
-                .into_iter()
-                .find(|j| j.id == "j")
-                .map(|j| j.status.as_str());
+            let shown = match m.try_list() {
+                None => "locked",
+                Some(l) => l
+                    .into_iter()
+                    .find(|j| j.id == "j")
+                    .map_or("absent", |j| j.status.as_str()),
+            };
             sink_seen.lock().unwrap().push((status.as_str(), shown));
         }
     }));
     me.set(Arc::downgrade(&manager)).ok();
-    let job = start_to_end(&manager, true, auto_dismiss, Body::new(Script::Succeed)).await;
-    if !auto_dismiss {
-        manager.dismiss(&job).unwrap();
+    match end {
+        End::Succeed | End::Fail => {
+            let script = if matches!(end, End::Fail) {
+                Script::Fail
+            } else {
+                Script::Succeed
+            };
+            start_to_end(&manager, true, true, Body::new(script)).await;
+        }
+        End::Cancel => {
+            let (job, _body) = running_forever(&manager, true).await;
+            manager.cancel(&job).unwrap();
+            wait_gone(&manager, "j").await;
+        }
+        End::Unstarted => {
+            let job = manager
+                .create(spec("j", true, true, false), Body::new(Script::Succeed))
+                .unwrap();
+            manager.discard_unstarted(&job);
+        }
+        End::Dismiss => {
+            let job = start_to_end(&manager, true, false, Body::new(Script::Succeed)).await;
+            manager.dismiss(&job).unwrap();
+        }
     }
     let out = seen.lock().unwrap().clone();
     out
@@ -570,16 +609,27 @@ async fn listed_at_each_status(auto_dismiss: bool) -> Vec<(&'static str, Option<
 
 #[tokio::test(start_paused = true)]
 async fn an_auto_dismissed_job_is_never_listed_concluded_nor_a_dismissed_one_null() {
-    // As in QEMU: concluded and null of an auto-dismissed job, and null of job-dismiss, are
-    // one step with leaving the list, so a query between the two events finds no job.
-    let seen = listed_at_each_status(true).await;
-    let tail: Vec<_> = seen.iter().rev().take(2).rev().cloned().collect();
-    assert_eq!(tail, vec![("concluded", None), ("null", None)], "{seen:?}");
-    let seen = listed_at_each_status(false).await;
-    let tail: Vec<_> = seen.iter().rev().take(2).rev().cloned().collect();
-    assert_eq!(
-        tail,
-        vec![("concluded", Some("concluded")), ("null", None)],
-        "{seen:?}"
-    );
+    // As in QEMU: concluded and null of an auto-dismissed (or discarded) job, and null of
+    // job-dismiss, happen with leaving the list and their events under its lock, so a query
+    // finds the job either before them or gone after them.
+    for end in [
+        End::Succeed,
+        End::Fail,
+        End::Cancel,
+        End::Unstarted,
+        End::Dismiss,
+    ] {
+        let seen = shown_at_each_status(end).await;
+        let tail: Vec<_> = seen.iter().rev().take(2).rev().cloned().collect();
+        let concluded = if matches!(end, End::Dismiss) {
+            "concluded"
+        } else {
+            "locked"
+        };
+        assert_eq!(
+            tail,
+            vec![("concluded", concluded), ("null", "locked")],
+            "{end:?}: {seen:?}"
+        );
+    }
 }

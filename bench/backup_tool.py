@@ -265,7 +265,8 @@ def one_daemon(doc, default_reps, old_tool=False):
     """Shared start of the one-daemon benchmarks (pull_full.py, push_follow.py, push_inc.py):
     their arguments (--daemon, --reps, --size-gib, --dir, and with `old_tool` --old-tool), a
     work folder holding a fully allocated qcow2 of random data served by the daemon (monitor
-    closed: the tool and the hand script take it in turn). Returns (args, size in bytes, work folder, daemon)."""
+    closed: the tool and the hand script take it in turn). Returns (args, size in bytes, work
+    folder, daemon)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--daemon", default="blockd", choices=["blockd", "qsd"])
     ap.add_argument("--reps", type=int, default=default_reps)

@@ -10,7 +10,7 @@
 //! leaving the list (auto-dismissed, dismissed, discarded), through
 //! [`JobManager::remove_through`], which changes status, removes the job and emits the events
 //! under the list's lock. The event sink must therefore not call back into the manager (the
-//! daemon's only queues the event for the monitors).
+//! daemon's sink only queues the event for the monitors).
 //!
 //! A job runs as one tokio task: `created → running → (body) → waiting → pending → concluded →
 //! null` on success, `running → aborting → concluded → null` on failure or cancel. The body is a
@@ -367,13 +367,12 @@ impl JobManager {
     /// look at the list from inside the event sink.
     #[doc(hidden)]
     pub fn try_list(&self) -> Option<Vec<JobInfo>> {
-        match self.jobs.try_lock() {
-            Ok(g) => Some(g.iter().map(|j| j.snapshot()).collect()),
-            Err(std::sync::TryLockError::Poisoned(p)) => {
-                Some(p.into_inner().iter().map(|j| j.snapshot()).collect())
-            }
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
+        let jobs = match self.jobs.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(jobs.iter().map(|j| j.snapshot()).collect())
     }
 
     /// Find a job for `job-*` verbs (GenericError "Job not found") or `block-job-*` verbs
